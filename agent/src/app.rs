@@ -1,0 +1,232 @@
+//! Wires the agent together: capture, the data-plane runtime serving the in-pod listeners, and the
+//! control loop (config source → desired pods → enrolment) on a separate runtime, so control work
+//! never stalls traffic.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tracing::{error, info, warn};
+
+use crate::config::{yaml_files, LocalObjects};
+use crate::ebpf::{Capture, CaptureConfig, EbpfError};
+use crate::node::Node;
+use crate::proxy::{Metrics, ProxyInputs};
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("entering host netns {path}: {source}")]
+    HostNetns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error("listing node addresses: {0}")]
+    NodeAddresses(#[source] nix::Error),
+}
+
+/// The agent's resolved configuration (built and validated by main from flags/env).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub config_path: PathBuf,
+    pub capture: CaptureConfig,
+    /// Network namespace to run in (the node's); None = the current one.
+    pub host_netns: Option<PathBuf>,
+    /// Inbound sources never captured; None = every address of the node's own interfaces.
+    pub exempt_sources: Option<Vec<IpAddr>>,
+    pub status_file: Option<PathBuf>,
+    pub poll_interval: Duration,
+    pub uninstall_on_exit: bool,
+    pub data_plane_threads: usize,
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
+    if let Some(path) = &cfg.host_netns {
+        // Before any thread exists, so every thread starts in the node's netns.
+        let f = std::fs::File::open(path).map_err(|source| AppError::HostNetns {
+            path: path.clone(),
+            source,
+        })?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            AppError::HostNetns {
+                path: path.clone(),
+                source: e.into(),
+            }
+        })?;
+    }
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.data_plane_threads.max(1))
+        .thread_name("ambit-data")
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+
+    let mut capture = Capture::install(&cfg.capture)?;
+    let exempt = match &cfg.exempt_sources {
+        Some(ips) => ips.clone(),
+        None => node_addresses()?,
+    };
+    capture.set_exempt_sources(&exempt)?;
+    info!(node = %cfg.node, pin_dir = %cfg.capture.pin_dir().display(), cgroup = %cfg.capture.cgroup.display(), exempt = ?exempt, adopted = capture.enrolled_cookies().len(), "capture installed");
+    let pi = Arc::new(ProxyInputs {
+        orig_dst: capture.orig_dst_table()?,
+        metrics: Metrics::default(),
+    });
+    let mut node = Node::new(capture, pi.clone(), data_plane.handle().clone());
+
+    control.block_on(control_loop(&cfg, &mut node, &pi));
+
+    if cfg.uninstall_on_exit {
+        node.unenrol_all();
+        if let Err(e) = crate::ebpf::uninstall(&cfg.capture.bpffs_root) {
+            warn!(error = %e, "uninstall failed");
+        }
+        info!("uninstalled");
+    } else {
+        info!("exiting; capture stays pinned and refuses connections until an agent is back");
+    }
+    data_plane.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    let mut ticker = tokio::time::interval(cfg.poll_interval);
+    let mut last_seen: Option<Vec<(PathBuf, SystemTime, u64)>> = None;
+    let mut config_errors: Vec<String> = Vec::new();
+    let mut generation = 0u64;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = ticker.tick() => {}
+        }
+        let seen = fingerprint(&cfg.config_path);
+        if last_seen.as_ref() != Some(&seen) {
+            let first = last_seen.is_none();
+            last_seen = Some(seen);
+            generation += 1;
+            config_errors = apply(cfg, node);
+            if first {
+                // Adopted state of pods that are gone now (they vanished while no agent ran).
+                node.prune_adopted();
+            }
+        }
+        write_status(cfg, node, pi, generation, &config_errors);
+    }
+}
+
+/// Reads the config, reconciles, and returns every problem found (each names its object).
+fn apply(cfg: &AgentConfig, node: &mut Node) -> Vec<String> {
+    let objs = match LocalObjects::load(&cfg.config_path) {
+        Ok(o) => o,
+        Err(e) => {
+            // Keep the last good state rather than unenrolling everything on a read error.
+            warn!(error = %e, "config unreadable; keeping current enrolment");
+            return vec![e.to_string()];
+        }
+    };
+    let (desired, errors) = objs.desired_pods(&cfg.node);
+    let mut problems: Vec<String> = objs
+        .errors
+        .iter()
+        .chain(errors.iter())
+        .map(ToString::to_string)
+        .collect();
+    for p in &problems {
+        warn!(problem = %p, "config problem");
+    }
+    problems.extend(node.reconcile(&desired).iter().map(ToString::to_string));
+    problems
+}
+
+fn fingerprint(path: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let files = yaml_files(path).unwrap_or_default();
+    files
+        .into_iter()
+        .filter_map(|f| {
+            let m = std::fs::metadata(&f).ok()?;
+            Some((f, m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+/// Every address on this netns's interfaces except loopback: the node's own addresses.
+fn node_addresses() -> Result<Vec<IpAddr>, AppError> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(AppError::NodeAddresses)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip: Option<IpAddr> = if let Some(v4) = addr.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        };
+        if let Some(ip) = ip.filter(|ip| !ip.is_loopback() && !out.contains(ip)) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+/// What the agent is doing, as JSON: enrolled pods, config problems, kernel and proxy counters and
+/// map sizes. Written atomically; tests and the demo read it.
+#[derive(Debug, serde::Serialize)]
+pub struct Status<'a> {
+    pub node: &'a str,
+    pub generation: u64,
+    pub pods: Vec<crate::node::PodStatus>,
+    pub config_errors: &'a [String],
+    pub kernel: crate::ebpf::KernelStats,
+    pub maps: std::collections::BTreeMap<&'static str, usize>,
+    pub netns_links: Vec<u64>,
+    pub proxy: &'a Metrics,
+}
+
+fn write_status(
+    cfg: &AgentConfig,
+    node: &Node,
+    pi: &ProxyInputs,
+    generation: u64,
+    errors: &[String],
+) {
+    let Some(path) = &cfg.status_file else { return };
+    let status = Status {
+        node: &cfg.node,
+        generation,
+        pods: node.pods(),
+        config_errors: errors,
+        kernel: node.capture().kernel_stats(),
+        maps: node.capture().map_sizes(),
+        netns_links: node.capture().netns_links(),
+        proxy: &pi.metrics,
+    };
+    let Ok(json) = serde_json::to_vec_pretty(&status) else {
+        return;
+    };
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .is_err()
+    {
+        warn!(path = %path.display(), "cannot write status file");
+    }
+}

@@ -1,0 +1,12 @@
+//! ambit: an eBPF-based sidecarless service-mesh node agent. The module list reads like the
+//! architecture (ARCHITECTURE.md): capture in the kernel (`ebpf`), pods on this node (`node`),
+//! the per-node proxy (`proxy`), config sources (`config`), and the local-mode harness.
+#![deny(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod ebpf;
+pub mod harness;
+pub mod node;
+pub mod proxy;

@@ -1,0 +1,153 @@
+//! The `ambit` binary: run the node agent, uninstall it, or run the local demo.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ambit::app::{self, AgentConfig};
+use ambit::ebpf::CaptureConfig;
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad configuration (sysexits EX_USAGE), as STYLE.md asks.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "ambit",
+    version,
+    about = "eBPF sidecarless service-mesh node agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Remove every pin, link and map entry the agent made (stop the agent first).
+    Uninstall {
+        #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
+        bpffs: PathBuf,
+    },
+    /// Build a small local world (network namespaces as pods), run the agent on it, send traffic,
+    /// and print what was captured and relayed.
+    Demo(ambit::demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (pods with spec.nodeName equal to it are enrolled).
+    #[arg(long, env = "AMBIT_NODE")]
+    node: String,
+    /// YAML file or directory (local mode's control plane): Pods and Namespaces.
+    #[arg(long, env = "AMBIT_CONFIG")]
+    config: PathBuf,
+    /// bpffs directory for this agent's pins.
+    #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
+    bpffs: PathBuf,
+    /// cgroup v2 directory to attach the outbound programs to.
+    #[arg(long, env = "AMBIT_CGROUP", default_value = "/sys/fs/cgroup/unified")]
+    cgroup: PathBuf,
+    /// Network namespace to run in (the node's), e.g. /var/run/netns/node1.
+    #[arg(long, env = "AMBIT_HOST_NETNS")]
+    host_netns: Option<PathBuf>,
+    /// Inbound source addresses never captured (default: the node's own addresses).
+    #[arg(
+        long = "exempt-source",
+        env = "AMBIT_EXEMPT_SOURCES",
+        value_delimiter = ','
+    )]
+    exempt_sources: Vec<IpAddr>,
+    /// Write a JSON status (enrolled pods, counters) here.
+    #[arg(long, env = "AMBIT_STATUS_FILE")]
+    status_file: Option<PathBuf>,
+    /// How often to look for config changes, in milliseconds.
+    #[arg(long, env = "AMBIT_POLL_MS", default_value_t = 200)]
+    poll_ms: u64,
+    /// Remove all capture state on exit instead of leaving it pinned (fail closed).
+    #[arg(long)]
+    uninstall_on_exit: bool,
+    /// Data-plane worker threads.
+    #[arg(long, env = "AMBIT_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<AgentConfig, String> {
+        if self.node.is_empty() {
+            return Err("--node (AMBIT_NODE) must not be empty".into());
+        }
+        if !self.config.exists() {
+            return Err(format!(
+                "--config (AMBIT_CONFIG) {}: no such file or directory",
+                self.config.display()
+            ));
+        }
+        if !self.cgroup.join("cgroup.procs").exists() {
+            return Err(format!(
+                "--cgroup (AMBIT_CGROUP) {}: not a cgroup v2 directory",
+                self.cgroup.display()
+            ));
+        }
+        if !(10..=60_000).contains(&self.poll_ms) {
+            return Err(format!(
+                "--poll-ms (AMBIT_POLL_MS) {}: must be 10..=60000",
+                self.poll_ms
+            ));
+        }
+        Ok(AgentConfig {
+            node: self.node,
+            config_path: self.config,
+            capture: CaptureConfig {
+                bpffs_root: self.bpffs,
+                cgroup: self.cgroup,
+            },
+            host_netns: self.host_netns,
+            exempt_sources: (!self.exempt_sources.is_empty()).then_some(self.exempt_sources),
+            status_file: self.status_file,
+            poll_interval: Duration::from_millis(self.poll_ms),
+            uninstall_on_exit: self.uninstall_on_exit,
+            data_plane_threads: self.workers,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.cmd {
+        Cmd::Run(args) => {
+            let cfg = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ambit: bad configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tracing::info!(config = ?cfg, "starting");
+            app::run(cfg).map_err(anyhow::Error::from)
+        }
+        Cmd::Uninstall { bpffs } => ambit::ebpf::uninstall(&bpffs)
+            .map_err(anyhow::Error::from)
+            .map(|()| {
+                println!("removed {}", bpffs.display());
+            }),
+        Cmd::Demo(args) => ambit::demo::run(args).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ambit: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Pod lifecycle on this node: for each enrolled pod, a worker thread in its netns, the in-pod
+//! listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), the proxy stages serving them,
+//! and the pod's entries in the capture maps. Unenrolment removes all of it.
+
+pub mod netns;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use thiserror::Error;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::ebpf::{Capture, EbpfError, PodCapture};
+use crate::proxy::{
+    hbone::HboneInbound, inbound_plain::InboundPlain, outbound::Outbound, PodContext, ProxyInputs,
+};
+use netns::NetnsWorker;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("pod netns {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod {pod}: listener {addr}: {source}")]
+    Listener {
+        pod: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pod {pod}: {source}")]
+    Capture {
+        pod: String,
+        #[source]
+        source: EbpfError,
+    },
+    #[error("pod {pod} has no IP address")]
+    NoIp { pod: String },
+}
+
+/// A pod this node should capture, as the config source describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub netns_path: PathBuf,
+    pub excluded_outbound_ports: Vec<u16>,
+    pub excluded_inbound_ports: Vec<u16>,
+}
+
+impl PodSpec {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+struct EnrolledPod {
+    spec: PodSpec,
+    ctx: Arc<PodContext>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Status of one enrolled pod, for the status file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+}
+
+/// The pods enrolled on this node and the capture they are enrolled in.
+pub struct Node {
+    capture: Capture,
+    pi: Arc<ProxyInputs>,
+    data_plane: Handle,
+    pods: BTreeMap<String, EnrolledPod>,
+}
+
+impl Node {
+    pub fn new(capture: Capture, pi: Arc<ProxyInputs>, data_plane: Handle) -> Self {
+        Node {
+            capture,
+            pi,
+            data_plane,
+            pods: BTreeMap::new(),
+        }
+    }
+
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    pub fn capture_mut(&mut self) -> &mut Capture {
+        &mut self.capture
+    }
+
+    pub fn pods(&self) -> Vec<PodStatus> {
+        self.pods
+            .values()
+            .map(|p| PodStatus {
+                pod: p.spec.key(),
+                ips: p.spec.ips.clone(),
+                netns: p.spec.netns_path.clone(),
+                netns_cookie: p.ctx.netns_cookie,
+            })
+            .collect()
+    }
+
+    /// Brings the enrolled set to `desired`: unenrols what is gone or changed, enrols what is new.
+    /// One pod's failure is logged and does not stop the others. Returns the errors.
+    pub fn reconcile(&mut self, desired: &[PodSpec]) -> Vec<NodeError> {
+        let want: BTreeMap<String, &PodSpec> = desired.iter().map(|p| (p.key(), p)).collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| want.get(*k).is_none_or(|w| **w != p.spec))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.unenrol(&key);
+        }
+        let mut errors = Vec::new();
+        for (key, spec) in want {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            if let Err(e) = self.enrol(spec.clone()) {
+                warn!(pod = %key, error = %e, "enrolment failed");
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// Removes capture state left by a previous agent for netns no longer enrolled.
+    pub fn prune_adopted(&mut self) {
+        let keep: Vec<u64> = self.pods.values().map(|p| p.ctx.netns_cookie).collect();
+        for cookie in self.capture.enrolled_cookies() {
+            if !keep.contains(&cookie) {
+                info!(
+                    netns_cookie = cookie,
+                    "removing capture state of a pod no longer enrolled"
+                );
+                self.capture.unenrol(cookie);
+            }
+        }
+        self.capture.prune_netns_links(&keep);
+    }
+
+    pub fn enrol(&mut self, spec: PodSpec) -> Result<(), NodeError> {
+        let key = spec.key();
+        if spec.ips.is_empty() {
+            return Err(NodeError::NoIp { pod: key });
+        }
+        let worker = Arc::new(NetnsWorker::spawn(&spec.netns_path)?);
+        let has_v4 = spec.ips.iter().any(IpAddr::is_ipv4);
+        let has_v6 = spec.ips.iter().any(IpAddr::is_ipv6);
+        let listeners = worker
+            .run(move || make_listeners(has_v4, has_v6))
+            .map_err(|source| NodeError::Netns {
+                path: spec.netns_path.clone(),
+                source,
+            })?
+            .map_err(|(addr, source)| NodeError::Listener {
+                pod: key.clone(),
+                addr,
+                source,
+            })?;
+        let cookie =
+            crate::ebpf::netns_cookie(listeners.outbound[0].as_fd()).map_err(|source| {
+                NodeError::Netns {
+                    path: spec.netns_path.clone(),
+                    source,
+                }
+            })?;
+        let ctx = Arc::new(PodContext {
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            ips: spec.ips.clone(),
+            netns_cookie: cookie,
+            worker: worker.clone(),
+        });
+
+        let _guard = self.data_plane.enter();
+        let to_tokio = |l: std::net::TcpListener| {
+            let addr = l
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Listener {
+                pod: key.clone(),
+                addr,
+                source,
+            })
+        };
+        let mut tasks = Vec::new();
+        let mut inbound_fds = Vec::new();
+        for l in listeners.outbound {
+            let listener = to_tokio(l)?;
+            let stage = Outbound {
+                pi: self.pi.clone(),
+                pod: ctx.clone(),
+                listener,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+        let mut inbound = Vec::new();
+        for (is_v4, l) in listeners.inbound {
+            let listener = to_tokio(l)?;
+            for ip in spec.ips.iter().filter(|ip| ip.is_ipv4() == is_v4) {
+                inbound_fds.push((
+                    *ip,
+                    listener.as_fd().try_clone_to_owned().map_err(|source| {
+                        NodeError::Listener {
+                            pod: key.clone(),
+                            addr: SocketAddr::new(*ip, INBOUND_PORT),
+                            source,
+                        }
+                    })?,
+                ));
+            }
+            inbound.push(listener);
+        }
+        for listener in inbound {
+            let stage = InboundPlain {
+                pi: self.pi.clone(),
+                pod: ctx.clone(),
+                listener,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+        for l in listeners.hbone {
+            let listener = to_tokio(l)?;
+            let stage = HboneInbound {
+                pi: self.pi.clone(),
+                pod: ctx.clone(),
+                listener,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+
+        let capture = PodCapture {
+            netns_cookie: cookie,
+            ips: spec.ips.clone(),
+            excluded_outbound_ports: spec.excluded_outbound_ports.clone(),
+            excluded_inbound_ports: spec.excluded_inbound_ports.clone(),
+        };
+        let fds: Vec<_> = inbound_fds
+            .iter()
+            .map(|(ip, fd)| (*ip, fd.as_fd()))
+            .collect();
+        if let Err(source) = self
+            .capture
+            .enrol(&capture, worker.netns_file().as_fd(), &fds)
+        {
+            for t in &tasks {
+                t.abort();
+            }
+            self.capture.unenrol(cookie);
+            return Err(NodeError::Capture { pod: key, source });
+        }
+        info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, "enrolled");
+        self.pods.insert(key, EnrolledPod { spec, ctx, tasks });
+        Ok(())
+    }
+
+    pub fn unenrol(&mut self, key: &str) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        // Capture off first, so no new connection is sent to listeners about to close.
+        self.capture.unenrol(pod.ctx.netns_cookie);
+        // Aborting the accept loops closes the listeners; relays already running keep their sockets
+        // and finish on their own, so established connections are not cut.
+        for t in pod.tasks {
+            t.abort();
+        }
+        info!(pod = %key, "unenrolled");
+    }
+
+    pub fn unenrol_all(&mut self) {
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for k in keys {
+            self.unenrol(&k);
+        }
+    }
+}
+
+struct Listeners {
+    outbound: Vec<std::net::TcpListener>,
+    /// (is IPv4, listener)
+    inbound: Vec<(bool, std::net::TcpListener)>,
+    hbone: Vec<std::net::TcpListener>,
+}
+
+/// Runs on the pod's netns worker. Outbound and inbound listen on loopback only: they are reached
+/// through capture, never directly from outside the pod.
+fn make_listeners(v4: bool, v6: bool) -> Result<Listeners, (SocketAddr, io::Error)> {
+    let listen =
+        |addr: SocketAddr, v6only: bool| netns::listen(addr, v6only).map_err(|e| (addr, e));
+    let mut l = Listeners {
+        outbound: Vec::new(),
+        inbound: Vec::new(),
+        hbone: Vec::new(),
+    };
+    // The IPv4 outbound listener always exists: dual-stack sockets connecting to IPv4-mapped
+    // addresses are sent there, and its netns cookie identifies the pod.
+    l.outbound.push(listen(
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        false,
+    )?);
+    if v6 {
+        l.outbound.push(listen(
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+            true,
+        )?);
+    }
+    if v4 {
+        l.inbound.push((
+            true,
+            listen(
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT),
+                false,
+            )?,
+        ));
+        l.hbone.push(listen(
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT),
+            false,
+        )?);
+    }
+    if v6 {
+        l.inbound.push((
+            false,
+            listen(
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), INBOUND_PORT),
+                true,
+            )?,
+        ));
+        l.hbone.push(listen(
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), HBONE_PORT),
+            true,
+        )?);
+    }
+    Ok(l)
+}

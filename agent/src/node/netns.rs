@@ -1,0 +1,155 @@
+//! A thread parked in one pod's network namespace that creates sockets there (Istio in-pod style).
+//! A socket's netns is fixed at creation, so every listener and upstream socket the proxy owns for a
+//! pod is made here and then handed to tokio. The thread never touches tokio itself.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::NodeError;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs closures inside one network namespace.
+#[derive(Debug)]
+pub struct NetnsWorker {
+    path: PathBuf,
+    netns: File,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl NetnsWorker {
+    pub fn spawn(path: &Path) -> Result<Self, NodeError> {
+        let netns_err = |source| NodeError::Netns {
+            path: path.to_path_buf(),
+            source,
+        };
+        let netns = File::open(path).map_err(netns_err)?;
+        let target_ino = netns.metadata().map_err(netns_err)?.ino();
+        let for_thread = netns.try_clone().map_err(netns_err)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        let name = format!(
+            "netns-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("pod")
+        );
+        std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                let entered = nix::sched::setns(&for_thread, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)
+                    .and_then(|()| {
+                        // Check we really are in the pod's netns before creating any socket there.
+                        let now = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+                        if now == target_ino {
+                            Ok(())
+                        } else {
+                            Err(io::Error::other(
+                                "setns did not move the thread into the pod netns",
+                            ))
+                        }
+                    });
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })
+            .map_err(netns_err)?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("netns thread died")))
+            .map_err(netns_err)?;
+        Ok(NetnsWorker {
+            path: path.to_path_buf(),
+            netns,
+            jobs,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn netns_file(&self) -> &File {
+        &self.netns
+    }
+
+    /// Runs `f` in the netns and waits for it (control path).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("netns worker stopped"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("netns worker stopped"))
+    }
+
+    /// Runs `f` in the netns without blocking the runtime (data path).
+    pub async fn run_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("netns worker stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("netns worker stopped"))
+    }
+
+    /// An unconnected, non-blocking TCP socket in this netns, marked so capture skips it.
+    pub async fn upstream_socket(
+        &self,
+        dst: SocketAddr,
+        bind: Option<IpAddr>,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let std_stream = self.run_async(move || new_upstream(dst, bind)).await??;
+        Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+    }
+}
+
+fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
+    let s = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_mark(ambit_common::PROXY_MARK)?;
+    s.set_nodelay(true)?;
+    if let Some(ip) = bind {
+        // Pick the port at connect time so the 4-tuple, not the bare port, has to be unique.
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    Ok(s.into())
+}
+
+/// A listening socket in the current netns (call on the worker).
+pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(v6only)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_mark(ambit_common::PROXY_MARK)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}

@@ -1,0 +1,423 @@
+//! ambit's capture programs. Every decision that needs configuration arrives as a map entry written
+//! by the agent; the programs only look up and steer. Each program is a thin entry that maps
+//! `try_x`'s error to the verdict that keeps traffic safe.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+    use ambit_common::{
+        enrolled::{self, PodNetns},
+        excluded_in_ports, excluded_out_ports, exempt_sources, inbound_listeners, orig_dst,
+        orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey, AF_INET6, HBONE_PORT,
+        OUTBOUND_PORT, PROXY_MARK,
+    };
+    use aya_ebpf::{
+        bindings::{
+            bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        },
+        helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+
+    const IPPROTO_TCP: u32 = 6;
+    /// cgroup/connect*: 1 lets the syscall proceed, 0 fails it with EPERM.
+    const ALLOW: i32 = 1;
+    const REJECT: i32 = 0;
+    const SK_PASS: u32 = 1;
+    const SK_DROP: u32 = 0;
+
+    #[map(name = "AMBIT_ENROLLED")]
+    static ENROLLED: HashMap<u64, PodNetns> = HashMap::pinned(enrolled::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_ORIG_DST_COOKIE")]
+    static ORIG_DST_BY_COOKIE: LruHashMap<u64, orig_dst_by_cookie::Value> =
+        LruHashMap::pinned(orig_dst_by_cookie::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_ORIG_DST")]
+    static ORIG_DST: LruHashMap<orig_dst::ConnKey, SockAddrKey> =
+        LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_EXCL_OUT_PORTS")]
+    static EXCL_OUT_PORTS: HashMap<excluded_out_ports::Key, u32> =
+        HashMap::pinned(excluded_out_ports::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_POD_IPS")]
+    static POD_IPS: HashMap<IpKey, pod_ips::PodIp> = HashMap::pinned(pod_ips::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_INBOUND_LISTENERS")]
+    static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::pinned(inbound_listeners::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_EXCL_IN_PORTS")]
+    static EXCL_IN_PORTS: HashMap<excluded_in_ports::Key, u32> =
+        HashMap::pinned(excluded_in_ports::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_EXEMPT_SRC")]
+    static EXEMPT_SRC: HashMap<IpKey, u32> = HashMap::pinned(exempt_sources::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_STATS")]
+    static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::MAX_ENTRIES, 0);
+
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(p) = STATS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+        // Read word by word: the verifier accepts 4-byte context loads of ip6 fields everywhere.
+        let w = words as *const u32;
+        // SAFETY: `words` points into the program context.
+        unsafe {
+            [
+                read_volatile(w),
+                read_volatile(w.add(1)),
+                read_volatile(w.add(2)),
+                read_volatile(w.add(3)),
+            ]
+        }
+    }
+
+    // ---------------------------------------------------------------- outbound: connect4/6
+
+    /// What connect should do with a destination, decided the same way for both families.
+    #[inline(always)]
+    fn should_capture(sa: *mut bpf_sock_addr, netns: u64, dst: &IpKey, port: u16) -> bool {
+        // SAFETY: ctx pointers are valid for the program's run; `sk` is always set for connect.
+        let (protocol, mark) = unsafe {
+            let sk = (*sa).__bindgen_anon_1.sk;
+            (
+                read_volatile(addr_of!((*sa).protocol)),
+                read_volatile(addr_of!((*sk).mark)),
+            )
+        };
+        if protocol != IPPROTO_TCP {
+            return false;
+        }
+        if mark == PROXY_MARK {
+            count(stats::OUT_SKIPPED_MARK);
+            return false;
+        }
+        // SAFETY: plain map lookup; the value is copied out immediately.
+        let pod = match unsafe { ENROLLED.get(&netns) } {
+            Some(p) => *p,
+            None => return false,
+        };
+        // Istio: loopback and the pod's own addresses are never captured.
+        if dst.is_loopback() || dst.is_unspecified() {
+            return false;
+        }
+        if (pod.flags & enrolled::FLAG_HAS_IP4 != 0 && pod.ip4 == *dst)
+            || (pod.flags & enrolled::FLAG_HAS_IP6 != 0 && pod.ip6 == *dst)
+        {
+            return false;
+        }
+        let key = excluded_out_ports::Key {
+            netns_cookie: netns,
+            port: port as u32,
+            reserved: 0,
+        };
+        if EXCL_OUT_PORTS.get_ptr(&key).is_some() {
+            return false;
+        }
+        true
+    }
+
+    /// Record the original destination under the socket cookie. Failing to record it refuses the
+    /// connect: a captured connection without a destination must not bypass the proxy.
+    #[inline(always)]
+    fn record(ctx: &SockAddrContext, netns: u64, dst: IpKey, port: u16) -> Result<(), ()> {
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let value = orig_dst_by_cookie::Value {
+            netns_cookie: netns,
+            dst: SockAddrKey {
+                ip: dst,
+                port: port as u32,
+            },
+            reserved: 0,
+        };
+        ORIG_DST_BY_COOKIE
+            .insert(&cookie, &value, 0)
+            .map_err(|_| ())
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn ambit_conn4(ctx: SockAddrContext) -> i32 {
+        try_connect4(&ctx).unwrap_or(REJECT)
+    }
+
+    fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
+        let sa = ctx.sock_addr;
+        // SAFETY: context fields of a cgroup/connect4 program.
+        let (ip4, port_be) = unsafe {
+            (
+                read_volatile(addr_of!((*sa).user_ip4)),
+                read_volatile(addr_of!((*sa).user_port)),
+            )
+        };
+        let dst = IpKey::from_v4_raw(ip4);
+        let port = u16::from_be(port_be as u16);
+        // SAFETY: helper valid for cgroup sock_addr programs (5.7+).
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if !should_capture(sa, netns, &dst, port) {
+            return Ok(ALLOW);
+        }
+        record(ctx, netns, dst, port)?;
+        // SAFETY: user_ip4/user_port are writable, as u32 (the port in network order, low 16 bits).
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_be(0x7f00_0001));
+            write_volatile(addr_of_mut!((*sa).user_port), OUTBOUND_PORT.to_be() as u32);
+        }
+        count(stats::OUT_CAPTURED);
+        Ok(ALLOW)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn ambit_conn6(ctx: SockAddrContext) -> i32 {
+        try_connect6(&ctx).unwrap_or(REJECT)
+    }
+
+    fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
+        let sa = ctx.sock_addr;
+        // SAFETY: context fields of a cgroup/connect6 program.
+        let (ip6, port_be) = unsafe {
+            (
+                read_ip6(addr_of!((*sa).user_ip6)),
+                read_volatile(addr_of!((*sa).user_port)),
+            )
+        };
+        let dst = IpKey::from_v6_raw(ip6);
+        let port = u16::from_be(port_be as u16);
+        // SAFETY: helper valid for cgroup sock_addr programs (5.7+).
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if !should_capture(sa, netns, &dst, port) {
+            return Ok(ALLOW);
+        }
+        record(ctx, netns, dst, port)?;
+        // A dual-stack socket connecting to ::ffff:a.b.c.d must land on the IPv4 listener.
+        let target = if dst.is_v4_mapped() {
+            IpKey::from_v4_raw(u32::from_be(0x7f00_0001)).addr
+        } else {
+            [0, 0, 0, u32::from_be(1)]
+        };
+        // SAFETY: user_ip6 words and user_port are writable as u32.
+        unsafe {
+            let w = addr_of_mut!((*sa).user_ip6) as *mut u32;
+            write_volatile(w, target[0]);
+            write_volatile(w.add(1), target[1]);
+            write_volatile(w.add(2), target[2]);
+            write_volatile(w.add(3), target[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), OUTBOUND_PORT.to_be() as u32);
+        }
+        count(stats::OUT_CAPTURED);
+        Ok(ALLOW)
+    }
+
+    // ---------------------------------------------------------------- getpeername4/6
+
+    /// Capture is invisible to the app, as iptables REDIRECT is: `getpeername()` on a captured socket
+    /// reports the original destination, not the proxy listener.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn ambit_peer4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
+            // SAFETY: map value pointer valid during the program; writable ctx fields.
+            unsafe {
+                let orig = (*orig).dst;
+                if orig.ip.is_v4_mapped() {
+                    let sa = ctx.sock_addr;
+                    write_volatile(addr_of_mut!((*sa).user_ip4), orig.ip.addr[3]);
+                    write_volatile(
+                        addr_of_mut!((*sa).user_port),
+                        (orig.port as u16).to_be() as u32,
+                    );
+                }
+            }
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn ambit_peer6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
+            // SAFETY: map value pointer valid during the program; writable ctx fields.
+            unsafe {
+                let orig = (*orig).dst;
+                let sa = ctx.sock_addr;
+                let w = addr_of_mut!((*sa).user_ip6) as *mut u32;
+                write_volatile(w, orig.ip.addr[0]);
+                write_volatile(w.add(1), orig.ip.addr[1]);
+                write_volatile(w.add(2), orig.ip.addr[2]);
+                write_volatile(w.add(3), orig.ip.addr[3]);
+                write_volatile(
+                    addr_of_mut!((*sa).user_port),
+                    (orig.port as u16).to_be() as u32,
+                );
+            }
+        }
+        ALLOW
+    }
+
+    // ---------------------------------------------------------------- sockops
+
+    /// Moves a captured socket's original destination from its cookie to its address pair, which is
+    /// all the proxy knows after `accept()`. Runs at ACTIVE_ESTABLISHED, before the client's ACK, so
+    /// the entry exists before the proxy can accept.
+    #[sock_ops]
+    pub fn ambit_sockops(ctx: SockOpsContext) -> u32 {
+        let _ = try_sockops(&ctx);
+        // sockops verdicts do not affect the connection here.
+        1
+    }
+
+    fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
+        let op = ctx.op();
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            // SAFETY: helper valid for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let entry = match ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
+                // SAFETY: copy the value out before anything can remove it.
+                Some(p) => unsafe { *p },
+                None => return Ok(()),
+            };
+            // The netns recorded at connect is the socket's netns (sockets never change netns).
+            let (orig, netns) = (entry.dst, entry.netns_cookie);
+            let ops = ctx.ops;
+            // Unconditional reads, for the same verifier reason as in sk_lookup.
+            // SAFETY: sock_ops context fields.
+            let (l6, r6) = unsafe {
+                (
+                    read_ip6(addr_of!((*ops).local_ip6)),
+                    read_ip6(addr_of!((*ops).remote_ip6)),
+                )
+            };
+            let (l4, r4) = (ctx.local_ip4(), ctx.remote_ip4());
+            let (src, dst) = if ctx.family() == AF_INET6 as u32 {
+                (IpKey::from_v6_raw(l6), IpKey::from_v6_raw(r6))
+            } else {
+                (IpKey::from_v4_raw(l4), IpKey::from_v4_raw(r4))
+            };
+            // local_port is host order; remote_port is the network-order port shifted left by 16.
+            let key = orig_dst::ConnKey {
+                netns_cookie: netns,
+                src: SockAddrKey {
+                    ip: src,
+                    port: ctx.local_port(),
+                },
+                dst: SockAddrKey {
+                    ip: dst,
+                    port: u16::from_be((ctx.remote_port() >> 16) as u16) as u32,
+                },
+            };
+            let recorded = ORIG_DST.insert(&key, &orig, 0).is_ok();
+            count(if recorded {
+                stats::ORIG_DST_RECORDED
+            } else {
+                stats::ORIG_DST_MISSING
+            });
+            // Ask for state changes so the cookie entry is dropped when the socket closes.
+            // SAFETY: helper valid for sock_ops programs on a full socket.
+            unsafe { bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+        } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+            // SAFETY: helper valid for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- inbound: sk_lookup
+
+    /// Attached to each enrolled pod's netns: steers TCP connections for the pod's IP on any port
+    /// (except HBONE 15008) to the pod's inbound listener. Runs before the normal socket lookup.
+    #[sk_lookup]
+    pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
+        try_sk_lookup(&ctx).unwrap_or(SK_DROP)
+    }
+
+    fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
+        let l = ctx.lookup;
+        // SAFETY: sk_lookup context fields.
+        let (protocol, family, local_port) = unsafe {
+            (
+                read_volatile(addr_of!((*l).protocol)),
+                read_volatile(addr_of!((*l).family)),
+                read_volatile(addr_of!((*l).local_port)),
+            )
+        };
+        if protocol != IPPROTO_TCP {
+            return Ok(SK_PASS);
+        }
+        // Read every address field unconditionally: choosing the field by family lets the compiler
+        // compute a variable context offset, which the verifier rejects.
+        // SAFETY: sk_lookup context fields.
+        let (l4, r4, l6, r6) = unsafe {
+            (
+                read_volatile(addr_of!((*l).local_ip4)),
+                read_volatile(addr_of!((*l).remote_ip4)),
+                read_ip6(addr_of!((*l).local_ip6)),
+                read_ip6(addr_of!((*l).remote_ip6)),
+            )
+        };
+        let (local, remote) = if family == AF_INET6 as u32 {
+            (IpKey::from_v6_raw(l6), IpKey::from_v6_raw(r6))
+        } else {
+            (IpKey::from_v4_raw(l4), IpKey::from_v4_raw(r4))
+        };
+        // Only the pod's own addresses are steered; this also skips loopback SYNs.
+        if POD_IPS.get_ptr(&local).is_none() {
+            return Ok(SK_PASS);
+        }
+        if local_port == HBONE_PORT as u32 {
+            return Ok(SK_PASS);
+        }
+        // The pod talking to itself, which is also how the proxy reaches the app: never captured.
+        // (ingress_ifindex cannot narrow this: for traffic to a local address the kernel reports the
+        // device owning the address, not lo. A SYN spoofed from outside with this source cannot
+        // complete a handshake, since the SYN-ACK goes to the pod itself.)
+        if remote == local {
+            return Ok(SK_PASS);
+        }
+        if EXEMPT_SRC.get_ptr(&remote).is_some() {
+            return Ok(SK_PASS);
+        }
+        let key = excluded_in_ports::Key {
+            ip: local,
+            port: local_port,
+        };
+        if EXCL_IN_PORTS.get_ptr(&key).is_some() {
+            return Ok(SK_PASS);
+        }
+        match INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0) {
+            Ok(()) => {
+                count(stats::IN_STEERED);
+                Ok(SK_PASS)
+            }
+            Err(_) => {
+                // Enrolled but no listener (agent down): refuse rather than bypass the proxy.
+                count(stats::IN_DROPPED_NO_LISTENER);
+                Ok(SK_DROP)
+            }
+        }
+    }
+
+    /// GPL-compatible, so the kernel offers every helper we use.
+    #[link_section = "license"]
+    #[no_mangle]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // The kernel programs only exist for bpfel-unknown-none; this stub keeps host builds happy.
+}
