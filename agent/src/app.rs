@@ -49,6 +49,7 @@ pub struct AgentConfig {
 
 /// Runs until SIGTERM/SIGINT.
 pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
+    raise_fd_limit();
     if let Some(path) = &cfg.host_netns {
         // Before any thread exists, so every thread starts in the node's netns.
         let f = std::fs::File::open(path).map_err(|source| AppError::HostNetns {
@@ -168,6 +169,16 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
             Some((f, m.modified().ok()?, m.len()))
         })
         .collect()
+}
+
+/// Every proxied connection holds two sockets; the default soft limit (1024) is far too low.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            warn!(soft, hard, "cannot raise the open-file limit");
+        }
+    }
 }
 
 /// Every address on this netns's interfaces except loopback: the node's own addresses.

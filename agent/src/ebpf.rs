@@ -222,7 +222,7 @@ fn ensure_bpffs(root: &Path) -> Result<(), EbpfError> {
     let mount_point = Path::new("/sys/fs/bpf");
     if root.starts_with(mount_point) {
         let is_bpffs = nix::sys::statfs::statfs(mount_point)
-            .map(|s| s.filesystem_type().0 as i64 == BPFFS_MAGIC)
+            .map(|s| s.filesystem_type().0 == BPFFS_MAGIC)
             .unwrap_or(false);
         if !is_bpffs {
             nix::mount::mount(

@@ -47,8 +47,12 @@ pub async fn relay(a: TcpStream, b: TcpStream) -> RelayOutcome {
         (a_to_b, b_to_a, reset)
     };
     if reset {
-        for half in [aw.as_ref(), bw.as_ref()] {
-            let _ = socket2::SockRef::from(half).set_linger(Some(std::time::Duration::ZERO));
+        // Reunite before dropping: a dropped OwnedWriteHalf sends FIN first, and the peer would
+        // see a clean close instead of the reset.
+        for (r, w) in [(ar, aw), (br, bw)] {
+            if let Ok(stream) = r.reunite(w) {
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            }
         }
     }
     RelayOutcome {

@@ -1,0 +1,302 @@
+//! Runs the `ambit` binary as a node agent for a world's node, with the world written out as
+//! Kubernetes YAML (local mode's control plane), and reads its status file.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use super::{Node, Pod, Process, World};
+
+/// The cluster as YAML: namespaces (with or without the ambient label) and pods.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterYaml {
+    ambient_namespaces: Vec<String>,
+    plain_namespaces: Vec<String>,
+    pods: Vec<Pod>,
+    opted_out: Vec<String>,
+    extra_annotations: Vec<(String, String, String)>,
+}
+
+impl ClusterYaml {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn ambient(mut self, ns: &str) -> Self {
+        self.ambient_namespaces.push(ns.to_string());
+        self
+    }
+    pub fn plain(mut self, ns: &str) -> Self {
+        self.plain_namespaces.push(ns.to_string());
+        self
+    }
+    pub fn pod(mut self, pod: &Pod) -> Self {
+        self.pods.push(pod.clone());
+        self
+    }
+    pub fn pods<'a>(mut self, pods: impl IntoIterator<Item = &'a Pod>) -> Self {
+        self.pods.extend(pods.into_iter().cloned());
+        self
+    }
+    /// Labels a pod `istio.io/dataplane-mode=none`.
+    pub fn opt_out(mut self, pod: &Pod) -> Self {
+        self.opted_out.push(pod.name().to_string());
+        self
+    }
+    pub fn annotate(mut self, pod: &Pod, key: &str, value: &str) -> Self {
+        self.extra_annotations
+            .push((pod.name().to_string(), key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (ns, ambient) in self
+            .ambient_namespaces
+            .iter()
+            .map(|n| (n, true))
+            .chain(self.plain_namespaces.iter().map(|n| (n, false)))
+        {
+            let labels = if ambient {
+                "\n  labels:\n    istio.io/dataplane-mode: ambient"
+            } else {
+                ""
+            };
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{labels}\n---\n"
+            );
+        }
+        for pod in &self.pods {
+            let mut annotations = format!("    ambit.dev/netns: {}\n", pod.netns_path().display());
+            for (_, k, v) in self
+                .extra_annotations
+                .iter()
+                .filter(|(p, _, _)| p == pod.name())
+            {
+                let _ = writeln!(annotations, "    {k}: \"{v}\"");
+            }
+            let mut labels = String::new();
+            for (k, v) in pod.labels() {
+                let _ = writeln!(labels, "    {k}: \"{v}\"");
+            }
+            if self.opted_out.iter().any(|p| p == pod.name()) {
+                labels.push_str("    istio.io/dataplane-mode: none\n");
+            }
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("  labels:\n{labels}")
+            };
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}  annotations:\n{annotations}spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n---\n",
+                name = pod.name(),
+                ns = pod.namespace(),
+                node = pod.node_name(),
+                sa = pod.service_account(),
+                ip4 = pod.ip4(),
+                ip6 = pod.ip6(),
+            );
+        }
+        out
+    }
+
+    /// Writes (atomically) to `dir/cluster.yaml`.
+    pub fn write(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let tmp = dir.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, self.render())
+            .unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, dir.join("cluster.yaml"))
+            .unwrap_or_else(|e| panic!("rename into {}: {e}", dir.display()));
+    }
+}
+
+/// The `ambit` agent of one node, as a child process.
+pub struct LocalAgent {
+    bin: PathBuf,
+    node: Node,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    process: Option<Process>,
+    extra_args: Vec<String>,
+}
+
+impl LocalAgent {
+    /// Prepares (does not start) an agent for `node`. Its config directory is `config_dir()`.
+    pub fn new(world: &World, node: &Node, bin: &Path) -> Self {
+        // Under the world's state dir, which teardown and the sweeper remove.
+        let dir = Path::new(super::STATE_DIR)
+            .join(world.prefix())
+            .join(format!("agent-{}", node.name()));
+        std::fs::create_dir_all(dir.join("config"))
+            .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let bpffs = world.bpffs_dir().join(node.name());
+        LocalAgent {
+            bin: bin.to_path_buf(),
+            node: node.clone(),
+            dir,
+            bpffs,
+            process: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra_args.push(a.to_string());
+        self
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Starts the agent (again, after `kill`/`stop`). The world tracks the process for teardown.
+    pub fn start(&mut self, world: &World) {
+        assert!(self.process.is_none(), "agent already running");
+        let _ = std::fs::remove_file(self.status_path());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap_or_else(|e| panic!("open agent log: {e}"));
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .args(["--node", self.node.name()])
+            .arg("--config")
+            .arg(self.config_dir())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--host-netns")
+            .arg(self.node.netns_path())
+            .arg("--status-file")
+            .arg(self.status_path())
+            .args(["--poll-ms", "50"])
+            .args(&self.extra_args)
+            .env(
+                "AMBIT_LOG",
+                std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}")))
+            .stderr(log);
+        self.process = Some(world.spawn(&mut cmd));
+    }
+
+    /// The last status the agent wrote, if any.
+    pub fn status(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.status_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Waits until `pred` holds on a status written after this call, or panics with the agent's log.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+            }
+            if let Some(p) = &self.process {
+                if let Ok(Some(code)) = p.try_wait() {
+                    panic!(
+                        "agent exited ({code}) while waiting for {what}\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; status: {:?}\n{}",
+                    self.status(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until exactly these pods are enrolled.
+    pub fn wait_enrolled(&self, pods: &[&Pod]) -> Value {
+        let mut want: Vec<String> = pods
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace(), p.name()))
+            .collect();
+        want.sort();
+        self.wait_for(
+            &format!("enrolled pods {want:?}"),
+            Duration::from_secs(20),
+            |s| {
+                let mut have: Vec<String> = s["pods"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| p["pod"].as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                have.sort();
+                have == want
+            },
+        )
+    }
+
+    /// A counter from the status (`section.name`, e.g. `proxy.outbound_accepted`).
+    pub fn counter(&self, path: &str) -> u64 {
+        let s = self.status().unwrap_or(Value::Null);
+        path.split('.').fold(&s, |v, k| &v[k]).as_u64().unwrap_or(0)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.process.take() {
+            let _ = p.signal(Signal::SIGTERM);
+            if !matches!(p.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
+                p.kill();
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::id)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let start = lines.len().saturating_sub(40);
+        format!(
+            "--- agent log ({}) ---\n{}",
+            self.log_path().display(),
+            lines[start..].join("\n")
+        )
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,422 @@
+//! Capture, end to end on real namespaces and real eBPF: outbound original destination, what is not
+//! captured, inbound steering, exact relaying with half-close and resets.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ambit::harness::{ClusterYaml, LocalAgent, World};
+use support::{ambit_bin, in_pod, whoami, Mode, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+#[test]
+fn outbound_capture_recovers_the_exact_original_destination() {
+    support::raise_fd_limit();
+    let world = World::new("cap-origdst");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let dsts = vec![
+        sa(server.ip4(), 8080),
+        sa(server.ip4(), 9090),
+        sa(server.ip4(), 443),
+        sa(server.ip6(), 8080),
+        sa(server.ip6(), 5201),
+    ];
+    let srv = Server::start(&server, &dsts, Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pod(&client)
+        .pod(&server)
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+
+    let client_ips = [IpAddr::from(client.ip4()), IpAddr::from(client.ip6())];
+    let results = in_pod(&client, || async {
+        let mut out = Vec::new();
+        for d in &dsts {
+            out.push((*d, whoami(*d).await));
+        }
+        out
+    });
+    for (dst, r) in &results {
+        let (peer, local, our_peer) = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+        assert_eq!(
+            local, dst,
+            "server must be reached at exactly the address the app dialled"
+        );
+        assert_eq!(
+            our_peer, dst,
+            "getpeername() in the app must show the original destination"
+        );
+        assert!(
+            client_ips.contains(&peer.ip()),
+            "source must stay the pod's own IP, got {peer}"
+        );
+    }
+    let status = agent.wait_for("outbound counters", Duration::from_secs(5), |s| {
+        s["proxy"]["outbound_accepted"].as_u64() == Some(dsts.len() as u64)
+    });
+    assert!(status["kernel"]["out_captured"].as_u64().unwrap_or(0) >= dsts.len() as u64);
+
+    // 1,000 concurrent connections, spread over the destinations, each recovers its own destination.
+    const N: usize = 1000;
+    let failures = in_pod(&client, || async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let d = dsts[i % dsts.len()];
+            set.spawn(async move { (d, whoami(d).await) });
+        }
+        let mut failures = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r.expect("task") {
+                (d, Ok((_, local, our_peer))) if local == d && our_peer == d => {}
+                (d, other) => failures.push(format!("{d}: {other:?}")),
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {N} concurrent connections failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let status = agent.wait_for(
+        "all concurrent connections counted",
+        Duration::from_secs(10),
+        |s| s["proxy"]["outbound_accepted"].as_u64() == Some((dsts.len() + N) as u64),
+    );
+    assert_eq!(
+        status["proxy"]["outbound_orig_dst_missing"], 0,
+        "no connection lost its destination"
+    );
+    // The server records a connection when it closes.
+    wait_until("each connection reached the server exactly once", || {
+        srv.count() == dsts.len() + N
+    });
+    assert_eq!(srv.count(), dsts.len() + N);
+}
+
+#[test]
+fn what_is_not_captured() {
+    let world = World::new("cap-skip");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let srv = Server::start(
+        &server,
+        &[sa(server.ip4(), 8080), sa(server.ip4(), 7777)],
+        Mode::WhoamiEcho,
+    );
+    // Servers inside the client pod: on loopback and on its own IP.
+    let own = Server::start(
+        &client,
+        &[sa([127, 0, 0, 1], 7000), sa(client.ip4(), 7001)],
+        Mode::WhoamiEcho,
+    );
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &outsider, &server])
+        .annotate(
+            &client,
+            "traffic.sidecar.istio.io/excludeOutboundPorts",
+            "7777",
+        )
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+
+    // A non-enrolled pod is not captured.
+    let (peer, _, _) =
+        in_pod(&outsider, || whoami(sa(server.ip4(), 8080))).expect("outsider to server");
+    assert_eq!(peer.ip(), IpAddr::from(outsider.ip4()));
+    // Loopback, the pod's own IP, and an excluded port are not captured.
+    in_pod(&client, || whoami(sa([127, 0, 0, 1], 7000))).expect("loopback");
+    let (peer, _, _) = in_pod(&client, || whoami(sa(client.ip4(), 7001))).expect("own IP");
+    assert_eq!(peer.ip(), IpAddr::from(client.ip4()));
+    in_pod(&client, || whoami(sa(server.ip4(), 7777))).expect("excluded port");
+    assert_eq!(
+        agent.counter("proxy.outbound_accepted"),
+        0,
+        "none of these may reach the proxy\n{}",
+        agent.log_tail()
+    );
+    assert_eq!(agent.counter("kernel.out_captured"), 0);
+    wait_until("both in-pod connections served", || own.count() == 2);
+
+    // UDP is untouched: a connected UDP socket reaches the server directly.
+    let got = {
+        let server_addr = sa(server.ip4(), 5353);
+        let rx = server.run(move || {
+            let s = std::net::UdpSocket::bind(server_addr).expect("udp bind");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            s
+        });
+        client.run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+            s.connect(server_addr).expect("udp connect");
+            s.send(b"ping").expect("udp send");
+        });
+        let mut buf = [0u8; 16];
+        let (n, from) = rx.recv_from(&mut buf).expect("datagram arrives directly");
+        (buf[..n].to_vec(), from)
+    };
+    assert_eq!(got.0, b"ping");
+    assert_eq!(got.1.ip(), IpAddr::from(client.ip4()));
+
+    // A captured connection: exactly one proxy accept, no loop through its own upstream socket.
+    let (peer, local, _) = in_pod(&client, || whoami(sa(server.ip4(), 8080))).expect("captured");
+    assert_eq!(
+        (peer.ip(), local),
+        (IpAddr::from(client.ip4()), sa(server.ip4(), 8080))
+    );
+    let s = agent.wait_for("one captured connection", Duration::from_secs(5), |s| {
+        s["proxy"]["outbound_accepted"] == 1
+    });
+    assert_eq!(
+        s["kernel"]["out_captured"], 1,
+        "the proxy's own upstream connect must not be captured"
+    );
+    assert!(
+        s["kernel"]["out_skipped_mark"].as_u64().unwrap_or(0) >= 1,
+        "the proxy's socket was seen and skipped by its mark"
+    );
+    wait_until("three connections at the server", || srv.count() == 3);
+}
+
+#[test]
+fn inbound_capture_steers_any_port_to_the_proxy() {
+    let world = World::new("cap-inbound");
+    let n1 = world.node("n1");
+    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let ports = [8080u16, 31337];
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .flat_map(|p| [sa(server.ip4(), *p), sa(server.ip6(), *p)])
+        .collect();
+    let srv = Server::start(&server, &addrs, Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&server, &outsider])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&server]);
+
+    let server_ips = [IpAddr::from(server.ip4()), IpAddr::from(server.ip6())];
+    for dst in &addrs {
+        let (peer, local, _) = in_pod(&outsider, || whoami(*dst))
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+        assert_eq!(
+            local, *dst,
+            "the app is reached at the original destination"
+        );
+        // The proxy reaches the app from the pod's own address: proof the connection went through it.
+        assert!(
+            server_ips.contains(&peer.ip()),
+            "expected the proxy (pod's own IP) as peer, got {peer}"
+        );
+    }
+    agent.wait_for("inbound counted", Duration::from_secs(5), |s| {
+        s["proxy"]["inbound_accepted"] == addrs.len() as u64
+    });
+
+    // The node's own address (kubelet probes) is exempt: it reaches the app directly.
+    let (peer, _, _) = n1
+        .run_async(|| whoami(sa(server.ip4(), 8080)))
+        .expect("node to pod");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(n1.gateway4()),
+        "node traffic is not captured"
+    );
+    assert_eq!(agent.counter("proxy.inbound_accepted"), addrs.len() as u64);
+
+    // 15008 is a normal listener, never steered to 15006.
+    let r = in_pod(&outsider, || async {
+        let mut s = TcpStream::connect(sa(server.ip4(), 15008)).await?;
+        let mut b = [0u8; 1];
+        s.read(&mut b).await
+    });
+    assert!(
+        r.is_err() || r.as_ref().ok() == Some(&0),
+        "HBONE port answered unexpectedly: {r:?}"
+    );
+    agent.wait_for("HBONE port reached directly", Duration::from_secs(5), |s| {
+        s["proxy"]["hbone_refused"] == 1
+    });
+    assert_eq!(agent.counter("proxy.inbound_accepted"), addrs.len() as u64);
+
+    // A port where the app does not listen ends in a reset, as it would without a proxy.
+    let r = in_pod(&outsider, || async {
+        let mut s = TcpStream::connect(sa(server.ip4(), 8081)).await?;
+        let mut b = [0u8; 1];
+        s.read(&mut b).await
+    });
+    let e = r.expect_err("a closed port must not look like a clean close");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+        ),
+        "expected a reset, got {e:?}"
+    );
+    wait_until("every inbound connection served", || {
+        srv.count() == addrs.len() + 1
+    });
+}
+
+#[test]
+fn relay_is_exact_and_propagates_half_close_and_reset() {
+    let world = World::new("cap-relay");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+    let echo = sa(server.ip4(), 8080);
+    let rst = sa(server.ip4(), 8081);
+    let halfclose = sa(server.ip4(), 8082);
+    let s_echo = Server::start(&server, &[echo], Mode::WhoamiEcho);
+    let s_rst = Server::start(&server, &[rst], Mode::HelloThenReset);
+    let s_half = Server::start(&server, &[halfclose], Mode::GreetThenHalfClose);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .pods([&client, &server])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client, &server]);
+
+    // 256 MiB each way through both the client's outbound and the server's inbound relay.
+    const TOTAL: u64 = 256 << 20;
+    let (sent_hash, recv_hash, recv_len) = in_pod(&client, || async move {
+        let stream = TcpStream::connect(echo).await.expect("connect");
+        let (mut r, mut w) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut seed, mut h, mut sent) = (42u64, Fnv::new(), 0u64);
+            while sent < TOTAL {
+                seed = support::pattern(seed, &mut buf);
+                w.write_all(&buf).await.expect("write");
+                h.update(&buf);
+                sent += buf.len() as u64;
+            }
+            w.shutdown().await.expect("half-close");
+            h.0
+        });
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            r.read_exact(&mut byte).await.expect("whoami line");
+            line.push(byte[0]);
+        }
+        let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
+        loop {
+            let k = r.read(&mut buf).await.expect("read");
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            n += k as u64;
+        }
+        (writer.await.expect("writer"), h.0, n)
+    });
+    assert_eq!(recv_len, TOTAL, "every byte came back");
+    assert_eq!(sent_hash, recv_hash, "bytes relayed exactly");
+    wait_until("bulk connection closed at the server", || {
+        s_echo.count() == 1
+    });
+    let seen = s_echo.seen();
+    assert_eq!(seen[0].received, TOTAL);
+    assert!(
+        !seen[0].reset,
+        "client half-close arrived as EOF, not a reset"
+    );
+
+    // The server half-closes first; the client can still send and the server receives it.
+    in_pod(&client, || async move {
+        let mut s = TcpStream::connect(halfclose).await.expect("connect");
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting)
+            .await
+            .expect("read until the server's FIN");
+        assert_eq!(greeting, "bye\n");
+        s.write_all(b"still talking")
+            .await
+            .expect("write after peer FIN");
+        s.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    wait_until("server received after its half-close", || {
+        s_half.seen().first().map(|s| s.received) == Some(13)
+    });
+
+    // A reset from the server reaches the client as a reset.
+    let r = in_pod(&client, || async move {
+        let mut s = TcpStream::connect(rst).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map(|_| buf)
+    });
+    let e = r.expect_err("server reset must not look like a clean close");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e:?}");
+    wait_until("reset server saw one connection", || s_rst.count() == 1);
+
+    // A reset from the client reaches the server as a reset.
+    in_pod(&client, || async move {
+        let mut s = TcpStream::connect(echo).await.expect("connect");
+        let mut line = [0u8; 8];
+        let _ = s.read(&mut line).await;
+        s.write_all(b"x").await.expect("write");
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.expect("echo");
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+    });
+    wait_until("server saw the client's reset", || {
+        s_echo.seen().get(1).map(|s| s.reset) == Some(true)
+    });
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// FNV-1a, 64-bit: enough to compare two byte streams.
+struct Fnv(u64);
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
