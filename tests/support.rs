@@ -267,3 +267,59 @@ pub fn proxy_listeners(pod: &Pod) -> BTreeMap<u16, usize> {
         out
     })
 }
+
+/// IDs of the maps pinned under an agent's bpffs dir: what identifies its programs among every
+/// other test's on this machine.
+pub fn our_map_ids(bpffs: &Path) -> Vec<u64> {
+    let dir = bpffs.join(ambit_common::PIN_ABI).join("maps");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+        let path = entry.expect("entry").path();
+        let v = bpftool(&["map", "show", "pinned", path.to_str().expect("utf8")]);
+        ids.push(
+            v["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no map id for {}: {v}", path.display())),
+        );
+    }
+    ids
+}
+
+/// Attached BPF links whose program uses one of `map_ids`, counted by link type ("cgroup", "netns").
+pub fn attached_links(map_ids: &[u64]) -> BTreeMap<String, usize> {
+    let progs = bpftool(&["prog", "show"]);
+    let ours: Vec<u64> = progs
+        .as_array()
+        .expect("prog list")
+        .iter()
+        .filter(|p| {
+            p["map_ids"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|id| map_ids.contains(&id.as_u64().unwrap_or(0)))
+            })
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let mut out = BTreeMap::new();
+    for link in bpftool(&["link", "show"]).as_array().expect("link list") {
+        if ours.contains(&link["prog_id"].as_u64().unwrap_or(0)) {
+            *out.entry(link["type"].as_str().unwrap_or("?").to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("bpftool (apt-get install bpftool): {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?} json: {e}"))
+}

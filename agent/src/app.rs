@@ -115,6 +115,7 @@ async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
     let mut last_seen: Option<Vec<(PathBuf, SystemTime, u64)>> = None;
     let mut config_errors: Vec<String> = Vec::new();
     let mut generation = 0u64;
+    let mut seq = 0u64;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -132,7 +133,8 @@ async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
                 node.prune_adopted();
             }
         }
-        write_status(cfg, node, pi, generation, &config_errors);
+        seq += 1;
+        write_status(cfg, node, pi, generation, &config_errors, seq);
     }
 }
 
@@ -203,6 +205,8 @@ fn node_addresses() -> Result<Vec<IpAddr>, AppError> {
 #[derive(Debug, serde::Serialize)]
 pub struct Status<'a> {
     pub node: &'a str,
+    /// Increments on every write, so a reader can wait for a status newer than an event.
+    pub seq: u64,
     pub generation: u64,
     pub pods: Vec<crate::node::PodStatus>,
     pub config_errors: &'a [String],
@@ -218,10 +222,12 @@ fn write_status(
     pi: &ProxyInputs,
     generation: u64,
     errors: &[String],
+    seq: u64,
 ) {
     let Some(path) = &cfg.status_file else { return };
     let status = Status {
         node: &cfg.node,
+        seq,
         generation,
         pods: node.pods(),
         config_errors: errors,

@@ -255,9 +255,17 @@ impl LocalAgent {
         )
     }
 
-    /// A counter from the status (`section.name`, e.g. `proxy.outbound_accepted`).
+    /// A status written after this call (two writes later, so it reflects everything before it).
+    pub fn fresh_status(&self) -> Value {
+        let seq = self.status().and_then(|s| s["seq"].as_u64()).unwrap_or(0);
+        self.wait_for("a fresh status", Duration::from_secs(10), |s| {
+            s["seq"].as_u64().unwrap_or(0) >= seq + 2
+        })
+    }
+
+    /// A counter from a fresh status (`section.name`, e.g. `proxy.outbound_accepted`).
     pub fn counter(&self, path: &str) -> u64 {
-        let s = self.status().unwrap_or(Value::Null);
+        let s = self.fresh_status();
         path.split('.').fold(&s, |v, k| &v[k]).as_u64().unwrap_or(0)
     }
 

@@ -1,0 +1,324 @@
+//! Enrolment lifecycle on real namespaces: unenrol restores direct traffic and leaves nothing
+//! behind; an agent crash fails closed; a restarted agent adopts its pins without attaching twice;
+//! uninstall removes everything; two agents serve two nodes.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use ambit::harness::{ClusterYaml, LocalAgent, World};
+use support::{
+    ambit_bin, attached_links, in_pod, our_map_ids, proxy_listeners, whoami, Mode, Server,
+};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Opens a blocking connection from inside a pod (the socket stays in that netns), reading the
+/// whoami line. Returns the stream and the peer the server saw.
+fn open(pod: &ambit::harness::Pod, dst: SocketAddr) -> (TcpStream, SocketAddr) {
+    let s = pod
+        .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut line = String::new();
+    BufReader::new(s.try_clone().expect("clone"))
+        .read_line(&mut line)
+        .expect("whoami line");
+    let peer = line
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("peer in whoami");
+    (s, peer)
+}
+
+fn echo_works(s: &mut TcpStream, what: &str) {
+    s.write_all(b"ping")
+        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+    assert_eq!(&buf, b"ping", "{what}");
+}
+
+fn map_sizes(status: &serde_json::Value) -> BTreeMap<String, u64> {
+    status["maps"]
+        .as_object()
+        .expect("maps in status")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(u64::MAX)))
+        .collect()
+}
+
+#[test]
+fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
+    let world = World::new("life-unenrol");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+    let echo = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[echo], Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let enrolled = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let unlabelled = ClusterYaml::new().plain("mesh").pods([&client, &server]);
+    enrolled.write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client, &server]);
+
+    // A connection established while enrolled goes through both proxies (the app sees its own pod
+    // IP as peer: the inbound proxy).
+    let (mut through_proxy, peer) = open(&client, echo);
+    assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "captured connection");
+    let captured_before = agent.counter("proxy.outbound_accepted");
+
+    unlabelled.write(&agent.config_dir());
+    let status = agent.wait_enrolled(&[]);
+    let sizes = map_sizes(&status);
+    for (map, n) in &sizes {
+        if map != "AMBIT_EXEMPT_SRC" {
+            assert_eq!(
+                *n, 0,
+                "map {map} must be empty after unenrolment: {sizes:?}"
+            );
+        }
+    }
+    assert_eq!(
+        status["netns_links"],
+        serde_json::json!([]),
+        "no sk_lookup link may remain"
+    );
+    let netns_pins = std::fs::read_dir(agent.bpffs().join(ambit_common::PIN_ABI).join("netns"))
+        .expect("netns pin dir")
+        .count();
+    assert_eq!(netns_pins, 0, "no sk_lookup pin may remain");
+    for pod in [&client, &server] {
+        assert!(
+            proxy_listeners(pod).is_empty(),
+            "listeners left in {}: {:?}",
+            pod.name(),
+            proxy_listeners(pod)
+        );
+    }
+
+    // Direct traffic again: the server sees the client itself, and the proxy saw nothing.
+    let (mut direct, peer) = open(&client, echo);
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(client.ip4()),
+        "unenrolled traffic must be direct"
+    );
+    assert_eq!(agent.counter("proxy.outbound_accepted"), captured_before);
+    echo_works(
+        &mut through_proxy,
+        "connection established before unenrolment",
+    );
+
+    // Re-enrol: captured again, and both earlier connections still work.
+    enrolled.write(&agent.config_dir());
+    agent.wait_enrolled(&[&client, &server]);
+    let (_, peer) = open(&client, echo);
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(server.ip4()),
+        "captured again after re-enrolment"
+    );
+    assert_eq!(
+        agent.counter("proxy.outbound_accepted"),
+        captured_before + 1
+    );
+    echo_works(
+        &mut direct,
+        "direct connection established before re-enrolment",
+    );
+    echo_works(
+        &mut through_proxy,
+        "proxied connection across unenrol and re-enrol",
+    );
+}
+
+#[test]
+fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
+    let world = World::new("life-restart");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let echo = sa(server.ip4(), 8080);
+    let srv = Server::start(&server, &[echo], Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &server, &outsider])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client, &server]);
+    in_pod(&client, || whoami(echo)).expect("captured traffic works");
+    let maps = our_map_ids(agent.bpffs());
+    let expected: BTreeMap<String, usize> =
+        [("cgroup".to_string(), 5), ("netns".to_string(), 2)].into();
+    assert_eq!(
+        attached_links(&maps),
+        expected,
+        "4 sock_addr + sockops on the cgroup, sk_lookup per pod"
+    );
+
+    // A client keeps connecting across the crash and the restart.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        std::thread::spawn(move || {
+            client.run(move || {
+                let (mut ok, mut refused) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match TcpStream::connect_timeout(&echo, Duration::from_secs(2)) {
+                        Ok(_) => ok += 1,
+                        Err(_) => refused += 1,
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                (ok, refused)
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+
+    agent.kill();
+    // Connections cut by the kill are recorded by the server as they close: let them settle.
+    std::thread::sleep(Duration::from_millis(300));
+    // During the gap: every new connection is refused, outbound and inbound; none reaches the app.
+    let served = srv.count();
+    for i in 0..50 {
+        let r = in_pod(&client, || whoami(echo));
+        assert!(
+            r.is_err(),
+            "outbound connection {i} bypassed the dead proxy: {r:?}"
+        );
+        let r = in_pod(&outsider, || whoami(echo));
+        assert!(
+            r.is_err(),
+            "inbound connection {i} bypassed the dead proxy: {r:?}"
+        );
+    }
+    let e = client
+        .run(move || TcpStream::connect_timeout(&echo, Duration::from_secs(2)))
+        .expect_err("refused");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "fail closed means refused: {e:?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        srv.count(),
+        served,
+        "nothing may reach the app while the agent is down"
+    );
+    assert_eq!(
+        attached_links(&maps),
+        expected,
+        "capture stays attached while the agent is down"
+    );
+
+    // Restart: adopts the pins, serves again, and attaches nothing twice.
+    agent.start(&world);
+    agent.wait_enrolled(&[&client, &server]);
+    let (peer, local, _) = in_pod(&client, || whoami(echo))
+        .unwrap_or_else(|e| panic!("after restart: {e}\n{}", agent.log_tail()));
+    assert_eq!(
+        (peer.ip(), local),
+        (IpAddr::from(server.ip4()), echo),
+        "served through the proxies again"
+    );
+    in_pod(&outsider, || whoami(echo)).expect("inbound after restart");
+    assert_eq!(
+        our_map_ids(agent.bpffs()),
+        maps,
+        "the restarted agent reuses the pinned maps"
+    );
+    assert_eq!(
+        attached_links(&maps),
+        expected,
+        "no program attached twice after restart"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = hammer.join().expect("hammer");
+    assert!(ok > 0 && refused > 0, "the client connected before/after and was refused during the gap: ok={ok} refused={refused}");
+    // Every connection the app ever saw came through the inbound proxy (peer = the pod's own IP),
+    // never straight from the client around the mesh.
+    std::thread::sleep(Duration::from_millis(200));
+    let bypassed: Vec<_> = srv
+        .seen()
+        .into_iter()
+        .filter(|s| s.peer.ip() != IpAddr::from(server.ip4()))
+        .collect();
+    assert!(
+        bypassed.is_empty(),
+        "connections reached the app around the proxy: {bypassed:?}"
+    );
+
+    // Uninstall: everything goes, and traffic is direct.
+    agent.stop();
+    let out = std::process::Command::new(ambit_bin())
+        .args(["uninstall", "--bpffs"])
+        .arg(agent.bpffs())
+        .output()
+        .expect("ambit uninstall");
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!agent.bpffs().exists(), "pins removed");
+    assert_eq!(
+        attached_links(&maps),
+        BTreeMap::new(),
+        "no program left attached"
+    );
+    let (peer, _, _) = in_pod(&client, || whoami(echo)).expect("direct after uninstall");
+    assert_eq!(peer.ip(), IpAddr::from(client.ip4()));
+}
+
+#[test]
+fn two_agents_serve_two_nodes() {
+    let world = World::new("life-2nodes");
+    let n1 = world.node("n1");
+    let n2 = world.node("n2");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let dsts = [sa(server.ip4(), 8080), sa(server.ip6(), 8080)];
+    let _srv = Server::start(&server, &dsts, Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let mut a1 = LocalAgent::new(&world, &n1, &ambit_bin());
+    let mut a2 = LocalAgent::new(&world, &n2, &ambit_bin());
+    yaml.write(&a1.config_dir());
+    yaml.write(&a2.config_dir());
+    a1.start(&world);
+    a2.start(&world);
+    a1.wait_enrolled(&[&client]);
+    a2.wait_enrolled(&[&server]);
+    for dst in dsts {
+        let (peer, local, our_peer) =
+            in_pod(&client, || whoami(dst)).unwrap_or_else(|e| panic!("{dst}: {e}"));
+        assert_eq!((local, our_peer), (dst, dst));
+        assert!(
+            peer.ip() == IpAddr::from(server.ip4()) || peer.ip() == IpAddr::from(server.ip6()),
+            "inbound proxied on n2: {peer}"
+        );
+    }
+    a1.wait_for("node 1 outbound", Duration::from_secs(5), |s| {
+        s["proxy"]["outbound_accepted"] == 2
+    });
+    a2.wait_for("node 2 inbound", Duration::from_secs(5), |s| {
+        s["proxy"]["inbound_accepted"] == 2
+    });
+    assert_eq!(a1.counter("proxy.inbound_accepted"), 0);
+    assert_eq!(a2.counter("proxy.outbound_accepted"), 0);
+}
