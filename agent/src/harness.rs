@@ -12,6 +12,7 @@
 //! the prefix is removed on drop, and leftovers of crashed runs are swept by the next world.
 
 pub mod agent;
+pub mod apps;
 mod cgroup;
 mod cmd;
 mod netns;
