@@ -286,7 +286,20 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
 
 #[test]
 fn relay_is_exact_and_propagates_half_close_and_reset() {
-    let world = World::new("cap-relay");
+    relay_case(false);
+}
+
+#[test]
+fn relay_with_sk_msg_fast_path_is_exact_and_propagates_half_close_and_reset() {
+    relay_case(true);
+}
+
+fn relay_case(fast_path: bool) {
+    let world = World::new(if fast_path {
+        "cap-relay-fp"
+    } else {
+        "cap-relay"
+    });
     let n1 = world.node("n1");
     let client = world.pod("client").node(&n1).namespace("mesh").spawn();
     let server = world.pod("server").node(&n1).namespace("mesh").spawn();
@@ -296,7 +309,8 @@ fn relay_is_exact_and_propagates_half_close_and_reset() {
     let s_echo = Server::start(&server, &[echo], Mode::WhoamiEcho);
     let s_rst = Server::start(&server, &[rst], Mode::HelloThenReset);
     let s_half = Server::start(&server, &[halfclose], Mode::GreetThenHalfClose);
-    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let mut agent =
+        LocalAgent::new(&world, &n1, &ambit_bin()).arg(&format!("--fast-path={fast_path}"));
     ClusterYaml::new()
         .ambient("mesh")
         .pods([&client, &server])
@@ -394,6 +408,23 @@ fn relay_is_exact_and_propagates_half_close_and_reset() {
     wait_until("server saw the client's reset", || {
         s_echo.seen().get(1).map(|s| s.reset) == Some(true)
     });
+
+    // Each captured connection put its two loopback ends in the fast path only when it is on, and
+    // the bulk transfer went through sk_msg redirects.
+    let s = agent.fresh_status();
+    let (sockets, redirects) = (
+        s["kernel"]["fast_path_sockets"].as_u64().unwrap_or(0),
+        s["kernel"]["fast_path_redirects"].as_u64().unwrap_or(0),
+    );
+    if fast_path {
+        assert_eq!(sockets, 8, "4 captured connections x 2 ends: {s}");
+        assert!(
+            redirects > 1000,
+            "the 256 MiB went through sk_msg: {redirects} redirects"
+        );
+    } else {
+        assert_eq!((sockets, redirects), (0, 0), "fast path off: {s}");
+    }
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {

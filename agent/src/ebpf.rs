@@ -12,12 +12,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
-    enrolled, excluded_in_ports, excluded_out_ports, exempt_sources, inbound_listeners, orig_dst,
-    orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey,
+    config, enrolled, excluded_in_ports, excluded_out_ports, exempt_sources, fast_path,
+    inbound_listeners, orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey,
 };
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 
@@ -31,6 +31,7 @@ const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] =
     ["ambit_conn4", "ambit_conn6", "ambit_peer4", "ambit_peer6"];
 const SOCKOPS_PROGRAM: &str = "ambit_sockops";
 const SK_LOOKUP_PROGRAM: &str = "ambit_sk_lookup";
+const SK_MSG_PROGRAM: &str = "ambit_sk_msg";
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Error)]
@@ -100,6 +101,8 @@ pub struct CaptureConfig {
     pub bpffs_root: PathBuf,
     /// cgroup v2 directory the cgroup programs attach to (the root, or the pods' parent).
     pub cgroup: PathBuf,
+    /// sk_msg fast path on the app ↔ proxy loopback hop.
+    pub fast_path: bool,
 }
 
 impl CaptureConfig {
@@ -186,6 +189,8 @@ pub struct KernelStats {
     pub in_dropped_no_listener: u64,
     pub orig_dst_recorded: u64,
     pub orig_dst_missing: u64,
+    pub fast_path_sockets: u64,
+    pub fast_path_redirects: u64,
 }
 
 /// The loaded, attached capture programs and their maps.
@@ -201,6 +206,7 @@ pub struct Capture {
     by_cookie: BpfHashMap<MapData, u64, orig_dst_by_cookie::Value>,
     orig_dst: BpfHashMap<MapData, orig_dst::ConnKey, SockAddrKey>,
     stats: PerCpuArray<MapData, u64>,
+    fast_path: SockHash<MapData, orig_dst::ConnKey>,
     /// Pod IPs each netns cookie put into POD_IPS, so unenrolment removes exactly those.
     pods: BTreeMap<u64, PodCapture>,
 }
@@ -317,6 +323,16 @@ impl Capture {
             prog.load().map_err(|e| EbpfError::program(name, e))?;
         }
 
+        {
+            let name = SK_MSG_PROGRAM;
+            let prog: &mut SkMsg = bpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram { name })?
+                .try_into()
+                .map_err(|e| EbpfError::program(name, e))?;
+            prog.load().map_err(|e| EbpfError::program(name, e))?;
+        }
+
         macro_rules! take {
             ($name:expr) => {{
                 let name: &'static str = $name;
@@ -329,6 +345,39 @@ impl Capture {
                 map.try_into().map_err(|e| EbpfError::map(name, e))?
             }};
         }
+        let fast_path: SockHash<MapData, orig_dst::ConnKey> = take!(fast_path::MAP);
+        {
+            // The verdict program belongs to the map (one slot): attaching replaces whatever a
+            // previous agent attached, so there is nothing to adopt and nothing to duplicate.
+            let name = SK_MSG_PROGRAM;
+            let prog: &mut SkMsg = bpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram { name })?
+                .try_into()
+                .map_err(|e| EbpfError::program(name, e))?;
+            prog.attach(fast_path.fd())
+                .map_err(|e| EbpfError::program(name, e))?;
+        }
+        let mut cfg_map: Array<MapData, config::Config> = take!(config::MAP);
+        let flags = if cfg.fast_path {
+            config::FLAG_FAST_PATH
+        } else {
+            0
+        };
+        cfg_map
+            .set(
+                0,
+                config::Config {
+                    flags,
+                    ..Default::default()
+                },
+                0,
+            )
+            .map_err(|e| EbpfError::MapUpdate {
+                map: config::MAP,
+                what: "flags".into(),
+                source: Box::new(e),
+            })?;
         Ok(Capture {
             enrolled: take!(enrolled::MAP),
             pod_ips: take!(pod_ips::MAP),
@@ -339,6 +388,7 @@ impl Capture {
             by_cookie: take!(orig_dst_by_cookie::MAP),
             orig_dst: take!(orig_dst::MAP),
             stats: take!(stats::MAP),
+            fast_path,
             bpf,
             pin_dir,
             pods: BTreeMap::new(),
@@ -541,6 +591,8 @@ impl Capture {
             in_dropped_no_listener: get(stats::IN_DROPPED_NO_LISTENER),
             orig_dst_recorded: get(stats::ORIG_DST_RECORDED),
             orig_dst_missing: get(stats::ORIG_DST_MISSING),
+            fast_path_sockets: get(stats::FAST_PATH_SOCKETS),
+            fast_path_redirects: get(stats::FAST_PATH_REDIRECTS),
         }
     }
 
@@ -555,6 +607,10 @@ impl Capture {
         m.insert(exempt_sources::MAP, self.exempt.keys().count());
         m.insert(orig_dst_by_cookie::MAP, self.by_cookie.keys().count());
         m.insert(orig_dst::MAP, self.orig_dst.keys().count());
+        // Live sockets of open captured connections; each leaves the map when its socket closes.
+        // Unenrolment does not remove them: dropping a socket from a sockmap purges data the
+        // fast path already queued for it.
+        m.insert(fast_path::MAP, self.fast_path.keys().count());
         m
     }
 

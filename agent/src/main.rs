@@ -70,6 +70,9 @@ struct RunArgs {
     /// Remove all capture state on exit instead of leaving it pinned (fail closed).
     #[arg(long)]
     uninstall_on_exit: bool,
+    /// sk_msg fast path on the app <-> proxy loopback hop.
+    #[arg(long, env = "AMBIT_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
+    fast_path: bool,
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKERS", default_value_t = 2)]
     workers: usize,
@@ -104,6 +107,7 @@ impl RunArgs {
             capture: CaptureConfig {
                 bpffs_root: self.bpffs,
                 cgroup: self.cgroup,
+                fast_path: self.fast_path,
             },
             host_netns: self.host_netns,
             exempt_sources: (!self.exempt_sources.is_empty()).then_some(self.exempt_sources),

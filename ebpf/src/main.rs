@@ -9,20 +9,22 @@ mod programs {
     use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
     use ambit_common::{
+        config::{self, Config},
         enrolled::{self, PodNetns},
-        excluded_in_ports, excluded_out_ports, exempt_sources, inbound_listeners, orig_dst,
-        orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey, AF_INET6, HBONE_PORT,
+        excluded_in_ports, excluded_out_ports, exempt_sources, fast_path, inbound_listeners,
+        orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey, AF_INET6, HBONE_PORT,
         OUTBOUND_PORT, PROXY_MARK,
     };
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+            bpf_sock_addr, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_TCP_CLOSE,
         },
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
-        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+        programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
 
@@ -53,6 +55,10 @@ mod programs {
         HashMap::pinned(excluded_in_ports::MAX_ENTRIES, 0);
     #[map(name = "AMBIT_EXEMPT_SRC")]
     static EXEMPT_SRC: HashMap<IpKey, u32> = HashMap::pinned(exempt_sources::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_FAST_PATH")]
+    static FAST_PATH: SockHash<orig_dst::ConnKey> = SockHash::pinned(fast_path::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_CONFIG")]
+    static CONFIG: Array<Config> = Array::pinned(1, 0);
     #[map(name = "AMBIT_STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::MAX_ENTRIES, 0);
 
@@ -320,15 +326,121 @@ mod programs {
             } else {
                 stats::ORIG_DST_MISSING
             });
+            if fast_path_on() {
+                // The app's end of the loopback hop, keyed (netns, its local, its remote).
+                let mut key = key;
+                // SAFETY: `ops` is this program's context.
+                if FAST_PATH
+                    .update(&mut key, unsafe { &mut *ops }, BPF_NOEXIST as u64)
+                    .is_ok()
+                {
+                    count(stats::FAST_PATH_SOCKETS);
+                }
+            }
             // Ask for state changes so the cookie entry is dropped when the socket closes.
             // SAFETY: helper valid for sock_ops programs on a full socket.
             unsafe { bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+        } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+            && ctx.local_port() == OUTBOUND_PORT as u32
+            && fast_path_on()
+        {
+            // The proxy's end of a captured connection, accepted on 15001 in an enrolled netns.
+            // SAFETY: helper valid for sock_ops programs (5.15+).
+            let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            if ENROLLED.get_ptr(&netns).is_none() {
+                return Ok(());
+            }
+            let ops = ctx.ops;
+            // SAFETY: sock_ops context fields.
+            let (l6, r6) = unsafe {
+                (
+                    read_ip6(addr_of!((*ops).local_ip6)),
+                    read_ip6(addr_of!((*ops).remote_ip6)),
+                )
+            };
+            let (l4, r4) = (ctx.local_ip4(), ctx.remote_ip4());
+            let (local, remote) = if ctx.family() == AF_INET6 as u32 {
+                (IpKey::from_v6_raw(l6), IpKey::from_v6_raw(r6))
+            } else {
+                (IpKey::from_v4_raw(l4), IpKey::from_v4_raw(r4))
+            };
+            let mut key = orig_dst::ConnKey {
+                netns_cookie: netns,
+                src: SockAddrKey {
+                    ip: local,
+                    port: ctx.local_port(),
+                },
+                dst: SockAddrKey {
+                    ip: remote,
+                    port: u16::from_be((ctx.remote_port() >> 16) as u16) as u32,
+                },
+            };
+            // SAFETY: `ops` is this program's context.
+            if FAST_PATH
+                .update(&mut key, unsafe { &mut *ops }, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                count(stats::FAST_PATH_SOCKETS);
+            }
         } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn fast_path_on() -> bool {
+        CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & config::FLAG_FAST_PATH != 0)
+    }
+
+    // ---------------------------------------------------------------- fast path: sk_msg
+
+    /// On the app ↔ proxy loopback hop, hands each message straight to the peer socket's receive
+    /// queue, skipping the loopback TCP stack. A missing peer (closed, or not in the map) passes
+    /// the message on normally: never SK_DROP, which would lose data.
+    #[sk_msg]
+    pub fn ambit_sk_msg(ctx: SkMsgContext) -> u32 {
+        let md = ctx.msg;
+        // Unconditional reads, for the same verifier reason as in sk_lookup.
+        // SAFETY: sk_msg context fields.
+        let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+            (
+                read_volatile(addr_of!((*md).family)),
+                read_volatile(addr_of!((*md).local_ip4)),
+                read_volatile(addr_of!((*md).remote_ip4)),
+                read_ip6(addr_of!((*md).local_ip6)),
+                read_ip6(addr_of!((*md).remote_ip6)),
+                read_volatile(addr_of!((*md).local_port)),
+                read_volatile(addr_of!((*md).remote_port)),
+            )
+        };
+        let (local, remote) = if family == AF_INET6 as u32 {
+            (IpKey::from_v6_raw(l6), IpKey::from_v6_raw(r6))
+        } else {
+            (IpKey::from_v4_raw(l4), IpKey::from_v4_raw(r4))
+        };
+        // SAFETY: helper valid for sk_msg programs (5.15+).
+        let netns = unsafe { bpf_get_netns_cookie(md as *mut _) };
+        // The peer's key: its local address is our remote one.
+        let peer = orig_dst::ConnKey {
+            netns_cookie: netns,
+            src: SockAddrKey {
+                ip: remote,
+                port: u16::from_be((rport >> 16) as u16) as u32,
+            },
+            dst: SockAddrKey {
+                ip: local,
+                port: lport,
+            },
+        };
+        if FAST_PATH.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+            count(stats::FAST_PATH_REDIRECTS);
+        }
+        SK_PASS
     }
 
     // ---------------------------------------------------------------- inbound: sk_lookup

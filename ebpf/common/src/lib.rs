@@ -205,11 +205,36 @@ pub mod stats {
     pub const IN_DROPPED_NO_LISTENER: u32 = 3;
     pub const ORIG_DST_RECORDED: u32 = 4;
     pub const ORIG_DST_MISSING: u32 = 5;
+    pub const FAST_PATH_SOCKETS: u32 = 6;
+    pub const FAST_PATH_REDIRECTS: u32 = 7;
     pub const MAX_ENTRIES: u32 = 16;
+}
+
+/// `FAST_PATH` (SockHash): the two ends of the app ↔ proxy loopback hop, keyed by
+/// [`orig_dst::ConnKey`] as (netns, the socket's local address, its remote address). sk_msg sends a
+/// socket's data straight into its peer's receive queue, found under the swapped key.
+pub mod fast_path {
+    pub const MAP: &str = "AMBIT_FAST_PATH";
+    pub const MAX_ENTRIES: u32 = 65_536;
+}
+
+/// `CONFIG` (Array, one entry): switches read by the programs.
+pub mod config {
+    pub const MAP: &str = "AMBIT_CONFIG";
+    /// Insert app ↔ proxy sockets into `FAST_PATH` (sk_msg redirect).
+    pub const FLAG_FAST_PATH: u32 = 1;
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Config {
+        pub flags: u32,
+        pub reserved: [u32; 7],
+    }
+    const _: () = assert!(core::mem::size_of::<Config>() == 32);
 }
 
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::config::Config {}
     // SAFETY: all types are #[repr(C)], Copy, contain only integers, and have no padding
     // (asserted by size above).
     unsafe impl aya::Pod for super::IpKey {}
