@@ -212,14 +212,30 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
         .flat_map(|p| [sa(server.ip4(), *p), sa(server.ip6(), *p)])
         .collect();
     let srv = Server::start(&server, &addrs, Mode::WhoamiEcho);
+    let excluded = sa(server.ip4(), 7070);
+    let srv_excluded = Server::start(&server, &[excluded], Mode::WhoamiEcho);
     let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
     ClusterYaml::new()
         .ambient("mesh")
         .plain("plain")
         .pods([&server, &outsider])
+        .annotate(
+            &server,
+            "traffic.sidecar.istio.io/excludeInboundPorts",
+            "7070",
+        )
         .write(&agent.config_dir());
     agent.start(&world);
     agent.wait_enrolled(&[&server]);
+
+    // An excluded inbound port is reached directly.
+    let (peer, _, _) = in_pod(&outsider, || whoami(excluded)).expect("excluded inbound port");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(outsider.ip4()),
+        "excluded port must not be captured"
+    );
+    assert_eq!(agent.counter("proxy.inbound_accepted"), 0);
 
     let server_ips = [IpAddr::from(server.ip4()), IpAddr::from(server.ip6())];
     for dst in &addrs {
