@@ -213,7 +213,7 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
         .collect();
     let srv = Server::start(&server, &addrs, Mode::WhoamiEcho);
     let excluded = sa(server.ip4(), 7070);
-    let srv_excluded = Server::start(&server, &[excluded], Mode::WhoamiEcho);
+    let _srv_excluded = Server::start(&server, &[excluded], Mode::WhoamiEcho);
     let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
     ClusterYaml::new()
         .ambient("mesh")
