@@ -249,14 +249,6 @@ impl LocalObjects {
                     }
                 }
             }
-            if ips.is_empty() {
-                // Not running yet: nothing to capture until it has an address.
-                continue;
-            }
-            let netns_path = match meta.annotations.get(NETNS_ANNOTATION) {
-                Some(p) => PathBuf::from(p),
-                None => PathBuf::from("/var/run/netns").join(&meta.name),
-            };
             let mut ports = |annotation: &str| -> Vec<u16> {
                 let Some(v) = meta.annotations.get(annotation) else {
                     return Vec::new();
@@ -275,6 +267,14 @@ impl LocalObjects {
             };
             let excluded_outbound_ports = ports(EXCLUDE_OUTBOUND_PORTS);
             let excluded_inbound_ports = ports(EXCLUDE_INBOUND_PORTS);
+            if ips.is_empty() {
+                // Not running yet: nothing to capture until it has an address.
+                continue;
+            }
+            let netns_path = match meta.annotations.get(NETNS_ANNOTATION) {
+                Some(p) => PathBuf::from(p),
+                None => PathBuf::from("/var/run/netns").join(&meta.name),
+            };
             pods.push(PodSpec {
                 namespace: namespace.clone(),
                 name: meta.name.clone(),

@@ -50,6 +50,10 @@ pub enum EbpfError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error(
+        "program {name}: attached without a BPF link, which cannot be pinned (kernel 5.7+ needed)"
+    )]
+    LegacyAttach { name: &'static str },
     #[error("program {name} is missing from the capture object")]
     MissingProgram { name: &'static str },
     #[error("map {name} is missing or of the wrong type: {source}")]
@@ -263,75 +267,18 @@ impl Capture {
             path: cfg.cgroup.clone(),
             source,
         })?;
+        let links = pin_dir.join("links");
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = bpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|e| EbpfError::program(name, e))?;
-            prog.load().map_err(|e| EbpfError::program(name, e))?;
-            let link_pin = pin_dir.join("links").join(name);
-            let prog_fd = prog.fd().map_err(|e| EbpfError::program(name, e))?.as_fd();
-            if !adopt_link(&link_pin, prog_fd)? {
-                // With BPF links the kernel requires flags = 0 and always allows several programs.
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|e| EbpfError::program(name, e))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(|e| EbpfError::program(name, e))?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| EbpfError::Link {
-                        path: link_pin.clone(),
-                        source: io::Error::other(e),
-                    })?;
-                pin_link(link, &link_pin)?;
-            }
+            attach_to_cgroup::<CgroupSockAddr>(&mut bpf, name, &cgroup, &links)?;
         }
-        {
-            let name = SOCKOPS_PROGRAM;
-            let prog: &mut SockOps = bpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|e| EbpfError::program(name, e))?;
-            prog.load().map_err(|e| EbpfError::program(name, e))?;
-            let link_pin = pin_dir.join("links").join(name);
-            let prog_fd = prog.fd().map_err(|e| EbpfError::program(name, e))?.as_fd();
-            if !adopt_link(&link_pin, prog_fd)? {
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|e| EbpfError::program(name, e))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(|e| EbpfError::program(name, e))?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| EbpfError::Link {
-                        path: link_pin.clone(),
-                        source: io::Error::other(e),
-                    })?;
-                pin_link(link, &link_pin)?;
-            }
-        }
-        {
-            let name = SK_LOOKUP_PROGRAM;
-            let prog: &mut SkLookup = bpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|e| EbpfError::program(name, e))?;
-            prog.load().map_err(|e| EbpfError::program(name, e))?;
-        }
-
-        {
-            let name = SK_MSG_PROGRAM;
-            let prog: &mut SkMsg = bpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|e| EbpfError::program(name, e))?;
-            prog.load().map_err(|e| EbpfError::program(name, e))?;
-        }
+        attach_to_cgroup::<SockOps>(&mut bpf, SOCKOPS_PROGRAM, &cgroup, &links)?;
+        // Attached per pod netns (enrol) and to the fast-path map (below).
+        program::<SkLookup>(&mut bpf, SK_LOOKUP_PROGRAM)?
+            .load()
+            .map_err(|e| EbpfError::program(SK_LOOKUP_PROGRAM, e))?;
+        program::<SkMsg>(&mut bpf, SK_MSG_PROGRAM)?
+            .load()
+            .map_err(|e| EbpfError::program(SK_MSG_PROGRAM, e))?;
 
         macro_rules! take {
             ($name:expr) => {{
@@ -346,18 +293,11 @@ impl Capture {
             }};
         }
         let fast_path: SockHash<MapData, orig_dst::ConnKey> = take!(fast_path::MAP);
-        {
-            // The verdict program belongs to the map (one slot): attaching replaces whatever a
-            // previous agent attached, so there is nothing to adopt and nothing to duplicate.
-            let name = SK_MSG_PROGRAM;
-            let prog: &mut SkMsg = bpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram { name })?
-                .try_into()
-                .map_err(|e| EbpfError::program(name, e))?;
-            prog.attach(fast_path.fd())
-                .map_err(|e| EbpfError::program(name, e))?;
-        }
+        // The verdict program belongs to the map (one slot): attaching replaces whatever a previous
+        // agent attached, so there is nothing to adopt and nothing to duplicate.
+        program::<SkMsg>(&mut bpf, SK_MSG_PROGRAM)?
+            .attach(fast_path.fd())
+            .map_err(|e| EbpfError::program(SK_MSG_PROGRAM, e))?;
         let mut cfg_map: Array<MapData, config::Config> = take!(config::MAP);
         let flags = if cfg.fast_path {
             config::FLAG_FAST_PATH
@@ -560,12 +500,7 @@ impl Capture {
 
     fn attach_sk_lookup(&mut self, cookie: u64, netns: BorrowedFd<'_>) -> Result<(), EbpfError> {
         let name = SK_LOOKUP_PROGRAM;
-        let prog: &mut SkLookup = self
-            .bpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram { name })?
-            .try_into()
-            .map_err(|e| EbpfError::program(name, e))?;
+        let prog: &mut SkLookup = program(&mut self.bpf, name)?;
         let pin = self.pin_dir.join("netns").join(cookie.to_string());
         let prog_fd = prog.fd().map_err(|e| EbpfError::program(name, e))?.as_fd();
         if adopt_link(&pin, prog_fd)? {
@@ -630,6 +565,80 @@ impl Capture {
             }
         }
     }
+}
+
+/// A program of the capture object, as its concrete type.
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(|e| EbpfError::program(name, e))
+}
+
+/// The cgroup program kinds, which aya gives the same methods without a shared trait.
+trait CgroupProgram {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn program_fd(&self) -> Result<BorrowedFd<'_>, aya::programs::ProgramError>;
+    /// Attaches through a BPF link (the kernel requires flags = 0 for links and always allows
+    /// several programs per cgroup) and hands the link over for pinning.
+    fn attach_link(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, EbpfError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty) => {
+        impl CgroupProgram for $ty {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+            fn program_fd(&self) -> Result<BorrowedFd<'_>, aya::programs::ProgramError> {
+                Ok(self.fd()?.as_fd())
+            }
+            fn attach_link(
+                &mut self,
+                name: &'static str,
+                cgroup: &File,
+            ) -> Result<FdLink, EbpfError> {
+                let id = self
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|e| EbpfError::program(name, e))?;
+                let link = self
+                    .take_link(id)
+                    .map_err(|e| EbpfError::program(name, e))?;
+                // Only a BPF link can be pinned; aya falls back to legacy attachment before 5.7.
+                link.try_into()
+                    .map_err(|_| EbpfError::LegacyAttach { name })
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(SockOps);
+
+/// Loads `name` and attaches it to the cgroup, or adopts the link a previous agent pinned.
+fn attach_to_cgroup<T: CgroupProgram>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    links_dir: &Path,
+) -> Result<(), EbpfError>
+where
+    for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut T = program(bpf, name)?;
+    prog.load_program()
+        .map_err(|e| EbpfError::program(name, e))?;
+    let pin = links_dir.join(name);
+    if !adopt_link(
+        &pin,
+        prog.program_fd().map_err(|e| EbpfError::program(name, e))?,
+    )? {
+        let link = prog.attach_link(name, cgroup)?;
+        pin_link(link, &pin)?;
+    }
+    Ok(())
 }
 
 fn update_err(map: &'static str, ip: IpAddr, e: aya::maps::MapError) -> EbpfError {

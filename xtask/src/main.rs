@@ -1,0 +1,271 @@
+//! `cargo xtask`: the commands README's "Build and test" gives. `test` is what CI runs (.ci/run).
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use xtask::{cmd, ebpf, toolchain, workspace_root};
+
+/// Debian packages the tests and the demo drive (`ip netns`, iptables) or that help inspect them.
+const DEBIAN_TOOLS: [&str; 4] = ["bpftool", "tcpdump", "iptables", "iproute2"];
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "ambit's build, test and demo tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installing the toolchain it needs) and print its path.
+    BuildEbpf {
+        /// Directory to copy the object into [default: target/ebpf].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run every check and test: rustfmt, clippy, then `cargo test`. Needs root.
+    ///
+    /// Installs what is missing first: the Debian tools, the nightly toolchain's rust-src and
+    /// bpf-linker. Arguments are passed on to `cargo test`, e.g. `cargo xtask test -- --nocapture`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build the agent and run its local demo (`ambit demo`). Needs root.
+    ///
+    /// Arguments are passed on to `ambit demo`; `cargo xtask demo -- --help` lists its options.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(parse(env::args_os().collect())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("[xtask] error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::BuildEbpf { out } => {
+            let out = out.unwrap_or_else(ebpf::target_dir);
+            println!("{}", ebpf::build_ebpf(&out)?.display());
+            Ok(())
+        }
+        Task::Test { args } => test(args),
+        Task::Demo { args } => demo(args),
+    }
+}
+
+/// Parses the command line, keeping pass-through arguments verbatim: clap would drop a leading
+/// `--`, which `cargo xtask test -- --nocapture` needs.
+fn parse(argv: Vec<OsString>) -> Task {
+    let mut task = Cli::parse_from(&argv).task;
+    // No options come before the task, so argv is [program, task, pass-through...].
+    let passed = argv.into_iter().skip(2);
+    match &mut task {
+        Task::Test { args } => *args = passed.collect(),
+        // `ambit demo` gets no `--` of its own: `cargo xtask demo -- --help` asks it for help.
+        Task::Demo { args } => *args = passed.skip_while(|arg| arg == "--").collect(),
+        Task::BuildEbpf { .. } => {}
+    }
+    task
+}
+
+fn test(args: Vec<OsString>) -> Result<()> {
+    if !is_root()? {
+        eprintln!(
+            "[xtask] warning: not root; the tests that create namespaces and load eBPF need root"
+        );
+    }
+    ensure_debian_tools()?;
+    ensure_rustfmt_and_clippy()?;
+    toolchain::ensure_toolchain()?;
+    step(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                ebpf::PACKAGE,
+                "--all-targets",
+            ])
+            .args(["--", "-D", "warnings"]),
+    )?;
+    step(
+        cargo()
+            .args(["test", "--workspace", "--exclude", ebpf::PACKAGE])
+            .args(args),
+    )?;
+    eprintln!("[xtask] all checks and tests passed");
+    Ok(())
+}
+
+fn demo(args: Vec<OsString>) -> Result<()> {
+    ensure_debian_tools()?;
+    toolchain::ensure_toolchain()?;
+    step(cargo().args(["build", "--package", "ambit-agent"]))?;
+    let ambit = xtask::target_dir().join("debug").join("ambit");
+    let mut cmd = Command::new(&ambit);
+    cmd.arg("demo").args(args);
+    eprintln!("[xtask] running `{}`", describe(&cmd));
+    // exec: the demo owns the terminal, and Ctrl-C reaches it directly.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("failed to run {}", ambit.display()))
+}
+
+/// The cargo that runs us (cargo sets `CARGO`), in the workspace root, without what `cargo run` set
+/// for us.
+fn cargo() -> Command {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = cmd::nested_cargo(&cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs one step with the terminal as its stdio; any failure fails the task.
+fn step(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    eprintln!("[xtask] running `{line}`");
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    let program = cmd.get_program().to_string_lossy();
+    let program = if program.ends_with("/cargo") {
+        "cargo".into()
+    } else {
+        program
+    };
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+    format!("{program} {}", args.join(" "))
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_rustfmt_and_clippy() -> Result<()> {
+    if succeeds(cargo().args(["fmt", "--version"]))
+        && succeeds(cargo().args(["clippy", "--version"]))
+    {
+        return Ok(());
+    }
+    // The active toolchain (rustup passes it down in RUSTUP_TOOLCHAIN).
+    step(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
+}
+
+/// Installs the missing ones of [`DEBIAN_TOOLS`] with apt-get.
+fn ensure_debian_tools() -> Result<()> {
+    if !succeeds(Command::new("dpkg-query").arg("--version")) {
+        bail!(
+            "dpkg-query not found: this task installs its tools with apt-get (Debian, Ubuntu); \
+             install {} yourself and run it again",
+            DEBIAN_TOOLS.join(" ")
+        );
+    }
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .into_iter()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root()? {
+        bail!(
+            "missing Debian packages: {}. Run as root, or `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("[xtask] installing Debian packages: {}", missing.join(" "));
+    step(Command::new("apt-get").arg("update"))?;
+    step(
+        Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["--show", "--showformat=${db:Status-Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout == b"installed")
+}
+
+fn is_root() -> Result<bool> {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("failed to run `id -u`")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<OsString> {
+        match parse(argv.iter().map(OsString::from).collect()) {
+            Task::Test { args } => args,
+            _ => panic!("not the test task"),
+        }
+    }
+
+    #[test]
+    fn test_passes_its_arguments_to_cargo_test() {
+        assert_eq!(test_args(&["xtask", "test"]), Vec::<OsString>::new());
+        assert_eq!(
+            test_args(&["xtask", "test", "-p", "ambit-agent", "--", "--nocapture"]),
+            ["-p", "ambit-agent", "--", "--nocapture"]
+        );
+        assert_eq!(
+            test_args(&["xtask", "test", "--", "--nocapture"]),
+            ["--", "--nocapture"]
+        );
+        assert_eq!(test_args(&["xtask", "test", "--release"]), ["--release"]);
+    }
+
+    #[test]
+    fn demo_passes_its_arguments_without_a_separator() {
+        let demo_args = |argv: &[&str]| match parse(argv.iter().map(OsString::from).collect()) {
+            Task::Demo { args } => args,
+            _ => panic!("not the demo task"),
+        };
+        assert_eq!(demo_args(&["xtask", "demo", "--", "--help"]), ["--help"]);
+        assert_eq!(
+            demo_args(&["xtask", "demo", "--pods", "3"]),
+            ["--pods", "3"]
+        );
+    }
+}
