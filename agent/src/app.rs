@@ -3,17 +3,20 @@
 //! never stalls traffic.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use thiserror::Error;
 use tracing::{error, info, warn};
 
-use crate::config::{yaml_files, LocalObjects};
+use crate::config::files::FileSource;
+use crate::config::DEFAULT_DOMAIN;
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
+use crate::node::discovery::{desired_pods, AnnotatedNetns};
 use crate::node::Node;
 use crate::proxy::{Metrics, ProxyInputs};
+use crate::state::store::Store;
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -111,66 +114,43 @@ async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
         error!("cannot install signal handlers");
         return;
     };
+    let resolver = AnnotatedNetns {
+        dir: PathBuf::from("/var/run/netns"),
+    };
+    let mut source = FileSource::new(&cfg.config_path);
+    let mut store = Store::new(DEFAULT_DOMAIN);
     let mut ticker = tokio::time::interval(cfg.poll_interval);
-    let mut last_seen: Option<Vec<(PathBuf, SystemTime, u64)>> = None;
-    let mut config_errors: Vec<String> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
     let mut generation = 0u64;
     let mut seq = 0u64;
+    let mut first = true;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = ticker.tick() => {}
         }
-        let seen = fingerprint(&cfg.config_path);
-        if last_seen.as_ref() != Some(&seen) {
-            let first = last_seen.is_none();
-            last_seen = Some(seen);
+        if let Some(event) = source.poll() {
+            store.apply(event);
+            store.publish();
             generation += 1;
-            config_errors = apply(cfg, node);
-            if first {
+            let state = store.reader().load_full();
+            let (desired, enrol_problems) = desired_pods(&state, &cfg.node, &resolver);
+            problems = source.file_errors.iter().map(ToString::to_string).collect();
+            problems.extend(store.errors().iter().map(ToString::to_string));
+            problems.extend(enrol_problems);
+            problems.extend(node.reconcile(&desired).iter().map(ToString::to_string));
+            for p in &problems {
+                warn!(problem = %p, "config problem");
+            }
+            if std::mem::take(&mut first) {
                 // Adopted state of pods that are gone now (they vanished while no agent ran).
                 node.prune_adopted();
             }
         }
         seq += 1;
-        write_status(cfg, node, pi, generation, &config_errors, seq);
+        write_status(cfg, node, pi, generation, &problems, seq);
     }
-}
-
-/// Reads the config, reconciles, and returns every problem found (each names its object).
-fn apply(cfg: &AgentConfig, node: &mut Node) -> Vec<String> {
-    let objs = match LocalObjects::load(&cfg.config_path) {
-        Ok(o) => o,
-        Err(e) => {
-            // Keep the last good state rather than unenrolling everything on a read error.
-            warn!(error = %e, "config unreadable; keeping current enrolment");
-            return vec![e.to_string()];
-        }
-    };
-    let (desired, errors) = objs.desired_pods(&cfg.node);
-    let mut problems: Vec<String> = objs
-        .errors
-        .iter()
-        .chain(errors.iter())
-        .map(ToString::to_string)
-        .collect();
-    for p in &problems {
-        warn!(problem = %p, "config problem");
-    }
-    problems.extend(node.reconcile(&desired).iter().map(ToString::to_string));
-    problems
-}
-
-fn fingerprint(path: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
-    let files = yaml_files(path).unwrap_or_default();
-    files
-        .into_iter()
-        .filter_map(|f| {
-            let m = std::fs::metadata(&f).ok()?;
-            Some((f, m.modified().ok()?, m.len()))
-        })
-        .collect()
 }
 
 /// Every proxied connection holds two sockets; the default soft limit (1024) is far too low.

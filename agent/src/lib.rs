@@ -10,3 +10,4 @@ pub mod ebpf;
 pub mod harness;
 pub mod node;
 pub mod proxy;
+pub mod state;

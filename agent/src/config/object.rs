@@ -1,0 +1,278 @@
+//! The objects ambit reads, named the way Kubernetes names them, and the one parser every source
+//! uses to turn a JSON/YAML value into one of them. A source never interprets objects itself: the
+//! file source and the Kubernetes source both end here, then in `state::Store`.
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+
+/// Every kind ambit reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    ServiceEntry,
+    VirtualService,
+    DestinationRule,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::ServiceEntry,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    pub fn from_kind(kind: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+
+    /// The API versions accepted for this kind (Istio: v1alpha3 only for networking).
+    pub fn accepts_api_version(self, api_version: &str) -> bool {
+        match self {
+            Kind::Namespace | Kind::Pod | Kind::Service => api_version == "v1",
+            Kind::EndpointSlice => api_version == "discovery.k8s.io/v1",
+            Kind::ServiceEntry | Kind::VirtualService | Kind::DestinationRule => matches!(
+                api_version,
+                "networking.istio.io/v1"
+                    | "networking.istio.io/v1beta1"
+                    | "networking.istio.io/v1alpha3"
+            ),
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
+                matches!(
+                    api_version,
+                    "security.istio.io/v1" | "security.istio.io/v1beta1"
+                )
+            }
+        }
+    }
+
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Names one object: kind, namespace ("" for cluster-scoped), name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One problem with one field of one object. `location` is where a file source found it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("{}{object}: {field}: {message}", location.as_deref().map(|l| format!("{l}: ")).unwrap_or_default())]
+pub struct ObjectError {
+    pub object: ObjectRef,
+    /// Path of the field, e.g. `spec.http[0].route[1].weight`.
+    pub field: String,
+    pub message: String,
+    pub location: Option<String>,
+}
+
+impl ObjectError {
+    pub fn new(object: &ObjectRef, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ObjectError {
+            object: object.clone(),
+            field: field.into(),
+            message: message.into(),
+            location: None,
+        }
+    }
+}
+
+/// A parsed object. Validation beyond the types happens when the store converts it.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+impl Object {
+    pub fn object_ref(&self) -> ObjectRef {
+        fn meta_ref(
+            kind: Kind,
+            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        ) -> ObjectRef {
+            ObjectRef::new(
+                kind,
+                if kind.is_namespaced() {
+                    m.namespace.clone().unwrap_or_else(|| "default".into())
+                } else {
+                    String::new()
+                },
+                m.name.clone().unwrap_or_default(),
+            )
+        }
+        match self {
+            Object::Namespace(o) => meta_ref(Kind::Namespace, &o.metadata),
+            Object::Pod(o) => meta_ref(Kind::Pod, &o.metadata),
+            Object::Service(o) => meta_ref(Kind::Service, &o.metadata),
+            Object::EndpointSlice(o) => meta_ref(Kind::EndpointSlice, &o.metadata),
+        }
+    }
+}
+
+/// What a source tells the store.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// Added or changed.
+    Apply(Object),
+    /// Could not be parsed: the store records why and keeps the last good version.
+    Reject(ObjectRef, Vec<ObjectError>),
+    Delete(ObjectRef),
+    /// The full current set of `kinds` (a re-list, or a reload of the files): whatever of these
+    /// kinds is not listed is gone. Rejected objects keep their last good version.
+    Replace {
+        kinds: Vec<Kind>,
+        objects: Vec<Object>,
+        rejected: Vec<(ObjectRef, Vec<ObjectError>)>,
+        /// Where each object came from (file and document), for error messages.
+        origins: std::collections::BTreeMap<ObjectRef, String>,
+    },
+}
+
+/// The outcome of parsing one value.
+#[derive(Debug)]
+pub enum Parsed {
+    Object(Object),
+    /// A kind ambit does not read (a Deployment in the same directory, say).
+    Ignored {
+        api_version: String,
+        kind: String,
+    },
+    Rejected(ObjectRef, Vec<ObjectError>),
+}
+
+/// Parses one object from its JSON form (YAML documents are converted to JSON first). Fields
+/// ambit does not know are ignored, as Kubernetes and Istio do; wrong types and values are not.
+pub fn parse(value: serde_json::Value) -> Parsed {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let kind_str = value
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let Some(kind) = Kind::from_kind(&kind_str) else {
+        return Parsed::Ignored {
+            api_version,
+            kind: kind_str,
+        };
+    };
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let namespace = if kind.is_namespaced() {
+        meta.and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+    } else {
+        ""
+    };
+    let oref = ObjectRef::new(kind, namespace, name);
+    if !kind.accepts_api_version(&api_version) {
+        return Parsed::Rejected(
+            oref.clone(),
+            vec![ObjectError::new(
+                &oref,
+                "apiVersion",
+                format!("{api_version:?} is not a served version of {kind}"),
+            )],
+        );
+    }
+    if name.is_empty() {
+        return Parsed::Rejected(
+            oref.clone(),
+            vec![ObjectError::new(&oref, "metadata.name", "required")],
+        );
+    }
+    let result = match kind {
+        Kind::Namespace => typed(&oref, value).map(Object::Namespace),
+        Kind::Pod => typed(&oref, value).map(Object::Pod),
+        Kind::Service => typed(&oref, value).map(Object::Service),
+        Kind::EndpointSlice => typed(&oref, value).map(Object::EndpointSlice),
+        _ => Err(vec![ObjectError::new(&oref, "kind", "not readable yet")]),
+    };
+    match result {
+        Ok(o) => Parsed::Object(o),
+        Err(e) => Parsed::Rejected(oref, e),
+    }
+}
+
+/// Deserializes, reporting a type error with the path of the field that caused it.
+pub(crate) fn typed<T: DeserializeOwned>(
+    oref: &ObjectRef,
+    value: serde_json::Value,
+) -> Result<Box<T>, Vec<ObjectError>> {
+    serde_path_to_error::deserialize(value)
+        .map(Box::new)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            vec![ObjectError::new(
+                oref,
+                if path == "." { String::new() } else { path },
+                e.into_inner().to_string(),
+            )]
+        })
+}

@@ -1,0 +1,128 @@
+//! Which pods this node enrols (from the state snapshot) and where their network namespaces are.
+//!
+//! Local mode names each pod's netns in an annotation. In a cluster the agent runs with hostPID and
+//! finds a pod's netns through its processes: the kubelet puts every container of a pod in a cgroup
+//! whose path contains the pod UID (`pod<uid>` with cgroupfs, `pod<uid_with_underscores>` with the
+//! systemd driver), so `/proc/<pid>/cgroup` leads to the pod and `/proc/<pid>/ns/net` to its netns.
+//! The lowest matching pid is the sandbox (pause) process, which lives as long as the pod.
+//! Race: a pod's first packets, before the agent has seen it, are not captured. Istio closes that
+//! gap with a CNI plugin that holds pod start until enrolment; ambit will do the same (a CNI
+//! plugin reporting the netns on ADD), and until then the window is one watch event plus one
+//! enrolment (milliseconds), during which the pod's connections are plain.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use super::PodSpec;
+use crate::config::{EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, NETNS_ANNOTATION};
+use crate::state::convert::parse_port_list;
+use crate::state::{State, Workload};
+
+/// Finds a workload's network namespace.
+pub trait NetnsResolver: Send {
+    fn netns(&self, w: &Workload) -> Result<PathBuf, String>;
+}
+
+/// Local mode: the `ambit.dev/netns` annotation, else `<dir>/<pod name>`.
+#[derive(Debug, Clone)]
+pub struct AnnotatedNetns {
+    pub dir: PathBuf,
+}
+
+impl NetnsResolver for AnnotatedNetns {
+    fn netns(&self, w: &Workload) -> Result<PathBuf, String> {
+        let path = match w.annotations.get(NETNS_ANNOTATION) {
+            Some(p) => PathBuf::from(p),
+            None => self.dir.join(&w.name),
+        };
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!("netns {} does not exist", path.display()))
+        }
+    }
+}
+
+/// In a cluster: `/proc/<pid>/ns/net` of the pod's sandbox process, found by pod UID.
+#[derive(Debug, Clone)]
+pub struct ProcNetns {
+    /// `/proc` normally; a fake tree in tests.
+    pub proc_root: PathBuf,
+}
+
+impl NetnsResolver for ProcNetns {
+    fn netns(&self, w: &Workload) -> Result<PathBuf, String> {
+        let needles = [
+            format!("pod{}", w.uid),
+            format!("pod{}", w.uid.replace('-', "_")),
+        ];
+        let mut pids: Vec<u32> = std::fs::read_dir(&self.proc_root)
+            .map_err(|e| format!("{}: {e}", self.proc_root.display()))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        for pid in pids {
+            let dir = self.proc_root.join(pid.to_string());
+            let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+                continue;
+            };
+            if needles.iter().any(|n| cgroup.contains(n.as_str())) {
+                return Ok(dir.join("ns").join("net"));
+            }
+        }
+        Err(format!(
+            "no process of pod uid {} under {}",
+            w.uid,
+            self.proc_root.display()
+        ))
+    }
+}
+
+/// The pods to enrol on `node`, and why any enrolled workload could not be.
+pub fn desired_pods(
+    state: &State,
+    node: &str,
+    resolver: &dyn NetnsResolver,
+) -> (Vec<PodSpec>, Vec<String>) {
+    let mut pods = Vec::new();
+    let mut problems = Vec::new();
+    for w in state.enrolled_on(node) {
+        if w.ips.is_empty() {
+            // Not running yet: nothing to capture until it has an address.
+            continue;
+        }
+        let netns_path = match resolver.netns(&w) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(format!("Pod {}/{}: cannot enrol: {e}", w.namespace, w.name));
+                continue;
+            }
+        };
+        // Bad values were reported when the pod was read; here they just exclude nothing.
+        let ports = |a: &str| {
+            parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or(""))
+                .unwrap_or_default()
+        };
+        pods.push(PodSpec {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            ips: w
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip: &IpAddr| !ip.is_unspecified())
+                .collect(),
+            netns_path,
+            excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
+            excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
+        });
+    }
+    (pods, problems)
+}
+
+/// `Path` helper for tests and callers that hold a `&str`.
+pub fn proc_netns(root: &Path) -> ProcNetns {
+    ProcNetns {
+        proc_root: root.to_path_buf(),
+    }
+}

@@ -1,0 +1,327 @@
+//! Parsed objects → state items: the one validated path both sources go through. Keeps only the
+//! fields ambit uses. A fatal problem rejects the object (its last good version stays); a problem
+//! with an optional feature (a bad port-exclusion annotation) is a warning and the object is used
+//! without that feature.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    key, Endpoint, EndpointSlice, Namespace, Service, ServicePort, SlicePort, TargetPort, Workload,
+};
+use crate::config::{
+    Object, ObjectError, ObjectRef, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, NETNS_ANNOTATION,
+};
+
+/// A state item built from one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Namespace(Namespace),
+    Workload(Workload),
+    Service(Service),
+    Slice(EndpointSlice),
+}
+
+/// A converted object and the non-fatal problems found in it.
+#[derive(Debug)]
+pub struct Converted {
+    pub item: Item,
+    pub warnings: Vec<ObjectError>,
+}
+
+/// The annotations a workload keeps.
+const KEPT_ANNOTATIONS: [&str; 3] = [
+    NETNS_ANNOTATION,
+    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_INBOUND_PORTS,
+];
+
+pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>> {
+    let oref = obj.object_ref();
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let item = match obj {
+        Object::Namespace(ns) => Item::Namespace(Namespace {
+            name: oref.name.clone(),
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+        }),
+        Object::Pod(pod) => {
+            let spec = pod.spec.clone().unwrap_or_default();
+            let status = pod.status.clone().unwrap_or_default();
+            let mut ips = Vec::new();
+            let listed = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone()));
+            for (field, s) in status
+                .pod_ip
+                .iter()
+                .map(|s| ("status.podIP".to_string(), s.clone()))
+                .chain(listed)
+            {
+                match s.parse::<IpAddr>() {
+                    Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                    Ok(_) => {}
+                    Err(_) => errors.push(ObjectError::new(
+                        &oref,
+                        field,
+                        format!("{s:?} is not an IP address"),
+                    )),
+                }
+            }
+            let mut named_ports = BTreeMap::new();
+            for (ci, c) in spec.containers.iter().enumerate() {
+                for (pi, p) in c.ports.iter().flatten().enumerate() {
+                    let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
+                    match port_number(p.container_port) {
+                        Some(n) => {
+                            if let Some(name) = &p.name {
+                                named_ports.insert(name.clone(), n);
+                            }
+                        }
+                        None => errors.push(ObjectError::new(
+                            &oref,
+                            field,
+                            format!("{} is not a port (1-65535)", p.container_port),
+                        )),
+                    }
+                }
+            }
+            let annotations: BTreeMap<String, String> = pod
+                .metadata
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| KEPT_ANNOTATIONS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for a in [EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS] {
+                if let Err(bad) =
+                    parse_port_list(annotations.get(a).map(String::as_str).unwrap_or(""))
+                {
+                    warnings.push(ObjectError::new(
+                        &oref,
+                        format!("metadata.annotations[{a}]"),
+                        format!("{bad:?} is not a port (1-65535); this exclusion is ignored"),
+                    ));
+                }
+            }
+            let phase = status.phase.as_deref().unwrap_or("Running");
+            Item::Workload(Workload {
+                uid: pod
+                    .metadata
+                    .uid
+                    .clone()
+                    .unwrap_or_else(|| format!("{}/{}", oref.namespace, oref.name)),
+                name: oref.name.clone(),
+                namespace: oref.namespace.clone(),
+                service_account: spec
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                node: spec.node_name.clone(),
+                host_network: spec.host_network.unwrap_or(false),
+                ips,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                named_ports,
+                annotations,
+                running: pod.metadata.deletion_timestamp.is_none()
+                    && !matches!(phase, "Succeeded" | "Failed"),
+            })
+        }
+        Object::Service(svc) => {
+            let spec = svc.spec.clone().unwrap_or_default();
+            let mut vips = Vec::new();
+            let mut headless = false;
+            let listed = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()));
+            for (field, s) in spec
+                .cluster_ip
+                .iter()
+                .map(|s| ("spec.clusterIP".to_string(), s.clone()))
+                .chain(listed)
+            {
+                if s == "None" {
+                    headless = true;
+                    continue;
+                }
+                if s.is_empty() {
+                    continue;
+                }
+                match s.parse::<IpAddr>() {
+                    Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+                    Ok(_) => {}
+                    Err(_) => errors.push(ObjectError::new(
+                        &oref,
+                        field,
+                        format!("{s:?} is not an IP address or \"None\""),
+                    )),
+                }
+            }
+            let mut ports = Vec::new();
+            for (i, p) in spec.ports.iter().flatten().enumerate() {
+                let Some(port) = port_number(p.port) else {
+                    errors.push(ObjectError::new(
+                        &oref,
+                        format!("spec.ports[{i}].port"),
+                        format!("{} is not a port (1-65535)", p.port),
+                    ));
+                    continue;
+                };
+                let target_port = match &p.target_port {
+                    None => TargetPort::Number(port),
+                    Some(IntOrString::Int(n)) => match port_number(*n) {
+                        Some(n) => TargetPort::Number(n),
+                        None => {
+                            errors.push(ObjectError::new(
+                                &oref,
+                                format!("spec.ports[{i}].targetPort"),
+                                format!("{n} is not a port (1-65535)"),
+                            ));
+                            continue;
+                        }
+                    },
+                    Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                        Ok(n) => match port_number(n) {
+                            Some(n) => TargetPort::Number(n),
+                            None => {
+                                errors.push(ObjectError::new(
+                                    &oref,
+                                    format!("spec.ports[{i}].targetPort"),
+                                    format!("{n} is not a port (1-65535)"),
+                                ));
+                                continue;
+                            }
+                        },
+                        Err(_) => TargetPort::Named(s.clone()),
+                    },
+                };
+                ports.push(ServicePort {
+                    name: p.name.clone(),
+                    port,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    app_protocol: p.app_protocol.clone(),
+                    target_port,
+                });
+            }
+            Item::Service(Service {
+                name: oref.name.clone(),
+                namespace: oref.namespace.clone(),
+                hostname: format!("{}.{}.svc.{domain}", oref.name, oref.namespace),
+                vips,
+                headless,
+                ports,
+                selector: spec.selector.clone().unwrap_or_default(),
+            })
+        }
+        Object::EndpointSlice(slice) => {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .cloned();
+            let Some(service) = service else {
+                return Err(vec![ObjectError::new(
+                    &oref,
+                    "metadata.labels[kubernetes.io/service-name]",
+                    "required: names the owning Service",
+                )]);
+            };
+            let mut ports = Vec::new();
+            for (i, p) in slice.ports.iter().flatten().enumerate() {
+                match p.port.and_then(port_number) {
+                    Some(port) => ports.push(SlicePort {
+                        name: p.name.clone().filter(|n| !n.is_empty()),
+                        port,
+                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    }),
+                    None => errors.push(ObjectError::new(
+                        &oref,
+                        format!("ports[{i}].port"),
+                        format!("{:?} is not a port (1-65535)", p.port),
+                    )),
+                }
+            }
+            let mut endpoints = Vec::new();
+            // FQDN slices name hosts, not addresses: nothing to index by IP.
+            if slice.address_type != "FQDN" {
+                for (i, e) in slice.endpoints.iter().flatten().enumerate() {
+                    let pod = e
+                        .target_ref
+                        .as_ref()
+                        .filter(|t| t.kind.as_deref() == Some("Pod"))
+                        .map(|t| {
+                            key(
+                                t.namespace.as_deref().unwrap_or(&oref.namespace),
+                                t.name.as_deref().unwrap_or_default(),
+                            )
+                        });
+                    for (j, a) in e.addresses.iter().enumerate() {
+                        match a.parse::<IpAddr>() {
+                            Ok(ip) => endpoints.push(Endpoint {
+                                ip,
+                                // Kubernetes: a nil ready condition means ready.
+                                ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                                pod: pod.clone(),
+                                node: e.node_name.clone(),
+                            }),
+                            Err(_) => errors.push(ObjectError::new(
+                                &oref,
+                                format!("endpoints[{i}].addresses[{j}]"),
+                                format!("{a:?} is not an IP address"),
+                            )),
+                        }
+                    }
+                }
+            }
+            Item::Slice(EndpointSlice {
+                name: oref.name.clone(),
+                namespace: oref.namespace.clone(),
+                service,
+                ports,
+                endpoints,
+            })
+        }
+    };
+    if errors.is_empty() {
+        Ok(Converted { item, warnings })
+    } else {
+        Err(errors)
+    }
+}
+
+fn port_number(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p > 0)
+}
+
+/// `"9000, 9001"` → ports; the first bad element on error.
+pub fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u16>() {
+            Ok(p) if p > 0 => out.push(p),
+            _ => return Err(part.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+/// The object a state item came from (for Replace bookkeeping).
+pub fn item_ref(item: &Item) -> ObjectRef {
+    use crate::config::Kind;
+    match item {
+        Item::Namespace(n) => ObjectRef::new(Kind::Namespace, "", n.name.clone()),
+        Item::Workload(w) => ObjectRef::new(Kind::Pod, w.namespace.clone(), w.name.clone()),
+        Item::Service(s) => ObjectRef::new(Kind::Service, s.namespace.clone(), s.name.clone()),
+        Item::Slice(s) => ObjectRef::new(Kind::EndpointSlice, s.namespace.clone(), s.name.clone()),
+    }
+}

@@ -1,0 +1,296 @@
+//! Applies source events to the state: converts each object through the validated path, keeps
+//! the last good version of an object that is rejected, and publishes snapshots atomically.
+//! Readers (`Store::reader`) never block the store and never see a half-applied batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::{debug, warn};
+
+use super::convert::{convert, item_ref, Item};
+use super::{key, Key, State};
+use crate::config::{Kind, ObjectError, ObjectRef, SourceEvent};
+
+/// The latest published snapshot, shared with the data path.
+pub type StateReader = Arc<ArcSwap<State>>;
+
+pub struct Store {
+    state: State,
+    /// Current problems per object (rejections, and warnings on accepted objects).
+    errors: BTreeMap<ObjectRef, Vec<ObjectError>>,
+    /// EndpointSlice → the Service key it is filed under.
+    slice_owner: BTreeMap<ObjectRef, Key>,
+    rejected_total: u64,
+    published: StateReader,
+    changed: bool,
+}
+
+impl Store {
+    pub fn new(domain: &str) -> Self {
+        let state = State::new(domain);
+        Store {
+            published: Arc::new(ArcSwap::from_pointee(state.clone())),
+            state,
+            errors: BTreeMap::new(),
+            slice_owner: BTreeMap::new(),
+            rejected_total: 0,
+            changed: false,
+        }
+    }
+
+    pub fn reader(&self) -> StateReader {
+        self.published.clone()
+    }
+
+    /// The working state (not yet published changes included).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Every current problem, ordered by object.
+    pub fn errors(&self) -> Vec<ObjectError> {
+        self.errors.values().flatten().cloned().collect()
+    }
+
+    /// Objects rejected since start (a counter for metrics).
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected_total
+    }
+
+    /// Publishes the working state if anything changed since the last publish. Returns whether it
+    /// did. O(1): the persistent maps are shared, not copied.
+    pub fn publish(&mut self) -> bool {
+        if !std::mem::take(&mut self.changed) {
+            return false;
+        }
+        self.published.store(Arc::new(self.state.clone()));
+        true
+    }
+
+    pub fn apply(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Apply(obj) => self.apply_one(obj, None),
+            SourceEvent::Reject(oref, errors) => self.reject(oref, errors),
+            SourceEvent::Delete(oref) => {
+                self.errors.remove(&oref);
+                self.remove(&oref);
+            }
+            SourceEvent::Replace {
+                kinds,
+                objects,
+                rejected,
+                origins,
+            } => {
+                let present: BTreeSet<ObjectRef> = objects
+                    .iter()
+                    .map(|o| o.object_ref())
+                    .chain(rejected.iter().map(|(r, _)| r.clone()))
+                    .collect();
+                for gone in self
+                    .refs_of(&kinds)
+                    .into_iter()
+                    .filter(|r| !present.contains(r))
+                {
+                    self.errors.remove(&gone);
+                    self.remove(&gone);
+                }
+                // Problems of objects no longer listed at all are stale too.
+                self.errors
+                    .retain(|r, _| !kinds.contains(&r.kind) || present.contains(r));
+                for o in objects {
+                    let origin = origins.get(&o.object_ref()).cloned();
+                    self.apply_one(o, origin);
+                }
+                for (r, e) in rejected {
+                    self.reject(r, e);
+                }
+            }
+        }
+    }
+
+    fn apply_one(&mut self, obj: crate::config::Object, origin: Option<String>) {
+        let oref = obj.object_ref();
+        let locate = |mut list: Vec<ObjectError>| {
+            for e in &mut list {
+                e.location = e.location.take().or_else(|| origin.clone());
+            }
+            list
+        };
+        match convert(&obj, &self.state.domain) {
+            Ok(c) => {
+                let warnings = locate(c.warnings);
+                for w in &warnings {
+                    warn!(problem = %w, "config warning");
+                }
+                set_or_clear(&mut self.errors, &oref, warnings);
+                self.insert(oref, c.item);
+            }
+            Err(errors) => self.reject(oref, locate(errors)),
+        }
+    }
+
+    /// Records why `oref` was rejected; its last good version (if any) stays in force.
+    fn reject(&mut self, oref: ObjectRef, errors: Vec<ObjectError>) {
+        let had_good = self.refs_of(&[oref.kind]).contains(&oref);
+        for e in &errors {
+            warn!(problem = %e, kept_last_good = had_good, "config object rejected");
+        }
+        self.rejected_total += 1;
+        self.errors.insert(oref, errors);
+    }
+
+    /// References of every object of these kinds now in the state.
+    fn refs_of(&self, kinds: &[Kind]) -> BTreeSet<ObjectRef> {
+        let mut out = BTreeSet::new();
+        for kind in kinds {
+            match kind {
+                Kind::Namespace => out.extend(
+                    self.state
+                        .namespaces
+                        .keys()
+                        .map(|n| ObjectRef::new(Kind::Namespace, "", n.to_string())),
+                ),
+                Kind::Pod => out.extend(
+                    self.state
+                        .workloads
+                        .values()
+                        .map(|w| ObjectRef::new(Kind::Pod, w.namespace.clone(), w.name.clone())),
+                ),
+                Kind::Service => {
+                    out.extend(self.state.services.values().map(|s| {
+                        ObjectRef::new(Kind::Service, s.namespace.clone(), s.name.clone())
+                    }))
+                }
+                Kind::EndpointSlice => out.extend(self.slice_owner.keys().cloned()),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn insert(&mut self, oref: ObjectRef, item: Item) {
+        debug_assert_eq!(item_ref(&item), oref);
+        let s = &mut self.state;
+        match item {
+            Item::Namespace(n) => {
+                if s.namespaces
+                    .get(n.name.as_str())
+                    .is_some_and(|old| **old == n)
+                {
+                    return;
+                }
+                s.namespaces.insert(Arc::from(n.name.as_str()), Arc::new(n));
+            }
+            Item::Workload(w) => {
+                let k = w.key();
+                if s.workloads.get(&k).is_some_and(|old| **old == w) {
+                    return;
+                }
+                self.remove(&oref);
+                let s = &mut self.state;
+                for ip in &w.ips {
+                    s.workload_by_ip.insert(*ip, k.clone());
+                }
+                s.workloads.insert(k, Arc::new(w));
+            }
+            Item::Service(svc) => {
+                let k = svc.key();
+                if s.services.get(&k).is_some_and(|old| **old == svc) {
+                    return;
+                }
+                self.remove(&oref);
+                let s = &mut self.state;
+                for ip in &svc.vips {
+                    s.service_by_vip.insert(*ip, k.clone());
+                }
+                s.service_by_host
+                    .insert(Arc::from(svc.hostname.as_str()), k.clone());
+                s.services.insert(k, Arc::new(svc));
+            }
+            Item::Slice(slice) => {
+                let owner = key(&slice.namespace, &slice.service);
+                let name: Arc<str> = Arc::from(slice.name.as_str());
+                if s.slices
+                    .get(&owner)
+                    .and_then(|m| m.get(&name))
+                    .is_some_and(|old| **old == slice)
+                {
+                    return;
+                }
+                self.remove(&oref);
+                let s = &mut self.state;
+                let mut slices = s.slices.get(&owner).cloned().unwrap_or_default();
+                slices.insert(name, Arc::new(slice));
+                s.slices.insert(owner.clone(), slices);
+                self.slice_owner.insert(oref, owner);
+            }
+        }
+        self.changed = true;
+    }
+
+    fn remove(&mut self, oref: &ObjectRef) {
+        let s = &mut self.state;
+        let k = key(&oref.namespace, &oref.name);
+        let removed = match oref.kind {
+            Kind::Namespace => s.namespaces.remove(oref.name.as_str()).is_some(),
+            Kind::Pod => match s.workloads.remove(&k) {
+                Some(old) => {
+                    for ip in &old.ips {
+                        // Only if the index still points here: a replacement pod may reuse the IP.
+                        if s.workload_by_ip.get(ip) == Some(&k) {
+                            s.workload_by_ip.remove(ip);
+                        }
+                    }
+                    true
+                }
+                None => false,
+            },
+            Kind::Service => match s.services.remove(&k) {
+                Some(old) => {
+                    for ip in &old.vips {
+                        if s.service_by_vip.get(ip) == Some(&k) {
+                            s.service_by_vip.remove(ip);
+                        }
+                    }
+                    if s.service_by_host.get(old.hostname.as_str()) == Some(&k) {
+                        s.service_by_host.remove(old.hostname.as_str());
+                    }
+                    true
+                }
+                None => false,
+            },
+            Kind::EndpointSlice => match self.slice_owner.remove(oref) {
+                Some(owner) => {
+                    if let Some(mut slices) = s.slices.get(&owner).cloned() {
+                        slices.remove(oref.name.as_str());
+                        if slices.is_empty() {
+                            s.slices.remove(&owner);
+                        } else {
+                            s.slices.insert(owner, slices);
+                        }
+                    }
+                    true
+                }
+                None => false,
+            },
+            other => {
+                debug!(kind = %other, "no state for this kind yet");
+                false
+            }
+        };
+        self.changed |= removed;
+    }
+}
+
+fn set_or_clear(
+    errors: &mut BTreeMap<ObjectRef, Vec<ObjectError>>,
+    oref: &ObjectRef,
+    list: Vec<ObjectError>,
+) {
+    if list.is_empty() {
+        errors.remove(oref);
+    } else {
+        errors.insert(oref.clone(), list);
+    }
+}

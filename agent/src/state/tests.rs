@@ -1,0 +1,353 @@
+//! State built from YAML through the one validated path: enrolment rules, lookups, and bad input
+//! rejected alone with the last good version kept.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use super::store::Store;
+use super::Destination;
+use crate::config::files::{load_text, FileSource, Loaded};
+use crate::config::{Kind, ObjectRef, SourceEvent};
+
+fn replace_from(yaml: &str) -> SourceEvent {
+    let mut l = Loaded::default();
+    load_text(&mut l, Path::new("t.yaml"), yaml);
+    assert!(l.file_errors.is_empty(), "{:?}", l.file_errors);
+    l.into_event()
+}
+
+fn store_from(yaml: &str) -> Store {
+    let mut s = Store::new("cluster.local");
+    s.apply(replace_from(yaml));
+    s.publish();
+    s
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1
+  namespace: mesh
+  uid: 1111-2222
+  labels: {app: reviews, version: v1}
+  annotations: {ambit.dev/netns: /run/netns/x, traffic.sidecar.istio.io/excludeOutboundPorts: "9000, 9001"}
+spec:
+  nodeName: n1
+  serviceAccountName: bookinfo-reviews
+  containers: [{name: app, image: x, ports: [{name: http-api, containerPort: 9080}]}]
+status: {phase: Running, podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00::a"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout, namespace: mesh, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.244.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other-node, namespace: mesh}
+spec: {nodeName: n2, containers: []}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet, namespace: mesh}
+spec: {nodeName: n1, hostNetwork: true, containers: []}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: mesh}
+spec: {nodeName: n1, containers: []}
+status: {phase: Succeeded, podIP: 10.244.1.13}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: plain}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.244.1.12}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: mesh}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ports: [{name: http, port: 9080, targetPort: http-api}, {name: admin, port: 9901, targetPort: 9901, appProtocol: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: mesh}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-abc, namespace: mesh, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}, {name: admin, port: 9901}]
+endpoints:
+- {addresses: [10.244.1.10], conditions: {ready: true}, targetRef: {kind: Pod, name: reviews-v1, namespace: mesh}}
+- {addresses: [10.244.2.30], conditions: {ready: false}}
+- {addresses: [10.244.2.31]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored, namespace: mesh}
+"#;
+
+#[test]
+fn enrolment_follows_istio_rules() {
+    let store = store_from(CLUSTER);
+    assert!(store.errors().is_empty(), "{:?}", store.errors());
+    let state = store.reader().load_full();
+    let names: Vec<String> = state
+        .enrolled_on("n1")
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
+    // Istio: namespace labelled ambient, pod not labelled none; hostNetwork and finished pods are not
+    // captured; only pods scheduled on this node.
+    assert_eq!(names, vec!["reviews-v1"]);
+    let w = &state.enrolled_on("n1")[0];
+    assert_eq!(w.ips, vec![ip("10.244.1.10"), ip("fd00::a")]);
+    assert_eq!(w.service_account, "bookinfo-reviews");
+    assert_eq!(w.uid, "1111-2222");
+    assert_eq!(w.named_ports.get("http-api"), Some(&9080));
+    assert_eq!(state.enrolled_on("n2").len(), 1);
+}
+
+#[test]
+fn lookups_by_destination() {
+    let state = store_from(CLUSTER).reader().load_full();
+    // Table: destination address → what it is.
+    let cases: [(&str, &str); 5] = [
+        ("10.96.0.20:9080", "service mesh/reviews port http"),
+        ("[fd00:96::20]:9901", "service mesh/reviews port admin"),
+        ("10.96.0.20:1234", "service mesh/reviews port -"),
+        ("10.244.1.10:9080", "workload mesh/reviews-v1"),
+        ("10.244.9.9:80", "none"),
+    ];
+    for (addr, want) in cases {
+        let got = match state.destination(addr.parse::<SocketAddr>().expect("addr")) {
+            Some(Destination::Service { service, port }) => format!(
+                "service {}/{} port {}",
+                service.namespace,
+                service.name,
+                port.and_then(|p| p.name).unwrap_or_else(|| "-".into())
+            ),
+            Some(Destination::Workload(w)) => format!("workload {}/{}", w.namespace, w.name),
+            None => "none".into(),
+        };
+        assert_eq!(got, want, "{addr}");
+    }
+    let reviews = state
+        .service_by_host("reviews.mesh.svc.cluster.local")
+        .expect("by hostname");
+    // Ready endpoints only (nil ready counts as ready), target port resolved through the slice.
+    assert_eq!(
+        state.ready_endpoints(&reviews, 9080),
+        vec![
+            "10.244.1.10:9080".parse::<SocketAddr>().unwrap(),
+            "10.244.2.31:9080".parse().unwrap()
+        ]
+    );
+    assert_eq!(state.ready_endpoints(&reviews, 9901).len(), 2);
+    assert!(
+        state
+            .service("mesh", "headless")
+            .expect("headless")
+            .headless
+    );
+}
+
+#[test]
+fn bad_objects_are_rejected_alone_and_the_last_good_version_stays() {
+    let mut store = store_from(CLUSTER);
+    // Each broken in a different way; every other object of the batch still applies.
+    let broken = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: mesh, uid: 1111-2222}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.244.1.300}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: mesh}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 70000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-abc, namespace: mesh, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{addresses: [not-an-ip]}]
+---
+apiVersion: v2
+kind: Namespace
+metadata: {name: mesh}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: mesh}
+spec: {containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: typo, namespace: mesh}
+spec: {hostNetwork: "yes", containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fresh, namespace: mesh}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.244.1.50}
+"#;
+    let mut l = Loaded::default();
+    load_text(&mut l, Path::new("t.yaml"), CLUSTER);
+    load_text(&mut l, Path::new("u.yaml"), broken);
+    // The same objects appear twice (good in t.yaml, broken in u.yaml): apply the broken ones after.
+    store.apply(l.into_event());
+    store.publish();
+    let msgs: Vec<String> = store.errors().iter().map(ToString::to_string).collect();
+    let expect = [
+        ("Pod mesh/reviews-v1", "status.podIP"),
+        ("Service mesh/reviews", "spec.ports[0].port"),
+        (
+            "EndpointSlice mesh/reviews-abc",
+            "endpoints[0].addresses[0]",
+        ),
+        ("Namespace mesh", "apiVersion"),
+        ("Pod mesh/", "metadata.name"),
+        ("Pod mesh/typo", "spec.hostNetwork"),
+    ];
+    for (object, field) in expect {
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains(object) && m.contains(field) && m.contains("u.yaml")),
+            "expected an error naming {object} and {field} with its file: {msgs:#?}"
+        );
+    }
+    let state = store.reader().load_full();
+    // Last good versions are still in force.
+    assert_eq!(
+        state
+            .workload_by_ip(ip("10.244.1.10"))
+            .expect("old pod kept")
+            .name,
+        "reviews-v1"
+    );
+    assert_eq!(
+        state
+            .service("mesh", "reviews")
+            .expect("old service kept")
+            .ports
+            .len(),
+        2
+    );
+    let reviews = state.service("mesh", "reviews").unwrap();
+    assert_eq!(
+        state.ready_endpoints(&reviews, 9080).len(),
+        2,
+        "old slice kept"
+    );
+    assert!(
+        state.is_enrolled(
+            &state
+                .workloads
+                .get(&super::key("mesh", "reviews-v1"))
+                .unwrap()
+                .clone()
+        ),
+        "namespace label kept"
+    );
+    // And the rest applied.
+    assert_eq!(
+        state
+            .workload_by_ip(ip("10.244.1.50"))
+            .expect("fresh pod")
+            .name,
+        "fresh"
+    );
+    assert!(store.rejected_total() >= 6);
+}
+
+#[test]
+fn replace_removes_what_is_gone_and_delete_removes_one() {
+    let mut store = store_from(CLUSTER);
+    store.apply(SourceEvent::Delete(ObjectRef::new(
+        Kind::EndpointSlice,
+        "mesh",
+        "reviews-abc",
+    )));
+    store.publish();
+    let state = store.reader().load_full();
+    assert!(state
+        .ready_endpoints(&state.service("mesh", "reviews").unwrap(), 9080)
+        .is_empty());
+    store.apply(replace_from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n",
+    ));
+    assert!(store.publish());
+    let state = store.reader().load_full();
+    assert!(
+        state.workloads.is_empty() && state.services.is_empty() && state.service_by_vip.is_empty()
+    );
+    assert!(state.workload_by_ip.is_empty());
+    assert_eq!(state.namespaces.len(), 1);
+    // Nothing changed: nothing to publish.
+    store.apply(replace_from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n",
+    ));
+    assert!(!store.publish());
+}
+
+#[test]
+fn a_broken_file_keeps_its_objects_last_good_versions() {
+    let dir = std::env::temp_dir().join(format!("ambit-state-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), CLUSTER).unwrap();
+    std::fs::write(
+        dir.join("b.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n",
+    )
+    .unwrap();
+    let mut source = FileSource::new(&dir);
+    let mut store = Store::new("cluster.local");
+    store.apply(source.poll().expect("first load"));
+    store.publish();
+    assert!(source.poll().is_none(), "nothing changed");
+    // A syntax error in a.yaml: its objects stay, the error names the file; b.yaml still applies.
+    std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: [unclosed\n").unwrap();
+    std::fs::write(
+        dir.join("b.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: other2}\n",
+    )
+    .unwrap();
+    store.apply(source.poll().expect("reload"));
+    store.publish();
+    let state = store.reader().load_full();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        state.service("mesh", "reviews").is_some(),
+        "objects of the broken file are kept"
+    );
+    assert!(state.namespaces.contains_key("other2") && !state.namespaces.contains_key("other"));
+    assert!(
+        source.file_errors.iter().any(|e| e.path.contains("a.yaml")),
+        "{:?}",
+        source.file_errors
+    );
+}
