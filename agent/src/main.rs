@@ -27,6 +27,13 @@ struct Cli {
 enum Cmd {
     /// Run the node agent.
     Run(RunArgs),
+    /// Validate a YAML file or directory the way the agent reads it; print every problem with its
+    /// file, document, object and field; exit non-zero if there is any.
+    Check {
+        /// File or directory (read recursively).
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+    },
     /// Remove every pin, link and map entry the agent made (stop the agent first).
     Uninstall {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
@@ -120,14 +127,20 @@ impl RunArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `check` prints its findings itself; the agent's own logs would repeat them.
+    let default_level = if matches!(cli.cmd, Cmd::Check { .. }) {
+        "error"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.cmd {
         Cmd::Run(args) => {
             let cfg = match args.into_config() {
@@ -139,6 +152,18 @@ fn main() -> ExitCode {
             };
             tracing::info!(config = ?cfg, "starting");
             app::run(cfg).map_err(anyhow::Error::from)
+        }
+        Cmd::Check { path } => {
+            let problems = ambit::config::files::check(&path);
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("{}: no problems", path.display());
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("{} problem(s)", problems.len());
+            return ExitCode::FAILURE;
         }
         Cmd::Uninstall { bpffs } => ambit::ebpf::uninstall(&bpffs)
             .map_err(anyhow::Error::from)

@@ -229,3 +229,17 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
         })
         .collect()
 }
+
+/// `ambit check`: every problem in the files at `path`, as the agent would report them (file
+/// errors, then object errors with their file and document), without touching the node.
+pub fn check(path: &Path) -> Vec<String> {
+    let mut loaded = load(path);
+    let mut problems: Vec<String> = std::mem::take(&mut loaded.file_errors)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut store = crate::state::store::Store::new(super::DEFAULT_DOMAIN);
+    store.apply(loaded.into_event());
+    problems.extend(store.errors().iter().map(ToString::to_string));
+    problems
+}
