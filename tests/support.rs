@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+#[allow(unused_imports)]
 pub use ambit::harness::apps::{whoami, Mode, Server};
 use ambit::harness::Pod;
 
