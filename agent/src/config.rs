@@ -3,6 +3,8 @@
 //! `state::Store`, which owns validation and the snapshot. No source interprets objects itself.
 
 pub mod files;
+pub mod istio;
+pub mod kube;
 pub mod object;
 
 pub use object::{parse, Kind, Object, ObjectError, ObjectRef, Parsed, SourceEvent};

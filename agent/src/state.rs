@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use imbl::HashMap;
+use imbl::{HashMap, OrdSet};
 
-use crate::config::DATAPLANE_MODE_LABEL;
+use crate::config::istio::IstioConfig;
+use crate::config::{Kind, DATAPLANE_MODE_LABEL};
 
 /// `namespace/name`.
 pub type Key = Arc<str>;
@@ -124,6 +125,24 @@ pub enum Destination {
         port: Option<ServicePort>,
     },
     Workload(Arc<Workload>),
+    /// A ServiceEntry whose `addresses` include the IP.
+    ServiceEntry(Arc<IstioConfig>),
+}
+
+/// Key of an Istio object: `Kind/namespace/name`.
+pub fn istio_key(kind: Kind, namespace: &str, name: &str) -> Key {
+    Arc::from(format!("{kind}/{namespace}/{name}"))
+}
+
+/// Istio: a short host name is relative to the namespace of the object naming it
+/// (`reviews` in `default` is `reviews.default.svc.cluster.local`); names with dots, and wildcards,
+/// are taken as written.
+pub fn fqdn(host: &str, namespace: &str, domain: &str) -> String {
+    if host.contains('.') || host.contains('*') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{domain}")
+    }
 }
 
 /// The snapshot.
@@ -138,6 +157,14 @@ pub struct State {
     pub service_by_host: HashMap<Arc<str>, Key>,
     /// Service key → slice name → slice.
     pub slices: HashMap<Key, HashMap<Arc<str>, Arc<EndpointSlice>>>,
+    /// Validated Istio objects by [`istio_key`].
+    pub istio: HashMap<Key, Arc<IstioConfig>>,
+    /// (kind, fully qualified host) → objects naming that host: VirtualService `hosts`,
+    /// DestinationRule `host`, ServiceEntry `hosts`.
+    pub istio_by_host: HashMap<(Kind, Arc<str>), OrdSet<Key>>,
+    /// (kind, namespace) → Istio objects in that namespace (policies are scoped by namespace).
+    pub istio_by_namespace: HashMap<(Kind, Arc<str>), OrdSet<Key>>,
+    pub service_entry_by_address: HashMap<IpAddr, Key>,
 }
 
 impl State {
@@ -156,8 +183,43 @@ impl State {
             let port = service.port(addr.port()).cloned();
             return Some(Destination::Service { service, port });
         }
-        let k = self.workload_by_ip.get(&addr.ip())?;
-        self.workloads.get(k).cloned().map(Destination::Workload)
+        if let Some(k) = self.workload_by_ip.get(&addr.ip()) {
+            return self.workloads.get(k).cloned().map(Destination::Workload);
+        }
+        let k = self.service_entry_by_address.get(&addr.ip())?;
+        self.istio.get(k).cloned().map(Destination::ServiceEntry)
+    }
+
+    /// Istio objects of `kind` naming `host` (fully qualified), in a stable order.
+    pub fn istio_for_host(&self, kind: Kind, host: &str) -> Vec<Arc<IstioConfig>> {
+        self.istio_by_host
+            .get(&(kind, Arc::from(host)))
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| self.istio.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Istio objects of `kind` in `namespace`, in a stable order.
+    pub fn istio_in_namespace(&self, kind: Kind, namespace: &str) -> Vec<Arc<IstioConfig>> {
+        self.istio_by_namespace
+            .get(&(kind, Arc::from(namespace)))
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| self.istio.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether a DestinationRule for `host` (as written in an object of `namespace`) defines
+    /// `subset`.
+    pub fn has_subset(&self, host: &str, namespace: &str, subset: &str) -> bool {
+        self.istio_for_host(Kind::DestinationRule, &fqdn(host, namespace, &self.domain))
+            .iter()
+            .any(|dr| matches!(&**dr, IstioConfig::DestinationRule(d) if d.spec.subset(subset).is_some()))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {

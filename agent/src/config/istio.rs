@@ -15,10 +15,13 @@ use serde_json::Value;
 
 pub mod common;
 pub mod destination_rule;
+mod route_validation;
 pub mod security;
 pub mod service_entry;
 pub mod virtual_service;
 
+#[cfg(test)]
+mod doc_examples;
 #[cfg(test)]
 mod tests;
 
@@ -96,7 +99,8 @@ impl IstioKind {
     /// Resolves `apiVersion` and `kind`. Istio serves networking kinds at v1, v1beta1 and v1alpha3
     /// and security kinds at v1 and v1beta1; all versions of a kind share one schema.
     pub fn from_type_meta(api_version: &str, kind: &str) -> Result<IstioKind, FieldError> {
-        let supported = "networking.istio.io/{v1,v1beta1,v1alpha3} or security.istio.io/{v1,v1beta1}";
+        let supported =
+            "networking.istio.io/{v1,v1beta1,v1alpha3} or security.istio.io/{v1,v1beta1}";
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let versions = match group {
             "networking.istio.io" => NETWORKING_VERSIONS,
@@ -130,14 +134,14 @@ impl IstioKind {
     }
 }
 
-/// One decoded Istio object.
+/// One decoded Istio object (boxed: a DestinationRule is much larger than a PeerAuthentication).
 #[derive(Debug, Clone)]
 pub enum IstioConfig {
-    VirtualService(IstioObject<VirtualService>),
-    DestinationRule(IstioObject<DestinationRule>),
-    ServiceEntry(IstioObject<ServiceEntry>),
-    AuthorizationPolicy(IstioObject<AuthorizationPolicy>),
-    PeerAuthentication(IstioObject<PeerAuthentication>),
+    VirtualService(Box<IstioObject<VirtualService>>),
+    DestinationRule(Box<IstioObject<DestinationRule>>),
+    ServiceEntry(Box<IstioObject<ServiceEntry>>),
+    AuthorizationPolicy(Box<IstioObject<AuthorizationPolicy>>),
+    PeerAuthentication(Box<IstioObject<PeerAuthentication>>),
 }
 
 impl IstioConfig {
@@ -176,23 +180,23 @@ impl IstioConfig {
         Ok(match kind {
             IstioKind::VirtualService => {
                 let (o, ignored) = decode_object(value)?;
-                (IstioConfig::VirtualService(o), ignored)
+                (IstioConfig::VirtualService(Box::new(o)), ignored)
             }
             IstioKind::DestinationRule => {
                 let (o, ignored) = decode_object(value)?;
-                (IstioConfig::DestinationRule(o), ignored)
+                (IstioConfig::DestinationRule(Box::new(o)), ignored)
             }
             IstioKind::ServiceEntry => {
                 let (o, ignored) = decode_object(value)?;
-                (IstioConfig::ServiceEntry(o), ignored)
+                (IstioConfig::ServiceEntry(Box::new(o)), ignored)
             }
             IstioKind::AuthorizationPolicy => {
                 let (o, ignored) = decode_object(value)?;
-                (IstioConfig::AuthorizationPolicy(o), ignored)
+                (IstioConfig::AuthorizationPolicy(Box::new(o)), ignored)
             }
             IstioKind::PeerAuthentication => {
                 let (o, ignored) = decode_object(value)?;
-                (IstioConfig::PeerAuthentication(o), ignored)
+                (IstioConfig::PeerAuthentication(Box::new(o)), ignored)
             }
         })
     }
@@ -231,7 +235,7 @@ impl IstioConfig {
 
 /// Decodes through serde_ignored (collecting unknown-field paths) around serde_path_to_error
 /// (giving type errors their path). In the other order a numeric map key loses its path.
-fn decode_object<S: DeserializeOwned>(
+fn decode_object<S: DeserializeOwned + Default>(
     value: Value,
 ) -> Result<(IstioObject<S>, Vec<String>), Vec<FieldError>> {
     let mut track = serde_path_to_error::Track::new();
@@ -240,7 +244,10 @@ fn decode_object<S: DeserializeOwned>(
     let result = serde_ignored::deserialize(de, |path| ignored.push(ignored_path(&path)));
     match result {
         Ok(object) => Ok((object, ignored)),
-        Err(e) => Err(vec![FieldError::new(track.path().to_string(), e.to_string())]),
+        Err(e) => Err(vec![FieldError::new(
+            track.path().to_string(),
+            e.to_string(),
+        )]),
     }
 }
 
@@ -258,9 +265,9 @@ fn ignored_path(path: &serde_ignored::Path) -> String {
                 format!("{parent}.{key}")
             }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            ignored_path(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
     }
 }
 

@@ -8,6 +8,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
+use super::istio::{IstioConfig, IstioKind};
+
 /// Every kind ambit reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Kind {
@@ -141,6 +143,19 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    /// Decoded and validated by Istio's rules (`config::istio`).
+    Istio(IstioConfig),
+}
+
+/// The ambit kind of an Istio kind.
+pub fn istio_kind(k: IstioKind) -> Kind {
+    match k {
+        IstioKind::VirtualService => Kind::VirtualService,
+        IstioKind::DestinationRule => Kind::DestinationRule,
+        IstioKind::ServiceEntry => Kind::ServiceEntry,
+        IstioKind::AuthorizationPolicy => Kind::AuthorizationPolicy,
+        IstioKind::PeerAuthentication => Kind::PeerAuthentication,
+    }
 }
 
 impl Object {
@@ -164,6 +179,7 @@ impl Object {
             Object::Pod(o) => meta_ref(Kind::Pod, &o.metadata),
             Object::Service(o) => meta_ref(Kind::Service, &o.metadata),
             Object::EndpointSlice(o) => meta_ref(Kind::EndpointSlice, &o.metadata),
+            Object::Istio(o) => meta_ref(istio_kind(o.kind()), o.metadata()),
         }
     }
 }
@@ -252,7 +268,18 @@ pub fn parse(value: serde_json::Value) -> Parsed {
         Kind::Pod => typed(&oref, value).map(Object::Pod),
         Kind::Service => typed(&oref, value).map(Object::Service),
         Kind::EndpointSlice => typed(&oref, value).map(Object::EndpointSlice),
-        _ => Err(vec![ObjectError::new(&oref, "kind", "not readable yet")]),
+        _ => match IstioConfig::parse(value) {
+            Ok((config, ignored)) => {
+                for field in ignored {
+                    tracing::debug!(object = %oref, %field, "ignoring a field Istio's schema does not know");
+                }
+                Ok(Object::Istio(config))
+            }
+            Err(errors) => Err(errors
+                .into_iter()
+                .map(|e| ObjectError::new(&oref, e.field, e.message))
+                .collect()),
+        },
     };
     match result {
         Ok(o) => Parsed::Object(o),

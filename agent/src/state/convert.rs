@@ -16,12 +16,14 @@ use crate::config::{
 };
 
 /// A state item built from one object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Item {
     Namespace(Namespace),
     Workload(Workload),
     Service(Service),
     Slice(EndpointSlice),
+    /// Istio objects are validated when parsed (`config::istio`); the state keeps them whole.
+    Istio(std::sync::Arc<crate::config::istio::IstioConfig>),
 }
 
 /// A converted object and the non-fatal problems found in it.
@@ -222,6 +224,7 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                 selector: spec.selector.clone().unwrap_or_default(),
             })
         }
+        Object::Istio(config) => Item::Istio(std::sync::Arc::new(config.clone())),
         Object::EndpointSlice(slice) => {
             let service = slice
                 .metadata
@@ -323,5 +326,13 @@ pub fn item_ref(item: &Item) -> ObjectRef {
         Item::Workload(w) => ObjectRef::new(Kind::Pod, w.namespace.clone(), w.name.clone()),
         Item::Service(s) => ObjectRef::new(Kind::Service, s.namespace.clone(), s.name.clone()),
         Item::Slice(s) => ObjectRef::new(Kind::EndpointSlice, s.namespace.clone(), s.name.clone()),
+        Item::Istio(c) => ObjectRef::new(
+            crate::config::object::istio_kind(c.kind()),
+            c.metadata()
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            c.metadata().name.clone().unwrap_or_default(),
+        ),
     }
 }

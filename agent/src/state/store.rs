@@ -9,8 +9,9 @@ use arc_swap::ArcSwap;
 use tracing::{debug, warn};
 
 use super::convert::{convert, item_ref, Item};
-use super::{key, Key, State};
-use crate::config::{Kind, ObjectError, ObjectRef, SourceEvent};
+use super::{fqdn, istio_key, key, Key, State};
+use crate::config::istio::{undefined_subsets, IstioConfig};
+use crate::config::{Kind, Object, ObjectError, ObjectRef, SourceEvent};
 
 /// The latest published snapshot, shared with the data path.
 pub type StateReader = Arc<ArcSwap<State>>;
@@ -98,7 +99,11 @@ impl Store {
                 // Problems of objects no longer listed at all are stale too.
                 self.errors
                     .retain(|r, _| !kinds.contains(&r.kind) || present.contains(r));
-                for o in objects {
+                // VirtualServices last: their subsets are checked against this batch's DestinationRules.
+                let (vs, rest): (Vec<Object>, Vec<Object>) = objects
+                    .into_iter()
+                    .partition(|o| matches!(o, Object::Istio(IstioConfig::VirtualService(_))));
+                for o in rest.into_iter().chain(vs) {
                     let origin = origins.get(&o.object_ref()).cloned();
                     self.apply_one(o, origin);
                 }
@@ -109,8 +114,25 @@ impl Store {
         }
     }
 
-    fn apply_one(&mut self, obj: crate::config::Object, origin: Option<String>) {
+    fn apply_one(&mut self, obj: Object, origin: Option<String>) {
         let oref = obj.object_ref();
+        // Cross-object rule: a route to a subset no DestinationRule defines is rejected.
+        if let Object::Istio(IstioConfig::VirtualService(vs)) = &obj {
+            let ns = oref.namespace.clone();
+            let missing = undefined_subsets(&vs.spec, |host, subset| {
+                self.state.has_subset(host, &ns, subset)
+            });
+            if !missing.is_empty() {
+                let errors: Vec<ObjectError> = missing
+                    .into_iter()
+                    .map(|e| ObjectError {
+                        location: origin.clone(),
+                        ..ObjectError::new(&oref, e.field, e.message)
+                    })
+                    .collect();
+                return self.reject(oref, errors);
+            }
+        }
         let locate = |mut list: Vec<ObjectError>| {
             for e in &mut list {
                 e.location = e.location.take().or_else(|| origin.clone());
@@ -163,7 +185,13 @@ impl Store {
                     }))
                 }
                 Kind::EndpointSlice => out.extend(self.slice_owner.keys().cloned()),
-                _ => {}
+                istio => out.extend(
+                    self.state
+                        .istio
+                        .values()
+                        .map(|c| super::convert::item_ref(&Item::Istio(c.clone())))
+                        .filter(|r| r.kind == *istio),
+                ),
             }
         }
         out
@@ -225,6 +253,36 @@ impl Store {
                 s.slices.insert(owner.clone(), slices);
                 self.slice_owner.insert(oref, owner);
             }
+            Item::Istio(config) => {
+                self.remove(&oref);
+                let s = &mut self.state;
+                let k = istio_key(oref.kind, &oref.namespace, &oref.name);
+                for host in istio_hosts(&config, &oref.namespace, &s.domain) {
+                    let entry = (oref.kind, Arc::from(host.as_str()));
+                    let mut set = s.istio_by_host.get(&entry).cloned().unwrap_or_default();
+                    set.insert(k.clone());
+                    s.istio_by_host.insert(entry, set);
+                }
+                let entry = (oref.kind, Arc::from(oref.namespace.as_str()));
+                let mut set = s
+                    .istio_by_namespace
+                    .get(&entry)
+                    .cloned()
+                    .unwrap_or_default();
+                set.insert(k.clone());
+                s.istio_by_namespace.insert(entry, set);
+                if let IstioConfig::ServiceEntry(se) = &*config {
+                    for ip in se
+                        .spec
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                    {
+                        s.service_entry_by_address.insert(ip, k.clone());
+                    }
+                }
+                s.istio.insert(k, config);
+            }
         }
         self.changed = true;
     }
@@ -274,13 +332,56 @@ impl Store {
                 }
                 None => false,
             },
-            other => {
-                debug!(kind = %other, "no state for this kind yet");
-                false
+            istio => {
+                let k = istio_key(istio, &oref.namespace, &oref.name);
+                match s.istio.remove(&k) {
+                    Some(old) => {
+                        for host in istio_hosts(&old, &oref.namespace, &s.domain) {
+                            let entry = (istio, Arc::from(host.as_str()));
+                            if let Some(mut set) = s.istio_by_host.get(&entry).cloned() {
+                                set.remove(&k);
+                                if set.is_empty() {
+                                    s.istio_by_host.remove(&entry);
+                                } else {
+                                    s.istio_by_host.insert(entry, set);
+                                }
+                            }
+                        }
+                        let entry = (istio, Arc::from(oref.namespace.as_str()));
+                        if let Some(mut set) = s.istio_by_namespace.get(&entry).cloned() {
+                            set.remove(&k);
+                            if set.is_empty() {
+                                s.istio_by_namespace.remove(&entry);
+                            } else {
+                                s.istio_by_namespace.insert(entry, set);
+                            }
+                        }
+                        s.service_entry_by_address.retain(|_, v| *v != k);
+                        true
+                    }
+                    None => {
+                        debug!(object = %oref, "delete of an object not in the state");
+                        false
+                    }
+                }
             }
         };
         self.changed |= removed;
     }
+}
+
+/// Fully qualified hosts an Istio object is indexed under.
+fn istio_hosts(config: &IstioConfig, namespace: &str, domain: &str) -> Vec<String> {
+    let hosts: Vec<&String> = match config {
+        IstioConfig::VirtualService(o) => o.spec.hosts.iter().collect(),
+        IstioConfig::DestinationRule(o) => vec![&o.spec.host],
+        IstioConfig::ServiceEntry(o) => o.spec.hosts.iter().collect(),
+        IstioConfig::AuthorizationPolicy(_) | IstioConfig::PeerAuthentication(_) => Vec::new(),
+    };
+    hosts
+        .into_iter()
+        .map(|h| fqdn(h, namespace, domain))
+        .collect()
 }
 
 fn set_or_clear(

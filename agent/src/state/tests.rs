@@ -149,6 +149,9 @@ fn lookups_by_destination() {
                 port.and_then(|p| p.name).unwrap_or_else(|| "-".into())
             ),
             Some(Destination::Workload(w)) => format!("workload {}/{}", w.namespace, w.name),
+            Some(Destination::ServiceEntry(se)) => {
+                format!("service entry {:?}", se.metadata().name)
+            }
             None => "none".into(),
         };
         assert_eq!(got, want, "{addr}");
@@ -349,5 +352,226 @@ fn a_broken_file_keeps_its_objects_last_good_versions() {
         source.file_errors.iter().any(|e| e.path.contains("a.yaml")),
         "{:?}",
         source.file_errors
+    );
+}
+
+/// Istio's documented examples (bookinfo, istio.io/latest/docs/reference/config/...), trimmed.
+const ISTIO: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-route, namespace: mesh}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 75}
+    - {destination: {host: reviews, subset: v3}, weight: 25}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews-destination, namespace: mesh}
+spec:
+  host: reviews.mesh.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: external-svc-mongocluster, namespace: mesh}
+spec:
+  hosts: [mymongodb.somedomain]
+  addresses: [192.192.192.192/24]
+  ports: [{number: 27018, name: mongodb, protocol: MONGO}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{address: 2.2.2.2}, {address: 3.3.3.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external-api, namespace: mesh}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.10]
+  ports: [{number: 443, name: https, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-method-get, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules: [{from: [{source: {notNamespaces: [mesh]}}], to: [{operation: {ports: ["9080"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: mesh}
+spec: {}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: reviews, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {"9080": {mode: DISABLE}}
+"#;
+
+#[test]
+fn istio_objects_load_and_are_indexed() {
+    let store = store_from(&format!("{CLUSTER}\n---\n{ISTIO}"));
+    assert!(store.errors().is_empty(), "{:#?}", store.errors());
+    let state = store.reader().load_full();
+    let host = "reviews.mesh.svc.cluster.local";
+    // Table: (kind, host or namespace, expected object names).
+    let by_host = [
+        (Kind::VirtualService, host, vec!["reviews-route"]),
+        (Kind::DestinationRule, host, vec!["reviews-destination"]),
+        (
+            Kind::ServiceEntry,
+            "mymongodb.somedomain",
+            vec!["external-svc-mongocluster"],
+        ),
+        (
+            Kind::VirtualService,
+            "ratings.mesh.svc.cluster.local",
+            vec![],
+        ),
+    ];
+    for (kind, h, want) in by_host {
+        let got: Vec<String> = state
+            .istio_for_host(kind, h)
+            .iter()
+            .map(|c| c.metadata().name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(got, want, "{kind} for host {h}");
+    }
+    let by_ns = [
+        (
+            Kind::AuthorizationPolicy,
+            "mesh",
+            vec!["allow-nothing", "deny-method-get"],
+        ),
+        (Kind::PeerAuthentication, "istio-system", vec!["default"]),
+        (Kind::PeerAuthentication, "mesh", vec!["reviews"]),
+        (Kind::AuthorizationPolicy, "plain", vec![]),
+    ];
+    for (kind, ns, want) in by_ns {
+        let got: Vec<String> = state
+            .istio_in_namespace(kind, ns)
+            .iter()
+            .map(|c| c.metadata().name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(got, want, "{kind} in {ns}");
+    }
+    assert!(
+        state.has_subset("reviews", "mesh", "v2") && !state.has_subset("reviews", "mesh", "v4")
+    );
+    match state.destination("240.0.0.10:443".parse().unwrap()) {
+        Some(Destination::ServiceEntry(se)) => {
+            assert_eq!(se.metadata().name.as_deref(), Some("external-api"))
+        }
+        other => panic!("ServiceEntry address lookup: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_istio_objects_are_rejected_alone_and_the_last_good_version_stays() {
+    let mut store = store_from(&format!("{CLUSTER}\n---\n{ISTIO}"));
+    let broken = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-route, namespace: mesh}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v4}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-method-get, namespace: mesh}
+spec: {action: DENNY}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external-api, namespace: mesh}
+spec: {hosts: [api.example.com], addresses: [240.0.0.300/33], ports: [{number: 443, name: https, protocol: TLS}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: regex, namespace: mesh}
+spec:
+  hosts: [ratings]
+  http: [{match: [{uri: {regex: "(unclosed"}}], route: [{destination: {host: ratings}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: custom, namespace: mesh}
+spec: {action: CUSTOM, provider: {name: ext-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: fresh, namespace: plain}
+spec: {mtls: {mode: STRICT}}
+"#;
+    let mut l = Loaded::default();
+    load_text(
+        &mut l,
+        Path::new("t.yaml"),
+        &format!("{CLUSTER}\n---\n{ISTIO}"),
+    );
+    load_text(&mut l, Path::new("istio.yaml"), broken);
+    store.apply(l.into_event());
+    store.publish();
+    let msgs: Vec<String> = store.errors().iter().map(ToString::to_string).collect();
+    let expect = [
+        (
+            "VirtualService mesh/reviews-route",
+            "spec.http[0].route[0].destination.subset",
+        ),
+        ("AuthorizationPolicy mesh/deny-method-get", "spec.action"),
+        ("ServiceEntry mesh/external-api", "spec.addresses[0]"),
+        (
+            "VirtualService mesh/regex",
+            "spec.http[0].match[0].uri.regex",
+        ),
+        ("AuthorizationPolicy mesh/custom", "spec.action"),
+    ];
+    for (object, field) in expect {
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains(object) && m.contains(field) && m.contains("istio.yaml")),
+            "expected an error naming {object} and {field}: {msgs:#?}"
+        );
+    }
+    let state = store.reader().load_full();
+    let vs = state.istio_for_host(Kind::VirtualService, "reviews.mesh.svc.cluster.local");
+    assert_eq!(vs.len(), 1, "the last good VirtualService stays");
+    assert!(
+        state
+            .istio_in_namespace(Kind::AuthorizationPolicy, "mesh")
+            .len()
+            == 2,
+        "last good policies stay; CUSTOM not added"
+    );
+    assert!(matches!(
+        state.destination("240.0.0.10:443".parse().unwrap()),
+        Some(Destination::ServiceEntry(_))
+    ));
+    assert_eq!(
+        state
+            .istio_in_namespace(Kind::PeerAuthentication, "plain")
+            .len(),
+        1,
+        "the valid object applied"
     );
 }

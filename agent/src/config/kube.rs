@@ -1,0 +1,385 @@
+//! The Kubernetes source: one watch per kind over the API server, every object parsed through the
+//! same [`parse`] as the file source, emitted as [`SourceEvent`]s for `state::Store`. A (re-)list
+//! becomes one `Replace` of that kind, so the store never sees a gap; watch errors are counted,
+//! logged and retried with kube's default backoff, and never end the watch.
+//!
+//! Watches are lean: no reflector cache (the store keeps the converted items), and managed fields
+//! and the last-applied annotation are dropped before parsing.
+
+mod discover;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::kube::api::{Api, ApiResource, DynamicObject};
+use ::kube::runtime::watcher::{self, watcher, Event};
+use ::kube::runtime::WatchStreamExt;
+use ::kube::Client;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{parse, Kind, Object, ObjectError, ObjectRef, Parsed, SourceEvent};
+use discover::Discovered;
+
+/// `kubectl apply` keeps a full copy of the object here; ambit never reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// How often to look again for an Istio CRD that is not installed (or whose discovery failed).
+pub const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("no Kubernetes credentials (in-cluster service account or KUBECONFIG): {source}")]
+    Credentials {
+        #[source]
+        source: ::kube::Error,
+    },
+}
+
+impl KubeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            KubeError::Credentials { .. } => "credentials",
+        }
+    }
+}
+
+/// Counters of one kind's watch.
+#[derive(Debug, Default)]
+struct KindStats {
+    watch_errors: AtomicU64,
+    lists: AtomicU64,
+    relists: AtomicU64,
+    discovery_errors: AtomicU64,
+    /// Set once a watch runs: the served `apiVersion` it uses.
+    api_version: Mutex<Option<String>>,
+    not_installed: AtomicBool,
+}
+
+/// Per-kind counters of a [`KubeSource`], shared with whoever reports them (status, metrics).
+#[derive(Debug)]
+pub struct KubeStats {
+    kinds: BTreeMap<Kind, KindStats>,
+}
+
+/// A copy of one kind's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KindCounters {
+    /// Errors of the list or watch (each one retried after a backoff).
+    pub watch_errors: u64,
+    /// Completed lists, the first included.
+    pub lists: u64,
+    /// Completed lists after the first (resource version expired, watch failed for good).
+    pub relists: u64,
+    /// Failed attempts to find which version of an Istio CRD is served.
+    pub discovery_errors: u64,
+    /// The `apiVersion` watched, once the watch started.
+    pub api_version: Option<String>,
+    /// The CRD was not installed at the last look.
+    pub not_installed: bool,
+}
+
+impl KubeStats {
+    fn new() -> Self {
+        KubeStats {
+            kinds: Kind::ALL
+                .iter()
+                .map(|k| (*k, KindStats::default()))
+                .collect(),
+        }
+    }
+
+    /// The counters of one kind.
+    pub fn kind(&self, kind: Kind) -> KindCounters {
+        let Some(s) = self.kinds.get(&kind) else {
+            return KindCounters::default();
+        };
+        KindCounters {
+            watch_errors: s.watch_errors.load(Ordering::Relaxed),
+            lists: s.lists.load(Ordering::Relaxed),
+            relists: s.relists.load(Ordering::Relaxed),
+            discovery_errors: s.discovery_errors.load(Ordering::Relaxed),
+            api_version: lock(&s.api_version).clone(),
+            not_installed: s.not_installed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Watch errors of one kind since start.
+    pub fn watch_errors(&self, kind: Kind) -> u64 {
+        self.kind(kind).watch_errors
+    }
+
+    /// Re-lists of one kind since start.
+    pub fn relists(&self, kind: Kind) -> u64 {
+        self.kind(kind).relists
+    }
+
+    /// Every kind's counters.
+    pub fn all(&self) -> BTreeMap<Kind, KindCounters> {
+        self.kinds.keys().map(|k| (*k, self.kind(*k))).collect()
+    }
+
+    fn get(&self, kind: Kind) -> &KindStats {
+        // Every kind is inserted by `new`; the fallback only keeps this total.
+        static NONE: std::sync::OnceLock<KindStats> = std::sync::OnceLock::new();
+        self.kinds
+            .get(&kind)
+            .unwrap_or_else(|| NONE.get_or_init(KindStats::default))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Watches the API server and sends what it sees to the store's channel.
+pub struct KubeSource {
+    client: Client,
+    events: mpsc::Sender<SourceEvent>,
+    kinds: Vec<Kind>,
+    discovery_retry: Duration,
+    stats: Arc<KubeStats>,
+}
+
+impl KubeSource {
+    /// A source watching every kind ambit reads, cluster-wide.
+    pub fn new(client: Client, events: mpsc::Sender<SourceEvent>) -> Self {
+        KubeSource {
+            client,
+            events,
+            kinds: Kind::ALL.to_vec(),
+            discovery_retry: DISCOVERY_RETRY,
+            stats: Arc::new(KubeStats::new()),
+        }
+    }
+
+    /// A source with the in-cluster service account, or KUBECONFIG / `~/.kube/config` outside a
+    /// cluster (`kube::Client::try_default`).
+    pub async fn from_env(events: mpsc::Sender<SourceEvent>) -> Result<Self, KubeError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|source| KubeError::Credentials { source })?;
+        Ok(KubeSource::new(client, events))
+    }
+
+    /// Watches only these kinds (duplicates are ignored).
+    pub fn with_kinds(mut self, kinds: &[Kind]) -> Self {
+        let mut kinds = kinds.to_vec();
+        kinds.sort();
+        kinds.dedup();
+        self.kinds = kinds;
+        self
+    }
+
+    /// How long to wait before looking again for a CRD that is missing.
+    pub fn with_discovery_retry(mut self, every: Duration) -> Self {
+        self.discovery_retry = every;
+        self
+    }
+
+    pub fn stats(&self) -> Arc<KubeStats> {
+        self.stats.clone()
+    }
+
+    /// Watches until the receiving end of the channel is dropped. Errors never end it.
+    pub async fn run(self) {
+        futures::future::join_all(self.kinds.iter().map(|k| self.run_kind(*k))).await;
+        debug!("kube source stopped: the receiver is gone");
+    }
+
+    async fn run_kind(&self, kind: Kind) {
+        let stats = self.stats.get(kind);
+        loop {
+            let ar = match discover::resource(&self.client, kind).await {
+                Discovered::Served(ar) => ar,
+                Discovered::NotInstalled => {
+                    if !stats.not_installed.swap(true, Ordering::Relaxed) {
+                        info!(%kind, retry_secs = self.discovery_retry.as_secs(), "CRD not installed; looking again periodically");
+                    }
+                    if !self.wait(self.discovery_retry).await {
+                        return;
+                    }
+                    continue;
+                }
+                Discovered::Failed(e) => {
+                    stats.discovery_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(%kind, error = %e, retry_secs = self.discovery_retry.as_secs(), "cannot discover the served version");
+                    if !self.wait(self.discovery_retry).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if stats.not_installed.swap(false, Ordering::Relaxed) {
+                info!(%kind, api_version = %ar.api_version, "CRD installed");
+            }
+            *lock(&stats.api_version) = Some(ar.api_version.clone());
+            match self.watch(kind, &ar).await {
+                WatchEnd::ReceiverGone => return,
+                // The resource went away (CRD deleted): find it again.
+                WatchEnd::Gone => {
+                    *lock(&stats.api_version) = None;
+                    continue;
+                }
+            }
+        }
+    }
+
+    /// Sleeps, unless the receiver goes away first (false then).
+    async fn wait(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.events.closed() => false,
+        }
+    }
+
+    async fn watch(&self, kind: Kind, ar: &ApiResource) -> WatchEnd {
+        let stats = self.stats.get(kind);
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+        // `Any`: the first list is served from the API server's watch cache (resourceVersion=0), as
+        // client-go's informers do; cheap for the server with many pods.
+        let config = watcher::Config::default().any_semantic();
+        let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut listing: Option<Listing> = None;
+        let mut consecutive_not_found = 0u32;
+        loop {
+            let event = tokio::select! {
+                e = stream.next() => e,
+                // Nobody listens any more: stop even if the watch is quiet.
+                _ = self.events.closed() => return WatchEnd::ReceiverGone,
+            };
+            // `watcher` streams never end; if one did, start over.
+            let Some(event) = event else {
+                return WatchEnd::Gone;
+            };
+            let out = match event {
+                Ok(Event::Init) => {
+                    listing = Some(Listing::default());
+                    None
+                }
+                Ok(Event::InitApply(o)) => {
+                    listing
+                        .get_or_insert_with(Listing::default)
+                        .add(kind, parse_dynamic(ar, o));
+                    None
+                }
+                Ok(Event::InitDone) => {
+                    consecutive_not_found = 0;
+                    let l = listing.take().unwrap_or_default();
+                    if stats.lists.fetch_add(1, Ordering::Relaxed) > 0 {
+                        stats.relists.fetch_add(1, Ordering::Relaxed);
+                    }
+                    debug!(%kind, objects = l.objects.len(), rejected = l.rejected.len(), "listed");
+                    Some(SourceEvent::Replace {
+                        kinds: vec![kind],
+                        objects: l.objects,
+                        rejected: l.rejected,
+                        origins: BTreeMap::new(),
+                    })
+                }
+                Ok(Event::Apply(o)) => match parse_dynamic(ar, o) {
+                    Parsed::Object(o) => Some(SourceEvent::Apply(o)),
+                    Parsed::Rejected(r, e) => Some(SourceEvent::Reject(r, e)),
+                    Parsed::Ignored { api_version, kind } => {
+                        debug!(%api_version, %kind, "ignoring an object ambit does not read");
+                        None
+                    }
+                },
+                Ok(Event::Delete(o)) => Some(SourceEvent::Delete(object_ref(kind, &o))),
+                Err(e) => {
+                    stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(%kind, error = %e, "watch error; retrying after a backoff");
+                    if discover::api_group(kind).is_some() && is_not_found(&e) {
+                        consecutive_not_found += 1;
+                        // A CRD deleted (or its version no longer served) answers 404 for good.
+                        if consecutive_not_found >= 3 {
+                            info!(%kind, "resource no longer served; discovering again");
+                            return WatchEnd::Gone;
+                        }
+                    }
+                    None
+                }
+            };
+            if let Some(out) = out {
+                if self.events.send(out).await.is_err() {
+                    return WatchEnd::ReceiverGone;
+                }
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    ReceiverGone,
+    Gone,
+}
+
+/// Objects of one (re-)list, parsed as they arrive so only the typed objects are buffered.
+#[derive(Default)]
+struct Listing {
+    objects: Vec<Object>,
+    rejected: Vec<(ObjectRef, Vec<ObjectError>)>,
+}
+
+impl Listing {
+    fn add(&mut self, kind: Kind, parsed: Parsed) {
+        match parsed {
+            Parsed::Object(o) => self.objects.push(o),
+            Parsed::Rejected(r, e) => self.rejected.push((r, e)),
+            Parsed::Ignored { api_version, .. } => {
+                debug!(%kind, %api_version, "ignoring an object ambit does not read");
+            }
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    let inner = match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => e,
+        watcher::Error::WatchError(s) => return s.code == 404,
+        _ => return false,
+    };
+    // Not `Status::is_not_found`: kube 5.0 ignores the code when the body is not a Status.
+    matches!(inner, ::kube::Error::Api(s) if s.code == 404)
+}
+
+/// The object as JSON, typed by the resource it was watched from (list items carry no
+/// `apiVersion`/`kind`), without the fields ambit never reads, then [`parse`]d.
+fn parse_dynamic(ar: &ApiResource, mut o: DynamicObject) -> Parsed {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+    let mut map = match std::mem::take(&mut o.data) {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    map.insert("apiVersion".into(), ar.api_version.clone().into());
+    map.insert("kind".into(), ar.kind.clone().into());
+    // ObjectMeta always serializes (string keys only); a failure would show as a missing name.
+    let meta = serde_json::to_value(&o.metadata).unwrap_or_default();
+    map.insert("metadata".into(), meta);
+    parse(serde_json::Value::Object(map))
+}
+
+/// Names a deleted object the way [`parse`] names it.
+fn object_ref(kind: Kind, o: &DynamicObject) -> ObjectRef {
+    let namespace = if kind.is_namespaced() {
+        o.metadata.namespace.as_deref().unwrap_or("default")
+    } else {
+        ""
+    };
+    ObjectRef::new(
+        kind,
+        namespace,
+        o.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests;
