@@ -21,6 +21,7 @@ struct Size {
     pods: usize,
     endpoints_per_slice: usize,
     namespaces: usize,
+    policies: usize,
 }
 
 fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
@@ -69,6 +70,18 @@ fn pod(i: usize, ns: &str, generation: usize) -> Object {
 
 fn cluster(size: &Size) -> Vec<Object> {
     let mut out = Vec::new();
+    each_object(size, |o| out.push(o));
+    out
+}
+
+/// Generates the cluster one object at a time, so a consumer can apply and drop each.
+fn each_object(size: &Size, mut emit: impl FnMut(Object)) {
+    let out = &mut Vec::new();
+    let mut flush = |out: &mut Vec<Object>| {
+        for o in out.drain(..) {
+            emit(o);
+        }
+    };
     for n in 0..size.namespaces {
         out.push(Object::Namespace(Box::new(
             k8s_openapi::api::core::v1::Namespace {
@@ -85,6 +98,7 @@ fn cluster(size: &Size) -> Vec<Object> {
     }
     for i in 0..size.pods {
         out.push(pod(i, &format!("ns-{}", i % size.namespaces), 0));
+        flush(out);
     }
     for s in 0..size.services {
         let ns = format!("ns-{}", s % size.namespaces);
@@ -126,8 +140,28 @@ fn cluster(size: &Size) -> Vec<Object> {
                     .collect(),
             ),
         })));
+        flush(out);
     }
-    out
+    for p in 0..size.policies {
+        let ns = format!("ns-{}", p % size.namespaces);
+        let value = serde_json::json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": format!("policy-{p}"), "namespace": ns},
+            "spec": {
+                "selector": {"matchLabels": {"app": format!("svc-{}", p % size.services)}},
+                "action": if p % 10 == 0 { "DENY" } else { "ALLOW" },
+                "rules": [{"from": [{"source": {"principals": [format!("cluster.local/ns/{ns}/sa/client-{p}")]}}],
+                           "to": [{"operation": {"ports": ["8080"]}}]}]
+            }
+        });
+        match ambit::config::parse(value) {
+            ambit::config::Parsed::Object(o) => out.push(o),
+            other => panic!("generated policy does not parse: {other:?}"),
+        }
+        flush(out);
+    }
+    flush(out);
 }
 
 fn rss_bytes() -> u64 {
@@ -159,18 +193,41 @@ fn main() {
         pods: arg("--pods", 50_000),
         endpoints_per_slice: arg("--endpoints-per-slice", 10),
         namespaces: arg("--namespaces", 100),
+        policies: arg("--policies", 2_000),
     };
     println!(
-        "state benchmark: {} services, {} pods, {} endpoints, {} namespaces; policies: not modelled yet (Istio kinds land next)",
+        "state benchmark: {} services, {} pods, {} endpoints, {} namespaces, {} AuthorizationPolicies",
         size.services,
         size.pods,
         size.services * size.endpoints_per_slice,
-        size.namespaces
+        size.namespaces,
+        size.policies
     );
 
-    // Build the objects first so their own memory is not counted as the state's.
-    let objects = cluster(&size);
+    // Memory: objects are generated, applied one at a time (as watch events arrive) and dropped,
+    // so the RSS growth is the state's own footprint plus allocator overhead.
     let before = rss_bytes();
+    let mut store = Store::new("cluster.local");
+    each_object(&size, |o| store.apply(SourceEvent::Apply(o)));
+    store.publish();
+    let after = rss_bytes();
+    assert_eq!(
+        store.reader().load().workloads.len(),
+        size.pods,
+        "every pod is in the state"
+    );
+    println!(
+        "RSS growth:          {:>10.1} MB (state built from {} streamed objects)",
+        after.saturating_sub(before) as f64 / 1e6,
+        store.state().workloads.len()
+            + store.state().services.len() * 2
+            + size.policies
+            + size.namespaces
+    );
+    drop(store);
+
+    // Full rebuild time: one Replace of everything (an initial list / a reload), into a new store.
+    let objects = cluster(&size);
     let mut store = Store::new("cluster.local");
     let t = Instant::now();
     store.apply(SourceEvent::Replace {
@@ -181,22 +238,21 @@ fn main() {
     });
     store.publish();
     let rebuild = t.elapsed();
-    let after = rss_bytes();
     let reader = store.reader();
     assert_eq!(
         reader.load().workloads.len(),
         size.pods,
         "every pod is in the state"
     );
+    assert!(
+        store.errors().is_empty(),
+        "generated objects are valid: {:?}",
+        &store.errors()[..store.errors().len().min(3)]
+    );
     println!(
         "full rebuild:        {:>10.1} ms",
         rebuild.as_secs_f64() * 1e3
     );
-    println!(
-        "RSS growth:          {:>10.1} MB (objects parsed beforehand and freed after)",
-        (after.saturating_sub(before)) as f64 / 1e6
-    );
-    println!("RSS total:           {:>10.1} MB", after as f64 / 1e6);
 
     // A second full rebuild over the same objects (a re-list): nothing changes, nothing published.
     let again = cluster(&size);

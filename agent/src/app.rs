@@ -11,9 +11,10 @@ use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::config::files::FileSource;
+use crate::config::kube::KubeSource;
 use crate::config::DEFAULT_DOMAIN;
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
-use crate::node::discovery::{desired_pods, AnnotatedNetns};
+use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
 use crate::node::Node;
 use crate::proxy::{Metrics, ProxyInputs};
 use crate::state::store::Store;
@@ -30,15 +31,27 @@ pub enum AppError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
+    #[error("Kubernetes source")]
+    Kube(#[source] crate::config::kube::KubeError),
     #[error("listing node addresses: {0}")]
     NodeAddresses(#[source] nix::Error),
+}
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// Local mode: a YAML file or directory; pods' netns named by annotation.
+    Files(PathBuf),
+    /// A cluster: the API server (in-cluster service account or KUBECONFIG); pods' netns found
+    /// under /proc by pod UID (needs hostPID).
+    Kubernetes,
 }
 
 /// The agent's resolved configuration (built and validated by main from flags/env).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
-    pub config_path: PathBuf,
+    pub source: ConfigSource,
     pub capture: CaptureConfig,
     /// Network namespace to run in (the node's); None = the current one.
     pub host_netns: Option<PathBuf>,
@@ -77,6 +90,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         .build()
         .map_err(AppError::Runtime)?;
 
+    // A cluster source must have credentials before anything is installed on the node.
+    let kube_events = match cfg.source {
+        ConfigSource::Kubernetes => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let source = control
+                .block_on(KubeSource::from_env(tx))
+                .map_err(AppError::Kube)?;
+            control.spawn(source.run());
+            Some(rx)
+        }
+        ConfigSource::Files(_) => None,
+    };
     let mut capture = Capture::install(&cfg.capture)?;
     let exempt = match &cfg.exempt_sources {
         Some(ips) => ips.clone(),
@@ -90,7 +115,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     });
     let mut node = Node::new(capture, pi.clone(), data_plane.handle().clone());
 
-    control.block_on(control_loop(&cfg, &mut node, &pi));
+    control.block_on(control_loop(&cfg, &mut node, &pi, kube_events));
 
     if cfg.uninstall_on_exit {
         node.unenrol_all();
@@ -105,7 +130,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
+async fn control_loop(
+    cfg: &AgentConfig,
+    node: &mut Node,
+    pi: &ProxyInputs,
+    mut kube_events: Option<tokio::sync::mpsc::Receiver<crate::config::SourceEvent>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -114,10 +144,21 @@ async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
         error!("cannot install signal handlers");
         return;
     };
-    let resolver = AnnotatedNetns {
-        dir: PathBuf::from("/var/run/netns"),
+    // Files: polled on every tick. Kubernetes: watch events arrive on a channel.
+    let (mut files, resolver): (Option<FileSource>, Box<dyn NetnsResolver>) = match &cfg.source {
+        ConfigSource::Files(path) => (
+            Some(FileSource::new(path)),
+            Box::new(AnnotatedNetns {
+                dir: PathBuf::from("/var/run/netns"),
+            }),
+        ),
+        ConfigSource::Kubernetes => (
+            None,
+            Box::new(ProcNetns {
+                proc_root: PathBuf::from("/proc"),
+            }),
+        ),
     };
-    let mut source = FileSource::new(&cfg.config_path);
     let mut store = Store::new(DEFAULT_DOMAIN);
     let mut ticker = tokio::time::interval(cfg.poll_interval);
     let mut problems: Vec<String> = Vec::new();
@@ -129,21 +170,32 @@ async fn control_loop(cfg: &AgentConfig, node: &mut Node, pi: &ProxyInputs) {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = ticker.tick() => {}
+            Some(event) = async { kube_events.as_mut()?.recv().await }, if kube_events.is_some() => {
+                store.apply(event);
+                // Apply whatever else is queued before reconciling once.
+                while let Some(Ok(e)) = kube_events.as_mut().map(|rx| rx.try_recv()) {
+                    store.apply(e);
+                }
+            }
         }
-        if let Some(event) = source.poll() {
+        if let Some(event) = files.as_mut().and_then(FileSource::poll) {
             store.apply(event);
-            store.publish();
+        }
+        if store.publish() || std::mem::take(&mut first) {
             generation += 1;
             let state = store.reader().load_full();
-            let (desired, enrol_problems) = desired_pods(&state, &cfg.node, &resolver);
-            problems = source.file_errors.iter().map(ToString::to_string).collect();
+            let (desired, enrol_problems) = desired_pods(&state, &cfg.node, resolver.as_ref());
+            problems = files
+                .iter()
+                .flat_map(|f| f.file_errors.iter().map(ToString::to_string))
+                .collect();
             problems.extend(store.errors().iter().map(ToString::to_string));
             problems.extend(enrol_problems);
             problems.extend(node.reconcile(&desired).iter().map(ToString::to_string));
             for p in &problems {
                 warn!(problem = %p, "config problem");
             }
-            if std::mem::take(&mut first) {
+            if generation == 1 {
                 // Adopted state of pods that are gone now (they vanished while no agent ran).
                 node.prune_adopted();
             }

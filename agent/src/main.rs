@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ambit::app::{self, AgentConfig};
+use ambit::app::{self, AgentConfig, ConfigSource};
 use ambit::ebpf::CaptureConfig;
 use clap::{Parser, Subcommand};
 
@@ -49,9 +49,12 @@ struct RunArgs {
     /// This node's name (pods with spec.nodeName equal to it are enrolled).
     #[arg(long, env = "AMBIT_NODE")]
     node: String,
-    /// YAML file or directory (local mode's control plane): Pods and Namespaces.
-    #[arg(long, env = "AMBIT_CONFIG")]
-    config: PathBuf,
+    /// YAML file or directory (local mode's control plane): Kubernetes and Istio objects.
+    #[arg(long, env = "AMBIT_CONFIG", conflicts_with = "kube")]
+    config: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster service account or KUBECONFIG) instead of files.
+    #[arg(long, env = "AMBIT_KUBE")]
+    kube: bool,
     /// bpffs directory for this agent's pins.
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
@@ -90,12 +93,23 @@ impl RunArgs {
         if self.node.is_empty() {
             return Err("--node (AMBIT_NODE) must not be empty".into());
         }
-        if !self.config.exists() {
-            return Err(format!(
-                "--config (AMBIT_CONFIG) {}: no such file or directory",
-                self.config.display()
-            ));
-        }
+        let source = match (self.config, self.kube) {
+            (Some(path), false) => {
+                if !path.exists() {
+                    return Err(format!(
+                        "--config (AMBIT_CONFIG) {}: no such file or directory",
+                        path.display()
+                    ));
+                }
+                ConfigSource::Files(path)
+            }
+            (None, true) => ConfigSource::Kubernetes,
+            _ => {
+                return Err(
+                    "give exactly one of --config (AMBIT_CONFIG) and --kube (AMBIT_KUBE)".into(),
+                )
+            }
+        };
         if !self.cgroup.join("cgroup.procs").exists() {
             return Err(format!(
                 "--cgroup (AMBIT_CGROUP) {}: not a cgroup v2 directory",
@@ -110,7 +124,7 @@ impl RunArgs {
         }
         Ok(AgentConfig {
             node: self.node,
-            config_path: self.config,
+            source,
             capture: CaptureConfig {
                 bpffs_root: self.bpffs,
                 cgroup: self.cgroup,

@@ -32,7 +32,7 @@ pub const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("no Kubernetes credentials (in-cluster service account or KUBECONFIG): {source}")]
+    #[error("no Kubernetes credentials (in-cluster service account or KUBECONFIG)")]
     Credentials {
         #[source]
         source: ::kube::Error,

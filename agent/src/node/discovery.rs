@@ -126,3 +126,62 @@ pub fn proc_netns(root: &Path) -> ProcNetns {
         proc_root: root.to_path_buf(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: "web".into(),
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            node: Some("n1".into()),
+            host_network: false,
+            ips: vec![],
+            labels: Default::default(),
+            named_ports: Default::default(),
+            annotations: Default::default(),
+            running: true,
+        }
+    }
+
+    #[test]
+    fn proc_discovery_finds_the_pod_sandbox_by_uid_with_either_cgroup_driver() {
+        let root = std::env::temp_dir().join(format!("ambit-fake-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let proc_entry = |pid: u32, cgroup: &str| {
+            let d = root.join(pid.to_string());
+            std::fs::create_dir_all(d.join("ns")).expect("fake proc");
+            std::fs::write(d.join("cgroup"), cgroup).expect("fake cgroup");
+        };
+        // cgroupfs driver (dashes), systemd driver (underscores), and an unrelated process.
+        proc_entry(300, "0::/kubepods/besteffort/pod1234-abcd/c2\n");
+        proc_entry(200, "0::/kubepods/besteffort/pod1234-abcd/pause\n");
+        proc_entry(400, "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9999_eeee.slice/cri-x.scope\n");
+        proc_entry(100, "0::/system.slice/kubelet.service\n");
+        std::fs::create_dir_all(root.join("self")).expect("non-numeric entry");
+        let r = proc_netns(&root);
+        let found = [
+            r.netns(&workload("1234-abcd")),
+            r.netns(&workload("9999-eeee")),
+            r.netns(&workload("0000-none")),
+        ];
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(
+            found[0].as_ref().expect("cgroupfs pod"),
+            &root.join("200/ns/net"),
+            "lowest pid: the sandbox"
+        );
+        assert_eq!(
+            found[1].as_ref().expect("systemd pod"),
+            &root.join("400/ns/net")
+        );
+        assert!(
+            found[2].as_ref().is_err_and(|e| e.contains("0000-none")),
+            "{:?}",
+            found[2]
+        );
+    }
+}
