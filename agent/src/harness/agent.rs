@@ -185,10 +185,6 @@ impl LocalAgent {
             .arg("--status-file")
             .arg(self.status_path())
             .args(["--poll-ms", "50"])
-            .env(
-                "AMBIT_FAST_PATH",
-                std::env::var("AMBIT_FAST_PATH").unwrap_or_else(|_| "false".into()),
-            )
             .args(&self.extra_args)
             .env(
                 "AMBIT_LOG",
