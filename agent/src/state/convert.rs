@@ -59,22 +59,12 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                 .flatten()
                 .enumerate()
                 .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone()));
-            for (field, s) in status
+            let fields = status
                 .pod_ip
                 .iter()
                 .map(|s| ("status.podIP".to_string(), s.clone()))
-                .chain(listed)
-            {
-                match s.parse::<IpAddr>() {
-                    Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-                    Ok(_) => {}
-                    Err(_) => errors.push(ObjectError::new(
-                        &oref,
-                        field,
-                        format!("{s:?} is not an IP address"),
-                    )),
-                }
-            }
+                .chain(listed);
+            collect_ips(&oref, fields, "is not an IP address", &mut ips, &mut errors);
             let mut named_ports = BTreeMap::new();
             for (ci, c) in spec.containers.iter().enumerate() {
                 for (pi, p) in c.ports.iter().flatten().enumerate() {
@@ -145,29 +135,23 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                 .flatten()
                 .enumerate()
                 .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()));
-            for (field, s) in spec
+            let fields = spec
                 .cluster_ip
                 .iter()
                 .map(|s| ("spec.clusterIP".to_string(), s.clone()))
-                .chain(listed)
-            {
-                if s == "None" {
-                    headless = true;
-                    continue;
-                }
-                if s.is_empty() {
-                    continue;
-                }
-                match s.parse::<IpAddr>() {
-                    Ok(ip) if !vips.contains(&ip) => vips.push(ip),
-                    Ok(_) => {}
-                    Err(_) => errors.push(ObjectError::new(
-                        &oref,
-                        field,
-                        format!("{s:?} is not an IP address or \"None\""),
-                    )),
-                }
-            }
+                .chain(listed);
+            // "None" marks a headless Service; an empty value means "not allocated yet".
+            let fields = fields.filter(|(_, s)| {
+                headless |= s == "None";
+                s != "None" && !s.is_empty()
+            });
+            collect_ips(
+                &oref,
+                fields,
+                "is not an IP address or \"None\"",
+                &mut vips,
+                &mut errors,
+            );
             let mut ports = Vec::new();
             for (i, p) in spec.ports.iter().flatten().enumerate() {
                 let Some(port) = port_number(p.port) else {
@@ -299,6 +283,23 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
         Ok(Converted { item, warnings })
     } else {
         Err(errors)
+    }
+}
+
+/// Parses (field, value) pairs into distinct addresses, reporting each bad value at its field.
+fn collect_ips(
+    oref: &ObjectRef,
+    fields: impl Iterator<Item = (String, String)>,
+    problem: &str,
+    ips: &mut Vec<IpAddr>,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (field, s) in fields {
+        match s.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => errors.push(ObjectError::new(oref, field, format!("{s:?} {problem}"))),
+        }
     }
 }
 
