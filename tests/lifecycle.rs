@@ -77,8 +77,15 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "captured connection");
     let captured_before = agent.counter("proxy.outbound_accepted");
 
+    // Live enrolment latency (printed, not asserted: machines are shared and noisy). The test agent
+    // polls every 50 ms; the default is 200 ms.
+    let t = std::time::Instant::now();
     unlabelled.write(&agent.config_dir());
     let status = agent.wait_enrolled(&[]);
+    eprintln!(
+        "measured: namespace label removed -> pods unenrolled in {:?}",
+        t.elapsed()
+    );
     let sizes = map_sizes(&status);
     // The fast path holds only sockets of connections still open (at most the proxied one kept
     // open here: its two loopback ends); each leaves with its socket, checked at the end.
@@ -126,8 +133,13 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     );
 
     // Re-enrol: captured again, and both earlier connections still work.
+    let t = std::time::Instant::now();
     enrolled.write(&agent.config_dir());
     agent.wait_enrolled(&[&client, &server]);
+    eprintln!(
+        "measured: namespace label added -> pods enrolled in {:?}",
+        t.elapsed()
+    );
     let (_, peer) = open(&client, echo);
     assert_eq!(
         peer.ip(),
@@ -342,4 +354,39 @@ fn two_agents_serve_two_nodes() {
     });
     assert_eq!(a1.counter("proxy.inbound_accepted"), 0);
     assert_eq!(a2.counter("proxy.outbound_accepted"), 0);
+}
+
+#[test]
+fn a_bad_object_is_reported_by_the_running_agent_and_the_rest_applies() {
+    let world = World::new("life-badcfg");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .pod(&client)
+        .write(&agent.config_dir());
+    std::fs::write(
+        agent.config_dir().join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: mesh}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 0}]}\n",
+    )
+    .expect("write broken object");
+    agent.start(&world);
+    let status = agent.wait_enrolled(&[&client]);
+    let errors: Vec<String> = status["config_errors"]
+        .as_array()
+        .expect("config_errors")
+        .iter()
+        .filter_map(|e| e.as_str().map(String::from))
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("broken.yaml")
+            && e.contains("Service mesh/bad")
+            && e.contains("spec.ports[0].port")),
+        "the agent reports the object, its file and its field: {errors:?}"
+    );
+    assert!(
+        status["config_rejected_total"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
 }

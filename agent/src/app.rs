@@ -201,7 +201,15 @@ async fn control_loop(
             }
         }
         seq += 1;
-        write_status(cfg, node, pi, generation, &problems, seq);
+        write_status(
+            cfg,
+            node,
+            pi,
+            generation,
+            &problems,
+            seq,
+            store.rejected_total(),
+        );
     }
 }
 
@@ -242,6 +250,8 @@ pub struct Status<'a> {
     pub generation: u64,
     pub pods: Vec<crate::node::PodStatus>,
     pub config_errors: &'a [String],
+    /// Objects rejected since start (each also logged with its kind/namespace/name and field).
+    pub config_rejected_total: u64,
     pub kernel: crate::ebpf::KernelStats,
     pub maps: std::collections::BTreeMap<&'static str, usize>,
     pub netns_links: Vec<u64>,
@@ -255,6 +265,7 @@ fn write_status(
     generation: u64,
     errors: &[String],
     seq: u64,
+    rejected: u64,
 ) {
     let Some(path) = &cfg.status_file else { return };
     let status = Status {
@@ -263,6 +274,7 @@ fn write_status(
         generation,
         pods: node.pods(),
         config_errors: errors,
+        config_rejected_total: rejected,
         kernel: node.capture().kernel_stats(),
         maps: node.capture().map_sizes(),
         netns_links: node.capture().netns_links(),
