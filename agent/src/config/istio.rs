@@ -51,7 +51,7 @@ impl FieldError {
 
 /// A Kubernetes object carrying an Istio spec. `spec` defaults to empty when absent: Istio's
 /// documented "allow-nothing" AuthorizationPolicy is just `spec: {}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IstioObject<S> {
     pub api_version: String,
@@ -135,7 +135,7 @@ impl IstioKind {
 }
 
 /// One decoded Istio object (boxed: a DestinationRule is much larger than a PeerAuthentication).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum IstioConfig {
     VirtualService(Box<IstioObject<VirtualService>>),
     DestinationRule(Box<IstioObject<DestinationRule>>),

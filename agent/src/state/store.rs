@@ -254,9 +254,12 @@ impl Store {
                 self.slice_owner.insert(oref, owner);
             }
             Item::Istio(config) => {
+                let k = istio_key(oref.kind, &oref.namespace, &oref.name);
+                if s.istio.get(&k).is_some_and(|old| **old == *config) {
+                    return;
+                }
                 self.remove(&oref);
                 let s = &mut self.state;
-                let k = istio_key(oref.kind, &oref.namespace, &oref.name);
                 for host in istio_hosts(&config, &oref.namespace, &s.domain) {
                     let entry = (oref.kind, Arc::from(host.as_str()));
                     let mut set = s.istio_by_host.get(&entry).cloned().unwrap_or_default();

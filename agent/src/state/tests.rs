@@ -575,3 +575,16 @@ spec: {mtls: {mode: STRICT}}
         "the valid object applied"
     );
 }
+
+#[test]
+fn reloading_unchanged_istio_objects_publishes_nothing() {
+    let all = format!("{CLUSTER}\n---\n{ISTIO}");
+    let mut store = store_from(&all);
+    store.apply(replace_from(&all));
+    assert!(
+        !store.publish(),
+        "an unchanged reload must not publish a new snapshot"
+    );
+    store.apply(replace_from(&all.replace("weight: 75", "weight: 70")));
+    assert!(store.publish(), "a changed VirtualService publishes");
+}
