@@ -18,6 +18,12 @@ pub struct Outbound {
 
 impl Outbound {
     pub async fn run(self) {
+        // The listener is bound to one address (127.0.0.1 or ::1, port 15001), so every accepted
+        // socket's local address is that one: no getsockname per connection.
+        let Ok(local) = self.listener.local_addr() else {
+            warn!(pod = %self.pod.name, "outbound listener has no local address");
+            return;
+        };
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(x) => x,
@@ -28,17 +34,25 @@ impl Outbound {
                 }
             };
             Metrics::inc(&self.pi.metrics.outbound_accepted);
-            tokio::spawn(handle(self.pi.clone(), self.pod.clone(), stream, peer));
+            tokio::spawn(handle(
+                self.pi.clone(),
+                self.pod.clone(),
+                stream,
+                peer,
+                local,
+            ));
         }
     }
 }
 
-async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
     let _ = stream.set_nodelay(true);
-    let local = match stream.local_addr() {
-        Ok(a) => a,
-        Err(_) => return reset(stream),
-    };
     let dst = match pi.orig_dst.take(pod.netns_cookie, peer, local) {
         Ok(Some(dst)) => dst,
         Ok(None) | Err(_) => {
