@@ -162,9 +162,14 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                     ));
                     continue;
                 };
-                let target_port = match &p.target_port {
-                    None => TargetPort::Number(port),
-                    Some(IntOrString::Int(n)) => match port_number(*n) {
+                // A numeric string is a number too (Kubernetes accepts both forms).
+                let numeric = match &p.target_port {
+                    None => Some(i32::from(port)),
+                    Some(IntOrString::Int(n)) => Some(*n),
+                    Some(IntOrString::String(s)) => s.parse::<i32>().ok(),
+                };
+                let target_port = match (numeric, &p.target_port) {
+                    (Some(n), _) => match port_number(n) {
                         Some(n) => TargetPort::Number(n),
                         None => {
                             errors.push(ObjectError::new(
@@ -175,20 +180,8 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                             continue;
                         }
                     },
-                    Some(IntOrString::String(s)) => match s.parse::<i32>() {
-                        Ok(n) => match port_number(n) {
-                            Some(n) => TargetPort::Number(n),
-                            None => {
-                                errors.push(ObjectError::new(
-                                    &oref,
-                                    format!("spec.ports[{i}].targetPort"),
-                                    format!("{n} is not a port (1-65535)"),
-                                ));
-                                continue;
-                            }
-                        },
-                        Err(_) => TargetPort::Named(s.clone()),
-                    },
+                    (None, Some(IntOrString::String(name))) => TargetPort::Named(name.clone()),
+                    (None, _) => TargetPort::Number(port),
                 };
                 ports.push(ServicePort {
                     name: p.name.clone(),
