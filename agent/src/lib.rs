@@ -8,6 +8,8 @@ pub mod config;
 pub mod demo;
 pub mod ebpf;
 pub mod harness;
+pub mod identity;
 pub mod node;
 pub mod proxy;
 pub mod state;
+pub mod tls;
