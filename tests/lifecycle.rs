@@ -1,6 +1,7 @@
 //! Enrolment lifecycle on real namespaces: unenrol restores direct traffic and leaves nothing
 //! behind; an agent crash fails closed; a restarted agent adopts its pins without attaching twice;
-//! uninstall removes everything; two agents serve two nodes.
+//! uninstall removes everything; two agents serve two nodes; a bad object is reported in the
+//! status and as a metric.
 
 mod support;
 
@@ -389,4 +390,67 @@ fn a_bad_object_is_reported_by_the_running_agent_and_the_rest_applies() {
         status["config_rejected_total"].as_u64().unwrap_or(0) >= 1,
         "{status}"
     );
+
+    // The same rejection as a metric, scraped where Prometheus would: the node's netns.
+    let series = "ambit_config_rejected_objects{kind=\"Service\",namespace=\"mesh\",name=\"bad\",field=\"spec.ports[0].port\"} 1";
+    let (ready, _) = http_get(&n1, "/healthz/ready");
+    assert!(
+        ready.starts_with("HTTP/1.1 200"),
+        "ready once enrolled:\n{ready}"
+    );
+    let (head, metrics) = http_get(&n1, "/metrics");
+    assert!(
+        head.contains("application/openmetrics-text"),
+        "content type:\n{head}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == series),
+        "no `{series}`:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ambit_config_rejections_total ") && !l.ends_with(" 0")),
+        "rejection counter:\n{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "ambit_enrolled_pods 1"),
+        "enrolled pods:\n{metrics}"
+    );
+
+    // Fixed: the series goes (the status and the metrics are updated in the same tick).
+    std::fs::write(
+        agent.config_dir().join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: mesh}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n",
+    )
+    .expect("fix the object");
+    agent.wait_for("the fixed object accepted", Duration::from_secs(20), |s| {
+        s["config_errors"].as_array().is_some_and(Vec::is_empty)
+    });
+    let (_, metrics) = http_get(&n1, "/metrics");
+    assert!(
+        !metrics.contains("ambit_config_rejected_objects{"),
+        "the series must go once the object is fixed:\n{metrics}"
+    );
+}
+
+/// GET on the agent's admin port from inside the node's netns; returns (head, body).
+fn http_get(node: &ambit::harness::Node, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let raw = node.run(move || {
+        let addr = sa([127, 0, 0, 1], 15020);
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to the admin port {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("write request");
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("read {path}: {e}"));
+        out
+    });
+    match raw.split_once("\r\n\r\n") {
+        Some((head, body)) => (head.to_string(), body.to_string()),
+        None => panic!("no HTTP response for {path}: {raw:?}"),
+    }
 }

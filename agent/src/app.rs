@@ -2,7 +2,7 @@
 //! control loop (config source → desired pods → enrolment) on a separate runtime, so control work
 //! never stalls traffic.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
+use crate::admin::{AdminError, AgentMetrics};
 use crate::config::files::FileSource;
 use crate::config::kube::KubeSource;
 use crate::config::DEFAULT_DOMAIN;
@@ -35,6 +36,8 @@ pub enum AppError {
     Kube(#[source] crate::config::kube::KubeError),
     #[error("listing node addresses: {0}")]
     NodeAddresses(#[source] nix::Error),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// Where the cluster's objects come from.
@@ -61,6 +64,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     pub uninstall_on_exit: bool,
     pub data_plane_threads: usize,
+    /// `/metrics` and `/healthz/ready`, in the node's netns; None = no admin endpoint.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -89,6 +94,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         .enable_all()
         .build()
         .map_err(AppError::Runtime)?;
+    // Bound here: after entering the node's netns, and before anything is installed, so a taken
+    // port stops the agent with nothing to undo.
+    let admin_listener = match cfg.metrics_addr {
+        Some(addr) => Some(control.block_on(crate::admin::bind(addr))?),
+        None => None,
+    };
 
     // A cluster source must have credentials before anything is installed on the node.
     let kube_events = match cfg.source {
@@ -114,8 +125,16 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         metrics: Metrics::default(),
     });
     let mut node = Node::new(capture, pi.clone(), data_plane.handle().clone());
+    let proxy = pi.clone();
+    let metrics = Arc::new(AgentMetrics::new(Box::new(move || {
+        proxy.metrics.counters()
+    })));
+    if let Some(listener) = admin_listener {
+        info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz/ready");
+        control.spawn(crate::admin::serve(listener, metrics.clone()));
+    }
 
-    control.block_on(control_loop(&cfg, &mut node, &pi, kube_events));
+    control.block_on(control_loop(&cfg, &mut node, &pi, &metrics, kube_events));
 
     if cfg.uninstall_on_exit {
         node.unenrol_all();
@@ -134,6 +153,7 @@ async fn control_loop(
     cfg: &AgentConfig,
     node: &mut Node,
     pi: &ProxyInputs,
+    metrics: &AgentMetrics,
     mut kube_events: Option<tokio::sync::mpsc::Receiver<crate::config::SourceEvent>>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -198,8 +218,17 @@ async fn control_loop(
             if generation == 1 {
                 // Adopted state of pods that are gone now (they vanished while no agent ran).
                 node.prune_adopted();
+                // Capture is installed and the first config applied.
+                metrics.set_ready(true);
             }
         }
+        // Every tick, not only on publish: a rejection that keeps the last good object changes
+        // the problems without changing the state.
+        metrics.set_config(&store.errors(), store.rejected_total());
+        metrics.set_enrolled_pods(node.pods().len());
+        metrics.set_kernel(crate::admin::kernel_counters(
+            &node.capture().kernel_stats(),
+        ));
         seq += 1;
         write_status(
             cfg,

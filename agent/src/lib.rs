@@ -3,6 +3,7 @@
 //! the per-node proxy (`proxy`), config sources (`config`), and the local-mode harness.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;

@@ -87,6 +87,10 @@ struct RunArgs {
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// Address for `/metrics` (OpenMetrics) and `/healthz/ready`, in the node's netns; `off` or
+    /// empty disables it. 15020 is Istio's ztunnel stats port.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: String,
 }
 
 impl RunArgs {
@@ -123,6 +127,12 @@ impl RunArgs {
                 self.poll_ms
             ));
         }
+        let metrics_addr = match self.metrics_addr.trim() {
+            "" | "off" => None,
+            a => Some(a.parse().map_err(|e| {
+                format!("--metrics-addr (AMBIT_METRICS_ADDR) {a:?}: {e} (want ip:port, or `off`)")
+            })?),
+        };
         Ok(AgentConfig {
             node: self.node,
             source,
@@ -137,6 +147,7 @@ impl RunArgs {
             poll_interval: Duration::from_millis(self.poll_ms),
             uninstall_on_exit: self.uninstall_on_exit,
             data_plane_threads: self.workers,
+            metrics_addr,
         })
     }
 }

@@ -58,6 +58,59 @@ impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Every counter as (name, help, value), read at scrape time by the admin endpoint, which
+    /// exports each as `ambit_proxy_<name>_total`. A new field is exported once it is listed here.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "outbound_accepted",
+                "Outbound connections accepted from enrolled pods.",
+                get(&self.outbound_accepted),
+            ),
+            (
+                "outbound_orig_dst_missing",
+                "Outbound connections refused: no original destination recorded.",
+                get(&self.outbound_orig_dst_missing),
+            ),
+            (
+                "outbound_connect_failed",
+                "Outbound connections whose upstream connect failed.",
+                get(&self.outbound_connect_failed),
+            ),
+            (
+                "inbound_accepted",
+                "Inbound connections accepted for enrolled pods.",
+                get(&self.inbound_accepted),
+            ),
+            (
+                "inbound_connect_failed",
+                "Inbound connections whose connect to the pod failed.",
+                get(&self.inbound_connect_failed),
+            ),
+            (
+                "hbone_refused",
+                "HBONE (15008) connections refused.",
+                get(&self.hbone_refused),
+            ),
+            (
+                "relays_completed",
+                "Relays that ended with both sides closed cleanly.",
+                get(&self.relays_completed),
+            ),
+            (
+                "relays_reset",
+                "Relays that ended in a reset.",
+                get(&self.relays_reset),
+            ),
+            (
+                "bytes_relayed",
+                "Bytes relayed, both directions.",
+                get(&self.bytes_relayed),
+            ),
+        ]
+    }
 }
 
 /// Closes a socket with RST instead of FIN (linger 0), as a refused connection would.

@@ -1,0 +1,350 @@
+//! The admin endpoint: `/metrics` (OpenMetrics text, prometheus-client) and `/healthz/ready` on one
+//! listener (`--metrics-addr`). It runs on the control runtime, so a scrape never takes a
+//! data-plane thread; the data path keeps plain atomics that collectors read at scrape time.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::config::ObjectError;
+
+/// Istio's ztunnel serves its stats on this port.
+pub const DEFAULT_PORT: u16 = 15020;
+
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A slow client may hold a connection only this long before sending its request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("binding the metrics endpoint --metrics-addr {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// (name, help, value) of counters read at scrape time; see `proxy::Metrics::counters`.
+pub type CounterReader = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send + Sync>;
+
+/// Everything the endpoint serves. The control loop updates it; scrapes read it.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    rejections: Counter,
+    enrolled_pods: Gauge,
+    rejected: Arc<RejectedObjects>,
+    kernel: Arc<KernelCounters>,
+    ready: AtomicBool,
+}
+
+impl AgentMetrics {
+    /// `proxy` reads the proxy's counters (exported as `ambit_proxy_<name>_total`).
+    pub fn new(proxy: CounterReader) -> Self {
+        // No registry prefix: it would also prefix the collectors' names.
+        let mut registry = Registry::default();
+        let rejections = Counter::default();
+        registry.register(
+            "ambit_config_rejections",
+            "Config objects rejected since start (each also logged with kind, namespace, name and field).",
+            rejections.clone(),
+        );
+        let enrolled_pods = Gauge::default();
+        registry.register(
+            "ambit_enrolled_pods",
+            "Pods on this node whose traffic is captured.",
+            enrolled_pods.clone(),
+        );
+        let rejected = Arc::new(RejectedObjects::default());
+        registry.register_collector(Box::new(rejected.clone()));
+        let kernel = Arc::new(KernelCounters::default());
+        registry.register_collector(Box::new(kernel.clone()));
+        registry.register_collector(Box::new(AtomicCounters {
+            prefix: "proxy",
+            read: proxy,
+        }));
+        AgentMetrics {
+            registry,
+            rejections,
+            enrolled_pods,
+            rejected,
+            kernel,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Mirrors the store's current problems (one series per object and field, so a fixed object's
+    /// series disappears) and its rejection count.
+    pub fn set_config(&self, errors: &[ObjectError], rejected_total: u64) {
+        let current: BTreeSet<RejectedLabels> = errors
+            .iter()
+            .map(|e| RejectedLabels {
+                kind: e.object.kind.as_str(),
+                namespace: e.object.namespace.clone(),
+                name: e.object.name.clone(),
+                field: e.field.clone(),
+            })
+            .collect();
+        // Swapped whole, so a scrape sees the old set or the new one, never a half-built one.
+        *self.rejected.lock() = current;
+        // The store's count only grows; a counter can only be incremented.
+        let seen = self.rejections.get();
+        if rejected_total > seen {
+            self.rejections.inc_by(rejected_total - seen);
+        }
+    }
+
+    /// Kernel capture counters by name (e.g. `out_captured`), exported as `ambit_capture_<name>_total`.
+    pub fn set_kernel(&self, counters: Vec<(String, u64)>) {
+        *self
+            .kernel
+            .values
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = counters;
+    }
+
+    pub fn set_enrolled_pods(&self, n: usize) {
+        self.enrolled_pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Ready once the first config is applied with capture installed.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The fields of `KernelStats` as (name, value), in declaration order: a new kernel counter is
+/// exported without touching this module.
+pub fn kernel_counters(stats: &crate::ebpf::KernelStats) -> Vec<(String, u64)> {
+    match serde_json::to_value(stats) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Binds the admin listener; the error names the address (the agent refuses to start without it).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Serves until the runtime stops. Each connection is its own task; its errors are logged at debug.
+pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = respond(&req, &metrics);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+/// The response to one request. Never panics: every header value is static.
+pub fn respond<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/healthz/ready") {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET {
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return resp;
+    }
+    match path {
+        "/metrics" => match metrics.render() {
+            Ok(body) => {
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS),
+                );
+                resp
+            }
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+        },
+        _ if metrics.is_ready() => text(StatusCode::OK, "ready\n"),
+        _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// One series of `ambit_config_rejected_objects`. The message stays in the log: as a label it would
+/// make a new series for every wording.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RejectedLabels {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    field: String,
+}
+
+#[derive(Debug, Default)]
+struct RejectedObjects(Mutex<BTreeSet<RejectedLabels>>);
+
+impl RejectedObjects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<RejectedLabels>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Collector for RejectedObjects {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "ambit_config_rejected_objects",
+            "1 for every config object currently rejected (or accepted with a warning), per field at fault; the log has the message.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in self.lock().iter() {
+            let labels = [
+                ("kind", Escaped(l.kind)),
+                ("namespace", Escaped(&l.namespace)),
+                ("name", Escaped(&l.name)),
+                ("field", Escaped(&l.field)),
+            ];
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A label value escaped as OpenMetrics asks (prometheus-client writes values verbatim, and a field
+/// path can hold a quote, e.g. `metadata.labels["app"]`).
+#[derive(Debug)]
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kernel counters, copied here by the control loop (the maps are read on the control thread).
+#[derive(Debug, Default)]
+struct KernelCounters {
+    values: Mutex<Vec<(String, u64)>>,
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let values = self
+            .values
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (name, v) in values {
+            let name = format!("ambit_capture_{name}");
+            let help = "Kernel capture counter (AMBIT_STATS map), summed over CPUs.";
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(&name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters the data path keeps as plain atomics, read at scrape time: no lock on the data path.
+struct AtomicCounters {
+    prefix: &'static str,
+    read: CounterReader,
+}
+
+impl fmt::Debug for AtomicCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AtomicCounters")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for AtomicCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for (name, help, v) in (self.read)() {
+            // The text encoder appends `_total` to a counter's samples.
+            let name = format!("ambit_{}_{name}", self.prefix);
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(&name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+
+use super::*;
+use crate::config::{Kind, ObjectError, ObjectRef};
+use crate::proxy::Metrics;
+
+fn metrics_with_proxy() -> (Arc<Metrics>, AgentMetrics) {
+    let proxy = Arc::new(Metrics::default());
+    let p = proxy.clone();
+    (proxy, AgentMetrics::new(Box::new(move || p.counters())))
+}
+
+fn rendered(m: &AgentMetrics) -> String {
+    m.render().unwrap_or_else(|e| panic!("render failed: {e}"))
+}
+
+fn bad_service() -> ObjectError {
+    ObjectError::new(
+        &ObjectRef::new(Kind::Service, "mesh", "bad"),
+        "spec.ports[0].port",
+        "must be 1..=65535",
+    )
+}
+
+const BAD_SERVICE_SERIES: &str = "ambit_config_rejected_objects{kind=\"Service\",namespace=\"mesh\",name=\"bad\",field=\"spec.ports[0].port\"} 1";
+
+#[test]
+fn a_rejected_object_is_a_labelled_series_until_it_is_fixed() {
+    let (_, m) = metrics_with_proxy();
+    m.set_config(&[bad_service()], 1);
+    let text = rendered(&m);
+    assert!(
+        text.contains(BAD_SERVICE_SERIES),
+        "no series for the rejected object:\n{text}"
+    );
+    assert!(
+        !text.contains("must be 1..=65535"),
+        "the message must not be a label:\n{text}"
+    );
+    assert!(
+        text.contains("ambit_config_rejections_total 1"),
+        "rejection counter:\n{text}"
+    );
+
+    m.set_config(&[], 1);
+    let text = rendered(&m);
+    assert!(
+        !text.contains("ambit_config_rejected_objects{"),
+        "the series must go once the object is fixed:\n{text}"
+    );
+    assert!(
+        text.contains("# TYPE ambit_config_rejected_objects gauge"),
+        "the family stays described:\n{text}"
+    );
+    assert!(
+        text.contains("ambit_config_rejections_total 1"),
+        "the counter keeps its value:\n{text}"
+    );
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics ends with EOF:\n{text}"
+    );
+}
+
+#[test]
+fn two_errors_on_one_field_make_one_series_and_the_counter_only_grows() {
+    let (_, m) = metrics_with_proxy();
+    let mut again = bad_service();
+    again.message = "another complaint".into();
+    let other = ObjectError::new(
+        &ObjectRef::new(Kind::Namespace, "", "shop"),
+        "apiVersion",
+        "unsupported",
+    );
+    m.set_config(&[bad_service(), again, other], 3);
+    m.set_config(&[bad_service(), bad_service()], 2);
+    let text = rendered(&m);
+    assert_eq!(
+        text.matches("ambit_config_rejected_objects{").count(),
+        1,
+        "one series per object and field:\n{text}"
+    );
+    assert!(
+        text.contains("ambit_config_rejections_total 3"),
+        "a counter never goes down:\n{text}"
+    );
+}
+
+#[test]
+fn label_values_are_escaped() {
+    let (_, m) = metrics_with_proxy();
+    let e = ObjectError::new(
+        &ObjectRef::new(Kind::Pod, "mesh", "web"),
+        "metadata.labels[\"a\\b\"]",
+        "bad",
+    );
+    m.set_config(&[e], 1);
+    let text = rendered(&m);
+    assert!(
+        text.contains("field=\"metadata.labels[\\\"a\\\\b\\\"]\"} 1"),
+        "quote and backslash escaped:\n{text}"
+    );
+}
+
+#[test]
+fn proxy_and_kernel_counters_are_read_at_scrape_time() {
+    let (proxy, m) = metrics_with_proxy();
+    m.set_kernel(vec![("out_captured".into(), 7)]);
+    m.set_enrolled_pods(2);
+    proxy.outbound_accepted.fetch_add(3, Ordering::Relaxed);
+    proxy.bytes_relayed.fetch_add(4096, Ordering::Relaxed);
+    let text = rendered(&m);
+    for line in [
+        "# TYPE ambit_proxy_outbound_accepted counter",
+        "ambit_proxy_outbound_accepted_total 3",
+        "ambit_proxy_bytes_relayed_total 4096",
+        "ambit_proxy_relays_reset_total 0",
+        "ambit_capture_out_captured_total 7",
+        "ambit_enrolled_pods 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}`:\n{text}");
+    }
+    proxy.outbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let text = rendered(&m);
+    assert!(
+        text.contains("ambit_proxy_outbound_accepted_total 4"),
+        "a later scrape sees later values:\n{text}"
+    );
+}
+
+#[test]
+fn every_proxy_counter_is_exported() {
+    let (proxy, m) = metrics_with_proxy();
+    let text = rendered(&m);
+    for (name, _, _) in proxy.counters() {
+        let line = format!("ambit_proxy_{name}_total 0");
+        assert!(text.contains(&line), "missing `{line}`:\n{text}");
+    }
+}
+
+#[test]
+fn kernel_stats_become_named_counters() {
+    let stats = crate::ebpf::KernelStats {
+        in_steered: 5,
+        ..Default::default()
+    };
+    let counters = kernel_counters(&stats);
+    assert!(
+        counters.contains(&("in_steered".to_string(), 5)),
+        "{counters:?}"
+    );
+    assert!(
+        counters.iter().any(|(n, _)| n == "out_captured"),
+        "every field, zero or not: {counters:?}"
+    );
+}
+
+fn request(method: Method, path: &str) -> Request<()> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .body(())
+        .unwrap_or_else(|e| panic!("request {path}: {e}"))
+}
+
+async fn body_of(resp: http::Response<Full<Bytes>>) -> String {
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap_or_else(|e| match e {})
+        .to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test]
+async fn metrics_is_openmetrics_text() {
+    let (_, m) = metrics_with_proxy();
+    m.set_config(&[bad_service()], 1);
+    let resp = respond(&request(Method::GET, "/metrics"), &m);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+        Some(CONTENT_TYPE_OPENMETRICS.as_bytes())
+    );
+    let body = body_of(resp).await;
+    assert!(body.contains(BAD_SERVICE_SERIES), "{body}");
+}
+
+#[test]
+fn unknown_paths_are_404_and_other_methods_405() {
+    let (_, m) = metrics_with_proxy();
+    for path in ["/", "/metrics/", "/healthz", "/stats/prometheus", "/%00"] {
+        let resp = respond(&request(Method::GET, path), &m);
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "GET {path}");
+    }
+    for method in [Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
+        for path in ["/metrics", "/healthz/ready"] {
+            let resp = respond(&request(method.clone(), path), &m);
+            assert_eq!(
+                resp.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            assert_eq!(
+                resp.headers().get(ALLOW).map(HeaderValue::as_bytes),
+                Some(&b"GET"[..]),
+                "{method} {path}: Allow header"
+            );
+        }
+    }
+}
+
+#[test]
+fn ready_flips_once_set() {
+    let (_, m) = metrics_with_proxy();
+    let status = |m: &AgentMetrics| respond(&request(Method::GET, "/healthz/ready"), m).status();
+    assert_eq!(
+        status(&m),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "before the first config"
+    );
+    m.set_ready(true);
+    assert_eq!(status(&m), StatusCode::OK, "after the first config");
+}
+
+/// Over a real socket: a well-formed scrape, then garbage, then the server still answers.
+#[tokio::test]
+async fn the_server_answers_over_tcp_and_survives_garbage() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local addr: {e}"));
+    let (_, m) = metrics_with_proxy();
+    m.set_ready(true);
+    tokio::spawn(serve(listener, Arc::new(m)));
+
+    async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.write_all(raw)
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    let ok = exchange(
+        addr,
+        b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.ends_with("ready\n"), "{ok}");
+
+    let bad = exchange(addr, b"\x00\x01 not http at all\r\n\r\n").await;
+    assert!(bad.is_empty() || bad.starts_with("HTTP/1.1 400"), "{bad:?}");
+
+    let scrape = exchange(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(scrape.contains("# EOF"), "{scrape}");
+}
+
+#[tokio::test]
+async fn bind_error_names_the_address() {
+    let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = first
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local addr: {e}"));
+    let err = match bind(addr).await {
+        Ok(_) => panic!("binding {addr} twice must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&addr.to_string()) && err.contains("--metrics-addr"),
+        "{err}"
+    );
+}
