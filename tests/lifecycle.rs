@@ -347,12 +347,15 @@ fn two_agents_serve_two_nodes() {
             "inbound proxied on n2: {peer}"
         );
     }
-    a1.wait_for("node 1 outbound", Duration::from_secs(5), |s| {
-        s["proxy"]["outbound_accepted"] == 2
+    // Both pods are in the mesh: node 1 tunnels over HBONE, node 2 terminates it (no plaintext
+    // inbound).
+    a1.wait_for("node 1 outbound over HBONE", Duration::from_secs(5), |s| {
+        s["proxy"]["outbound_accepted"] == 2 && s["proxy"]["outbound_hbone"] == 2
     });
-    a2.wait_for("node 2 inbound", Duration::from_secs(5), |s| {
-        s["proxy"]["inbound_accepted"] == 2
+    a2.wait_for("node 2 HBONE inbound", Duration::from_secs(5), |s| {
+        s["proxy"]["hbone_inbound_streams"] == 2
     });
+    assert_eq!(a2.counter("proxy.inbound_accepted"), 0);
     assert_eq!(a1.counter("proxy.inbound_accepted"), 0);
     assert_eq!(a2.counter("proxy.outbound_accepted"), 0);
 }

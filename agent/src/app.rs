@@ -17,7 +17,9 @@ use crate::config::DEFAULT_DOMAIN;
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
 use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
 use crate::node::Node;
-use crate::proxy::{Metrics, ProxyInputs};
+use crate::identity::{CertConfig, LocalCa, SecretManager};
+use crate::proxy::pool::Pool;
+use crate::proxy::{AllowAll, Metrics, ProxyInputs};
 use crate::state::store::Store;
 
 #[derive(Debug, Error)]
@@ -34,6 +36,8 @@ pub enum AppError {
     Ebpf(#[from] EbpfError),
     #[error("Kubernetes source")]
     Kube(#[source] crate::config::kube::KubeError),
+    #[error("identity: {0}")]
+    Identity(#[source] crate::identity::IdentityError),
     #[error("listing node addresses: {0}")]
     NodeAddresses(#[source] nix::Error),
     #[error(transparent)]
@@ -64,6 +68,11 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     pub uninstall_on_exit: bool,
     pub data_plane_threads: usize,
+    pub trust_domain: String,
+    /// The local CA's directory (root certificate and key; created on first start).
+    pub ca_dir: PathBuf,
+    pub cert_ttl: Duration,
+    pub pool: crate::proxy::pool::PoolConfig,
     /// `/metrics` and `/healthz/ready`, in the node's netns; None = no admin endpoint.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -120,9 +129,27 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     };
     capture.set_exempt_sources(&exempt)?;
     info!(node = %cfg.node, pin_dir = %cfg.capture.pin_dir().display(), cgroup = %cfg.capture.cgroup.display(), exempt = ?exempt, adopted = capture.enrolled_cookies().len(), "capture installed");
+    let ca = LocalCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain).map_err(AppError::Identity)?;
+    info!(ca = %ca.root_cert_path().display(), trust_domain = %cfg.trust_domain, "local CA ready");
+    // Certificates are fetched and rotated on the control runtime.
+    let secrets = {
+        let _in_control = control.enter();
+        SecretManager::new(
+            Arc::new(ca),
+            CertConfig {
+                trust_domain: cfg.trust_domain.clone(),
+                ttl: cfg.cert_ttl,
+            },
+        )
+    };
+    let store = Store::new(DEFAULT_DOMAIN);
     let pi = Arc::new(ProxyInputs {
         orig_dst: capture.orig_dst_table()?,
         metrics: Metrics::default(),
+        state: store.reader(),
+        pool: Pool::new(cfg.pool.clone(), secrets.clone()),
+        secrets,
+        policy: Arc::new(AllowAll),
     });
     let mut node = Node::new(capture, pi.clone(), data_plane.handle().clone());
     let proxy = pi.clone();
@@ -134,7 +161,14 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         control.spawn(crate::admin::serve(listener, metrics.clone()));
     }
 
-    control.block_on(control_loop(&cfg, &mut node, &pi, &metrics, kube_events));
+    control.block_on(control_loop(
+        &cfg,
+        &mut node,
+        &pi,
+        store,
+        &metrics,
+        kube_events,
+    ));
 
     if cfg.uninstall_on_exit {
         node.unenrol_all();
@@ -153,6 +187,7 @@ async fn control_loop(
     cfg: &AgentConfig,
     node: &mut Node,
     pi: &ProxyInputs,
+    mut store: Store,
     metrics: &AgentMetrics,
     mut kube_events: Option<tokio::sync::mpsc::Receiver<crate::config::SourceEvent>>,
 ) {
@@ -179,7 +214,6 @@ async fn control_loop(
             }),
         ),
     };
-    let mut store = Store::new(DEFAULT_DOMAIN);
     let mut ticker = tokio::time::interval(cfg.poll_interval);
     let mut problems: Vec<String> = Vec::new();
     let mut generation = 0u64;
@@ -285,6 +319,10 @@ pub struct Status<'a> {
     pub maps: std::collections::BTreeMap<&'static str, usize>,
     pub netns_links: Vec<u64>,
     pub proxy: &'a Metrics,
+    /// HBONE client pool counters, and the connections open now.
+    pub pool: &'a crate::proxy::pool::PoolStats,
+    pub pool_connections: usize,
+    pub certs: crate::identity::CertStats,
 }
 
 fn write_status(
@@ -308,6 +346,9 @@ fn write_status(
         maps: node.capture().map_sizes(),
         netns_links: node.capture().netns_links(),
         proxy: &pi.metrics,
+        pool: pi.pool.stats(),
+        pool_connections: pi.pool.connections(),
+        certs: pi.secrets.stats(),
     };
     let Ok(json) = serde_json::to_vec_pretty(&status) else {
         return;

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a YAML file or directory the way the agent reads it; print every problem with its
     /// file, document, object and field; exit non-zero if there is any.
     Check {
@@ -38,6 +38,14 @@ enum Cmd {
     Uninstall {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
         bpffs: PathBuf,
+    },
+    /// Create the mesh's local root CA in a directory (or show the one already there). Every node
+    /// must use the same one (`--ca-dir`).
+    CaInit {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = ambit::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Build a small local world (network namespaces as pods), run the agent on it, send traffic,
     /// and print what was captured and relayed.
@@ -87,6 +95,22 @@ struct RunArgs {
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// SPIFFE trust domain of workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = ambit::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Local CA directory: root certificate and key, created on first start (0700/0600). Every
+    /// node of a mesh must share the same root.
+    #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
+    ca_dir: PathBuf,
+    /// Workload certificate lifetime (rotated at half of it), e.g. `24h`, `10s`.
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// Streams per pooled HBONE connection before another is opened.
+    #[arg(long, env = "AMBIT_POOL_MAX_STREAMS", default_value_t = 100)]
+    pool_max_streams: u16,
+    /// Idle time after which a pooled HBONE connection is closed; `0s` = no reuse.
+    #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
     /// Address for `/metrics` (OpenMetrics) and `/healthz/ready`, in the node's netns; `off` or
     /// empty disables it. 15020 is Istio's ztunnel stats port.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
@@ -127,6 +151,15 @@ impl RunArgs {
                 self.poll_ms
             ));
         }
+        if self.cert_ttl < Duration::from_secs(2) {
+            return Err(format!(
+                "--cert-ttl (AMBIT_CERT_TTL) {}: must be at least 2s",
+                humantime::format_duration(self.cert_ttl)
+            ));
+        }
+        if self.pool_max_streams == 0 {
+            return Err("--pool-max-streams (AMBIT_POOL_MAX_STREAMS) must be at least 1".into());
+        }
         let metrics_addr = match self.metrics_addr.trim() {
             "" | "off" => None,
             a => Some(a.parse().map_err(|e| {
@@ -148,6 +181,13 @@ impl RunArgs {
             uninstall_on_exit: self.uninstall_on_exit,
             data_plane_threads: self.workers,
             metrics_addr,
+            trust_domain: self.trust_domain,
+            ca_dir: self.ca_dir,
+            cert_ttl: self.cert_ttl,
+            pool: ambit::proxy::pool::PoolConfig {
+                max_streams: self.pool_max_streams,
+                idle_timeout: self.pool_idle_timeout,
+            },
         })
     }
 }
@@ -169,7 +209,7 @@ fn main() -> ExitCode {
         .init();
     let result: anyhow::Result<()> = match cli.cmd {
         Cmd::Run(args) => {
-            let cfg = match args.into_config() {
+            let cfg = match (*args).into_config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("ambit: bad configuration: {e}");
@@ -196,6 +236,11 @@ fn main() -> ExitCode {
             .map(|()| {
                 println!("removed {}", bpffs.display());
             }),
+        Cmd::CaInit { dir, trust_domain } => {
+            ambit::identity::LocalCa::load_or_create(&dir, &trust_domain)
+                .map_err(anyhow::Error::from)
+                .map(|ca| println!("root CA: {}", ca.root_cert_path().display()))
+        }
         Cmd::Demo(args) => ambit::demo::run(args).map_err(anyhow::Error::from),
     };
     match result {

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::ebpf::{Capture, EbpfError, PodCapture};
+use crate::identity::{CertLease, Identity};
 use crate::proxy::{
     hbone::HboneInbound, inbound_plain::InboundPlain, outbound::Outbound, PodContext, ProxyInputs,
 };
@@ -58,6 +59,10 @@ pub struct PodSpec {
     pub netns_path: PathBuf,
     pub excluded_outbound_ports: Vec<u16>,
     pub excluded_inbound_ports: Vec<u16>,
+    /// Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service_account>`.
+    pub service_account: String,
+    /// The `baggage` header its tunnels carry.
+    pub baggage: String,
 }
 
 impl PodSpec {
@@ -70,6 +75,8 @@ struct EnrolledPod {
     spec: PodSpec,
     ctx: Arc<PodContext>,
     tasks: Vec<JoinHandle<()>>,
+    /// Keeps the service account's certificate while the pod is enrolled.
+    _cert: CertLease,
 }
 
 /// Status of one enrolled pod, for the status file.
@@ -192,9 +199,17 @@ impl Node {
             ips: spec.ips.clone(),
             netns_cookie: cookie,
             worker: worker.clone(),
+            identity: Identity::new(
+                self.pi.secrets.trust_domain(),
+                &spec.namespace,
+                &spec.service_account,
+            ),
+            baggage: spec.baggage.clone(),
         });
 
         let _guard = self.data_plane.enter();
+        // Fetched in the background; the HBONE listener and the pool wait for it.
+        let cert = self.pi.secrets.acquire(&ctx.identity);
         let to_tokio = |l: std::net::TcpListener| {
             let addr = l
                 .local_addr()
@@ -272,7 +287,15 @@ impl Node {
             return Err(NodeError::Capture { pod: key, source });
         }
         info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, "enrolled");
-        self.pods.insert(key, EnrolledPod { spec, ctx, tasks });
+        self.pods.insert(
+            key,
+            EnrolledPod {
+                spec,
+                ctx,
+                tasks,
+                _cert: cert,
+            },
+        );
         Ok(())
     }
 

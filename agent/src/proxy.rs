@@ -4,20 +4,67 @@
 pub mod hbone;
 pub mod inbound_plain;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
+pub mod tunnel;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::ebpf::OrigDstTable;
+use crate::identity::{Identity, SecretManager};
 use crate::node::netns::NetnsWorker;
+use crate::state::store::StateReader;
 
 /// Inputs every stage shares.
 #[derive(Debug)]
 pub struct ProxyInputs {
     pub orig_dst: OrigDstTable,
     pub metrics: Metrics,
+    /// The latest published cluster state (one immutable snapshot per connection).
+    pub state: StateReader,
+    pub secrets: Arc<SecretManager>,
+    pub pool: pool::Pool,
+    pub policy: Arc<dyn InboundPolicy>,
+}
+
+/// An inbound connection (or HBONE stream) as policy sees it.
+#[derive(Debug)]
+pub struct InboundConnection<'a> {
+    pub pod: &'a PodContext,
+    /// The client's address as the TCP connection shows it.
+    pub src: SocketAddr,
+    /// The app address the client asked for.
+    pub dst: SocketAddr,
+    /// The client's verified SPIFFE identity (HBONE), None for plaintext.
+    pub identity: Option<&'a Identity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// `policy` names what decided (`namespace/name` or a rule such as `PeerAuthentication STRICT`).
+    Deny {
+        policy: String,
+        reason: String,
+    },
+}
+
+/// Inbound authorization, asked for every inbound connection before the app is reached (HBONE:
+/// a denial answers 401; plaintext: the connection is closed). Security policy plugs in here.
+pub trait InboundPolicy: Send + Sync + std::fmt::Debug {
+    fn check(&self, conn: &InboundConnection<'_>) -> Decision;
+}
+
+/// Until PeerAuthentication/AuthorizationPolicy are enforced: everything is allowed (PERMISSIVE).
+#[derive(Debug, Default)]
+pub struct AllowAll;
+
+impl InboundPolicy for AllowAll {
+    fn check(&self, _: &InboundConnection<'_>) -> Decision {
+        Decision::Allow
+    }
 }
 
 /// One enrolled pod, as the stages see it.
@@ -28,6 +75,10 @@ pub struct PodContext {
     pub ips: Vec<IpAddr>,
     pub netns_cookie: u64,
     pub worker: Arc<NetnsWorker>,
+    /// The pod's SPIFFE identity (its service account).
+    pub identity: Identity,
+    /// The `baggage` header of tunnels this pod opens (namespace, workload, service).
+    pub baggage: String,
 }
 
 impl PodContext {
@@ -48,7 +99,23 @@ pub struct Metrics {
     pub outbound_connect_failed: AtomicU64,
     pub inbound_accepted: AtomicU64,
     pub inbound_connect_failed: AtomicU64,
-    pub hbone_refused: AtomicU64,
+    /// Outbound connections to enrolled workloads, sent over HBONE.
+    pub outbound_hbone: AtomicU64,
+    /// Outbound connections to destinations outside the mesh, sent in plaintext.
+    pub outbound_plaintext: AtomicU64,
+    /// Outbound connections to a Service with no ready endpoint (reset).
+    pub outbound_no_endpoints: AtomicU64,
+    /// Outbound HBONE tunnels that could not be opened (TLS, identity, status, connect).
+    pub outbound_hbone_failed: AtomicU64,
+    pub hbone_inbound_accepted: AtomicU64,
+    pub hbone_inbound_streams: AtomicU64,
+    /// HBONE TLS handshakes that failed: a bad or missing client certificate, or a client that
+    /// refused ours.
+    pub hbone_tls_refused: AtomicU64,
+    /// HBONE requests answered 400.
+    pub hbone_inbound_bad_request: AtomicU64,
+    /// Inbound connections or streams denied by policy.
+    pub inbound_denied: AtomicU64,
     pub relays_completed: AtomicU64,
     pub relays_reset: AtomicU64,
     pub bytes_relayed: AtomicU64,
@@ -90,9 +157,49 @@ impl Metrics {
                 get(&self.inbound_connect_failed),
             ),
             (
-                "hbone_refused",
-                "HBONE (15008) connections refused.",
-                get(&self.hbone_refused),
+                "outbound_hbone",
+                "Outbound connections to enrolled workloads, sent over HBONE.",
+                get(&self.outbound_hbone),
+            ),
+            (
+                "outbound_plaintext",
+                "Outbound connections to destinations outside the mesh, sent in plaintext.",
+                get(&self.outbound_plaintext),
+            ),
+            (
+                "outbound_no_endpoints",
+                "Outbound connections to a Service without ready endpoints.",
+                get(&self.outbound_no_endpoints),
+            ),
+            (
+                "outbound_hbone_failed",
+                "Outbound HBONE tunnels that could not be opened.",
+                get(&self.outbound_hbone_failed),
+            ),
+            (
+                "hbone_inbound_accepted",
+                "HBONE (15008) connections accepted.",
+                get(&self.hbone_inbound_accepted),
+            ),
+            (
+                "hbone_inbound_streams",
+                "HBONE CONNECT streams received.",
+                get(&self.hbone_inbound_streams),
+            ),
+            (
+                "hbone_tls_refused",
+                "HBONE TLS handshakes that failed (bad or missing client certificate, or the client refused ours).",
+                get(&self.hbone_tls_refused),
+            ),
+            (
+                "hbone_inbound_bad_request",
+                "HBONE requests answered 400.",
+                get(&self.hbone_inbound_bad_request),
+            ),
+            (
+                "inbound_denied",
+                "Inbound connections or streams denied by policy.",
+                get(&self.inbound_denied),
             ),
             (
                 "relays_completed",

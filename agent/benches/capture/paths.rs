@@ -277,11 +277,30 @@ impl Ambit {
             fast_path,
         };
         let capture = Capture::install(&cfg).unwrap_or_else(|e| panic!("capture install: {e}"));
+        // Paths (d)/(e) go to a pod outside the mesh (empty state): plaintext, no certificate
+        // is used, but every enrolled pod holds one.
+        let ca_dir = std::env::temp_dir().join(format!("ambit-bench-ca-{}", std::process::id()));
+        let ca = ambit::identity::LocalCa::load_or_create(&ca_dir, "cluster.local")
+            .unwrap_or_else(|e| panic!("local CA: {e}"));
+        let secrets = {
+            let _rt = rt.enter();
+            ambit::identity::SecretManager::new(
+                Arc::new(ca),
+                ambit::identity::CertConfig {
+                    trust_domain: "cluster.local".into(),
+                    ttl: std::time::Duration::from_secs(3600),
+                },
+            )
+        };
         let pi = Arc::new(ProxyInputs {
             orig_dst: capture
                 .orig_dst_table()
                 .unwrap_or_else(|e| panic!("orig dst table: {e}")),
             metrics: Metrics::default(),
+            state: ambit::state::store::Store::new(ambit::config::DEFAULT_DOMAIN).reader(),
+            pool: ambit::proxy::pool::Pool::new(Default::default(), secrets.clone()),
+            secrets,
+            policy: Arc::new(ambit::proxy::AllowAll),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {
@@ -298,6 +317,8 @@ impl Ambit {
             netns_path: pod.netns_path().to_path_buf(),
             excluded_outbound_ports: Vec::new(),
             excluded_inbound_ports: Vec::new(),
+            service_account: "default".into(),
+            baggage: String::new(),
         };
         if let Some(node) = ambit.node.as_mut() {
             node.enrol(spec)
@@ -345,5 +366,8 @@ impl Drop for Ambit {
                 self.bpffs_root.display()
             );
         }
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("ambit-bench-ca-{}", std::process::id())),
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct ClusterYaml {
     pods: Vec<Pod>,
     opted_out: Vec<String>,
     extra_annotations: Vec<(String, String, String)>,
+    /// Pod name → service account written instead of the pod's own.
+    sa_overrides: Vec<(String, String)>,
 }
 
 impl ClusterYaml {
@@ -45,6 +47,12 @@ impl ClusterYaml {
     pub fn opt_out(mut self, pod: &Pod) -> Self {
         self.opted_out.push(pod.name().to_string());
         self
+    }
+    /// Adds `pod`, claiming it runs as `service_account` (to give one agent a wrong view).
+    pub fn pod_with_sa(mut self, pod: &Pod, service_account: &str) -> Self {
+        self.sa_overrides
+            .push((pod.name().to_string(), service_account.to_string()));
+        self.pod(pod)
     }
     pub fn annotate(mut self, pod: &Pod, key: &str, value: &str) -> Self {
         self.extra_annotations
@@ -97,7 +105,11 @@ impl ClusterYaml {
                 name = pod.name(),
                 ns = pod.namespace(),
                 node = pod.node_name(),
-                sa = pod.service_account(),
+                sa = self
+                    .sa_overrides
+                    .iter()
+                    .find(|(p, _)| p == pod.name())
+                    .map_or(pod.service_account(), |(_, sa)| sa.as_str()),
                 ip4 = pod.ip4(),
                 ip6 = pod.ip6(),
             );
@@ -136,6 +148,11 @@ impl LocalAgent {
         std::fs::create_dir_all(dir.join("config"))
             .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let bpffs = world.bpffs_dir().join(node.name());
+        // One CA per world, shared by its agents (the nodes of one mesh trust one root). Created
+        // here, before any agent starts, so two agents never race to create it.
+        let ca_dir = Path::new(super::STATE_DIR).join(world.prefix()).join("ca");
+        crate::identity::LocalCa::load_or_create(&ca_dir, crate::identity::DEFAULT_TRUST_DOMAIN)
+            .unwrap_or_else(|e| panic!("local CA in {}: {e}", ca_dir.display()));
         LocalAgent {
             bin: bin.to_path_buf(),
             node: node.clone(),
@@ -153,6 +170,10 @@ impl LocalAgent {
 
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join("config")
+    }
+    /// The world's CA directory (root certificate and key), shared by all its agents.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.parent().unwrap_or(&self.dir).join("ca")
     }
     pub fn status_path(&self) -> PathBuf {
         self.dir.join("status.json")
@@ -185,6 +206,8 @@ impl LocalAgent {
             .arg("--status-file")
             .arg(self.status_path())
             .args(["--poll-ms", "50"])
+            .arg("--ca-dir")
+            .arg(self.ca_dir())
             .args(&self.extra_args)
             .env(
                 "AMBIT_LOG",

@@ -93,7 +93,11 @@ impl LocalCa {
         let md = fs::metadata(dir).map_err(io_err(dir))?;
         if md.permissions().mode() & 0o077 != 0 {
             warn!(dir = %dir.display(), mode = format!("{:o}", md.permissions().mode() & 0o777), "local CA directory was readable by others; setting 0700");
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+            // A read-only mount (a Kubernetes Secret holding a shared root) cannot be changed;
+            // its files are what matters, and they are only read.
+            if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+                warn!(dir = %dir.display(), error = %e, "cannot tighten the CA directory's mode");
+            }
         }
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);

@@ -115,9 +115,41 @@ pub fn desired_pods(
             netns_path,
             excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
             excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
+            service_account: if w.service_account.is_empty() {
+                "default".into()
+            } else {
+                w.service_account.clone()
+            },
+            baggage: baggage(&w),
         });
     }
     (pods, problems)
+}
+
+/// The `baggage` header of the pod's tunnels (W3C baggage, the keys ztunnel sends): namespace,
+/// workload, and Istio's canonical service name and revision (from the same labels Istio reads).
+pub fn baggage(w: &Workload) -> String {
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| w.labels.get(*k))
+            .map(String::as_str)
+    };
+    let service = label(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or(&w.name);
+    let version = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or("latest");
+    format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        w.namespace, w.name, service, version
+    )
 }
 
 /// `Path` helper for tests and callers that hold a `&str`.

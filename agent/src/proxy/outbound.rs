@@ -8,7 +8,12 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use ambit_common::HBONE_PORT;
+
+use super::pool::{ConnectRequest, PoolKey};
 use super::{relay, reset, Metrics, PodContext, ProxyInputs};
+use crate::identity::Identity;
+use crate::state::{Destination, State, Workload};
 
 pub struct Outbound {
     pub pi: Arc<ProxyInputs>,
@@ -63,7 +68,76 @@ async fn handle(
         }
     };
     debug!(pod = %pod.name, %peer, %dst, "outbound captured");
-    let upstream = match connect(&pod, dst).await {
+    let route = route(&pi.state.load(), pi.secrets.trust_domain(), dst);
+    match route {
+        Route::Hbone { dst, identity } => {
+            Metrics::inc(&pi.metrics.outbound_hbone);
+            hbone(&pi, &pod, stream, peer, dst, identity).await
+        }
+        Route::Direct(dst) => {
+            Metrics::inc(&pi.metrics.outbound_plaintext);
+            plaintext(&pi, &pod, stream, dst).await
+        }
+        Route::NoEndpoints => {
+            Metrics::inc(&pi.metrics.outbound_no_endpoints);
+            debug!(pod = %pod.name, %dst, "service without ready endpoints; resetting");
+            reset(stream)
+        }
+    }
+}
+
+/// Where a captured connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// An enrolled workload: over HBONE to its 15008, CONNECT to `dst`.
+    Hbone { dst: SocketAddr, identity: Identity },
+    /// Outside the mesh (or unknown): plaintext, as a direct connection would go.
+    Direct(SocketAddr),
+    /// A Service port without a ready endpoint.
+    NoEndpoints,
+}
+
+/// Decides the route from one state snapshot. A Service VIP is resolved to one of its ready
+/// endpoints (the capture happens before kube-proxy could); a pod IP goes to that pod.
+pub fn route(state: &State, trust_domain: &str, dst: SocketAddr) -> Route {
+    let to_workload = |addr: SocketAddr, w: Option<Arc<Workload>>| match w {
+        Some(w) if state.is_enrolled(&w) => Route::Hbone {
+            dst: addr,
+            identity: Identity::new(trust_domain, &w.namespace, service_account(&w)),
+        },
+        _ => Route::Direct(addr),
+    };
+    match state.destination(dst) {
+        Some(Destination::Workload(w)) => to_workload(dst, Some(w)),
+        Some(Destination::Service {
+            service,
+            port: Some(_),
+        }) => {
+            let mut endpoints = state.ready_endpoints(&service, dst.port());
+            // Stay in the family the app dialled when the Service is dual-stack.
+            if endpoints.iter().any(|e| e.is_ipv4() == dst.is_ipv4()) {
+                endpoints.retain(|e| e.is_ipv4() == dst.is_ipv4());
+            }
+            if endpoints.is_empty() {
+                return Route::NoEndpoints;
+            }
+            let ep = endpoints[fastrand::usize(..endpoints.len())];
+            to_workload(ep, state.workload_by_ip(ep.ip()))
+        }
+        _ => Route::Direct(dst),
+    }
+}
+
+fn service_account(w: &Workload) -> &str {
+    if w.service_account.is_empty() {
+        "default"
+    } else {
+        &w.service_account
+    }
+}
+
+async fn plaintext(pi: &ProxyInputs, pod: &PodContext, stream: TcpStream, dst: SocketAddr) {
+    let upstream = match connect(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
             Metrics::inc(&pi.metrics.outbound_connect_failed);
@@ -72,7 +146,44 @@ async fn handle(
             return reset(stream);
         }
     };
-    finish(&pi, relay::relay(stream, upstream).await);
+    finish(pi, relay::relay(stream, upstream).await);
+}
+
+async fn hbone(
+    pi: &ProxyInputs,
+    pod: &PodContext,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    identity: Identity,
+) {
+    let Some(src_ip) = pod.ip_like(dst.ip()) else {
+        Metrics::inc(&pi.metrics.outbound_hbone_failed);
+        warn!(pod = %pod.name, %dst, "pod has no address of the destination's family");
+        return reset(stream);
+    };
+    let key = PoolKey {
+        src_netns: pod.netns_cookie,
+        src_ip,
+        src_id: pod.identity.clone(),
+        dst_id: identity,
+        dst: SocketAddr::new(dst.ip(), HBONE_PORT),
+    };
+    let req = ConnectRequest {
+        authority: dst,
+        // The app's socket is on loopback (capture rewrote its destination); the peer sees the pod.
+        forwarded_for: SocketAddr::new(src_ip, peer.port()),
+        baggage: pod.baggage.clone(),
+    };
+    let tunnel = match pi.pool.connect(&key, &pod.worker, &req).await {
+        Ok(t) => t,
+        Err(e) => {
+            Metrics::inc(&pi.metrics.outbound_hbone_failed);
+            warn!(pod = %pod.name, %dst, error = %e, "HBONE tunnel failed");
+            return reset(stream);
+        }
+    };
+    finish(pi, tunnel.splice(stream).await);
 }
 
 async fn connect(pod: &PodContext, dst: SocketAddr) -> std::io::Result<TcpStream> {

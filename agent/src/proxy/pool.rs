@@ -1,0 +1,505 @@
+//! HBONE client side: mTLS HTTP/2 connections to peers' port 15008, pooled and multiplexed.
+//!
+//! A connection is keyed by (source pod netns and IP, source identity, destination identity,
+//! destination address), so a stream never travels with another workload's certificate or from
+//! another pod's address. A connection carries at most `max_streams` streams; the next concurrent
+//! stream opens a new connection. Only one connection per key is being opened at a time, so a burst
+//! of streams shares the first connection instead of racing to open many. A connection without
+//! streams for `idle_timeout` is closed (0 = as soon as its last stream ends: no reuse).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use rustls_pki_types::ServerName;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::Metrics;
+use crate::identity::{Identity, SecretManager};
+use crate::node::netns::NetnsWorker;
+
+/// ztunnel's values, so long flows get the same throughput.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_streams: u16,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("no certificate for source identity {id}: {message}")]
+    Certificate { id: Identity, message: String },
+    #[error("connecting to {dst}: {source}")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {dst} (expected identity {expected}): {source}")]
+    Tls {
+        dst: SocketAddr,
+        expected: Identity,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {dst}: {source}")]
+    H2 {
+        dst: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{dst} answered CONNECT {authority} with status {status}")]
+    Status {
+        dst: SocketAddr,
+        authority: String,
+        status: http::StatusCode,
+    },
+    #[error("bad CONNECT request for {authority}: {message}")]
+    Request { authority: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_netns: u64,
+    pub src_ip: IpAddr,
+    pub src_id: Identity,
+    pub dst_id: Identity,
+    /// The peer's HBONE address (pod IP, port 15008).
+    pub dst: SocketAddr,
+}
+
+/// One CONNECT request's extra headers.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// Original destination, `ip:port` (the `:authority`).
+    pub authority: SocketAddr,
+    /// The app's address as the source sees it.
+    pub forwarded_for: SocketAddr,
+    pub baggage: String,
+}
+
+struct Conn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    /// Streams open on this connection; changed under the pool lock when taken.
+    active: AtomicU64,
+    idle_since: Mutex<Instant>,
+    closed: AtomicBool,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<Conn>>,
+    /// Held while a connection for this key is being opened.
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+type ClientConfigs = HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>;
+
+/// The pool's own counters (in the status file and metrics).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PoolStats {
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub connect_failed: AtomicU64,
+    pub streams_opened: AtomicU64,
+    /// Streams that went on an already-open connection.
+    pub streams_reused: AtomicU64,
+}
+
+struct Inner {
+    cfg: PoolConfig,
+    secrets: Arc<SecretManager>,
+    metrics: PoolStats,
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+    tls: Mutex<ClientConfigs>,
+    next_id: AtomicU64,
+}
+
+/// The node's HBONE connection pool (cheap to clone).
+#[derive(Clone)]
+pub struct Pool(Arc<Inner>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("cfg", &self.0.cfg).finish()
+    }
+}
+
+/// An open HBONE stream. Dropping it frees its slot on the connection.
+pub struct Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub connection_id: u64,
+    _slot: Slot,
+}
+
+impl Stream {
+    /// Relays `tcp` through this stream until both directions end.
+    pub async fn splice(self, tcp: tokio::net::TcpStream) -> super::relay::RelayOutcome {
+        let Stream {
+            send, recv, _slot, ..
+        } = self;
+        let outcome = super::tunnel::splice(tcp, send, recv).await;
+        drop(_slot);
+        outcome
+    }
+}
+
+struct Slot(Arc<Conn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut t) = self.0.idle_since.lock() {
+                *t = Instant::now();
+            }
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig, secrets: Arc<SecretManager>) -> Self {
+        Pool(Arc::new(Inner {
+            cfg,
+            secrets,
+            metrics: PoolStats::default(),
+            entries: Mutex::new(HashMap::new()),
+            tls: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.0.metrics
+    }
+
+    /// Open connections in the pool.
+    pub fn connections(&self) -> usize {
+        self.0
+            .entries
+            .lock()
+            .map(|e| e.values().map(|e| e.conns.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Opens a CONNECT stream to `key.dst` for `req`, reusing a pooled connection when one has
+    /// room. `worker` is the source pod's netns worker: new connections leave from the pod.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        worker: &NetnsWorker,
+        req: &ConnectRequest,
+    ) -> Result<Stream, PoolError> {
+        // A pooled connection can die between checkout and use (peer restarted): retry once on a
+        // fresh one before failing the app's connection.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let conn = self.checkout(key, worker).await?;
+            match send_connect(&conn, key, req).await {
+                Ok((send, recv)) => {
+                    Metrics::inc(&self.0.metrics.streams_opened);
+                    return Ok(Stream {
+                        send,
+                        recv,
+                        connection_id: conn.id,
+                        _slot: Slot(conn),
+                    });
+                }
+                Err(SendError::Connection(source)) if attempts < 2 => {
+                    debug!(dst = %key.dst, error = %source, "pooled HBONE connection failed; retrying on a new one");
+                    self.retire(key, &conn);
+                    drop(Slot(conn));
+                }
+                Err(e) => {
+                    drop(Slot(conn.clone()));
+                    return Err(match e {
+                        SendError::Connection(source) => {
+                            self.retire(key, &conn);
+                            PoolError::H2 {
+                                dst: key.dst,
+                                source,
+                            }
+                        }
+                        SendError::Pool(e) => e,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A connection with a free stream slot (the slot is taken), opening one if needed.
+    async fn checkout(&self, key: &PoolKey, worker: &NetnsWorker) -> Result<Arc<Conn>, PoolError> {
+        if let Some(c) = self.try_reserve(key) {
+            return Ok(c);
+        }
+        let opening = {
+            let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+            entries.entry(key.clone()).or_default().opening.clone()
+        };
+        let _guard = opening.lock().await;
+        // Someone may have opened one while we waited.
+        if let Some(c) = self.try_reserve(key) {
+            return Ok(c);
+        }
+        let conn = self.open(key, worker).await.inspect_err(|_| {
+            Metrics::inc(&self.0.metrics.connect_failed);
+        })?;
+        let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        entries
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    fn try_reserve(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(key)?;
+        let max = u64::from(self.0.cfg.max_streams.max(1));
+        let conn = entry.conns.iter().find(|c| {
+            !c.closed.load(Ordering::Acquire) && c.active.load(Ordering::Acquire) < max
+        })?;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Metrics::inc(&self.0.metrics.streams_reused);
+        Some(conn.clone())
+    }
+
+    /// Takes `conn` out of the pool (it is failing); streams on it finish on their own.
+    fn retire(&self, key: &PoolKey, conn: &Arc<Conn>) {
+        conn.closed.store(true, Ordering::Release);
+        conn.wake.notify_one();
+        let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries.get_mut(key) {
+            e.conns.retain(|c| !Arc::ptr_eq(c, conn));
+        }
+    }
+
+    fn client_config(&self, key: &PoolKey) -> Arc<rustls::ClientConfig> {
+        let mut cache = self.0.tls.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((key.src_id.clone(), key.dst_id.clone()))
+            .or_insert_with(|| {
+                crate::tls::client_config(
+                    self.0.secrets.clone(),
+                    key.src_id.clone(),
+                    key.dst_id.clone(),
+                )
+            })
+            .clone()
+    }
+
+    async fn open(&self, key: &PoolKey, worker: &NetnsWorker) -> Result<Arc<Conn>, PoolError> {
+        // The source's certificate must exist before the handshake presents it.
+        self.0
+            .secrets
+            .fetch(&key.src_id)
+            .await
+            .map_err(|e| PoolError::Certificate {
+                id: key.src_id.clone(),
+                message: e.to_string(),
+            })?;
+        let connect_err = |source| PoolError::Connect {
+            dst: key.dst,
+            source,
+        };
+        let socket = worker
+            .upstream_socket(key.dst, Some(key.src_ip))
+            .await
+            .map_err(connect_err)?;
+        let tcp = socket.connect(key.dst).await.map_err(connect_err)?;
+        let _ = tcp.set_nodelay(true);
+        // No SNI (the client config disables it); the name only satisfies the API.
+        let tls = tokio_rustls::TlsConnector::from(self.client_config(key))
+            .connect(ServerName::IpAddress(key.dst.ip().into()), tcp)
+            .await
+            .map_err(|source| {
+                warn!(dst = %key.dst, expected = %key.dst_id, error = %source, "HBONE TLS handshake failed");
+                PoolError::Tls {
+                    dst: key.dst,
+                    expected: key.dst_id.clone(),
+                    source,
+                }
+            })?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .initial_max_send_streams(usize::from(self.0.cfg.max_streams.max(1)))
+            .max_send_buffer_size(STREAM_WINDOW as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| PoolError::H2 {
+                dst: key.dst,
+                source,
+            })?;
+        let conn = Arc::new(Conn {
+            id: self.0.next_id.fetch_add(1, Ordering::Relaxed),
+            sender,
+            active: AtomicU64::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        Metrics::inc(&self.0.metrics.connections_opened);
+        debug!(conn = conn.id, src = %key.src_id, dst = %key.dst, dst_id = %key.dst_id, "HBONE connection opened");
+        tokio::spawn(drive(
+            connection,
+            conn.clone(),
+            Arc::downgrade(&self.0),
+            key.clone(),
+        ));
+        Ok(conn)
+    }
+}
+
+/// Polls the connection, and closes it once idle for the pool's timeout.
+async fn drive(
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    conn: Arc<Conn>,
+    pool: Weak<Inner>,
+    key: PoolKey,
+) {
+    tokio::pin!(connection);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let idle = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = &mut connection => {
+                if let Err(e) = res {
+                    debug!(conn = conn.id, error = %e, "HBONE connection ended");
+                }
+                break;
+            }
+            _ = conn.wake.notified() => {}
+            _ = idle => {}
+        }
+        if conn.closed.load(Ordering::Acquire) {
+            break;
+        }
+        let Some(inner) = pool.upgrade() else { break };
+        // Decided under the pool lock, so no stream is handed out on a connection being closed.
+        let entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.active.load(Ordering::Acquire) == 0 {
+            let since = *conn.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            let timeout = inner.cfg.idle_timeout;
+            if since.elapsed() >= timeout {
+                conn.closed.store(true, Ordering::Release);
+                drop(entries);
+                debug!(conn = conn.id, "closing idle HBONE connection");
+                break;
+            }
+            deadline = Some(tokio::time::Instant::from_std(since + timeout));
+        } else {
+            deadline = None;
+        }
+    }
+    conn.closed.store(true, Ordering::Release);
+    if let Some(inner) = pool.upgrade() {
+        {
+            let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = entries.get_mut(&key) {
+                e.conns.retain(|c| !Arc::ptr_eq(c, &conn));
+                if e.conns.is_empty() && Arc::strong_count(&e.opening) == 1 {
+                    entries.remove(&key);
+                }
+            }
+        }
+        Metrics::inc(&inner.metrics.connections_closed);
+    }
+}
+
+enum SendError {
+    /// The connection failed (closed, GOAWAY): another connection may work.
+    Connection(h2::Error),
+    Pool(PoolError),
+}
+
+async fn send_connect(
+    conn: &Conn,
+    key: &PoolKey,
+    req: &ConnectRequest,
+) -> Result<(SendStream<Bytes>, RecvStream), SendError> {
+    let authority = req.authority.to_string();
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority.as_str())
+        .header("forwarded", format!("for=\"{}\"", req.forwarded_for))
+        .header("baggage", req.baggage.as_str())
+        .header("traceparent", traceparent())
+        .body(())
+        .map_err(|e| {
+            SendError::Pool(PoolError::Request {
+                authority: authority.clone(),
+                message: e.to_string(),
+            })
+        })?;
+    let mut sender = conn
+        .sender
+        .clone()
+        .ready()
+        .await
+        .map_err(SendError::Connection)?;
+    let (response, send) = sender
+        .send_request(request, false)
+        .map_err(SendError::Connection)?;
+    let response = response.await.map_err(|e| {
+        if e.is_reset() {
+            SendError::Pool(PoolError::H2 {
+                dst: key.dst,
+                source: e,
+            })
+        } else {
+            SendError::Connection(e)
+        }
+    })?;
+    if response.status() != http::StatusCode::OK {
+        return Err(SendError::Pool(PoolError::Status {
+            dst: key.dst,
+            authority,
+            status: response.status(),
+        }));
+    }
+    Ok((send, response.into_body()))
+}
+
+/// A W3C trace context for the tunnel (a new trace; not sampled).
+fn traceparent() -> String {
+    format!(
+        "00-{:016x}{:016x}-{:016x}-00",
+        fastrand::u64(1..),
+        fastrand::u64(..),
+        fastrand::u64(1..)
+    )
+}

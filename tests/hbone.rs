@@ -1,0 +1,661 @@
+//! HBONE between nodes, end to end: two agents (two nodes), real eBPF capture, real mTLS.
+//! Each test names the acceptance item it checks.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit::harness::{ClusterYaml, LocalAgent, Node, Pod, World};
+use ambit::identity::{CertConfig, CertLease, Identity, LocalCa, SecretManager};
+use bytes::Bytes;
+use support::{ambit_bin, in_pod, whoami, Fnv, Mode, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Agents for n1 and n2 reading the same cluster, started and waiting for `pods`.
+fn two_agents(
+    world: &World,
+    nodes: (&Node, &Node),
+    yaml: &ClusterYaml,
+    args: &[&str],
+    pods: (&[&Pod], &[&Pod]),
+) -> (LocalAgent, LocalAgent) {
+    let mk = |n: &Node| {
+        let mut a = LocalAgent::new(world, n, &ambit_bin());
+        for x in args {
+            a = a.arg(x);
+        }
+        yaml.write(&a.config_dir());
+        a
+    };
+    let (mut a1, mut a2) = (mk(nodes.0), mk(nodes.1));
+    a1.start(world);
+    a2.start(world);
+    a1.wait_enrolled(pods.0);
+    a2.wait_enrolled(pods.1);
+    (a1, a2)
+}
+
+/// Sends `total` bytes of `fill` (or a pseudo-random pattern) to an echo server and reads them
+/// back. Returns (hash sent, hash received, bytes received).
+async fn echo_transfer(
+    dst: SocketAddr,
+    total: u64,
+    fill: Option<&'static [u8]>,
+) -> (u64, u64, u64) {
+    let stream = TcpStream::connect(dst).await.expect("connect");
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 20];
+        if let Some(fill) = fill {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = fill[i % fill.len()];
+            }
+        }
+        let (mut seed, mut h, mut sent) = (7u64, Fnv::new(), 0u64);
+        while sent < total {
+            if fill.is_none() {
+                seed = support::pattern(seed, &mut buf);
+            }
+            w.write_all(&buf).await.expect("write");
+            h.update(&buf);
+            sent += buf.len() as u64;
+        }
+        w.shutdown().await.expect("half-close");
+        h.0
+    });
+    // The whoami line first.
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        r.read_exact(&mut byte).await.expect("whoami line");
+    }
+    let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let k = r.read(&mut buf).await.expect("read");
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    (writer.await.expect("writer"), h.0, n)
+}
+
+/// Every frame on every interface of a node's netns, while it runs (AF_PACKET, ETH_P_ALL).
+struct Sniffer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Sniffer {
+    fn start(node: &Node) -> Sniffer {
+        const ETH_P_ALL: u16 = 0x0003;
+        let sock = node
+            .run(|| {
+                socket2::Socket::new(
+                    socket2::Domain::PACKET,
+                    socket2::Type::RAW,
+                    Some(socket2::Protocol::from(i32::from(ETH_P_ALL.to_be()))),
+                )
+            })
+            .expect("packet socket in the node netns");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let _ = sock.set_recv_buffer_size(64 << 20);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut sock = sock;
+            let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.read(&mut buf) {
+                    all.extend_from_slice(&buf[..n]);
+                }
+            }
+            all
+        });
+        Sniffer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+const MARKER: &[u8] = b"AMBIT-PLAINTEXT-MARKER-4f2a9c";
+
+/// Acceptance 1: client on node 1 to server on node 2 over HBONE: 256 MiB and 1,000 short
+/// connections intact; the link shows no plaintext (and a plaintext path is visible, so the
+/// sniffer is known to work).
+#[test]
+fn hbone_between_nodes_is_intact_and_encrypted() {
+    support::raise_fd_limit();
+    let world = World::new("hb-intact");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let echo4 = sa(server.ip4(), 8080);
+    let echo6 = sa(server.ip6(), 8080);
+    let srv = Server::start(&server, &[echo4, echo6], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &outsider, &server]);
+    let (a1, a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&client], &[&server]));
+
+    const TOTAL: u64 = 256 << 20;
+    let (sent, got, n) = in_pod(&client, || echo_transfer(echo4, TOTAL, None));
+    assert_eq!(n, TOTAL, "every byte came back");
+    assert_eq!(sent, got, "bytes intact both ways");
+
+    // 1,000 short connections, IPv4 and IPv6, 50 at a time; each sees its exact destination.
+    in_pod(&client, || async {
+        for batch in 0..20 {
+            let dst = if batch % 2 == 0 { echo4 } else { echo6 };
+            let results = futures::future::join_all((0..50).map(|_| whoami(dst))).await;
+            for r in results {
+                let (peer, local, our_peer) = r.unwrap_or_else(|e| panic!("{dst}: {e}"));
+                assert_eq!((local, our_peer), (dst, dst));
+                assert!(
+                    peer.ip() == IpAddr::from(server.ip4())
+                        || peer.ip() == IpAddr::from(server.ip6()),
+                    "the app is reached from inside its pod, got {peer}"
+                );
+            }
+        }
+    });
+    let s1 = a1.wait_for("1,001 tunnels from node 1", Duration::from_secs(10), |s| {
+        s["proxy"]["outbound_hbone"] == 1001
+    });
+    assert_eq!(
+        s1["proxy"]["outbound_plaintext"], 0,
+        "nothing left in plaintext"
+    );
+    a2.wait_for("1,001 streams on node 2", Duration::from_secs(10), |s| {
+        s["proxy"]["hbone_inbound_streams"] == 1001
+    });
+    assert_eq!(
+        a2.counter("proxy.inbound_accepted"),
+        0,
+        "no plaintext inbound"
+    );
+
+    // No plaintext on the wire: a marker-filled transfer over HBONE never shows the marker on
+    // node 1's interfaces...
+    let sniff = Sniffer::start(&n1);
+    let (sent, got, n) = in_pod(&client, || echo_transfer(echo4, 4 << 20, Some(MARKER)));
+    let wire = sniff.finish();
+    assert_eq!((sent, n), (got, 4 << 20), "marker transfer intact");
+    assert!(
+        wire.len() > 8 << 20,
+        "the sniffer saw the tunnel's traffic ({} bytes)",
+        wire.len()
+    );
+    assert!(
+        !contains(&wire, MARKER),
+        "plaintext of the payload on the wire"
+    );
+    // ...while the same transfer from a pod outside the mesh does show it.
+    let sniff = Sniffer::start(&n1);
+    in_pod(&outsider, || echo_transfer(echo4, 1 << 20, Some(MARKER)));
+    let wire = sniff.finish();
+    assert!(
+        contains(&wire, MARKER),
+        "control: plaintext is visible to the sniffer"
+    );
+    drop(srv);
+}
+
+/// Acceptance 2: concurrent connections from one pod to one destination share one HTTP/2
+/// connection; the 101st concurrent stream opens a second.
+#[test]
+fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
+    support::raise_fd_limit();
+    let world = World::new("hb-pool");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let dst = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let (a1, _a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&client], &[&server]));
+
+    // Open (and keep) 100 connections; each has its whoami line, so its stream is up.
+    let open = |count: usize| {
+        client.run(move || {
+            (0..count)
+                .map(|_| {
+                    use std::io::BufRead;
+                    let s = std::net::TcpStream::connect(dst).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                    let mut line = String::new();
+                    std::io::BufReader::new(&s)
+                        .read_line(&mut line)
+                        .expect("whoami line");
+                    assert!(!line.is_empty(), "stream answered");
+                    s
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let first = open(100);
+    let s = a1.fresh_status();
+    assert_eq!(s["pool"]["streams_opened"], 100);
+    assert_eq!(
+        s["pool"]["connections_opened"], 1,
+        "100 concurrent streams share one connection: {}",
+        s["pool"]
+    );
+    assert_eq!(s["pool"]["streams_reused"], 99);
+    assert_eq!(s["pool_connections"], 1);
+    let second = open(1);
+    let s = a1.fresh_status();
+    assert_eq!(
+        s["pool"]["connections_opened"], 2,
+        "the 101st stream opens a second connection: {}",
+        s["pool"]
+    );
+    assert_eq!(s["pool_connections"], 2);
+    drop((first, second));
+    // Freed slots are reused: a new stream goes on an open connection.
+    let third = open(1);
+    let s = a1.fresh_status();
+    assert_eq!(s["pool"]["connections_opened"], 2, "{}", s["pool"]);
+    drop(third);
+}
+
+/// A test client speaking HBONE with a certificate from `ca_dir` for `src`.
+struct TestClient {
+    _manager: Arc<SecretManager>,
+    _lease: CertLease,
+    sender: h2::client::SendRequest<Bytes>,
+}
+
+async fn hbone_client(
+    ca_dir: &std::path::Path,
+    src: &Identity,
+    server: SocketAddr,
+    expected: &Identity,
+) -> Result<TestClient, String> {
+    let ca = LocalCa::load_or_create(ca_dir, "cluster.local").map_err(|e| e.to_string())?;
+    let manager = SecretManager::new(
+        Arc::new(ca),
+        CertConfig {
+            trust_domain: "cluster.local".into(),
+            ttl: Duration::from_secs(3600),
+        },
+    );
+    let lease = manager.acquire(src);
+    manager.fetch(src).await.map_err(|e| e.to_string())?;
+    let cfg = ambit::tls::client_config(manager.clone(), src.clone(), expected.clone());
+    let tcp = TcpStream::connect(server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ambit::tls::server_name(server.ip()), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    // A refused client certificate shows up as an error on first use.
+    let (sender, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(TestClient {
+        _manager: manager,
+        _lease: lease,
+        sender,
+    })
+}
+
+impl TestClient {
+    /// Sends `method` with `authority`, returns the status.
+    async fn status(&mut self, method: http::Method, authority: &str) -> Result<u16, String> {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(if method == http::Method::CONNECT {
+                authority.to_string()
+            } else {
+                format!("https://{authority}/")
+            })
+            .body(())
+            .map_err(|e| e.to_string())?;
+        let mut sender = self
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (resp, _send) = sender
+            .send_request(req, method != http::Method::CONNECT)
+            .map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    }
+}
+
+/// Acceptance 3 and 4 at the server: a client from another CA is refused at the handshake; a
+/// non-CONNECT request and an `:authority` naming another IP get 400; an unreachable app gets
+/// 503; a good request gets 200. A server presenting the wrong identity is refused by the client.
+#[test]
+fn hbone_server_checks_certificates_and_requests() {
+    let world = World::new("hb-server");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world
+        .pod("server")
+        .node(&n2)
+        .namespace("mesh")
+        .sa("beta")
+        .spawn();
+    let other = world.pod("other").node(&n2).namespace("mesh").spawn();
+    let app = sa(server.ip4(), 8080);
+    let srv = Server::start(&server, &[app], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&outsider, &client, &server, &other]);
+    let (a1, a2) = two_agents(
+        &world,
+        (&n1, &n2),
+        &yaml,
+        &[],
+        (&[&client], &[&server, &other]),
+    );
+    let hbone = sa(server.ip4(), 15008);
+    let me = Identity::new("cluster.local", "plain", "tester");
+    let beta = Identity::new("cluster.local", "mesh", "beta");
+    let ca_dir = a1.ca_dir();
+
+    let statuses = in_pod(&outsider, || async {
+        let mut c = hbone_client(&ca_dir, &me, hbone, &beta)
+            .await
+            .unwrap_or_else(|e| panic!("a client of our CA connects: {e}"));
+        let get = c.status(http::Method::GET, &app.to_string()).await;
+        let elsewhere = c
+            .status(http::Method::CONNECT, &sa(other.ip4(), 8080).to_string())
+            .await;
+        let not_ip = c.status(http::Method::CONNECT, "example.com:8080").await;
+        let closed = c
+            .status(http::Method::CONNECT, &sa(server.ip4(), 9).to_string())
+            .await;
+        let ok = c.status(http::Method::CONNECT, &app.to_string()).await;
+        (get, elsewhere, not_ip, closed, ok)
+    });
+    assert_eq!(statuses.0, Ok(400), "GET is not CONNECT");
+    assert_eq!(statuses.1, Ok(400), ":authority of another pod");
+    assert_eq!(statuses.2, Ok(400), ":authority that is not ip:port");
+    assert_eq!(statuses.3, Ok(503), "nothing listens on the app port");
+    assert_eq!(statuses.4, Ok(200), "a good CONNECT");
+    assert_eq!(a2.counter("proxy.hbone_inbound_bad_request"), 3);
+
+    // The server presents mesh/beta; a client expecting another identity refuses it.
+    let wrong = in_pod(&outsider, || async {
+        hbone_client(
+            &ca_dir,
+            &me,
+            hbone,
+            &Identity::new("cluster.local", "mesh", "alpha"),
+        )
+        .await
+        .map(|_| ())
+    });
+    let e = wrong.expect_err("a server with the wrong identity is refused");
+    assert!(e.contains("sa/alpha") && e.contains("sa/beta"), "{e}");
+    // The server sees that handshake fail too (the client aborted it).
+    a2.wait_for("aborted handshake counted", Duration::from_secs(5), |s| {
+        s["proxy"]["hbone_tls_refused"] == 1
+    });
+
+    // A client certificate from another CA is refused by the server.
+    let foreign = std::env::temp_dir().join(format!("ambit-foreign-ca-{}", std::process::id()));
+    let refused = in_pod(&outsider, || async {
+        let mut c = hbone_client(&foreign, &me, hbone, &beta).await?;
+        c.status(http::Method::CONNECT, &app.to_string()).await
+    });
+    let _ = std::fs::remove_dir_all(&foreign);
+    assert!(refused.is_err(), "foreign CA accepted: {refused:?}");
+    a2.wait_for("foreign client refused", Duration::from_secs(5), |s| {
+        s["proxy"]["hbone_tls_refused"] == 2
+    });
+
+    // The mesh client's agent refuses a server whose identity is not the one the cluster says:
+    // node 1 is told the server runs as mesh/alpha, node 2 (the truth) says mesh/beta.
+    let lying = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&outsider, &client, &other])
+        .pod_with_sa(&server, "alpha");
+    let generation = a1.fresh_status()["generation"].as_u64();
+    lying.write(&a1.config_dir());
+    a1.wait_for("node 1 sees the new identity", Duration::from_secs(5), |s| {
+        s["generation"].as_u64() > generation
+    });
+    let before = srv.count();
+    let r = in_pod(&client, || whoami(app));
+    assert!(
+        r.is_err(),
+        "a tunnel to a server with the wrong identity: {r:?}"
+    );
+    a1.wait_for("client refused the server", Duration::from_secs(5), |s| {
+        s["proxy"]["outbound_hbone_failed"] == 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(srv.count(), before, "the app never saw the refused tunnel");
+}
+
+/// Acceptance 6: mesh to non-mesh is plaintext passthrough; non-mesh to mesh reaches 15006.
+#[test]
+fn mesh_and_non_mesh_pods_still_talk() {
+    let world = World::new("hb-mixed");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let meshed = world.pod("meshed").node(&n1).namespace("mesh").spawn();
+    let plain = world.pod("plain").node(&n2).namespace("plain").spawn();
+    let target = world.pod("target").node(&n2).namespace("mesh").spawn();
+    let p_app = sa(plain.ip4(), 8080);
+    let t_app = sa(target.ip4(), 8080);
+    let _s1 = Server::start(&plain, &[p_app], Mode::WhoamiEcho);
+    let _s2 = Server::start(&target, &[t_app], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&meshed, &plain, &target]);
+    let (a1, a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&meshed], &[&target]));
+
+    let (peer, local, _) = in_pod(&meshed, || whoami(p_app)).expect("mesh to non-mesh");
+    assert_eq!(local, p_app);
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(meshed.ip4()),
+        "plaintext, from the pod itself"
+    );
+    let s = a1.fresh_status();
+    assert_eq!(
+        (
+            s["proxy"]["outbound_plaintext"].as_u64(),
+            s["proxy"]["outbound_hbone"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+
+    let (_, local, _) = in_pod(&plain, || whoami(t_app)).expect("non-mesh to mesh");
+    assert_eq!(local, t_app);
+    a2.wait_for("plaintext inbound on 15006", Duration::from_secs(5), |s| {
+        s["proxy"]["inbound_accepted"] == 1
+    });
+    assert_eq!(a2.counter("proxy.hbone_inbound_streams"), 0);
+}
+
+/// Acceptance 7: the server node's agent restarts: connections fail closed during the gap (the
+/// app sees nothing around the proxy), and succeed again once it is back, on a fresh tunnel.
+#[test]
+fn server_agent_restart_fails_closed_then_recovers() {
+    let world = World::new("hb-restart");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let app = sa(server.ip4(), 8080);
+    let srv = Server::start(&server, &[app], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let (a1, mut a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&client], &[&server]));
+    in_pod(&client, || whoami(app)).expect("before the restart");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.count() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(srv.count(), 1, "the app served the first connection");
+
+    a2.kill();
+    for _ in 0..5 {
+        let r = in_pod(&client, || whoami(app));
+        assert!(
+            r.is_err(),
+            "nothing reaches the app while its node's agent is down: {r:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(srv.count(), 1, "the app saw no connection during the gap");
+
+    a2.start(&world);
+    a2.wait_enrolled(&[&server]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match in_pod(&client, || whoami(app)) {
+            Ok((_, local, _)) => {
+                assert_eq!(local, app);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("no recovery after the restart: {e}"),
+        }
+    }
+    assert!(
+        a1.counter("pool.connections_opened") >= 2,
+        "a fresh tunnel after the restart"
+    );
+}
+
+/// Acceptance 5: certificates rotate (short TTL) during a 60-second continuous transfer without
+/// interrupting it, and new handshakes present the new certificate.
+#[test]
+fn certificate_rotation_does_not_interrupt_a_long_transfer() {
+    let secs: u64 = std::env::var("AMBIT_TEST_ROTATION_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let world = World::new("hb-rotate");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let app = sa(server.ip4(), 8080);
+    let srv = Server::start(&server, &[app], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &outsider, &server]);
+    let (a1, a2) = two_agents(
+        &world,
+        (&n1, &n2),
+        &yaml,
+        &["--cert-ttl", "6s"],
+        (&[&client], &[&server]),
+    );
+    let ca_dir = a1.ca_dir();
+    let me = Identity::new("cluster.local", "plain", "tester");
+    let server_id = Identity::new("cluster.local", "mesh", "default");
+    let server_ip = server.ip4();
+    let server_cert = |ca_dir: std::path::PathBuf| {
+        let (me, server_id) = (me.clone(), server_id.clone());
+        in_pod(&outsider, move || async move {
+            let ca = LocalCa::load_or_create(&ca_dir, "cluster.local").expect("ca");
+            let m = SecretManager::new(Arc::new(ca), CertConfig::default());
+            let _lease = m.acquire(&me);
+            m.fetch(&me).await.expect("test cert");
+            let cfg = ambit::tls::client_config(m.clone(), me.clone(), server_id);
+            let tcp = TcpStream::connect(sa(server_ip, 15008)).await.expect("tcp");
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(ambit::tls::server_name(server_ip.into()), tcp)
+                .await
+                .expect("handshake");
+            tls.get_ref().1.peer_certificates().expect("server cert")[0].to_vec()
+        })
+    };
+    let cert_before = server_cert(ca_dir.clone());
+
+    // Continuous transfer: the client writes for `secs` seconds at a steady pace and reads the
+    // echo; everything must come back, in order, without a reset.
+    let (sent, got, n, bytes) = in_pod(&client, || async move {
+        let stream = TcpStream::connect(app).await.expect("connect");
+        let (mut r, mut w) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut seed, mut h, mut sent) = (11u64, Fnv::new(), 0u64);
+            let end = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < end {
+                seed = support::pattern(seed, &mut buf);
+                w.write_all(&buf).await.expect("write during rotation");
+                h.update(&buf);
+                sent += buf.len() as u64;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            w.shutdown().await.expect("half-close");
+            (h.0, sent)
+        });
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            r.read_exact(&mut byte).await.expect("whoami line");
+        }
+        let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
+        loop {
+            let k = r.read(&mut buf).await.expect("read during rotation");
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            n += k as u64;
+        }
+        let (sent_h, sent) = writer.await.expect("writer");
+        (sent_h, h.0, n, sent)
+    });
+    assert_eq!(n, bytes, "every byte came back");
+    assert_eq!(sent, got, "intact across rotations");
+    let seen = srv.seen();
+    assert!(!seen[0].reset, "the transfer was never reset");
+    // A 6 s TTL rotates about every 3 s: many rotations happened during the transfer.
+    let min_rotations = (secs / 6).max(2);
+    for (name, a) in [("client node", &a1), ("server node", &a2)] {
+        let r = a.counter("certs.rotations_total");
+        assert!(r >= min_rotations, "{name}: only {r} rotations in {secs} s");
+    }
+    let cert_after = server_cert(ca_dir);
+    assert_ne!(
+        cert_before, cert_after,
+        "a new handshake presents the rotated certificate"
+    );
+}
