@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod harness;
 pub mod identity;
 pub mod node;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod tls;
