@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, LocalAgent, Node, Pod, World};
-use ambit::identity::{CertConfig, CertLease, Identity, LocalCa, SecretManager};
-use bytes::Bytes;
-use support::{ambit_bin, in_pod, whoami, Fnv, Mode, Server};
+use ambit::identity::{CertConfig, Identity, LocalCa, SecretManager};
+use support::{ambit_bin, hbone_client, in_pod, whoami, Fnv, Mode, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -284,77 +283,6 @@ fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
     drop(third);
 }
 
-/// A test client speaking HBONE with a certificate from `ca_dir` for `src`.
-struct TestClient {
-    _manager: Arc<SecretManager>,
-    _lease: CertLease,
-    sender: h2::client::SendRequest<Bytes>,
-}
-
-async fn hbone_client(
-    ca_dir: &std::path::Path,
-    src: &Identity,
-    server: SocketAddr,
-    expected: &Identity,
-) -> Result<TestClient, String> {
-    let ca = LocalCa::load_or_create(ca_dir, "cluster.local").map_err(|e| e.to_string())?;
-    let manager = SecretManager::new(
-        Arc::new(ca),
-        CertConfig {
-            trust_domain: "cluster.local".into(),
-            ttl: Duration::from_secs(3600),
-        },
-    );
-    let lease = manager.acquire(src);
-    manager.fetch(src).await.map_err(|e| e.to_string())?;
-    let cfg = ambit::tls::client_config(manager.clone(), src.clone(), expected.clone());
-    let tcp = TcpStream::connect(server)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ambit::tls::server_name(server.ip()), tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    // A refused client certificate shows up as an error on first use.
-    let (sender, conn) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| format!("HTTP/2: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(TestClient {
-        _manager: manager,
-        _lease: lease,
-        sender,
-    })
-}
-
-impl TestClient {
-    /// Sends `method` with `authority`, returns the status.
-    async fn status(&mut self, method: http::Method, authority: &str) -> Result<u16, String> {
-        let req = http::Request::builder()
-            .method(method.clone())
-            .uri(if method == http::Method::CONNECT {
-                authority.to_string()
-            } else {
-                format!("https://{authority}/")
-            })
-            .body(())
-            .map_err(|e| e.to_string())?;
-        let mut sender = self
-            .sender
-            .clone()
-            .ready()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (resp, _send) = sender
-            .send_request(req, method != http::Method::CONNECT)
-            .map_err(|e| e.to_string())?;
-        let resp = resp.await.map_err(|e| e.to_string())?;
-        Ok(resp.status().as_u16())
-    }
-}
-
 /// Acceptance 3 and 4 at the server: a client from another CA is refused at the handshake; a
 /// non-CONNECT request and an `:authority` naming another IP get 400; an unreachable app gets
 /// 503; a good request gets 200. A server presenting the wrong identity is refused by the client.
@@ -450,9 +378,11 @@ fn hbone_server_checks_certificates_and_requests() {
         .pod_with_sa(&server, "alpha");
     let generation = a1.fresh_status()["generation"].as_u64();
     lying.write(&a1.config_dir());
-    a1.wait_for("node 1 sees the new identity", Duration::from_secs(5), |s| {
-        s["generation"].as_u64() > generation
-    });
+    a1.wait_for(
+        "node 1 sees the new identity",
+        Duration::from_secs(5),
+        |s| s["generation"].as_u64() > generation,
+    );
     let before = srv.count();
     let r = in_pod(&client, || whoami(app));
     assert!(

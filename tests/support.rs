@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 #[allow(unused_imports)]
 pub use ambit::harness::apps::{whoami, Mode, Server};
 use ambit::harness::Pod;
+use ambit::identity::{CertConfig, CertLease, Identity, LocalCa, SecretManager};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
 
 pub fn ambit_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ambit"))
@@ -138,5 +143,76 @@ impl Fnv {
             self.0 ^= *b as u64;
             self.0 = self.0.wrapping_mul(0x100_0000_01b3);
         }
+    }
+}
+
+/// A test client speaking HBONE with a certificate from `ca_dir` for `src`.
+pub struct TestClient {
+    _manager: std::sync::Arc<SecretManager>,
+    _lease: CertLease,
+    sender: h2::client::SendRequest<Bytes>,
+}
+
+pub async fn hbone_client(
+    ca_dir: &std::path::Path,
+    src: &Identity,
+    server: SocketAddr,
+    expected: &Identity,
+) -> Result<TestClient, String> {
+    let ca = LocalCa::load_or_create(ca_dir, "cluster.local").map_err(|e| e.to_string())?;
+    let manager = SecretManager::new(
+        std::sync::Arc::new(ca),
+        CertConfig {
+            trust_domain: "cluster.local".into(),
+            ttl: Duration::from_secs(3600),
+        },
+    );
+    let lease = manager.acquire(src);
+    manager.fetch(src).await.map_err(|e| e.to_string())?;
+    let cfg = ambit::tls::client_config(manager.clone(), src.clone(), expected.clone());
+    let tcp = TcpStream::connect(server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ambit::tls::server_name(server.ip()), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    // A refused client certificate shows up as an error on first use.
+    let (sender, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(TestClient {
+        _manager: manager,
+        _lease: lease,
+        sender,
+    })
+}
+
+impl TestClient {
+    /// Sends `method` with `authority`, returns the status.
+    pub async fn status(&mut self, method: http::Method, authority: &str) -> Result<u16, String> {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(if method == http::Method::CONNECT {
+                authority.to_string()
+            } else {
+                format!("https://{authority}/")
+            })
+            .body(())
+            .map_err(|e| e.to_string())?;
+        let mut sender = self
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (resp, _send) = sender
+            .send_request(req, method != http::Method::CONNECT)
+            .map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
     }
 }

@@ -100,6 +100,22 @@ impl AgentMetrics {
 
     /// Mirrors the store's current problems (one series per object and field, so a fixed object's
     /// series disappears) and its rejection count.
+    /// Registers `ambit_policy_denials_total{policy,workload}` (counted by the policy enforcer).
+    pub fn with_policy_denials(
+        mut self,
+        denials: prometheus_client::metrics::family::Family<
+            crate::policy::enforce::DenialLabels,
+            Counter,
+        >,
+    ) -> Self {
+        self.registry.register(
+            "ambit_policy_denials",
+            "Inbound connections or HBONE streams denied, by the policy that decided and the workload.",
+            denials,
+        );
+        self
+    }
+
     pub fn set_config(&self, errors: &[ObjectError], rejected_total: u64) {
         let current: BTreeSet<RejectedLabels> = errors
             .iter()

@@ -15,11 +15,12 @@ use crate::config::files::FileSource;
 use crate::config::kube::KubeSource;
 use crate::config::DEFAULT_DOMAIN;
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
+use crate::identity::{CertConfig, LocalCa, SecretManager};
 use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
 use crate::node::Node;
-use crate::identity::{CertConfig, LocalCa, SecretManager};
+use crate::policy::Enforcer;
 use crate::proxy::pool::Pool;
-use crate::proxy::{AllowAll, Metrics, ProxyInputs};
+use crate::proxy::{Metrics, ProxyInputs};
 use crate::state::store::Store;
 
 #[derive(Debug, Error)]
@@ -69,6 +70,8 @@ pub struct AgentConfig {
     pub uninstall_on_exit: bool,
     pub data_plane_threads: usize,
     pub trust_domain: String,
+    /// Istio's root namespace: its PeerAuthentication/AuthorizationPolicy apply mesh-wide.
+    pub root_namespace: String,
     /// The local CA's directory (root certificate and key; created on first start).
     pub ca_dir: PathBuf,
     pub cert_ttl: Duration,
@@ -143,19 +146,21 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         )
     };
     let store = Store::new(DEFAULT_DOMAIN);
+    let enforcer = Arc::new(Enforcer::new(&cfg.root_namespace, &cfg.node));
     let pi = Arc::new(ProxyInputs {
         orig_dst: capture.orig_dst_table()?,
         metrics: Metrics::default(),
         state: store.reader(),
         pool: Pool::new(cfg.pool.clone(), secrets.clone()),
         secrets,
-        policy: Arc::new(AllowAll),
+        policy: enforcer.clone(),
     });
     let mut node = Node::new(capture, pi.clone(), data_plane.handle().clone());
     let proxy = pi.clone();
-    let metrics = Arc::new(AgentMetrics::new(Box::new(move || {
-        proxy.metrics.counters()
-    })));
+    let metrics = Arc::new(
+        AgentMetrics::new(Box::new(move || proxy.metrics.counters()))
+            .with_policy_denials(enforcer.denials()),
+    );
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz/ready");
         control.spawn(crate::admin::serve(listener, metrics.clone()));
@@ -163,6 +168,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
 
     control.block_on(control_loop(
         &cfg,
+        &enforcer,
         &mut node,
         &pi,
         store,
@@ -185,6 +191,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
 
 async fn control_loop(
     cfg: &AgentConfig,
+    enforcer: &Enforcer,
     node: &mut Node,
     pi: &ProxyInputs,
     mut store: Store,
@@ -238,6 +245,8 @@ async fn control_loop(
         if store.publish() || std::mem::take(&mut first) {
             generation += 1;
             let state = store.reader().load_full();
+            // Policies first: a pod enrolled below must find its compiled view.
+            enforcer.update(&state, &store.broken_policies());
             let (desired, enrol_problems) = desired_pods(&state, &cfg.node, resolver.as_ref());
             problems = files
                 .iter()

@@ -98,6 +98,9 @@ struct RunArgs {
     /// SPIFFE trust domain of workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = ambit::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Istio's root namespace: PeerAuthentication/AuthorizationPolicy there apply mesh-wide.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = ambit::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Local CA directory: root certificate and key, created on first start (0700/0600). Every
     /// node of a mesh must share the same root.
     #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
@@ -182,6 +185,7 @@ impl RunArgs {
             data_plane_threads: self.workers,
             metrics_addr,
             trust_domain: self.trust_domain,
+            root_namespace: self.root_namespace,
             ca_dir: self.ca_dir,
             cert_ttl: self.cert_ttl,
             pool: ambit::proxy::pool::PoolConfig {

@@ -15,6 +15,7 @@
 //! the code says so at the spot.
 
 mod compile;
+pub mod enforce;
 mod eval;
 
 #[cfg(test)]
@@ -30,6 +31,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use compile::{CompiledPolicies, PeerAuthnView, WorkloadPolicy};
+pub use enforce::{Enforcer, DEFAULT_ROOT_NAMESPACE};
 pub use eval::evaluate;
 
 use crate::config::istio::MtlsMode;

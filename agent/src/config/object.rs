@@ -123,6 +123,10 @@ pub struct ObjectError {
     pub field: String,
     pub message: String,
     pub location: Option<String>,
+    /// For a rejected AuthorizationPolicy: the workloads it would have selected, which then deny
+    /// (issue 5: a policy that cannot be read fails closed).
+    #[serde(skip)]
+    pub broken_policy: Option<Box<crate::policy::BrokenPolicy>>,
 }
 
 impl ObjectError {
@@ -132,6 +136,7 @@ impl ObjectError {
             field: field.into(),
             message: message.into(),
             location: None,
+            broken_policy: None,
         }
     }
 }
@@ -263,6 +268,8 @@ pub fn parse(value: serde_json::Value) -> Parsed {
             vec![ObjectError::new(&oref, "metadata.name", "required")],
         );
     }
+    // Kept to read a rejected policy's selector (its scope) from the raw text.
+    let raw_policy = (kind == Kind::AuthorizationPolicy).then(|| value.clone());
     let result = match kind {
         Kind::Namespace => typed(&oref, value).map(Object::Namespace),
         Kind::Pod => typed(&oref, value).map(Object::Pod),
@@ -283,7 +290,18 @@ pub fn parse(value: serde_json::Value) -> Parsed {
     };
     match result {
         Ok(o) => Parsed::Object(o),
-        Err(e) => Parsed::Rejected(oref, e),
+        Err(mut e) => {
+            if let (Some(raw), Some(first)) = (raw_policy, e.first_mut()) {
+                let reason = format!("{}: {}", first.field, first.message);
+                first.broken_policy = Some(Box::new(crate::policy::BrokenPolicy::from_json(
+                    &oref.namespace,
+                    &oref.name,
+                    &raw,
+                    reason,
+                )));
+            }
+            Parsed::Rejected(oref, e)
+        }
     }
 }
 

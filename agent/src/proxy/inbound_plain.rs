@@ -1,13 +1,16 @@
 //! Inbound plaintext: connections for the pod's IP on any port, steered by sk_lookup to the pod's
 //! 15006 listener. The accepted socket's local address is the original destination. The proxy
-//! reaches the app from the pod's own IP, which sk_lookup never steers (no loop).
+//! reaches the app from the pod's own IP, which sk_lookup never steers (no loop). Policy is asked
+//! first, with no identity (PeerAuthentication STRICT refuses every such connection).
 
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::{outbound::finish, relay, reset, Metrics, PodContext, ProxyInputs};
+use super::{
+    outbound::finish, relay, reset, Decision, InboundConnection, Metrics, PodContext, ProxyInputs,
+};
 
 pub struct InboundPlain {
     pub pi: Arc<ProxyInputs>,
@@ -34,6 +37,18 @@ impl InboundPlain {
                     return reset(stream);
                 };
                 debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
+                let conn = InboundConnection {
+                    pod: &pod,
+                    src: peer,
+                    dst,
+                    identity: None,
+                };
+                if let Decision::Deny { policy, reason } = pi.policy.check(&conn) {
+                    // Closed before the app is reached (a reset: the client sees a refusal).
+                    Metrics::inc(&pi.metrics.inbound_denied);
+                    debug!(pod = %pod.name, %peer, %dst, policy, reason, "plaintext inbound denied");
+                    return reset(stream);
+                }
                 match connect_app(&pod, dst).await {
                     Ok(app) => finish(&pi, relay::relay(stream, app).await),
                     Err(e) => {

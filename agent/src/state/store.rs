@@ -12,6 +12,7 @@ use super::convert::{convert, item_ref, Item};
 use super::{fqdn, istio_key, key, Key, State};
 use crate::config::istio::{undefined_subsets, IstioConfig};
 use crate::config::{Kind, Object, ObjectError, ObjectRef, SourceEvent};
+use crate::policy::{BrokenPolicy, BrokenScope};
 
 /// The latest published snapshot, shared with the data path.
 pub type StateReader = Arc<ArcSwap<State>>;
@@ -23,6 +24,8 @@ pub struct Store {
     /// EndpointSlice → the Service key it is filed under.
     slice_owner: BTreeMap<ObjectRef, Key>,
     rejected_total: u64,
+    /// AuthorizationPolicies currently rejected: they deny the workloads they select.
+    broken: BTreeMap<ObjectRef, BrokenPolicy>,
     published: StateReader,
     changed: bool,
 }
@@ -36,6 +39,7 @@ impl Store {
             errors: BTreeMap::new(),
             slice_owner: BTreeMap::new(),
             rejected_total: 0,
+            broken: BTreeMap::new(),
             changed: false,
         }
     }
@@ -52,6 +56,11 @@ impl Store {
     /// Every current problem, ordered by object.
     pub fn errors(&self) -> Vec<ObjectError> {
         self.errors.values().flatten().cloned().collect()
+    }
+
+    /// Rejected AuthorizationPolicies, each with the scope it would have had (fail closed).
+    pub fn broken_policies(&self) -> Vec<BrokenPolicy> {
+        self.broken.values().cloned().collect()
     }
 
     /// Objects rejected since start (a counter for metrics).
@@ -75,6 +84,7 @@ impl Store {
             SourceEvent::Reject(oref, errors) => self.reject(oref, errors),
             SourceEvent::Delete(oref) => {
                 self.errors.remove(&oref);
+                self.unbreak(&oref);
                 self.remove(&oref);
             }
             SourceEvent::Replace {
@@ -94,7 +104,17 @@ impl Store {
                     .filter(|r| !present.contains(r))
                 {
                     self.errors.remove(&gone);
+                    self.unbreak(&gone);
                     self.remove(&gone);
+                }
+                let stale: Vec<ObjectRef> = self
+                    .broken
+                    .keys()
+                    .filter(|r| kinds.contains(&r.kind) && !present.contains(*r))
+                    .cloned()
+                    .collect();
+                for r in stale {
+                    self.unbreak(&r);
                 }
                 // Problems of objects no longer listed at all are stale too.
                 self.errors
@@ -146,9 +166,32 @@ impl Store {
                     warn!(problem = %w, "config warning");
                 }
                 set_or_clear(&mut self.errors, &oref, warnings);
+                self.unbreak(&oref);
                 self.insert(oref, c.item);
             }
-            Err(errors) => self.reject(oref, locate(errors)),
+            Err(mut errors) => {
+                // Failed validation after parsing: the selector is known from the typed object.
+                if let (Object::Istio(IstioConfig::AuthorizationPolicy(ap)), Some(first)) =
+                    (&obj, errors.first_mut())
+                {
+                    let scope = match &ap.spec.selector {
+                        Some(sel) if !sel.match_labels.is_empty() => {
+                            BrokenScope::Selector(sel.match_labels.clone())
+                        }
+                        _ if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() => {
+                            BrokenScope::TargetRefs
+                        }
+                        _ => BrokenScope::Namespace,
+                    };
+                    first.broken_policy = Some(Box::new(BrokenPolicy {
+                        namespace: oref.namespace.clone(),
+                        name: oref.name.clone(),
+                        scope,
+                        reason: format!("{}: {}", first.field, first.message),
+                    }));
+                }
+                self.reject(oref, locate(errors))
+            }
         }
     }
 
@@ -159,7 +202,33 @@ impl Store {
             warn!(problem = %e, kept_last_good = had_good, "config object rejected");
         }
         self.rejected_total += 1;
+        if oref.kind == Kind::AuthorizationPolicy {
+            // Fails closed for what it would have selected; with no readable scope, the namespace.
+            let broken = errors
+                .iter()
+                .find_map(|e| e.broken_policy.as_deref().cloned())
+                .unwrap_or_else(|| BrokenPolicy {
+                    namespace: oref.namespace.clone(),
+                    name: oref.name.clone(),
+                    scope: BrokenScope::Namespace,
+                    reason: errors
+                        .first()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .unwrap_or_else(|| "rejected".into()),
+                });
+            if self.broken.get(&oref) != Some(&broken) {
+                self.broken.insert(oref.clone(), broken);
+                self.changed = true;
+            }
+        }
         self.errors.insert(oref, errors);
+    }
+
+    /// `oref` is no longer a rejected policy.
+    fn unbreak(&mut self, oref: &ObjectRef) {
+        if self.broken.remove(oref).is_some() {
+            self.changed = true;
+        }
     }
 
     /// References of every object of these kinds now in the state.
