@@ -1,0 +1,150 @@
+//! The four agents (a warm-pool pair on n1/n2, a cold-pool pair on n3/n4) as the bench sees them:
+//! their CPU time from /proc, and the counters of their status files that show which way each
+//! measured connection went.
+
+use std::time::{Duration, Instant};
+
+use ambit::harness::LocalAgent;
+use serde_json::Value;
+
+/// Counters of one agent (status file: `proxy.*`, `pool.*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub outbound_accepted: u64,
+    pub outbound_hbone: u64,
+    pub outbound_plaintext: u64,
+    pub inbound_accepted: u64,
+    /// TLS connections accepted on 15008.
+    pub hbone_inbound_accepted: u64,
+    pub hbone_inbound_streams: u64,
+    pub pool_connections_opened: u64,
+    pub pool_streams_opened: u64,
+    pub pool_streams_reused: u64,
+    /// Every failure counter summed: connect and tunnel failures, refusals, resets.
+    pub failures: u64,
+}
+
+impl Counters {
+    fn from_status(s: &Value) -> Counters {
+        let get = |path: &str| -> u64 {
+            path.split('.')
+                .fold(s, |v, k| &v[k])
+                .as_u64()
+                .unwrap_or_else(|| panic!("status has no counter {path}: {s}"))
+        };
+        let failures = [
+            "proxy.outbound_orig_dst_missing",
+            "proxy.outbound_connect_failed",
+            "proxy.inbound_connect_failed",
+            "proxy.outbound_no_endpoints",
+            "proxy.outbound_hbone_failed",
+            "proxy.hbone_tls_refused",
+            "proxy.hbone_inbound_bad_request",
+            "proxy.inbound_denied",
+            "proxy.relays_reset",
+            "pool.connect_failed",
+        ]
+        .iter()
+        .map(|p| get(p))
+        .sum();
+        Counters {
+            outbound_accepted: get("proxy.outbound_accepted"),
+            outbound_hbone: get("proxy.outbound_hbone"),
+            outbound_plaintext: get("proxy.outbound_plaintext"),
+            inbound_accepted: get("proxy.inbound_accepted"),
+            hbone_inbound_accepted: get("proxy.hbone_inbound_accepted"),
+            hbone_inbound_streams: get("proxy.hbone_inbound_streams"),
+            pool_connections_opened: get("pool.connections_opened"),
+            pool_streams_opened: get("pool.streams_opened"),
+            pool_streams_reused: get("pool.streams_reused"),
+            failures,
+        }
+    }
+
+    pub fn delta(self, before: Counters) -> Counters {
+        Counters {
+            outbound_accepted: self.outbound_accepted - before.outbound_accepted,
+            outbound_hbone: self.outbound_hbone - before.outbound_hbone,
+            outbound_plaintext: self.outbound_plaintext - before.outbound_plaintext,
+            inbound_accepted: self.inbound_accepted - before.inbound_accepted,
+            hbone_inbound_accepted: self.hbone_inbound_accepted - before.hbone_inbound_accepted,
+            hbone_inbound_streams: self.hbone_inbound_streams - before.hbone_inbound_streams,
+            pool_connections_opened: self.pool_connections_opened - before.pool_connections_opened,
+            pool_streams_opened: self.pool_streams_opened - before.pool_streams_opened,
+            pool_streams_reused: self.pool_streams_reused - before.pool_streams_reused,
+            failures: self.failures - before.failures,
+        }
+    }
+}
+
+/// The counters of every agent, each from a status written after this call began (two writes
+/// later, as `LocalAgent::fresh_status`, but waiting for all agents at once).
+pub fn counters(agents: &[&LocalAgent]) -> Vec<Counters> {
+    let seqs: Vec<u64> = agents
+        .iter()
+        .map(|a| a.status().as_ref().map_or(0, seq))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out: Vec<Option<Counters>> = vec![None; agents.len()];
+    while out.iter().any(Option::is_none) {
+        for (i, a) in agents.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            if let Some(s) = a.status().filter(|s| seq(s) >= seqs[i] + 2) {
+                out[i] = Some(Counters::from_status(&s));
+            }
+        }
+        if Instant::now() > deadline {
+            let stuck = agents
+                .iter()
+                .zip(&out)
+                .find(|(_, c)| c.is_none())
+                .map(|(a, _)| a.log_tail())
+                .unwrap_or_default();
+            panic!("an agent wrote no fresh status within 10 s\n{stuck}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    out.into_iter().flatten().collect()
+}
+
+fn seq(s: &Value) -> u64 {
+    s["seq"].as_u64().unwrap_or(0)
+}
+
+/// Clock ticks per second of /proc/<pid>/stat times.
+#[allow(unsafe_code)]
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU seconds of a process so far (all its threads), from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // Fields after the command name, which is in parentheses and may contain spaces: the first
+    // is field 3 (state); utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.iter().sum::<u64>() as f64 / clock_ticks()
+}
+
+/// CPU seconds of each agent so far.
+pub fn cpu(agents: &[&LocalAgent]) -> Vec<f64> {
+    agents
+        .iter()
+        .map(|a| cpu_seconds(a.pid().expect("agent is running")))
+        .collect()
+}
