@@ -88,9 +88,10 @@ struct RunArgs {
     /// Remove all capture state on exit instead of leaving it pinned (fail closed).
     #[arg(long)]
     uninstall_on_exit: bool,
-    /// sk_msg fast path on the app <-> proxy loopback hop (on by default: it measured faster; see
-    /// agent/benches/README.md). `--fast-path=false` turns it off.
-    #[arg(long, env = "AMBIT_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    /// sk_msg fast path on the app <-> proxy loopback hop. Off by default: it measured faster
+    /// (agent/benches/README.md) but stalls a transfer whose consumer is slower than the app (seen
+    /// through HBONE after ~3 GB); `--fast-path=true` turns it on.
+    #[arg(long, env = "AMBIT_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     fast_path: bool,
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKERS", default_value_t = 2)]

@@ -72,7 +72,12 @@ fn list(ids: &[Identity]) -> String {
 }
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first: cheaper per byte than AES-256-GCM; every suite stays offered, so a peer
+    // that prefers another still gets it.
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// Server config for one pod's HBONE listener: presents `identity`'s current cert, ALPN h2,

@@ -205,7 +205,13 @@ impl LocalAgent {
             .arg(self.node.netns_path())
             .arg("--status-file")
             .arg(self.status_path())
-            .args(["--poll-ms", "50"])
+            // Quick to notice YAML edits; an explicit `--poll-ms` given with `arg` wins.
+            .args(
+                (!self.extra_args.iter().any(|a| a.starts_with("--poll-ms")))
+                    .then_some(["--poll-ms", "50"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--ca-dir")
             .arg(self.ca_dir())
             .args(&self.extra_args)

@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::inbound_plain::connect_app;
-use super::pool::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::pool::{buffered, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use super::{tunnel, Decision, InboundConnection, Metrics, PodContext, ProxyInputs};
 use crate::identity::Identity;
 
@@ -78,7 +78,8 @@ async fn serve(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+    let handshake =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered(stream))).await;
     let tls = match handshake.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
         Ok(t) => t,
         Err(e) => {
