@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
-use support::{ambit_bin, in_pod, whoami, Fnv, Mode, Server};
+use support::{ambit_bin, echo_transfer, in_pod, whoami, Mode, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -340,38 +340,7 @@ fn relay_case(fast_path: bool) {
 
     // 256 MiB each way through both the client's outbound and the server's inbound relay.
     const TOTAL: u64 = 256 << 20;
-    let (sent_hash, recv_hash, recv_len) = in_pod(&client, || async move {
-        let stream = TcpStream::connect(echo).await.expect("connect");
-        let (mut r, mut w) = stream.into_split();
-        let writer = tokio::spawn(async move {
-            let mut buf = vec![0u8; 1 << 20];
-            let (mut seed, mut h, mut sent) = (42u64, Fnv::new(), 0u64);
-            while sent < TOTAL {
-                seed = support::pattern(seed, &mut buf);
-                w.write_all(&buf).await.expect("write");
-                h.update(&buf);
-                sent += buf.len() as u64;
-            }
-            w.shutdown().await.expect("half-close");
-            h.0
-        });
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while byte[0] != b'\n' {
-            r.read_exact(&mut byte).await.expect("whoami line");
-            line.push(byte[0]);
-        }
-        let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
-        loop {
-            let k = r.read(&mut buf).await.expect("read");
-            if k == 0 {
-                break;
-            }
-            h.update(&buf[..k]);
-            n += k as u64;
-        }
-        (writer.await.expect("writer"), h.0, n)
-    });
+    let (sent_hash, recv_hash, recv_len) = in_pod(&client, || echo_transfer(echo, TOTAL, None));
     assert_eq!(recv_len, TOTAL, "every byte came back");
     assert_eq!(sent_hash, recv_hash, "bytes relayed exactly");
     wait_until("bulk connection closed at the server", || {

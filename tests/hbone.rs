@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, LocalAgent, Node, Pod, World};
 use ambit::identity::{CertConfig, Identity, LocalCa, SecretManager};
-use support::{ambit_bin, hbone_client, in_pod, whoami, Fnv, Mode, Server};
+use support::{ambit_bin, echo_transfer, hbone_client, in_pod, whoami, Fnv, Mode, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,51 +40,6 @@ fn two_agents(
     a1.wait_enrolled(pods.0);
     a2.wait_enrolled(pods.1);
     (a1, a2)
-}
-
-/// Sends `total` bytes of `fill` (or a pseudo-random pattern) to an echo server and reads them
-/// back. Returns (hash sent, hash received, bytes received).
-async fn echo_transfer(
-    dst: SocketAddr,
-    total: u64,
-    fill: Option<&'static [u8]>,
-) -> (u64, u64, u64) {
-    let stream = TcpStream::connect(dst).await.expect("connect");
-    let (mut r, mut w) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let mut buf = vec![0u8; 1 << 20];
-        if let Some(fill) = fill {
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = fill[i % fill.len()];
-            }
-        }
-        let (mut seed, mut h, mut sent) = (7u64, Fnv::new(), 0u64);
-        while sent < total {
-            if fill.is_none() {
-                seed = support::pattern(seed, &mut buf);
-            }
-            w.write_all(&buf).await.expect("write");
-            h.update(&buf);
-            sent += buf.len() as u64;
-        }
-        w.shutdown().await.expect("half-close");
-        h.0
-    });
-    // The whoami line first.
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        r.read_exact(&mut byte).await.expect("whoami line");
-    }
-    let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
-    loop {
-        let k = r.read(&mut buf).await.expect("read");
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    (writer.await.expect("writer"), h.0, n)
 }
 
 /// Every frame on every interface of a node's netns, while it runs (AF_PACKET, ETH_P_ALL).

@@ -12,6 +12,7 @@ use ambit::identity::{CertConfig, CertLease, Identity, LocalCa, SecretManager};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub fn ambit_bin() -> PathBuf {
@@ -215,4 +216,49 @@ impl TestClient {
         let resp = resp.await.map_err(|e| e.to_string())?;
         Ok(resp.status().as_u16())
     }
+}
+
+/// Sends `total` bytes of `fill` (or a pseudo-random pattern) to an echo server and reads them
+/// back. Returns (hash sent, hash received, bytes received).
+pub async fn echo_transfer(
+    dst: SocketAddr,
+    total: u64,
+    fill: Option<&'static [u8]>,
+) -> (u64, u64, u64) {
+    let stream = TcpStream::connect(dst).await.expect("connect");
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 20];
+        if let Some(fill) = fill {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = fill[i % fill.len()];
+            }
+        }
+        let (mut seed, mut h, mut sent) = (7u64, Fnv::new(), 0u64);
+        while sent < total {
+            if fill.is_none() {
+                seed = pattern(seed, &mut buf);
+            }
+            w.write_all(&buf).await.expect("write");
+            h.update(&buf);
+            sent += buf.len() as u64;
+        }
+        w.shutdown().await.expect("half-close");
+        h.0
+    });
+    // The whoami line first.
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        r.read_exact(&mut byte).await.expect("whoami line");
+    }
+    let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let k = r.read(&mut buf).await.expect("read");
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    (writer.await.expect("writer"), h.0, n)
 }
