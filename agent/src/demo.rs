@@ -96,7 +96,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     println!("traffic (each server reports the peer and local address it saw):");
     let ip_of = |ip: IpAddr| -> &str {
         if ip == IpAddr::from(server.ip4()) || ip == IpAddr::from(server.ip6()) {
-            "server's own IP: delivered by ambit's inbound proxy inside the server pod"
+            "server's own IP: delivered by ambit's inbound proxy inside the server pod (HBONE from a meshed client, 15006 from a plaintext one)"
         } else if ip == IpAddr::from(node.gateway4()) {
             "node's address: exempt from inbound capture (kubelet probes)"
         } else {
@@ -143,6 +143,14 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         s["proxy"]["inbound_accepted"],
         s["proxy"]["relays_completed"],
         s["proxy"]["bytes_relayed"]
+    );
+    println!(
+        "  mesh:   {} outbound over HBONE (mTLS, HTTP/2 CONNECT to the pod's 15008), {} in plaintext (outside the mesh); {} HBONE streams terminated; {} pooled connection(s); {} workload certificate(s) issued",
+        s["proxy"]["outbound_hbone"],
+        s["proxy"]["outbound_plaintext"],
+        s["proxy"]["hbone_inbound_streams"],
+        s["pool"]["connections_opened"],
+        s["certs"]["issued_total"]
     );
 
     if args.keep {
