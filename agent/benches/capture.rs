@@ -5,6 +5,8 @@
 //! Run with `cargo bench -p ambit-agent --bench capture`.
 #![deny(unsafe_code)]
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "capture/diag.rs"]
 mod diag;
 #[path = "capture/measure.rs"]
@@ -13,15 +15,14 @@ mod measure;
 mod paths;
 #[path = "capture/report.rs"]
 mod report;
-#[path = "capture/workload.rs"]
-mod workload;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::atomic::AtomicU16;
 use std::sync::Arc;
 
 use ambit::harness::{Pod, World};
+use common::machine::{env_or, first_line, print_machine, raise_fd_limit, require_root};
+use common::workload;
 use measure::{Bench, ConnPart};
 use paths::{Ambit, BenchRelay, Dst, FixedDst, Iptables};
 use report::PathResults;
@@ -46,6 +47,8 @@ const DATA_PLANE_THREADS: usize = 2;
 /// Server ports: one per (round, path, kind), above the client pods' ephemeral range.
 const FIRST_PORT: u16 = 61000;
 const MAX_RUNS: usize = 100;
+/// Client write size and server read size for the throughput test (the relay's large buffer).
+const CHUNK: usize = 256 * 1024;
 /// The bench relays' port in the client pods of (b) and (c): ambit's outbound port, so (b), (c),
 /// (d) and (e) have the same loopback 4-tuple space (127.0.0.1 -> 127.0.0.1:15001).
 const RELAY_PORT: u16 = 15001;
@@ -65,16 +68,6 @@ pub struct Config {
     slices: usize,
     /// Letters of the paths to measure.
     paths: String,
-}
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| {
-            eprintln!("{name}={v:?}: invalid value");
-            std::process::exit(64)
-        }),
-        Err(_) => default,
-    }
 }
 
 impl Config {
@@ -110,6 +103,7 @@ fn server_port(round: usize, path: usize, kind: Kind) -> u16 {
     let k = match kind {
         Kind::Echo => 0,
         Kind::Sink => 1,
+        Kind::PingPong => unreachable!("the capture bench serves no ping-pong ports"),
     };
     FIRST_PORT + (round * 2 * PATHS + path * 2 + k) as u16
 }
@@ -124,41 +118,16 @@ fn client_dst(server: Ipv4Addr, round: usize, path: usize, kind: Kind) -> Socket
     }
 }
 
-fn first_line(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().next().unwrap_or_default().trim().to_string())
-        .unwrap_or_else(|e| format!("({path}: {e})"))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown model".into())
-}
-
 fn header(cfg: &Config) {
     let argv: Vec<String> = std::env::args().collect();
     let overrides: String = std::env::vars()
         .filter(|(k, _)| k.starts_with("AMBIT_BENCH_"))
         .map(|(k, v)| format!("{k}={v} "))
         .collect();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("ambit capture benchmark");
     println!("command:  {overrides}cargo bench -p ambit-agent --bench capture");
     println!("argv:     {}", argv.join(" "));
-    println!(
-        "kernel:   {} ({})",
-        first_line("/proc/sys/kernel/osrelease"),
-        first_line("/proc/sys/kernel/version")
-    );
-    println!("CPUs:     {cpus} ({})", cpu_model());
-    println!("load avg: {} (start)", first_line("/proc/loadavg"));
+    print_machine();
     println!(
         "config:   paths {}; {} conns/run in {} slices, {} in flight; {} MiB/throughput run; {} runs; \
          paths interleaved, order rotated; warm-up {} conns + {} MiB per path (not reported)",
@@ -171,13 +140,6 @@ fn header(cfg: &Config) {
         cfg.warmup_conns,
         cfg.warmup_mib
     );
-}
-
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
 
 /// iptables rules for (c), in client-c's netns only: the relay's own (marked) upstream connects
@@ -218,10 +180,7 @@ fn redirect_rules(server_ip: Ipv4Addr, rounds: usize) -> Vec<Vec<String>> {
 fn main() {
     let cfg = Config::from_env();
     header(&cfg);
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("error: this benchmark needs root (network namespaces, cgroups, eBPF, iptables)");
-        std::process::exit(1);
-    }
+    require_root("network namespaces, cgroups, eBPF, iptables");
     raise_fd_limit();
 
     // Everything below is torn down in reverse order on return or panic: ambit (unenrol, unpin),
@@ -254,7 +213,7 @@ fn main() {
             }
         }
     }
-    let _server_app = workload::Server::start(server.netns_path(), listen);
+    let _server_app = workload::Server::start(server.netns_path(), listen, CHUNK);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(DATA_PLANE_THREADS)

@@ -8,19 +8,20 @@
 
 #[path = "hbone/agents.rs"]
 mod agents;
+#[path = "common/mod.rs"]
+mod common;
 #[path = "hbone/measure.rs"]
 mod measure;
 #[path = "hbone/report.rs"]
 mod report;
-#[path = "hbone/workload.rs"]
-mod workload;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Instant;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, World};
+use common::machine::{env_or, first_line, print_machine, raise_fd_limit, require_root};
+use common::workload;
 use measure::{server_port, Bench, LatPart, PathSetup};
 use report::PathResults;
 use workload::Kind;
@@ -29,6 +30,8 @@ const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
 const MAX_RUNS: usize = 50;
+/// Client write size and server read size for the throughput test.
+const CHUNK: usize = 1024 * 1024;
 /// Round trips at the start of each latency connection that are not timed.
 const UNTIMED_PINGS: usize = 200;
 /// The agent binary cargo built for this bench (bench profile, like the bench itself).
@@ -51,16 +54,6 @@ pub struct Config {
     lat_slices: usize,
     warm_args: String,
     cold_args: String,
-}
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| {
-            eprintln!("{name}={v:?}: invalid value");
-            std::process::exit(64)
-        }),
-        Err(_) => default,
-    }
 }
 
 impl Config {
@@ -93,40 +86,15 @@ impl Config {
     }
 }
 
-fn first_line(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().next().unwrap_or_default().trim().to_string())
-        .unwrap_or_else(|e| format!("({path}: {e})"))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown model".into())
-}
-
 fn header(cfg: &Config) {
     let overrides: String = std::env::vars()
         .filter(|(k, _)| k.starts_with("AMBIT_BENCH_"))
         .map(|(k, v)| format!("{k}={v:?} "))
         .collect();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("ambit HBONE benchmark");
     println!("command:  {overrides}cargo bench -p ambit-agent --bench hbone");
     println!("agent:    {AMBIT_BIN}");
-    println!(
-        "kernel:   {} ({})",
-        first_line("/proc/sys/kernel/osrelease"),
-        first_line("/proc/sys/kernel/version")
-    );
-    println!("CPUs:     {cpus} ({})", cpu_model());
-    println!("load avg: {} (start)", first_line("/proc/loadavg"));
+    print_machine();
     println!(
         "config:   {} runs; per run and path: {} conns ({} in flight), {} MiB, {} pings in {} \
          slices ({UNTIMED_PINGS} untimed first on each connection); paths in rotated order; \
@@ -143,13 +111,6 @@ fn header(cfg: &Config) {
     );
 }
 
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}
-
 fn agent(world: &World, node: &ambit::harness::Node, args: &str, yaml: &ClusterYaml) -> LocalAgent {
     let mut a = args.split_whitespace().fold(
         LocalAgent::new(world, node, Path::new(AMBIT_BIN)),
@@ -163,10 +124,7 @@ fn agent(world: &World, node: &ambit::harness::Node, args: &str, yaml: &ClusterY
 fn main() {
     let cfg = Config::from_env();
     header(&cfg);
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("error: this benchmark needs root (network namespaces, cgroups, eBPF)");
-        std::process::exit(1);
-    }
+    require_root("network namespaces, cgroups, eBPF");
     raise_fd_limit();
     let started = Instant::now();
 
@@ -213,7 +171,7 @@ fn main() {
                     Kind::ALL.map(|k| (SocketAddr::from((s.ip4(), server_port(round, k))), k))
                 })
                 .collect();
-            workload::Server::start(s.netns_path(), ports)
+            workload::Server::start(s.netns_path(), ports, CHUNK)
         })
         .collect();
 

@@ -100,9 +100,8 @@ fn build_server(
 ) -> Arc<ServerConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeClientVerifier {
-        bundle,
+        chain: ChainVerifier::new(bundle, &provider),
         trust_domain,
-        algs: provider.signature_verification_algorithms,
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -150,9 +149,8 @@ fn build_client(
 ) -> Arc<ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        bundle,
+        chain: ChainVerifier::new(bundle, &provider),
         expected,
-        algs: provider.signature_verification_algorithms,
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -217,29 +215,84 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
-/// Verifies `end_entity` chains to the bundle's current roots (validity, signatures, EKU) and
-/// returns its URI SANs.
-fn verify_chain(
-    bundle: &TrustBundle,
-    algs: &WebPkiSupportedAlgorithms,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    now: UnixTime,
-    usage: webpki::KeyUsage,
-) -> Result<Vec<String>, rustls::Error> {
-    let roots = bundle.roots();
-    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-    cert.verify_for_usage(
-        algs.all,
-        &roots.roots,
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(pki_error)?;
-    cert_uri_sans(end_entity).map_err(|reason| other(TlsError::BadCertificate { reason }))
+/// What the client and the server verifier share: the trust bundle a peer must chain to, and the
+/// signature algorithms it may use.
+#[derive(Debug)]
+struct ChainVerifier {
+    bundle: TrustBundle,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+/// A peer's certificate that chains to the trust bundle.
+struct VerifiedPeer {
+    /// Every URI SAN, for errors.
+    uris: Vec<String>,
+    /// The URI SANs that are SPIFFE identities.
+    ids: Vec<Identity>,
+}
+
+impl ChainVerifier {
+    fn new(bundle: TrustBundle, provider: &CryptoProvider) -> ChainVerifier {
+        ChainVerifier {
+            bundle,
+            algs: provider.signature_verification_algorithms,
+        }
+    }
+
+    /// Verifies `end_entity` chains to the bundle's current roots (validity, signatures, EKU) and
+    /// returns its URI SANs and the SPIFFE identities among them.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<VerifiedPeer, rustls::Error> {
+        let roots = self.bundle.roots();
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
+        let uris = cert_uri_sans(end_entity)
+            .map_err(|reason| other(TlsError::BadCertificate { reason }))?;
+        let ids = spiffe_ids(&uris);
+        Ok(VerifiedPeer { uris, ids })
+    }
+}
+
+/// The handshake-signature methods, the same in `ClientCertVerifier` and `ServerCertVerifier`:
+/// checked with the algorithms of `self.chain`.
+macro_rules! verify_signatures_with_chain {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.chain.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.chain.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.chain.algs.supported_schemes()
+        }
+    };
 }
 
 fn other(e: TlsError) -> rustls::Error {
@@ -274,9 +327,8 @@ fn spiffe_ids(uris: &[String]) -> Vec<Identity> {
 /// Who may call what is policy's business, after the handshake.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    bundle: TrustBundle,
+    chain: ChainVerifier,
     trust_domain: String,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -299,15 +351,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let uris = verify_chain(
-            &self.bundle,
-            &self.algs,
+        let VerifiedPeer { uris, ids } = self.chain.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
         )?;
-        let ids = spiffe_ids(&uris);
         if ids.is_empty() {
             return Err(other(TlsError::NoSpiffeIdentity { presented: uris }));
         }
@@ -320,35 +369,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    verify_signatures_with_chain!();
 }
 
 /// Client side: the server must chain to the bundle and be one of the expected identities.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    bundle: TrustBundle,
+    chain: ChainVerifier,
     expected: Vec<Identity>,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -360,19 +388,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let uris = verify_chain(
-            &self.bundle,
-            &self.algs,
+        let VerifiedPeer { uris, ids } = self.chain.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
         )?;
         // Istio: the server name is irrelevant; the identity in the URI SAN is what we check.
-        if spiffe_ids(&uris)
-            .iter()
-            .any(|id| self.expected.contains(id))
-        {
+        if ids.iter().any(|id| self.expected.contains(id)) {
             return Ok(ServerCertVerified::assertion());
         }
         Err(other(TlsError::IdentityMismatch {
@@ -381,25 +404,5 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    verify_signatures_with_chain!();
 }

@@ -4,17 +4,17 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit::harness::Pod;
 
+use crate::common::counters::counters;
+use crate::common::cpu::Meter;
+use crate::common::stats::percentile;
 use crate::paths::{Ambit, BenchRelay, FixedDst};
-use crate::report::{percentile, ConnSample, TputSample};
+use crate::report::{ConnSample, TputSample};
 use crate::workload::{self, Kind};
-use crate::{client_dst, server_port, Config, B, C, D, E};
-
-/// USER_HZ, the unit of /proc/stat (fixed at 100 by the kernel ABI).
-const USER_HZ: f64 = 100.0;
+use crate::{client_dst, server_port, Config, B, C, CHUNK, D, E};
 /// TcpExt counters read around each slice (`nstat` names).
 const TCP_EXT: [&str; 2] = ["TCPSynRetrans", "TWRecycled"];
 
@@ -34,33 +34,21 @@ pub struct Bench {
     pub ambit_e: Option<Ambit>,
 }
 
-/// Counters that prove which way the connections went.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    relay_b: u64,
-    relay_c: u64,
-    ambit_accepted: u64,
-    ebpf_captured: u64,
-    ambit_e_accepted: u64,
-    ebpf_e_captured: u64,
-    fast_path_sockets: u64,
-    failed: u64,
+counters! {
+    /// Counters that prove which way the connections went.
+    pub struct Counters {
+        relay_b,
+        relay_c,
+        ambit_accepted,
+        ebpf_captured,
+        ambit_e_accepted,
+        ebpf_e_captured,
+        fast_path_sockets,
+        failed,
+    }
 }
 
 impl Counters {
-    fn delta(self, before: Counters) -> Counters {
-        Counters {
-            relay_b: self.relay_b - before.relay_b,
-            relay_c: self.relay_c - before.relay_c,
-            ambit_accepted: self.ambit_accepted - before.ambit_accepted,
-            ebpf_captured: self.ebpf_captured - before.ebpf_captured,
-            ambit_e_accepted: self.ambit_e_accepted - before.ambit_e_accepted,
-            ebpf_e_captured: self.ebpf_e_captured - before.ebpf_e_captured,
-            fast_path_sockets: self.fast_path_sockets - before.fast_path_sockets,
-            failed: self.failed - before.failed,
-        }
-    }
-
     /// The deltas `n` connections on `path` must produce.
     fn expected(path: usize, n: u64) -> Counters {
         let mut c = Counters::default();
@@ -162,16 +150,10 @@ impl Bench {
         let ext0 = tcp_ext(&self.clients[path], TCP_EXT);
         let meter = Meter::start();
         let run = self.clients[path].run_async(move || workload::conn_rate(dst, n, concurrency));
-        let (cpu, others_cpu) = meter.finish();
+        let spent = meter.finish();
+        let (cpu, others_cpu) = (spent.ours, spent.others_cpu(0.0));
         let ext1 = tcp_ext(&self.clients[path], TCP_EXT);
-        let mut problem = self.check(path, n as u64, before);
-        if run.errors > 0 {
-            problem = Some(format!(
-                "{} of {n} connections failed (first: {})",
-                run.errors,
-                run.first_error.as_deref().unwrap_or("?")
-            ));
-        }
+        let problem = run.problem(n).or(self.check(path, n as u64, before));
         ConnPart {
             n,
             ok: run.ok,
@@ -191,8 +173,9 @@ impl Bench {
         let bytes = mib * 1024 * 1024;
         let before = self.counters();
         let meter = Meter::start();
-        let r = self.clients[path].run_async(move || workload::throughput(dst, bytes));
-        let (cpu, others_cpu) = meter.finish();
+        let r = self.clients[path].run_async(move || workload::throughput(dst, bytes, CHUNK));
+        let spent = meter.finish();
+        let (cpu, others_cpu) = (spent.ours, spent.others_cpu(0.0));
         let mut problem = self.check(path, 1, before);
         let gbps = match r {
             Ok(elapsed) => bytes as f64 / elapsed.as_secs_f64() / 1e9,
@@ -232,52 +215,4 @@ fn tcp_ext<const N: usize>(pod: &Pod, names: [&'static str; N]) -> [u64; N] {
         }
         out
     })
-}
-
-/// CPU accounting around one measurement.
-struct Meter {
-    ours: f64,
-    machine: f64,
-    wall: Instant,
-}
-
-impl Meter {
-    fn start() -> Meter {
-        Meter {
-            ours: cpu_seconds(),
-            machine: machine_busy_seconds(),
-            wall: Instant::now(),
-        }
-    }
-
-    /// (CPU seconds this process used, CPUs other processes kept busy on average): the second is
-    /// the noise indicator of a shared machine.
-    fn finish(self) -> (f64, f64) {
-        let ours = cpu_seconds() - self.ours;
-        let machine = machine_busy_seconds() - self.machine;
-        let wall = self.wall.elapsed().as_secs_f64();
-        (ours, ((machine - ours) / wall).max(0.0))
-    }
-}
-
-/// user + nice + system time of all CPUs, from /proc/stat. Softirq time is left out: with IRQ time
-/// accounting the kernel books our own packet processing there, not to this process.
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu = stat.lines().next().unwrap_or_default();
-    let ticks: f64 = cpu
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    ticks / USER_HZ
-}
-
-/// User + system CPU of this whole process (client, relays and server all run in it).
-fn cpu_seconds() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_SELF).unwrap_or_else(|e| panic!("getrusage: {e}"));
-    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    s(u.user_time()) + s(u.system_time())
 }

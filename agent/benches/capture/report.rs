@@ -1,5 +1,7 @@
 //! Samples, medians, and the printed tables (results, ratios, targets).
 
+use crate::common::stats::median;
+
 /// One connection-rate run of one path.
 #[derive(Debug, Clone)]
 pub struct ConnSample {
@@ -59,29 +61,6 @@ impl PathResults {
         let t = self.tput.iter().filter_map(|s| s.problem.as_deref());
         c.chain(t).collect()
     }
-}
-
-pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    })
-}
-
-/// The p-th percentile (0..=100) of latencies, nearest rank.
-pub fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn median_u32(values: impl Iterator<Item = u32>) -> u32 {

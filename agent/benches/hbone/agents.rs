@@ -7,21 +7,24 @@ use std::time::{Duration, Instant};
 use ambit::harness::LocalAgent;
 use serde_json::Value;
 
-/// Counters of one agent (status file: `proxy.*`, `pool.*`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub outbound_accepted: u64,
-    pub outbound_hbone: u64,
-    pub outbound_plaintext: u64,
-    pub inbound_accepted: u64,
-    /// TLS connections accepted on 15008.
-    pub hbone_inbound_accepted: u64,
-    pub hbone_inbound_streams: u64,
-    pub pool_connections_opened: u64,
-    pub pool_streams_opened: u64,
-    pub pool_streams_reused: u64,
-    /// Every failure counter summed: connect and tunnel failures, refusals, resets.
-    pub failures: u64,
+use crate::common::counters::counters;
+
+counters! {
+    /// Counters of one agent (status file: `proxy.*`, `pool.*`).
+    pub struct Counters {
+        pub outbound_accepted,
+        pub outbound_hbone,
+        pub outbound_plaintext,
+        pub inbound_accepted,
+        /// TLS connections accepted on 15008.
+        pub hbone_inbound_accepted,
+        pub hbone_inbound_streams,
+        pub pool_connections_opened,
+        pub pool_streams_opened,
+        pub pool_streams_reused,
+        /// Every failure counter summed: connect and tunnel failures, refusals, resets.
+        pub failures,
+    }
 }
 
 impl Counters {
@@ -58,21 +61,6 @@ impl Counters {
             pool_streams_opened: get("pool.streams_opened"),
             pool_streams_reused: get("pool.streams_reused"),
             failures,
-        }
-    }
-
-    pub fn delta(self, before: Counters) -> Counters {
-        Counters {
-            outbound_accepted: self.outbound_accepted - before.outbound_accepted,
-            outbound_hbone: self.outbound_hbone - before.outbound_hbone,
-            outbound_plaintext: self.outbound_plaintext - before.outbound_plaintext,
-            inbound_accepted: self.inbound_accepted - before.inbound_accepted,
-            hbone_inbound_accepted: self.hbone_inbound_accepted - before.hbone_inbound_accepted,
-            hbone_inbound_streams: self.hbone_inbound_streams - before.hbone_inbound_streams,
-            pool_connections_opened: self.pool_connections_opened - before.pool_connections_opened,
-            pool_streams_opened: self.pool_streams_opened - before.pool_streams_opened,
-            pool_streams_reused: self.pool_streams_reused - before.pool_streams_reused,
-            failures: self.failures - before.failures,
         }
     }
 }
@@ -114,14 +102,11 @@ fn seq(s: &Value) -> u64 {
 }
 
 /// Clock ticks per second of /proc/<pid>/stat times.
-#[allow(unsafe_code)]
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
     }
 }
 

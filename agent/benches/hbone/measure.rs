@@ -2,17 +2,16 @@
 //! the checks that the connections really took that path (the agents' status counters).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit::harness::{LocalAgent, Pod};
 
 use crate::agents::{self, Counters};
-use crate::report::{percentile, ConnSample, LatSample, TputSample};
+use crate::common::cpu::Meter;
+use crate::common::stats::percentile;
+use crate::report::{ConnSample, LatSample, TputSample};
 use crate::workload::{self, Kind};
-use crate::Config;
-
-/// USER_HZ, the unit of /proc/stat (fixed at 100 by the kernel ABI).
-const USER_HZ: f64 = 100.0;
+use crate::{Config, CHUNK};
 /// Server ports: one per (round, kind) in each server pod.
 pub const FIRST_PORT: u16 = 20000;
 
@@ -68,14 +67,10 @@ impl Bench {
         let agents = self.agent_refs();
         let before = agents::counters(&agents);
         let cpu0 = agents::cpu(&agents);
-        let ours0 = own_cpu_seconds();
-        let machine0 = machine_busy_seconds();
-        let t = Instant::now();
+        let meter = Meter::start();
         let out = self.paths[path].client.run_async(f);
-        let wall = t.elapsed().as_secs_f64();
+        let spent = meter.finish();
         let cpu1 = agents::cpu(&agents);
-        let ours = own_cpu_seconds() - ours0;
-        let machine = machine_busy_seconds() - machine0;
         // Agents finish their relays (and count resets) a moment after the client has its answer.
         std::thread::sleep(Duration::from_millis(20));
         let after = agents::counters(&agents);
@@ -90,7 +85,7 @@ impl Bench {
         Measured {
             out,
             agent_cpu: hbone.map_or((0.0, 0.0), |(c, s)| (cpu[c], cpu[s])),
-            others_cpu: ((machine - ours - agents_total) / wall).max(0.0),
+            others_cpu: spent.others_cpu(agents_total),
             client_agent: hbone.map_or_else(Counters::default, |(c, _)| got[c]),
             problem: self.check(path, n, &got),
         }
@@ -135,14 +130,7 @@ impl Bench {
             workload::conn_rate(dst, n, concurrency)
         });
         let mut run = m.out;
-        let mut problem = m.problem;
-        if run.errors > 0 {
-            problem = Some(format!(
-                "{} of {n} connections failed (first: {})",
-                run.errors,
-                run.first_error.as_deref().unwrap_or("?")
-            ));
-        }
+        let problem = run.problem(n).or(m.problem);
         run.latencies_us.sort_unstable();
         let hbone = self.paths[path].hbone.is_some();
         let per_conn = |s: f64| s * 1e6 / n as f64;
@@ -162,7 +150,7 @@ impl Bench {
     pub fn tput_run(&self, round: usize, path: usize, mib: u64) -> TputSample {
         let dst = self.dst(path, round, Kind::Sink);
         let bytes = mib * 1024 * 1024;
-        let m = self.measure(path, 1, move || workload::throughput(dst, bytes));
+        let m = self.measure(path, 1, move || workload::throughput(dst, bytes, CHUNK));
         let mut problem = m.problem;
         let gbps = match m.out {
             Ok(elapsed) => bytes as f64 / elapsed.as_secs_f64() / 1e9,
@@ -233,26 +221,4 @@ impl LatPart {
             problem: self.problem.clone(),
         }
     }
-}
-
-/// user + nice + system time of all CPUs, from /proc/stat. Softirq time is left out: with IRQ time
-/// accounting the kernel books packet processing there, not to a process.
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu = stat.lines().next().unwrap_or_default();
-    let ticks: f64 = cpu
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    ticks / USER_HZ
-}
-
-/// User + system CPU of this process (client and servers run in it; the agents do not).
-fn own_cpu_seconds() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_SELF).unwrap_or_else(|e| panic!("getrusage: {e}"));
-    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    s(u.user_time()) + s(u.system_time())
 }

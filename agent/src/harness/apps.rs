@@ -32,11 +32,40 @@ pub struct Seen {
     pub reset: bool,
 }
 
+/// A server's thread: dropping it sends the stop signal and joins the thread.
+pub struct ServerThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// `thread` must end soon after `stop` fires (or is dropped).
+    pub fn new(
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> ServerThread {
+        ServerThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A server running in a pod until dropped.
 pub struct Server {
     pub seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
 impl Server {
@@ -93,8 +122,7 @@ impl Server {
             .expect("server did not start");
         Server {
             seen,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _thread: ServerThread::new(stop_tx, thread),
         }
     }
 
@@ -104,17 +132,6 @@ impl Server {
 
     pub fn count(&self) -> usize {
         self.seen.lock().expect("lock").len()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

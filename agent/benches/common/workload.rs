@@ -1,5 +1,6 @@
-//! The bench's two apps: the server in the server pod (1-byte echo, or discard-and-count), and the
-//! single client every path is measured with. Only the address the client dials differs per path.
+//! The benches' apps: the server in each server pod (1-byte echo per connection, discard-and-count,
+//! or ping-pong), and the client every path is measured with. Only the address the client dials
+//! differs per path.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit::harness::apps::ServerThread;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -18,21 +20,34 @@ pub enum Kind {
     Echo,
     /// Reads until EOF, writes the byte count (u64 LE), then waits for the client's FIN.
     Sink,
+    /// Echoes whatever arrives until EOF (the latency test's ping-pong).
+    PingPong,
 }
 
-/// Client write size and server read size for the throughput test (the relay's large buffer).
-const CHUNK: usize = 256 * 1024;
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Echo, Kind::Sink, Kind::PingPong];
+
+    pub fn index(self) -> usize {
+        match self {
+            Kind::Echo => 0,
+            Kind::Sink => 1,
+            Kind::PingPong => 2,
+        }
+    }
+}
+
 const ONE_CONN_TIMEOUT: Duration = Duration::from_secs(10);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+const PING_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The server, running on its own thread in the server pod's netns until dropped.
+/// The server, running on its own thread in a server pod's netns until dropped.
 pub struct Server {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
 impl Server {
-    pub fn start(netns: &Path, ports: Vec<(SocketAddr, Kind)>) -> Server {
+    /// Serves each port as its kind; a sink reads `chunk` bytes at a time.
+    pub fn start(netns: &Path, ports: Vec<(SocketAddr, Kind)>, chunk: usize) -> Server {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let netns: PathBuf = netns.to_path_buf();
@@ -53,7 +68,7 @@ impl Server {
                     let _ = ready_tx.send(Ok(()));
                     let mut tasks = tokio::task::JoinSet::new();
                     for (l, kind) in listeners {
-                        tasks.spawn(accept_loop(l, kind));
+                        tasks.spawn(accept_loop(l, kind, chunk));
                     }
                     let _ = stop_rx.await;
                     tasks.abort_all();
@@ -67,19 +82,7 @@ impl Server {
             Err(e) => panic!("server did not start: {e}"),
         }
         Server {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _thread: ServerThread::new(stop_tx, thread),
         }
     }
 }
@@ -97,7 +100,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-async fn accept_loop(l: TcpListener, kind: Kind) {
+async fn accept_loop(l: TcpListener, kind: Kind, chunk: usize) {
     loop {
         let Ok((stream, _)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -106,7 +109,8 @@ async fn accept_loop(l: TcpListener, kind: Kind) {
         tokio::spawn(async move {
             let _ = match kind {
                 Kind::Echo => echo(stream).await,
-                Kind::Sink => sink(stream).await,
+                Kind::Sink => sink(stream, chunk).await,
+                Kind::PingPong => ping_pong(stream).await,
             };
         });
     }
@@ -120,9 +124,9 @@ async fn echo(mut s: TcpStream) -> io::Result<()> {
     until_eof(&mut s).await
 }
 
-async fn sink(mut s: TcpStream) -> io::Result<()> {
+async fn sink(mut s: TcpStream, chunk: usize) -> io::Result<()> {
     s.set_nodelay(true)?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; chunk];
     let mut n = 0u64;
     loop {
         match s.read(&mut buf).await? {
@@ -132,6 +136,17 @@ async fn sink(mut s: TcpStream) -> io::Result<()> {
     }
     s.write_all(&n.to_le_bytes()).await?;
     until_eof(&mut s).await
+}
+
+async fn ping_pong(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf).await? {
+            0 => return Ok(()),
+            k => s.write_all(&buf[..k]).await?,
+        }
+    }
 }
 
 /// The client always closes first, so TIME_WAIT stays on the connecting side of every hop, where
@@ -153,6 +168,19 @@ pub struct ConnRun {
     pub latencies_us: Vec<u32>,
 }
 
+impl ConnRun {
+    /// The failed connections of a run of `n`, if any.
+    pub fn problem(&self, n: usize) -> Option<String> {
+        (self.errors > 0).then(|| {
+            format!(
+                "{} of {n} connections failed (first: {})",
+                self.errors,
+                self.first_error.as_deref().unwrap_or("?")
+            )
+        })
+    }
+}
+
 /// `n` short connections to `dst`, `concurrency` in flight: connect, send 1 byte, read the echo,
 /// close. Runs on the caller's (current-thread) runtime.
 pub async fn conn_rate(dst: SocketAddr, n: usize, concurrency: usize) -> ConnRun {
@@ -168,8 +196,7 @@ pub async fn conn_rate(dst: SocketAddr, n: usize, concurrency: usize) -> ConnRun
                 match one_conn(dst).await {
                     Ok(()) => {
                         run.ok += 1;
-                        run.latencies_us
-                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        run.latencies_us.push(micros(t.elapsed()));
                     }
                     Err(e) => {
                         run.errors += 1;
@@ -194,6 +221,10 @@ pub async fn conn_rate(dst: SocketAddr, n: usize, concurrency: usize) -> ConnRun
     total
 }
 
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
 async fn one_conn(dst: SocketAddr) -> io::Result<()> {
     let work = async {
         let mut s = TcpStream::connect(dst).await?;
@@ -211,17 +242,17 @@ async fn one_conn(dst: SocketAddr) -> io::Result<()> {
         .map_err(|_| io::Error::other(format!("{dst}: no echo within {ONE_CONN_TIMEOUT:?}")))?
 }
 
-/// Sends `bytes` one way to a sink port and waits for the server's count; returns the time from
-/// connect to the count's arrival.
-pub async fn throughput(dst: SocketAddr, bytes: u64) -> io::Result<Duration> {
+/// Sends `bytes` one way to a sink port, `chunk` bytes per write, and waits for the server's
+/// count; returns the time from connect to the count's arrival.
+pub async fn throughput(dst: SocketAddr, bytes: u64, chunk: usize) -> io::Result<Duration> {
     let work = async {
-        let buf = vec![0xa5u8; CHUNK];
+        let buf = vec![0xa5u8; chunk];
         let start = Instant::now();
         let mut s = TcpStream::connect(dst).await?;
         s.set_nodelay(true)?;
         let mut left = bytes;
         while left > 0 {
-            let k = left.min(CHUNK as u64) as usize;
+            let k = left.min(chunk as u64) as usize;
             s.write_all(&buf[..k]).await?;
             left -= k as u64;
         }
@@ -241,4 +272,37 @@ pub async fn throughput(dst: SocketAddr, bytes: u64) -> io::Result<Duration> {
     tokio::time::timeout(TRANSFER_TIMEOUT, work)
         .await
         .map_err(|_| io::Error::other(format!("{dst}: transfer exceeded {TRANSFER_TIMEOUT:?}")))?
+}
+
+/// One long-lived connection: `warmup` untimed round trips of 1 byte, then `n` timed ones.
+/// Returns the timed round trips in ns (unsorted).
+pub async fn ping_pong_latency(dst: SocketAddr, warmup: usize, n: usize) -> io::Result<Vec<u32>> {
+    let work = async {
+        let mut s = TcpStream::connect(dst).await?;
+        s.set_nodelay(true)?;
+        let mut out = Vec::with_capacity(n);
+        let mut b = [0u8; 1];
+        for i in 0..warmup + n {
+            let byte = (i % 251) as u8;
+            let t = Instant::now();
+            s.write_all(&[byte]).await?;
+            s.read_exact(&mut b).await?;
+            let rtt = t.elapsed();
+            if b[0] != byte {
+                return Err(io::Error::other(format!(
+                    "ping {i}: sent {byte:#x}, got {:#x}",
+                    b[0]
+                )));
+            }
+            if i >= warmup {
+                out.push(rtt.as_nanos().min(u32::MAX as u128) as u32);
+            }
+        }
+        s.shutdown().await?;
+        until_eof(&mut s).await?;
+        Ok(out)
+    };
+    tokio::time::timeout(PING_TIMEOUT, work)
+        .await
+        .map_err(|_| io::Error::other(format!("{dst}: ping-pong exceeded {PING_TIMEOUT:?}")))?
 }
