@@ -220,8 +220,40 @@ impl Metrics {
     }
 }
 
+/// TCP keepalive for HBONE connections (both ends): a peer node that vanishes without a FIN is
+/// noticed within about a minute instead of holding the connection (and its pool slot) forever.
+pub fn keepalive(stream: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
 /// Closes a socket with RST instead of FIN (linger 0), as a refused connection would.
 pub fn reset(stream: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn hbone_sockets_get_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let s = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let sock = socket2::SockRef::from(&s);
+        assert!(!sock.keepalive().expect("read"), "off before");
+        super::keepalive(&s);
+        assert!(sock.keepalive().expect("read"), "on after");
+        assert_eq!(
+            sock.keepalive_time().expect("read"),
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(sock.keepalive_retries().expect("read"), 3);
+    }
 }

@@ -75,6 +75,7 @@ async fn serve(
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
+    super::keepalive(&stream);
     let Ok(local) = stream.local_addr() else {
         return;
     };

@@ -334,6 +334,7 @@ impl Pool {
             .map_err(connect_err)?;
         let tcp = socket.connect(key.dst).await.map_err(connect_err)?;
         let _ = tcp.set_nodelay(true);
+        super::keepalive(&tcp);
         // No SNI (the client config disables it); the name only satisfies the API.
         let tls = tokio_rustls::TlsConnector::from(self.client_config(key))
             .connect(ServerName::IpAddress(key.dst.ip().into()), buffered(tcp))
