@@ -544,3 +544,176 @@ fn certificate_rotation_does_not_interrupt_a_long_transfer() {
         "a new handshake presents the rotated certificate"
     );
 }
+
+/// What an independent HBONE server saw of our client's tunnel.
+#[derive(Debug)]
+struct Seen {
+    sni: Option<String>,
+    alpn: Option<Vec<u8>>,
+    version: Option<rustls::ProtocolVersion>,
+    client: Option<Identity>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    echoed: usize,
+}
+
+/// Interoperability, client side: a server written here from ztunnel's documented behaviour
+/// (not ambit's server) stands in for the peer node, and checks what ambit's client puts on the
+/// wire: TLS 1.3, ALPN h2, no SNI, the source's SPIFFE certificate, and a CONNECT with
+/// `:authority` = original destination and the `forwarded`, `baggage` and `traceparent` headers.
+#[test]
+fn client_speaks_hbone_as_ztunnel_expects() {
+    let world = World::new("hb-wire");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("client")
+        .node(&n1)
+        .namespace("mesh")
+        .sa("web")
+        .label("app", "web")
+        .spawn();
+    // No agent on n2: the peer "node" is the test's own server in the pod.
+    let server = world
+        .pod("server")
+        .node(&n2)
+        .namespace("mesh")
+        .sa("api")
+        .spawn();
+    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let mut a1 = LocalAgent::new(&world, &n1, &ambit_bin()).arg("--pool-idle-timeout=0s");
+    yaml.write(&a1.config_dir());
+    a1.start(&world);
+    a1.wait_enrolled(&[&client]);
+
+    let ca_dir = a1.ca_dir();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let pod = server.clone();
+    let fake = std::thread::spawn(move || {
+        pod.run_async(|| async move {
+            let ca = LocalCa::load_or_create(&ca_dir, "cluster.local").expect("ca");
+            let me = Identity::new("cluster.local", "mesh", "api");
+            let m = SecretManager::new(Arc::new(ca), CertConfig::default());
+            let _lease = m.acquire(&me);
+            m.fetch(&me).await.expect("server cert");
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(ambit::tls::server_config(m.clone(), me));
+            let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+                .await
+                .expect("bind 15008");
+            ready_tx.send(()).expect("ready");
+            let (tcp, _) = l.accept().await.expect("accept");
+            let tls = acceptor.accept(tcp).await.expect("TLS from ambit's client");
+            let (_, conn) = tls.get_ref();
+            let (sni, alpn, version, client) = (
+                conn.server_name().map(String::from),
+                conn.alpn_protocol().map(<[u8]>::to_vec),
+                conn.protocol_version(),
+                ambit::tls::peer_identity(conn),
+            );
+            let mut h2 = h2::server::handshake(tls).await.expect("HTTP/2");
+            let (req, mut respond) = h2.accept().await.expect("a stream").expect("request");
+            // Drive the connection until the client closes it (its pool keeps nothing idle here).
+            let driver = tokio::spawn(async move { while h2.accept().await.is_some() {} });
+            let (parts, mut body) = req.into_parts();
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("200");
+            // Echo what the app sends until it half-closes.
+            let mut echoed = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("data");
+                echoed += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                send.send_data(chunk, false).expect("echo");
+            }
+            send.send_data(bytes::Bytes::new(), true).expect("end");
+            drop((send, body, respond));
+            let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
+            Seen {
+                sni,
+                alpn,
+                version,
+                client,
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                echoed,
+            }
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("fake server ready");
+
+    let dst = sa(server.ip4(), 8080);
+    let (echo, local_port) = in_pod(&client, || async move {
+        let mut s = TcpStream::connect(dst).await.expect("connect");
+        let port = s.local_addr().expect("local").port();
+        s.write_all(b"hello over hbone").await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got).await.map(|_| got);
+        (r, port)
+    });
+    let seen = fake.join();
+    let echo =
+        echo.unwrap_or_else(|e| panic!("read: {e}; fake server: {seen:?}\n{}", a1.log_tail()));
+    let seen = seen.expect("fake server");
+    assert_eq!(echo, b"hello over hbone", "bytes through the tunnel");
+    eprintln!("{seen:#?}");
+
+    assert_eq!(seen.sni, None, "no SNI");
+    assert_eq!(seen.alpn.as_deref(), Some(&b"h2"[..]), "ALPN h2");
+    assert_eq!(seen.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        seen.client,
+        Some(Identity::new("cluster.local", "mesh", "web")),
+        "the source workload's identity"
+    );
+    assert_eq!(seen.method, http::Method::CONNECT);
+    assert_eq!(seen.uri.scheme(), None, "authority-form CONNECT");
+    assert_eq!(
+        seen.uri.authority().map(|a| a.as_str().to_string()),
+        Some(dst.to_string()),
+        ":authority is the original destination"
+    );
+    let header = |name: &str| {
+        seen.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("header {name} missing: {:?}", seen.headers))
+            .to_string()
+    };
+    assert_eq!(
+        header("forwarded"),
+        format!("for=\"{}:{local_port}\"", client.ip4()),
+        "forwarded names the app's own address"
+    );
+    let baggage = header("baggage");
+    for kv in [
+        "k8s.namespace.name=mesh",
+        "k8s.pod.name=client",
+        "service.name=web",
+    ] {
+        assert!(
+            baggage.split(',').any(|p| p == kv),
+            "baggage {baggage:?} lacks {kv}"
+        );
+    }
+    let tp = header("traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert!(
+        parts.len() == 4
+            && parts[0] == "00"
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[1..3].iter().all(|p| p
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()))
+            && parts[1].chars().any(|c| c != '0')
+            && parts[2].chars().any(|c| c != '0'),
+        "W3C traceparent: {tp}"
+    );
+    assert_eq!(seen.echoed, b"hello over hbone".len());
+}
