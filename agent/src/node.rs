@@ -204,7 +204,9 @@ impl Node {
                 &spec.namespace,
                 &spec.service_account,
             ),
-            baggage: spec.baggage.clone(),
+            baggage: http::HeaderValue::from_str(&spec.baggage)
+                .inspect_err(|_| warn!(pod = %key, baggage = %spec.baggage, "labels make an invalid baggage header; tunnels go without it"))
+                .ok(),
         });
 
         let _guard = self.data_plane.enter();

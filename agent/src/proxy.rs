@@ -77,8 +77,9 @@ pub struct PodContext {
     pub worker: Arc<NetnsWorker>,
     /// The pod's SPIFFE identity (its service account).
     pub identity: Identity,
-    /// The `baggage` header of tunnels this pod opens (namespace, workload, service).
-    pub baggage: String,
+    /// The `baggage` header of tunnels this pod opens (namespace, workload, service), built once
+    /// at enrolment (a clone is a reference count, not a copy); None if the labels make it invalid.
+    pub baggage: Option<http::HeaderValue>,
 }
 
 impl PodContext {

@@ -95,7 +95,7 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// The app's address as the source sees it.
     pub forwarded_for: SocketAddr,
-    pub baggage: String,
+    pub baggage: Option<http::HeaderValue>,
 }
 
 struct Conn {
@@ -463,19 +463,20 @@ async fn send_connect(
     req: &ConnectRequest,
 ) -> Result<(SendStream<Bytes>, RecvStream), SendError> {
     let authority = req.authority.to_string();
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(authority.as_str())
         .header("forwarded", format!("for=\"{}\"", req.forwarded_for))
-        .header("baggage", req.baggage.as_str())
-        .header("traceparent", traceparent())
-        .body(())
-        .map_err(|e| {
-            SendError::Pool(PoolError::Request {
-                authority: authority.clone(),
-                message: e.to_string(),
-            })
-        })?;
+        .header("traceparent", traceparent());
+    if let Some(baggage) = &req.baggage {
+        request = request.header("baggage", baggage.clone());
+    }
+    let request = request.body(()).map_err(|e| {
+        SendError::Pool(PoolError::Request {
+            authority: authority.clone(),
+            message: e.to_string(),
+        })
+    })?;
     let mut sender = conn
         .sender
         .clone()
