@@ -131,6 +131,7 @@ fn workload_in(namespace: &str) -> Workload {
         named_ports: BTreeMap::new(),
         annotations: BTreeMap::new(),
         running: true,
+        terminating: false,
     }
 }
 

@@ -1,14 +1,16 @@
-//! The admin endpoint: `/metrics` (OpenMetrics text, prometheus-client) and `/healthz/ready` on one
-//! listener (`--metrics-addr`). It runs on the control runtime, so a scrape never takes a
-//! data-plane thread; the data path keeps plain atomics that collectors read at scrape time.
+//! The admin endpoint: `/metrics` (OpenMetrics text, prometheus-client), `/healthz/ready` and
+//! `/healthz/live` on one listener (`--metrics-addr`). It runs on the control runtime, so a scrape
+//! never takes a data-plane thread; the data path keeps plain atomics that collectors read at
+//! scrape time.
 
-use std::collections::BTreeSet;
+pub mod problems;
+mod sources;
+
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -21,14 +23,15 @@ use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::config::ObjectError;
+use crate::config::kube::KubeStats;
+use crate::config::Kind;
+use problems::{Problem, ProblemSeries};
 
 /// Istio's ztunnel serves its stats on this port.
 pub const DEFAULT_PORT: u16 = 15020;
@@ -38,6 +41,10 @@ pub const CONTENT_TYPE_OPENMETRICS: &str =
 
 /// A slow client may hold a connection only this long before sending its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `/healthz/live` fails once the control loop has not come round for this long: it is wedged
+/// (a restart helps), as opposed to waiting for the API server (readiness, not liveness).
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -58,9 +65,13 @@ pub struct AgentMetrics {
     registry: Registry,
     rejections: Counter,
     enrolled_pods: Gauge,
-    rejected: Arc<RejectedObjects>,
+    problems: Arc<ProblemSeries>,
+    synced: Arc<sources::Synced>,
     kernel: Arc<KernelCounters>,
-    ready: AtomicBool,
+    /// Ok once ready; else why not, served with the 503.
+    readiness: Mutex<Result<(), String>>,
+    /// When the control loop last came round.
+    alive_at: Mutex<Instant>,
 }
 
 impl AgentMetrics {
@@ -80,8 +91,10 @@ impl AgentMetrics {
             "Pods on this node whose traffic is captured.",
             enrolled_pods.clone(),
         );
-        let rejected = Arc::new(RejectedObjects::default());
-        registry.register_collector(Box::new(rejected.clone()));
+        let problems = Arc::new(ProblemSeries::default());
+        registry.register_collector(Box::new(problems.clone()));
+        let synced = Arc::new(sources::Synced::default());
+        registry.register_collector(Box::new(synced.clone()));
         let kernel = Arc::new(KernelCounters::default());
         registry.register_collector(Box::new(kernel.clone()));
         registry.register_collector(Box::new(AtomicCounters {
@@ -92,14 +105,21 @@ impl AgentMetrics {
             registry,
             rejections,
             enrolled_pods,
-            rejected,
+            problems,
+            synced,
             kernel,
-            ready: AtomicBool::new(false),
+            readiness: Mutex::new(Err("starting".into())),
+            alive_at: Mutex::new(Instant::now()),
         }
     }
 
-    /// Mirrors the store's current problems (one series per object and field, so a fixed object's
-    /// series disappears) and its rejection count.
+    /// Registers the Kubernetes source's per-kind counters (`ambit_kube_*`).
+    pub fn with_kube(mut self, stats: Arc<KubeStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(sources::KubeCollector(stats)));
+        self
+    }
+
     /// Registers `ambit_policy_denials_total{policy,workload}` (counted by the policy enforcer).
     pub fn with_policy_denials(
         mut self,
@@ -116,23 +136,20 @@ impl AgentMetrics {
         self
     }
 
-    pub fn set_config(&self, errors: &[ObjectError], rejected_total: u64) {
-        let current: BTreeSet<RejectedLabels> = errors
-            .iter()
-            .map(|e| RejectedLabels {
-                kind: e.object.kind.as_str(),
-                namespace: e.object.namespace.clone(),
-                name: e.object.name.clone(),
-                field: e.field.clone(),
-            })
-            .collect();
-        // Swapped whole, so a scrape sees the old set or the new one, never a half-built one.
-        *self.rejected.lock() = current;
+    /// Mirrors the current problems (one series per object and field, file or pod, so a fixed
+    /// one's series disappears) and the store's rejection count.
+    pub fn set_problems(&self, problems: &[Problem], rejected_total: u64) {
+        self.problems.set(problems);
         // The store's count only grows; a counter can only be incremented.
         let seen = self.rejections.get();
         if rejected_total > seen {
             self.rejections.inc_by(rejected_total - seen);
         }
+    }
+
+    /// Which kinds the config source has listed.
+    pub fn set_synced(&self, kinds: Vec<(Kind, bool)>) {
+        self.synced.set(kinds);
     }
 
     /// Kernel capture counters by name (e.g. `out_captured`), exported as `ambit_capture_<name>_total`.
@@ -148,13 +165,36 @@ impl AgentMetrics {
         self.enrolled_pods.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// Ready once the first config is applied with capture installed.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+    /// Ready (Ok) once capture is installed and the agent has a complete view; otherwise why not.
+    pub fn set_readiness(&self, readiness: Result<(), String>) {
+        *self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = readiness;
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness().is_ok()
+    }
+
+    pub fn readiness(&self) -> Result<(), String> {
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The control loop came round (liveness).
+    pub fn alive(&self) {
+        *self.alive_at.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// How long since the control loop last came round.
+    pub fn since_alive(&self) -> Duration {
+        self.alive_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
     }
 
     /// The OpenMetrics text of every metric.
@@ -217,7 +257,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
 /// The response to one request. Never panics: every header value is static.
 pub fn respond<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if !matches!(path, "/metrics" | "/healthz/ready") {
+    if !matches!(path, "/metrics" | "/healthz/ready" | "/healthz/live") {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if req.method() != Method::GET {
@@ -238,13 +278,32 @@ pub fn respond<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Byt
             }
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
         },
-        _ if metrics.is_ready() => text(StatusCode::OK, "ready\n"),
-        _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/healthz/live" => {
+            let since = metrics.since_alive();
+            if since < LIVENESS_WINDOW {
+                text(StatusCode::OK, "live\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not live: the control loop has not come round for {}s\n",
+                        since.as_secs()
+                    ),
+                )
+            }
+        }
+        _ => match metrics.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -253,50 +312,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// One series of `ambit_config_rejected_objects`. The message stays in the log: as a label it would
-/// make a new series for every wording.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct RejectedLabels {
-    kind: &'static str,
-    namespace: String,
-    name: String,
-    field: String,
-}
-
-#[derive(Debug, Default)]
-struct RejectedObjects(Mutex<BTreeSet<RejectedLabels>>);
-
-impl RejectedObjects {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<RejectedLabels>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Collector for RejectedObjects {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let mut family = encoder.encode_descriptor(
-            "ambit_config_rejected_objects",
-            "1 for every config object currently rejected (or accepted with a warning), per field at fault; the log has the message.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for l in self.lock().iter() {
-            let labels = [
-                ("kind", Escaped(l.kind)),
-                ("namespace", Escaped(&l.namespace)),
-                ("name", Escaped(&l.name)),
-                ("field", Escaped(&l.field)),
-            ];
-            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-}
-
 /// A label value escaped as OpenMetrics asks (prometheus-client writes values verbatim, and a field
 /// path can hold a quote, e.g. `metadata.labels["app"]`).
 #[derive(Debug)]
-struct Escaped<'a>(&'a str);
+pub(crate) struct Escaped<'a>(&'a str);
 
 impl EncodeLabelValue for Escaped<'_> {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {

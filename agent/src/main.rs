@@ -39,6 +39,12 @@ enum Cmd {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
         bpffs: PathBuf,
     },
+    /// Mount bpffs at PATH unless it already is one, then exit (the DaemonSet's init container:
+    /// pins must live in the host's bpffs to survive agent restarts).
+    MountBpffs {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
     /// Create the mesh's local root CA in a directory (or show the one already there). Every node
     /// must use the same one (`--ca-dir`).
     CaInit {
@@ -66,12 +72,18 @@ struct RunArgs {
     /// bpffs directory for this agent's pins.
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
-    /// cgroup v2 directory to attach the outbound programs to.
-    #[arg(long, env = "AMBIT_CGROUP", default_value = "/sys/fs/cgroup/unified")]
+    /// The host's cgroup v2 root to attach the capture programs to: a cgroup2 mount, or a directory
+    /// whose `unified/` child is one (hybrid v1/v2 hosts), told apart by filesystem type.
+    #[arg(long, env = "AMBIT_CGROUP", default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
     /// Network namespace to run in (the node's), e.g. /var/run/netns/node1.
     #[arg(long, env = "AMBIT_HOST_NETNS")]
     host_netns: Option<PathBuf>,
+    /// Network namespace whose addresses are the node's (exempt from inbound capture, so kubelet
+    /// probes reach pods) when the agent runs in a netns of its own, e.g. /proc/1/ns/net with
+    /// hostPID. Default: the netns the agent runs in.
+    #[arg(long, env = "AMBIT_NODE_NETNS")]
+    node_netns: Option<PathBuf>,
     /// Inbound source addresses never captured (default: the node's own addresses).
     #[arg(
         long = "exempt-source",
@@ -127,15 +139,9 @@ impl RunArgs {
             return Err("--node (AMBIT_NODE) must not be empty".into());
         }
         let source = match (self.config, self.kube) {
-            (Some(path), false) => {
-                if !path.exists() {
-                    return Err(format!(
-                        "--config (AMBIT_CONFIG) {}: no such file or directory",
-                        path.display()
-                    ));
-                }
-                ConfigSource::Files(path)
-            }
+            // A path that is not there yet (a ConfigMap volume still being populated) is waited
+            // for: the agent stays not ready and adopted pods fail closed until it can be read.
+            (Some(path), false) => ConfigSource::Files(path),
             (None, true) => ConfigSource::Kubernetes,
             _ => {
                 return Err(
@@ -143,12 +149,7 @@ impl RunArgs {
                 )
             }
         };
-        if !self.cgroup.join("cgroup.procs").exists() {
-            return Err(format!(
-                "--cgroup (AMBIT_CGROUP) {}: not a cgroup v2 directory",
-                self.cgroup.display()
-            ));
-        }
+        let cgroup = cgroup_v2_root(&self.cgroup)?;
         if !(10..=60_000).contains(&self.poll_ms) {
             return Err(format!(
                 "--poll-ms (AMBIT_POLL_MS) {}: must be 10..=60000",
@@ -175,10 +176,11 @@ impl RunArgs {
             source,
             capture: CaptureConfig {
                 bpffs_root: self.bpffs,
-                cgroup: self.cgroup,
+                cgroup,
                 fast_path: self.fast_path,
             },
             host_netns: self.host_netns,
+            node_netns: self.node_netns,
             exempt_sources: (!self.exempt_sources.is_empty()).then_some(self.exempt_sources),
             status_file: self.status_file,
             poll_interval: Duration::from_millis(self.poll_ms),
@@ -197,13 +199,54 @@ impl RunArgs {
     }
 }
 
+/// The cgroup v2 hierarchy at `path`, or at `path/unified` on a hybrid v1/v2 host.
+fn cgroup_v2_root(path: &std::path::Path) -> Result<PathBuf, String> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    let is_v2 =
+        |p: &std::path::Path| statfs(p).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC);
+    if is_v2(path) {
+        return Ok(path.to_path_buf());
+    }
+    let unified = path.join("unified");
+    if is_v2(&unified) {
+        return Ok(unified);
+    }
+    Err(format!(
+        "--cgroup (AMBIT_CGROUP) {}: neither it nor {} is a cgroup v2 mount",
+        path.display(),
+        unified.display()
+    ))
+}
+
+/// Mounts bpffs at `path` unless it already is one.
+fn mount_bpffs(path: &std::path::Path) -> anyhow::Result<()> {
+    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+    if statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
+        println!("{}: bpffs already mounted", path.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("mounting bpffs at {}: {e}", path.display()))?;
+    println!("{}: bpffs mounted", path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `check` prints its findings itself; the agent's own logs would repeat them.
+    // kube's HTTP layer logs every failed request at ERROR; the source logs each failure streak
+    // once with its kind, so those lines would only repeat it.
     let default_level = if matches!(cli.cmd, Cmd::Check { .. }) {
         "error"
     } else {
-        "info"
+        "info,kube_client::client::builder=off"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -236,6 +279,7 @@ fn main() -> ExitCode {
             eprintln!("{} problem(s)", problems.len());
             return ExitCode::FAILURE;
         }
+        Cmd::MountBpffs { path } => mount_bpffs(&path),
         Cmd::Uninstall { bpffs } => ambit::ebpf::uninstall(&bpffs)
             .map_err(anyhow::Error::from)
             .map(|()| {

@@ -16,7 +16,7 @@ use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use thiserror::Error;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::ebpf::{Capture, EbpfError, PodCapture};
 use crate::identity::{CertLease, Identity};
@@ -127,17 +127,25 @@ impl Node {
     }
 
     /// Brings the enrolled set to `desired`: unenrols what is gone or changed, enrols what is new.
-    /// One pod's failure is logged and does not stop the others. Returns the errors.
-    pub fn reconcile(&mut self, desired: &[PodSpec]) -> Vec<NodeError> {
-        let want: BTreeMap<String, &PodSpec> = desired.iter().map(|p| (p.key(), p)).collect();
-        let stale: Vec<String> = self
-            .pods
-            .iter()
-            .filter(|(k, p)| want.get(*k).is_none_or(|w| **w != p.spec))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            self.unenrol(&key);
+    /// With `may_unenrol` false (the agent's view is not complete yet) nothing is unenrolled or
+    /// re-enrolled: a pod missing from an incomplete view is not known to be gone. One pod's
+    /// failure is logged and does not stop the others. Returns the errors.
+    pub fn reconcile<'d>(
+        &mut self,
+        desired: &'d [PodSpec],
+        may_unenrol: bool,
+    ) -> Vec<(&'d PodSpec, NodeError)> {
+        let want: BTreeMap<String, &'d PodSpec> = desired.iter().map(|p| (p.key(), p)).collect();
+        if may_unenrol {
+            let stale: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|(k, p)| want.get(*k).is_none_or(|w| **w != p.spec))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in stale {
+                self.unenrol(&key);
+            }
         }
         let mut errors = Vec::new();
         for (key, spec) in want {
@@ -145,8 +153,9 @@ impl Node {
                 continue;
             }
             if let Err(e) = self.enrol(spec.clone()) {
-                warn!(pod = %key, error = %e, "enrolment failed");
-                errors.push(e);
+                // Reported (and logged once) by the control loop, which retries it.
+                debug!(pod = %key, error = %e, "enrolment failed");
+                errors.push((spec, e));
             }
         }
         errors

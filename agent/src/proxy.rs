@@ -106,6 +106,8 @@ pub struct Metrics {
     pub outbound_plaintext: AtomicU64,
     /// Outbound connections to a Service with no ready endpoint (reset).
     pub outbound_no_endpoints: AtomicU64,
+    /// Outbound connections refused because some kind was not listed yet (reset).
+    pub outbound_incomplete_view: AtomicU64,
     /// Outbound HBONE tunnels that could not be opened (TLS, identity, status, connect).
     pub outbound_hbone_failed: AtomicU64,
     pub hbone_inbound_accepted: AtomicU64,
@@ -171,6 +173,11 @@ impl Metrics {
                 "outbound_no_endpoints",
                 "Outbound connections to a Service without ready endpoints.",
                 get(&self.outbound_no_endpoints),
+            ),
+            (
+                "outbound_incomplete_view",
+                "Outbound connections refused (reset) because the cluster view was incomplete.",
+                get(&self.outbound_incomplete_view),
             ),
             (
                 "outbound_hbone_failed",

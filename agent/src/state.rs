@@ -44,8 +44,11 @@ pub struct Workload {
     pub named_ports: BTreeMap<String, u16>,
     /// Annotations ambit acts on (netns path in local mode, port exclusions).
     pub annotations: BTreeMap<String, String>,
-    /// Terminating or finished pods are not enrolled.
+    /// False once the pod has finished (phase Succeeded or Failed): its containers are gone.
     pub running: bool,
+    /// A graceful delete is under way (`metadata.deletionTimestamp`): the pod stays enrolled while
+    /// its sandbox lives, so its traffic during shutdown (preStop hooks, draining) stays meshed.
+    pub terminating: bool,
 }
 
 impl Workload {
@@ -165,6 +168,10 @@ pub struct State {
     /// (kind, namespace) → Istio objects in that namespace (policies are scoped by namespace).
     pub istio_by_namespace: HashMap<(Kind, Arc<str>), OrdSet<Key>>,
     pub service_entry_by_address: HashMap<IpAddr, Key>,
+    /// Kinds whose complete current set the sources have delivered (a first list, or a CRD that
+    /// discovery positively saw is not served). Until every kind is here the view is incomplete and
+    /// the data path fails closed: nothing is known to be absent before it has been listed.
+    pub synced: OrdSet<Kind>,
 }
 
 impl State {
@@ -173,6 +180,19 @@ impl State {
             domain: Arc::from(domain),
             ..Default::default()
         }
+    }
+
+    /// Every kind has been listed: the snapshot is a complete view of the cluster.
+    pub fn is_complete(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.synced.contains(k))
+    }
+
+    /// Kinds not listed yet, in `Kind::ALL` order.
+    pub fn unsynced(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| !self.synced.contains(k))
+            .collect()
     }
 
     /// What `addr` is: a Service VIP (with the port's definition, if the port is declared) or a

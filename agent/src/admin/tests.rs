@@ -4,6 +4,7 @@ use std::sync::Arc;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 
+use super::problems::Problem;
 use super::*;
 use crate::config::{Kind, ObjectError, ObjectRef};
 use crate::proxy::Metrics;
@@ -24,6 +25,29 @@ fn bad_service() -> ObjectError {
         "spec.ports[0].port",
         "must be 1..=65535",
     )
+}
+
+/// The store's problems as the control loop reports them.
+trait SetConfig {
+    fn set_config(&self, errors: &[ObjectError], rejected_total: u64);
+}
+
+impl SetConfig for AgentMetrics {
+    fn set_config(&self, errors: &[ObjectError], rejected_total: u64) {
+        let problems: Vec<Problem> = errors
+            .iter()
+            .map(|e| Problem {
+                key: problems::ProblemKey::Object {
+                    kind: e.object.kind.as_str(),
+                    namespace: e.object.namespace.clone(),
+                    name: e.object.name.clone(),
+                    field: e.field.clone(),
+                },
+                message: e.to_string(),
+            })
+            .collect();
+        self.set_problems(&problems, rejected_total);
+    }
 }
 
 const BAD_SERVICE_SERIES: &str = "ambit_config_rejected_objects{kind=\"Service\",namespace=\"mesh\",name=\"bad\",field=\"spec.ports[0].port\"} 1";
@@ -199,7 +223,7 @@ fn unknown_paths_are_404_and_other_methods_405() {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "GET {path}");
     }
     for method in [Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
-        for path in ["/metrics", "/healthz/ready"] {
+        for path in ["/metrics", "/healthz/ready", "/healthz/live"] {
             let resp = respond(&request(method.clone(), path), &m);
             assert_eq!(
                 resp.status(),
@@ -215,17 +239,156 @@ fn unknown_paths_are_404_and_other_methods_405() {
     }
 }
 
-#[test]
-fn ready_flips_once_set() {
+#[tokio::test]
+async fn readiness_says_why_not_and_flips_once_set() {
     let (_, m) = metrics_with_proxy();
-    let status = |m: &AgentMetrics| respond(&request(Method::GET, "/healthz/ready"), m).status();
+    let get = |m: &AgentMetrics| respond(&request(Method::GET, "/healthz/ready"), m);
     assert_eq!(
-        status(&m),
+        get(&m).status(),
         StatusCode::SERVICE_UNAVAILABLE,
         "before the first config"
     );
-    m.set_ready(true);
-    assert_eq!(status(&m), StatusCode::OK, "after the first config");
+    m.set_readiness(Err("waiting for the first complete list of Pod".into()));
+    let resp = get(&m);
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body_of(resp).await,
+        "not ready: waiting for the first complete list of Pod\n"
+    );
+    m.set_readiness(Ok(()));
+    assert_eq!(get(&m).status(), StatusCode::OK, "after the first config");
+}
+
+#[test]
+fn liveness_fails_only_when_the_control_loop_stops_coming_round() {
+    let (_, m) = metrics_with_proxy();
+    let status = |m: &AgentMetrics| respond(&request(Method::GET, "/healthz/live"), m).status();
+    // Not ready is still live: waiting for the API server is not a reason to be restarted.
+    m.set_readiness(Err("waiting".into()));
+    m.alive();
+    assert_eq!(status(&m), StatusCode::OK);
+    *m.alive_at.lock().unwrap_or_else(PoisonError::into_inner) =
+        Instant::now() - LIVENESS_WINDOW - Duration::from_secs(1);
+    assert_eq!(status(&m), StatusCode::SERVICE_UNAVAILABLE, "wedged");
+    m.alive();
+    assert_eq!(status(&m), StatusCode::OK, "came round again");
+}
+
+#[test]
+fn file_and_pod_problems_are_series_of_their_own() {
+    let (_, m) = metrics_with_proxy();
+    let problems = [
+        Problem {
+            key: problems::ProblemKey::File {
+                path: "/etc/ambit/x.yaml: document 2".into(),
+            },
+            message: "bad".into(),
+        },
+        Problem {
+            key: problems::ProblemKey::Pod {
+                namespace: "mesh".into(),
+                name: "web".into(),
+            },
+            message: "Pod mesh/web: cannot enrol: no sandbox".into(),
+        },
+    ];
+    m.set_problems(&problems, 0);
+    let text = rendered(&m);
+    for line in [
+        "ambit_config_file_problems{file=\"/etc/ambit/x.yaml: document 2\"} 1",
+        "ambit_enrolment_problems{namespace=\"mesh\",pod=\"web\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line}:\n{text}");
+    }
+    m.set_problems(&[], 0);
+    let text = rendered(&m);
+    assert!(
+        !text.contains("ambit_config_file_problems{")
+            && !text.contains("ambit_enrolment_problems{"),
+        "gone once cleared:\n{text}"
+    );
+}
+
+#[test]
+fn synced_kinds_and_kube_watch_state_are_exported() {
+    let stats = crate::config::kube::KubeStats::for_tests();
+    let proxy = Arc::new(Metrics::default());
+    let p = proxy.clone();
+    let m = AgentMetrics::new(Box::new(move || p.counters())).with_kube(stats);
+    m.set_synced(vec![(Kind::Pod, true), (Kind::AuthorizationPolicy, false)]);
+    let text = rendered(&m);
+    for line in [
+        "ambit_config_synced{kind=\"Pod\"} 1",
+        "ambit_config_synced{kind=\"AuthorizationPolicy\"} 0",
+        "ambit_kube_watch_errors_total{kind=\"Pod\"} 0",
+        "ambit_kube_relists_total{kind=\"Pod\"} 0",
+        "ambit_kube_discovery_errors_total{kind=\"AuthorizationPolicy\"} 0",
+        "ambit_kube_last_sync_timestamp_seconds{kind=\"Pod\"} 0",
+        "ambit_kube_watch_state{kind=\"Pod\",state=\"discovering\"} 1",
+        "ambit_kube_watch_state{kind=\"Pod\",state=\"watching\"} 0",
+    ] {
+        assert!(text.contains(line), "missing {line}:\n{text}");
+    }
+}
+
+#[test]
+fn each_problem_is_logged_once_when_it_appears_and_once_when_it_clears() {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let problem = |name: &str| Problem {
+        key: problems::ProblemKey::Pod {
+            namespace: "mesh".into(),
+            name: name.into(),
+        },
+        message: format!("Pod mesh/{name}: cannot enrol"),
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        let mut log = problems::ProblemLog::default();
+        // Recomputed on every tick: ten ticks with one problem, then a second, then both gone.
+        for _ in 0..10 {
+            log.update(&[problem("a")]);
+        }
+        for _ in 0..10 {
+            log.update(&[problem("a"), problem("b")]);
+        }
+        for _ in 0..10 {
+            log.update(&[]);
+        }
+    });
+    let text =
+        String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned();
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("Pod mesh/a: cannot enrol"),
+        2,
+        "appears + clears:\n{text}"
+    );
+    assert_eq!(
+        count("Pod mesh/b: cannot enrol"),
+        2,
+        "appears + clears:\n{text}"
+    );
+    assert_eq!(count("WARN"), 2, "{text}");
+    assert_eq!(count("config problem cleared"), 2, "{text}");
 }
 
 /// Over a real socket: a well-formed scrape, then garbage, then the server still answers.
@@ -239,7 +402,7 @@ async fn the_server_answers_over_tcp_and_survives_garbage() {
         .local_addr()
         .unwrap_or_else(|e| panic!("local addr: {e}"));
     let (_, m) = metrics_with_proxy();
-    m.set_ready(true);
+    m.set_readiness(Ok(()));
     tokio::spawn(serve(listener, Arc::new(m)));
 
     async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {

@@ -159,6 +159,8 @@ pub struct FileSource {
     /// Objects each file held at its last good read.
     last_good: BTreeMap<PathBuf, BTreeSet<ObjectRef>>,
     pub file_errors: Vec<FileError>,
+    /// Why the root could not be read at the last poll (None once it could).
+    unavailable: Option<String>,
 }
 
 impl FileSource {
@@ -168,11 +170,26 @@ impl FileSource {
             seen: None,
             last_good: BTreeMap::new(),
             file_errors: Vec::new(),
+            unavailable: Some("not read yet".into()),
         }
+    }
+
+    /// Why the config path could not be read at the last poll; None once it was read.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     /// A `Replace` of every kind if anything changed since the last call.
     pub fn poll(&mut self) -> Option<SourceEvent> {
+        // An unreadable root is not an empty cluster: a Replace with nothing would delete every
+        // object and unenrol every pod (fail open). Nothing is emitted until it can be read.
+        if let Err(e) = yaml_files(&self.path) {
+            self.unavailable = Some(e.to_string());
+            self.file_errors = vec![e];
+            self.seen = None;
+            return None;
+        }
+        self.unavailable = None;
         let now = fingerprint(&self.path);
         if self.seen.as_ref() == Some(&now) {
             return None;

@@ -1,7 +1,8 @@
 //! The Kubernetes source: one watch per kind over the API server, every object parsed through the
 //! same [`parse`] as the file source, emitted as [`SourceEvent`]s for `state::Store`. A (re-)list
-//! becomes one `Replace` of that kind, so the store never sees a gap; watch errors are counted,
-//! logged and retried with kube's default backoff, and never end the watch.
+//! becomes one `Replace` of that kind, so the store never sees a gap; a CRD that discovery
+//! positively finds not served becomes an empty `Replace` (a discovery error never does). Watch
+//! errors are counted, logged once per streak and retried promptly, and never end the watch.
 //!
 //! Watches are lean: no reflector cache (the store keeps the converted items), and managed fields
 //! and the last-applied annotation are dropped before parsing.
@@ -9,13 +10,12 @@
 mod discover;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::{Api, ApiResource, DynamicObject};
 use ::kube::runtime::watcher::{self, watcher, Event};
-use ::kube::runtime::WatchStreamExt;
 use ::kube::Client;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -27,8 +27,15 @@ use discover::Discovered;
 /// `kubectl apply` keeps a full copy of the object here; ambit never reads it.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// How often to look again for an Istio CRD that is not installed (or whose discovery failed).
+/// How often to look again for an Istio CRD that is not installed.
 pub const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
+
+/// Retry delays after a failed list, watch or discovery: short enough that a change made right
+/// after the API server returns reaches the agent within a few seconds (issue 9), jittered so the
+/// nodes of a cluster do not retry in step. A 410 Expired relists at once (with jitter only).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const EXPIRED_JITTER: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -47,6 +54,47 @@ impl KubeError {
     }
 }
 
+/// Where one kind's watch stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchState {
+    /// Finding which version of the CRD is served.
+    #[default]
+    Discovering,
+    /// Discovery failed (not the same as "not installed": nothing is known).
+    DiscoveryFailed,
+    /// Discovery positively saw the CRD is not served: listed as empty.
+    NotInstalled,
+    /// Listing (first list or a re-list).
+    Listing,
+    /// Listed, and watching for changes.
+    Watching,
+    /// The last list or watch attempt failed; retrying.
+    Failing,
+}
+
+impl WatchState {
+    pub const ALL: [WatchState; 6] = [
+        WatchState::Discovering,
+        WatchState::DiscoveryFailed,
+        WatchState::NotInstalled,
+        WatchState::Listing,
+        WatchState::Watching,
+        WatchState::Failing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchState::Discovering => "discovering",
+            WatchState::DiscoveryFailed => "discovery_failed",
+            WatchState::NotInstalled => "not_installed",
+            WatchState::Listing => "listing",
+            WatchState::Watching => "watching",
+            WatchState::Failing => "failing",
+        }
+    }
+}
+
 /// Counters of one kind's watch.
 #[derive(Debug, Default)]
 struct KindStats {
@@ -54,12 +102,31 @@ struct KindStats {
     lists: AtomicU64,
     relists: AtomicU64,
     discovery_errors: AtomicU64,
+    /// Unix seconds of the last complete list (or of the last "not installed" finding); 0: never.
+    last_sync: AtomicU64,
     /// Set once a watch runs: the served `apiVersion` it uses.
     api_version: Mutex<Option<String>>,
-    not_installed: AtomicBool,
+    state: Mutex<WatchState>,
+    /// The error of the current failure streak, cleared on success.
+    last_error: Mutex<Option<String>>,
 }
 
-/// Per-kind counters of a [`KubeSource`], shared with whoever reports them (status, metrics).
+impl KindStats {
+    fn set_state(&self, state: WatchState) {
+        *lock(&self.state) = state;
+    }
+
+    fn synced_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_sync.store(now, Ordering::Relaxed);
+    }
+}
+
+/// Per-kind counters of a [`KubeSource`], shared with whoever reports them (status, metrics,
+/// readiness).
 #[derive(Debug)]
 pub struct KubeStats {
     kinds: BTreeMap<Kind, KindStats>,
@@ -68,7 +135,7 @@ pub struct KubeStats {
 /// A copy of one kind's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct KindCounters {
-    /// Errors of the list or watch (each one retried after a backoff).
+    /// Errors of the list or watch (each one retried after a short backoff).
     pub watch_errors: u64,
     /// Completed lists, the first included.
     pub lists: u64,
@@ -76,10 +143,20 @@ pub struct KindCounters {
     pub relists: u64,
     /// Failed attempts to find which version of an Istio CRD is served.
     pub discovery_errors: u64,
+    /// Unix seconds of the last complete list; 0 if never.
+    pub last_sync_unix: u64,
     /// The `apiVersion` watched, once the watch started.
     pub api_version: Option<String>,
+    pub state: WatchState,
+    /// The error of the current failure streak (None when healthy).
+    pub last_error: Option<String>,
+}
+
+impl KindCounters {
     /// The CRD was not installed at the last look.
-    pub not_installed: bool,
+    pub fn not_installed(&self) -> bool {
+        self.state == WatchState::NotInstalled
+    }
 }
 
 impl KubeStats {
@@ -92,6 +169,11 @@ impl KubeStats {
         }
     }
 
+    /// Counters of a source that never ran (every kind discovering), for tests of their consumers.
+    pub fn for_tests() -> Arc<Self> {
+        Arc::new(KubeStats::new())
+    }
+
     /// The counters of one kind.
     pub fn kind(&self, kind: Kind) -> KindCounters {
         let Some(s) = self.kinds.get(&kind) else {
@@ -102,8 +184,10 @@ impl KubeStats {
             lists: s.lists.load(Ordering::Relaxed),
             relists: s.relists.load(Ordering::Relaxed),
             discovery_errors: s.discovery_errors.load(Ordering::Relaxed),
+            last_sync_unix: s.last_sync.load(Ordering::Relaxed),
             api_version: lock(&s.api_version).clone(),
-            not_installed: s.not_installed.load(Ordering::Relaxed),
+            state: *lock(&s.state),
+            last_error: lock(&s.last_error).clone(),
         }
     }
 
@@ -133,6 +217,55 @@ impl KubeStats {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Exponential, jittered retry delays, reset by a success.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: RETRY_FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+
+    /// A delay in [d/2, d], then doubles d up to the cap.
+    fn delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(RETRY_MAX);
+        d.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
+/// A failure streak of one kind: logged once at WARN when it starts and once at INFO when it
+/// ends, the errors between at debug (issue 9: one problem, one line).
+#[derive(Default)]
+struct Streak {
+    errors: u64,
+}
+
+impl Streak {
+    fn fail(&mut self, stats: &KindStats, kind: Kind, what: &str, error: &dyn std::fmt::Display) {
+        *lock(&stats.last_error) = Some(format!("{what}: {error}"));
+        if self.errors == 0 {
+            warn!(%kind, %error, "{what}; retrying with a short backoff");
+        } else {
+            debug!(%kind, %error, attempt = self.errors + 1, "{what}");
+        }
+        self.errors += 1;
+    }
+
+    fn recover(&mut self, stats: &KindStats, kind: Kind, what: &str) {
+        if self.errors > 0 {
+            info!(%kind, errors = self.errors, "{what} recovered");
+            self.errors = 0;
+        }
+        *lock(&stats.last_error) = None;
+    }
 }
 
 /// Watches the API server and sends what it sees to the store's channel.
@@ -174,7 +307,7 @@ impl KubeSource {
         self
     }
 
-    /// How long to wait before looking again for a CRD that is missing.
+    /// How long to wait before looking again for a CRD that is not installed.
     pub fn with_discovery_retry(mut self, every: Duration) -> Self {
         self.discovery_retry = every;
         self
@@ -192,13 +325,34 @@ impl KubeSource {
 
     async fn run_kind(&self, kind: Kind) {
         let stats = self.stats.get(kind);
+        let mut backoff = Backoff::new();
+        let mut streak = Streak::default();
+        // Whether the store has been told this kind is not installed (an empty Replace).
+        let mut told_absent = false;
         loop {
+            stats.set_state(WatchState::Discovering);
             let ar = match discover::resource(&self.client, kind).await {
                 Discovered::Served(ar) => ar,
                 Discovered::NotInstalled => {
-                    if !stats.not_installed.swap(true, Ordering::Relaxed) {
-                        info!(%kind, retry_secs = self.discovery_retry.as_secs(), "CRD not installed; looking again periodically");
+                    streak.recover(stats, kind, "discovery");
+                    backoff.reset();
+                    if !told_absent {
+                        info!(%kind, retry_secs = self.discovery_retry.as_secs(), "CRD not installed: no objects of this kind; looking again periodically");
+                        // Positively not served: the kind is listed, and empty. A discovery error
+                        // is never taken for this (the arm below).
+                        let empty = SourceEvent::Replace {
+                            kinds: vec![kind],
+                            objects: Vec::new(),
+                            rejected: Vec::new(),
+                            origins: BTreeMap::new(),
+                        };
+                        if self.events.send(empty).await.is_err() {
+                            return;
+                        }
+                        told_absent = true;
+                        stats.synced_now();
                     }
+                    stats.set_state(WatchState::NotInstalled);
                     if !self.wait(self.discovery_retry).await {
                         return;
                     }
@@ -206,15 +360,19 @@ impl KubeSource {
                 }
                 Discovered::Failed(e) => {
                     stats.discovery_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(%kind, error = %e, retry_secs = self.discovery_retry.as_secs(), "cannot discover the served version");
-                    if !self.wait(self.discovery_retry).await {
+                    stats.set_state(WatchState::DiscoveryFailed);
+                    streak.fail(stats, kind, "cannot discover the served version", &e);
+                    if !self.wait(backoff.delay()).await {
                         return;
                     }
                     continue;
                 }
             };
-            if stats.not_installed.swap(false, Ordering::Relaxed) {
+            streak.recover(stats, kind, "discovery");
+            backoff.reset();
+            if told_absent {
                 info!(%kind, api_version = %ar.api_version, "CRD installed");
+                told_absent = false;
             }
             *lock(&stats.api_version) = Some(ar.api_version.clone());
             match self.watch(kind, &ar).await {
@@ -242,9 +400,13 @@ impl KubeSource {
         // `Any`: the first list is served from the API server's watch cache (resourceVersion=0), as
         // client-go's informers do; cheap for the server with many pods.
         let config = watcher::Config::default().any_semantic();
-        let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+        // No `default_backoff()`: its delays grow to 30 s, so after an API-server restart a change
+        // took 20 s and more to arrive. Errors are paced here instead (see RETRY_*).
+        let mut stream = std::pin::pin!(watcher(api, config));
         let mut listing: Option<Listing> = None;
         let mut consecutive_not_found = 0u32;
+        let mut backoff = Backoff::new();
+        let mut streak = Streak::default();
         loop {
             let event = tokio::select! {
                 e = stream.next() => e,
@@ -255,8 +417,14 @@ impl KubeSource {
             let Some(event) = event else {
                 return WatchEnd::Gone;
             };
+            if matches!(&event, Ok(e) if !matches!(e, Event::Init)) {
+                // Init comes before the list request is made: only what follows proves success.
+                streak.recover(stats, kind, "watch");
+                backoff.reset();
+            }
             let out = match event {
                 Ok(Event::Init) => {
+                    stats.set_state(WatchState::Listing);
                     listing = Some(Listing::default());
                     None
                 }
@@ -272,6 +440,8 @@ impl KubeSource {
                     if stats.lists.fetch_add(1, Ordering::Relaxed) > 0 {
                         stats.relists.fetch_add(1, Ordering::Relaxed);
                     }
+                    stats.synced_now();
+                    stats.set_state(WatchState::Watching);
                     debug!(%kind, objects = l.objects.len(), rejected = l.rejected.len(), "listed");
                     Some(SourceEvent::Replace {
                         kinds: vec![kind],
@@ -291,7 +461,15 @@ impl KubeSource {
                 Ok(Event::Delete(o)) => Some(SourceEvent::Delete(object_ref(kind, &o))),
                 Err(e) => {
                     stats.watch_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(%kind, error = %e, "watch error; retrying after a backoff");
+                    let delay = if is_expired(&e) {
+                        // The API server restarted or compacted: nothing is wrong, relist now.
+                        info!(%kind, "resource version expired; listing again");
+                        EXPIRED_JITTER.mul_f64(fastrand::f64())
+                    } else {
+                        stats.set_state(WatchState::Failing);
+                        streak.fail(stats, kind, "watch error", &e);
+                        backoff.delay()
+                    };
                     if discover::api_group(kind).is_some() && is_not_found(&e) {
                         consecutive_not_found += 1;
                         // A CRD deleted (or its version no longer served) answers 404 for good.
@@ -299,6 +477,9 @@ impl KubeSource {
                             info!(%kind, "resource no longer served; discovering again");
                             return WatchEnd::Gone;
                         }
+                    }
+                    if !self.wait(delay).await {
+                        return WatchEnd::ReceiverGone;
                     }
                     None
                 }
@@ -333,6 +514,16 @@ impl Listing {
                 debug!(%kind, %api_version, "ignoring an object ambit does not read");
             }
         }
+    }
+}
+
+/// 410 Gone: the resource version the watch resumed from is older than the server keeps.
+fn is_expired(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::WatchStartFailed(::kube::Error::Api(s))
+        | watcher::Error::WatchFailed(::kube::Error::Api(s)) => s.code == 410,
+        _ => false,
     }
 }
 

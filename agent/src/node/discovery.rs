@@ -8,19 +8,27 @@
 //! Race: a pod's first packets, before the agent has seen it, are not captured. Istio closes that
 //! gap with a CNI plugin that holds pod start until enrolment; ambit will do the same (a CNI
 //! plugin reporting the netns on ADD), and until then the window is one watch event plus one
-//! enrolment (milliseconds), during which the pod's connections are plain.
+//! enrolment (milliseconds), during which the pod's connections are plain. A pod whose sandbox
+//! is not there yet is retried by the control loop, not left until the next config change.
+//!
+//! A terminating pod (deletionTimestamp set) stays enrolled while its sandbox runs, as ztunnel
+//! keeps it until its containers have exited: its traffic while shutting down stays meshed.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::PodSpec;
 use crate::config::{EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_PORTS, NETNS_ANNOTATION};
 use crate::state::convert::parse_port_list;
 use crate::state::{State, Workload};
 
-/// Finds a workload's network namespace.
+/// Finds workloads' network namespaces.
 pub trait NetnsResolver: Send {
-    fn netns(&self, w: &Workload) -> Result<PathBuf, String>;
+    /// Each workload's netns path, or why it cannot be found (yet), in the order given. One call
+    /// per reconcile: a resolver that scans (`/proc`) scans once for all of them.
+    fn resolve(&self, ws: &[Arc<Workload>]) -> Vec<Result<PathBuf, String>>;
 }
 
 /// Local mode: the `ambit.dev/netns` annotation, else `<dir>/<pod name>`.
@@ -29,7 +37,7 @@ pub struct AnnotatedNetns {
     pub dir: PathBuf,
 }
 
-impl NetnsResolver for AnnotatedNetns {
+impl AnnotatedNetns {
     fn netns(&self, w: &Workload) -> Result<PathBuf, String> {
         let path = match w.annotations.get(NETNS_ANNOTATION) {
             Some(p) => PathBuf::from(p),
@@ -43,6 +51,12 @@ impl NetnsResolver for AnnotatedNetns {
     }
 }
 
+impl NetnsResolver for AnnotatedNetns {
+    fn resolve(&self, ws: &[Arc<Workload>]) -> Vec<Result<PathBuf, String>> {
+        ws.iter().map(|w| self.netns(w)).collect()
+    }
+}
+
 /// In a cluster: `/proc/<pid>/ns/net` of the pod's sandbox process, found by pod UID.
 #[derive(Debug, Clone)]
 pub struct ProcNetns {
@@ -50,60 +64,101 @@ pub struct ProcNetns {
     pub proc_root: PathBuf,
 }
 
-impl NetnsResolver for ProcNetns {
-    fn netns(&self, w: &Workload) -> Result<PathBuf, String> {
-        let needles = [
-            format!("pod{}", w.uid),
-            format!("pod{}", w.uid.replace('-', "_")),
-        ];
+impl ProcNetns {
+    /// Pod UID (dashes) → lowest pid whose cgroup names it, in one pass over `/proc`.
+    fn sandboxes(&self) -> Result<HashMap<String, u32>, String> {
         let mut pids: Vec<u32> = std::fs::read_dir(&self.proc_root)
             .map_err(|e| format!("{}: {e}", self.proc_root.display()))?
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
         pids.sort_unstable();
+        let mut out = HashMap::new();
         for pid in pids {
-            let dir = self.proc_root.join(pid.to_string());
-            let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+            let path = self.proc_root.join(pid.to_string()).join("cgroup");
+            // A process that exits mid-scan is simply not there.
+            let Ok(cgroup) = std::fs::read_to_string(path) else {
                 continue;
             };
-            if needles.iter().any(|n| cgroup.contains(n.as_str())) {
-                return Ok(dir.join("ns").join("net"));
+            for uid in cgroup.lines().flat_map(pod_uids_in) {
+                out.entry(uid).or_insert(pid);
             }
         }
-        Err(format!(
-            "no process of pod uid {} under {}",
-            w.uid,
-            self.proc_root.display()
-        ))
+        Ok(out)
     }
 }
 
-/// The pods to enrol on `node`, and why any enrolled workload could not be.
-pub fn desired_pods(
-    state: &State,
-    node: &str,
-    resolver: &dyn NetnsResolver,
-) -> (Vec<PodSpec>, Vec<String>) {
-    let mut pods = Vec::new();
-    let mut problems = Vec::new();
-    for w in state.enrolled_on(node) {
-        if w.ips.is_empty() {
-            // Not running yet: nothing to capture until it has an address.
-            continue;
+/// Pod UIDs named in one `/proc/<pid>/cgroup` line: the kubelet's `pod<uid>` segment (cgroupfs
+/// driver) or `…-pod<uid_with_underscores>.slice` (systemd driver).
+fn pod_uids_in(line: &str) -> impl Iterator<Item = String> + '_ {
+    let path = line.splitn(3, ':').nth(2).unwrap_or(line);
+    path.split('/').filter_map(|segment| {
+        let at = segment.rfind("pod")?;
+        let uid = segment[at + 3..].trim_end_matches(".slice");
+        (!uid.is_empty()).then(|| uid.replace('_', "-"))
+    })
+}
+
+impl NetnsResolver for ProcNetns {
+    fn resolve(&self, ws: &[Arc<Workload>]) -> Vec<Result<PathBuf, String>> {
+        if ws.is_empty() {
+            return Vec::new();
         }
-        let netns_path = match resolver.netns(&w) {
+        let sandboxes = match self.sandboxes() {
+            Ok(s) => s,
+            Err(e) => return ws.iter().map(|_| Err(e.clone())).collect(),
+        };
+        ws.iter()
+            .map(|w| match sandboxes.get(&w.uid.replace('_', "-")) {
+                Some(pid) => Ok(self.proc_root.join(pid.to_string()).join("ns").join("net")),
+                None => Err(format!(
+                    "no process of pod uid {} under {}",
+                    w.uid,
+                    self.proc_root.display()
+                )),
+            })
+            .collect()
+    }
+}
+
+/// What this node should have enrolled, from one snapshot.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub pods: Vec<PodSpec>,
+    /// Pods to enrol whose netns cannot be found yet (sandbox not started), as (namespace, name,
+    /// why): retried with a backoff, independent of config changes.
+    pub waiting: Vec<(String, String, String)>,
+    /// Terminating pods kept because their sandbox still runs: rechecked until it exits.
+    pub terminating: usize,
+}
+
+/// The pods to enrol on `node`.
+pub fn desired_pods(state: &State, node: &str, resolver: &dyn NetnsResolver) -> Desired {
+    // Not running yet: nothing to capture until it has an address.
+    let workloads: Vec<Arc<Workload>> = state
+        .enrolled_on(node)
+        .into_iter()
+        .filter(|w| !w.ips.is_empty())
+        .collect();
+    let mut out = Desired::default();
+    for (w, netns) in workloads.iter().zip(resolver.resolve(&workloads)) {
+        let netns_path = match netns {
             Ok(p) => p,
+            // A terminating pod whose sandbox is gone has finished: unenrolled, not retried.
+            Err(_) if w.terminating => continue,
             Err(e) => {
-                problems.push(format!("Pod {}/{}: cannot enrol: {e}", w.namespace, w.name));
+                out.waiting.push((w.namespace.clone(), w.name.clone(), e));
                 continue;
             }
         };
+        if w.terminating {
+            out.terminating += 1;
+        }
         // Bad values were reported when the pod was read; here they just exclude nothing.
         let ports = |a: &str| {
             parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or(""))
                 .unwrap_or_default()
         };
-        pods.push(PodSpec {
+        out.pods.push(PodSpec {
             namespace: w.namespace.clone(),
             name: w.name.clone(),
             ips: w
@@ -120,10 +175,10 @@ pub fn desired_pods(
             } else {
                 w.service_account.clone()
             },
-            baggage: baggage(&w),
+            baggage: baggage(w),
         });
     }
-    (pods, problems)
+    out
 }
 
 /// The `baggage` header of the pod's tunnels (W3C baggage, the keys ztunnel sends): namespace,
@@ -176,6 +231,7 @@ mod tests {
             named_ports: Default::default(),
             annotations: Default::default(),
             running: true,
+            terminating: false,
         }
     }
 
@@ -195,11 +251,11 @@ mod tests {
         proc_entry(100, "0::/system.slice/kubelet.service\n");
         std::fs::create_dir_all(root.join("self")).expect("non-numeric entry");
         let r = proc_netns(&root);
-        let found = [
-            r.netns(&workload("1234-abcd")),
-            r.netns(&workload("9999-eeee")),
-            r.netns(&workload("0000-none")),
-        ];
+        let found = r.resolve(&[
+            Arc::new(workload("1234-abcd")),
+            Arc::new(workload("9999-eeee")),
+            Arc::new(workload("0000-none")),
+        ]);
         let _ = std::fs::remove_dir_all(&root);
         assert_eq!(
             found[0].as_ref().expect("cgroupfs pod"),

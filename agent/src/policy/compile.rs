@@ -348,6 +348,24 @@ impl CompiledPolicies {
         }
 
         let mesh_pa = oldest(mesh_pa.iter());
+        // Policies that have not been listed yet cannot be known to be absent: every workload
+        // denies until they are (issue 9: a pod is never served with an empty policy set that
+        // later fills in).
+        let unlisted: Vec<&str> = [Kind::AuthorizationPolicy, Kind::PeerAuthentication]
+            .into_iter()
+            .filter(|k| !state.synced.contains(k))
+            .map(Kind::as_str)
+            .collect();
+        let unknown = (!unlisted.is_empty()).then(|| {
+            Arc::new(Authz {
+                key: Arc::from("(policies not listed yet)"),
+                action: CompiledAction::FailClosed(Arc::from(format!(
+                    "{} not listed yet: policies cannot be known",
+                    unlisted.join(" and ")
+                ))),
+                rules: Vec::new(),
+            })
+        });
         let mut by_workload: HashMap<Arc<str>, HashMap<Arc<str>, Arc<WorkloadPolicy>>> =
             HashMap::new();
         for w in state.workloads.values() {
@@ -369,6 +387,7 @@ impl CompiledPolicies {
                 };
                 list.push(a.clone());
             }
+            policy.fail_closed.extend(unknown.clone());
             for list in [
                 &mut policy.fail_closed,
                 &mut policy.deny,

@@ -83,6 +83,11 @@ async fn handle(
             debug!(pod = %pod.name, %dst, "service without ready endpoints; resetting");
             reset(stream)
         }
+        Route::Incomplete => {
+            Metrics::inc(&pi.metrics.outbound_incomplete_view);
+            debug!(pod = %pod.name, %dst, "the cluster view is incomplete; resetting");
+            reset(stream)
+        }
     }
 }
 
@@ -95,11 +100,17 @@ pub enum Route {
     Direct(SocketAddr),
     /// A Service port without a ready endpoint.
     NoEndpoints,
+    /// Some kind has not been listed yet, so where `dst` belongs is not known: refused rather than
+    /// sent in plaintext around the mesh (fail closed).
+    Incomplete,
 }
 
 /// Decides the route from one state snapshot. A Service VIP is resolved to one of its ready
 /// endpoints (the capture happens before kube-proxy could); a pod IP goes to that pod.
 pub fn route(state: &State, trust_domain: &str, dst: SocketAddr) -> Route {
+    if !state.is_complete() {
+        return Route::Incomplete;
+    }
     let to_workload = |addr: SocketAddr, w: Option<Arc<Workload>>| match w {
         Some(w) if state.is_enrolled(&w) => Route::Hbone {
             dst: addr,

@@ -121,8 +121,8 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 named_ports,
                 annotations,
-                running: pod.metadata.deletion_timestamp.is_none()
-                    && !matches!(phase, "Succeeded" | "Failed"),
+                running: !matches!(phase, "Succeeded" | "Failed"),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
             })
         }
         Object::Service(svc) => {

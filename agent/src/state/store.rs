@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::convert::{convert, item_ref, Item};
 use super::{fqdn, istio_key, key, Key, State};
@@ -17,10 +17,38 @@ use crate::policy::{BrokenPolicy, BrokenScope};
 /// The latest published snapshot, shared with the data path.
 pub type StateReader = Arc<ArcSwap<State>>;
 
+/// What a current problem with an object means for the data path: said in the one log line and
+/// the status, so an operator reads the consequence and not only the cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Accepted; only the feature the field controls is off.
+    Warning,
+    /// Rejected; the version applied before stays in force.
+    KeptLastGood,
+    /// Rejected, and no earlier version was ever applied.
+    NotApplied,
+    /// A rejected AuthorizationPolicy: the workloads it selects deny every connection.
+    FailClosed,
+}
+
+impl Effect {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Effect::Warning => "accepted without this setting",
+            Effect::KeptLastGood => "rejected; its last good version stays in force",
+            Effect::NotApplied => "rejected; not applied",
+            Effect::FailClosed => {
+                "rejected; fail closed: the workloads it selects deny every connection until it is fixed"
+            }
+        }
+    }
+}
+
 pub struct Store {
     state: State,
-    /// Current problems per object (rejections, and warnings on accepted objects).
-    errors: BTreeMap<ObjectRef, Vec<ObjectError>>,
+    /// Current problems per object (rejections, and warnings on accepted objects), with what each
+    /// does to the data path.
+    errors: BTreeMap<ObjectRef, (Effect, Vec<ObjectError>)>,
     /// EndpointSlice → the Service key it is filed under.
     slice_owner: BTreeMap<ObjectRef, Key>,
     rejected_total: u64,
@@ -55,7 +83,18 @@ impl Store {
 
     /// Every current problem, ordered by object.
     pub fn errors(&self) -> Vec<ObjectError> {
-        self.errors.values().flatten().cloned().collect()
+        self.errors
+            .values()
+            .flat_map(|(_, e)| e.iter().cloned())
+            .collect()
+    }
+
+    /// Every current problem with what it does to the data path, ordered by object.
+    pub fn problems(&self) -> Vec<(ObjectError, Effect)> {
+        self.errors
+            .values()
+            .flat_map(|(effect, errors)| errors.iter().map(move |e| (e.clone(), *effect)))
+            .collect()
     }
 
     /// Rejected AuthorizationPolicies, each with the scope it would have had (fail closed).
@@ -130,6 +169,12 @@ impl Store {
                 for (r, e) in rejected {
                     self.reject(r, e);
                 }
+                // A Replace is the complete set of its kinds: from now on, absence means absence.
+                for kind in kinds {
+                    if self.state.synced.insert(kind).is_none() {
+                        self.changed = true;
+                    }
+                }
             }
         }
     }
@@ -162,10 +207,12 @@ impl Store {
         match convert(&obj, &self.state.domain) {
             Ok(c) => {
                 let warnings = locate(c.warnings);
-                for w in &warnings {
-                    warn!(problem = %w, "config warning");
+                if warnings.is_empty() {
+                    self.errors.remove(&oref);
+                } else {
+                    self.errors
+                        .insert(oref.clone(), (Effect::Warning, warnings));
                 }
-                set_or_clear(&mut self.errors, &oref, warnings);
                 self.unbreak(&oref);
                 self.insert(oref, c.item);
             }
@@ -195,12 +242,17 @@ impl Store {
         }
     }
 
-    /// Records why `oref` was rejected; its last good version (if any) stays in force.
+    /// Records why `oref` was rejected; its last good version (if any) stays in force, except for
+    /// an AuthorizationPolicy, which fails closed. Logged by whoever reports problems (once each).
     fn reject(&mut self, oref: ObjectRef, errors: Vec<ObjectError>) {
-        let had_good = self.refs_of(&[oref.kind]).contains(&oref);
-        for e in &errors {
-            warn!(problem = %e, kept_last_good = had_good, "config object rejected");
-        }
+        let effect = if oref.kind == Kind::AuthorizationPolicy {
+            Effect::FailClosed
+        } else if self.contains(&oref) {
+            Effect::KeptLastGood
+        } else {
+            Effect::NotApplied
+        };
+        debug!(object = %oref, ?effect, "config object rejected");
         self.rejected_total += 1;
         if oref.kind == Kind::AuthorizationPolicy {
             // Fails closed for what it would have selected; with no readable scope, the namespace.
@@ -221,13 +273,28 @@ impl Store {
                 self.changed = true;
             }
         }
-        self.errors.insert(oref, errors);
+        self.errors.insert(oref, (effect, errors));
     }
 
     /// `oref` is no longer a rejected policy.
     fn unbreak(&mut self, oref: &ObjectRef) {
         if self.broken.remove(oref).is_some() {
             self.changed = true;
+        }
+    }
+
+    /// Whether the working state holds `oref` (its last good version).
+    fn contains(&self, oref: &ObjectRef) -> bool {
+        let s = &self.state;
+        let k = key(&oref.namespace, &oref.name);
+        match oref.kind {
+            Kind::Namespace => s.namespaces.contains_key(oref.name.as_str()),
+            Kind::Pod => s.workloads.contains_key(&k),
+            Kind::Service => s.services.contains_key(&k),
+            Kind::EndpointSlice => self.slice_owner.contains_key(oref),
+            istio => s
+                .istio
+                .contains_key(&istio_key(istio, &oref.namespace, &oref.name)),
         }
     }
 
@@ -454,16 +521,4 @@ fn istio_hosts(config: &IstioConfig, namespace: &str, domain: &str) -> Vec<Strin
         .into_iter()
         .map(|h| fqdn(h, namespace, domain))
         .collect()
-}
-
-fn set_or_clear(
-    errors: &mut BTreeMap<ObjectRef, Vec<ObjectError>>,
-    oref: &ObjectRef,
-    list: Vec<ObjectError>,
-) {
-    if list.is_empty() {
-        errors.remove(oref);
-    } else {
-        errors.insert(oref.clone(), list);
-    }
 }

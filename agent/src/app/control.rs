@@ -1,0 +1,373 @@
+//! The control loop: config source → store → one published snapshot → compiled policies →
+//! desired pods → enrolment, then what is reported (problems, readiness, metrics, status).
+//!
+//! Fail closed through every gap (issue 9):
+//! - nothing is enrolled before Pods and Namespaces have been listed, and nothing is unenrolled and
+//!   no adopted pin pruned before EVERY kind has been (a pod missing from an incomplete view is
+//!   not known to be gone); until then adopted pods keep their capture and refuse connections;
+//! - a snapshot in which a policy kind is not listed yet makes every workload deny, and outbound
+//!   connections are refused while any kind is missing (`policy::compile`, `proxy::outbound`);
+//! - pods whose netns cannot be found yet, or whose enrolment failed, are retried with a backoff,
+//!   and terminating pods are rechecked until their sandbox exits, independent of config changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::Receiver;
+use tokio::time::Instant;
+use tracing::{error, info};
+
+use super::status::{self, MapSizes};
+use super::{AgentConfig, ConfigSource};
+use crate::admin::problems::{Problem, ProblemKey, ProblemLog};
+use crate::admin::AgentMetrics;
+use crate::config::files::FileSource;
+use crate::config::kube::{KubeStats, WatchState};
+use crate::config::{Kind, SourceEvent};
+use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
+use crate::node::Node;
+use crate::policy::Enforcer;
+use crate::proxy::ProxyInputs;
+use crate::state::store::Store;
+
+/// First retry of a pod that could not be enrolled, doubled up to `RETRY_MAX`: a pod whose
+/// sandbox appears is enrolled well within a second of it, while a pod that never gets one costs
+/// a `/proc` scan every half second at most.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+/// How often a terminating pod's sandbox is looked for.
+const TERMINATING_RECHECK: Duration = Duration::from_millis(500);
+
+/// Where objects come from.
+pub(super) enum Source {
+    /// Polled on every tick.
+    Files(FileSource),
+    /// Watch events arrive on a channel.
+    Kube {
+        events: Receiver<SourceEvent>,
+        stats: Arc<KubeStats>,
+    },
+}
+
+impl Source {
+    pub(super) fn files(path: &Path) -> Self {
+        Source::Files(FileSource::new(path))
+    }
+
+    pub(super) fn kube(events: Receiver<SourceEvent>, stats: Arc<KubeStats>) -> Self {
+        Source::Kube { events, stats }
+    }
+
+    pub(super) fn kube_stats(&self) -> Option<Arc<KubeStats>> {
+        match self {
+            Source::Kube { stats, .. } => Some(stats.clone()),
+            Source::Files(_) => None,
+        }
+    }
+}
+
+/// When to reconcile again without a config change.
+#[derive(Debug, Default)]
+struct Retry {
+    /// Backoff of pods that could not be enrolled; None while there are none.
+    backoff: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    fn schedule(&mut self, failing: bool, terminating: bool) {
+        let now = Instant::now();
+        self.backoff =
+            failing.then(|| self.backoff.map_or(RETRY_FIRST, |b| (b * 2).min(RETRY_MAX)));
+        let recheck = terminating.then_some(TERMINATING_RECHECK);
+        self.at = [self.backoff, recheck]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|d| now + d);
+    }
+
+    fn due(&self) -> bool {
+        self.at.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+pub(super) struct Control {
+    node_name: String,
+    poll_interval: Duration,
+    status_file: Option<PathBuf>,
+    enforcer: Arc<Enforcer>,
+    node: Node,
+    pi: Arc<ProxyInputs>,
+    store: Store,
+    metrics: Arc<AgentMetrics>,
+    source: Source,
+    resolver: Box<dyn NetnsResolver>,
+    /// Problems of the last reconcile: pods that could not be enrolled.
+    enrol_problems: Vec<Problem>,
+    log: ProblemLog,
+    retry: Retry,
+    generation: u64,
+    seq: u64,
+    /// Adopted pins of pods no longer there have been removed (once, at the first complete view).
+    pruned: bool,
+    map_sizes: MapSizes,
+}
+
+impl Control {
+    pub(super) fn new(
+        cfg: &AgentConfig,
+        enforcer: Arc<Enforcer>,
+        node: Node,
+        pi: Arc<ProxyInputs>,
+        store: Store,
+        metrics: Arc<AgentMetrics>,
+        source: Source,
+    ) -> Self {
+        let resolver: Box<dyn NetnsResolver> = match &cfg.source {
+            ConfigSource::Files(_) => Box::new(AnnotatedNetns {
+                dir: PathBuf::from("/var/run/netns"),
+            }),
+            ConfigSource::Kubernetes => Box::new(ProcNetns {
+                proc_root: PathBuf::from("/proc"),
+            }),
+        };
+        Control {
+            node_name: cfg.node.clone(),
+            poll_interval: cfg.poll_interval,
+            status_file: cfg.status_file.clone(),
+            enforcer,
+            node,
+            pi,
+            store,
+            metrics,
+            source,
+            resolver,
+            enrol_problems: Vec::new(),
+            log: ProblemLog::default(),
+            retry: Retry::default(),
+            generation: 0,
+            seq: 0,
+            pruned: false,
+            map_sizes: MapSizes::default(),
+        }
+    }
+
+    pub(super) fn into_node(self) -> Node {
+        self.node
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub(super) async fn run(&mut self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        let mut ticker = tokio::time::interval(self.poll_interval);
+        loop {
+            let retry_at = self.retry.at;
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = ticker.tick() => {}
+                _ = sleep_until(retry_at) => {}
+                Some(event) = next_event(&mut self.source) => {
+                    self.store.apply(event);
+                    // Apply whatever else is queued before reconciling once.
+                    if let Source::Kube { events, .. } = &mut self.source {
+                        while let Ok(e) = events.try_recv() {
+                            self.store.apply(e);
+                        }
+                    }
+                }
+            }
+            self.tick();
+        }
+    }
+
+    fn tick(&mut self) {
+        if let Source::Files(files) = &mut self.source {
+            if let Some(event) = files.poll() {
+                self.store.apply(event);
+            }
+        }
+        if self.store.publish() || self.retry.due() {
+            self.reconcile();
+        }
+        self.report();
+    }
+
+    /// Applies the latest snapshot to this node: policies first (a pod enrolled below must find
+    /// its compiled view), then the pods.
+    fn reconcile(&mut self) {
+        self.generation += 1;
+        let state = self.store.reader().load_full();
+        self.enforcer.update(&state, &self.store.broken_policies());
+        if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
+            // Which pods to enrol is not known yet: touch nothing.
+            self.retry = Retry::default();
+            return;
+        }
+        let desired = desired_pods(&state, &self.node_name, self.resolver.as_ref());
+        let complete = state.is_complete();
+        let errors = self.node.reconcile(&desired.pods, complete);
+        let mut problems: Vec<Problem> = errors
+            .into_iter()
+            .map(|(spec, e)| Problem {
+                key: ProblemKey::Pod {
+                    namespace: spec.namespace.clone(),
+                    name: spec.name.clone(),
+                },
+                message: format!("Pod {}: cannot enrol: {e}", spec.key()),
+            })
+            .collect();
+        problems.extend(
+            desired
+                .waiting
+                .into_iter()
+                .map(|(namespace, name, why)| Problem {
+                    message: format!("Pod {namespace}/{name}: cannot enrol: {why}"),
+                    key: ProblemKey::Pod { namespace, name },
+                }),
+        );
+        problems.sort();
+        self.retry
+            .schedule(!problems.is_empty(), desired.terminating > 0);
+        self.enrol_problems = problems;
+        if complete && !self.pruned {
+            // Adopted state of pods that vanished while no agent ran: only a complete view can
+            // tell a pod is gone.
+            self.node.prune_adopted();
+            self.pruned = true;
+            info!(
+                pods = self.node.pods().len(),
+                "complete view of the cluster: serving"
+            );
+        }
+    }
+
+    /// Problems, readiness, metrics and the status file, from the same values each tick.
+    fn report(&mut self) {
+        let problems = self.problems();
+        self.log.update(&problems);
+        self.metrics
+            .set_problems(&problems, self.store.rejected_total());
+        let state = self.store.reader().load();
+        self.metrics.set_synced(
+            Kind::ALL
+                .into_iter()
+                .map(|k| (k, state.synced.contains(&k)))
+                .collect(),
+        );
+        let readiness = self.readiness(&state.unsynced());
+        self.metrics.set_readiness(readiness.clone());
+        self.metrics.set_enrolled_pods(self.node.pods().len());
+        self.metrics.set_kernel(crate::admin::kernel_counters(
+            &self.node.capture().kernel_stats(),
+        ));
+        self.metrics.alive();
+        self.seq += 1;
+        if let Some(path) = &self.status_file {
+            let now = status::Snapshot {
+                node_name: &self.node_name,
+                seq: self.seq,
+                generation: self.generation,
+                readiness: &readiness,
+                synced: state.synced.iter().copied().collect(),
+                kube: self.source.kube_stats().map(|s| s.all()),
+                problems: &problems,
+                rejected_total: self.store.rejected_total(),
+            };
+            status::write(path, now, &self.node, &self.pi, &mut self.map_sizes);
+        }
+    }
+
+    /// Every current problem: files that cannot be read, objects rejected (or accepted with a
+    /// warning), pods that cannot be enrolled.
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Source::Files(files) = &self.source {
+            out.extend(files.file_errors.iter().map(|e| Problem {
+                key: ProblemKey::File {
+                    path: e.path.clone(),
+                },
+                message: e.to_string(),
+            }));
+        }
+        out.extend(
+            self.store
+                .problems()
+                .into_iter()
+                .map(|(e, effect)| Problem {
+                    message: format!("{e} ({})", effect.describe()),
+                    key: ProblemKey::Object {
+                        kind: e.object.kind.as_str(),
+                        namespace: e.object.namespace,
+                        name: e.object.name,
+                        field: e.field,
+                    },
+                }),
+        );
+        out.extend(self.enrol_problems.iter().cloned());
+        out
+    }
+
+    /// Ready once every kind is listed and this view has been applied; otherwise why not, with
+    /// what the source says about each missing kind.
+    fn readiness(&self, unsynced: &[Kind]) -> Result<(), String> {
+        if unsynced.is_empty() {
+            return if self.pruned {
+                Ok(())
+            } else {
+                Err("applying the first complete view".into())
+            };
+        }
+        let detail: Vec<String> = match &self.source {
+            Source::Files(files) => files
+                .unavailable()
+                .map(|why| vec![format!("config path: {why}")])
+                .unwrap_or_default(),
+            Source::Kube { stats, .. } => unsynced
+                .iter()
+                .map(|k| {
+                    let c = stats.kind(*k);
+                    match c.last_error {
+                        Some(e) => format!("{k}: {}: {e}", c.state.as_str()),
+                        None if c.state == WatchState::Listing => format!("{k}: listing"),
+                        None => format!("{k}: {}", c.state.as_str()),
+                    }
+                })
+                .collect(),
+        };
+        let kinds: Vec<&str> = unsynced.iter().map(|k| k.as_str()).collect();
+        let mut why = format!(
+            "waiting for the first complete list of {}; enrolled pods fail closed until then",
+            kinds.join(", ")
+        );
+        if !detail.is_empty() {
+            why.push_str(" (");
+            why.push_str(&detail.join("; "));
+            why.push(')');
+        }
+        Err(why)
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(source: &mut Source) -> Option<SourceEvent> {
+    match source {
+        Source::Kube { events, .. } => events.recv().await,
+        Source::Files(_) => std::future::pending().await,
+    }
+}
