@@ -69,10 +69,14 @@ fn outbound_capture_recovers_the_exact_original_destination() {
             "source must stay the pod's own IP, got {peer}"
         );
     }
-    let status = agent.wait_for("outbound counters", Duration::from_secs(5), |s| {
+    agent.wait_for("outbound counters", SETTLE, |s| {
         s["proxy"]["outbound_accepted"].as_u64() == Some(dsts.len() as u64)
     });
-    assert!(status["kernel"]["out_captured"].as_u64().unwrap_or(0) >= dsts.len() as u64);
+    // The kernel counters in a status are sampled apart from the (live) proxy counters, so a
+    // status can show every accept and not yet every capture: wait for the kernel value itself.
+    agent.wait_for("every capture counted by the kernel", SETTLE, |s| {
+        s["kernel"]["out_captured"].as_u64().unwrap_or(0) >= dsts.len() as u64
+    });
 
     // 1,000 concurrent connections, spread over the destinations, each recovers its own destination.
     const N: usize = 1000;
@@ -97,11 +101,9 @@ fn outbound_capture_recovers_the_exact_original_destination() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let status = agent.wait_for(
-        "all concurrent connections counted",
-        Duration::from_secs(10),
-        |s| s["proxy"]["outbound_accepted"].as_u64() == Some((dsts.len() + N) as u64),
-    );
+    let status = agent.wait_for("all concurrent connections counted", SETTLE, |s| {
+        s["proxy"]["outbound_accepted"].as_u64() == Some((dsts.len() + N) as u64)
+    });
     assert_eq!(
         status["proxy"]["outbound_orig_dst_missing"], 0,
         "no connection lost its destination"
@@ -190,9 +192,14 @@ fn what_is_not_captured() {
         (peer.ip(), local),
         (IpAddr::from(client.ip4()), sa(server.ip4(), 8080))
     );
-    let s = agent.wait_for("one captured connection", Duration::from_secs(5), |s| {
+    agent.wait_for("one captured connection", SETTLE, |s| {
         s["proxy"]["outbound_accepted"] == 1
     });
+    // Kernel counters are sampled apart from the proxy's. Both connects (the app's, captured, and
+    // the proxy's upstream one, skipped by its mark) ran before the server's answer reached the
+    // app, so a status written from now on counts both; an earlier one might not (and could hide a
+    // second capture).
+    let s = agent.fresh_status();
     assert_eq!(
         s["kernel"]["out_captured"], 1,
         "the proxy's own upstream connect must not be captured"
@@ -432,7 +439,7 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
             "expected the proxy (pod's own IP) as peer, got {peer}"
         );
     }
-    agent.wait_for("inbound counted", Duration::from_secs(5), |s| {
+    agent.wait_for("inbound counted", SETTLE, |s| {
         s["proxy"]["inbound_accepted"] == addrs.len() as u64
     });
 
@@ -461,7 +468,7 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
             "HBONE port answered plaintext with something other than a TLS alert: {got:?}"
         );
     }
-    agent.wait_for("HBONE port reached directly", Duration::from_secs(5), |s| {
+    agent.wait_for("HBONE port reached directly", SETTLE, |s| {
         s["proxy"]["hbone_tls_refused"] == 1
     });
     assert_eq!(agent.counter("proxy.inbound_accepted"), addrs.len() as u64);
@@ -601,7 +608,7 @@ fn relay_case(fast_path: bool) {
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + SETTLE;
     while !f() {
         assert!(
             std::time::Instant::now() < deadline,
