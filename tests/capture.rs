@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
-use support::{ambit_bin, echo_transfer, in_pod, whoami, Mode, Server};
+use support::{
+    ambit_bin, attached_links, echo_transfer, in_pod, our_map_ids, whoami, Mode, Server,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -304,6 +306,55 @@ fn getsockname_on_a_captured_socket_reports_the_pod_ip() {
         agent.counter("proxy.outbound_accepted"),
         3,
         "loopback and the outsider's connections must not reach the proxy"
+    );
+}
+
+#[test]
+fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
+    let world = World::new("cap-sockname-up");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let dst = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &server])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let maps = our_map_ids(agent.bpffs());
+
+    // What an agent without the getsockname programs leaves behind when it dies: every other
+    // link, pinned. Unpinning a link nobody holds detaches it.
+    agent.kill();
+    let links = agent.bpffs().join(ambit_common::PIN_ABI).join("links");
+    for name in ["ambit_sockname4", "ambit_sockname6"] {
+        let pin = links.join(name);
+        std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("remove {}: {e}", pin.display()));
+    }
+    wait_until("the getsockname links detached", || {
+        attached_links(&maps).get("cgroup") == Some(&5)
+    });
+
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let expected: std::collections::BTreeMap<String, usize> =
+        [("cgroup".to_string(), 7), ("netns".to_string(), 1)].into();
+    assert_eq!(
+        attached_links(&maps),
+        expected,
+        "the upgraded agent adopts the old links and attaches the new ones once"
+    );
+    let d = client
+        .run(move || dial(dst))
+        .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+    assert_eq!(
+        d.local.ip(),
+        IpAddr::from(client.ip4()),
+        "getsockname() translated after the upgrade: {d:?}"
     );
 }
 
