@@ -3,13 +3,19 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::BufRead;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
-use support::{ambit_bin, echo_transfer, in_pod, whoami, Mode, Server};
+use support::{
+    ambit_bin, attached_links, echo_transfer, in_pod, our_map_ids, whoami, Mode, Server,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Ceiling for waiting on the agent's status: generous, because the machine may be busy.
+const SETTLE: Duration = Duration::from_secs(30);
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -65,10 +71,14 @@ fn outbound_capture_recovers_the_exact_original_destination() {
             "source must stay the pod's own IP, got {peer}"
         );
     }
-    let status = agent.wait_for("outbound counters", Duration::from_secs(5), |s| {
+    agent.wait_for("outbound counters", SETTLE, |s| {
         s["proxy"]["outbound_accepted"].as_u64() == Some(dsts.len() as u64)
     });
-    assert!(status["kernel"]["out_captured"].as_u64().unwrap_or(0) >= dsts.len() as u64);
+    // The kernel counters in a status are sampled apart from the (live) proxy counters, so a
+    // status can show every accept and not yet every capture: wait for the kernel value itself.
+    agent.wait_for("every capture counted by the kernel", SETTLE, |s| {
+        s["kernel"]["out_captured"].as_u64().unwrap_or(0) >= dsts.len() as u64
+    });
 
     // 1,000 concurrent connections, spread over the destinations, each recovers its own destination.
     const N: usize = 1000;
@@ -93,11 +103,9 @@ fn outbound_capture_recovers_the_exact_original_destination() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let status = agent.wait_for(
-        "all concurrent connections counted",
-        Duration::from_secs(10),
-        |s| s["proxy"]["outbound_accepted"].as_u64() == Some((dsts.len() + N) as u64),
-    );
+    let status = agent.wait_for("all concurrent connections counted", SETTLE, |s| {
+        s["proxy"]["outbound_accepted"].as_u64() == Some((dsts.len() + N) as u64)
+    });
     assert_eq!(
         status["proxy"]["outbound_orig_dst_missing"], 0,
         "no connection lost its destination"
@@ -186,9 +194,14 @@ fn what_is_not_captured() {
         (peer.ip(), local),
         (IpAddr::from(client.ip4()), sa(server.ip4(), 8080))
     );
-    let s = agent.wait_for("one captured connection", Duration::from_secs(5), |s| {
+    agent.wait_for("one captured connection", SETTLE, |s| {
         s["proxy"]["outbound_accepted"] == 1
     });
+    // Kernel counters are sampled apart from the proxy's. Both connects (the app's, captured, and
+    // the proxy's upstream one, skipped by its mark) ran before the server's answer reached the
+    // app, so a status written from now on counts both; an earlier one might not (and could hide a
+    // second capture).
+    let s = agent.fresh_status();
     assert_eq!(
         s["kernel"]["out_captured"], 1,
         "the proxy's own upstream connect must not be captured"
@@ -198,6 +211,232 @@ fn what_is_not_captured() {
         "the proxy's socket was seen and skipped by its mark"
     );
     wait_until("three connections at the server", || srv.count() == 3);
+}
+
+#[test]
+fn getsockname_on_a_captured_socket_reports_the_pod_ip() {
+    let world = World::new("cap-sockname");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let outsider = world.pod("outsider").node(&n1).namespace("plain").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let (dst4, dst6) = (sa(server.ip4(), 8080), sa(server.ip6(), 8080));
+    let _srv = Server::start(&server, &[dst4, dst6], Mode::WhoamiEcho);
+    let (lo4, lo6) = (sa(Ipv4Addr::LOCALHOST, 7000), sa(Ipv6Addr::LOCALHOST, 7000));
+    let _own = Server::start(&client, &[lo4, lo6], Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &outsider, &server])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+
+    // Captured: IPv4, IPv6, and a dual-stack IPv6 socket dialling an IPv4-mapped address.
+    let mapped = |ip: Ipv4Addr| IpAddr::V6(ip.to_ipv6_mapped());
+    let dst_mapped = sa(mapped(server.ip4()), 8080);
+    let cases = [
+        (
+            dst4,
+            IpAddr::from(client.ip4()),
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+        ),
+        (
+            dst6,
+            IpAddr::from(client.ip6()),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ),
+        (
+            dst_mapped,
+            mapped(client.ip4()),
+            mapped(Ipv4Addr::LOCALHOST),
+        ),
+    ];
+    for (dst, pod_ip, loopback) in cases {
+        let d = client
+            .run(move || dial(dst))
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+        assert_eq!(
+            d.local.ip(),
+            pod_ip,
+            "getsockname() on a captured socket to {dst} must report the pod's own IP: {d:?}"
+        );
+        assert!(
+            d.local.port() != 0 && d.local.port() != ambit_common::OUTBOUND_PORT,
+            "getsockname() must report the socket's own port: {d:?}"
+        );
+        assert_eq!(
+            d.peer, dst,
+            "getpeername() reports the original destination"
+        );
+        // What the kernel really holds: the socket is bound to loopback with that same port and
+        // connected to the proxy, i.e. it was captured and only getsockname() was translated.
+        let proxy = sa(loopback, ambit_common::OUTBOUND_PORT);
+        assert!(
+            d.kernel.contains(&(sa(loopback, d.local.port()), proxy)),
+            "{dst}: expected the kernel to show {loopback}:{} -> {proxy}: {d:?}",
+            d.local.port()
+        );
+    }
+    agent.wait_for("the three connections captured", SETTLE, |s| {
+        s["proxy"]["outbound_accepted"] == 3
+    });
+
+    // Not captured, so not translated: getsockname() says what the kernel holds. To loopback
+    // from an enrolled pod, and from a pod outside the mesh.
+    let uncaptured = [
+        (&client, lo4, IpAddr::from(Ipv4Addr::LOCALHOST)),
+        (&client, lo6, IpAddr::from(Ipv6Addr::LOCALHOST)),
+        (&outsider, dst4, IpAddr::from(outsider.ip4())),
+        (&outsider, dst6, IpAddr::from(outsider.ip6())),
+    ];
+    for (pod, dst, own_ip) in uncaptured {
+        let d = pod
+            .run(move || dial(dst))
+            .unwrap_or_else(|e| panic!("{} to {dst}: {e}", pod.name()));
+        assert_eq!(d.local.ip(), own_ip, "{} to {dst}: {d:?}", pod.name());
+        assert!(
+            d.kernel.contains(&(d.local, dst)),
+            "{} to {dst}: getsockname() must match the kernel's own view: {d:?}",
+            pod.name()
+        );
+    }
+    assert_eq!(
+        agent.counter("proxy.outbound_accepted"),
+        3,
+        "loopback and the outsider's connections must not reach the proxy"
+    );
+}
+
+#[test]
+fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
+    let world = World::new("cap-sockname-up");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let dst = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &server])
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let maps = our_map_ids(agent.bpffs());
+
+    // What an agent without the getsockname programs leaves behind when it dies: every other
+    // link, pinned. Unpinning a link nobody holds detaches it.
+    agent.kill();
+    let links = agent.bpffs().join(ambit_common::PIN_ABI).join("links");
+    for name in ["ambit_sockname4", "ambit_sockname6"] {
+        let pin = links.join(name);
+        std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("remove {}: {e}", pin.display()));
+    }
+    wait_until("the getsockname links detached", || {
+        attached_links(&maps).get("cgroup") == Some(&5)
+    });
+
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let expected: std::collections::BTreeMap<String, usize> =
+        [("cgroup".to_string(), 7), ("netns".to_string(), 1)].into();
+    assert_eq!(
+        attached_links(&maps),
+        expected,
+        "the upgraded agent adopts the old links and attaches the new ones once"
+    );
+    let d = client
+        .run(move || dial(dst))
+        .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+    assert_eq!(
+        d.local.ip(),
+        IpAddr::from(client.ip4()),
+        "getsockname() translated after the upgrade: {d:?}"
+    );
+}
+
+/// What an app sees of one connection, and what the kernel holds.
+#[derive(Debug)]
+struct Dialled {
+    /// `getsockname()`.
+    local: SocketAddr,
+    /// `getpeername()`.
+    peer: SocketAddr,
+    /// (local, remote) of every TCP socket in the netns with the same local port, as
+    /// /proc/thread-self/net/tcp{,6} list them: not subject to the getsockname hooks.
+    kernel: Vec<(SocketAddr, SocketAddr)>,
+}
+
+/// Connects from the current thread's netns (an IPv6 socket is dual-stack) and reads the server's
+/// greeting line, so the connection is known to work end to end.
+fn dial(dst: SocketAddr) -> std::io::Result<Dialled> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if dst.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_read_timeout(Some(SETTLE))?;
+    socket.connect_timeout(&dst.into(), SETTLE)?;
+    let stream = std::net::TcpStream::from(socket);
+    let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
+    let kernel = kernel_sockets(local.port())?;
+    let mut line = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::other("closed before the greeting"));
+    }
+    Ok(Dialled {
+        local,
+        peer,
+        kernel,
+    })
+}
+
+/// (local, remote) of the TCP sockets in this thread's netns whose local port is `port`.
+fn kernel_sockets(port: u16) -> std::io::Result<Vec<(SocketAddr, SocketAddr)>> {
+    let mut out = Vec::new();
+    for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = std::fs::read_to_string(file)?;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(l), Some(r)) = (cols.get(1), cols.get(2)) else {
+                continue;
+            };
+            let (local, remote) = (proc_addr(l)?, proc_addr(r)?);
+            if local.port() == port {
+                out.push((local, remote));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `0100007F:1F90` or 32 hex digits and a port: the kernel prints each 32-bit word of the
+/// network-order address as a native-endian number.
+fn proc_addr(s: &str) -> std::io::Result<SocketAddr> {
+    let bad = || std::io::Error::other(format!("bad address {s:?} in /proc/net/tcp"));
+    let (ip, port) = s.split_once(':').ok_or_else(bad)?;
+    let port = u16::from_str_radix(port, 16).map_err(|_| bad())?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..ip.len()).step_by(8) {
+        let word = ip
+            .get(i..i + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .ok_or_else(bad)?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).map_err(|_| bad())?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).map_err(|_| bad())?),
+        _ => return Err(bad()),
+    };
+    Ok(SocketAddr::new(ip, port))
 }
 
 #[test]
@@ -251,7 +490,7 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
             "expected the proxy (pod's own IP) as peer, got {peer}"
         );
     }
-    agent.wait_for("inbound counted", Duration::from_secs(5), |s| {
+    agent.wait_for("inbound counted", SETTLE, |s| {
         s["proxy"]["inbound_accepted"] == addrs.len() as u64
     });
 
@@ -280,7 +519,7 @@ fn inbound_capture_steers_any_port_to_the_proxy() {
             "HBONE port answered plaintext with something other than a TLS alert: {got:?}"
         );
     }
-    agent.wait_for("HBONE port reached directly", Duration::from_secs(5), |s| {
+    agent.wait_for("HBONE port reached directly", SETTLE, |s| {
         s["proxy"]["hbone_tls_refused"] == 1
     });
     assert_eq!(agent.counter("proxy.inbound_accepted"), addrs.len() as u64);
@@ -420,7 +659,7 @@ fn relay_case(fast_path: bool) {
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + SETTLE;
     while !f() {
         assert!(
             std::time::Instant::now() < deadline,

@@ -196,11 +196,11 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
     in_pod(&client, || whoami(echo)).expect("captured traffic works");
     let maps = our_map_ids(agent.bpffs());
     let expected: BTreeMap<String, usize> =
-        [("cgroup".to_string(), 5), ("netns".to_string(), 2)].into();
+        [("cgroup".to_string(), 7), ("netns".to_string(), 2)].into();
     assert_eq!(
         attached_links(&maps),
         expected,
-        "4 sock_addr + sockops on the cgroup, sk_lookup per pod"
+        "6 sock_addr + sockops on the cgroup, sk_lookup per pod"
     );
 
     // A client keeps connecting across the crash and the restart.

@@ -27,8 +27,16 @@ pub use sys::netns_cookie;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf"));
 
 /// Programs attached to the cgroup hierarchy, by function name in ebpf/src/main.rs.
-const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] =
-    ["ambit_conn4", "ambit_conn6", "ambit_peer4", "ambit_peer6"];
+/// A restarted agent adopts the links pinned under these names and attaches the ones it lacks, so
+/// a program added here reaches nodes upgraded from a version without it.
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "ambit_conn4",
+    "ambit_conn6",
+    "ambit_peer4",
+    "ambit_peer6",
+    "ambit_sockname4",
+    "ambit_sockname6",
+];
 const SOCKOPS_PROGRAM: &str = "ambit_sockops";
 const SK_LOOKUP_PROGRAM: &str = "ambit_sk_lookup";
 const SK_MSG_PROGRAM: &str = "ambit_sk_msg";

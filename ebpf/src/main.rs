@@ -269,6 +269,66 @@ mod programs {
         ALLOW
     }
 
+    // ---------------------------------------------------------------- getsockname4/6
+
+    /// `getsockname()` on a captured socket reports the pod's own address, as it would be without
+    /// capture (and as iptables REDIRECT leaves it): connect4/6 sent the socket to the loopback
+    /// listener, so the kernel bound it to loopback. The port is the socket's real one.
+    #[cgroup_sock_addr(getsockname4)]
+    pub fn ambit_sockname4(ctx: SockAddrContext) -> i32 {
+        let _ = try_sockname4(&ctx);
+        // The verifier accepts only 1 here: getsockname cannot be failed, only left unchanged.
+        ALLOW
+    }
+
+    fn try_sockname4(ctx: &SockAddrContext) -> Result<(), ()> {
+        let ip = captured_local(ctx).ok_or(())?;
+        // An AF_INET socket only ever records IPv4 destinations, so `ip` is IPv4-mapped.
+        // SAFETY: user_ip4 is writable (network order, as stored in the map).
+        unsafe { write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip4), ip.addr[3]) };
+        Ok(())
+    }
+
+    #[cgroup_sock_addr(getsockname6)]
+    pub fn ambit_sockname6(ctx: SockAddrContext) -> i32 {
+        let _ = try_sockname6(&ctx);
+        // The verifier accepts only 1 here: getsockname cannot be failed, only left unchanged.
+        ALLOW
+    }
+
+    fn try_sockname6(ctx: &SockAddrContext) -> Result<(), ()> {
+        // A dual-stack socket that dialled ::ffff:a.b.c.d gets the pod's IPv4 in the same mapped
+        // form, which is how the map stores it.
+        let ip = captured_local(ctx).ok_or(())?;
+        // SAFETY: user_ip6 words are writable as u32.
+        unsafe {
+            let w = addr_of_mut!((*ctx.sock_addr).user_ip6) as *mut u32;
+            write_volatile(w, ip.addr[0]);
+            write_volatile(w.add(1), ip.addr[1]);
+            write_volatile(w.add(2), ip.addr[2]);
+            write_volatile(w.add(3), ip.addr[3]);
+        }
+        Ok(())
+    }
+
+    /// For a captured socket, the pod's address of the family its original destination has; None
+    /// for any other socket, or when the pod has no address of that family (the socket keeps the
+    /// loopback address then, which is all it really has).
+    #[inline(always)]
+    fn captured_local(ctx: &SockAddrContext) -> Option<IpKey> {
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: map value pointers valid during the program; copied out at once.
+        let entry = unsafe { *ORIG_DST_BY_COOKIE.get_ptr(&cookie)? };
+        // SAFETY: as above.
+        let pod = unsafe { *ENROLLED.get_ptr(&entry.netns_cookie)? };
+        if entry.dst.ip.is_v4_mapped() {
+            (pod.flags & enrolled::FLAG_HAS_IP4 != 0).then_some(pod.ip4)
+        } else {
+            (pod.flags & enrolled::FLAG_HAS_IP6 != 0).then_some(pod.ip6)
+        }
+    }
+
     // ---------------------------------------------------------------- sockops
 
     /// Moves a captured socket's original destination from its cookie to its address pair, which is
