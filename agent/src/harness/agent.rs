@@ -21,6 +21,10 @@ pub struct ClusterYaml {
     extra_annotations: Vec<(String, String, String)>,
     /// Pod name → service account written instead of the pod's own.
     sa_overrides: Vec<(String, String)>,
+    /// Pods written with `metadata.deletionTimestamp` (a graceful delete under way).
+    terminating: Vec<String>,
+    /// Pod name → netns path written instead of the pod's own (local mode's annotation).
+    netns_overrides: Vec<(String, PathBuf)>,
 }
 
 impl ClusterYaml {
@@ -54,6 +58,17 @@ impl ClusterYaml {
             .push((pod.name().to_string(), service_account.to_string()));
         self.pod(pod)
     }
+    /// Writes the pod with a `metadata.deletionTimestamp`: terminating, its sandbox still there.
+    pub fn terminating(mut self, pod: &Pod) -> Self {
+        self.terminating.push(pod.name().to_string());
+        self
+    }
+    /// Names another file as the pod's netns (local mode), e.g. a symlink the test creates later.
+    pub fn netns_at(mut self, pod: &Pod, path: &Path) -> Self {
+        self.netns_overrides
+            .push((pod.name().to_string(), path.to_path_buf()));
+        self
+    }
     pub fn annotate(mut self, pod: &Pod, key: &str, value: &str) -> Self {
         self.extra_annotations
             .push((pod.name().to_string(), key.to_string(), value.to_string()));
@@ -79,7 +94,12 @@ impl ClusterYaml {
             );
         }
         for pod in &self.pods {
-            let mut annotations = format!("    ambit.dev/netns: {}\n", pod.netns_path().display());
+            let netns = self
+                .netns_overrides
+                .iter()
+                .find(|(p, _)| p == pod.name())
+                .map_or(pod.netns_path(), |(_, path)| path.as_path());
+            let mut annotations = format!("    ambit.dev/netns: {}\n", netns.display());
             for (_, k, v) in self
                 .extra_annotations
                 .iter()
@@ -99,10 +119,16 @@ impl ClusterYaml {
             } else {
                 format!("  labels:\n{labels}")
             };
+            let deleting = if self.terminating.iter().any(|p| p == pod.name()) {
+                "  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n  deletionGracePeriodSeconds: 30\n"
+            } else {
+                ""
+            };
             let _ = write!(
                 out,
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}  annotations:\n{annotations}spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n---\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n{deleting}{labels}  annotations:\n{annotations}spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n---\n",
                 name = pod.name(),
+                uid = pod.uid(),
                 ns = pod.namespace(),
                 node = pod.node_name(),
                 sa = self
@@ -136,6 +162,8 @@ pub struct LocalAgent {
     bpffs: PathBuf,
     process: Option<Process>,
     extra_args: Vec<String>,
+    /// `--kube` against the API server this kubeconfig names, instead of `--config`.
+    kubeconfig: Option<PathBuf>,
 }
 
 impl LocalAgent {
@@ -160,7 +188,15 @@ impl LocalAgent {
             bpffs,
             process: None,
             extra_args: Vec::new(),
+            kubeconfig: None,
         }
+    }
+
+    /// Runs the agent with `--kube` against the API server `kubeconfig` names (pods' netns are
+    /// then found under /proc by UID: start each pod's sandbox).
+    pub fn kube(mut self, kubeconfig: &Path) -> Self {
+        self.kubeconfig = Some(kubeconfig.to_path_buf());
+        self
     }
 
     pub fn arg(mut self, a: &str) -> Self {
@@ -195,11 +231,16 @@ impl LocalAgent {
             .open(self.log_path())
             .unwrap_or_else(|e| panic!("open agent log: {e}"));
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("run")
-            .args(["--node", self.node.name()])
-            .arg("--config")
-            .arg(self.config_dir())
-            .arg("--bpffs")
+        cmd.arg("run").args(["--node", self.node.name()]);
+        match &self.kubeconfig {
+            Some(kubeconfig) => {
+                cmd.arg("--kube").env("KUBECONFIG", kubeconfig);
+            }
+            None => {
+                cmd.arg("--config").arg(self.config_dir());
+            }
+        }
+        cmd.arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--host-netns")
             .arg(self.node.netns_path())
@@ -312,6 +353,31 @@ impl LocalAgent {
             if !matches!(p.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
                 p.kill();
             }
+        }
+    }
+
+    /// GET `path` on the agent's admin port (127.0.0.1:15020 in the node's netns, where the test
+    /// agents serve it); returns (status line and headers, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read as _, Write as _};
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let raw = self.node.run(move || {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 15020));
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connect to the admin port {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap_or_else(|e| panic!("read timeout: {e}"));
+            s.write_all(request.as_bytes())
+                .unwrap_or_else(|e| panic!("write request: {e}"));
+            let mut out = String::new();
+            s.read_to_string(&mut out)
+                .unwrap_or_else(|e| panic!("read {path}: {e}"));
+            out
+        });
+        match raw.split_once("\r\n\r\n") {
+            Some((head, body)) => (head.to_string(), body.to_string()),
+            None => panic!("no HTTP response for {path}: {raw:?}"),
         }
     }
 

@@ -58,6 +58,9 @@ struct NodeInfo {
 #[derive(Debug)]
 struct PodInfo {
     name: String,
+    /// A random UUID, as the API server gives one; the pod's cgroup is `pod<uid>` under its
+    /// node's, as the kubelet names it, so `/proc` discovery by UID finds the pod's processes.
+    uid: String,
     namespace: String,
     service_account: String,
     labels: BTreeMap<String, String>,
@@ -414,9 +417,11 @@ impl Shared {
                 }
             }
         }
-        let cgroup = node.cgroup.join(&b.name);
+        let uid = random_uid();
+        let cgroup = node.cgroup.join(format!("pod{uid}"));
         cgroup::create(&cgroup)?;
         let info = Arc::new(PodInfo {
+            uid,
             name: b.name,
             namespace: b.namespace,
             service_account: b.service_account,
@@ -470,6 +475,24 @@ impl Shared {
         }
         tracing::debug!(prefix = %self.prefix, "harness: world torn down");
     }
+}
+
+/// A version-4 UUID, as Kubernetes gives pods.
+fn random_uid() -> String {
+    let hex = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from_digit(fastrand::u32(..16), 16).unwrap_or('0'))
+            .collect()
+    };
+    format!(
+        "{}-{}-4{}-{}{}-{}",
+        hex(8),
+        hex(4),
+        hex(3),
+        ['8', '9', 'a', 'b'][fastrand::usize(..4)],
+        hex(3),
+        hex(12)
+    )
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it already is; worlds in this process take turns.
@@ -622,6 +645,18 @@ impl Pod {
     pub fn name(&self) -> &str {
         &self.info.name
     }
+    /// The pod's UID (`metadata.uid`); its cgroup is `<node cgroup>/pod<uid>`.
+    pub fn uid(&self) -> &str {
+        &self.info.uid
+    }
+    /// Starts the pod's sandbox: a process in its cgroup and netns that lives until it is killed
+    /// (or the world ends), as the pause container does. `/proc` discovery (`--kube` mode) finds
+    /// the pod's netns through it.
+    pub fn start_sandbox(&self) -> Process {
+        let mut cmd = self.command("sleep");
+        cmd.arg("infinity");
+        self.spawn(&mut cmd)
+    }
     /// The Kubernetes namespace (default "default").
     pub fn namespace(&self) -> &str {
         &self.info.namespace
@@ -648,7 +683,7 @@ impl Pod {
     pub fn netns_path(&self) -> &Path {
         &self.info.netns_path
     }
-    /// `<node cgroup>/<pod>`.
+    /// `<node cgroup>/pod<uid>`.
     pub fn cgroup(&self) -> &Path {
         &self.info.cgroup
     }

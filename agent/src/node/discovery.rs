@@ -87,13 +87,15 @@ impl ProcNetns {
     }
 }
 
-/// Pod UIDs named in one `/proc/<pid>/cgroup` line: the kubelet's `pod<uid>` segment (cgroupfs
-/// driver) or `…-pod<uid_with_underscores>.slice` (systemd driver).
+/// Pod UIDs named in one `/proc/<pid>/cgroup` line: a `pod<uid>` segment (the kubelet's cgroupfs
+/// driver) or a `…-pod<uid_with_underscores>.slice` segment (its systemd driver).
 fn pod_uids_in(line: &str) -> impl Iterator<Item = String> + '_ {
     let path = line.splitn(3, ':').nth(2).unwrap_or(line);
     path.split('/').filter_map(|segment| {
-        let at = segment.rfind("pod")?;
-        let uid = segment[at + 3..].trim_end_matches(".slice");
+        let uid = match segment.strip_suffix(".slice") {
+            Some(slice) => slice.rsplit_once("-pod")?.1,
+            None => segment.strip_prefix("pod")?,
+        };
         (!uid.is_empty()).then(|| uid.replace('_', "-"))
     })
 }
