@@ -1,5 +1,7 @@
 //! `cargo xtask`: the commands README's "Build and test" gives. `test` is what CI runs (.ci/run).
 
+mod deploy;
+
 use std::{
     env,
     ffi::OsString,
@@ -42,6 +44,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Check that a Kubernetes API server would accept deploy/ and admit its pods.
+    ///
+    /// Renders the kustomization with `kubectl kustomize`, validates every object against the
+    /// Kubernetes OpenAPI schemas (unknown fields refused; PyPI's kubernetes-validate, installed into
+    /// target/xtask-venv on first use), checks each pod template against its namespace's Pod
+    /// Security level and the API server's rules no schema states.
+    CheckDeploy {
+        /// The kustomization directory [default: deploy/].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Build the agent and run its local demo (`ambit demo`). Needs root.
     ///
     /// Arguments are passed on to `ambit demo`; `cargo xtask demo -- --help` lists its options.
@@ -69,6 +82,7 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Test { args } => test(args),
+        Task::CheckDeploy { dir } => deploy::check(&dir.unwrap_or_else(deploy::default_dir)),
         Task::Demo { args } => demo(args),
     }
 }
@@ -83,7 +97,7 @@ fn parse(argv: Vec<OsString>) -> Task {
         Task::Test { args } => *args = passed.collect(),
         // `ambit demo` gets no `--` of its own: `cargo xtask demo -- --help` asks it for help.
         Task::Demo { args } => *args = passed.skip_while(|arg| arg == "--").collect(),
-        Task::BuildEbpf { .. } => {}
+        Task::BuildEbpf { .. } | Task::CheckDeploy { .. } => {}
     }
     task
 }
@@ -254,6 +268,15 @@ mod tests {
             ["--", "--nocapture"]
         );
         assert_eq!(test_args(&["xtask", "test", "--release"]), ["--release"]);
+    }
+
+    #[test]
+    fn check_deploy_takes_a_directory() {
+        let argv = ["xtask", "check-deploy", "--dir", "/tmp/old"].map(OsString::from);
+        match parse(argv.to_vec()) {
+            Task::CheckDeploy { dir } => assert_eq!(dir, Some(PathBuf::from("/tmp/old"))),
+            _ => panic!("not the check-deploy task"),
+        }
     }
 
     #[test]
