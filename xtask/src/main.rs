@@ -36,7 +36,7 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run every check and test: rustfmt, clippy, then `cargo test`. Needs root.
+    /// Run every check and test: rustfmt, clippy, check-deploy, then `cargo test`. Needs root.
     ///
     /// Installs what is missing first: the Debian tools, the nightly toolchain's rust-src and
     /// bpf-linker. Arguments are passed on to `cargo test`, e.g. `cargo xtask test -- --nocapture`.
@@ -123,13 +123,28 @@ fn test(args: Vec<OsString>) -> Result<()> {
             ])
             .args(["--", "-D", "warnings"]),
     )?;
-    step(
-        cargo()
-            .args(["test", "--workspace", "--exclude", ebpf::PACKAGE])
-            .args(args),
-    )?;
+    eprintln!("[xtask] running check-deploy");
+    deploy::check(&deploy::default_dir())?;
+    step(cargo().args(cargo_test_args(args)))?;
     eprintln!("[xtask] all checks and tests passed");
     Ok(())
+}
+
+/// `cargo test`'s arguments: ours, then the user's. `--no-fail-fast` so one failing test binary
+/// does not hide the others' results; it goes before the user's arguments, since everything after
+/// their `--` belongs to the test binaries.
+fn cargo_test_args(user: Vec<OsString>) -> Vec<OsString> {
+    [
+        "test",
+        "--workspace",
+        "--exclude",
+        ebpf::PACKAGE,
+        "--no-fail-fast",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .chain(user)
+    .collect()
 }
 
 fn demo(args: Vec<OsString>) -> Result<()> {
@@ -268,6 +283,23 @@ mod tests {
             ["--", "--nocapture"]
         );
         assert_eq!(test_args(&["xtask", "test", "--release"]), ["--release"]);
+    }
+
+    #[test]
+    fn cargo_test_fails_late_and_keeps_the_users_separator() {
+        let args = cargo_test_args(test_args(&[
+            "xtask",
+            "test",
+            "-p",
+            "ambit-agent",
+            "--",
+            "--nocapture",
+        ]));
+        let pos = |arg: &str| args.iter().position(|a| a == arg).expect(arg);
+        assert!(pos("--no-fail-fast") < pos("--"), "{args:?}");
+        assert!(pos("-p") < pos("--"), "{args:?}");
+        assert_eq!(args.last().unwrap(), "--nocapture");
+        assert_eq!(args.iter().filter(|a| *a == "--").count(), 1, "{args:?}");
     }
 
     #[test]
