@@ -111,7 +111,7 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
         return Ok(exe);
     }
     eprintln!(
-        "[xtask] installing {} into {} (first use)",
+        "[xtask] installing {} into {} (first use, or its pins changed)",
         validator(),
         venv.display()
     );
