@@ -1,5 +1,7 @@
 //! `cargo xtask`: the commands README's "Build and test" gives. `test` is what CI runs (.ci/run).
 
+mod deploy;
+
 use std::{
     env,
     ffi::OsString,
@@ -34,13 +36,24 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run every check and test: rustfmt, clippy, then `cargo test`. Needs root.
+    /// Run every check and test: rustfmt, clippy, check-deploy, then `cargo test`. Needs root.
     ///
     /// Installs what is missing first: the Debian tools, the nightly toolchain's rust-src and
     /// bpf-linker. Arguments are passed on to `cargo test`, e.g. `cargo xtask test -- --nocapture`.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Check that a Kubernetes API server would accept deploy/ and admit its pods.
+    ///
+    /// Renders the kustomization with `kubectl kustomize`, validates every object against the
+    /// Kubernetes OpenAPI schemas (unknown fields refused; PyPI's kubernetes-validate, installed into
+    /// target/xtask-venv on first use), checks each pod template against its namespace's Pod
+    /// Security level and the API server's rules no schema states.
+    CheckDeploy {
+        /// The kustomization directory [default: deploy/].
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Build the agent and run its local demo (`ambit demo`). Needs root.
     ///
@@ -69,6 +82,7 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Test { args } => test(args),
+        Task::CheckDeploy { dir } => deploy::check(&dir.unwrap_or_else(deploy::default_dir)),
         Task::Demo { args } => demo(args),
     }
 }
@@ -83,7 +97,7 @@ fn parse(argv: Vec<OsString>) -> Task {
         Task::Test { args } => *args = passed.collect(),
         // `ambit demo` gets no `--` of its own: `cargo xtask demo -- --help` asks it for help.
         Task::Demo { args } => *args = passed.skip_while(|arg| arg == "--").collect(),
-        Task::BuildEbpf { .. } => {}
+        Task::BuildEbpf { .. } | Task::CheckDeploy { .. } => {}
     }
     task
 }
@@ -109,13 +123,28 @@ fn test(args: Vec<OsString>) -> Result<()> {
             ])
             .args(["--", "-D", "warnings"]),
     )?;
-    step(
-        cargo()
-            .args(["test", "--workspace", "--exclude", ebpf::PACKAGE])
-            .args(args),
-    )?;
+    eprintln!("[xtask] running check-deploy");
+    deploy::check(&deploy::default_dir())?;
+    step(cargo().args(cargo_test_args(args)))?;
     eprintln!("[xtask] all checks and tests passed");
     Ok(())
+}
+
+/// `cargo test`'s arguments: ours, then the user's. `--no-fail-fast` so one failing test binary
+/// does not hide the others' results; it goes before the user's arguments, since everything after
+/// their `--` belongs to the test binaries.
+fn cargo_test_args(user: Vec<OsString>) -> Vec<OsString> {
+    [
+        "test",
+        "--workspace",
+        "--exclude",
+        ebpf::PACKAGE,
+        "--no-fail-fast",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .chain(user)
+    .collect()
 }
 
 fn demo(args: Vec<OsString>) -> Result<()> {
@@ -254,6 +283,32 @@ mod tests {
             ["--", "--nocapture"]
         );
         assert_eq!(test_args(&["xtask", "test", "--release"]), ["--release"]);
+    }
+
+    #[test]
+    fn cargo_test_fails_late_and_keeps_the_users_separator() {
+        let args = cargo_test_args(test_args(&[
+            "xtask",
+            "test",
+            "-p",
+            "ambit-agent",
+            "--",
+            "--nocapture",
+        ]));
+        let pos = |arg: &str| args.iter().position(|a| a == arg).expect(arg);
+        assert!(pos("--no-fail-fast") < pos("--"), "{args:?}");
+        assert!(pos("-p") < pos("--"), "{args:?}");
+        assert_eq!(args.last().unwrap(), "--nocapture");
+        assert_eq!(args.iter().filter(|a| *a == "--").count(), 1, "{args:?}");
+    }
+
+    #[test]
+    fn check_deploy_takes_a_directory() {
+        let argv = ["xtask", "check-deploy", "--dir", "/tmp/old"].map(OsString::from);
+        match parse(argv.to_vec()) {
+            Task::CheckDeploy { dir } => assert_eq!(dir, Some(PathBuf::from("/tmp/old"))),
+            _ => panic!("not the check-deploy task"),
+        }
     }
 
     #[test]
