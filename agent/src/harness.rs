@@ -15,6 +15,7 @@ pub mod agent;
 pub mod apps;
 mod cgroup;
 mod cmd;
+pub mod fake_kube;
 mod netns;
 mod process;
 mod sweep;
@@ -29,6 +30,7 @@ use std::path::PathBuf;
 
 pub use agent::{ClusterYaml, LocalAgent};
 pub use cgroup::cgroup_root;
+pub use fake_kube::{FakeKube, FakeKubeError};
 pub use netns::{netns_inode, run_async_in_netns, run_in_netns, NETNS_DIR};
 pub use process::Process;
 pub use sweep::{leftovers, sweep, STATE_DIR};
