@@ -42,7 +42,11 @@ fn rejected_series(metrics: &str) -> BTreeSet<String> {
     metrics
         .lines()
         .filter(|l| l.starts_with("ambit_config_rejected_objects{"))
-        .map(|l| l.rsplit_once(' ').map_or(l, |(labels, _)| labels).to_string())
+        .map(|l| {
+            l.rsplit_once(' ')
+                .map_or(l, |(labels, _)| labels)
+                .to_string()
+        })
         .collect()
 }
 
@@ -93,7 +97,10 @@ fn a_restart_while_the_config_is_unreadable_keeps_adopted_pods_closed_and_does_n
     let mark = log_len(&agent);
     agent.start(&world);
     let status = agent.wait_for("a status saying why it is not ready", PATIENCE, |s| {
-        s["ready"] == false && s["readiness"].as_str().is_some_and(|r| r.contains("config path"))
+        s["ready"] == false
+            && s["readiness"]
+                .as_str()
+                .is_some_and(|r| r.contains("config path"))
     });
     assert_eq!(status["pods"], serde_json::json!([]), "nothing enrolled");
     let (head, body) = agent.http_get("/healthz/ready");
@@ -103,7 +110,10 @@ fn a_restart_while_the_config_is_unreadable_keeps_adopted_pods_closed_and_does_n
         "readiness explains itself: {body}"
     );
     let (head, _) = agent.http_get("/healthz/live");
-    assert!(head.starts_with("HTTP/1.1 200"), "live while waiting: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "live while waiting: {head}"
+    );
 
     // 30 s with the source unavailable: adopted pods stay captured and refuse; nothing is pruned.
     let served = srv.count();
@@ -264,14 +274,19 @@ fn each_problem_is_logged_once_and_the_status_always_equals_the_metrics() {
         // computed from one list per tick: wait until a status matches the scrape.
         let (_, metrics) = agent.http_get("/metrics");
         let series = rejected_series(&metrics);
-        agent.wait_for(&format!("{what}: status == metrics {series:?}"), PATIENCE, |s| {
-            rejected_in_status(s) == series
-        });
+        agent.wait_for(
+            &format!("{what}: status == metrics {series:?}"),
+            PATIENCE,
+            |s| rejected_in_status(s) == series,
+        );
         series
     };
     let series = agree("one bad object");
     assert_eq!(series.len(), 1, "{series:?}");
-    assert!(series.iter().all(|s| s.contains("name=\"bad\"")), "{series:?}");
+    assert!(
+        series.iter().all(|s| s.contains("name=\"bad\"")),
+        "{series:?}"
+    );
 
     // Many ticks later (50 ms each), still one WARN line for it.
     let seq = agent.fresh_status()["seq"].as_u64().unwrap_or(0);
@@ -284,7 +299,12 @@ fn each_problem_is_logged_once_and_the_status_always_equals_the_metrics() {
             .filter(|l| l.contains("WARN") && l.contains("config problem") && l.contains(name))
             .count()
     };
-    assert_eq!(warned(&agent, "Service mesh/bad"), 1, "{}", agent.log_tail());
+    assert_eq!(
+        warned(&agent, "Service mesh/bad"),
+        1,
+        "{}",
+        agent.log_tail()
+    );
 
     // A new bad object appears in both at once.
     std::fs::write(
@@ -318,11 +338,15 @@ fn each_problem_is_logged_once_and_the_status_always_equals_the_metrics() {
     std::fs::write(dir.join("policy.yaml"), policy("ALLOW")).expect("policy");
     agent.wait_for("the policy applied", PATIENCE, |s| {
         s["generation"].as_u64().unwrap_or(0) > 0
-            && !s["config_errors"].to_string().contains("AuthorizationPolicy")
+            && !s["config_errors"]
+                .to_string()
+                .contains("AuthorizationPolicy")
     });
     std::fs::write(dir.join("policy.yaml"), policy("ALOW")).expect("bad policy");
     let status = agent.wait_for("the bad policy reported", PATIENCE, |s| {
-        s["config_errors"].to_string().contains("AuthorizationPolicy mesh/p")
+        s["config_errors"]
+            .to_string()
+            .contains("AuthorizationPolicy mesh/p")
     });
     let line = status["config_errors"]
         .as_array()

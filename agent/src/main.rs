@@ -241,18 +241,24 @@ fn mount_bpffs(path: &std::path::Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `check` prints its findings itself; the agent's own logs would repeat them.
-    // kube's HTTP layer logs every failed request at ERROR; the source logs each failure streak
-    // once with its kind, so those lines would only repeat it.
     let default_level = if matches!(cli.cmd, Cmd::Check { .. }) {
         "error"
     } else {
-        "info,kube_client::client::builder=off"
+        "info"
     };
+    let mut filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| default_level.into());
+    // kube's HTTP layer logs every failed request at ERROR; the source logs each failure streak
+    // once, with its kind, so those lines would only repeat it (unless asked for by name).
+    if !filter.contains("kube_client") {
+        filter.push_str(",kube_client::client::builder=off");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
+            tracing_subscriber::EnvFilter::try_new(&filter)
                 .unwrap_or_else(|_| default_level.into()),
         )
+        // Colour codes only for a person at a terminal, not in files and log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let result: anyhow::Result<()> = match cli.cmd {

@@ -292,9 +292,17 @@ impl KubeSource {
     /// A source with the in-cluster service account, or KUBECONFIG / `~/.kube/config` outside a
     /// cluster (`kube::Client::try_default`).
     pub async fn from_env(events: mpsc::Sender<SourceEvent>) -> Result<Self, KubeError> {
-        let client = Client::try_default()
-            .await
-            .map_err(|source| KubeError::Credentials { source })?;
+        let mut config =
+            ::kube::Config::infer()
+                .await
+                .map_err(|source| KubeError::Credentials {
+                    source: ::kube::Error::InferConfig(source),
+                })?;
+        // kube's client retries 429/503/504 itself, up to 15 times with delays growing to 1000 s,
+        // so a 503 was invisible here for minutes. The watch loop retries, promptly and jittered.
+        config.default_retry = false;
+        let client =
+            Client::try_from(config).map_err(|source| KubeError::Credentials { source })?;
         Ok(KubeSource::new(client, events))
     }
 
@@ -398,8 +406,11 @@ impl KubeSource {
         let stats = self.stats.get(kind);
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
         // `Any`: the first list is served from the API server's watch cache (resourceVersion=0), as
-        // client-go's informers do; cheap for the server with many pods.
-        let config = watcher::Config::default().any_semantic();
+        // client-go's informers do; cheap for the server with many pods. kube drops
+        // resourceVersion=0 when a page size is set (a paginated consistent read from etcd
+        // instead), and the server ignores the limit for cache reads anyway: no pages.
+        let mut config = watcher::Config::default().any_semantic();
+        config.page_size = None;
         // No `default_backoff()`: its delays grow to 30 s, so after an API-server restart a change
         // took 20 s and more to arrive. Errors are paced here instead (see RETRY_*).
         let mut stream = std::pin::pin!(watcher(api, config));
@@ -417,10 +428,17 @@ impl KubeSource {
             let Some(event) = event else {
                 return WatchEnd::Gone;
             };
-            if matches!(&event, Ok(e) if !matches!(e, Event::Init)) {
+            match &event {
                 // Init comes before the list request is made: only what follows proves success.
-                streak.recover(stats, kind, "watch");
-                backoff.reset();
+                Ok(Event::Init) | Err(_) => {}
+                Ok(e) => {
+                    streak.recover(stats, kind, "watch");
+                    backoff.reset();
+                    if !matches!(e, Event::InitApply(_)) {
+                        // Listed, or resumed after an error without needing a list.
+                        stats.set_state(WatchState::Watching);
+                    }
+                }
             }
             let out = match event {
                 Ok(Event::Init) => {
@@ -441,7 +459,6 @@ impl KubeSource {
                         stats.relists.fetch_add(1, Ordering::Relaxed);
                     }
                     stats.synced_now();
-                    stats.set_state(WatchState::Watching);
                     debug!(%kind, objects = l.objects.len(), rejected = l.rejected.len(), "listed");
                     Some(SourceEvent::Replace {
                         kinds: vec![kind],
