@@ -224,8 +224,15 @@ fn a_pod_whose_sandbox_starts_late_is_enrolled_without_an_api_change() {
     let world = World::new("fck-late");
     let n1 = world.node("n1");
     let server = world.pod("server").node(&n1).namespace("mesh").spawn();
-    let yaml = ClusterYaml::new().ambient("mesh").pod(&server);
-    let (fake, mut agent) = kube_agent(&world, &n1, &yaml);
+    // The agent runs as the DaemonSet runs it: in a netns of its own (here the test's), the node's
+    // addresses read through --node-netns, the API server on its own loopback.
+    let fake = FakeKube::start(None);
+    fake.apply_yaml(&ClusterYaml::new().ambient("mesh").pod(&server).render())
+        .expect("seed");
+    let agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let kubeconfig = agent.config_dir().join("kubeconfig");
+    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
+    let mut agent = agent.kube(&kubeconfig).in_root_netns();
     agent.start(&world);
     let status = agent.wait_for("the pod waiting for its sandbox", PATIENCE, |s| {
         s["config_errors"]

@@ -1,6 +1,14 @@
-//! The Kubernetes source against a real API server, feeding a real store. Runs only when
-//! `AMBIT_TEST_KUBECONFIG` names a kubeconfig; each test works in a namespace of its own and
-//! deletes it afterwards.
+//! The Kubernetes source and the agent against a real API server. Opt-in: every test is
+//! `#[ignore]`d; run them with `AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test -p ambit-agent
+//! --test kube_live -- --ignored` (as root: the agent tests use real namespaces and eBPF). With the
+//! variable set, an unreachable server fails the tests loudly; without it, they fail saying so.
+//! Istio's CRDs must be installed. Each test works in a namespace of its own and deletes it
+//! afterwards; `crds_installed_after_the_agent_starts` deletes and re-creates Istio's
+//! AuthorizationPolicy CRD, so point the suite at a throwaway API server (kube-apiserver + etcd on
+//! loopback is enough: pods are simulated as network namespaces with a sandbox process, their
+//! status written by the test, as no kubelet runs).
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,6 +17,7 @@ use std::time::Duration;
 
 use ambit::config::kube::KubeSource;
 use ambit::config::{Kind, ObjectRef, SourceEvent, DEFAULT_DOMAIN};
+use ambit::harness::{LocalAgent, Pod, World};
 use ambit::state::store::Store;
 use ambit::state::{State, Workload};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -21,17 +30,24 @@ use tokio::sync::mpsc;
 const ENV: &str = "AMBIT_TEST_KUBECONFIG";
 const PATIENCE: Duration = Duration::from_secs(60);
 
-async fn client() -> Option<Client> {
-    let Some(path) = std::env::var_os(ENV) else {
-        println!("skipped: {ENV} not set");
-        return None;
-    };
+async fn client() -> Client {
+    let path = std::env::var_os(ENV).unwrap_or_else(|| {
+        panic!("{ENV} is not set: it must name the kubeconfig of the API server to test against")
+    });
     let kubeconfig = Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.to_string_lossy()));
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.to_string_lossy()));
-    Some(Client::try_from(config).expect("client from kubeconfig"))
+    let client = Client::try_from(config).expect("client from kubeconfig");
+    // Configured but unreachable is a failure, not a skip.
+    client.apiserver_version().await.unwrap_or_else(|e| {
+        panic!(
+            "the API server of {} is unreachable: {e}",
+            path.to_string_lossy()
+        )
+    });
+    client
 }
 
 /// A namespace of the test's own, deleted (with all it holds) after `body`, even if it panics.
@@ -136,8 +152,9 @@ fn workload_in(namespace: &str) -> Workload {
 }
 
 #[tokio::test]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
 async fn namespace_label_enrols_and_unenrols() {
-    let Some(client) = client().await else { return };
+    let client = client().await;
     in_namespace(client, "label", |client, ns| async move {
         let mut fed = Fed::start(client.clone(), &[Kind::Namespace]);
         let w = workload_in(&ns);
@@ -175,8 +192,9 @@ async fn namespace_label_enrols_and_unenrols() {
 }
 
 #[tokio::test]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
 async fn endpoint_slice_changes_reach_ready_endpoints() {
-    let Some(client) = client().await else { return };
+    let client = client().await;
     in_namespace(client, "slice", |client, ns| async move {
         let mut fed = Fed::start(client.clone(), &[Kind::Service, Kind::EndpointSlice]);
         let services: Api<k8s_openapi::api::core::v1::Service> =
@@ -238,8 +256,9 @@ async fn endpoint_slice_changes_reach_ready_endpoints() {
 }
 
 #[tokio::test]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
 async fn service_entry_create_change_delete() {
-    let Some(client) = client().await else { return };
+    let client = client().await;
     let mut served = None;
     for version in ["v1", "v1beta1", "v1alpha3"] {
         let gvk = GroupVersionKind::gvk("networking.istio.io", version, "ServiceEntry");
@@ -248,10 +267,9 @@ async fn service_entry_create_change_delete() {
             break;
         }
     }
-    let Some(ar) = served else {
-        println!("skipped: the ServiceEntry CRD (networking.istio.io) is not installed");
-        return;
-    };
+    let ar = served.unwrap_or_else(|| {
+        panic!("the ServiceEntry CRD (networking.istio.io) is not installed: the suite needs Istio's CRDs")
+    });
     in_namespace(client, "se", move |client, ns| async move {
         let mut fed = Fed::start(client.clone(), &[Kind::ServiceEntry]);
         let entries: Api<DynamicObject> = Api::namespaced_with(client, &ns, &ar);
@@ -295,4 +313,314 @@ async fn service_entry_create_change_delete() {
         .await;
     })
     .await;
+}
+
+// ---------------------------------------------------------------- the agent against the server
+//
+// The real `ambit run --kube` on real namespaces and eBPF, the API server's objects written by the
+// test: Pod objects bound to the harness node's name (no kubelet runs: the test writes their
+// status with the harness pod's addresses, and the harness pod's cgroup carries the UID the server
+// gave, so /proc discovery finds its sandbox).
+
+/// A harness world with one node, whose name is unique on the shared API server.
+struct Live {
+    world: World,
+    node: ambit::harness::Node,
+    client: Client,
+    ns: String,
+}
+
+impl Live {
+    fn new(client: Client, ns: &str) -> Live {
+        let world = World::new("live");
+        // Pods are bound by node name: unique, so parallel tests never enrol each other's pods.
+        let node = world.node(&format!("n-{}", &ns[ns.len().saturating_sub(8)..]));
+        Live {
+            world,
+            node,
+            client,
+            ns: ns.to_string(),
+        }
+    }
+
+    /// A Pod object on this node, then the harness pod carrying its UID, then its status (IPs,
+    /// Running) as a kubelet would write it; the sandbox process started.
+    async fn pod(&self, name: &str, sa: &str) -> (Pod, ambit::harness::Process) {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let object = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": self.node.name(), "serviceAccountName": sa,
+                     "automountServiceAccountToken": false,
+                     "containers": [{"name": "app", "image": "none"}]},
+        }))
+        .expect("pod object");
+        let created = pods
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+        let uid = created.metadata.uid.expect("the server gives a uid");
+        let pod = self
+            .world
+            .pod(name)
+            .node(&self.node)
+            .namespace(&self.ns)
+            .sa(sa)
+            .uid(&uid)
+            .spawn();
+        let sandbox = pod.start_sandbox();
+        let status = json!({"status": {"phase": "Running", "podIP": pod.ip4().to_string(),
+            "podIPs": [{"ip": pod.ip4().to_string()}, {"ip": pod.ip6().to_string()}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("writing pod {name}'s status: {e}"));
+        (pod, sandbox)
+    }
+
+    /// Labels the namespace ambient.
+    async fn ambient(&self) {
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        let label = json!({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}});
+        namespaces
+            .patch(&self.ns, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .expect("label the namespace ambient");
+    }
+
+    /// The agent for this node, watching the server of AMBIT_TEST_KUBECONFIG from the test's own
+    /// netns (where a server on loopback is reachable).
+    fn agent(&self) -> LocalAgent {
+        let kubeconfig = std::env::var_os(ENV).expect("checked by client()");
+        LocalAgent::new(&self.world, &self.node, &support::ambit_bin())
+            .kube(std::path::Path::new(&kubeconfig))
+            .in_root_netns()
+    }
+}
+
+fn echo_addr(pod: &Pod) -> SocketAddr {
+    SocketAddr::new(pod.ip4().into(), 8080)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
+async fn agent_enrols_live_pods_and_captures_their_traffic() {
+    support::raise_fd_limit();
+    let client = client().await;
+    in_namespace(client.clone(), "agent", |client, ns| async move {
+        let live = Live::new(client, &ns);
+        live.ambient().await;
+        let (c, _cs) = live.pod("client", "default").await;
+        let (s, _ss) = live.pod("server", "default").await;
+        let _srv = support::Server::start(&s, &[echo_addr(&s)], support::Mode::WhoamiEcho);
+        let mut agent = live.agent();
+        agent.start(&live.world);
+        agent.wait_enrolled(&[&c, &s]);
+        agent.wait_for("ready", PATIENCE, |st| st["ready"] == true);
+        let dst = echo_addr(&s);
+        let (peer, local, _) = support::in_pod(&c, || support::whoami(dst))
+            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+        assert_eq!((peer.ip(), local), (std::net::IpAddr::from(s.ip4()), dst));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
+async fn agent_enforces_a_live_authorization_policy() {
+    support::raise_fd_limit();
+    let client = client().await;
+    in_namespace(client.clone(), "authz", |client, ns| async move {
+        let live = Live::new(client.clone(), &ns);
+        live.ambient().await;
+        let (good, _g) = live.pod("good", "good").await;
+        let (bad, _b) = live.pod("bad", "bad").await;
+        let (s, _ss) = live.pod("server", "default").await;
+        let _srv = support::Server::start(&s, &[echo_addr(&s)], support::Mode::WhoamiEcho);
+        let policies = policy_api(&client, &ns).await;
+        let ap: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "only-good"},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {
+                "principals": [format!("cluster.local/ns/{ns}/sa/good")]}}]}]},
+        }))
+        .expect("policy");
+        policies
+            .create(&PostParams::default(), &ap)
+            .await
+            .expect("create the policy");
+        let mut agent = live.agent();
+        agent.start(&live.world);
+        agent.wait_enrolled(&[&bad, &good, &s]);
+        agent.wait_for("ready", PATIENCE, |st| st["ready"] == true);
+        let dst = echo_addr(&s);
+        support::in_pod(&good, || support::whoami(dst))
+            .unwrap_or_else(|e| panic!("the allowed client: {e}\n{}", agent.log_tail()));
+        assert!(
+            support::in_pod(&bad, || support::whoami(dst)).is_err(),
+            "the denied client"
+        );
+        policies
+            .delete("only-good", &DeleteParams::default())
+            .await
+            .expect("delete the policy");
+        let until = std::time::Instant::now() + PATIENCE;
+        while support::in_pod(&bad, || support::whoami(dst)).is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the policy's deletion never applied"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a real Kubernetes API server: AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
+async fn an_agent_restart_against_a_live_server_does_not_flap() {
+    support::raise_fd_limit();
+    let client = client().await;
+    in_namespace(client.clone(), "restart", |client, ns| async move {
+        let live = Live::new(client, &ns);
+        live.ambient().await;
+        let (c, _cs) = live.pod("client", "default").await;
+        let (s, _ss) = live.pod("server", "default").await;
+        let _srv = support::Server::start(&s, &[echo_addr(&s)], support::Mode::WhoamiEcho);
+        let mut agent = live.agent();
+        agent.start(&live.world);
+        agent.wait_enrolled(&[&c, &s]);
+        agent.wait_for("ready", PATIENCE, |st| st["ready"] == true);
+        let maps = support::our_map_ids(agent.bpffs());
+        let links = support::attached_links(&maps);
+        agent.kill();
+        let mark = std::fs::metadata(agent.log_path()).map_or(0, |m| m.len() as usize);
+        agent.start(&live.world);
+        agent.wait_enrolled(&[&c, &s]);
+        agent.wait_for("ready again", PATIENCE, |st| st["ready"] == true);
+        let dst = echo_addr(&s);
+        support::in_pod(&c, || support::whoami(dst))
+            .unwrap_or_else(|e| panic!("after the restart: {e}\n{}", agent.log_tail()));
+        assert_eq!(support::attached_links(&maps), links);
+        let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
+        let flaps: Vec<&str> = log
+            .get(mark..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("unenrolled") || l.contains("removing capture state"))
+            .collect();
+        assert!(flaps.is_empty(), "{flaps:#?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "deletes and re-creates Istio's AuthorizationPolicy CRD on a real API server (use a throwaway one): AMBIT_TEST_KUBECONFIG=<kubeconfig> cargo test --test kube_live -- --ignored"]
+async fn crds_installed_after_the_agent_starts_are_found_and_applied() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    support::raise_fd_limit();
+    let client = client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = "authorizationpolicies.security.istio.io";
+    let mut saved = crds
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("the suite needs Istio's CRDs ({name}): {e}"));
+    saved.metadata = kube::api::ObjectMeta {
+        name: saved.metadata.name.clone(),
+        labels: saved.metadata.labels.clone(),
+        annotations: saved.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    saved.status = None;
+    crds.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the CRD");
+    SAVED_CRD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replace(saved.clone());
+    let body = in_namespace(client.clone(), "crds", |client, ns| async move {
+        let live = Live::new(client.clone(), &ns);
+        live.ambient().await;
+        let (bad, _b) = live.pod("bad", "bad").await;
+        let (s, _ss) = live.pod("server", "default").await;
+        let _srv = support::Server::start(&s, &[echo_addr(&s)], support::Mode::WhoamiEcho);
+        let mut agent = live.agent();
+        agent.start(&live.world);
+        agent.wait_enrolled(&[&bad, &s]);
+        // Not installed is "listed, empty": ready, and traffic flows.
+        agent.wait_for("ready without the CRD", PATIENCE, |st| st["ready"] == true);
+        let dst = echo_addr(&s);
+        support::in_pod(&bad, || support::whoami(dst)).expect("no policy yet");
+        restore_crd(client.clone(), saved_copy()).await;
+        let policies = policy_api(&client, &ns).await;
+        let deny: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-bad"},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {
+                "principals": [format!("cluster.local/ns/{ns}/sa/bad")]}}]}]},
+        }))
+        .expect("policy");
+        policies
+            .create(&PostParams::default(), &deny)
+            .await
+            .expect("create the policy");
+        // Found at the next discovery (every 30 s), listed, applied.
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        while support::in_pod(&bad, || support::whoami(dst)).is_ok() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the CRD installed later never applied\n{}",
+                agent.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let outcome = tokio::spawn(body).await;
+    // Put the CRD back even if the body failed before it did.
+    if crds.get_opt(name).await.ok().flatten().is_none() {
+        restore_crd(client, saved).await;
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Re-creates a deleted CRD, waiting while the old one is still being deleted.
+async fn restore_crd(
+    client: Client,
+    saved: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client);
+    for _ in 0..60 {
+        if crds.create(&PostParams::default(), &saved).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("could not re-create {:?}", saved.metadata.name);
+}
+
+/// The CRD `crds_installed_after_the_agent_starts_are_found_and_applied` deleted, for its body.
+static SAVED_CRD: std::sync::Mutex<
+    Option<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+> = std::sync::Mutex::new(None);
+
+fn saved_copy(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    SAVED_CRD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .expect("saved before the body runs")
+}
+
+/// AuthorizationPolicies of `ns` at the served version.
+async fn policy_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
+    let (ar, _) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .expect("security.istio.io/v1 AuthorizationPolicy is served");
+    Api::namespaced_with(client.clone(), ns, &ar)
 }

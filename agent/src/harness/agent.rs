@@ -164,6 +164,9 @@ pub struct LocalAgent {
     extra_args: Vec<String>,
     /// `--kube` against the API server this kubeconfig names, instead of `--config`.
     kubeconfig: Option<PathBuf>,
+    /// Run in the test's own netns (where a real API server on loopback is reachable) with the
+    /// node's addresses read from the node's netns, instead of inside the node's netns.
+    root_netns: bool,
 }
 
 impl LocalAgent {
@@ -189,7 +192,15 @@ impl LocalAgent {
             process: None,
             extra_args: Vec::new(),
             kubeconfig: None,
+            root_netns: false,
         }
+    }
+
+    /// Runs the agent in the test's own netns, as a DaemonSet pod runs in its own (`--node-netns`
+    /// names the node's for its addresses); the admin endpoint is off (ports would collide).
+    pub fn in_root_netns(mut self) -> Self {
+        self.root_netns = true;
+        self
     }
 
     /// Runs the agent with `--kube` against the API server `kubeconfig` names (pods' netns are
@@ -240,10 +251,15 @@ impl LocalAgent {
                 cmd.arg("--config").arg(self.config_dir());
             }
         }
+        if self.root_netns {
+            cmd.arg("--node-netns")
+                .arg(self.node.netns_path())
+                .arg("--metrics-addr=off");
+        } else {
+            cmd.arg("--host-netns").arg(self.node.netns_path());
+        }
         cmd.arg("--bpffs")
             .arg(&self.bpffs)
-            .arg("--host-netns")
-            .arg(self.node.netns_path())
             .arg("--status-file")
             .arg(self.status_path())
             // Quick to notice YAML edits; an explicit `--poll-ms` given with `arg` wins.

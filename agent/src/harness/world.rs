@@ -97,6 +97,7 @@ pub struct PodBuilder<'w> {
     labels: BTreeMap<String, String>,
     ip4: Option<Ipv4Addr>,
     ip6: Option<Ipv6Addr>,
+    uid: Option<String>,
 }
 
 /// What `PodBuilder::node` accepts: a `Node` or a node name.
@@ -232,6 +233,7 @@ impl World {
             labels: BTreeMap::new(),
             ip4: None,
             ip6: None,
+            uid: None,
         }
     }
 
@@ -417,7 +419,7 @@ impl Shared {
                 }
             }
         }
-        let uid = random_uid();
+        let uid = b.uid.unwrap_or_else(random_uid);
         let cgroup = node.cgroup.join(format!("pod{uid}"));
         cgroup::create(&cgroup)?;
         let info = Arc::new(PodInfo {
@@ -536,6 +538,12 @@ impl<'w> PodBuilder<'w> {
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// The pod's UID, e.g. the one a real API server gave its Pod object (default: a random one).
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.uid = Some(uid.into());
         self
     }
 
