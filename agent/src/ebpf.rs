@@ -238,23 +238,51 @@ fn ensure_bpffs(root: &Path) -> Result<(), EbpfError> {
     };
     // The bpffs mount is usually /sys/fs/bpf; mount it if the root's parent chain has none.
     let mount_point = Path::new("/sys/fs/bpf");
-    if root.starts_with(mount_point) {
-        let is_bpffs = nix::sys::statfs::statfs(mount_point)
-            .map(|s| s.filesystem_type().0 == BPFFS_MAGIC)
-            .unwrap_or(false);
-        if !is_bpffs {
-            nix::mount::mount(
-                Some("bpf"),
-                mount_point,
-                Some("bpf"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            )
-            .map_err(|e| err(io::Error::from(e)))?;
+    if root.starts_with(mount_point) && !is_bpffs(mount_point) {
+        // A mount made inside a container's mount namespace dies with the container, and the pins
+        // with it: a restart would find nothing to adopt and capture would be gone (fail open).
+        if !same_mount_namespace_as_init() {
+            return Err(err(io::Error::other(
+                "not a bpffs mount, and this process is in its own mount namespace, where a mount \
+                 would die with it: mount the host's bpffs first (`ambit mount-bpffs`, the \
+                 DaemonSet's init container)",
+            )));
         }
+        mount_bpffs(mount_point).map_err(err)?;
     }
     std::fs::create_dir_all(root).map_err(err)?;
     Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPFFS_MAGIC)
+}
+
+/// Whether this process shares the mount namespace of pid 1 (the host's init, with hostPID).
+fn same_mount_namespace_as_init() -> bool {
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    match (ns("/proc/self/ns/mnt"), ns("/proc/1/ns/mnt")) {
+        (Some(a), Some(b)) => a == b,
+        // Unknown: assume the host (a bare agent run by hand); the mount is then the host's.
+        _ => true,
+    }
+}
+
+/// Mounts bpffs at `path` unless it already is one; true if it mounted.
+pub fn mount_bpffs(path: &Path) -> io::Result<bool> {
+    if is_bpffs(path) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)?;
+    Ok(true)
 }
 
 impl Capture {

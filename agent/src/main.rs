@@ -218,23 +218,16 @@ fn cgroup_v2_root(path: &std::path::Path) -> Result<PathBuf, String> {
     ))
 }
 
-/// Mounts bpffs at `path` unless it already is one.
+/// `ambit mount-bpffs`: mounts bpffs at `path` unless it already is one.
 fn mount_bpffs(path: &std::path::Path) -> anyhow::Result<()> {
-    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
-    if statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
-        println!("{}: bpffs already mounted", path.display());
-        return Ok(());
-    }
-    std::fs::create_dir_all(path)?;
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| anyhow::anyhow!("mounting bpffs at {}: {e}", path.display()))?;
-    println!("{}: bpffs mounted", path.display());
+    let mounted = ambit::ebpf::mount_bpffs(path)
+        .map_err(|e| anyhow::anyhow!("mounting bpffs at {}: {e}", path.display()))?;
+    let what = if mounted {
+        "mounted"
+    } else {
+        "already mounted"
+    };
+    println!("{}: bpffs {what}", path.display());
     Ok(())
 }
 

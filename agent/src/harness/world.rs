@@ -11,8 +11,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
-
 use super::process::{lock, Process};
 use super::sweep::{self, BPFFS};
 use super::{cgroup, cmd, netns, topology, HarnessError, PREFIX};
@@ -501,20 +499,12 @@ fn random_uid() -> String {
 fn mount_bpffs() -> Result<(), HarnessError> {
     static MOUNT: Mutex<()> = Mutex::new(());
     let _turn = lock(&MOUNT);
-    if statfs(BPFFS).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
-        return Ok(());
-    }
-    nix::mount::mount(
-        Some("bpf"),
-        BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|source| HarnessError::MountBpffs {
-        path: BPFFS.into(),
-        source,
-    })
+    crate::ebpf::mount_bpffs(Path::new(BPFFS))
+        .map(|_| ())
+        .map_err(|e| HarnessError::MountBpffs {
+            path: BPFFS.into(),
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })
 }
 
 impl<'w> PodBuilder<'w> {
