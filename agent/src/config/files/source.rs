@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::walk::{yaml_files, Fingerprint};
 use super::{load_file, FileError, Loaded};
@@ -125,6 +125,7 @@ impl FileSource {
         last_good: BTreeSet<ObjectRef>,
     ) -> FileState {
         self.reads += 1;
+        debug!(path = %path.display(), "reading a new or changed config file");
         let mut loaded = Loaded::default();
         let fingerprint = load_file(&mut loaded, path).unwrap_or(listed);
         let last_good = if loaded.broken.is_empty() {
