@@ -108,8 +108,8 @@ impl Fed {
                 SourceEvent::Apply(o) => {
                     self.seen.insert(o.object_ref(), "apply");
                 }
-                SourceEvent::Reject(r, _) => {
-                    self.seen.insert(r.clone(), "reject");
+                SourceEvent::Reject(r) => {
+                    self.seen.insert(r.object.clone(), "reject");
                 }
                 SourceEvent::Delete(r) => {
                     self.seen.insert(r.clone(), "delete");
@@ -120,8 +120,8 @@ impl Fed {
                     for o in objects {
                         self.seen.insert(o.object_ref(), "apply");
                     }
-                    for (r, _) in rejected {
-                        self.seen.insert(r.clone(), "reject");
+                    for r in rejected {
+                        self.seen.insert(r.object.clone(), "reject");
                     }
                 }
             }
@@ -148,6 +148,7 @@ fn workload_in(namespace: &str) -> Workload {
         annotations: BTreeMap::new(),
         running: true,
         terminating: false,
+        istio: Default::default(),
     }
 }
 

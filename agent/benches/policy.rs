@@ -107,7 +107,7 @@ struct Result {
 fn run(name: &str, docs: Vec<String>) -> Result {
     let s = state(&docs);
     let start = Instant::now();
-    let compiled = CompiledPolicies::build(&s, ROOT, &[]);
+    let compiled = CompiledPolicies::build(&s, ROOT);
     let build = start.elapsed();
     let peer = Identity::new("cluster.local", "foo", "sleep");
     let conn = ConnAttrs {

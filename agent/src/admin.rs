@@ -120,19 +120,10 @@ impl AgentMetrics {
         self
     }
 
-    /// Registers `ambit_policy_denials_total{policy,workload}` (counted by the policy enforcer).
-    pub fn with_policy_denials(
-        mut self,
-        denials: prometheus_client::metrics::family::Family<
-            crate::policy::enforce::DenialLabels,
-            Counter,
-        >,
-    ) -> Self {
-        self.registry.register(
-            "ambit_policy_denials",
-            "Inbound connections or HBONE streams denied, by the policy that decided and the workload.",
-            denials,
-        );
+    /// Lets a part of the agent register its own families (the proxy's Istio telemetry), without
+    /// the endpoint knowing about it.
+    pub fn with_registry(mut self, register: impl FnOnce(&mut Registry)) -> Self {
+        register(&mut self.registry);
         self
     }
 
@@ -319,17 +310,23 @@ pub(crate) struct Escaped<'a>(&'a str);
 
 impl EncodeLabelValue for Escaped<'_> {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        use fmt::Write as _;
-        for c in self.0.chars() {
-            match c {
-                '\\' => encoder.write_str("\\\\")?,
-                '"' => encoder.write_str("\\\"")?,
-                '\n' => encoder.write_str("\\n")?,
-                c => encoder.write_char(c)?,
-            }
-        }
-        Ok(())
+        escape_label_value(self.0, encoder)
     }
+}
+
+/// Writes `value` escaped as OpenMetrics asks (prometheus-client writes values verbatim, and a
+/// field path can hold a quote, e.g. `metadata.labels["app"]`).
+pub fn escape_label_value(value: &str, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+    use fmt::Write as _;
+    for c in value.chars() {
+        match c {
+            '\\' => encoder.write_str("\\\\")?,
+            '"' => encoder.write_str("\\\"")?,
+            '\n' => encoder.write_str("\\n")?,
+            c => encoder.write_char(c)?,
+        }
+    }
+    Ok(())
 }
 
 /// Kernel counters, copied here by the control loop (the maps are read on the control thread).

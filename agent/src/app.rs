@@ -20,9 +20,10 @@ use crate::config::{SourceEvent, DEFAULT_DOMAIN};
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
 use crate::identity::{CertConfig, LocalCa, SecretManager};
 use crate::node::Node;
-use crate::policy::Enforcer;
-use crate::proxy::pool::Pool;
-use crate::proxy::{Metrics, ProxyInputs};
+use crate::proxy::access_log::{self, AccessLog};
+use crate::proxy::hbone::{Pool, PoolConfig};
+use crate::proxy::metrics::Telemetry;
+use crate::proxy::{Counters, ProxyInputs};
 use crate::state::store::Store;
 use control::{Control, Source};
 
@@ -48,6 +49,8 @@ pub enum AppError {
     NodeAddresses(#[source] nix::Error),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    AccessLog(#[from] access_log::AccessLogError),
 }
 
 /// Where the cluster's objects come from.
@@ -83,9 +86,11 @@ pub struct AgentConfig {
     /// The local CA's directory (root certificate and key; created on first start).
     pub ca_dir: PathBuf,
     pub cert_ttl: Duration,
-    pub pool: crate::proxy::pool::PoolConfig,
+    pub pool: PoolConfig,
     /// `/metrics` and `/healthz/*`, in the netns the agent runs in; None = no admin endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the per-connection access log goes; None = off (Istio's default).
+    pub access_log: Option<access_log::Target>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -126,23 +131,23 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         )
     };
     let store = Store::new(DEFAULT_DOMAIN);
-    let enforcer = Arc::new(Enforcer::new(&cfg.root_namespace, &cfg.node));
+    let access_log = cfg.access_log.as_ref().map(AccessLog::start).transpose()?;
     let pi = Arc::new(ProxyInputs {
-        orig_dst: capture.orig_dst_table()?,
-        metrics: Metrics::default(),
-        state: store.reader(),
+        snapshot: crate::snapshot::reader(),
+        orig_dst: Arc::new(capture.orig_dst_table()?),
+        counters: Counters::default(),
+        telemetry: Arc::new(Telemetry::new(&cfg.trust_domain, access_log)),
         pool: Pool::new(cfg.pool.clone(), secrets.clone()),
         secrets,
-        policy: enforcer.clone(),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handle().clone());
-    let metrics = Arc::new(agent_metrics(&pi, &enforcer, &source));
+    let metrics = Arc::new(agent_metrics(&pi, &source));
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
         control_rt.spawn(crate::admin::serve(listener, metrics.clone()));
     }
 
-    let mut control = Control::new(&cfg, enforcer, node, pi, store, metrics, source);
+    let mut control = Control::new(&cfg, node, pi, store, metrics, source);
     control_rt.block_on(control.run());
     let mut node = control.into_node();
 
@@ -157,6 +162,20 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     }
     data_plane.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// `ambit check`: every problem in the files at `path`, as the agent would report them (file
+/// errors, then object errors with their file and document), without touching the node.
+pub fn check(path: &Path) -> Vec<String> {
+    let mut loaded = crate::config::files::load(path);
+    let mut problems: Vec<String> = std::mem::take(&mut loaded.file_errors)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut store = Store::new(DEFAULT_DOMAIN);
+    store.apply(loaded.into_event());
+    problems.extend(store.errors().iter().map(ToString::to_string));
+    problems
 }
 
 /// The data-plane runtime (worker threads serving traffic) and the control runtime (one thread:
@@ -192,10 +211,10 @@ fn start_source(cfg: &AgentConfig, control: &Runtime) -> Result<Source, AppError
     })
 }
 
-fn agent_metrics(pi: &Arc<ProxyInputs>, enforcer: &Enforcer, source: &Source) -> AgentMetrics {
+fn agent_metrics(pi: &Arc<ProxyInputs>, source: &Source) -> AgentMetrics {
     let proxy = pi.clone();
-    let metrics = AgentMetrics::new(Box::new(move || proxy.metrics.counters()))
-        .with_policy_denials(enforcer.denials());
+    let metrics = AgentMetrics::new(Box::new(move || proxy.counters.all()))
+        .with_registry(|r| pi.telemetry.register(r));
     match source.kube_stats() {
         Some(stats) => metrics.with_kube(stats),
         None => metrics,

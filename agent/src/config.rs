@@ -7,7 +7,9 @@ pub mod istio;
 pub mod kube;
 pub mod object;
 
-pub use object::{parse, Kind, Object, ObjectError, ObjectRef, Parsed, SourceEvent};
+pub use object::{
+    parse, Kind, Object, ObjectError, ObjectRef, Parsed, PolicyScope, Rejected, SourceEvent,
+};
 
 /// Istio: a namespace with this label is in ambient mode; a pod with value `none` opts out.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

@@ -13,5 +13,6 @@ pub mod identity;
 pub mod node;
 pub mod policy;
 pub mod proxy;
+pub mod snapshot;
 pub mod state;
 pub mod tls;

@@ -131,6 +131,10 @@ struct RunArgs {
     /// empty disables it. 15020 is Istio's ztunnel stats port.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: String,
+    /// Per-connection access log, one JSON object per line: `off` (the default, as Istio's empty
+    /// `accessLogFile`), `stdout`, or a file path (appended to).
+    #[arg(long, env = "AMBIT_ACCESS_LOG", default_value = "off")]
+    access_log: String,
 }
 
 impl RunArgs {
@@ -191,7 +195,12 @@ impl RunArgs {
             root_namespace: self.root_namespace,
             ca_dir: self.ca_dir,
             cert_ttl: self.cert_ttl,
-            pool: ambit::proxy::pool::PoolConfig {
+            access_log: match self.access_log.trim() {
+                "" | "off" => None,
+                "stdout" | "-" => Some(ambit::proxy::access_log::Target::Stdout),
+                path => Some(ambit::proxy::access_log::Target::File(path.into())),
+            },
+            pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,
             },
@@ -267,7 +276,7 @@ fn main() -> ExitCode {
             app::run(cfg).map_err(anyhow::Error::from)
         }
         Cmd::Check { path } => {
-            let problems = ambit::config::files::check(&path);
+            let problems = ambit::app::check(&path);
             for p in &problems {
                 println!("{p}");
             }

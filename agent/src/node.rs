@@ -18,11 +18,13 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::ebpf::{Capture, EbpfError, PodCapture};
+use crate::ebpf::{Capture, EbpfError, OrigDstTable, PodCapture};
 use crate::identity::{CertLease, Identity};
 use crate::proxy::{
-    hbone::HboneInbound, inbound_plain::InboundPlain, outbound::Outbound, PodContext, ProxyInputs,
+    inbound::Inbound, inbound_plain::InboundPlain, outbound::Outbound, OrigDstLookup, PodContext,
+    ProxyInputs,
 };
+use crate::state::IstioLabels;
 use netns::NetnsWorker;
 
 #[derive(Debug, Error)]
@@ -63,6 +65,8 @@ pub struct PodSpec {
     pub service_account: String,
     /// The `baggage` header its tunnels carry.
     pub baggage: String,
+    /// Its values in Istio's metric labels.
+    pub istio: Arc<IstioLabels>,
 }
 
 impl PodSpec {
@@ -176,25 +180,15 @@ impl Node {
         self.capture.prune_netns_links(&keep);
     }
 
+    /// Enrols a pod: listeners in its netns, the proxy stages serving them, its certificate,
+    /// then its capture entries (last, so capture never points at listeners not yet served).
     pub fn enrol(&mut self, spec: PodSpec) -> Result<(), NodeError> {
         let key = spec.key();
         if spec.ips.is_empty() {
             return Err(NodeError::NoIp { pod: key });
         }
         let worker = Arc::new(NetnsWorker::spawn(&spec.netns_path)?);
-        let has_v4 = spec.ips.iter().any(IpAddr::is_ipv4);
-        let has_v6 = spec.ips.iter().any(IpAddr::is_ipv6);
-        let listeners = worker
-            .run(move || make_listeners(has_v4, has_v6))
-            .map_err(|source| NodeError::Netns {
-                path: spec.netns_path.clone(),
-                source,
-            })?
-            .map_err(|(addr, source)| NodeError::Listener {
-                pod: key.clone(),
-                addr,
-                source,
-            })?;
+        let listeners = Listeners::make(&spec, &worker)?;
         let cookie =
             crate::ebpf::netns_cookie(listeners.outbound[0].as_fd()).map_err(|source| {
                 NodeError::Netns {
@@ -202,81 +196,11 @@ impl Node {
                     source,
                 }
             })?;
-        let ctx = Arc::new(PodContext {
-            name: spec.name.clone(),
-            namespace: spec.namespace.clone(),
-            ips: spec.ips.clone(),
-            netns_cookie: cookie,
-            worker: worker.clone(),
-            identity: Identity::new(
-                self.pi.secrets.trust_domain(),
-                &spec.namespace,
-                &spec.service_account,
-            ),
-            baggage: http::HeaderValue::from_str(&spec.baggage)
-                .inspect_err(|_| warn!(pod = %key, baggage = %spec.baggage, "labels make an invalid baggage header; tunnels go without it"))
-                .ok(),
-        });
-
+        let ctx = Arc::new(self.pod_context(&spec, cookie, worker.clone()));
         let _guard = self.data_plane.enter();
         // Fetched in the background; the HBONE listener and the pool wait for it.
         let cert = self.pi.secrets.acquire(&ctx.identity);
-        let to_tokio = |l: std::net::TcpListener| {
-            let addr = l
-                .local_addr()
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-            tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Listener {
-                pod: key.clone(),
-                addr,
-                source,
-            })
-        };
-        let mut tasks = Vec::new();
-        let mut inbound_fds = Vec::new();
-        for l in listeners.outbound {
-            let listener = to_tokio(l)?;
-            let stage = Outbound {
-                pi: self.pi.clone(),
-                pod: ctx.clone(),
-                listener,
-            };
-            tasks.push(self.data_plane.spawn(stage.run()));
-        }
-        let mut inbound = Vec::new();
-        for (is_v4, l) in listeners.inbound {
-            let listener = to_tokio(l)?;
-            for ip in spec.ips.iter().filter(|ip| ip.is_ipv4() == is_v4) {
-                inbound_fds.push((
-                    *ip,
-                    listener.as_fd().try_clone_to_owned().map_err(|source| {
-                        NodeError::Listener {
-                            pod: key.clone(),
-                            addr: SocketAddr::new(*ip, INBOUND_PORT),
-                            source,
-                        }
-                    })?,
-                ));
-            }
-            inbound.push(listener);
-        }
-        for listener in inbound {
-            let stage = InboundPlain {
-                pi: self.pi.clone(),
-                pod: ctx.clone(),
-                listener,
-            };
-            tasks.push(self.data_plane.spawn(stage.run()));
-        }
-        for l in listeners.hbone {
-            let listener = to_tokio(l)?;
-            let stage = HboneInbound {
-                pi: self.pi.clone(),
-                pod: ctx.clone(),
-                listener,
-            };
-            tasks.push(self.data_plane.spawn(stage.run()));
-        }
-
+        let (tasks, inbound_fds) = self.start_stages(&ctx, &spec, listeners)?;
         let capture = PodCapture {
             netns_cookie: cookie,
             ips: spec.ips.clone(),
@@ -310,6 +234,86 @@ impl Node {
         Ok(())
     }
 
+    fn pod_context(&self, spec: &PodSpec, cookie: u64, worker: Arc<NetnsWorker>) -> PodContext {
+        PodContext {
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            ips: spec.ips.clone(),
+            netns_cookie: cookie,
+            sockets: worker,
+            identity: Identity::new(
+                self.pi.secrets.trust_domain(),
+                &spec.namespace,
+                &spec.service_account,
+            ),
+            istio: spec.istio.clone(),
+            baggage: http::HeaderValue::from_str(&spec.baggage)
+                .inspect_err(|_| warn!(pod = %spec.key(), baggage = %spec.baggage, "labels make an invalid baggage header; tunnels go without it"))
+                .ok(),
+        }
+    }
+
+    /// Starts the outbound, inbound (HBONE) and plaintext-inbound stages on the data-plane
+    /// runtime; returns their tasks and the plaintext listeners' fds by pod IP (for sk_lookup).
+    #[allow(clippy::type_complexity)]
+    fn start_stages(
+        &self,
+        ctx: &Arc<PodContext>,
+        spec: &PodSpec,
+        listeners: Listeners,
+    ) -> Result<(Vec<JoinHandle<()>>, Vec<(IpAddr, std::os::fd::OwnedFd)>), NodeError> {
+        let key = spec.key();
+        let to_tokio = |l: std::net::TcpListener| {
+            let addr = l
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Listener {
+                pod: key.clone(),
+                addr,
+                source,
+            })
+        };
+        let (pi, pod) = (&self.pi, ctx);
+        let mut tasks = Vec::new();
+        for l in listeners.outbound {
+            let stage = Outbound {
+                pi: pi.clone(),
+                pod: pod.clone(),
+                listener: to_tokio(l)?,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+        let mut inbound_fds = Vec::new();
+        for (is_v4, l) in listeners.inbound {
+            let listener = to_tokio(l)?;
+            for ip in spec.ips.iter().filter(|ip| ip.is_ipv4() == is_v4) {
+                let fd = listener.as_fd().try_clone_to_owned().map_err(|source| {
+                    NodeError::Listener {
+                        pod: key.clone(),
+                        addr: SocketAddr::new(*ip, INBOUND_PORT),
+                        source,
+                    }
+                })?;
+                inbound_fds.push((*ip, fd));
+            }
+            let stage = InboundPlain {
+                pi: pi.clone(),
+                pod: pod.clone(),
+                listener,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+        for l in listeners.hbone {
+            let stage = Inbound {
+                pi: pi.clone(),
+                pod: pod.clone(),
+                listener: to_tokio(l)?,
+            };
+            tasks.push(self.data_plane.spawn(stage.run()));
+        }
+        Ok((tasks, inbound_fds))
+    }
+
     pub fn unenrol(&mut self, key: &str) {
         let Some(pod) = self.pods.remove(key) else {
             return;
@@ -337,6 +341,25 @@ struct Listeners {
     /// (is IPv4, listener)
     inbound: Vec<(bool, std::net::TcpListener)>,
     hbone: Vec<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Makes the pod's listeners on its netns worker.
+    fn make(spec: &PodSpec, worker: &NetnsWorker) -> Result<Listeners, NodeError> {
+        let has_v4 = spec.ips.iter().any(IpAddr::is_ipv4);
+        let has_v6 = spec.ips.iter().any(IpAddr::is_ipv6);
+        worker
+            .run(move || make_listeners(has_v4, has_v6))
+            .map_err(|source| NodeError::Netns {
+                path: spec.netns_path.clone(),
+                source,
+            })?
+            .map_err(|(addr, source)| NodeError::Listener {
+                pod: spec.key(),
+                addr,
+                source,
+            })
+    }
 }
 
 /// Runs on the pod's netns worker. Outbound and inbound listen on loopback only: they are reached
@@ -388,4 +411,14 @@ fn make_listeners(v4: bool, v6: bool) -> Result<Listeners, (SocketAddr, io::Erro
         )?);
     }
     Ok(l)
+}
+
+/// The eBPF original-destination map is where the outbound stage learns where a captured
+/// connection was going.
+impl OrigDstLookup for OrigDstTable {
+    fn take(&self, netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        OrigDstTable::take(self, netns_cookie, peer, local)
+            .ok()
+            .flatten()
+    }
 }

@@ -15,7 +15,6 @@
 //! the code says so at the spot.
 
 mod compile;
-pub mod enforce;
 mod eval;
 
 #[cfg(test)]
@@ -25,14 +24,15 @@ mod props;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use compile::{CompiledPolicies, PeerAuthnView, WorkloadPolicy};
-pub use enforce::{Enforcer, DEFAULT_ROOT_NAMESPACE};
 pub use eval::evaluate;
+
+/// Istio's default root namespace: its policies apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 use crate::config::istio::MtlsMode;
 use crate::identity::Identity;
@@ -113,70 +113,6 @@ impl fmt::Display for DenyReason {
                 f,
                 "no ALLOW AuthorizationPolicy matched ({count} apply to the workload)"
             ),
-        }
-    }
-}
-
-/// An AuthorizationPolicy the config layer could not accept (malformed, a field value ambit does
-/// not know, or CUSTOM). Issue 5: the workloads it selects deny every connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokenPolicy {
-    pub namespace: String,
-    pub name: String,
-    pub scope: BrokenScope,
-    /// Why it was rejected, for the denial reason (e.g. the first validation error).
-    pub reason: String,
-}
-
-/// Which workloads a broken policy would have selected, as far as its text tells.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokenScope {
-    /// `spec.selector.matchLabels` could be read.
-    Selector(BTreeMap<String, String>),
-    /// No selector, or one that could not be read: the whole namespace (the mesh from the root
-    /// namespace).
-    Namespace,
-    /// `targetRef`/`targetRefs` were set: enforced by a waypoint, never at the node proxy.
-    TargetRefs,
-}
-
-impl BrokenPolicy {
-    /// Best-effort scope of a rejected AuthorizationPolicy from its raw JSON form: a selector that
-    /// reads as a string map is kept, anything else widens to the namespace (fail closed).
-    pub fn from_json(
-        namespace: &str,
-        name: &str,
-        object: &serde_json::Value,
-        reason: impl Into<String>,
-    ) -> BrokenPolicy {
-        let spec = object.get("spec");
-        let has_targets = spec.is_some_and(|s| {
-            s.get("targetRef").is_some_and(|t| t.is_object())
-                || s.get("targetRefs")
-                    .and_then(|t| t.as_array())
-                    .is_some_and(|a| !a.is_empty())
-        });
-        let labels = spec
-            .and_then(|s| s.get("selector"))
-            .and_then(|s| s.get("matchLabels"))
-            .and_then(|m| m.as_object())
-            .and_then(|m| {
-                m.iter()
-                    .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect::<Option<BTreeMap<_, _>>>()
-            });
-        let has_selector = spec.is_some_and(|s| s.get("selector").is_some());
-        let scope = match labels {
-            Some(l) if !l.is_empty() => BrokenScope::Selector(l),
-            // A policy naming targets and no readable selector is for a waypoint.
-            _ if has_targets && !has_selector => BrokenScope::TargetRefs,
-            _ => BrokenScope::Namespace,
-        };
-        BrokenPolicy {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            scope,
-            reason: reason.into(),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use imbl::{HashMap, OrdSet};
 
 use crate::config::istio::IstioConfig;
-use crate::config::{Kind, DATAPLANE_MODE_LABEL};
+use crate::config::{Kind, PolicyScope, DATAPLANE_MODE_LABEL};
 
 /// `namespace/name`.
 pub type Key = Arc<str>;
@@ -49,7 +49,63 @@ pub struct Workload {
     /// A graceful delete is under way (`metadata.deletionTimestamp`): the pod stays enrolled while
     /// its sandbox lives, so its traffic during shutdown (preStop hooks, draining) stays meshed.
     pub terminating: bool,
+    /// Its values in Istio's standard metric labels, derived once when the pod is read.
+    pub istio: Arc<IstioLabels>,
 }
+
+/// A workload's values in Istio's standard metric labels (`source_*`/`destination_*`), as Istio
+/// derives them from the pod: "unknown" where a label is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct IstioLabels {
+    /// The workload's name: its Deployment (the ReplicaSet name without its pod-template-hash),
+    /// CronJob, or other controller; the pod's own name without one.
+    pub workload: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The `app` label.
+    pub app: String,
+    /// The `version` label.
+    pub version: String,
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the
+    /// workload name.
+    pub canonical_service: String,
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`,
+    /// else `latest`.
+    pub canonical_revision: String,
+}
+
+impl IstioLabels {
+    pub fn new(
+        workload: &str,
+        namespace: &str,
+        service_account: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        IstioLabels {
+            workload: workload.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            app: first(&["app"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: first(&["version"]).unwrap_or_else(|| UNKNOWN.into()),
+            canonical_service: first(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload.to_string()),
+            canonical_revision: first(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+        }
+    }
+}
+
+/// Istio's value for a metric label it cannot know.
+pub const UNKNOWN: &str = "unknown";
 
 impl Workload {
     pub fn key(&self) -> Key {
@@ -120,6 +176,48 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// An AuthorizationPolicy the config layer could not accept (malformed, a value ambit does not
+/// know, or CUSTOM). The workloads it would have selected deny every connection: a policy that
+/// cannot be read fails closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub scope: PolicyScope,
+    /// Why it was rejected (the first error), for the denial reason.
+    pub reason: String,
+}
+
+/// A Service's ready endpoints, per Service port and address family: sorted, without duplicates,
+/// compiled by the store when the Service or one of its slices changes, never per connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceEndpoints {
+    pub ports: BTreeMap<u16, PortEndpoints>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortEndpoints {
+    pub v4: Arc<[SocketAddr]>,
+    pub v6: Arc<[SocketAddr]>,
+}
+
+impl PortEndpoints {
+    /// The endpoints of `dst`'s family; of the other family if it has none (a single-stack
+    /// Service dialled through an address of the other family).
+    pub fn for_family_of(&self, dst: SocketAddr) -> &[SocketAddr] {
+        let (same, other) = if dst.is_ipv4() {
+            (&self.v4, &self.v6)
+        } else {
+            (&self.v6, &self.v4)
+        };
+        if same.is_empty() {
+            other
+        } else {
+            same
+        }
+    }
+}
+
 /// What a destination address belongs to.
 #[derive(Debug, Clone)]
 pub enum Destination {
@@ -168,6 +266,11 @@ pub struct State {
     /// (kind, namespace) → Istio objects in that namespace (policies are scoped by namespace).
     pub istio_by_namespace: HashMap<(Kind, Arc<str>), OrdSet<Key>>,
     pub service_entry_by_address: HashMap<IpAddr, Key>,
+    /// AuthorizationPolicies currently rejected, by `namespace/name`: each replaces any accepted
+    /// (last good) version of the same name and fails closed for what it would select.
+    pub rejected_policies: HashMap<Key, Arc<RejectedPolicy>>,
+    /// Service key → its compiled ready endpoints (`ServiceEndpoints`).
+    pub endpoints: HashMap<Key, Arc<ServiceEndpoints>>,
     /// Kinds whose complete current set the sources have delivered (a first list, or a CRD that
     /// discovery positively saw is not served). Until every kind is here the view is incomplete and
     /// the data path fails closed: nothing is known to be absent before it has been listed.
@@ -256,6 +359,7 @@ impl State {
 
     /// Ready endpoints of a Service on one of its ports, as socket addresses: the target port is
     /// resolved per endpoint (named target ports through the slice's port names, as kube-proxy does).
+    /// Sorted, without duplicates. The data path reads the compiled `endpoints` instead.
     pub fn ready_endpoints(&self, service: &Service, port: u16) -> Vec<SocketAddr> {
         let Some(sp) = service.port(port) else {
             return Vec::new();
@@ -276,15 +380,43 @@ impl State {
                     TargetPort::Named(_) => None,
                 });
             let Some(target) = target else { continue };
-            for ep in slice.endpoints.iter().filter(|e| e.ready) {
-                let addr = SocketAddr::new(ep.ip, target);
-                if !out.contains(&addr) {
-                    out.push(addr);
-                }
-            }
+            out.extend(
+                slice
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|ep| SocketAddr::new(ep.ip, target)),
+            );
         }
         out.sort();
+        out.dedup();
         out
+    }
+
+    /// Compiles a Service's endpoint sets from its slices.
+    pub fn compile_endpoints(&self, service: &Service) -> ServiceEndpoints {
+        let ports = service
+            .ports
+            .iter()
+            .map(|p| {
+                let all = self.ready_endpoints(service, p.port);
+                let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                    all.into_iter().partition(SocketAddr::is_ipv4);
+                (
+                    p.port,
+                    PortEndpoints {
+                        v4: v4.into(),
+                        v6: v6.into(),
+                    },
+                )
+            })
+            .collect();
+        ServiceEndpoints { ports }
+    }
+
+    /// The compiled ready endpoints of `service` on `port`.
+    pub fn endpoints_of(&self, service: &Service, port: u16) -> Option<&PortEndpoints> {
+        self.endpoints.get(&service.key())?.ports.get(&port)
     }
 
     /// Istio's enrolment rule: the namespace is labelled ambient and the pod did not opt out.

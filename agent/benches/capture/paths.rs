@@ -11,7 +11,7 @@ use ambit::ebpf::{Capture, CaptureConfig, KernelStats};
 use ambit::harness::Pod;
 use ambit::node::netns::NetnsWorker;
 use ambit::node::{Node, PodSpec};
-use ambit::proxy::{relay::relay, reset, Metrics, ProxyInputs};
+use ambit::proxy::{copy, reset, Counters, ProxyInputs};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -121,7 +121,7 @@ async fn handle(stream: TcpStream, worker: Arc<NetnsWorker>, dst: Dst, stats: Ar
             return reset(stream);
         }
     };
-    if relay(stream, upstream).await.reset {
+    if copy::bidirectional(stream, upstream).await.reset() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -292,15 +292,32 @@ impl Ambit {
                 },
             )
         };
+        // A complete, empty view of the cluster: every kind listed, nothing in it, so the
+        // destination is outside the mesh and goes in plaintext, as the agent would send it.
+        let mut store = ambit::state::store::Store::new(ambit::config::DEFAULT_DOMAIN);
+        store.apply(ambit::config::SourceEvent::Replace {
+            kinds: ambit::config::Kind::ALL.to_vec(),
+            objects: Vec::new(),
+            rejected: Vec::new(),
+            origins: Default::default(),
+        });
+        store.publish();
+        let snapshot = ambit::snapshot::Snapshot::build(
+            store.reader().load_full(),
+            ambit::policy::DEFAULT_ROOT_NAMESPACE,
+            pod.node_name(),
+        );
         let pi = Arc::new(ProxyInputs {
-            orig_dst: capture
-                .orig_dst_table()
-                .unwrap_or_else(|e| panic!("orig dst table: {e}")),
-            metrics: Metrics::default(),
-            state: ambit::state::store::Store::new(ambit::config::DEFAULT_DOMAIN).reader(),
-            pool: ambit::proxy::pool::Pool::new(Default::default(), secrets.clone()),
+            snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
+            orig_dst: Arc::new(
+                capture
+                    .orig_dst_table()
+                    .unwrap_or_else(|e| panic!("orig dst table: {e}")),
+            ),
+            counters: Counters::default(),
+            telemetry: Arc::new(ambit::proxy::metrics::Telemetry::new("cluster.local", None)),
+            pool: ambit::proxy::hbone::Pool::new(Default::default(), secrets.clone()),
             secrets,
-            policy: Arc::new(ambit::proxy::AllowAll),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {
@@ -319,6 +336,12 @@ impl Ambit {
             excluded_inbound_ports: Vec::new(),
             service_account: "default".into(),
             baggage: String::new(),
+            istio: Arc::new(ambit::state::IstioLabels::new(
+                pod.name(),
+                pod.namespace(),
+                "default",
+                &Default::default(),
+            )),
         };
         if let Some(node) = ambit.node.as_mut() {
             node.enrol(spec)
@@ -343,12 +366,12 @@ impl Ambit {
     }
 
     pub fn outbound_accepted(&self) -> u64 {
-        self.pi.metrics.outbound_accepted.load(Ordering::Relaxed)
+        self.pi.counters.outbound_accepted.load(Ordering::Relaxed)
     }
 
     /// Connections the outbound stage could not finish cleanly.
     pub fn outbound_failed(&self) -> u64 {
-        let m = &self.pi.metrics;
+        let m = &self.pi.counters;
         m.outbound_orig_dst_missing.load(Ordering::Relaxed)
             + m.outbound_connect_failed.load(Ordering::Relaxed)
             + m.relays_reset.load(Ordering::Relaxed)

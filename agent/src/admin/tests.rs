@@ -7,12 +7,12 @@ use http_body_util::BodyExt;
 use super::problems::Problem;
 use super::*;
 use crate::config::{Kind, ObjectError, ObjectRef};
-use crate::proxy::Metrics;
+use crate::proxy::Counters as Metrics;
 
 fn metrics_with_proxy() -> (Arc<Metrics>, AgentMetrics) {
     let proxy = Arc::new(Metrics::default());
     let p = proxy.clone();
-    (proxy, AgentMetrics::new(Box::new(move || p.counters())))
+    (proxy, AgentMetrics::new(Box::new(move || p.all())))
 }
 
 fn rendered(m: &AgentMetrics) -> String {
@@ -160,7 +160,7 @@ fn proxy_and_kernel_counters_are_read_at_scrape_time() {
 fn every_proxy_counter_is_exported() {
     let (proxy, m) = metrics_with_proxy();
     let text = rendered(&m);
-    for (name, _, _) in proxy.counters() {
+    for (name, _, _) in proxy.all() {
         let line = format!("ambit_proxy_{name}_total 0");
         assert!(text.contains(&line), "missing `{line}`:\n{text}");
     }
@@ -314,7 +314,7 @@ fn synced_kinds_and_kube_watch_state_are_exported() {
     let stats = crate::config::kube::KubeStats::for_tests();
     let proxy = Arc::new(Metrics::default());
     let p = proxy.clone();
-    let m = AgentMetrics::new(Box::new(move || p.counters())).with_kube(stats);
+    let m = AgentMetrics::new(Box::new(move || p.all())).with_kube(stats);
     m.set_synced(vec![(Kind::Pod, true), (Kind::AuthorizationPolicy, false)]);
     let text = rendered(&m);
     for line in [

@@ -27,8 +27,9 @@ use crate::config::kube::{KubeStats, WatchState};
 use crate::config::{Kind, SourceEvent};
 use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
 use crate::node::Node;
-use crate::policy::Enforcer;
+use crate::policy::PolicyNote;
 use crate::proxy::ProxyInputs;
+use crate::snapshot::Snapshot;
 use crate::state::store::Store;
 
 /// First retry of a pod that could not be enrolled, doubled up to `RETRY_MAX`: a pod whose
@@ -97,15 +98,17 @@ pub(super) struct Control {
     node_name: String,
     poll_interval: Duration,
     status_file: Option<PathBuf>,
-    enforcer: Arc<Enforcer>,
+    root_namespace: String,
     node: Node,
     pi: Arc<ProxyInputs>,
     store: Store,
     metrics: Arc<AgentMetrics>,
     source: Source,
     resolver: Box<dyn NetnsResolver>,
-    /// Problems of the last reconcile: pods that could not be enrolled.
+    /// Problems of the last reconcile: pods that could not be enrolled, and what an operator
+    /// should know about the policies as compiled.
     enrol_problems: Vec<Problem>,
+    policy_problems: Vec<Problem>,
     log: ProblemLog,
     retry: Retry,
     generation: u64,
@@ -118,7 +121,6 @@ pub(super) struct Control {
 impl Control {
     pub(super) fn new(
         cfg: &AgentConfig,
-        enforcer: Arc<Enforcer>,
         node: Node,
         pi: Arc<ProxyInputs>,
         store: Store,
@@ -137,7 +139,7 @@ impl Control {
             node_name: cfg.node.clone(),
             poll_interval: cfg.poll_interval,
             status_file: cfg.status_file.clone(),
-            enforcer,
+            root_namespace: cfg.root_namespace.clone(),
             node,
             pi,
             store,
@@ -145,6 +147,7 @@ impl Control {
             source,
             resolver,
             enrol_problems: Vec::new(),
+            policy_problems: Vec::new(),
             log: ProblemLog::default(),
             retry: Retry::default(),
             generation: 0,
@@ -202,12 +205,14 @@ impl Control {
         self.report();
     }
 
-    /// Applies the latest snapshot to this node: policies first (a pod enrolled below must find
-    /// its compiled view), then the pods.
+    /// Applies the latest state to this node: the snapshot first (a pod enrolled below must find
+    /// its compiled policies in it), then the pods.
     fn reconcile(&mut self) {
         self.generation += 1;
         let state = self.store.reader().load_full();
-        self.enforcer.update(&state, &self.store.broken_policies());
+        let snapshot = Snapshot::build(state.clone(), &self.root_namespace, &self.node_name);
+        self.policy_problems = policy_problems(snapshot.policies.notes());
+        self.pi.snapshot.store(Arc::new(snapshot));
         if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
             // Which pods to enrol is not known yet: touch nothing.
             self.retry = Retry::default();
@@ -239,6 +244,10 @@ impl Control {
         self.retry
             .schedule(!problems.is_empty(), desired.terminating > 0);
         self.enrol_problems = problems;
+        // Metric series of workloads no longer on this node go with them.
+        let local: std::collections::HashSet<crate::state::IstioLabels> =
+            desired.pods.iter().map(|p| (*p.istio).clone()).collect();
+        self.pi.telemetry.retain_local(&local);
         if complete && !self.pruned {
             // Adopted state of pods that vanished while no agent ran: only a complete view can
             // tell a pod is gone.
@@ -314,6 +323,7 @@ impl Control {
                 }),
         );
         out.extend(self.enrol_problems.iter().cloned());
+        out.extend(self.policy_problems.iter().cloned());
         out
     }
 
@@ -356,6 +366,32 @@ impl Control {
         }
         Err(why)
     }
+}
+
+/// What an operator should know about the policies as compiled, as problems (logged once each).
+/// A rejected policy failing closed is already reported as its rejection.
+fn policy_problems(notes: &[PolicyNote]) -> Vec<Problem> {
+    notes
+        .iter()
+        .filter_map(|note| {
+            let (kind, policy) = match note {
+                PolicyNote::FailClosed { .. } => return None,
+                PolicyNote::TargetRefsAtWaypoint { policy }
+                | PolicyNote::HttpAttributes { policy, .. } => (Kind::AuthorizationPolicy, policy),
+                PolicyNote::PeerAuthnIgnored { policy, .. } => (Kind::PeerAuthentication, policy),
+            };
+            let (namespace, name) = policy.split_once('/').unwrap_or(("", policy));
+            Some(Problem {
+                key: ProblemKey::Object {
+                    kind: kind.as_str(),
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    field: note.metric_label().to_string(),
+                },
+                message: note.to_string(),
+            })
+        })
+        .collect()
 }
 
 async fn sleep_until(at: Option<Instant>) {

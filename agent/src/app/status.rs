@@ -12,7 +12,8 @@ use crate::admin::problems::Problem;
 use crate::config::kube::KindCounters;
 use crate::config::Kind;
 use crate::node::Node;
-use crate::proxy::{Metrics, ProxyInputs};
+use crate::proxy::hbone::PoolStats;
+use crate::proxy::{Counters, ProxyInputs};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Status<'a> {
@@ -37,9 +38,9 @@ pub struct Status<'a> {
     pub kernel: crate::ebpf::KernelStats,
     pub maps: BTreeMap<&'static str, usize>,
     pub netns_links: Vec<u64>,
-    pub proxy: &'a Metrics,
+    pub proxy: &'a Counters,
     /// HBONE client pool counters, and the connections open now.
-    pub pool: &'a crate::proxy::pool::PoolStats,
+    pub pool: &'a PoolStats,
     pub pool_connections: usize,
     pub certs: crate::identity::CertStats,
 }
@@ -104,7 +105,7 @@ pub(super) fn write(
         kernel: node.capture().kernel_stats(),
         maps: map_sizes.get(node, now.generation),
         netns_links: node.capture().netns_links(),
-        proxy: &pi.metrics,
+        proxy: &pi.counters,
         pool: pi.pool.stats(),
         pool_connections: pi.pool.connections(),
         certs: pi.secrets.stats(),

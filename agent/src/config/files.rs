@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tracing::debug;
 
-use super::{parse, Kind, Object, ObjectError, ObjectRef, Parsed, SourceEvent};
+use super::{parse, Kind, Object, ObjectRef, Parsed, Rejected, SourceEvent};
 
 pub use bounds::{BoundsError, MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_FILE_BYTES};
 pub use source::FileSource;
@@ -37,7 +37,7 @@ pub struct FileError {
 #[derive(Debug, Default, Clone)]
 pub struct Loaded {
     pub objects: Vec<Object>,
-    pub rejected: Vec<(ObjectRef, Vec<ObjectError>)>,
+    pub rejected: Vec<Rejected>,
     pub origins: BTreeMap<ObjectRef, String>,
     pub file_errors: Vec<FileError>,
     /// Objects of each file, for keeping the last good version when a file breaks.
@@ -166,27 +166,13 @@ fn add_value(
             Parsed::Ignored { api_version, kind } => {
                 debug!(%location, %api_version, %kind, "ignoring a kind ambit does not read");
             }
-            Parsed::Rejected(r, mut errors) => {
-                for e in &mut errors {
+            Parsed::Rejected(mut r) => {
+                for e in &mut r.errors {
                     e.location = Some(location.to_string());
                 }
-                refs.insert(r.clone());
-                loaded.rejected.push((r, errors));
+                refs.insert(r.object.clone());
+                loaded.rejected.push(r);
             }
         }
     }
-}
-
-/// `ambit check`: every problem in the files at `path`, as the agent would report them (file
-/// errors, then object errors with their file and document), without touching the node.
-pub fn check(path: &Path) -> Vec<String> {
-    let mut loaded = load(path);
-    let mut problems: Vec<String> = std::mem::take(&mut loaded.file_errors)
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let mut store = crate::state::store::Store::new(super::DEFAULT_DOMAIN);
-    store.apply(loaded.into_event());
-    problems.extend(store.errors().iter().map(ToString::to_string));
-    problems
 }

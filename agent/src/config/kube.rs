@@ -21,7 +21,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{parse, Kind, Object, ObjectError, ObjectRef, Parsed, SourceEvent};
+use super::{parse, Kind, Object, ObjectRef, Parsed, Rejected, SourceEvent};
 use discover::Discovered;
 
 /// `kubectl apply` keeps a full copy of the object here; ambit never reads it.
@@ -469,7 +469,7 @@ impl KubeSource {
                 }
                 Ok(Event::Apply(o)) => match parse_dynamic(ar, o) {
                     Parsed::Object(o) => Some(SourceEvent::Apply(o)),
-                    Parsed::Rejected(r, e) => Some(SourceEvent::Reject(r, e)),
+                    Parsed::Rejected(r) => Some(SourceEvent::Reject(r)),
                     Parsed::Ignored { api_version, kind } => {
                         debug!(%api_version, %kind, "ignoring an object ambit does not read");
                         None
@@ -519,14 +519,14 @@ enum WatchEnd {
 #[derive(Default)]
 struct Listing {
     objects: Vec<Object>,
-    rejected: Vec<(ObjectRef, Vec<ObjectError>)>,
+    rejected: Vec<Rejected>,
 }
 
 impl Listing {
     fn add(&mut self, kind: Kind, parsed: Parsed) {
         match parsed {
             Parsed::Object(o) => self.objects.push(o),
-            Parsed::Rejected(r, e) => self.rejected.push((r, e)),
+            Parsed::Rejected(r) => self.rejected.push(r),
             Parsed::Ignored { api_version, .. } => {
                 debug!(%kind, %api_version, "ignoring an object ambit does not read");
             }

@@ -123,10 +123,6 @@ pub struct ObjectError {
     pub field: String,
     pub message: String,
     pub location: Option<String>,
-    /// For a rejected AuthorizationPolicy: the workloads it would have selected, which then deny
-    /// (issue 5: a policy that cannot be read fails closed).
-    #[serde(skip)]
-    pub broken_policy: Option<Box<crate::policy::BrokenPolicy>>,
 }
 
 impl ObjectError {
@@ -136,7 +132,68 @@ impl ObjectError {
             field: field.into(),
             message: message.into(),
             location: None,
-            broken_policy: None,
+        }
+    }
+}
+
+/// An object that could not be accepted: why, field by field, and for an AuthorizationPolicy the
+/// workloads it would have selected, which then deny (a policy that cannot be read fails closed).
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub object: ObjectRef,
+    pub errors: Vec<ObjectError>,
+    pub scope: Option<PolicyScope>,
+}
+
+impl Rejected {
+    /// A rejection of anything but an AuthorizationPolicy.
+    pub fn new(object: ObjectRef, errors: Vec<ObjectError>) -> Self {
+        Rejected {
+            object,
+            errors,
+            scope: None,
+        }
+    }
+}
+
+/// Which workloads a rejected AuthorizationPolicy would have selected, as far as its text tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyScope {
+    /// `spec.selector.matchLabels` could be read.
+    Selector(std::collections::BTreeMap<String, String>),
+    /// No selector, or one that could not be read: the whole namespace (the mesh from the root
+    /// namespace).
+    Namespace,
+    /// `targetRef`/`targetRefs` were set: enforced by a waypoint, never at the node proxy.
+    TargetRefs,
+}
+
+impl PolicyScope {
+    /// The scope read from an AuthorizationPolicy's raw JSON: a selector that reads as a string
+    /// map is kept, anything else widens to the namespace (fail closed).
+    pub fn from_json(object: &serde_json::Value) -> PolicyScope {
+        let spec = object.get("spec");
+        let has_targets = spec.is_some_and(|s| {
+            s.get("targetRef").is_some_and(|t| t.is_object())
+                || s.get("targetRefs")
+                    .and_then(|t| t.as_array())
+                    .is_some_and(|a| !a.is_empty())
+        });
+        let labels = spec
+            .and_then(|s| s.get("selector"))
+            .and_then(|s| s.get("matchLabels"))
+            .and_then(|m| m.as_object())
+            .and_then(|m| {
+                m.iter()
+                    .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect::<Option<std::collections::BTreeMap<_, _>>>()
+            });
+        let has_selector = spec.is_some_and(|s| s.get("selector").is_some());
+        match labels {
+            Some(l) if !l.is_empty() => PolicyScope::Selector(l),
+            // A policy naming targets and no readable selector is for a waypoint.
+            _ if has_targets && !has_selector => PolicyScope::TargetRefs,
+            _ => PolicyScope::Namespace,
         }
     }
 }
@@ -194,15 +251,16 @@ impl Object {
 pub enum SourceEvent {
     /// Added or changed.
     Apply(Object),
-    /// Could not be parsed: the store records why and keeps the last good version.
-    Reject(ObjectRef, Vec<ObjectError>),
+    /// Could not be parsed: the store records why and keeps the last good version (a rejected
+    /// AuthorizationPolicy fails closed instead).
+    Reject(Rejected),
     Delete(ObjectRef),
     /// The full current set of `kinds` (a re-list, or a reload of the files): whatever of these
     /// kinds is not listed is gone. Rejected objects keep their last good version.
     Replace {
         kinds: Vec<Kind>,
         objects: Vec<Object>,
-        rejected: Vec<(ObjectRef, Vec<ObjectError>)>,
+        rejected: Vec<Rejected>,
         /// Where each object came from (file and document), for error messages.
         origins: std::collections::BTreeMap<ObjectRef, String>,
     },
@@ -217,7 +275,7 @@ pub enum Parsed {
         api_version: String,
         kind: String,
     },
-    Rejected(ObjectRef, Vec<ObjectError>),
+    Rejected(Rejected),
 }
 
 /// Parses one object from its JSON form (YAML documents are converted to JSON first). Fields
@@ -253,23 +311,19 @@ pub fn parse(value: serde_json::Value) -> Parsed {
     };
     let oref = ObjectRef::new(kind, namespace, name);
     if !kind.accepts_api_version(&api_version) {
-        return Parsed::Rejected(
-            oref.clone(),
-            vec![ObjectError::new(
-                &oref,
-                "apiVersion",
-                format!("{api_version:?} is not a served version of {kind}"),
-            )],
+        let e = ObjectError::new(
+            &oref,
+            "apiVersion",
+            format!("{api_version:?} is not a served version of {kind}"),
         );
+        return Parsed::Rejected(Rejected::new(oref, vec![e]));
     }
     if name.is_empty() {
-        return Parsed::Rejected(
-            oref.clone(),
-            vec![ObjectError::new(&oref, "metadata.name", "required")],
-        );
+        let e = ObjectError::new(&oref, "metadata.name", "required");
+        return Parsed::Rejected(Rejected::new(oref, vec![e]));
     }
-    // Kept to read a rejected policy's selector (its scope) from the raw text.
-    let raw_policy = (kind == Kind::AuthorizationPolicy).then(|| value.clone());
+    // A rejected policy's scope, read from the raw text before the value is consumed.
+    let scope = (kind == Kind::AuthorizationPolicy).then(|| PolicyScope::from_json(&value));
     let result = match kind {
         Kind::Namespace => typed(&oref, value).map(Object::Namespace),
         Kind::Pod => typed(&oref, value).map(Object::Pod),
@@ -290,18 +344,11 @@ pub fn parse(value: serde_json::Value) -> Parsed {
     };
     match result {
         Ok(o) => Parsed::Object(o),
-        Err(mut e) => {
-            if let (Some(raw), Some(first)) = (raw_policy, e.first_mut()) {
-                let reason = format!("{}: {}", first.field, first.message);
-                first.broken_policy = Some(Box::new(crate::policy::BrokenPolicy::from_json(
-                    &oref.namespace,
-                    &oref.name,
-                    &raw,
-                    reason,
-                )));
-            }
-            Parsed::Rejected(oref, e)
-        }
+        Err(errors) => Parsed::Rejected(Rejected {
+            object: oref,
+            errors,
+            scope,
+        }),
     }
 }
 

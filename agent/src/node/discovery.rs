@@ -178,6 +178,7 @@ pub fn desired_pods(state: &State, node: &str, resolver: &dyn NetnsResolver) -> 
                 w.service_account.clone()
             },
             baggage: baggage(w),
+            istio: w.istio.clone(),
         });
     }
     out
@@ -234,6 +235,7 @@ mod tests {
             annotations: Default::default(),
             running: true,
             terminating: false,
+            istio: Default::default(),
         }
     }
 

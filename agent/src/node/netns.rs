@@ -120,6 +120,19 @@ impl NetnsWorker {
     }
 }
 
+/// The proxy makes its sockets in a pod through this.
+impl crate::proxy::SocketFactory for NetnsWorker {
+    fn upstream(
+        &self,
+        dst: SocketAddr,
+        bind: Option<IpAddr>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = io::Result<tokio::net::TcpSocket>> + Send + '_>,
+    > {
+        Box::pin(self.upstream_socket(dst, bind))
+    }
+}
+
 fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
     let s = Socket::new(
         Domain::for_address(dst),

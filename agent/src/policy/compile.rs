@@ -9,12 +9,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::{BrokenPolicy, BrokenScope, EffectiveMtls, PolicyNote};
+use super::{EffectiveMtls, PolicyNote};
 use crate::config::istio::security::{Condition, Operation, Rule, Source};
 use crate::config::istio::{
     Action, AuthorizationPolicy, IstioConfig, MtlsMode, PeerAuthentication,
 };
-use crate::config::Kind;
+use crate::config::{Kind, PolicyScope};
 use crate::state::{key, Key, State, Workload};
 
 /// Policies of every enrolled workload, built from one snapshot.
@@ -231,192 +231,44 @@ fn oldest<'a>(candidates: impl Iterator<Item = &'a PaRef>) -> Option<&'a PaRef> 
 }
 
 impl CompiledPolicies {
-    /// Compiles the policies of every enrolled workload in `state`. `broken` are the
-    /// AuthorizationPolicies the config layer rejected; each replaces an accepted (last good)
-    /// version of the same name.
-    pub fn build(state: &State, root_namespace: &str, broken: &[BrokenPolicy]) -> Self {
-        Self::build_where(state, root_namespace, broken, |_| true)
+    /// Compiles the policies of every enrolled workload in `state`. A rejected AuthorizationPolicy
+    /// (`state.rejected_policies`) replaces an accepted (last good) version of the same name.
+    pub fn build(state: &State, root_namespace: &str) -> Self {
+        Self::build_where(state, root_namespace, |_| true)
     }
 
     /// As [`Self::build`], for the enrolled workloads scheduled on `node` only.
-    pub fn build_for_node(
-        state: &State,
-        root_namespace: &str,
-        broken: &[BrokenPolicy],
-        node: &str,
-    ) -> Self {
-        Self::build_where(state, root_namespace, broken, |w| {
-            w.node.as_deref() == Some(node)
-        })
+    pub fn build_for_node(state: &State, root_namespace: &str, node: &str) -> Self {
+        Self::build_where(state, root_namespace, |w| w.node.as_deref() == Some(node))
     }
 
-    fn build_where(
-        state: &State,
-        root: &str,
-        broken: &[BrokenPolicy],
-        wanted: impl Fn(&Workload) -> bool,
-    ) -> Self {
-        let mut notes = Vec::new();
-        let mesh_authz = &mut Scoped::<Arc<Authz>>::default();
-        let mut ns_authz: HashMap<&str, Scoped<Arc<Authz>>> = HashMap::new();
-        let mut mesh_pa: Vec<PaRef> = Vec::new();
-        let mut ns_pa: HashMap<&str, Vec<PaRef>> = HashMap::new();
-        let mut ns_pa_selected: HashMap<&str, LabelIndex<PaRef>> = HashMap::new();
-
-        let broken_keys: HashSet<Key> = broken.iter().map(|b| key(&b.namespace, &b.name)).collect();
-        for b in broken {
-            let k = key(&b.namespace, &b.name);
-            let selector = match &b.scope {
-                BrokenScope::TargetRefs => {
-                    notes.push(PolicyNote::TargetRefsAtWaypoint { policy: k });
-                    continue;
-                }
-                BrokenScope::Selector(s) => Some(s),
-                BrokenScope::Namespace => None,
-            };
-            notes.push(PolicyNote::FailClosed {
-                policy: k.clone(),
-                reason: b.reason.clone(),
-            });
-            let authz = Arc::new(Authz {
-                key: k,
-                action: CompiledAction::FailClosed(Arc::from(format!(
-                    "AuthorizationPolicy {}/{} was rejected: {}",
-                    b.namespace, b.name, b.reason
-                ))),
-                rules: Vec::new(),
-            });
-            scope_of(mesh_authz, &mut ns_authz, root, &b.namespace).add(selector, authz);
-        }
-
+    fn build_where(state: &State, root: &str, wanted: impl Fn(&Workload) -> bool) -> Self {
+        let mut b = Builder::new(root);
+        b.add_rejected(state);
         // One pass over the policies, through the state's namespace index.
         for ((kind, ns), keys) in state.istio_by_namespace.iter() {
+            let configs = keys.iter().filter_map(|k| state.istio.get(k));
             match kind {
-                Kind::AuthorizationPolicy => {
-                    for config in keys.iter().filter_map(|k| state.istio.get(k)) {
-                        let IstioConfig::AuthorizationPolicy(o) = &**config else {
-                            continue;
-                        };
-                        let k = key(ns, o.name());
-                        if broken_keys.contains(&k) {
-                            continue;
-                        }
-                        let ap = &o.spec;
-                        if ap.target_ref.is_some() || !ap.target_refs.is_empty() {
-                            // istiod convertAuthorizationPolicy: "TargetRef is not intended for
-                            // ztunnel".
-                            notes.push(PolicyNote::TargetRefsAtWaypoint { policy: k });
-                            continue;
-                        }
-                        let authz = Arc::new(compile_authz(k, ns, ap, &mut notes));
-                        let selector = ap.selector.as_ref().map(|s| &s.match_labels);
-                        scope_of(mesh_authz, &mut ns_authz, root, ns).add(selector, authz);
-                    }
-                }
-                Kind::PeerAuthentication => {
-                    for config in keys.iter().filter_map(|k| state.istio.get(k)) {
-                        let IstioConfig::PeerAuthentication(o) = &**config else {
-                            continue;
-                        };
-                        let r = PaRef {
-                            age: (o.metadata.creation_timestamp.clone(), o.name().to_string()),
-                            key: key(ns, o.name()),
-                            spec: Arc::new(o.spec.clone()),
-                        };
-                        let labels = o.spec.selector.as_ref().map(|s| &s.match_labels);
-                        match labels {
-                            Some(l) if !l.is_empty() => {
-                                if &**ns == root {
-                                    // istiod convertedSelectorPeerAuthentications skips
-                                    // workload-selector policies in the root namespace.
-                                    notes.push(PolicyNote::PeerAuthnIgnored {
-                                        policy: r.key,
-                                        reason: "a workload selector in the root namespace is ignored in ambient mode",
-                                    });
-                                    continue;
-                                }
-                                let sel = Arc::new(l.clone());
-                                ns_pa_selected.entry(&**ns).or_default().insert(sel, r);
-                            }
-                            _ if &**ns == root => mesh_pa.push(r),
-                            _ => ns_pa.entry(&**ns).or_default().push(r),
-                        }
-                    }
-                }
+                Kind::AuthorizationPolicy => b.add_authorization_policies(state, ns, configs),
+                Kind::PeerAuthentication => b.add_peer_authentications(ns, configs),
                 _ => {}
             }
         }
-
-        let mesh_pa = oldest(mesh_pa.iter());
-        // Policies that have not been listed yet cannot be known to be absent: every workload
-        // denies until they are (issue 9: a pod is never served with an empty policy set that
-        // later fills in).
-        let unlisted: Vec<&str> = [Kind::AuthorizationPolicy, Kind::PeerAuthentication]
-            .into_iter()
-            .filter(|k| !state.synced.contains(k))
-            .map(Kind::as_str)
-            .collect();
-        let unknown = (!unlisted.is_empty()).then(|| {
-            Arc::new(Authz {
-                key: Arc::from("(policies not listed yet)"),
-                action: CompiledAction::FailClosed(Arc::from(format!(
-                    "{} not listed yet: policies cannot be known",
-                    unlisted.join(" and ")
-                ))),
-                rules: Vec::new(),
-            })
-        });
+        let unknown = unlisted_policies(state);
         let mut by_workload: HashMap<Arc<str>, HashMap<Arc<str>, Arc<WorkloadPolicy>>> =
             HashMap::new();
         for w in state.workloads.values() {
             if !state.is_enrolled(w) || !wanted(w) {
                 continue;
             }
-            let ns = w.namespace.as_str();
-            let mut policy = WorkloadPolicy::default();
-            let local = ns_authz.get(ns);
-            let applying = mesh_authz
-                .for_workload(w)
-                .chain(local.into_iter().flat_map(|s| s.for_workload(w)));
-            for a in applying {
-                let list = match a.action {
-                    CompiledAction::Allow => &mut policy.allow,
-                    CompiledAction::Deny => &mut policy.deny,
-                    CompiledAction::Audit => &mut policy.audit,
-                    CompiledAction::FailClosed(_) => &mut policy.fail_closed,
-                };
-                list.push(a.clone());
-            }
+            let mut policy = b.workload_policy(w);
             policy.fail_closed.extend(unknown.clone());
-            for list in [
-                &mut policy.fail_closed,
-                &mut policy.deny,
-                &mut policy.allow,
-                &mut policy.audit,
-            ] {
-                list.sort_by(|a, b| a.key.cmp(&b.key));
-            }
-            let ns_level = if ns == root {
-                None
-            } else {
-                oldest(ns_pa.get(ns).into_iter().flatten())
-            };
-            let workload_level = if ns == root {
-                None
-            } else {
-                oldest(
-                    ns_pa_selected
-                        .get(ns)
-                        .into_iter()
-                        .flat_map(|i| i.matching(&w.labels)),
-                )
-            };
-            policy.mtls = resolve_mtls(mesh_pa, ns_level, workload_level);
             by_workload
-                .entry(Arc::from(ns))
+                .entry(Arc::from(w.namespace.as_str()))
                 .or_default()
                 .insert(Arc::from(w.name.as_str()), Arc::new(policy));
         }
+        let mut notes = b.notes;
         notes.sort_by_key(|n| n.to_string());
         notes.dedup();
         CompiledPolicies { by_workload, notes }
@@ -445,17 +297,194 @@ impl CompiledPolicies {
 /// Root-namespace policies are mesh-wide; a selector there selects in every namespace (Istio
 /// AuthorizationPolicy reference: "If the authorization policy is in the root namespace, the
 /// selector will additionally match with workloads in all namespaces").
-fn scope_of<'a, 'n>(
-    mesh: &'a mut Scoped<Arc<Authz>>,
-    by_ns: &'a mut HashMap<&'n str, Scoped<Arc<Authz>>>,
-    root: &str,
-    ns: &'n str,
-) -> &'a mut Scoped<Arc<Authz>> {
-    if ns == root {
-        mesh
-    } else {
-        by_ns.entry(ns).or_default()
+/// Policies indexed by where they apply, while one snapshot is compiled.
+struct Builder<'s> {
+    root: &'s str,
+    mesh_authz: Scoped<Arc<Authz>>,
+    ns_authz: HashMap<&'s str, Scoped<Arc<Authz>>>,
+    mesh_pa: Vec<PaRef>,
+    ns_pa: HashMap<&'s str, Vec<PaRef>>,
+    ns_pa_selected: HashMap<&'s str, LabelIndex<PaRef>>,
+    /// Rejected policies: their accepted (last good) versions are not used.
+    rejected: HashSet<Key>,
+    notes: Vec<PolicyNote>,
+}
+
+impl<'s> Builder<'s> {
+    fn new(root: &'s str) -> Self {
+        Builder {
+            root,
+            mesh_authz: Scoped::default(),
+            ns_authz: HashMap::new(),
+            mesh_pa: Vec::new(),
+            ns_pa: HashMap::new(),
+            ns_pa_selected: HashMap::new(),
+            rejected: HashSet::new(),
+            notes: Vec::new(),
+        }
     }
+
+    fn authz_scope(&mut self, ns: &'s str) -> &mut Scoped<Arc<Authz>> {
+        if ns == self.root {
+            &mut self.mesh_authz
+        } else {
+            self.ns_authz.entry(ns).or_default()
+        }
+    }
+
+    /// Every rejected AuthorizationPolicy fails closed for what it would select.
+    fn add_rejected(&mut self, state: &'s State) {
+        for (k, p) in state.rejected_policies.iter() {
+            self.rejected.insert(k.clone());
+            let selector = match &p.scope {
+                PolicyScope::TargetRefs => {
+                    self.notes
+                        .push(PolicyNote::TargetRefsAtWaypoint { policy: k.clone() });
+                    continue;
+                }
+                PolicyScope::Selector(s) => Some(s),
+                PolicyScope::Namespace => None,
+            };
+            self.notes.push(PolicyNote::FailClosed {
+                policy: k.clone(),
+                reason: p.reason.clone(),
+            });
+            let authz = Arc::new(Authz {
+                key: k.clone(),
+                action: CompiledAction::FailClosed(Arc::from(format!(
+                    "AuthorizationPolicy {}/{} was rejected: {}",
+                    p.namespace, p.name, p.reason
+                ))),
+                rules: Vec::new(),
+            });
+            self.authz_scope(&p.namespace).add(selector, authz);
+        }
+    }
+
+    fn add_authorization_policies(
+        &mut self,
+        state: &State,
+        ns: &'s str,
+        configs: impl Iterator<Item = &'s Arc<IstioConfig>>,
+    ) {
+        let _ = state;
+        for config in configs {
+            let IstioConfig::AuthorizationPolicy(o) = &**config else {
+                continue;
+            };
+            let k = key(ns, o.name());
+            if self.rejected.contains(&k) {
+                continue;
+            }
+            let ap = &o.spec;
+            if ap.target_ref.is_some() || !ap.target_refs.is_empty() {
+                // istiod convertAuthorizationPolicy: "TargetRef is not intended for ztunnel".
+                self.notes
+                    .push(PolicyNote::TargetRefsAtWaypoint { policy: k });
+                continue;
+            }
+            let authz = Arc::new(compile_authz(k, ns, ap, &mut self.notes));
+            let selector = ap.selector.as_ref().map(|s| &s.match_labels);
+            self.authz_scope(ns).add(selector, authz);
+        }
+    }
+
+    fn add_peer_authentications(
+        &mut self,
+        ns: &'s str,
+        configs: impl Iterator<Item = &'s Arc<IstioConfig>>,
+    ) {
+        for config in configs {
+            let IstioConfig::PeerAuthentication(o) = &**config else {
+                continue;
+            };
+            let r = PaRef {
+                age: (o.metadata.creation_timestamp.clone(), o.name().to_string()),
+                key: key(ns, o.name()),
+                spec: Arc::new(o.spec.clone()),
+            };
+            match o.spec.selector.as_ref().map(|s| &s.match_labels) {
+                Some(l) if !l.is_empty() => {
+                    if ns == self.root {
+                        // istiod convertedSelectorPeerAuthentications skips workload-selector
+                        // policies in the root namespace.
+                        self.notes.push(PolicyNote::PeerAuthnIgnored {
+                            policy: r.key,
+                            reason: "a workload selector in the root namespace is ignored in ambient mode",
+                        });
+                        continue;
+                    }
+                    let sel = Arc::new(l.clone());
+                    self.ns_pa_selected.entry(ns).or_default().insert(sel, r);
+                }
+                _ if ns == self.root => self.mesh_pa.push(r),
+                _ => self.ns_pa.entry(ns).or_default().push(r),
+            }
+        }
+    }
+
+    /// The authorization policies and the mTLS view that apply to one workload.
+    fn workload_policy(&self, w: &Workload) -> WorkloadPolicy {
+        let ns = w.namespace.as_str();
+        let mut policy = WorkloadPolicy::default();
+        let local = self.ns_authz.get(ns);
+        let applying = self
+            .mesh_authz
+            .for_workload(w)
+            .chain(local.into_iter().flat_map(|s| s.for_workload(w)));
+        for a in applying {
+            let list = match a.action {
+                CompiledAction::Allow => &mut policy.allow,
+                CompiledAction::Deny => &mut policy.deny,
+                CompiledAction::Audit => &mut policy.audit,
+                CompiledAction::FailClosed(_) => &mut policy.fail_closed,
+            };
+            list.push(a.clone());
+        }
+        for list in [
+            &mut policy.fail_closed,
+            &mut policy.deny,
+            &mut policy.allow,
+            &mut policy.audit,
+        ] {
+            list.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        let (ns_level, workload_level) = if ns == self.root {
+            (None, None)
+        } else {
+            (
+                oldest(self.ns_pa.get(ns).into_iter().flatten()),
+                oldest(
+                    self.ns_pa_selected
+                        .get(ns)
+                        .into_iter()
+                        .flat_map(|i| i.matching(&w.labels)),
+                ),
+            )
+        };
+        policy.mtls = resolve_mtls(oldest(self.mesh_pa.iter()), ns_level, workload_level);
+        policy
+    }
+}
+
+/// Policies that have not been listed yet cannot be known to be absent: every workload denies
+/// until they are (issue 9: a pod is never served with an empty policy set that later fills in).
+fn unlisted_policies(state: &State) -> Option<Arc<Authz>> {
+    let unlisted: Vec<&str> = [Kind::AuthorizationPolicy, Kind::PeerAuthentication]
+        .into_iter()
+        .filter(|k| !state.synced.contains(k))
+        .map(Kind::as_str)
+        .collect();
+    (!unlisted.is_empty()).then(|| {
+        Arc::new(Authz {
+            key: Arc::from("(policies not listed yet)"),
+            action: CompiledAction::FailClosed(Arc::from(format!(
+                "{} not listed yet: policies cannot be known",
+                unlisted.join(" and ")
+            ))),
+            rules: Vec::new(),
+        })
+    })
 }
 
 /// Istio: mesh (root namespace) → namespace → workload, the most specific set mode wins; UNSET

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::*;
 use crate::config::files::{load_text, Loaded};
 use crate::config::istio::IstioConfig;
-use crate::config::{Kind, Object, ObjectError, SourceEvent};
+use crate::config::{Kind, Object, ObjectError, PolicyScope, SourceEvent};
 use crate::state::store::Store;
 
 pub(super) const ROOT: &str = "istio-system";
@@ -53,17 +53,14 @@ spec: {nodeName: n1, serviceAccountName: httpbin, containers: []}
 status: {phase: Running, podIP: 10.0.2.1}
 "#;
 
-/// A snapshot and the AuthorizationPolicies the config layer rejected, as the agent would see
-/// them.
+/// A snapshot as the agent would see it: rejected AuthorizationPolicies are in it
+/// (`state.rejected_policies`), with the scope the parser read from their raw text.
 pub(super) struct World {
     pub state: crate::state::State,
-    pub broken: Vec<BrokenPolicy>,
     pub errors: Vec<ObjectError>,
 }
 
-/// Loads `CLUSTER` plus `yaml` through the file source's parser and the store. Rejected
-/// AuthorizationPolicies become [`BrokenPolicy`]s from their raw text, as the config layer is
-/// expected to do.
+/// Loads `CLUSTER` plus `yaml` through the file source's parser and the store.
 pub(super) fn world(yaml: &str) -> World {
     let text = format!("{CLUSTER}\n---\n{yaml}");
     let mut loaded = Loaded::default();
@@ -76,38 +73,15 @@ pub(super) fn world(yaml: &str) -> World {
     let mut store = Store::new("cluster.local");
     store.apply(loaded.into_event());
     store.publish();
-    let errors = store.errors();
-    let mut broken = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_json::Value::deserialize(doc).expect("fixture YAML document");
-        if value.get("kind").and_then(|k| k.as_str()) != Some("AuthorizationPolicy") {
-            continue;
-        }
-        let meta = &value["metadata"];
-        let ns = meta["namespace"].as_str().unwrap_or("default");
-        let name = meta["name"].as_str().unwrap_or_default();
-        let first = errors.iter().find(|e| {
-            e.object.kind == Kind::AuthorizationPolicy
-                && e.object.namespace == ns
-                && e.object.name == name
-        });
-        if let Some(e) = first {
-            let reason = format!("{}: {}", e.field, e.message);
-            broken.push(BrokenPolicy::from_json(ns, name, &value, reason));
-        }
-    }
     World {
         state: (*store.reader().load_full()).clone(),
-        broken,
-        errors,
+        errors: store.errors(),
     }
 }
 
-use serde::Deserialize;
-
 impl World {
     pub fn compile(&self) -> CompiledPolicies {
-        CompiledPolicies::build(&self.state, ROOT, &self.broken)
+        CompiledPolicies::build(&self.state, ROOT)
     }
 
     /// Decides a connection from `peer` to `pod` (`namespace/name`) on `port`.
@@ -288,7 +262,7 @@ fn only_enrolled_workloads_are_compiled_and_node_filter_applies() {
     let w = world("");
     let all = w.compile();
     assert_eq!(all.len(), 4, "every enrolled pod of CLUSTER");
-    let n2 = CompiledPolicies::build_for_node(&w.state, ROOT, &[], "n2");
+    let n2 = CompiledPolicies::build_for_node(&w.state, ROOT, "n2");
     assert!(
         n2.for_workload("foo", "finance").is_some() && n2.len() == 1,
         "build_for_node keeps only the node's pods"
@@ -328,26 +302,25 @@ fn deny_without_rules_matches_nothing_in_the_engine() {
 }
 
 #[test]
-fn broken_policy_from_json_reads_what_it_can() {
+fn a_rejected_policys_scope_is_read_from_what_can_be_read() {
     let v: serde_json::Value = serde_json::json!({
         "spec": {"selector": {"matchLabels": {"app": "httpbin"}}, "action": "CUSTOM"}
     });
-    let b = BrokenPolicy::from_json("foo", "ext", &v, "CUSTOM");
     assert_eq!(
-        b.scope,
-        BrokenScope::Selector([("app".to_string(), "httpbin".to_string())].into()),
+        PolicyScope::from_json(&v),
+        PolicyScope::Selector([("app".to_string(), "httpbin".to_string())].into()),
         "a readable selector is kept"
     );
     let v = serde_json::json!({"spec": {"selector": {"matchLabels": ["not", "a", "map"]}}});
     assert_eq!(
-        BrokenPolicy::from_json("foo", "x", &v, "bad").scope,
-        BrokenScope::Namespace,
+        PolicyScope::from_json(&v),
+        PolicyScope::Namespace,
         "an unreadable selector widens to the namespace"
     );
     let v = serde_json::json!({"spec": {"targetRefs": [{"kind": "Service", "name": "a"}], "action": "BOGUS"}});
     assert_eq!(
-        BrokenPolicy::from_json("foo", "x", &v, "bad").scope,
-        BrokenScope::TargetRefs,
+        PolicyScope::from_json(&v),
+        PolicyScope::TargetRefs,
         "a targetRefs policy belongs to a waypoint"
     );
 }
@@ -362,13 +335,17 @@ metadata: {name: allow-all, namespace: foo}
 spec: {rules: [{}]}
 "#,
     );
-    let broken = vec![BrokenPolicy {
-        namespace: "foo".into(),
-        name: "allow-all".into(),
-        scope: BrokenScope::Namespace,
-        reason: "spec.rules[0].to[0].operation.ports[0]: bad port (x)".into(),
-    }];
-    let c = CompiledPolicies::build(&w.state, ROOT, &broken);
+    let mut state = w.state.clone();
+    state.rejected_policies.insert(
+        crate::state::key("foo", "allow-all"),
+        std::sync::Arc::new(crate::state::RejectedPolicy {
+            namespace: "foo".into(),
+            name: "allow-all".into(),
+            scope: PolicyScope::Namespace,
+            reason: "spec.rules[0].to[0].operation.ports[0]: bad port (x)".into(),
+        }),
+    );
+    let c = CompiledPolicies::build(&state, ROOT);
     let d = w.check(
         &c,
         "foo/sleep",

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::{
-    outbound::finish, relay, reset, Decision, InboundConnection, Metrics, PodContext, ProxyInputs,
-};
+use super::addr::{canonical, OrigDst, PeerAddr};
+use super::inbound::authorize;
+use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
+use super::{connect, copy, reset, Counters, PodContext, ProxyInputs};
 
 pub struct InboundPlain {
     pub pi: Arc<ProxyInputs>,
@@ -20,56 +21,57 @@ pub struct InboundPlain {
 
 impl InboundPlain {
     pub async fn run(self) {
-        loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(pod = %self.pod.name, error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            Metrics::inc(&self.pi.metrics.inbound_accepted);
-            let (pi, pod) = (self.pi.clone(), self.pod.clone());
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let Ok(dst) = stream.local_addr() else {
-                    return reset(stream);
-                };
-                debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
-                let conn = InboundConnection {
-                    pod: &pod,
-                    src: peer,
-                    dst,
-                    identity: None,
-                };
-                if let Decision::Deny { policy, reason } = pi.policy.check(&conn) {
-                    // Closed before the app is reached (a reset: the client sees a refusal).
-                    Metrics::inc(&pi.metrics.inbound_denied);
-                    debug!(pod = %pod.name, %peer, %dst, policy, reason, "plaintext inbound denied");
-                    return reset(stream);
-                }
-                match connect_app(&pod, dst).await {
-                    Ok(app) => finish(&pi, relay::relay(stream, app).await),
-                    Err(e) => {
-                        Metrics::inc(&pi.metrics.inbound_connect_failed);
-                        debug!(pod = %pod.name, %dst, error = %e, "app unreachable");
-                        reset(stream);
-                    }
-                }
-            });
-        }
+        let InboundPlain { pi, pod, listener } = self;
+        let name = pod.name.clone();
+        super::accept::serve(listener, "inbound_plain", &name, move |stream, peer| {
+            handle(pi.clone(), pod.clone(), stream, PeerAddr(peer))
+        })
+        .await;
     }
 }
 
-/// Connects to the app at `dst` from inside the pod, source = the pod's own IP.
-pub async fn connect_app(
-    pod: &PodContext,
-    dst: std::net::SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let bind = pod.ip_like(dst.ip()).or(Some(dst.ip()));
-    let socket = pod.worker.upstream_socket(dst, bind).await?;
-    let s = socket.connect(dst).await?;
-    s.set_nodelay(true)?;
-    Ok(s)
+async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, peer: PeerAddr) {
+    Counters::inc(&pi.counters.inbound_accepted);
+    let _ = stream.set_nodelay(true);
+    let Ok(dst) = stream.local_addr() else {
+        return reset(stream);
+    };
+    let dst = OrigDst(dst);
+    debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
+    let snap = pi.snapshot.load_full();
+    let labels = TcpLabels {
+        reporter: Reporter::Destination,
+        // No identity: the workload at the source address, as far as the snapshot knows it.
+        source: snap
+            .state
+            .workload_by_ip(canonical(peer.0.ip()))
+            .map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone())),
+        destination: Peer::Workload(pod.istio.clone()),
+        service: snap
+            .local_service(&pod.namespace, &pod.name, dst.0.port())
+            .cloned()
+            .map(ServiceRef),
+        flags: "-",
+        mtls: false,
+    };
+    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+    if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, None) {
+        // Closed before the app is reached (a reset: the client sees a refusal).
+        reset(stream);
+        return result.finish(Err(e));
+    }
+    result.set_upstream(dst.0);
+    match connect::app(&pod, dst.0).await {
+        Ok(app) => {
+            let outcome = copy::bidirectional(stream, app).await;
+            super::outbound::finish(&pi, &outcome);
+            result.finish(Ok(outcome));
+        }
+        Err(e) => {
+            Counters::inc(&pi.counters.inbound_connect_failed);
+            debug!(pod = %pod.name, %dst, error = %e, "app unreachable");
+            reset(stream);
+            result.finish(Err(e));
+        }
+    }
 }

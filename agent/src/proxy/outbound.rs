@@ -1,19 +1,24 @@
-//! Outbound: connections the pod's app made, rewritten by connect4/6 to 127.0.0.1/::1:15001 in the
-//! pod's netns. The original destination comes from the eBPF map; the upstream socket is created in
-//! the same netns, so the source address stays the pod's own.
+//! Outbound: connections the pod's app made, rewritten by connect4/6 to 127.0.0.1/::1:15001 in
+//! the pod's netns. Istio's order of decisions: original destination → what it is in the snapshot
+//! (a Service, a workload, or outside the mesh) → an endpoint → the connection (HBONE to an
+//! enrolled workload, plaintext otherwise). Upstream sockets are made in the pod's netns, so the
+//! source address stays the pod's own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use ambit_common::HBONE_PORT;
-
-use super::pool::{ConnectRequest, PoolKey};
-use super::{relay, reset, Metrics, PodContext, ProxyInputs};
+use super::addr::{OrigDst, PeerAddr};
+use super::copy;
+use super::hbone::{ConnectRequest, PoolKey};
+use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
+use super::{connect, reset, Counters, Error, PodContext, ProxyInputs};
 use crate::identity::Identity;
-use crate::state::{Destination, State, Workload};
+use crate::snapshot::Snapshot;
+use crate::state::{Destination, Service, State, Workload};
 
 pub struct Outbound {
     pub pi: Arc<ProxyInputs>,
@@ -29,113 +34,170 @@ impl Outbound {
             warn!(pod = %self.pod.name, "outbound listener has no local address");
             return;
         };
-        loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(pod = %self.pod.name, error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            Metrics::inc(&self.pi.metrics.outbound_accepted);
-            tokio::spawn(handle(
-                self.pi.clone(),
-                self.pod.clone(),
-                stream,
-                peer,
-                local,
-            ));
-        }
+        let Outbound { pi, pod, listener } = self;
+        let name = pod.name.clone();
+        super::accept::serve(listener, "outbound", &name, move |stream, peer| {
+            handle(pi.clone(), pod.clone(), stream, PeerAddr(peer), local)
+        })
+        .await;
     }
+}
+
+/// Where a captured connection goes.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// An enrolled workload: over HBONE to its 15008, CONNECT to `endpoint`.
+    Hbone {
+        endpoint: SocketAddr,
+        identity: Identity,
+        workload: Arc<Workload>,
+        service: Option<Arc<Service>>,
+    },
+    /// Outside the mesh (or unknown): plaintext, as a direct connection would go.
+    Direct {
+        endpoint: SocketAddr,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
 }
 
 async fn handle(
     pi: Arc<ProxyInputs>,
     pod: Arc<PodContext>,
     stream: TcpStream,
-    peer: SocketAddr,
+    peer: PeerAddr,
     local: SocketAddr,
 ) {
+    Counters::inc(&pi.counters.outbound_accepted);
     let _ = stream.set_nodelay(true);
-    let dst = match pi.orig_dst.take(pod.netns_cookie, peer, local) {
-        Ok(Some(dst)) => dst,
-        Ok(None) | Err(_) => {
-            // Someone connected to 15001 directly, or the entry was lost: nowhere safe to go.
-            Metrics::inc(&pi.metrics.outbound_orig_dst_missing);
-            warn!(pod = %pod.name, %peer, "outbound connection without an original destination; resetting");
-            return reset(stream);
-        }
+    let Some(dst) = pi.orig_dst.take(pod.netns_cookie, peer.0, local) else {
+        // Someone connected to 15001 directly, or the entry was lost: nowhere safe to go.
+        Counters::inc(&pi.counters.outbound_orig_dst_missing);
+        warn!(pod = %pod.name, %peer, "outbound connection without an original destination; resetting");
+        return reset(stream);
     };
+    let dst = OrigDst(dst);
     debug!(pod = %pod.name, %peer, %dst, "outbound captured");
-    let route = route(&pi.state.load(), pi.secrets.trust_domain(), dst);
-    match route {
-        Route::Hbone { dst, identity } => {
-            Metrics::inc(&pi.metrics.outbound_hbone);
-            hbone(&pi, &pod, stream, peer, dst, identity).await
-        }
-        Route::Direct(dst) => {
-            Metrics::inc(&pi.metrics.outbound_plaintext);
-            plaintext(&pi, &pod, stream, dst).await
-        }
-        Route::NoEndpoints => {
-            Metrics::inc(&pi.metrics.outbound_no_endpoints);
-            debug!(pod = %pod.name, %dst, "service without ready endpoints; resetting");
-            reset(stream)
-        }
-        Route::Incomplete => {
-            Metrics::inc(&pi.metrics.outbound_incomplete_view);
-            debug!(pod = %pod.name, %dst, "the cluster view is incomplete; resetting");
-            reset(stream)
-        }
-    }
-}
-
-/// Where a captured connection goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// An enrolled workload: over HBONE to its 15008, CONNECT to `dst`.
-    Hbone { dst: SocketAddr, identity: Identity },
-    /// Outside the mesh (or unknown): plaintext, as a direct connection would go.
-    Direct(SocketAddr),
-    /// A Service port without a ready endpoint.
-    NoEndpoints,
-    /// Some kind has not been listed yet, so where `dst` belongs is not known: refused rather than
-    /// sent in plaintext around the mesh (fail closed).
-    Incomplete,
-}
-
-/// Decides the route from one state snapshot. A Service VIP is resolved to one of its ready
-/// endpoints (the capture happens before kube-proxy could); a pod IP goes to that pod.
-pub fn route(state: &State, trust_domain: &str, dst: SocketAddr) -> Route {
-    if !state.is_complete() {
-        return Route::Incomplete;
-    }
-    let to_workload = |addr: SocketAddr, w: Option<Arc<Workload>>| match w {
-        Some(w) if state.is_enrolled(&w) => Route::Hbone {
-            dst: addr,
-            identity: Identity::new(trust_domain, &w.namespace, service_account(&w)),
-        },
-        _ => Route::Direct(addr),
+    let snap = pi.snapshot.load_full();
+    let labels = TcpLabels {
+        reporter: Reporter::Source,
+        source: Peer::Workload(pod.istio.clone()),
+        destination: Peer::Unknown,
+        service: None,
+        flags: "-",
+        mtls: false,
     };
-    match state.destination(dst) {
-        Some(Destination::Workload(w)) => to_workload(dst, Some(w)),
+    match route(&snap, pi.secrets.trust_domain(), dst) {
+        Err(e) => {
+            let counter = match &e {
+                Error::IncompleteView { .. } => &pi.counters.outbound_incomplete_view,
+                _ => &pi.counters.outbound_no_endpoints,
+            };
+            Counters::inc(counter);
+            debug!(pod = %pod.name, %dst, error = %e, "no route; resetting");
+            let result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+            result.finish(Err(e));
+            reset(stream)
+        }
+        Ok(route) => {
+            let service = match &route {
+                Route::Hbone { service, .. } | Route::Direct { service, .. } => service.clone(),
+            };
+            let labels = TcpLabels {
+                service: service.map(ServiceRef),
+                ..labels
+            };
+            let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+            let outcome = match route {
+                Route::Hbone {
+                    endpoint,
+                    identity,
+                    workload,
+                    ..
+                } => {
+                    Counters::inc(&pi.counters.outbound_hbone);
+                    result.set_destination(Peer::Workload(workload.istio.clone()), true);
+                    result.set_upstream(endpoint);
+                    hbone(&pi, &pod, stream, peer, endpoint, identity).await
+                }
+                Route::Direct {
+                    endpoint, workload, ..
+                } => {
+                    Counters::inc(&pi.counters.outbound_plaintext);
+                    let dest = workload.map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone()));
+                    result.set_destination(dest, false);
+                    result.set_upstream(endpoint);
+                    plaintext(&pi, &pod, stream, endpoint).await
+                }
+            };
+            if let Ok(o) = &outcome {
+                finish(&pi, o);
+            }
+            result.finish(outcome);
+        }
+    }
+}
+
+/// Decides the route from one snapshot. A Service VIP is resolved to one of its ready endpoints
+/// (the capture happens before kube-proxy could); a pod IP goes to that pod.
+pub fn route(snap: &Snapshot, trust_domain: &str, dst: OrigDst) -> Result<Route, Error> {
+    let state = &snap.state;
+    if !state.is_complete() {
+        let missing: Vec<&str> = state.unsynced().iter().map(|k| k.as_str()).collect();
+        return Err(Error::IncompleteView {
+            dst: dst.0,
+            missing: missing.join(", "),
+        });
+    }
+    match state.destination(dst.0) {
+        Some(Destination::Workload(w)) => {
+            Ok(to_workload(state, trust_domain, dst.0, Some(w), None))
+        }
         Some(Destination::Service {
             service,
             port: Some(_),
         }) => {
-            let mut endpoints = state.ready_endpoints(&service, dst.port());
-            // Stay in the family the app dialled when the Service is dual-stack.
-            if endpoints.iter().any(|e| e.is_ipv4() == dst.is_ipv4()) {
-                endpoints.retain(|e| e.is_ipv4() == dst.is_ipv4());
-            }
+            let endpoints = state
+                .endpoints_of(&service, dst.0.port())
+                .map(|e| e.for_family_of(dst.0))
+                .unwrap_or_default();
             if endpoints.is_empty() {
-                return Route::NoEndpoints;
+                return Err(Error::NoHealthyUpstream {
+                    service: service.hostname.clone(),
+                    port: dst.0.port(),
+                });
             }
             let ep = endpoints[fastrand::usize(..endpoints.len())];
-            to_workload(ep, state.workload_by_ip(ep.ip()))
+            let w = state.workload_by_ip(ep.ip());
+            Ok(to_workload(state, trust_domain, ep, w, Some(service)))
         }
-        _ => Route::Direct(dst),
+        _ => Ok(Route::Direct {
+            endpoint: dst.0,
+            workload: None,
+            service: None,
+        }),
+    }
+}
+
+fn to_workload(
+    state: &State,
+    trust_domain: &str,
+    endpoint: SocketAddr,
+    w: Option<Arc<Workload>>,
+    service: Option<Arc<Service>>,
+) -> Route {
+    match w {
+        Some(w) if state.is_enrolled(&w) => Route::Hbone {
+            endpoint,
+            identity: Identity::new(trust_domain, &w.namespace, service_account(&w)),
+            workload: w,
+            service,
+        },
+        w => Route::Direct {
+            endpoint,
+            workload: w,
+            service,
+        },
     }
 }
 
@@ -147,31 +209,38 @@ fn service_account(w: &Workload) -> &str {
     }
 }
 
-async fn plaintext(pi: &ProxyInputs, pod: &PodContext, stream: TcpStream, dst: SocketAddr) {
-    let upstream = match connect(pod, dst).await {
+async fn plaintext(
+    pi: &ProxyInputs,
+    pod: &PodContext,
+    stream: TcpStream,
+    dst: SocketAddr,
+) -> Result<copy::Outcome, Error> {
+    let upstream = match connect::direct(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
-            Metrics::inc(&pi.metrics.outbound_connect_failed);
+            Counters::inc(&pi.counters.outbound_connect_failed);
             debug!(pod = %pod.name, %dst, error = %e, "outbound connect failed");
-            // The app must see what a direct connect would have produced: a reset, not a clean close.
-            return reset(stream);
+            // The app must see what a direct connect would have produced: a reset, not a clean
+            // close.
+            reset(stream);
+            return Err(e);
         }
     };
-    finish(pi, relay::relay(stream, upstream).await);
+    Ok(copy::bidirectional(stream, upstream).await)
 }
 
 async fn hbone(
     pi: &ProxyInputs,
     pod: &PodContext,
     stream: TcpStream,
-    peer: SocketAddr,
+    peer: PeerAddr,
     dst: SocketAddr,
     identity: Identity,
-) {
+) -> Result<copy::Outcome, Error> {
     let Some(src_ip) = pod.ip_like(dst.ip()) else {
-        Metrics::inc(&pi.metrics.outbound_hbone_failed);
-        warn!(pod = %pod.name, %dst, "pod has no address of the destination's family");
-        return reset(stream);
+        Counters::inc(&pi.counters.outbound_hbone_failed);
+        reset(stream);
+        return Err(Error::NoSourceAddress { dst });
     };
     let key = PoolKey {
         src_netns: pod.netns_cookie,
@@ -183,35 +252,33 @@ async fn hbone(
     let req = ConnectRequest {
         authority: dst,
         // The app's socket is on loopback (capture rewrote its destination); the peer sees the pod.
-        forwarded_for: SocketAddr::new(src_ip, peer.port()),
+        forwarded_for: SocketAddr::new(src_ip, peer.0.port()),
         baggage: pod.baggage.clone(),
     };
-    let tunnel = match pi.pool.connect(&key, &pod.worker, &req).await {
+    let tunnel = match pi.pool.connect(&key, pod.sockets.as_ref(), &req).await {
         Ok(t) => t,
-        Err(e) => {
-            Metrics::inc(&pi.metrics.outbound_hbone_failed);
-            warn!(pod = %pod.name, %dst, error = %e, "HBONE tunnel failed");
-            return reset(stream);
+        Err(source) => {
+            Counters::inc(&pi.counters.outbound_hbone_failed);
+            warn!(pod = %pod.name, %dst, error = %source, "HBONE tunnel failed");
+            reset(stream);
+            return Err(Error::Tunnel {
+                dst,
+                source: Box::new(source),
+            });
         }
     };
-    finish(pi, tunnel.splice(stream).await);
+    Ok(copy::bidirectional(stream, tunnel).await)
 }
 
-async fn connect(pod: &PodContext, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = pod.worker.upstream_socket(dst, None).await?;
-    let s = socket.connect(dst).await?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-pub(super) fn finish(pi: &ProxyInputs, outcome: relay::RelayOutcome) {
+/// ambit's own relay counters.
+pub(super) fn finish(pi: &ProxyInputs, outcome: &copy::Outcome) {
     use std::sync::atomic::Ordering;
-    pi.metrics
+    pi.counters
         .bytes_relayed
         .fetch_add(outcome.a_to_b + outcome.b_to_a, Ordering::Relaxed);
-    Metrics::inc(if outcome.reset {
-        &pi.metrics.relays_reset
+    Counters::inc(if outcome.reset() {
+        &pi.counters.relays_reset
     } else {
-        &pi.metrics.relays_completed
+        &pi.counters.relays_completed
     });
 }

@@ -103,6 +103,17 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                 }
             }
             let phase = status.phase.as_deref().unwrap_or("Running");
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let service_account = spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let istio = std::sync::Arc::new(crate::state::IstioLabels::new(
+                &workload_name(&pod.metadata, &labels),
+                &oref.namespace,
+                &service_account,
+                &labels,
+            ));
             Item::Workload(Workload {
                 uid: pod
                     .metadata
@@ -111,18 +122,16 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
                     .unwrap_or_else(|| format!("{}/{}", oref.namespace, oref.name)),
                 name: oref.name.clone(),
                 namespace: oref.namespace.clone(),
-                service_account: spec
-                    .service_account_name
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
+                service_account,
                 node: spec.node_name.clone(),
                 host_network: spec.host_network.unwrap_or(false),
                 ips,
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                labels,
                 named_ports,
                 annotations,
                 running: !matches!(phase, "Succeeded" | "Failed"),
                 terminating: pod.metadata.deletion_timestamp.is_some(),
+                istio,
             })
         }
         Object::Service(svc) => {
@@ -276,6 +285,40 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
         Ok(Converted { item, warnings })
     } else {
         Err(errors)
+    }
+}
+
+/// Istio's workload name for a pod (istio `GetDeployMetaFromPod`): a ReplicaSet owner is its
+/// Deployment (the name without `-<pod-template-hash>`), a Job named `<cronjob>-<digits>` its
+/// CronJob, any other controller itself; a pod without one is its own workload.
+fn workload_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    labels: &BTreeMap<String, String>,
+) -> String {
+    let pod_name = meta.name.clone().unwrap_or_default();
+    let Some(owner) = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod_name;
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .and_then(|hash| owner.name.strip_suffix(&format!("-{hash}")))
+            .unwrap_or(&owner.name)
+            .to_string(),
+        "Job" => match owner.name.rsplit_once('-') {
+            Some((cronjob, stamp))
+                if !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cronjob.to_string()
+            }
+            _ => owner.name.clone(),
+        },
+        _ => owner.name.clone(),
     }
 }
 

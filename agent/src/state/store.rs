@@ -9,10 +9,9 @@ use arc_swap::ArcSwap;
 use tracing::debug;
 
 use super::convert::{convert, item_ref, Item};
-use super::{fqdn, istio_key, key, Key, State};
+use super::{fqdn, istio_key, key, Key, RejectedPolicy, State};
 use crate::config::istio::{undefined_subsets, IstioConfig};
-use crate::config::{Kind, Object, ObjectError, ObjectRef, SourceEvent};
-use crate::policy::{BrokenPolicy, BrokenScope};
+use crate::config::{Kind, Object, ObjectError, ObjectRef, PolicyScope, Rejected, SourceEvent};
 
 /// The latest published snapshot, shared with the data path.
 pub type StateReader = Arc<ArcSwap<State>>;
@@ -52,10 +51,10 @@ pub struct Store {
     /// EndpointSlice → the Service key it is filed under.
     slice_owner: BTreeMap<ObjectRef, Key>,
     rejected_total: u64,
-    /// AuthorizationPolicies currently rejected: they deny the workloads they select.
-    broken: BTreeMap<ObjectRef, BrokenPolicy>,
     published: StateReader,
     changed: bool,
+    /// Services whose endpoint sets must be compiled again before the next publish.
+    dirty_endpoints: BTreeSet<Key>,
 }
 
 impl Store {
@@ -67,8 +66,8 @@ impl Store {
             errors: BTreeMap::new(),
             slice_owner: BTreeMap::new(),
             rejected_total: 0,
-            broken: BTreeMap::new(),
             changed: false,
+            dirty_endpoints: BTreeSet::new(),
         }
     }
 
@@ -97,11 +96,6 @@ impl Store {
             .collect()
     }
 
-    /// Rejected AuthorizationPolicies, each with the scope it would have had (fail closed).
-    pub fn broken_policies(&self) -> Vec<BrokenPolicy> {
-        self.broken.values().cloned().collect()
-    }
-
     /// Objects rejected since start (a counter for metrics).
     pub fn rejected_total(&self) -> u64 {
         self.rejected_total
@@ -113,14 +107,33 @@ impl Store {
         if !std::mem::take(&mut self.changed) {
             return false;
         }
+        self.compile_endpoints();
         self.published.store(Arc::new(self.state.clone()));
         true
+    }
+
+    /// Compiles the endpoint sets of the Services whose Service object or slices changed: work in
+    /// proportion to what changed, not to the cluster.
+    fn compile_endpoints(&mut self) {
+        for k in std::mem::take(&mut self.dirty_endpoints) {
+            match self.state.services.get(&k).cloned() {
+                Some(svc) => {
+                    let compiled = self.state.compile_endpoints(&svc);
+                    if self.state.endpoints.get(&k).map(|e| &**e) != Some(&compiled) {
+                        self.state.endpoints.insert(k, Arc::new(compiled));
+                    }
+                }
+                None => {
+                    self.state.endpoints.remove(&k);
+                }
+            }
+        }
     }
 
     pub fn apply(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Apply(obj) => self.apply_one(obj, None),
-            SourceEvent::Reject(oref, errors) => self.reject(oref, errors),
+            SourceEvent::Reject(r) => self.reject(r),
             SourceEvent::Delete(oref) => {
                 self.errors.remove(&oref);
                 self.unbreak(&oref);
@@ -135,7 +148,7 @@ impl Store {
                 let present: BTreeSet<ObjectRef> = objects
                     .iter()
                     .map(|o| o.object_ref())
-                    .chain(rejected.iter().map(|(r, _)| r.clone()))
+                    .chain(rejected.iter().map(|r| r.object.clone()))
                     .collect();
                 for gone in self
                     .refs_of(&kinds)
@@ -146,14 +159,17 @@ impl Store {
                     self.unbreak(&gone);
                     self.remove(&gone);
                 }
-                let stale: Vec<ObjectRef> = self
-                    .broken
-                    .keys()
-                    .filter(|r| kinds.contains(&r.kind) && !present.contains(*r))
-                    .cloned()
-                    .collect();
-                for r in stale {
-                    self.unbreak(&r);
+                if kinds.contains(&Kind::AuthorizationPolicy) {
+                    let stale: Vec<ObjectRef> = self
+                        .state
+                        .rejected_policies
+                        .values()
+                        .map(|p| ObjectRef::new(Kind::AuthorizationPolicy, &*p.namespace, &*p.name))
+                        .filter(|r| !present.contains(r))
+                        .collect();
+                    for r in stale {
+                        self.unbreak(&r);
+                    }
                 }
                 // Problems of objects no longer listed at all are stale too.
                 self.errors
@@ -166,8 +182,8 @@ impl Store {
                     let origin = origins.get(&o.object_ref()).cloned();
                     self.apply_one(o, origin);
                 }
-                for (r, e) in rejected {
-                    self.reject(r, e);
+                for r in rejected {
+                    self.reject(r);
                 }
                 // A Replace is the complete set of its kinds: from now on, absence means absence.
                 for kind in kinds {
@@ -195,7 +211,7 @@ impl Store {
                         ..ObjectError::new(&oref, e.field, e.message)
                     })
                     .collect();
-                return self.reject(oref, errors);
+                return self.reject(Rejected::new(oref, errors));
             }
         }
         let locate = |mut list: Vec<ObjectError>| {
@@ -216,35 +232,42 @@ impl Store {
                 self.unbreak(&oref);
                 self.insert(oref, c.item);
             }
-            Err(mut errors) => {
+            Err(errors) => {
                 // Failed validation after parsing: the selector is known from the typed object.
-                if let (Object::Istio(IstioConfig::AuthorizationPolicy(ap)), Some(first)) =
-                    (&obj, errors.first_mut())
-                {
-                    let scope = match &ap.spec.selector {
-                        Some(sel) if !sel.match_labels.is_empty() => {
-                            BrokenScope::Selector(sel.match_labels.clone())
-                        }
-                        _ if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() => {
-                            BrokenScope::TargetRefs
-                        }
-                        _ => BrokenScope::Namespace,
-                    };
-                    first.broken_policy = Some(Box::new(BrokenPolicy {
-                        namespace: oref.namespace.clone(),
-                        name: oref.name.clone(),
-                        scope,
-                        reason: format!("{}: {}", first.field, first.message),
-                    }));
-                }
-                self.reject(oref, locate(errors))
+                let scope = match &obj {
+                    Object::Istio(IstioConfig::AuthorizationPolicy(ap)) => {
+                        Some(match &ap.spec.selector {
+                            Some(sel) if !sel.match_labels.is_empty() => {
+                                PolicyScope::Selector(sel.match_labels.clone())
+                            }
+                            _ if ap.spec.target_ref.is_some()
+                                || !ap.spec.target_refs.is_empty() =>
+                            {
+                                PolicyScope::TargetRefs
+                            }
+                            _ => PolicyScope::Namespace,
+                        })
+                    }
+                    _ => None,
+                };
+                self.reject(Rejected {
+                    object: oref,
+                    errors: locate(errors),
+                    scope,
+                })
             }
         }
     }
 
-    /// Records why `oref` was rejected; its last good version (if any) stays in force, except for
-    /// an AuthorizationPolicy, which fails closed. Logged by whoever reports problems (once each).
-    fn reject(&mut self, oref: ObjectRef, errors: Vec<ObjectError>) {
+    /// Records why an object was rejected; its last good version (if any) stays in force, except
+    /// for an AuthorizationPolicy, which fails closed for what it would select (with no readable
+    /// scope, its namespace). Logged by whoever reports problems (once each).
+    fn reject(&mut self, rejected: Rejected) {
+        let Rejected {
+            object: oref,
+            errors,
+            scope,
+        } = rejected;
         let effect = if oref.kind == Kind::AuthorizationPolicy {
             Effect::FailClosed
         } else if self.contains(&oref) {
@@ -255,21 +278,18 @@ impl Store {
         debug!(object = %oref, ?effect, "config object rejected");
         self.rejected_total += 1;
         if oref.kind == Kind::AuthorizationPolicy {
-            // Fails closed for what it would have selected; with no readable scope, the namespace.
-            let broken = errors
-                .iter()
-                .find_map(|e| e.broken_policy.as_deref().cloned())
-                .unwrap_or_else(|| BrokenPolicy {
-                    namespace: oref.namespace.clone(),
-                    name: oref.name.clone(),
-                    scope: BrokenScope::Namespace,
-                    reason: errors
-                        .first()
-                        .map(|e| format!("{}: {}", e.field, e.message))
-                        .unwrap_or_else(|| "rejected".into()),
-                });
-            if self.broken.get(&oref) != Some(&broken) {
-                self.broken.insert(oref.clone(), broken);
+            let policy = RejectedPolicy {
+                namespace: oref.namespace.clone(),
+                name: oref.name.clone(),
+                scope: scope.unwrap_or(PolicyScope::Namespace),
+                reason: errors
+                    .first()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .unwrap_or_else(|| "rejected".into()),
+            };
+            let k = key(&oref.namespace, &oref.name);
+            if self.state.rejected_policies.get(&k).map(|p| &**p) != Some(&policy) {
+                self.state.rejected_policies.insert(k, Arc::new(policy));
                 self.changed = true;
             }
         }
@@ -278,7 +298,13 @@ impl Store {
 
     /// `oref` is no longer a rejected policy.
     fn unbreak(&mut self, oref: &ObjectRef) {
-        if self.broken.remove(oref).is_some() {
+        if oref.kind == Kind::AuthorizationPolicy
+            && self
+                .state
+                .rejected_policies
+                .remove(&key(&oref.namespace, &oref.name))
+                .is_some()
+        {
             self.changed = true;
         }
     }
@@ -370,6 +396,7 @@ impl Store {
                 }
                 s.service_by_host
                     .insert(Arc::from(svc.hostname.as_str()), k.clone());
+                self.dirty_endpoints.insert(k.clone());
                 s.services.insert(k, Arc::new(svc));
             }
             Item::Slice(slice) => {
@@ -387,6 +414,7 @@ impl Store {
                 let mut slices = s.slices.get(&owner).cloned().unwrap_or_default();
                 slices.insert(name, Arc::new(slice));
                 s.slices.insert(owner.clone(), slices);
+                self.dirty_endpoints.insert(owner.clone());
                 self.slice_owner.insert(oref, owner);
             }
             Item::Istio(config) => {
@@ -453,12 +481,14 @@ impl Store {
                     if s.service_by_host.get(old.hostname.as_str()) == Some(&k) {
                         s.service_by_host.remove(old.hostname.as_str());
                     }
+                    self.dirty_endpoints.insert(k.clone());
                     true
                 }
                 None => false,
             },
             Kind::EndpointSlice => match self.slice_owner.remove(oref) {
                 Some(owner) => {
+                    self.dirty_endpoints.insert(owner.clone());
                     if let Some(mut slices) = s.slices.get(&owner).cloned() {
                         slices.remove(oref.name.as_str());
                         if slices.is_empty() {

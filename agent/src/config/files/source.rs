@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::walk::{yaml_files, Fingerprint};
 use super::{load_file, FileError, Loaded};
-use crate::config::{ObjectError, ObjectRef, SourceEvent};
+use crate::config::{ObjectError, ObjectRef, Rejected, SourceEvent};
 
 /// What one file gave at its last read.
 struct FileState {
@@ -173,7 +173,7 @@ impl FileSource {
                     "",
                     format!("not readable now ({why}); last good version kept"),
                 );
-                out.rejected.push((r.clone(), vec![e]));
+                out.rejected.push(Rejected::new(r.clone(), vec![e]));
             }
         }
         (out.into_event(), errors)

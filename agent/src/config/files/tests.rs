@@ -44,7 +44,7 @@ fn kept(event: &SourceEvent) -> Vec<String> {
     let SourceEvent::Replace { rejected, .. } = event else {
         panic!("expected a Replace, got {event:?}");
     };
-    rejected.iter().map(|(r, _)| r.name.clone()).collect()
+    rejected.iter().map(|r| r.object.name.clone()).collect()
 }
 
 /// The YAML of `n` nested flow mappings, the shape whose parse time is quadratic in libyaml.
@@ -402,7 +402,7 @@ fn check_terminates_on_every_bad_input_with_a_clear_message() {
 
     let run = |p: &Path| {
         let p = p.to_path_buf();
-        terminates("check", move || check(&p))
+        terminates("check", move || crate::app::check(&p))
     };
     assert_eq!(
         run(loops.path()),

@@ -178,7 +178,7 @@ async fn requested(fake: &mut Fake, needle: &str) {
 struct Replaced {
     kinds: Vec<Kind>,
     objects: Vec<Object>,
-    rejected: Vec<(ObjectRef, Vec<crate::config::ObjectError>)>,
+    rejected: Vec<crate::config::Rejected>,
 }
 
 #[track_caller]
@@ -392,7 +392,7 @@ async fn malformed_objects_are_rejected_by_field_and_the_rest_still_arrive() {
     let mut reject = None;
     while by_kind.len() < 2 || reject.is_none() {
         match next(&mut rx).await {
-            SourceEvent::Reject(r, e) => reject = Some((r, e)),
+            SourceEvent::Reject(r) => reject = Some((r.object, r.errors)),
             e => {
                 let r = replaced(e);
                 by_kind.insert(r.kinds[0], r);
@@ -403,8 +403,9 @@ async fn malformed_objects_are_rejected_by_field_and_the_rest_still_arrive() {
     let pods = &by_kind[&Kind::Pod];
     assert_eq!(pods.names(), vec!["good"]);
     assert_eq!(pods.rejected.len(), 1);
-    let (r, errors) = &pods.rejected[0];
-    assert_eq!(*r, ObjectRef::new(Kind::Pod, "mesh", "bad"));
+    let rejected = &pods.rejected[0];
+    assert_eq!(rejected.object, ObjectRef::new(Kind::Pod, "mesh", "bad"));
+    let errors = &rejected.errors;
     assert_eq!(errors[0].field, "spec.hostNetwork", "{errors:?}");
 
     let (r, errors) = reject.expect("a Reject");
@@ -426,8 +427,9 @@ async fn malformed_objects_are_rejected_by_field_and_the_rest_still_arrive() {
                 "{} accepted by parse but not listed",
                 o.object_ref()
             ),
-            Parsed::Rejected(r, want) => {
-                let got = entries.rejected.iter().find(|(g, _)| *g == r);
+            Parsed::Rejected(want) => {
+                let r = &want.object;
+                let got = entries.rejected.iter().find(|g| g.object == *r);
                 let got =
                     got.unwrap_or_else(|| panic!("{r} rejected by parse but not by the source"));
                 let fields = |e: &[crate::config::ObjectError]| {
@@ -435,7 +437,7 @@ async fn malformed_objects_are_rejected_by_field_and_the_rest_still_arrive() {
                         .map(|e| (e.field.clone(), e.message.clone()))
                         .collect::<Vec<_>>()
                 };
-                assert_eq!(fields(&got.1), fields(&want));
+                assert_eq!(fields(&got.errors), fields(&want.errors));
             }
             Parsed::Ignored { .. } => panic!("parse ignores ServiceEntry"),
         }

@@ -19,16 +19,16 @@ use h2::{RecvStream, SendStream};
 use rustls_pki_types::ServerName;
 use thiserror::Error;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::Metrics;
+use super::settings::{buffered, keepalive, Buffered, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::stream::Stream;
 use crate::identity::{Identity, SecretManager};
-use crate::node::netns::NetnsWorker;
+use crate::proxy::SocketFactory;
 
-/// ztunnel's values, so long flows get the same throughput.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME: u32 = 1024 * 1024;
+fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -147,27 +147,8 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// An open HBONE stream. Dropping it frees its slot on the connection.
-pub struct Stream {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
-    pub connection_id: u64,
-    _slot: Slot,
-}
-
-impl Stream {
-    /// Relays `tcp` through this stream until both directions end.
-    pub async fn splice(self, tcp: tokio::net::TcpStream) -> super::relay::RelayOutcome {
-        let Stream {
-            send, recv, _slot, ..
-        } = self;
-        let outcome = super::tunnel::splice(tcp, send, recv).await;
-        drop(_slot);
-        outcome
-    }
-}
-
-struct Slot(Arc<Conn>);
+/// A stream's place on a pooled connection; freed when the stream ends.
+pub struct Slot(Arc<Conn>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -206,11 +187,11 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `key.dst` for `req`, reusing a pooled connection when one has
-    /// room. `worker` is the source pod's netns worker: new connections leave from the pod.
+    /// room. `sockets` makes sockets in the source pod: new connections leave from the pod.
     pub async fn connect(
         &self,
         key: &PoolKey,
-        worker: &NetnsWorker,
+        sockets: &dyn SocketFactory,
         req: &ConnectRequest,
     ) -> Result<Stream, PoolError> {
         // A pooled connection can die between checkout and use (peer restarted): retry once on a
@@ -218,15 +199,14 @@ impl Pool {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let conn = self.checkout(key, worker).await?;
+            let conn = self.checkout(key, sockets).await?;
             match send_connect(&conn, key, req).await {
                 Ok((send, recv)) => {
-                    Metrics::inc(&self.0.metrics.streams_opened);
+                    inc(&self.0.metrics.streams_opened);
                     return Ok(Stream {
                         send,
                         recv,
-                        connection_id: conn.id,
-                        _slot: Slot(conn),
+                        slot: Some(Slot(conn)),
                     });
                 }
                 Err(SendError::Connection(source)) if attempts < 2 => {
@@ -252,7 +232,11 @@ impl Pool {
     }
 
     /// A connection with a free stream slot (the slot is taken), opening one if needed.
-    async fn checkout(&self, key: &PoolKey, worker: &NetnsWorker) -> Result<Arc<Conn>, PoolError> {
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        sockets: &dyn SocketFactory,
+    ) -> Result<Arc<Conn>, PoolError> {
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
@@ -265,9 +249,10 @@ impl Pool {
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
-        let conn = self.open(key, worker).await.inspect_err(|_| {
-            Metrics::inc(&self.0.metrics.connect_failed);
-        })?;
+        let conn = self
+            .open(key, sockets)
+            .await
+            .inspect_err(|_| inc(&self.0.metrics.connect_failed))?;
         let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
         conn.active.fetch_add(1, Ordering::AcqRel);
         entries
@@ -286,7 +271,7 @@ impl Pool {
             !c.closed.load(Ordering::Acquire) && c.active.load(Ordering::Acquire) < max
         })?;
         conn.active.fetch_add(1, Ordering::AcqRel);
-        Metrics::inc(&self.0.metrics.streams_reused);
+        inc(&self.0.metrics.streams_reused);
         Some(conn.clone())
     }
 
@@ -314,7 +299,11 @@ impl Pool {
             .clone()
     }
 
-    async fn open(&self, key: &PoolKey, worker: &NetnsWorker) -> Result<Arc<Conn>, PoolError> {
+    async fn open(
+        &self,
+        key: &PoolKey,
+        sockets: &dyn SocketFactory,
+    ) -> Result<Arc<Conn>, PoolError> {
         // The source's certificate must exist before the handshake presents it.
         self.0
             .secrets
@@ -328,19 +317,20 @@ impl Pool {
             dst: key.dst,
             source,
         };
-        let socket = worker
-            .upstream_socket(key.dst, Some(key.src_ip))
+        let socket = sockets
+            .upstream(key.dst, Some(key.src_ip))
             .await
             .map_err(connect_err)?;
         let tcp = socket.connect(key.dst).await.map_err(connect_err)?;
         let _ = tcp.set_nodelay(true);
-        super::keepalive(&tcp);
+        keepalive(&tcp);
         // No SNI (the client config disables it); the name only satisfies the API.
         let tls = tokio_rustls::TlsConnector::from(self.client_config(key))
             .connect(ServerName::IpAddress(key.dst.ip().into()), buffered(tcp))
             .await
             .map_err(|source| {
-                warn!(dst = %key.dst, expected = %key.dst_id, error = %source, "HBONE TLS handshake failed");
+                // Reported by the caller (the access log, the stage's error); one line, not two.
+                debug!(dst = %key.dst, expected = %key.dst_id, error = %source, "HBONE TLS handshake failed");
                 PoolError::Tls {
                     dst: key.dst,
                     expected: key.dst_id.clone(),
@@ -368,7 +358,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             wake: Notify::new(),
         });
-        Metrics::inc(&self.0.metrics.connections_opened);
+        inc(&self.0.metrics.connections_opened);
         debug!(conn = conn.id, src = %key.src_id, dst = %key.dst, dst_id = %key.dst_id, "HBONE connection opened");
         tokio::spawn(drive(
             connection,
@@ -378,16 +368,6 @@ impl Pool {
         ));
         Ok(conn)
     }
-}
-
-/// rustls reads at most one record (≤ 16 KiB, often 4 KiB) per read from its transport; a read
-/// buffer in front of the socket turns those into one large read, saving most of the syscalls of
-/// a bulk transfer.
-pub type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
-pub const READ_BUFFER: usize = 64 * 1024;
-
-pub fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
 /// Polls the connection, and closes it once idle for the pool's timeout.
@@ -447,7 +427,7 @@ async fn drive(
                 }
             }
         }
-        Metrics::inc(&inner.metrics.connections_closed);
+        inc(&inner.metrics.connections_closed);
     }
 }
 

@@ -1,0 +1,196 @@
+//! The one bidirectional copy: bytes both ways between two connections until both directions have
+//! ended, with the end of each behaving as a direct connection's would. A FIN (or an HTTP/2
+//! END_STREAM) on one side ends that direction on the other; a reset or error on either side resets
+//! both (a TCP RST, or RST_STREAM CONNECT_ERROR as RFC 9113 §8.5 asks of a CONNECT proxy).
+//!
+//! The two ends are [`Duplex`]: a TCP socket, or an HBONE stream (`hbone::stream`). Data moves as
+//! `Bytes` chunks, so the HTTP/2 side sends what was read without another copy, and its receive
+//! window is released only once a chunk is written (a slow reader slows the sender).
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Starts small so idle connections cost little; grows for bulk transfers (as ztunnel does).
+const INITIAL_BUF: usize = 16 * 1024;
+const LARGE_BUF: usize = 256 * 1024;
+/// Consecutive full reads before growing the buffer.
+const FULL_READS_TO_GROW: u32 = 4;
+
+/// The receiving half of one end.
+pub trait ReadHalf: Send {
+    /// The next chunk; `None` at the end of the stream (FIN, END_STREAM).
+    fn read(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    /// `n` bytes of what was read have been written on the other side.
+    fn release(&mut self, _n: usize) {}
+}
+
+/// The sending half of one end.
+pub trait WriteHalf: Send {
+    fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends this direction (FIN, END_STREAM).
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// One end of a relay.
+pub trait Duplex: Send {
+    type Read: ReadHalf;
+    type Write: WriteHalf;
+    fn split(self) -> (Self::Read, Self::Write);
+    /// Aborts this end after a failure on either side.
+    fn reset(read: Self::Read, write: Self::Write);
+}
+
+/// Which end failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+    /// The end whose error or reset ended the relay (both ends were reset then).
+    pub failed: Option<Side>,
+}
+
+impl Outcome {
+    pub fn reset(&self) -> bool {
+        self.failed.is_some()
+    }
+}
+
+/// Relays between `a` and `b` until both directions are done.
+pub async fn bidirectional<A: Duplex, B: Duplex>(a: A, b: B) -> Outcome {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let (mut a_to_b, mut b_to_a, mut failed) = (None, None, None);
+    {
+        let ab = one_way(&mut ar, &mut bw, Side::A, Side::B);
+        let ba = one_way(&mut br, &mut aw, Side::B, Side::A);
+        tokio::pin!(ab, ba);
+        while a_to_b.is_none() || b_to_a.is_none() {
+            tokio::select! {
+                r = &mut ab, if a_to_b.is_none() => match r {
+                    Ok(n) => a_to_b = Some(n),
+                    Err((n, side)) => { a_to_b = Some(n); failed = Some(side); break; }
+                },
+                r = &mut ba, if b_to_a.is_none() => match r {
+                    Ok(n) => b_to_a = Some(n),
+                    Err((n, side)) => { b_to_a = Some(n); failed = Some(side); break; }
+                },
+            }
+        }
+    }
+    if failed.is_some() {
+        A::reset(ar, aw);
+        B::reset(br, bw);
+    }
+    Outcome {
+        a_to_b: a_to_b.unwrap_or(0),
+        b_to_a: b_to_a.unwrap_or(0),
+        failed,
+    }
+}
+
+/// Copies until the end of `from` (then finishes `to`) or an error; both carry the bytes copied,
+/// an error also the end that failed.
+async fn one_way<R: ReadHalf, W: WriteHalf>(
+    from: &mut R,
+    to: &mut W,
+    from_side: Side,
+    to_side: Side,
+) -> Result<u64, (u64, Side)> {
+    let mut total = 0u64;
+    loop {
+        match from.read().await {
+            Ok(Some(chunk)) => {
+                let n = chunk.len();
+                to.write(chunk).await.map_err(|_| (total, to_side))?;
+                from.release(n);
+                total += n as u64;
+            }
+            Ok(None) => break,
+            Err(_) => return Err((total, from_side)),
+        }
+    }
+    to.finish().await.map_err(|_| (total, to_side))?;
+    Ok(total)
+}
+
+/// A TCP socket's receiving half, reading into a buffer that grows for bulk transfers.
+pub struct TcpRead {
+    half: OwnedReadHalf,
+    buf: BytesMut,
+    size: usize,
+    full_reads: u32,
+}
+
+pub struct TcpWrite(OwnedWriteHalf);
+
+impl ReadHalf for TcpRead {
+    async fn read(&mut self) -> io::Result<Option<Bytes>> {
+        // The previous chunk was written and dropped, so this reuses its memory.
+        self.buf.reserve(self.size);
+        let n = self.half.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n >= self.size && self.size < LARGE_BUF {
+            self.full_reads += 1;
+            if self.full_reads >= FULL_READS_TO_GROW {
+                self.size = LARGE_BUF;
+            }
+        } else {
+            self.full_reads = 0;
+        }
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+impl WriteHalf for TcpWrite {
+    async fn write(&mut self, data: Bytes) -> io::Result<()> {
+        self.0.write_all(&data).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        match self.0.shutdown().await {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Duplex for TcpStream {
+    type Read = TcpRead;
+    type Write = TcpWrite;
+
+    fn split(self) -> (TcpRead, TcpWrite) {
+        let (r, w) = self.into_split();
+        (
+            TcpRead {
+                half: r,
+                buf: BytesMut::new(),
+                size: INITIAL_BUF,
+                full_reads: 0,
+            },
+            TcpWrite(w),
+        )
+    }
+
+    fn reset(read: TcpRead, write: TcpWrite) {
+        // Reunited before dropping: a dropped write half sends a FIN first, and the peer would
+        // see a clean close instead of the reset.
+        if let Ok(stream) = read.half.reunite(write.0) {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! ambit's own proxy counters (`ambit_proxy_<name>_total` and the status file's `proxy`): plain
+//! atomics on the data path, read at scrape time. Each is declared once, with its help text, in
+//! the list below; the struct, the status fields and the exported list all come from it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $help:literal])+ $name:ident,)*) => {
+        /// The proxy's counters, one atomic each.
+        #[derive(Debug, Default, serde::Serialize)]
+        pub struct Counters {
+            $($(#[doc = $help])+ pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Every counter as (name, help, value).
+            pub fn all(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((
+                    stringify!($name),
+                    concat!($($help),+).trim_ascii(),
+                    self.$name.load(Ordering::Relaxed),
+                ),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Outbound connections accepted from enrolled pods.
+    outbound_accepted,
+    /// Outbound connections refused: no original destination recorded.
+    outbound_orig_dst_missing,
+    /// Outbound connections whose upstream connect failed.
+    outbound_connect_failed,
+    /// Inbound connections accepted for enrolled pods.
+    inbound_accepted,
+    /// Inbound connections whose connect to the pod failed.
+    inbound_connect_failed,
+    /// Outbound connections to enrolled workloads, sent over HBONE.
+    outbound_hbone,
+    /// Outbound connections to destinations outside the mesh, sent in plaintext.
+    outbound_plaintext,
+    /// Outbound connections to a Service without ready endpoints (reset).
+    outbound_no_endpoints,
+    /// Outbound connections refused (reset) because the cluster view was incomplete.
+    outbound_incomplete_view,
+    /// Outbound HBONE tunnels that could not be opened.
+    outbound_hbone_failed,
+    /// HBONE (15008) connections accepted.
+    hbone_inbound_accepted,
+    /// HBONE CONNECT streams received.
+    hbone_inbound_streams,
+    /// HBONE TLS handshakes that failed (bad or missing client certificate, or the client refused ours).
+    hbone_tls_refused,
+    /// HBONE requests answered 400.
+    hbone_inbound_bad_request,
+    /// Inbound connections or streams denied by policy.
+    inbound_denied,
+    /// Relays that ended with both sides closed cleanly.
+    relays_completed,
+    /// Relays that ended in a reset.
+    relays_reset,
+    /// Bytes relayed, both directions.
+    bytes_relayed,
+}
+
+impl Counters {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_counter_is_listed_once_with_its_help() {
+        let c = super::Counters::default();
+        super::Counters::inc(&c.inbound_denied);
+        let all = c.all();
+        let json = serde_json::to_value(&c).expect("serialize");
+        let fields = json.as_object().expect("object").len();
+        assert_eq!(all.len(), fields, "the list and the struct agree");
+        let denied = all
+            .iter()
+            .find(|(n, _, _)| *n == "inbound_denied")
+            .expect("listed");
+        assert_eq!(denied.1, "Inbound connections or streams denied by policy.");
+        assert_eq!(denied.2, 1);
+        assert!(all.iter().all(|(_, help, _)| !help.is_empty()));
+    }
+}

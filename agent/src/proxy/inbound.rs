@@ -1,0 +1,230 @@
+//! Inbound over HBONE: port 15008 in each enrolled pod (sk_lookup never steers it). Each CONNECT
+//! stream is one tunnelled connection to the app. Answers as ztunnel's: 400 for anything but a
+//! CONNECT to this pod, 401 when policy denies, 503 when the app cannot be reached, 200 and the
+//! tunnel otherwise. Also the inbound policy check both inbound stages share.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::addr::{canonical, OrigDst, PeerAddr};
+use super::hbone::server::{self, answer};
+use super::hbone::Stream;
+use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
+use super::{connect, copy, Counters, Error, PodContext, ProxyInputs};
+use crate::identity::Identity;
+use crate::policy::{evaluate, ConnAttrs, Verdict};
+use crate::snapshot::Snapshot;
+
+pub struct Inbound {
+    pub pi: Arc<ProxyInputs>,
+    pub pod: Arc<PodContext>,
+    pub listener: TcpListener,
+}
+
+impl Inbound {
+    pub async fn run(self) {
+        // Handshakes need the pod's certificate: wait for its first issue (connections queue in
+        // the backlog meanwhile).
+        let mut wait = Duration::from_millis(50);
+        while let Err(e) = self.pi.secrets.fetch(&self.pod.identity).await {
+            warn!(pod = %self.pod.name, identity = %self.pod.identity, error = %e, "no certificate yet for the HBONE listener");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(
+            self.pi.secrets.clone(),
+            self.pod.identity.clone(),
+        ));
+        let Inbound { pi, pod, listener } = self;
+        let name = pod.name.clone();
+        super::accept::serve(listener, "inbound", &name, move |tcp, peer| {
+            connection(
+                pi.clone(),
+                pod.clone(),
+                acceptor.clone(),
+                tcp,
+                PeerAddr(peer),
+            )
+        })
+        .await;
+    }
+}
+
+async fn connection(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: PeerAddr,
+) {
+    Counters::inc(&pi.counters.hbone_inbound_accepted);
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let served = server::serve(&acceptor, tcp, peer.0, |identity, req, respond| {
+        stream(pi.clone(), pod.clone(), identity, peer, local, req, respond)
+    })
+    .await;
+    if let Err(e) = served {
+        Counters::inc(&pi.counters.hbone_tls_refused);
+        // One line per failed handshake would let any client fill the log: debug.
+        debug!(pod = %pod.name, %peer, error = %e, "HBONE client refused");
+    }
+}
+
+/// One CONNECT stream.
+async fn stream(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    identity: Arc<Identity>,
+    peer: PeerAddr,
+    local: SocketAddr,
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    Counters::inc(&pi.counters.hbone_inbound_streams);
+    let dst = match target(&req, &pod, local) {
+        Ok(dst) => dst,
+        Err(reason) => {
+            Counters::inc(&pi.counters.hbone_inbound_bad_request);
+            info!(pod = %pod.name, %peer, %identity, method = %req.method(), uri = %req.uri(), reason, "HBONE request refused (400)");
+            return answer(&mut respond, StatusCode::BAD_REQUEST);
+        }
+    };
+    let snap = pi.snapshot.load_full();
+    let labels = TcpLabels {
+        reporter: Reporter::Destination,
+        source: verified_source(&snap, peer, &identity),
+        destination: Peer::Workload(pod.istio.clone()),
+        service: snap
+            .local_service(&pod.namespace, &pod.name, dst.0.port())
+            .cloned()
+            .map(ServiceRef),
+        flags: "-",
+        mtls: true,
+    };
+    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+    if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, Some(&identity)) {
+        answer(&mut respond, StatusCode::UNAUTHORIZED);
+        return result.finish(Err(e));
+    }
+    result.set_upstream(dst.0);
+    let app = match connect::app(&pod, dst.0).await {
+        Ok(app) => app,
+        Err(e) => {
+            Counters::inc(&pi.counters.inbound_connect_failed);
+            debug!(pod = %pod.name, %dst, error = %e, "app unreachable (503)");
+            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return result.finish(Err(e));
+        }
+    };
+    let ok = http::Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_default();
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name, %dst, error = %e, "client went away before the tunnel opened");
+            super::reset(app);
+            return result.finish(Err(Error::DownstreamReset));
+        }
+    };
+    debug!(pod = %pod.name, %peer, %identity, %dst, "HBONE tunnel open");
+    let outcome = copy::bidirectional(Stream::new(send, req.into_body()), app).await;
+    super::outbound::finish(&pi, &outcome);
+    result.finish(Ok(outcome));
+}
+
+/// The tunnel's target: a CONNECT whose `:authority` is `ip:port` of the pod the client reached.
+fn target(
+    req: &Request<h2::RecvStream>,
+    pod: &PodContext,
+    local: SocketAddr,
+) -> Result<OrigDst, &'static str> {
+    if req.method() != Method::CONNECT {
+        return Err("not a CONNECT request");
+    }
+    let Some(authority) = req.uri().authority() else {
+        return Err("CONNECT without :authority");
+    };
+    let Ok(dst) = authority.as_str().parse::<SocketAddr>() else {
+        return Err(":authority is not ip:port");
+    };
+    let reached = canonical(local.ip());
+    if canonical(dst.ip()) != reached || !pod.ips.iter().any(|ip| canonical(*ip) == reached) {
+        return Err(":authority names another address than the pod the client connected to");
+    }
+    Ok(OrigDst(SocketAddr::new(reached, dst.port())))
+}
+
+/// The source of an HBONE stream for the metrics: the workload at the peer's address if it runs
+/// as the verified identity, else the identity alone (ztunnel does the same: what the peer proved,
+/// never what it says).
+fn verified_source(snap: &Snapshot, peer: PeerAddr, identity: &Identity) -> Peer {
+    match snap.state.workload_by_ip(canonical(peer.0.ip())) {
+        Some(w)
+            if w.namespace == identity.namespace
+                && w.service_account == identity.service_account =>
+        {
+            Peer::Workload(w.istio.clone())
+        }
+        _ => Peer::Identity(identity.clone()),
+    }
+}
+
+/// Inbound authorization (PeerAuthentication, AuthorizationPolicy) of one connection or stream
+/// from this snapshot's compiled policies; AUDIT matches are logged, denials counted.
+pub(super) fn authorize(
+    pi: &ProxyInputs,
+    snap: &Snapshot,
+    pod: &PodContext,
+    src: PeerAddr,
+    dst: OrigDst,
+    identity: Option<&Identity>,
+) -> Result<(), Error> {
+    let denied = |policy: String, reason: String| {
+        Counters::inc(&pi.counters.inbound_denied);
+        pi.telemetry
+            .denials
+            .get_or_create(&super::metrics::DenialLabels {
+                policy: policy.clone(),
+                workload: format!("{}/{}", pod.namespace, pod.name),
+            })
+            .inc();
+        debug!(workload = %pod.name, namespace = %pod.namespace, %src, %dst, identity = ?identity.map(ToString::to_string), %policy, %reason, "denied");
+        Err(Error::Denied { policy, reason })
+    };
+    let Some(policy) = snap.policies.for_workload(&pod.namespace, &pod.name) else {
+        // Enrolment follows the snapshot the policies were compiled from, so this is a race
+        // with a change; refuse rather than guess.
+        return denied(
+            "(none)".into(),
+            "no policy view for this workload yet".into(),
+        );
+    };
+    let decision = evaluate(
+        &policy,
+        &ConnAttrs {
+            src_ip: src.0.ip(),
+            dst_ip: dst.0.ip(),
+            dst_port: dst.0.port(),
+            identity,
+        },
+    );
+    for audited in &decision.audit {
+        info!(policy = %audited, workload = %pod.name, namespace = %pod.namespace, %src, %dst, identity = ?identity.map(ToString::to_string), "AUDIT policy matched");
+    }
+    match decision.verdict {
+        Verdict::Allow { .. } => Ok(()),
+        Verdict::Deny { policy, reason } => denied(policy.to_string(), reason.to_string()),
+    }
+}

@@ -1,0 +1,455 @@
+//! Istio's standard TCP metrics, recorded by one [`ConnectionResult`] per proxied connection (as
+//! ztunnel's `proxy/metrics.rs` does): `istio_tcp_connections_opened_total` when it opens, and
+//! `istio_tcp_connections_closed_total`, `istio_tcp_sent_bytes_total` and
+//! `istio_tcp_received_bytes_total` when it ends, with Istio's standard labels; the same result
+//! writes the connection's access-log line.
+//!
+//! Label values follow Istio: `reporter` is `source` on the client's node and `destination` on
+//! the server's; workload labels come from the pods (`state::IstioLabels`), `unknown` when not
+//! known; at the destination the source is the peer's verified identity (and the workload at its
+//! address only if that workload runs as that identity), never something a client can claim.
+//! Series of workloads that have left the snapshot are dropped (`retain`), so cardinality follows
+//! the pods that exist.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::MetricType;
+
+use super::access_log::{AccessLog, Entry};
+use super::copy::{Outcome, Side};
+use super::error::Error;
+use crate::identity::Identity;
+use crate::state::{IstioLabels, Service, UNKNOWN};
+
+/// Istio's default cluster id (`source_cluster`, `destination_cluster`).
+pub const DEFAULT_CLUSTER: &str = "Kubernetes";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// One end of a connection as the metrics describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A workload of the snapshot.
+    Workload(Arc<IstioLabels>),
+    /// Only the verified identity is known (no workload of the snapshot at its address runs as
+    /// it).
+    Identity(Identity),
+    Unknown,
+}
+
+/// The Service a connection was addressed to, compared by hostname.
+#[derive(Debug, Clone)]
+pub struct ServiceRef(pub Arc<Service>);
+
+impl PartialEq for ServiceRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hostname == other.0.hostname
+    }
+}
+impl Eq for ServiceRef {}
+impl Hash for ServiceRef {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hostname.hash(h);
+    }
+}
+
+/// The label set of one series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub service: Option<ServiceRef>,
+    /// Envoy's `%RESPONSE_FLAGS%`: `-` for none.
+    pub flags: &'static str,
+    /// `connection_security_policy`: `mutual_tls` over HBONE, `none` in plaintext.
+    pub mtls: bool,
+}
+
+#[derive(Debug, Default)]
+struct TcpCounters {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// The four families, as one map from label set to counters (a custom collector, so that series
+/// can be dropped).
+#[derive(Debug, Default)]
+struct TcpSeries(Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>);
+
+impl TcpSeries {
+    fn get(&self, labels: &TcpLabels) -> Arc<TcpCounters> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get(labels) {
+            return c.clone();
+        }
+        map.entry(labels.clone()).or_default().clone()
+    }
+}
+
+/// Labels of `ambit_policy_denials_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DenialLabels {
+    /// `namespace/name` of the PeerAuthentication or AuthorizationPolicy that denied.
+    pub policy: String,
+    /// `namespace/name` of the workload.
+    pub workload: String,
+}
+
+/// The proxy's Istio telemetry: metrics and the access log.
+#[derive(Debug)]
+pub struct Telemetry {
+    tcp: Arc<TcpSeries>,
+    pub denials: Family<DenialLabels, Counter>,
+    access_log: Option<AccessLog>,
+    trust_domain: Arc<str>,
+}
+
+impl Telemetry {
+    pub fn new(trust_domain: &str, access_log: Option<AccessLog>) -> Self {
+        Telemetry {
+            tcp: Arc::new(TcpSeries::default()),
+            denials: Family::default(),
+            access_log,
+            trust_domain: Arc::from(trust_domain),
+        }
+    }
+
+    /// Registers the families with the admin endpoint's registry.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(TcpCollector {
+            series: self.tcp.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }));
+        registry.register(
+            "ambit_policy_denials",
+            "Inbound connections or HBONE streams denied, by the policy that decided and the workload.",
+            self.denials.clone(),
+        );
+        if let Some(log) = &self.access_log {
+            log.register(registry);
+        }
+    }
+
+    /// Drops the series whose local end (the source for `reporter="source"`, the destination for
+    /// `reporter="destination"`) is no longer a workload of this node: cardinality follows the
+    /// pods that are here.
+    pub fn retain_local(&self, local: &std::collections::HashSet<IstioLabels>) {
+        self.tcp
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|labels, _| {
+                let here = match labels.reporter {
+                    Reporter::Source => &labels.source,
+                    Reporter::Destination => &labels.destination,
+                };
+                match here {
+                    Peer::Workload(w) => local.contains(w),
+                    _ => true,
+                }
+            });
+    }
+}
+
+/// One connection's telemetry: opened when created, closed (with bytes, flags and an access-log
+/// line) by [`ConnectionResult::finish`], or as a downstream disconnect if dropped unfinished.
+pub struct ConnectionResult {
+    telemetry: Arc<Telemetry>,
+    labels: TcpLabels,
+    counters: Arc<TcpCounters>,
+    started: SystemTime,
+    start: Instant,
+    /// Downstream: (remote, local) as the proxy accepted it.
+    downstream: (SocketAddr, SocketAddr),
+    upstream: Option<SocketAddr>,
+    done: bool,
+}
+
+impl ConnectionResult {
+    pub fn open(
+        telemetry: &Arc<Telemetry>,
+        labels: TcpLabels,
+        downstream: (SocketAddr, SocketAddr),
+    ) -> Self {
+        let counters = telemetry.tcp.get(&labels);
+        counters.opened.fetch_add(1, Ordering::Relaxed);
+        ConnectionResult {
+            telemetry: telemetry.clone(),
+            labels,
+            counters,
+            started: SystemTime::now(),
+            start: Instant::now(),
+            downstream,
+            upstream: None,
+            done: false,
+        }
+    }
+
+    /// The address the connection went on to (the endpoint, or the app).
+    pub fn set_upstream(&mut self, addr: SocketAddr) {
+        self.upstream = Some(addr);
+    }
+
+    /// The destination learnt once the endpoint is chosen.
+    pub fn set_destination(&mut self, destination: Peer, mtls: bool) {
+        self.labels.destination = destination;
+        self.labels.mtls = mtls;
+    }
+
+    /// Records the end of the connection.
+    pub fn finish(mut self, result: Result<Outcome, Error>) {
+        self.record(result);
+    }
+
+    fn record(&mut self, result: Result<Outcome, Error>) {
+        self.done = true;
+        // Side A is always the downstream (the client's end), B the upstream. Istio (Envoy):
+        // received = bytes from the downstream (the request direction), sent = bytes sent to it.
+        let (received, sent, flags, error) = match &result {
+            Ok(o) => {
+                let flags = match o.failed {
+                    None => "-",
+                    Some(Side::A) => "DC",
+                    Some(Side::B) => "UR",
+                };
+                (o.a_to_b, o.b_to_a, flags, None)
+            }
+            Err(e) => (0, 0, e.response_flag(), Some(e.to_string())),
+        };
+        let counters = if flags == self.labels.flags {
+            self.counters.clone()
+        } else {
+            let mut labels = self.labels.clone();
+            labels.flags = flags;
+            self.telemetry.tcp.get(&labels)
+        };
+        counters.closed.fetch_add(1, Ordering::Relaxed);
+        counters.sent.fetch_add(sent, Ordering::Relaxed);
+        counters.received.fetch_add(received, Ordering::Relaxed);
+        if let Some(log) = &self.telemetry.access_log {
+            log.write(&Entry {
+                start_time: self.started,
+                duration: self.start.elapsed(),
+                labels: &self.labels,
+                trust_domain: &self.telemetry.trust_domain,
+                downstream: self.downstream,
+                upstream: self.upstream,
+                bytes_sent: sent,
+                bytes_received: received,
+                flags,
+                error: error.as_deref(),
+            });
+        }
+    }
+}
+
+impl Drop for ConnectionResult {
+    fn drop(&mut self) {
+        // The task was cancelled (the listener's pod unenrolled mid-connection, the runtime
+        // stopped): the downstream went away before an outcome.
+        if !self.done {
+            self.record(Err(Error::DownstreamReset));
+        }
+    }
+}
+
+/// A label value, escaped as OpenMetrics asks.
+struct Value<'a>(&'a str);
+
+impl EncodeLabelValue for Value<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        crate::admin::escape_label_value(self.0, encoder)
+    }
+}
+
+struct TcpCollector {
+    series: Arc<TcpSeries>,
+    trust_domain: Arc<str>,
+}
+
+impl fmt::Debug for TcpCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpCollector").finish_non_exhaustive()
+    }
+}
+
+/// One series' labels as (name, value) pairs.
+type Labels = Vec<(&'static str, String)>;
+
+/// The label values of one series, in Istio's order.
+fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
+    let mut out = Vec::with_capacity(24);
+    out.push(("reporter", l.reporter.as_str().to_string()));
+    for (side, peer) in [("source", &l.source), ("destination", &l.destination)] {
+        let (w, principal): (Option<&IstioLabels>, Option<String>) = match peer {
+            Peer::Workload(w) => (
+                Some(w),
+                Some(format!(
+                    "spiffe://{trust_domain}/ns/{}/sa/{}",
+                    w.namespace, w.service_account
+                )),
+            ),
+            Peer::Identity(id) => (None, Some(id.to_string())),
+            Peer::Unknown => (None, None),
+        };
+        let identity_ns = match peer {
+            Peer::Identity(id) => Some(id.namespace.clone()),
+            _ => None,
+        };
+        let get = |f: fn(&IstioLabels) -> &str| w.map_or(UNKNOWN.to_string(), |w| f(w).to_string());
+        let name = |n: &str| -> &'static str {
+            match (side, n) {
+                ("source", "workload") => "source_workload",
+                ("source", "workload_namespace") => "source_workload_namespace",
+                ("source", "principal") => "source_principal",
+                ("source", "app") => "source_app",
+                ("source", "version") => "source_version",
+                ("source", "canonical_service") => "source_canonical_service",
+                ("source", "canonical_revision") => "source_canonical_revision",
+                ("source", _) => "source_cluster",
+                (_, "workload") => "destination_workload",
+                (_, "workload_namespace") => "destination_workload_namespace",
+                (_, "principal") => "destination_principal",
+                (_, "app") => "destination_app",
+                (_, "version") => "destination_version",
+                (_, "canonical_service") => "destination_canonical_service",
+                (_, "canonical_revision") => "destination_canonical_revision",
+                _ => "destination_cluster",
+            }
+        };
+        out.push((name("workload"), get(|w| &w.workload)));
+        out.push((
+            name("workload_namespace"),
+            w.map(|w| w.namespace.clone())
+                .or(identity_ns)
+                .unwrap_or_else(|| UNKNOWN.into()),
+        ));
+        out.push((
+            name("principal"),
+            principal.unwrap_or_else(|| UNKNOWN.into()),
+        ));
+        out.push((name("app"), get(|w| &w.app)));
+        out.push((name("version"), get(|w| &w.version)));
+        out.push((name("canonical_service"), get(|w| &w.canonical_service)));
+        out.push((name("canonical_revision"), get(|w| &w.canonical_revision)));
+        out.push((
+            name("cluster"),
+            if w.is_some() {
+                DEFAULT_CLUSTER
+            } else {
+                UNKNOWN
+            }
+            .to_string(),
+        ));
+        if side == "source" {
+            continue;
+        }
+        let svc = l.service.as_ref().map(|s| &s.0);
+        out.push((
+            "destination_service",
+            svc.map_or(UNKNOWN.into(), |s| s.hostname.clone()),
+        ));
+        out.push((
+            "destination_service_name",
+            svc.map_or(UNKNOWN.into(), |s| s.name.clone()),
+        ));
+        out.push((
+            "destination_service_namespace",
+            svc.map_or(UNKNOWN.into(), |s| s.namespace.clone()),
+        ));
+    }
+    out.push(("request_protocol", "tcp".into()));
+    out.push(("response_flags", l.flags.into()));
+    out.push((
+        "connection_security_policy",
+        if l.mtls { "mutual_tls" } else { "none" }.into(),
+    ));
+    out
+}
+
+impl Collector for TcpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let series: Vec<(Labels, [u64; 4])> = {
+            let map = self.series.0.lock().unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .map(|(l, c)| {
+                    (
+                        label_values(l, &self.trust_domain),
+                        [
+                            c.opened.load(Ordering::Relaxed),
+                            c.closed.load(Ordering::Relaxed),
+                            c.sent.load(Ordering::Relaxed),
+                            c.received.load(Ordering::Relaxed),
+                        ],
+                    )
+                })
+                .collect()
+        };
+        let families = [
+            (
+                "istio_tcp_connections_opened",
+                "The total number of TCP connections opened",
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "The total number of TCP connections closed",
+            ),
+            (
+                "istio_tcp_sent_bytes",
+                "The size of total bytes sent during response in case of a TCP connection",
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "The size of total bytes received during request in case of a TCP connection",
+            ),
+        ];
+        for (i, (name, help)) in families.into_iter().enumerate() {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, values) in &series {
+                let set: Vec<(&str, Value<'_>)> =
+                    labels.iter().map(|(k, v)| (*k, Value(v))).collect();
+                ConstCounter::new(values[i]).encode(family.encode_family(&LabelSet(&set))?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A list of (name, value) pairs as a label set.
+struct LabelSet<'a>(&'a [(&'a str, Value<'a>)]);
+
+impl EncodeLabelSet for LabelSet<'_> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), fmt::Error> {
+        self.0.encode(encoder)
+    }
+}

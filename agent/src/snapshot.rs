@@ -1,0 +1,94 @@
+//! The one thing the data path reads: an immutable [`Snapshot`] of the cluster state and of what
+//! the control runtime compiled from it for this node, published once per change through
+//! arc-swap. A connection loads one `Arc<Snapshot>` and reads nothing else, so the policies, the
+//! endpoints and the state it sees always belong together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::policy::CompiledPolicies;
+use crate::state::{key, Key, Service, State, TargetPort, Workload};
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Workloads, Services with their compiled endpoint sets, Istio objects (`state::Store`).
+    pub state: Arc<State>,
+    /// The policies of this node's enrolled workloads, compiled from `state`.
+    pub policies: CompiledPolicies,
+    /// For each enrolled workload of this node, the Services that select it, by target port: what
+    /// an inbound connection to that port was addressed to (`destination_service`).
+    pub local_services: HashMap<Key, Vec<(u16, Arc<Service>)>>,
+}
+
+/// Where the data path loads the latest snapshot from.
+pub type SnapshotReader = Arc<ArcSwap<Snapshot>>;
+
+/// An empty snapshot: nothing listed, so everything fails closed until the first real one.
+pub fn reader() -> SnapshotReader {
+    Arc::new(ArcSwap::from_pointee(Snapshot::default()))
+}
+
+impl Snapshot {
+    /// Compiles what `node` needs from `state` (control runtime, once per change).
+    pub fn build(state: Arc<State>, root_namespace: &str, node: &str) -> Snapshot {
+        let policies = CompiledPolicies::build_for_node(&state, root_namespace, node);
+        let local = state.enrolled_on(node);
+        let local_services = services_of(&state, &local);
+        Snapshot {
+            state,
+            policies,
+            local_services,
+        }
+    }
+
+    /// The Service an inbound connection to `pod`'s `port` was addressed to, if one selects it.
+    pub fn local_service(&self, namespace: &str, name: &str, port: u16) -> Option<&Arc<Service>> {
+        self.local_services
+            .get(&key(namespace, name))?
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, s)| s)
+    }
+}
+
+/// The Services selecting each of `pods`, by the target port each Service port resolves to.
+fn services_of(state: &State, pods: &[Arc<Workload>]) -> HashMap<Key, Vec<(u16, Arc<Service>)>> {
+    let mut by_ns: HashMap<&str, Vec<&Arc<Workload>>> = HashMap::new();
+    for w in pods {
+        by_ns.entry(w.namespace.as_str()).or_default().push(w);
+    }
+    let mut out: HashMap<Key, Vec<(u16, Arc<Service>)>> = HashMap::new();
+    if by_ns.is_empty() {
+        return out;
+    }
+    for svc in state.services.values() {
+        let Some(pods) = by_ns.get(svc.namespace.as_str()) else {
+            continue;
+        };
+        // Kubernetes: a Service without a selector selects no pod.
+        if svc.selector.is_empty() {
+            continue;
+        }
+        for w in pods {
+            if !svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                continue;
+            }
+            for p in &svc.ports {
+                let target = match &p.target_port {
+                    TargetPort::Number(n) => Some(*n),
+                    TargetPort::Named(name) => w.named_ports.get(name).copied(),
+                };
+                if let Some(target) = target {
+                    out.entry(w.key()).or_default().push((target, svc.clone()));
+                }
+            }
+        }
+    }
+    for services in out.values_mut() {
+        // Stable: the first Service by name wins when several select the same port.
+        services.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+    }
+    out
+}
