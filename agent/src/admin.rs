@@ -82,13 +82,13 @@ impl AgentMetrics {
         let rejections = Counter::default();
         registry.register(
             "ambit_config_rejections",
-            "Config objects rejected since start (each also logged with kind, namespace, name and field).",
+            "Config objects rejected since start (each also logged with kind, namespace, name and field)",
             rejections.clone(),
         );
         let enrolled_pods = Gauge::default();
         registry.register(
             "ambit_enrolled_pods",
-            "Pods on this node whose traffic is captured.",
+            "Pods on this node whose traffic is captured",
             enrolled_pods.clone(),
         );
         let problems = Arc::new(ProblemSeries::default());

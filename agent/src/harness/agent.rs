@@ -372,6 +372,24 @@ impl LocalAgent {
         }
     }
 
+    /// Waits until `pred` holds on the agent's `/metrics`, or panics with the last scrape and log.
+    pub fn wait_for_metrics(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, metrics) = self.http_get("/metrics");
+            if pred(&metrics) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what} in /metrics:\n{metrics}\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// GET `path` on the agent's admin port (127.0.0.1:15020 in the node's netns, where the test
     /// agents serve it); returns (status line and headers, body).
     pub fn http_get(&self, path: &str) -> (String, String) {

@@ -201,6 +201,13 @@ impl World {
         &self.shared.prefix
     }
 
+    /// A directory of this world's own (under the harness state dir), removed at teardown.
+    pub fn state_dir(&self) -> PathBuf {
+        let dir = self.shared.state_dir.clone();
+        let _ = std::fs::create_dir_all(&dir);
+        dir
+    }
+
     pub fn test_name(&self) -> &str {
         &self.shared.test_name
     }

@@ -86,7 +86,7 @@ impl AccessLog {
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "ambit_access_log_dropped",
-            "Access-log lines dropped because the writer fell behind.",
+            "Access-log lines dropped because the writer fell behind",
             self.dropped.clone(),
         );
     }
@@ -190,6 +190,7 @@ fn peer<'a>(p: &'a Peer, trust_domain: &str) -> (&'a str, &'a str, String) {
                 w.namespace, w.service_account
             ),
         ),
+        Peer::Address(w) => (&w.workload, &w.namespace, UNKNOWN.to_string()),
         Peer::Identity(id) => (UNKNOWN, &id.namespace, id.to_string()),
         Peer::Unknown => (UNKNOWN, UNKNOWN, UNKNOWN.to_string()),
     }

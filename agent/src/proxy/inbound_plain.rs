@@ -45,7 +45,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         source: snap
             .state
             .workload_by_ip(canonical(peer.0.ip()))
-            .map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone())),
+            .map_or(Peer::Unknown, |w| Peer::Address(w.istio.clone())),
         destination: Peer::Workload(pod.istio.clone()),
         service: snap
             .local_service(&pod.namespace, &pod.name, dst.0.port())

@@ -53,8 +53,11 @@ impl Reporter {
 /// One end of a connection as the metrics describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peer {
-    /// A workload of the snapshot.
+    /// A workload of the snapshot, running as the identity it proved (or this node's own pod).
     Workload(Arc<IstioLabels>),
+    /// The workload of the snapshot at a plaintext peer's address: its labels, but no proven
+    /// identity (`*_principal` stays `unknown`, as Istio reports plaintext peers).
+    Address(Arc<IstioLabels>),
     /// Only the verified identity is known (no workload of the snapshot at its address runs as
     /// it).
     Identity(Identity),
@@ -149,7 +152,7 @@ impl Telemetry {
         }));
         registry.register(
             "ambit_policy_denials",
-            "Inbound connections or HBONE streams denied, by the policy that decided and the workload.",
+            "Inbound connections or HBONE streams denied, by the policy that decided and the workload",
             self.denials.clone(),
         );
         if let Some(log) = &self.access_log {
@@ -171,7 +174,7 @@ impl Telemetry {
                     Reporter::Destination => &labels.destination,
                 };
                 match here {
-                    Peer::Workload(w) => local.contains(w),
+                    Peer::Workload(w) | Peer::Address(w) => local.contains(w),
                     _ => true,
                 }
             });
@@ -215,12 +218,6 @@ impl ConnectionResult {
     /// The address the connection went on to (the endpoint, or the app).
     pub fn set_upstream(&mut self, addr: SocketAddr) {
         self.upstream = Some(addr);
-    }
-
-    /// The destination learnt once the endpoint is chosen.
-    pub fn set_destination(&mut self, destination: Peer, mtls: bool) {
-        self.labels.destination = destination;
-        self.labels.mtls = mtls;
     }
 
     /// Records the end of the connection.
@@ -316,6 +313,7 @@ fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
                     w.namespace, w.service_account
                 )),
             ),
+            Peer::Address(w) => (Some(w), None),
             Peer::Identity(id) => (None, Some(id.to_string())),
             Peer::Unknown => (None, None),
         };

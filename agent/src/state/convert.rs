@@ -49,243 +49,261 @@ pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>
             name: oref.name.clone(),
             labels: ns.metadata.labels.clone().unwrap_or_default(),
         }),
-        Object::Pod(pod) => {
-            let spec = pod.spec.clone().unwrap_or_default();
-            let status = pod.status.clone().unwrap_or_default();
-            let mut ips = Vec::new();
-            let listed = status
-                .pod_ips
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone()));
-            let fields = status
-                .pod_ip
-                .iter()
-                .map(|s| ("status.podIP".to_string(), s.clone()))
-                .chain(listed);
-            collect_ips(&oref, fields, "is not an IP address", &mut ips, &mut errors);
-            let mut named_ports = BTreeMap::new();
-            for (ci, c) in spec.containers.iter().enumerate() {
-                for (pi, p) in c.ports.iter().flatten().enumerate() {
-                    let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
-                    match port_number(p.container_port) {
-                        Some(n) => {
-                            if let Some(name) = &p.name {
-                                named_ports.insert(name.clone(), n);
-                            }
-                        }
-                        None => errors.push(ObjectError::new(
-                            &oref,
-                            field,
-                            format!("{} is not a port (1-65535)", p.container_port),
-                        )),
-                    }
-                }
-            }
-            let annotations: BTreeMap<String, String> = pod
-                .metadata
-                .annotations
-                .iter()
-                .flatten()
-                .filter(|(k, _)| KEPT_ANNOTATIONS.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            for a in [EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS] {
-                if let Err(bad) =
-                    parse_port_list(annotations.get(a).map(String::as_str).unwrap_or(""))
-                {
-                    warnings.push(ObjectError::new(
-                        &oref,
-                        format!("metadata.annotations[{a}]"),
-                        format!("{bad:?} is not a port (1-65535); this exclusion is ignored"),
-                    ));
-                }
-            }
-            let phase = status.phase.as_deref().unwrap_or("Running");
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            let service_account = spec
-                .service_account_name
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let istio = std::sync::Arc::new(crate::state::IstioLabels::new(
-                &workload_name(&pod.metadata, &labels),
-                &oref.namespace,
-                &service_account,
-                &labels,
-            ));
-            Item::Workload(Workload {
-                uid: pod
-                    .metadata
-                    .uid
-                    .clone()
-                    .unwrap_or_else(|| format!("{}/{}", oref.namespace, oref.name)),
-                name: oref.name.clone(),
-                namespace: oref.namespace.clone(),
-                service_account,
-                node: spec.node_name.clone(),
-                host_network: spec.host_network.unwrap_or(false),
-                ips,
-                labels,
-                named_ports,
-                annotations,
-                running: !matches!(phase, "Succeeded" | "Failed"),
-                terminating: pod.metadata.deletion_timestamp.is_some(),
-                istio,
-            })
-        }
-        Object::Service(svc) => {
-            let spec = svc.spec.clone().unwrap_or_default();
-            let mut vips = Vec::new();
-            let mut headless = false;
-            let listed = spec
-                .cluster_ips
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()));
-            let fields = spec
-                .cluster_ip
-                .iter()
-                .map(|s| ("spec.clusterIP".to_string(), s.clone()))
-                .chain(listed);
-            // "None" marks a headless Service; an empty value means "not allocated yet".
-            let fields = fields.filter(|(_, s)| {
-                headless |= s == "None";
-                s != "None" && !s.is_empty()
-            });
-            collect_ips(
-                &oref,
-                fields,
-                "is not an IP address or \"None\"",
-                &mut vips,
-                &mut errors,
-            );
-            let mut ports = Vec::new();
-            for (i, p) in spec.ports.iter().flatten().enumerate() {
-                let Some(port) = port_number(p.port) else {
-                    errors.push(ObjectError::new(
-                        &oref,
-                        format!("spec.ports[{i}].port"),
-                        format!("{} is not a port (1-65535)", p.port),
-                    ));
-                    continue;
-                };
-                // A numeric string is a number too (Kubernetes accepts both forms).
-                let numeric = match &p.target_port {
-                    None => Some(i32::from(port)),
-                    Some(IntOrString::Int(n)) => Some(*n),
-                    Some(IntOrString::String(s)) => s.parse::<i32>().ok(),
-                };
-                let target_port = match (numeric, &p.target_port) {
-                    (Some(n), _) => match port_number(n) {
-                        Some(n) => TargetPort::Number(n),
-                        None => {
-                            errors.push(ObjectError::new(
-                                &oref,
-                                format!("spec.ports[{i}].targetPort"),
-                                format!("{n} is not a port (1-65535)"),
-                            ));
-                            continue;
-                        }
-                    },
-                    (None, Some(IntOrString::String(name))) => TargetPort::Named(name.clone()),
-                    (None, _) => TargetPort::Number(port),
-                };
-                ports.push(ServicePort {
-                    name: p.name.clone(),
-                    port,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    app_protocol: p.app_protocol.clone(),
-                    target_port,
-                });
-            }
-            Item::Service(Service {
-                name: oref.name.clone(),
-                namespace: oref.namespace.clone(),
-                hostname: format!("{}.{}.svc.{domain}", oref.name, oref.namespace),
-                vips,
-                headless,
-                ports,
-                selector: spec.selector.clone().unwrap_or_default(),
-            })
-        }
+        Object::Pod(pod) => Item::Workload(workload(&oref, pod, &mut errors, &mut warnings)),
+        Object::Service(svc) => Item::Service(service(&oref, svc, domain, &mut errors)),
         Object::Istio(config) => Item::Istio(std::sync::Arc::new(config.clone())),
-        Object::EndpointSlice(slice) => {
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-                .cloned();
-            let Some(service) = service else {
-                return Err(vec![ObjectError::new(
-                    &oref,
-                    "metadata.labels[kubernetes.io/service-name]",
-                    "required: names the owning Service",
-                )]);
-            };
-            let mut ports = Vec::new();
-            for (i, p) in slice.ports.iter().flatten().enumerate() {
-                match p.port.and_then(port_number) {
-                    Some(port) => ports.push(SlicePort {
-                        name: p.name.clone().filter(|n| !n.is_empty()),
-                        port,
-                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    }),
-                    None => errors.push(ObjectError::new(
-                        &oref,
-                        format!("ports[{i}].port"),
-                        format!("{:?} is not a port (1-65535)", p.port),
-                    )),
-                }
-            }
-            let mut endpoints = Vec::new();
-            // FQDN slices name hosts, not addresses: nothing to index by IP.
-            if slice.address_type != "FQDN" {
-                for (i, e) in slice.endpoints.iter().flatten().enumerate() {
-                    let pod = e
-                        .target_ref
-                        .as_ref()
-                        .filter(|t| t.kind.as_deref() == Some("Pod"))
-                        .map(|t| {
-                            key(
-                                t.namespace.as_deref().unwrap_or(&oref.namespace),
-                                t.name.as_deref().unwrap_or_default(),
-                            )
-                        });
-                    for (j, a) in e.addresses.iter().enumerate() {
-                        match a.parse::<IpAddr>() {
-                            Ok(ip) => endpoints.push(Endpoint {
-                                ip,
-                                // Kubernetes: a nil ready condition means ready.
-                                ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
-                                pod: pod.clone(),
-                                node: e.node_name.clone(),
-                            }),
-                            Err(_) => errors.push(ObjectError::new(
-                                &oref,
-                                format!("endpoints[{i}].addresses[{j}]"),
-                                format!("{a:?} is not an IP address"),
-                            )),
-                        }
-                    }
-                }
-            }
-            Item::Slice(EndpointSlice {
-                name: oref.name.clone(),
-                namespace: oref.namespace.clone(),
-                service,
-                ports,
-                endpoints,
-            })
-        }
+        Object::EndpointSlice(slice) => Item::Slice(endpoint_slice(&oref, slice, &mut errors)?),
     };
     if errors.is_empty() {
         Ok(Converted { item, warnings })
     } else {
         Err(errors)
     }
+}
+
+fn workload(
+    oref: &ObjectRef,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    errors: &mut Vec<ObjectError>,
+    warnings: &mut Vec<ObjectError>,
+) -> Workload {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    let mut ips = Vec::new();
+    let listed = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone()));
+    let fields = status
+        .pod_ip
+        .iter()
+        .map(|s| ("status.podIP".to_string(), s.clone()))
+        .chain(listed);
+    collect_ips(oref, fields, "is not an IP address", &mut ips, errors);
+    let mut named_ports = BTreeMap::new();
+    for (ci, c) in spec.containers.iter().enumerate() {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}].containerPort");
+            match port_number(p.container_port) {
+                Some(n) => {
+                    if let Some(name) = &p.name {
+                        named_ports.insert(name.clone(), n);
+                    }
+                }
+                None => errors.push(ObjectError::new(
+                    oref,
+                    field,
+                    format!("{} is not a port (1-65535)", p.container_port),
+                )),
+            }
+        }
+    }
+    let annotations: BTreeMap<String, String> = pod
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| KEPT_ANNOTATIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for a in [EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS] {
+        if let Err(bad) = parse_port_list(annotations.get(a).map(String::as_str).unwrap_or("")) {
+            warnings.push(ObjectError::new(
+                oref,
+                format!("metadata.annotations[{a}]"),
+                format!("{bad:?} is not a port (1-65535); this exclusion is ignored"),
+            ));
+        }
+    }
+    let phase = status.phase.as_deref().unwrap_or("Running");
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let istio = std::sync::Arc::new(crate::state::IstioLabels::new(
+        &workload_name(&pod.metadata, &labels),
+        &oref.namespace,
+        &service_account,
+        &labels,
+    ));
+    Workload {
+        uid: pod
+            .metadata
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", oref.namespace, oref.name)),
+        name: oref.name.clone(),
+        namespace: oref.namespace.clone(),
+        service_account,
+        node: spec.node_name.clone(),
+        host_network: spec.host_network.unwrap_or(false),
+        ips,
+        labels,
+        named_ports,
+        annotations,
+        running: !matches!(phase, "Succeeded" | "Failed"),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        istio,
+    }
+}
+
+fn service(
+    oref: &ObjectRef,
+    svc: &k8s_openapi::api::core::v1::Service,
+    domain: &str,
+    errors: &mut Vec<ObjectError>,
+) -> Service {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut vips = Vec::new();
+    let mut headless = false;
+    let listed = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()));
+    let fields = spec
+        .cluster_ip
+        .iter()
+        .map(|s| ("spec.clusterIP".to_string(), s.clone()))
+        .chain(listed);
+    // "None" marks a headless Service; an empty value means "not allocated yet".
+    let fields = fields.filter(|(_, s)| {
+        headless |= s == "None";
+        s != "None" && !s.is_empty()
+    });
+    collect_ips(
+        oref,
+        fields,
+        "is not an IP address or \"None\"",
+        &mut vips,
+        errors,
+    );
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let Some(port) = port_number(p.port) else {
+            errors.push(ObjectError::new(
+                oref,
+                format!("spec.ports[{i}].port"),
+                format!("{} is not a port (1-65535)", p.port),
+            ));
+            continue;
+        };
+        // A numeric string is a number too (Kubernetes accepts both forms).
+        let numeric = match &p.target_port {
+            None => Some(i32::from(port)),
+            Some(IntOrString::Int(n)) => Some(*n),
+            Some(IntOrString::String(s)) => s.parse::<i32>().ok(),
+        };
+        let target_port = match (numeric, &p.target_port) {
+            (Some(n), _) => match port_number(n) {
+                Some(n) => TargetPort::Number(n),
+                None => {
+                    errors.push(ObjectError::new(
+                        oref,
+                        format!("spec.ports[{i}].targetPort"),
+                        format!("{n} is not a port (1-65535)"),
+                    ));
+                    continue;
+                }
+            },
+            (None, Some(IntOrString::String(name))) => TargetPort::Named(name.clone()),
+            (None, _) => TargetPort::Number(port),
+        };
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            app_protocol: p.app_protocol.clone(),
+            target_port,
+        });
+    }
+    Service {
+        name: oref.name.clone(),
+        namespace: oref.namespace.clone(),
+        hostname: format!("{}.{}.svc.{domain}", oref.name, oref.namespace),
+        vips,
+        headless,
+        ports,
+        selector: spec.selector.clone().unwrap_or_default(),
+    }
+}
+
+fn endpoint_slice(
+    oref: &ObjectRef,
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+    errors: &mut Vec<ObjectError>,
+) -> Result<EndpointSlice, Vec<ObjectError>> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+        .cloned();
+    let Some(service) = service else {
+        return Err(vec![ObjectError::new(
+            oref,
+            "metadata.labels[kubernetes.io/service-name]",
+            "required: names the owning Service",
+        )]);
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        match p.port.and_then(port_number) {
+            Some(port) => ports.push(SlicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            }),
+            None => errors.push(ObjectError::new(
+                oref,
+                format!("ports[{i}].port"),
+                format!("{:?} is not a port (1-65535)", p.port),
+            )),
+        }
+    }
+    let mut endpoints = Vec::new();
+    // FQDN slices name hosts, not addresses: nothing to index by IP.
+    if slice.address_type != "FQDN" {
+        for (i, e) in slice.endpoints.iter().flatten().enumerate() {
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .map(|t| {
+                    key(
+                        t.namespace.as_deref().unwrap_or(&oref.namespace),
+                        t.name.as_deref().unwrap_or_default(),
+                    )
+                });
+            for (j, a) in e.addresses.iter().enumerate() {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) => endpoints.push(Endpoint {
+                        ip,
+                        // Kubernetes: a nil ready condition means ready.
+                        ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                        pod: pod.clone(),
+                        node: e.node_name.clone(),
+                    }),
+                    Err(_) => errors.push(ObjectError::new(
+                        oref,
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an IP address"),
+                    )),
+                }
+            }
+        }
+    }
+    Ok(EndpointSlice {
+        name: oref.name.clone(),
+        namespace: oref.namespace.clone(),
+        service,
+        ports,
+        endpoints,
+    })
 }
 
 /// Istio's workload name for a pod (istio `GetDeployMetaFromPod`): a ReplicaSet owner is its
