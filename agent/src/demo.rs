@@ -77,7 +77,9 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let _legacy_app = Server::start(&legacy, &[sa(legacy.ip4(), 9090)], Mode::WhoamiEcho);
 
     let exe = std::env::current_exe().map_err(DemoError::Exe)?;
-    let mut agent = LocalAgent::new(&world, &node, &exe);
+    let access_log = world.state_dir().join("access.log");
+    let mut agent =
+        LocalAgent::new(&world, &node, &exe).arg(&format!("--access-log={}", access_log.display()));
     ClusterYaml::new()
         .ambient("shop")
         .plain("legacy")
@@ -152,6 +154,43 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         s["pool"]["connections_opened"],
         s["certs"]["issued_total"]
     );
+
+    let (_, ready) = agent.http_get("/healthz/ready");
+    println!("\nreadiness (/healthz/ready on :15020): {}", ready.trim());
+    println!("\nIstio's TCP metrics (/metrics on :15020, as Prometheus scrapes them), connections closed:");
+    let (_, metrics) = agent.http_get("/metrics");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+    {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        println!(
+            "  reporter={:<11} {}/{} -> {}/{} ({}) {}: {}",
+            label("reporter"),
+            label("source_workload_namespace"),
+            label("source_workload"),
+            label("destination_workload_namespace"),
+            label("destination_workload"),
+            label("connection_security_policy"),
+            label("destination_service"),
+            line.rsplit(' ').next().unwrap_or("?")
+        );
+    }
+    let log = std::fs::read_to_string(&access_log).unwrap_or_default();
+    println!(
+        "\naccess log ({}), {} line(s), the first:",
+        access_log.display(),
+        log.lines().count()
+    );
+    if let Some(first) = log.lines().next() {
+        println!("  {first}");
+    }
 
     if args.keep {
         println!(
