@@ -297,7 +297,7 @@ impl Ambit {
                 .orig_dst_table()
                 .unwrap_or_else(|e| panic!("orig dst table: {e}")),
             metrics: Metrics::default(),
-            state: ambit::state::store::Store::new(ambit::config::DEFAULT_DOMAIN).reader(),
+            state: complete_empty_view(),
             pool: ambit::proxy::pool::Pool::new(Default::default(), secrets.clone()),
             secrets,
             policy: Arc::new(ambit::proxy::AllowAll),
@@ -352,7 +352,24 @@ impl Ambit {
         m.outbound_orig_dst_missing.load(Ordering::Relaxed)
             + m.outbound_connect_failed.load(Ordering::Relaxed)
             + m.relays_reset.load(Ordering::Relaxed)
+            + m.outbound_incomplete_view.load(Ordering::Relaxed)
     }
+}
+
+/// An empty cluster view in which every kind has been listed. The outbound stage resets every
+/// connection while the view is incomplete (fail closed, 1b93f85), and an empty store has listed
+/// nothing; the agent gets the same from its first full read of the config.
+fn complete_empty_view() -> ambit::state::store::StateReader {
+    use ambit::config::{Kind, SourceEvent};
+    let mut store = ambit::state::store::Store::new(ambit::config::DEFAULT_DOMAIN);
+    store.apply(SourceEvent::Replace {
+        kinds: Kind::ALL.to_vec(),
+        objects: Vec::new(),
+        rejected: Vec::new(),
+        origins: Default::default(),
+    });
+    store.publish();
+    store.reader()
 }
 
 impl Drop for Ambit {
