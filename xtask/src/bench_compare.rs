@@ -113,13 +113,13 @@ pub fn run(mut opts: Options) -> Result<()> {
     ));
 
     // The current tree first: mid-refactor it is the one more likely not to build.
-    let current = build(root, &target, &opts.benches)?;
+    let current = build(root, None, &opts.benches)?;
     let base_target = target.join("bench-base").join("target");
     let scratch =
         base::Scratch::checkout(root, &target.join("bench-base").join("src"), &base_commit)?;
     let backports = scratch.apply_backports(root, &base_commit)?;
     let differences = base::differing_files(scratch.path(), root, base::METHOD_DIRS)?;
-    let built_base = build(scratch.path(), &base_target, &opts.benches)?;
+    let built_base = build(scratch.path(), Some(&base_target), &opts.benches)?;
     // The executables need nothing from their source tree (the eBPF object is embedded, the agent
     // binary's path is absolute), so the registration need not outlive the build.
     scratch.remove()?;
@@ -212,26 +212,36 @@ pub fn run(mut opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Builds the bench executables of the tree at `dir` into `target_dir` and returns their paths.
-/// The base gets a target dir of its own: with a shared one, both hbone benches would name the
-/// same `target/release/ambit`, holding whichever build came last.
-fn build(dir: &Path, target_dir: &Path, benches: &[Bench]) -> Result<Built> {
+/// Builds the bench executables of the tree at `dir` and returns their paths. The base gets a
+/// target dir of its own: with a shared one, both hbone benches would name the same
+/// `target/release/ambit`, holding whichever build came last. The current tree builds where
+/// `cargo bench` would (`target_dir` None): setting CARGO_TARGET_DIR where it was not set reruns
+/// agent/build.rs (it tracks the variable), and so the eBPF build, on every switch.
+fn build(dir: &Path, target_dir: Option<&Path>, benches: &[Bench]) -> Result<Built> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut c = cmd::nested_cargo(&cargo);
     c.args(["bench", "--package", "ambit-agent", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
         .current_dir(dir)
-        .env("CARGO_TARGET_DIR", target_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    if let Some(t) = target_dir {
+        c.env("CARGO_TARGET_DIR", t);
+    }
     for b in benches {
         c.args(["--bench", b.name()]);
     }
     say(format_args!(
-        "building in {}: `{}` (CARGO_TARGET_DIR={})",
+        "building in {}: `cargo {}`{}",
         dir.display(),
-        cmd::describe(&c),
-        target_dir.display()
+        c.get_args()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        target_dir.map_or(String::new(), |t| format!(
+            " (CARGO_TARGET_DIR={})",
+            t.display()
+        ))
     ));
     let mut child = c
         .spawn()
