@@ -164,6 +164,33 @@ pub fn run(mut opts: Options) -> Result<()> {
         }
     }
 
+    println!();
+    println!(
+        "base:    {} = {base_commit}, built from target/bench-base/src",
+        opts.base
+    );
+    for b in &backports {
+        let what = b
+            .skipped
+            .as_deref()
+            .map_or("applied".into(), |why| format!("SKIPPED: {why}"));
+        println!("         + {} {} ({what})", &b.commit[..10], b.subject);
+    }
+    println!(
+        "current: {} at HEAD {head}{}{}",
+        root.display(),
+        if dirty { " + uncommitted changes" } else { "" },
+        if opts.current_env.is_empty() {
+            String::new()
+        } else {
+            let env: Vec<String> = opts
+                .current_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(", runs with {}", env.join(" "))
+        }
+    );
     let comparison = compare::compare(&opts.benches, opts.rounds, &runs);
     compare::print(&comparison, &runs, opts.rounds, &differences);
     let result = json!({
@@ -176,7 +203,7 @@ pub fn run(mut opts: Options) -> Result<()> {
         "base": {
             "rev": opts.base,
             "commit": base_commit,
-            "backports": backports.iter().map(|b| json!({"commit": b.commit, "subject": b.subject})).collect::<Vec<_>>(),
+            "backports": backports.iter().map(|b| json!({"commit": b.commit, "subject": b.subject, "skipped": b.skipped})).collect::<Vec<_>>(),
             "ambit": built_base.ambit,
             "executables": built_base.benches.iter().map(|(b, p)| (b.name(), p)).collect::<BTreeMap<_, _>>(),
         },

@@ -36,10 +36,13 @@ pub struct Scratch {
     removed: bool,
 }
 
-/// A commit given to the base.
+/// A commit marked for the base, and whether the base took it.
 pub struct Backport {
     pub commit: String,
     pub subject: String,
+    /// Why it was not applied: the base already has it, or has changed the same lines (then it
+    /// usually carries its own version of the change).
+    pub skipped: Option<String>,
 }
 
 impl Scratch {
@@ -65,27 +68,29 @@ impl Scratch {
         &self.path
     }
 
-    /// Applies, in order and uncommitted, every commit of `base..HEAD` (of `repo`) whose message
-    /// carries the `Bench-Compare: backport` trailer: the benches' JSON output and the bench fixes
-    /// a base without them needs to run at all. Each must touch nothing outside agent/benches/.
+    /// Applies, oldest first, every commit of `base..HEAD` (of `repo`) whose message carries the
+    /// `Bench-Compare: backport` trailer: the benches' JSON output and the bench fixes a base
+    /// without them needs to run at all. Each must touch nothing outside agent/benches/. One that
+    /// does not apply is skipped with a warning: the base already has it, or its own version of
+    /// the change (main's refactor fixed the capture bench's view itself). If the base needed it
+    /// after all, its runs say so (no JSON, or INVALID path checks).
     pub fn apply_backports(&self, repo: &Path, base: &str) -> Result<Vec<Backport>> {
         let format = format!("--format=%H %(trailers:key={TRAILER_KEY},valueonly,separator=%x2C)");
         let log = git(
             repo,
             &["log", "--reverse", &format, &format!("{base}..HEAD")],
         )?;
-        let commits = marked_commits(&log);
         let mut out = Vec::new();
-        for commit in &commits {
+        for commit in marked_commits(&log) {
             let files = git(
                 repo,
-                &["diff-tree", "--no-commit-id", "--name-only", "-r", commit],
+                &["diff-tree", "--no-commit-id", "--name-only", "-r", &commit],
             )?;
             let outside: Vec<&str> = files
                 .lines()
                 .filter(|f| !f.starts_with(BACKPORT_MAY_TOUCH))
                 .collect();
-            let subject = git(repo, &["log", "-1", "--format=%s", commit])?;
+            let subject = git(repo, &["log", "-1", "--format=%s", &commit])?;
             if !outside.is_empty() {
                 bail!(
                     "commit {commit} ({subject}) is marked `{TRAILER_KEY}: {TRAILER_VALUE}` but \
@@ -93,38 +98,49 @@ impl Scratch {
                     outside.join(", ")
                 );
             }
+            let skipped = self.pick(&commit)?;
+            let short = &commit[..10];
+            match &skipped {
+                None => eprintln!("[xtask] base: applied {short} {subject} (bench-only)"),
+                Some(why) => eprintln!(
+                    "[xtask] warning: base: skipped {short} {subject}: {why}; if the base needed \
+                     it, its runs will fail or show INVALID path checks"
+                ),
+            }
             out.push(Backport {
-                commit: commit.clone(),
+                commit,
                 subject,
+                skipped,
             });
         }
-        if commits.is_empty() {
-            return Ok(out);
-        }
-        let mut args = vec!["cherry-pick", "--no-commit"];
-        args.extend(commits.iter().map(String::as_str));
-        if let Err(e) = git(&self.path, &args) {
-            let conflicts = git(&self.path, &["diff", "--name-only", "--diff-filter=U"])
-                .unwrap_or_default()
-                .replace('\n', ", ");
-            bail!(
-                "the base {base} does not take the bench-only commits it needs ({}): conflicts in \
-                 [{conflicts}]. Its benches differ too much from these; compare against a later \
-                 base. ({e:#})",
-                out.iter()
-                    .map(|b| format!("{} {}", &b.commit[..10], b.subject))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
-        for b in &out {
-            eprintln!(
-                "[xtask] base: applied {} {} (bench-only)",
-                &b.commit[..10],
-                b.subject
-            );
-        }
         Ok(out)
+    }
+
+    /// Cherry-picks one commit onto the scratch checkout (committed there, so that a later
+    /// conflict can be undone alone; only this worktree's detached HEAD moves). Returns why it
+    /// was skipped, if it was.
+    fn pick(&self, commit: &str) -> Result<Option<String>> {
+        let ident = [
+            "-c",
+            "user.name=bench-compare",
+            "-c",
+            "user.email=bench-compare@localhost",
+        ];
+        let mut args = ident.to_vec();
+        args.extend(["cherry-pick", commit]);
+        let Err(e) = git(&self.path, &args) else {
+            return Ok(None);
+        };
+        let conflicts = git(&self.path, &["diff", "--name-only", "--diff-filter=U"])
+            .unwrap_or_default()
+            .replace('\n', ", ");
+        git(&self.path, &["cherry-pick", "--abort"])
+            .with_context(|| format!("undoing the failed cherry-pick of {commit}: {e:#}"))?;
+        Ok(Some(if conflicts.is_empty() {
+            "the base already has this change (nothing left to apply)".to_owned()
+        } else {
+            format!("the base changed the same lines ({conflicts})")
+        }))
     }
 
     /// Removes the worktree and its registration.
@@ -223,6 +239,67 @@ mod tests {
     fn only_commits_with_our_trailer_are_backported() {
         let log = "aaa backport\nbbb \nccc other,backport\nddd backports\n";
         assert_eq!(marked_commits(log), ["aaa", "ccc"]);
+    }
+
+    /// A repository: `base` (x = 1), `other` (x = 3, from base), and HEAD = base + a marked
+    /// commit setting x = 2 + an unmarked one + a marked one adding y.
+    fn repo(dir: &Path) -> (String, String) {
+        let run = |args: &[&str]| {
+            let mut all = vec!["-c", "user.name=t", "-c", "user.email=t@t"];
+            all.extend(args);
+            git(dir, &all).unwrap()
+        };
+        let commit = |file: &str, content: &str, msg: &str| {
+            let p = dir.join(file);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, content).unwrap();
+            run(&["add", "-A"]);
+            run(&["commit", "-q", "-m", msg]);
+            run(&["rev-parse", "HEAD"])
+        };
+        fs::create_dir_all(dir).unwrap();
+        run(&["init", "-q", "-b", "main"]);
+        let base = commit("agent/benches/x", "1\n", "base");
+        run(&["checkout", "-q", "-b", "other"]);
+        let other = commit("agent/benches/x", "3\n", "other");
+        run(&["checkout", "-q", "main"]);
+        commit("agent/benches/x", "2\n", "x = 2\n\nBench-Compare: backport");
+        commit("agent/src/z", "1\n", "not marked");
+        commit("agent/benches/y", "1\n", "add y\n\nBench-Compare: backport");
+        (base, other)
+    }
+
+    #[test]
+    fn backports_apply_in_order_and_conflicts_are_skipped() {
+        let tmp = std::env::temp_dir().join(format!("xtask-backport-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let (base, other) = repo(&tmp.join("repo"));
+        let repo = tmp.join("repo");
+        let read = |s: &Scratch, f: &str| fs::read_to_string(s.path().join(f)).ok();
+
+        let s = Scratch::checkout(&repo, &tmp.join("scratch"), &base).unwrap();
+        let done = s.apply_backports(&repo, &base).unwrap();
+        assert_eq!(done.len(), 2);
+        assert!(done.iter().all(|b| b.skipped.is_none()));
+        assert_eq!(read(&s, "agent/benches/x").as_deref(), Some("2\n"));
+        assert_eq!(read(&s, "agent/benches/y").as_deref(), Some("1\n"));
+        // The unmarked commit is not applied.
+        assert_eq!(read(&s, "agent/src/z"), None);
+        s.remove().unwrap();
+
+        // `other` changed x itself: that backport is skipped, the next still applies.
+        let s = Scratch::checkout(&repo, &tmp.join("scratch"), &other).unwrap();
+        let done = s.apply_backports(&repo, &other).unwrap();
+        let skipped = done[0].skipped.as_deref().unwrap();
+        assert!(skipped.contains("agent/benches/x"), "{skipped}");
+        assert_eq!(read(&s, "agent/benches/x").as_deref(), Some("3\n"));
+        assert_eq!(read(&s, "agent/benches/y").as_deref(), Some("1\n"));
+        drop(s);
+        // Dropping removed the worktree and its registration.
+        assert!(!tmp.join("scratch").exists());
+        let list = git(&repo, &["worktree", "list", "--porcelain"]).unwrap();
+        assert_eq!(list.matches("worktree ").count(), 1, "{list}");
+        fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]
