@@ -198,7 +198,7 @@ fn remove_worktree(repo: &Path, path: &Path) -> Result<()> {
 }
 
 /// Files under `dirs` whose content differs between the trees at `a` and `b` (or that only one
-/// has), as paths relative to the tree.
+/// has), as paths relative to the tree. Markdown is left out: results and prose measure nothing.
 pub fn differing_files(a: &Path, b: &Path, dirs: &[&str]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for dir in dirs {
@@ -206,7 +206,10 @@ pub fn differing_files(a: &Path, b: &Path, dirs: &[&str]) -> Result<Vec<String>>
         for root in [a, b] {
             list_files(&root.join(dir), Path::new(dir), &mut files)?;
         }
-        for f in files {
+        let code = files
+            .into_iter()
+            .filter(|f| f.extension().is_none_or(|e| e != "md"));
+        for f in code {
             if fs::read(a.join(&f)).ok() != fs::read(b.join(&f)).ok() {
                 out.push(f.to_string_lossy().into_owned());
             }
@@ -309,9 +312,22 @@ mod tests {
         for (root, files) in [
             (
                 &a,
-                [("x/same", "1"), ("x/changed", "1"), ("x/d/only_a", "1")],
+                [
+                    ("x/same", "1"),
+                    ("x/changed", "1"),
+                    ("x/d/only_a", "1"),
+                    ("x/R.md", "1"),
+                ],
             ),
-            (&b, [("x/same", "1"), ("x/changed", "2"), ("x/only_b", "1")]),
+            (
+                &b,
+                [
+                    ("x/same", "1"),
+                    ("x/changed", "2"),
+                    ("x/only_b", "1"),
+                    ("x/R.md", "2"),
+                ],
+            ),
         ] {
             for (f, content) in files {
                 let p = root.join(f);
