@@ -87,6 +87,13 @@ pub fn run(mut opts: Options) -> Result<()> {
     if opts.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if opts
+        .current_env
+        .iter()
+        .any(|(k, _)| k == "AMBIT_BENCH_JSON")
+    {
+        bail!("--current-env: AMBIT_BENCH_JSON is where bench-compare reads each run's results");
+    }
     let root = workspace_root();
     let target = xtask::target_dir();
     let stamp = utc_stamp(SystemTime::now());
@@ -115,8 +122,8 @@ pub fn run(mut opts: Options) -> Result<()> {
     // The current tree first: mid-refactor it is the one more likely not to build.
     let current = build(root, None, &opts.benches)?;
     let base_target = target.join("bench-base").join("target");
-    let scratch =
-        base::Scratch::checkout(root, &target.join("bench-base").join("src"), &base_commit)?;
+    let base_src = target.join("bench-base").join("src");
+    let scratch = base::Scratch::checkout(root, &base_src, &base_commit)?;
     let backports = scratch.apply_backports(root, &base_commit)?;
     let differences = base::differing_files(scratch.path(), root, base::METHOD_DIRS)?;
     let built_base = build(scratch.path(), Some(&base_target), &opts.benches)?;
@@ -166,8 +173,9 @@ pub fn run(mut opts: Options) -> Result<()> {
 
     println!();
     println!(
-        "base:    {} = {base_commit}, built from target/bench-base/src",
-        opts.base
+        "base:    {} = {base_commit}, built from {}",
+        opts.base,
+        base_src.display()
     );
     for b in &backports {
         let what = b

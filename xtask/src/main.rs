@@ -74,7 +74,8 @@ enum Task {
             default_value = "capture,hbone"
         )]
         bench: Vec<bench_compare::Bench>,
-        /// Rounds; each runs every bench once per side.
+        /// Rounds; each runs every bench once per side, the side that goes first alternating (an
+        /// even number balances the order).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
         /// KEY=VALUE for the current build's runs only (repeatable), e.g. agent flags the base
