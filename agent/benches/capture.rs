@@ -9,6 +9,8 @@
 mod common;
 #[path = "capture/diag.rs"]
 mod diag;
+#[path = "capture/json.rs"]
+mod json;
 #[path = "capture/measure.rs"]
 mod measure;
 #[path = "capture/paths.rs"]
@@ -377,10 +379,15 @@ fn main() {
     }
 
     report::print(&results, bench.cfg.conns, bench.cfg.mib);
-    diag::run(&bench, rounds, &skipped);
+    let diagnostics = diag::run(&bench, rounds, &skipped);
+    let mut ebpf = serde_json::Map::new();
     for (label, a) in [("(d)", Some(&bench.ambit)), ("(e)", bench.ambit_e.as_ref())] {
         let Some(a) = a else { continue };
         let k = a.kernel_stats();
+        ebpf.insert(
+            label.to_string(),
+            serde_json::json!({ "counters": &k, "map_entries": a.map_sizes() }),
+        );
         println!(
             "{label} eBPF counters: out_captured {}, out_skipped_mark {}, orig_dst_recorded {}, \
              orig_dst_missing {}, fast_path_sockets {}, fast_path_redirects {}",
@@ -398,4 +405,10 @@ fn main() {
         diag::foreign_cgroup_links(&ours)
     );
     println!("load avg: {} (end)", first_line("/proc/loadavg"));
+    common::json::write_if_asked(&json::results(
+        &bench.cfg,
+        &results,
+        diagnostics,
+        ebpf.into(),
+    ));
 }

@@ -10,6 +10,8 @@
 mod agents;
 #[path = "common/mod.rs"]
 mod common;
+#[path = "hbone/json.rs"]
+mod json;
 #[path = "hbone/measure.rs"]
 mod measure;
 #[path = "hbone/report.rs"]
@@ -322,12 +324,15 @@ fn main() {
     let pool = |i: usize| {
         bench.agents[i]
             .status()
-            .map(|s| s["pool"].to_string())
+            .map(|s| s["pool"].clone())
             .unwrap_or_default()
     };
+    let (pool_n1, pool_n3) = (pool(0), pool(2));
     println!();
-    println!("pool counters at the end: n1 {}", pool(0));
-    println!("                          n3 {}", pool(2));
+    println!("pool counters at the end: n1 {pool_n1}");
+    println!("                          n3 {pool_n3}");
     println!("load avg: {} (end)", first_line("/proc/loadavg"));
     println!("total time: {:.0} s", started.elapsed().as_secs_f64());
+    let pool = serde_json::json!({ "n1": pool_n1, "n3": pool_n3 });
+    common::json::write_if_asked(&json::results(cfg, &results, AMBIT_BIN, pool));
 }

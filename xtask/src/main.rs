@@ -1,5 +1,6 @@
 //! `cargo xtask`: the commands README's "Build and test" gives. `test` is what CI runs (.ci/run).
 
+mod bench_compare;
 mod deploy;
 
 use std::{
@@ -55,6 +56,37 @@ enum Task {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Compare the capture and hbone benches of a base revision with the current tree. Needs root.
+    ///
+    /// Builds both (the base in a scratch worktree under target/bench-base, removed after its
+    /// build), runs them alternately (base, current, current, base, ...) and prints, per bench,
+    /// path and figure, the medians of both sides and current/base, flagging ratios worse than
+    /// 0.97. AMBIT_BENCH_* variables apply to both sides. Method: agent/benches/README.md.
+    BenchCompare {
+        /// The git revision to compare against, e.g. a commit before the change.
+        #[arg(long)]
+        base: String,
+        /// The benches to run, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "capture,hbone"
+        )]
+        bench: Vec<bench_compare::Bench>,
+        /// Rounds; each runs every bench once per side, the side that goes first alternating (an
+        /// even number balances the order).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// KEY=VALUE for the current build's runs only (repeatable), e.g. agent flags the base
+        /// lacks: --current-env 'AMBIT_BENCH_WARM_ARGS=--some-flag'.
+        #[arg(long = "current-env", value_name = "KEY=VALUE", value_parser = key_value)]
+        current_env: Vec<(String, String)>,
+        /// Delete the base build (target/bench-base) when done; by default it is kept, so the next
+        /// comparison against the same base rebuilds only ambit's own crates.
+        #[arg(long)]
+        clean: bool,
+    },
     /// Build the agent and run its local demo (`ambit demo`). Needs root.
     ///
     /// Arguments are passed on to `ambit demo`; `cargo xtask demo -- --help` lists its options.
@@ -84,6 +116,34 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => test(args),
         Task::CheckDeploy { dir } => deploy::check(&dir.unwrap_or_else(deploy::default_dir)),
         Task::Demo { args } => demo(args),
+        Task::BenchCompare {
+            base,
+            bench,
+            rounds,
+            current_env,
+            clean,
+        } => {
+            if !is_root()? {
+                bail!(
+                    "bench-compare needs root: the benches create network namespaces and load eBPF"
+                );
+            }
+            bench_compare::run(bench_compare::Options {
+                base,
+                benches: bench,
+                rounds,
+                current_env,
+                clean,
+            })
+        }
+    }
+}
+
+/// `KEY=VALUE` of `--current-env`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }
 
@@ -97,7 +157,7 @@ fn parse(argv: Vec<OsString>) -> Task {
         Task::Test { args } => *args = passed.collect(),
         // `ambit demo` gets no `--` of its own: `cargo xtask demo -- --help` asks it for help.
         Task::Demo { args } => *args = passed.skip_while(|arg| arg == "--").collect(),
-        Task::BuildEbpf { .. } | Task::CheckDeploy { .. } => {}
+        Task::BuildEbpf { .. } | Task::CheckDeploy { .. } | Task::BenchCompare { .. } => {}
     }
     task
 }

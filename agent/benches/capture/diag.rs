@@ -11,14 +11,17 @@ use ambit::proxy::ProxyInputs;
 use aya::maps::MapInfo;
 use aya::programs::links::LinkType;
 use aya::programs::{loaded_links, loaded_programs};
+use serde_json::{json, Value};
 
 use crate::measure::Bench;
-use crate::{A, B, C, D, E, LABELS};
+use crate::{A, B, C, D, E, LABELS, LETTERS};
 
 /// Program run time per connection on each path (BPF stats are on only here, not during the timed
-/// runs), packets per connection, and the outbound stage's map lookup.
-pub fn run(bench: &Bench, round: usize, skipped: &[bool]) {
+/// runs), packets per connection, and the outbound stage's map lookup. Returns what it printed,
+/// for the JSON results.
+pub fn run(bench: &Bench, round: usize, skipped: &[bool]) -> Value {
     let n = bench.cfg.conns.min(5_000);
+    let mut per_path = Vec::new();
     println!();
     println!(
         "Diagnostics ({n} more connections per path, after the timed runs; not in the results):"
@@ -39,21 +42,32 @@ pub fn run(bench: &Bench, round: usize, skipped: &[bool]) {
                 let pkts1 = bench.clients[path].run(tx_packets);
                 let after = snapshot(ids);
                 let fast1 = bench.ambit_e.as_ref().map(|a| a.kernel_stats());
-                print_program_costs(LABELS[path], &before, &after, n);
+                let mut figures = print_program_costs(LABELS[path], &before, &after, n);
+                let lo = (pkts1.0 - pkts0.0) as f64 / n as f64;
+                let eth0 = (pkts1.1 - pkts0.1) as f64 / n as f64;
                 println!(
-                    "    packets sent per connection in the client pod: lo {:.2}, eth0 {:.2}",
-                    (pkts1.0 - pkts0.0) as f64 / n as f64,
-                    (pkts1.1 - pkts0.1) as f64 / n as f64
+                    "    packets sent per connection in the client pod: lo {lo:.2}, eth0 {eth0:.2}"
                 );
+                let mut redirects = None;
                 if let (E, Some(k0), Some(k1)) = (path, fast0, fast1) {
-                    println!(
-                        "    sk_msg redirects per connection: {:.2}",
-                        (k1.fast_path_redirects - k0.fast_path_redirects) as f64 / n as f64
-                    );
+                    let r = (k1.fast_path_redirects - k0.fast_path_redirects) as f64 / n as f64;
+                    println!("    sk_msg redirects per connection: {r:.2}");
+                    redirects = Some(r);
                 }
-                if let Some(p) = part.problem {
+                if let Some(p) = &part.problem {
                     println!("    ! {p}");
                 }
+                crate::common::json::merge(
+                    &mut figures,
+                    json!({
+                        "path": LETTERS[path].to_string(),
+                        "lo_packets_per_conn": lo,
+                        "eth0_packets_per_conn": eth0,
+                        "sk_msg_redirects_per_conn": redirects,
+                        "problem": part.problem,
+                    }),
+                );
+                per_path.push(figures);
             }
             drop(stats_on);
         }
@@ -65,6 +79,11 @@ pub fn run(bench: &Bench, round: usize, skipped: &[bool]) {
          (timed on a miss)",
         take.as_secs_f64() * 1e6
     );
+    json!({
+        "conns_per_path": n,
+        "paths": per_path,
+        "orig_dst_take_us": take.as_secs_f64() * 1e6,
+    })
 }
 
 /// Per program name: (runs, run time).
@@ -109,10 +128,17 @@ pub fn snapshot(sets: &[(Vec<u32>, &str)]) -> ProgStats {
     out
 }
 
-/// Prints runs per connection and ns per run for each program between two snapshots.
-pub fn print_program_costs(label: &str, before: &ProgStats, after: &ProgStats, conns: usize) {
+/// Prints runs per connection and ns per run for each program between two snapshots, and returns
+/// them.
+pub fn print_program_costs(
+    label: &str,
+    before: &ProgStats,
+    after: &ProgStats,
+    conns: usize,
+) -> Value {
     let mut total_ns = 0.0;
     let mut parts = Vec::new();
+    let mut programs = serde_json::Map::new();
     for (name, (runs, time)) in after {
         let (runs0, time0) = before.get(name).copied().unwrap_or_default();
         let (runs, ns) = (runs - runs0, (*time - time0).as_nanos() as f64);
@@ -120,6 +146,10 @@ pub fn print_program_costs(label: &str, before: &ProgStats, after: &ProgStats, c
             continue;
         }
         total_ns += ns;
+        programs.insert(
+            name.clone(),
+            json!({"runs_per_conn": runs as f64 / conns as f64, "ns_per_run": ns / runs as f64}),
+        );
         parts.push(format!(
             "{name} {:.1} runs/conn x {:.0} ns",
             runs as f64 / conns as f64,
@@ -135,6 +165,10 @@ pub fn print_program_costs(label: &str, before: &ProgStats, after: &ProgStats, c
             parts.join(", ")
         }
     );
+    json!({
+        "program_us_per_conn": total_ns / 1e3 / conns as f64,
+        "programs": programs,
+    })
 }
 
 /// The outbound stage's per-connection lookup (`OrigDstTable::take`, BPF_MAP_LOOKUP_AND_DELETE_ELEM)

@@ -374,6 +374,8 @@ impl Ambit {
         let m = &self.pi.counters;
         m.outbound_orig_dst_missing.load(Ordering::Relaxed)
             + m.outbound_connect_failed.load(Ordering::Relaxed)
+            + m.outbound_incomplete_view.load(Ordering::Relaxed)
+            + m.outbound_no_endpoints.load(Ordering::Relaxed)
             + m.relays_reset.load(Ordering::Relaxed)
     }
 }

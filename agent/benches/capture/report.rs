@@ -128,41 +128,20 @@ pub fn print(paths: &[PathResults], conns: usize, mib: u64) {
         );
     }
 
-    let [a, b, c, d, e] = [&paths[0], &paths[1], &paths[2], &paths[3], &paths[4]];
-    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
-        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
-        _ => None,
-    };
-    let paired = |x: Vec<f64>, y: Vec<f64>| {
-        median(
-            x.iter()
-                .zip(&y)
-                .filter(|(_, y)| **y > 0.0)
-                .map(|(x, y)| x / y),
-        )
-    };
-    let conn_rates = |p: &PathResults| p.conn.iter().map(|s| s.rate).collect::<Vec<_>>();
-    let gbps = |p: &PathResults| p.tput.iter().map(|s| s.gbps).collect::<Vec<_>>();
     println!();
     println!("Ratios (same run): of the medians, and the median of the per-run ratios");
     println!(
         "{:<10} {:>8} {:>9} {:>8} {:>9}",
         "ratio", "conn/s", "per-run", "GB/s", "per-run"
     );
-    for (name, x, y) in [
-        ("(b)/(a)", b, a),
-        ("(d)/(b)", d, b),
-        ("(d)/(c)", d, c),
-        ("(c)/(b)", c, b),
-        ("(e)/(d)", e, d),
-    ] {
+    for r in ratios(paths) {
         println!(
             "{:<10} {:>8} {:>9} {:>8} {:>9}",
-            name,
-            fmt(ratio(x.conn_median(), y.conn_median()), 3),
-            fmt(paired(conn_rates(x), conn_rates(y)), 3),
-            fmt(ratio(x.tput_median(), y.tput_median()), 3),
-            fmt(paired(gbps(x), gbps(y)), 3),
+            r.name,
+            fmt(r.conn, 3),
+            fmt(r.conn_per_run, 3),
+            fmt(r.gbps, 3),
+            fmt(r.gbps_per_run, 3),
         );
     }
 
@@ -173,19 +152,93 @@ pub fn print(paths: &[PathResults], conns: usize, mib: u64) {
         Some(r) => format!("MISS ({r:.3}x, short by {:.1}%)", (min - r) / min * 100.0),
         None => "not measured".to_string(),
     };
-    println!(
-        "  (d) >= 0.97 x (b) on conn/s:  {}",
-        verdict(ratio(d.conn_median(), b.conn_median()), 0.97)
-    );
-    println!(
-        "  (d) >= (c) on conn/s:         {}",
-        verdict(ratio(d.conn_median(), c.conn_median()), 1.0)
-    );
-    println!(
-        "  (d) >= (c) on GB/s:           {}",
-        verdict(ratio(d.tput_median(), c.tput_median()), 1.0)
-    );
+    for t in targets(paths) {
+        println!(
+            "  {:<30}{}",
+            format!("{}:", t.name),
+            verdict(t.ratio, t.min)
+        );
+    }
 
+    if let Some((m, max)) = noise(paths) {
+        println!();
+        println!(
+            "Noise: other processes kept {m:.2} CPUs busy during the median measurement (max {max:.2})."
+        );
+    }
+
+    let problems = problems(paths);
+    for (label, problem) in &problems {
+        println!("INVALID {label}: {problem}");
+    }
+    if problems.is_empty() {
+        println!();
+        println!("Path checks: every measured connection took its intended path (counters matched), no errors.");
+    }
+}
+
+/// One row of the ratio table: of the medians, and the median of the per-run ratios.
+pub struct Ratio {
+    pub name: &'static str,
+    pub conn: Option<f64>,
+    pub conn_per_run: Option<f64>,
+    pub gbps: Option<f64>,
+    pub gbps_per_run: Option<f64>,
+}
+
+/// The ratios between paths the table prints.
+pub fn ratios(paths: &[PathResults]) -> Vec<Ratio> {
+    let [a, b, c, d, e] = [&paths[0], &paths[1], &paths[2], &paths[3], &paths[4]];
+    let conn_rates = |p: &PathResults| p.conn.iter().map(|s| s.rate).collect::<Vec<_>>();
+    let gbps = |p: &PathResults| p.tput.iter().map(|s| s.gbps).collect::<Vec<_>>();
+    [
+        ("(b)/(a)", b, a),
+        ("(d)/(b)", d, b),
+        ("(d)/(c)", d, c),
+        ("(c)/(b)", c, b),
+        ("(e)/(d)", e, d),
+    ]
+    .into_iter()
+    .map(|(name, x, y)| Ratio {
+        name,
+        conn: ratio(x.conn_median(), y.conn_median()),
+        conn_per_run: paired(conn_rates(x), conn_rates(y)),
+        gbps: ratio(x.tput_median(), y.tput_median()),
+        gbps_per_run: paired(gbps(x), gbps(y)),
+    })
+    .collect()
+}
+
+/// A target on a ratio of medians: met when `ratio >= min`.
+pub struct Target {
+    pub name: &'static str,
+    pub ratio: Option<f64>,
+    pub min: f64,
+}
+
+pub fn targets(paths: &[PathResults]) -> [Target; 3] {
+    let [b, c, d] = [&paths[1], &paths[2], &paths[3]];
+    [
+        Target {
+            name: "(d) >= 0.97 x (b) on conn/s",
+            ratio: ratio(d.conn_median(), b.conn_median()),
+            min: 0.97,
+        },
+        Target {
+            name: "(d) >= (c) on conn/s",
+            ratio: ratio(d.conn_median(), c.conn_median()),
+            min: 1.0,
+        },
+        Target {
+            name: "(d) >= (c) on GB/s",
+            ratio: ratio(d.tput_median(), c.tput_median()),
+            min: 1.0,
+        },
+    ]
+}
+
+/// CPUs other processes kept busy: the median and the maximum over every measurement.
+pub fn noise(paths: &[PathResults]) -> Option<(f64, f64)> {
     let others: Vec<f64> = paths
         .iter()
         .flat_map(|p| {
@@ -193,25 +246,32 @@ pub fn print(paths: &[PathResults], conns: usize, mib: u64) {
             c.chain(p.tput.iter().map(|s| s.others_cpu))
         })
         .collect();
-    if let Some(m) = median(others.iter().copied()) {
-        let max = others.iter().copied().fold(0.0, f64::max);
-        println!();
-        println!(
-            "Noise: other processes kept {m:.2} CPUs busy during the median measurement (max {max:.2})."
-        );
-    }
+    let m = median(others.iter().copied())?;
+    Some((m, others.iter().copied().fold(0.0, f64::max)))
+}
 
-    let mut clean = true;
-    for p in paths {
-        for problem in p.problems() {
-            clean = false;
-            println!("INVALID {}: {problem}", p.label);
-        }
+/// Every path's problems, as `INVALID` lines name them.
+pub fn problems(paths: &[PathResults]) -> Vec<(&'static str, &str)> {
+    paths
+        .iter()
+        .flat_map(|p| p.problems().into_iter().map(|problem| (p.label, problem)))
+        .collect()
+}
+
+fn ratio(x: Option<f64>, y: Option<f64>) -> Option<f64> {
+    match (x, y) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
     }
-    if clean {
-        println!();
-        println!("Path checks: every measured connection took its intended path (counters matched), no errors.");
-    }
+}
+
+fn paired(x: Vec<f64>, y: Vec<f64>) -> Option<f64> {
+    median(
+        x.iter()
+            .zip(&y)
+            .filter(|(_, y)| **y > 0.0)
+            .map(|(x, y)| x / y),
+    )
 }
 
 fn fmt(v: Option<f64>, decimals: usize) -> String {

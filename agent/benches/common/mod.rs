@@ -5,6 +5,7 @@
 
 pub mod counters;
 pub mod cpu;
+pub mod json;
 pub mod machine;
 pub mod stats;
 pub mod workload;

@@ -176,91 +176,57 @@ pub fn print(results: &[PathResults], conns: usize, concurrency: usize, mib: u64
         );
     }
 
-    let ratio = |n: Option<f64>, d: Option<f64>| n.zip(d).map(|(n, d)| n / d);
-    let per_run = |n: &[f64], d: &[f64]| median(n.iter().zip(d).map(|(n, d)| n / d));
-    let tput: Vec<Vec<f64>> = results
-        .iter()
-        .map(|r| r.tput.iter().map(|s| s.gbps).collect())
-        .collect();
-    let conn: Vec<Vec<f64>> = results
-        .iter()
-        .map(|r| r.conn.iter().map(|s| s.rate).collect())
-        .collect();
-    let m = |v: &[f64]| median(v.iter().copied());
     println!();
     println!("Ratios (same run): of the medians, and the median of the per-run ratios");
     println!(
         "{:<10} {:>8} {:>9} {:>8} {:>9}",
         "ratio", "GB/s", "per-run", "conn/s", "per-run"
     );
-    for (name, n, d) in [("(b)/(a)", B, A), ("(c)/(b)", C, B), ("(c)/(a)", C, A)] {
+    for r in ratios(results) {
         println!(
             "{:<10} {} {} {} {}",
-            name,
-            fmt_opt(ratio(m(&tput[n]), m(&tput[d])), 3, 8),
-            fmt_opt(per_run(&tput[n], &tput[d]), 3, 9),
-            fmt_opt(ratio(m(&conn[n]), m(&conn[d])), 3, 8),
-            fmt_opt(per_run(&conn[n], &conn[d]), 3, 9),
+            r.name,
+            fmt_opt(r.gbps, 3, 8),
+            fmt_opt(r.gbps_per_run, 3, 9),
+            fmt_opt(r.conn, 3, 8),
+            fmt_opt(r.conn_per_run, 3, 9),
         );
     }
-    let lat_a = &results[A].lat;
-    let lat_b = &results[B].lat;
-    let added = |f: fn(&LatSample) -> f64| {
-        (
-            med(lat_b, f).zip(med(lat_a, f)).map(|(b, a)| b - a),
-            median(lat_b.iter().zip(lat_a).map(|(b, a)| f(b) - f(a))),
-        )
-    };
-    let (p50, p50_runs) = added(|s| s.p50_us);
-    let (p99, p99_runs) = added(|s| s.p99_us);
+    let added = added_latency(results);
     println!(
         "added latency (b) - (a): p50 {} µs (per-run median {}), p99 {} µs (per-run median {})",
-        fmt_opt(p50, 1, 0),
-        fmt_opt(p50_runs, 1, 0),
-        fmt_opt(p99, 1, 0),
-        fmt_opt(p99_runs, 1, 0)
+        fmt_opt(added.p50, 1, 0),
+        fmt_opt(added.p50_per_run, 1, 0),
+        fmt_opt(added.p99, 1, 0),
+        fmt_opt(added.p99_per_run, 1, 0)
     );
-    let cpu_gib = med(&results[B].tput, |s| {
-        s.agent_cpu_s_per_gib.map_or(f64::NAN, |c| c.0 + c.1)
-    });
     println!(
         "agent CPU per GiB transferred, (b) warm: {} s (both agents, user + sys)",
-        fmt_opt(cpu_gib, 2, 0)
+        fmt_opt(warm_agent_cpu_per_gib(results), 2, 0)
     );
 
     println!();
     println!("Targets (on the medians)");
-    let tput_ratio = ratio(m(&tput[B]), m(&tput[A]));
+    let [tput, p99] = targets(results);
     println!(
         "  (b) throughput >= 0.5 x (a):  {}",
-        verdict(tput_ratio, |r| r >= 0.5, |r| format!("{r:.3}x"))
+        verdict(&tput, |r| format!("{r:.3}x"))
     );
     println!(
         "  added p99 latency < 150 µs:   {}",
-        verdict(p99, |d| d < 150.0, |d| format!("{d:.1} µs"))
+        verdict(&p99, |d| format!("{d:.1} µs"))
     );
 
-    let others: Vec<f64> = results
-        .iter()
-        .flat_map(|r| {
-            r.conn
-                .iter()
-                .map(|s| s.others_cpu)
-                .chain(r.tput.iter().map(|s| s.others_cpu))
-                .chain(r.lat.iter().map(|s| s.others_cpu))
-        })
-        .collect();
+    let (others_median, others_max) = noise(results);
     println!();
     println!(
         "Noise: other processes kept {} CPUs busy during the median measurement (max {:.2}).",
-        fmt_opt(median(others.iter().copied()), 2, 0),
-        others.iter().copied().fold(0.0, f64::max)
+        fmt_opt(others_median, 2, 0),
+        others_max
     );
     let mut problems = String::new();
-    for r in results {
-        for p in r.problems() {
-            let _ = writeln!(problems, "  INVALID {}: {p}", r.label);
-        }
+    for (label, p) in all_problems(results) {
+        let _ = writeln!(problems, "  INVALID {label}: {p}");
     }
     if problems.is_empty() {
         println!(
@@ -272,10 +238,146 @@ pub fn print(results: &[PathResults], conns: usize, concurrency: usize, mib: u64
     }
 }
 
-fn verdict(v: Option<f64>, ok: impl Fn(f64) -> bool, show: impl Fn(f64) -> String) -> String {
-    match v {
-        Some(v) if ok(v) => format!("PASS ({})", show(v)),
-        Some(v) => format!("MISS ({})", show(v)),
-        None => "not measured".into(),
+/// One row of the ratio table: of the medians, and the median of the per-run ratios.
+pub struct Ratio {
+    pub name: &'static str,
+    pub gbps: Option<f64>,
+    pub gbps_per_run: Option<f64>,
+    pub conn: Option<f64>,
+    pub conn_per_run: Option<f64>,
+}
+
+fn ratio(n: Option<f64>, d: Option<f64>) -> Option<f64> {
+    n.zip(d).map(|(n, d)| n / d)
+}
+
+/// The ratios between paths the table prints.
+pub fn ratios(results: &[PathResults]) -> Vec<Ratio> {
+    let per_run = |n: &[f64], d: &[f64]| median(n.iter().zip(d).map(|(n, d)| n / d));
+    let tput: Vec<Vec<f64>> = results
+        .iter()
+        .map(|r| r.tput.iter().map(|s| s.gbps).collect())
+        .collect();
+    let conn: Vec<Vec<f64>> = results
+        .iter()
+        .map(|r| r.conn.iter().map(|s| s.rate).collect())
+        .collect();
+    let m = |v: &[f64]| median(v.iter().copied());
+    [("(b)/(a)", B, A), ("(c)/(b)", C, B), ("(c)/(a)", C, A)]
+        .into_iter()
+        .map(|(name, n, d)| Ratio {
+            name,
+            gbps: ratio(m(&tput[n]), m(&tput[d])),
+            gbps_per_run: per_run(&tput[n], &tput[d]),
+            conn: ratio(m(&conn[n]), m(&conn[d])),
+            conn_per_run: per_run(&conn[n], &conn[d]),
+        })
+        .collect()
+}
+
+/// The latency (b) adds to (a): difference of the medians, and median of the per-run differences.
+pub struct Added {
+    pub p50: Option<f64>,
+    pub p50_per_run: Option<f64>,
+    pub p99: Option<f64>,
+    pub p99_per_run: Option<f64>,
+}
+
+pub fn added_latency(results: &[PathResults]) -> Added {
+    let lat_a = &results[A].lat;
+    let lat_b = &results[B].lat;
+    let added = |f: fn(&LatSample) -> f64| {
+        (
+            med(lat_b, f).zip(med(lat_a, f)).map(|(b, a)| b - a),
+            median(lat_b.iter().zip(lat_a).map(|(b, a)| f(b) - f(a))),
+        )
+    };
+    let (p50, p50_per_run) = added(|s| s.p50_us);
+    let (p99, p99_per_run) = added(|s| s.p99_us);
+    Added {
+        p50,
+        p50_per_run,
+        p99,
+        p99_per_run,
+    }
+}
+
+/// Both agents' CPU seconds per GiB on the warm path (b).
+pub fn warm_agent_cpu_per_gib(results: &[PathResults]) -> Option<f64> {
+    med(&results[B].tput, |s| {
+        s.agent_cpu_s_per_gib.map_or(f64::NAN, |c| c.0 + c.1)
+    })
+}
+
+/// A target: `value` at least `limit` (`at_least`), or below it.
+pub struct Target {
+    pub name: &'static str,
+    pub value: Option<f64>,
+    pub limit: f64,
+    pub at_least: bool,
+}
+
+impl Target {
+    /// Met or not; `None` when not measured.
+    pub fn pass(&self) -> Option<bool> {
+        self.value.map(|v| {
+            if self.at_least {
+                v >= self.limit
+            } else {
+                v < self.limit
+            }
+        })
+    }
+}
+
+pub fn targets(results: &[PathResults]) -> [Target; 2] {
+    let tput = |r: &PathResults| median(r.tput.iter().map(|s| s.gbps));
+    [
+        Target {
+            name: "(b) throughput >= 0.5 x (a)",
+            value: ratio(tput(&results[B]), tput(&results[A])),
+            limit: 0.5,
+            at_least: true,
+        },
+        Target {
+            name: "added p99 latency < 150 µs",
+            value: added_latency(results).p99,
+            limit: 150.0,
+            at_least: false,
+        },
+    ]
+}
+
+/// CPUs other processes kept busy: the median over every measurement, and the maximum.
+pub fn noise(results: &[PathResults]) -> (Option<f64>, f64) {
+    let others: Vec<f64> = results
+        .iter()
+        .flat_map(|r| {
+            r.conn
+                .iter()
+                .map(|s| s.others_cpu)
+                .chain(r.tput.iter().map(|s| s.others_cpu))
+                .chain(r.lat.iter().map(|s| s.others_cpu))
+        })
+        .collect();
+    (
+        median(others.iter().copied()),
+        others.iter().copied().fold(0.0, f64::max),
+    )
+}
+
+/// Every path's problems, as the `INVALID` lines name them.
+pub fn all_problems(results: &[PathResults]) -> Vec<(&'static str, &str)> {
+    results
+        .iter()
+        .flat_map(|r| r.problems().into_iter().map(|p| (r.label, p)))
+        .collect()
+}
+
+fn verdict(t: &Target, show: impl Fn(f64) -> String) -> String {
+    match (t.value, t.pass()) {
+        (Some(v), Some(true)) => format!("PASS ({})", show(v)),
+        (Some(v), _) => format!("MISS ({})", show(v)),
+        _ => "not measured".into(),
     }
 }
