@@ -1,0 +1,17 @@
+//! The in-process tier (ambit issue 10): the stages, the HBONE pool and the HBONE server over
+//! loopback in one process, with a test socket factory and a table of original destinations in
+//! place of the pod's netns and capture. Milliseconds per scenario, no root, no netns, no eBPF;
+//! what crosses the kernel stays with the namespaced tests (`tests/hbone.rs`, `tests/capture.rs`).
+//!
+//! `fixture` builds the world (pods, Services, policies as YAML through the store) and runs it;
+//! each other file is one topic.
+
+mod fixture;
+
+mod close;
+mod hbone_server;
+mod inbound_plain;
+mod l7;
+mod outbound;
+mod pool;
+mod round_trip;
