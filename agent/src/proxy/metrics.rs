@@ -180,6 +180,7 @@ impl Telemetry {
 
 /// One connection's telemetry: opened when created, closed (with bytes, flags and an access-log
 /// line) by [`ConnectionResult::finish`], or as a downstream disconnect if dropped unfinished.
+/// Created with the connection's final labels: the opened count goes to that series at once.
 pub struct ConnectionResult {
     telemetry: Arc<Telemetry>,
     labels: TcpLabels,
@@ -215,12 +216,6 @@ impl ConnectionResult {
     /// The address the connection went on to (the endpoint, or the app).
     pub fn set_upstream(&mut self, addr: SocketAddr) {
         self.upstream = Some(addr);
-    }
-
-    /// The destination learnt once the endpoint is chosen.
-    pub fn set_destination(&mut self, destination: Peer, mtls: bool) {
-        self.labels.destination = destination;
-        self.labels.mtls = mtls;
     }
 
     /// Records the end of the connection.

@@ -100,32 +100,39 @@ async fn handle(
             reset(stream)
         }
         Ok(route) => {
-            let service = match &route {
-                Route::Hbone { service, .. } | Route::Direct { service, .. } => service.clone(),
+            // The whole label set before the result opens: the opened count and the closing
+            // counts must land in the same series.
+            let (service, destination, mtls) = match &route {
+                Route::Hbone {
+                    service, workload, ..
+                } => (service, Peer::Workload(workload.istio.clone()), true),
+                Route::Direct {
+                    service, workload, ..
+                } => (
+                    service,
+                    workload
+                        .as_ref()
+                        .map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone())),
+                    false,
+                ),
             };
             let labels = TcpLabels {
-                service: service.map(ServiceRef),
+                service: service.clone().map(ServiceRef),
+                destination,
+                mtls,
                 ..labels
             };
             let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
             let outcome = match route {
                 Route::Hbone {
-                    endpoint,
-                    identity,
-                    workload,
-                    ..
+                    endpoint, identity, ..
                 } => {
                     Counters::inc(&pi.counters.outbound_hbone);
-                    result.set_destination(Peer::Workload(workload.istio.clone()), true);
                     result.set_upstream(endpoint);
                     hbone(&pi, &pod, stream, peer, endpoint, identity).await
                 }
-                Route::Direct {
-                    endpoint, workload, ..
-                } => {
+                Route::Direct { endpoint, .. } => {
                     Counters::inc(&pi.counters.outbound_plaintext);
-                    let dest = workload.map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone()));
-                    result.set_destination(dest, false);
                     result.set_upstream(endpoint);
                     plaintext(&pi, &pod, stream, endpoint).await
                 }
