@@ -51,7 +51,6 @@ async fn a_service_without_ready_endpoints_is_reset_and_flagged_uh() {
     let labels = [
         ("reporter", "source"),
         ("source_workload", "client"),
-        ("destination_service", "echo.mesh.svc.cluster.local"),
         ("response_flags", "UH"),
     ];
     n1.wait_metric("istio_tcp_connections_closed_total", &labels, 1)
