@@ -3,10 +3,16 @@
 //! place of the pod's netns and capture. Milliseconds per scenario, no root, no netns, no eBPF;
 //! what crosses the kernel stays with the namespaced tests (`tests/hbone.rs`, `tests/capture.rs`).
 //!
-//! `fixture` builds the world (pods, Services, policies as YAML through the store) and runs it;
-//! each other file is one topic.
+//! The fixture (`fixture` re-exports it all): `world` describes the cluster and builds the
+//! snapshot through the store, `nodes` runs each node's stages, `apps` are what runs in the pods,
+//! `io` and `scrape` wait and read. Each other file is one topic.
 
+mod apps;
 mod fixture;
+mod io;
+mod nodes;
+mod scrape;
+mod world;
 
 mod close;
 mod hbone_server;

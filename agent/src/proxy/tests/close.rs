@@ -8,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::fixture::*;
+use crate::identity::Identity;
 
 /// A client on n1, an app the test drives on n2, one tunnelled connection between them with a
 /// first exchange done (so the tunnel is up at both ends): (mesh, client, app).
@@ -99,4 +100,33 @@ async fn client_reset_reaches_the_app_as_a_reset() {
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     // Istio: DC, the downstream went away, at both ends.
     ended(&mesh, "DC", true).await;
+}
+
+/// RFC 9113 §8.5: a CONNECT proxy whose TCP connection fails resets the stream with
+/// CONNECT_ERROR. An HBONE client (another node's ztunnel) sees exactly that when the app resets.
+#[tokio::test]
+async fn an_app_reset_reaches_an_hbone_client_as_connect_error() {
+    let mut world = World::new();
+    let server = world.pod("server").node("n2").add();
+    let outside = world.outside_ip();
+    let mesh = world.start().await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    let sleep = Identity::new("cluster.local", "mesh", "sleep");
+    let mut c = mesh
+        .hbone_client(&sleep, outside, &server)
+        .await
+        .unwrap_or_else(|e| panic!("HBONE client: {e}"));
+    let (status, stream) = c
+        .request(http::Method::CONNECT, &server.addr(8080).to_string())
+        .await
+        .unwrap_or_else(|e| panic!("CONNECT: {e}"));
+    assert_eq!(status, 200);
+    let mut stream = stream.expect("the tunnel");
+    let (app, _) = listener.accept().await;
+    reset(app);
+    let err = within("the stream to end", stream.recv.data())
+        .await
+        .expect("a reset, not END_STREAM")
+        .expect_err("a reset, not data");
+    assert_eq!(err.reason(), Some(h2::Reason::CONNECT_ERROR), "{err}");
 }

@@ -2,10 +2,13 @@
 //! streams; a burst opens one connection, not many; the 101st concurrent stream opens a second;
 //! a slot freed by a closed stream is used again.
 
+use std::time::Duration;
+
 use futures::future::join_all;
 use tokio::net::TcpStream;
 
 use super::fixture::*;
+use crate::proxy::hbone::PoolConfig;
 
 #[tokio::test]
 async fn a_hundred_streams_share_one_connection_and_the_101st_opens_a_second() {
@@ -92,4 +95,36 @@ async fn each_source_pod_gets_connections_of_its_own() {
     assert_eq!(n1.pooled(|p| &p.streams_reused), 1, "a's second stream");
     assert_eq!(app.peers().len(), 3);
     drop(conns);
+}
+
+/// An idle timeout of 0 closes a connection as soon as its last stream ends: the next stream
+/// opens a new one.
+#[tokio::test]
+async fn a_connection_without_streams_closes_at_the_idle_timeout() {
+    let mut world = World::new();
+    world.pool(PoolConfig {
+        idle_timeout: Duration::ZERO,
+        ..PoolConfig::default()
+    });
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("server").node("n2").add();
+    let mesh = world.start().await;
+    let _app = mesh.whoami(server.addr(8080)).await;
+    let n1 = mesh.node("n1");
+    for round in 1..=2 {
+        let mut c = mesh.connect(&client, server.addr(8080)).await;
+        read_line(&mut c).await;
+        drop(c);
+        eventually("the idle connection closes", || {
+            n1.pooled(|p| &p.connections_closed) == round
+        })
+        .await;
+        assert_eq!(n1.pi.pool.connections(), 0);
+    }
+    assert_eq!(
+        n1.pooled(|p| &p.connections_opened),
+        2,
+        "nothing was reused"
+    );
+    assert_eq!(n1.pooled(|p| &p.streams_reused), 0);
 }
