@@ -23,6 +23,9 @@ pub mod inbound_plain;
 pub mod metrics;
 pub mod outbound;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};

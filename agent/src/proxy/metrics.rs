@@ -183,6 +183,7 @@ impl Telemetry {
 
 /// One connection's telemetry: opened when created, closed (with bytes, flags and an access-log
 /// line) by [`ConnectionResult::finish`], or as a downstream disconnect if dropped unfinished.
+/// Created with the connection's final labels: the opened count goes to that series at once.
 pub struct ConnectionResult {
     telemetry: Arc<Telemetry>,
     labels: TcpLabels,

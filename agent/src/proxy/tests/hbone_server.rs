@@ -1,0 +1,149 @@
+//! The HBONE server (15008) as a raw HBONE client sees it: ztunnel's answers (400 for anything
+//! but a CONNECT to this pod, 401 when policy denies, 503 when the app cannot be reached, 200 and
+//! the tunnel otherwise), and the server's identity checked by the client.
+
+use http::Method;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::fixture::*;
+use crate::identity::Identity;
+
+const DENY_INTRUDER: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-intruder, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{source: {principals: ["cluster.local/ns/mesh/sa/intruder"]}}]}]
+"#;
+
+#[tokio::test]
+async fn hbone_server_answers_400_401_503_and_200() {
+    let mut world = World::new();
+    let server = world.pod("server").node("n2").sa("beta").add();
+    let other = world.pod("other").node("n2").add();
+    world.yaml(DENY_INTRUDER);
+    let outside = world.outside_ip();
+    let mesh = world.start().await;
+    let app = mesh.whoami(server.addr(8080)).await;
+    let n2 = mesh.node("n2");
+    let target = server.addr(8080).to_string();
+
+    let sleep = Identity::new("cluster.local", "mesh", "sleep");
+    let mut c = mesh
+        .hbone_client(&sleep, outside, &server)
+        .await
+        .unwrap_or_else(|e| panic!("a client of the mesh's CA connects: {e}"));
+    assert_eq!(c.status(Method::GET, &target).await, Ok(400), "GET");
+    let elsewhere = other.addr(8080).to_string();
+    assert_eq!(
+        c.status(Method::CONNECT, &elsewhere).await,
+        Ok(400),
+        "CONNECT to another pod than the one reached"
+    );
+    assert_eq!(
+        c.status(Method::CONNECT, "example.com:8080").await,
+        Ok(400),
+        "an authority that is not ip:port"
+    );
+    assert_eq!(
+        c.status(Method::CONNECT, &server.addr(9).to_string()).await,
+        Ok(503),
+        "nothing listens on the port"
+    );
+    assert_eq!(n2.count(|c| &c.hbone_inbound_bad_request), 3);
+    assert_eq!(n2.count(|c| &c.inbound_connect_failed), 1);
+    assert!(app.peers().is_empty(), "no refused request reached the app");
+
+    // The one good request: 200, and the stream is the app's connection.
+    let (status, stream) = c
+        .request(Method::CONNECT, &target)
+        .await
+        .unwrap_or_else(|e| panic!("CONNECT {target}: {e}"));
+    assert_eq!(status, 200, "a good CONNECT");
+    let mut io = BufReader::new(stream.expect("the tunnel").into_io());
+    let mut greeting = String::new();
+    within("the greeting", io.read_line(&mut greeting))
+        .await
+        .expect("read the greeting");
+    assert!(
+        greeting.starts_with(&format!("{target} sees {}:", server.ip)),
+        "{greeting}"
+    );
+    io.get_mut().write_all(b"ping").await.expect("write");
+    assert_eq!(read_exact(&mut io, 4).await, b"ping");
+    assert_eq!(app.peers().len(), 1);
+
+    // A DENY policy for the client's identity: 401, counted against the policy.
+    let intruder = Identity::new("cluster.local", "mesh", "intruder");
+    let mut bad = mesh
+        .hbone_client(&intruder, outside, &server)
+        .await
+        .unwrap_or_else(|e| panic!("the intruder's TLS is fine: {e}"));
+    assert_eq!(bad.status(Method::CONNECT, &target).await, Ok(401));
+    assert_eq!(n2.count(|c| &c.inbound_denied), 1);
+    let m = n2.metrics();
+    assert_eq!(
+        m.value(
+            "ambit_policy_denials_total",
+            &[
+                ("policy", "mesh/deny-intruder"),
+                ("workload", "mesh/server")
+            ]
+        ),
+        Some(1),
+        "{}",
+        lines_with(&m, "ambit_policy_denials")
+    );
+    assert_eq!(
+        app.peers().len(),
+        1,
+        "the denied stream never reached the app"
+    );
+
+    // The destination's telemetry names the verified identities (no workload runs at the
+    // client's address) and the failure flags.
+    let intruder_id = intruder.to_string();
+    let sleep_id = sleep.to_string();
+    for (principal, flags) in [(&intruder_id, "DENY"), (&sleep_id, "UF")] {
+        let labels = [
+            ("reporter", "destination"),
+            ("source_principal", principal.as_str()),
+            ("source_workload", "unknown"),
+            ("source_workload_namespace", "mesh"),
+            ("destination_workload", "server"),
+            ("response_flags", flags),
+        ];
+        n2.wait_metric("istio_tcp_connections_closed_total", &labels, 1)
+            .await;
+    }
+    assert_eq!(n2.count(|c| &c.hbone_inbound_streams), 6);
+    assert_eq!(n2.count(|c| &c.hbone_inbound_accepted), 2);
+}
+
+/// The client checks the server's SPIFFE identity: a server proving another identity than the
+/// expected one is refused, and the server counts the aborted handshake.
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused_by_the_client() {
+    let mut world = World::new();
+    let server = world.pod("server").node("n2").sa("beta").add();
+    let outside = world.outside_ip();
+    let mesh = world.start().await;
+    let sleep = Identity::new("cluster.local", "mesh", "sleep");
+    let alpha = Identity::new("cluster.local", "mesh", "alpha");
+    let e = match mesh
+        .hbone_client_expecting(&sleep, outside, &server, &alpha)
+        .await
+    {
+        Ok(_) => panic!("a server proving mesh/beta was accepted as mesh/alpha"),
+        Err(e) => e,
+    };
+    assert!(e.contains("sa/alpha") && e.contains("sa/beta"), "{e}");
+    let n2 = mesh.node("n2");
+    eventually("the server counts the refused handshake", || {
+        n2.count(|c| &c.hbone_tls_refused) == 1
+    })
+    .await;
+    assert_eq!(n2.count(|c| &c.hbone_inbound_streams), 0);
+}
