@@ -95,6 +95,15 @@ async fn handle(
             };
             Counters::inc(counter);
             debug!(pod = %pod.name, %dst, error = %e, "no route; resetting");
+            // A Service without ready endpoints is still the destination the app addressed.
+            let service = match &e {
+                Error::NoHealthyUpstream { service, .. } => snap.state.service_by_host(service),
+                _ => None,
+            };
+            let labels = TcpLabels {
+                service: service.map(ServiceRef),
+                ..labels
+            };
             let result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
             result.finish(Err(e));
             reset(stream)

@@ -48,10 +48,12 @@ async fn a_service_without_ready_endpoints_is_reset_and_flagged_uh() {
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     let n1 = mesh.node("n1");
     assert_eq!(n1.count(|c| &c.outbound_no_endpoints), 1);
+    // The Service the app addressed is named, as Istio names it for a 503 UH.
     let labels = [
         ("reporter", "source"),
         ("source_workload", "client"),
         ("response_flags", "UH"),
+        ("destination_service", "echo.mesh.svc.cluster.local"),
     ];
     n1.wait_metric("istio_tcp_connections_closed_total", &labels, 1)
         .await;
