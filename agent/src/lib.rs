@@ -13,6 +13,7 @@ pub mod identity;
 pub mod node;
 pub mod policy;
 pub mod proxy;
+pub mod routing;
 pub mod snapshot;
 pub mod state;
 pub mod tls;

@@ -1,0 +1,1 @@
+//! Per-request matching against compiled routes: pure functions of a request and a route.
