@@ -74,7 +74,10 @@ pub enum Action {
     /// Weighted destinations (weights are relative; a lone destination takes all).
     Route(Vec<WeightedDestination>),
     Redirect(Redirect),
-    DirectResponse { status: StatusCode, body: Bytes },
+    DirectResponse {
+        status: StatusCode,
+        body: Bytes,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::config::ObjectError;
 use crate::policy::CompiledPolicies;
+use crate::routing::Routes;
 use crate::state::{key, Key, Service, State, TargetPort, Workload};
 
 #[derive(Debug, Default)]
@@ -20,6 +22,10 @@ pub struct Snapshot {
     /// For each enrolled workload of this node, the Services that select it, by target port: what
     /// an inbound connection to that port was addressed to (`destination_service`).
     pub local_services: HashMap<Key, Vec<(u16, Arc<Service>)>>,
+    /// The routes this node's clients see (VirtualServices, DestinationRules), per namespace.
+    pub routes: Routes,
+    /// What compiling the routes found wrong, each naming the object and field.
+    pub route_problems: Vec<ObjectError>,
 }
 
 /// Where the data path loads the latest snapshot from.
@@ -36,10 +42,15 @@ impl Snapshot {
         let policies = CompiledPolicies::build_for_node(&state, root_namespace, node);
         let local = state.enrolled_on(node);
         let local_services = services_of(&state, &local);
+        let namespaces: std::collections::BTreeSet<&str> =
+            local.iter().map(|w| w.namespace.as_str()).collect();
+        let (routes, route_problems) = crate::routing::compile(&state, root_namespace, namespaces);
         Snapshot {
             state,
             policies,
             local_services,
+            routes,
+            route_problems,
         }
     }
 

@@ -212,6 +212,16 @@ impl Control {
         let state = self.store.reader().load_full();
         let snapshot = Snapshot::build(state.clone(), &self.root_namespace, &self.node_name);
         self.policy_problems = policy_problems(snapshot.policies.notes());
+        self.policy_problems
+            .extend(snapshot.route_problems.iter().map(|e| Problem {
+                key: ProblemKey::Object {
+                    kind: e.object.kind.as_str(),
+                    namespace: e.object.namespace.clone(),
+                    name: e.object.name.clone(),
+                    field: e.field.clone(),
+                },
+                message: format!("{e} (accepted; the rest of it applies)"),
+            }));
         self.pi.snapshot.store(Arc::new(snapshot));
         if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
             // Which pods to enrol is not known yet: touch nothing.

@@ -1,10 +1,809 @@
-//! VirtualServices, DestinationRules and ServiceEntries → `Routes` for the client namespaces of
-//! this node (being written: until it is, no route is compiled and L7 is not served).
+//! VirtualServices, DestinationRules and ServiceEntries → [`Routes`] for the client namespaces of
+//! this node, with Istio's rules:
+//! - visibility: a VirtualService or DestinationRule applies to a client namespace it is exported
+//!   to (`exportTo`: absent or `*` all, `.` its own, `~` none, or names);
+//! - hosts: a short name is relative to the namespace of the object naming it; hosts are
+//!   compared lowercase; an exact host beats a wildcard, a longer wildcard a shorter one;
+//! - several VirtualServices for one host (Istio's IST0109 conflict for the mesh gateway): one in
+//!   the client's own namespace first, then the oldest; the others are reported;
+//! - DestinationRule lookup path: the client's namespace, then the host's, then the root
+//!   namespace; the most specific host there; a subset's traffic policy replaces the rule's field
+//!   by field, and port-level settings replace both for their port.
 
-use super::Routes;
-use crate::state::State;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-/// Compiles the routes the clients in `namespaces` see.
-pub fn compile<'a>(_state: &State, _namespaces: impl IntoIterator<Item = &'a str>) -> Routes {
-    Routes::default()
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::{
+    Action, Cluster, ClusterKey, Cors, HashKey, HashRing, HeaderEdits, HeaderMatch, HeaderOps,
+    HttpRoute, L4Match, LbPolicy, NamespaceRoutes, Redirect, RedirectPort, RequestMatch, Rewrite,
+    Routes, StrMatch, TcpRoute, TlsMatch, TlsRoute, TrafficPolicy, VirtualHost,
+    WeightedDestination,
+};
+use crate::config::istio::destination_rule::{
+    effective_simple_lb, DestinationRule, LoadBalancerSettings, SimpleLb,
+};
+use crate::config::istio::virtual_service::{self as vs, VirtualService};
+use crate::config::istio::{IstioConfig, IstioObject};
+use crate::config::{Kind, ObjectError, ObjectRef};
+use crate::state::{fqdn, istio_key, PortEndpoints, Service, State};
+
+/// Compiles the routes clients in `namespaces` see. Problems found (a conflicting VirtualService,
+/// a destination host no Service or ServiceEntry defines, a header value that is not valid) are
+/// returned, each naming the object and field; the rest compiles.
+pub fn compile<'a>(
+    state: &State,
+    root: &str,
+    namespaces: impl IntoIterator<Item = &'a str>,
+) -> (Routes, Vec<ObjectError>) {
+    let mut notes = Vec::new();
+    let virtual_services = objects::<VirtualService>(state, Kind::VirtualService);
+    let destination_rules = objects::<DestinationRule>(state, Kind::DestinationRule);
+    let mut routes = Routes::default();
+    let mut compiled: HashMap<Arc<str>, Arc<VirtualHost>> = HashMap::new();
+    for ns in namespaces {
+        if routes.namespaces.contains_key(ns) {
+            continue;
+        }
+        let ns_routes = namespace_routes(
+            state,
+            root,
+            ns,
+            &virtual_services,
+            &destination_rules,
+            &mut compiled,
+            &mut notes,
+        );
+        routes.namespaces.insert(Arc::from(ns), Arc::new(ns_routes));
+    }
+    notes.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+    notes.dedup();
+    (routes, notes)
 }
+
+/// An Istio object of one kind with what ordering and visibility need.
+struct Obj<'s, T> {
+    key: Arc<str>,
+    oref: ObjectRef,
+    namespace: &'s str,
+    /// Istio: older objects win conflicts; a missing timestamp (local files) sorts first, then
+    /// by namespace/name.
+    age: (
+        Option<&'s k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+        String,
+    ),
+    obj: &'s IstioObject<T>,
+}
+
+trait Spec: Sized {
+    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>>;
+    fn export_to(&self) -> &[String];
+}
+
+impl Spec for VirtualService {
+    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>> {
+        match config {
+            IstioConfig::VirtualService(o) => Some(o),
+            _ => None,
+        }
+    }
+    fn export_to(&self) -> &[String] {
+        &self.export_to
+    }
+}
+
+impl Spec for DestinationRule {
+    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>> {
+        match config {
+            IstioConfig::DestinationRule(o) => Some(o),
+            _ => None,
+        }
+    }
+    fn export_to(&self) -> &[String] {
+        &self.export_to
+    }
+}
+
+/// Every object of `kind`, oldest first.
+fn objects<T: Spec>(state: &State, kind: Kind) -> Vec<Obj<'_, T>> {
+    let mut out: Vec<Obj<'_, T>> = state
+        .istio_by_namespace
+        .iter()
+        .filter(|((k, _), _)| *k == kind)
+        .flat_map(|((_, ns), keys)| {
+            keys.iter().filter_map(move |k| {
+                let obj = T::of(state.istio.get(k)?)?;
+                Some(Obj {
+                    key: k.clone(),
+                    oref: ObjectRef::new(kind, &**ns, obj.name()),
+                    namespace: ns,
+                    age: (
+                        obj.metadata.creation_timestamp.as_ref(),
+                        format!("{ns}/{}", obj.name()),
+                    ),
+                    obj,
+                })
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.age.cmp(&b.age));
+    out
+}
+
+/// Istio `exportTo`: absent or `*` everywhere, `.` its own namespace, `~` nowhere, else the
+/// namespaces named.
+fn exported_to(export_to: &[String], own: &str, client: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && own == client) || e == client)
+}
+
+fn namespace_routes(
+    state: &State,
+    root: &str,
+    client: &str,
+    virtual_services: &[Obj<'_, VirtualService>],
+    destination_rules: &[Obj<'_, DestinationRule>],
+    compiled: &mut HashMap<Arc<str>, Arc<VirtualHost>>,
+    notes: &mut Vec<ObjectError>,
+) -> NamespaceRoutes {
+    let mut out = NamespaceRoutes::default();
+    // Istio: a client's own namespace's VirtualServices first, then the others, oldest first.
+    let visible = virtual_services
+        .iter()
+        .filter(|v| v.obj.spec.applies_to_mesh())
+        .filter(|v| exported_to(v.obj.spec.export_to(), v.namespace, client));
+    let (own, others): (Vec<_>, Vec<_>) = visible.partition(|v| v.namespace == client);
+    let mut wildcards: Vec<(Arc<str>, Arc<VirtualHost>)> = Vec::new();
+    for v in own.into_iter().chain(others) {
+        let vhost = compiled
+            .entry(v.key.clone())
+            .or_insert_with(|| Arc::new(virtual_host(state, v, notes)))
+            .clone();
+        for (i, host) in v.obj.spec.hosts.iter().enumerate() {
+            let host = fqdn(&host.to_ascii_lowercase(), v.namespace, &state.domain);
+            let taken = match host.strip_prefix('*') {
+                Some(suffix) => {
+                    let suffix: Arc<str> = Arc::from(if suffix.is_empty() { "*" } else { suffix });
+                    if wildcards.iter().any(|(s, _)| *s == suffix) {
+                        true
+                    } else {
+                        wildcards.push((suffix, vhost.clone()));
+                        false
+                    }
+                }
+                None => match out.exact.entry(Arc::from(host.as_str())) {
+                    std::collections::hash_map::Entry::Occupied(_) => true,
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(vhost.clone());
+                        false
+                    }
+                },
+            };
+            if taken {
+                notes.push(ObjectError::new(
+                    &v.oref,
+                    format!("spec.hosts[{i}]"),
+                    format!("host {host:?} is already routed by another VirtualService for clients in namespace {client} (Istio IST0109); this one is ignored for it"),
+                ));
+            }
+        }
+    }
+    // The most specific wildcard first; `*` last.
+    wildcards.sort_by(|(a, _), (b, _)| match (&**a, &**b) {
+        ("*", "*") => std::cmp::Ordering::Equal,
+        ("*", _) => std::cmp::Ordering::Greater,
+        (_, "*") => std::cmp::Ordering::Less,
+        _ => b.len().cmp(&a.len()),
+    });
+    out.wildcards = wildcards;
+    out.clusters = shaped_clusters(state, root, client, destination_rules, notes);
+    out
+}
+
+fn virtual_host(
+    state: &State,
+    v: &Obj<'_, VirtualService>,
+    notes: &mut Vec<ObjectError>,
+) -> VirtualHost {
+    let spec = &v.obj.spec;
+    let mut cx = Cx {
+        state,
+        oref: &v.oref,
+        namespace: v.namespace,
+        notes,
+    };
+    let http = spec
+        .http
+        .iter()
+        .enumerate()
+        .map(|(i, r)| cx.http_route(i, r))
+        .collect();
+    let tcp = spec
+        .tcp
+        .iter()
+        .enumerate()
+        .map(|(i, r)| TcpRoute {
+            matches: r.matches.iter().map(|m| cx.l4_match(m.into())).collect(),
+            destinations: cx.destinations(
+                &format!("spec.tcp[{i}].route"),
+                r.route.iter().map(|d| (&d.destination, d.weight, None)),
+            ),
+        })
+        .collect();
+    let tls = spec
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, r)| TlsRoute {
+            matches: r
+                .matches
+                .iter()
+                .map(|m| TlsMatch {
+                    sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    l4: cx.l4_match(L4Fields {
+                        destination_subnets: &m.destination_subnets,
+                        port: m.port,
+                        source_labels: &m.source_labels,
+                        source_namespace: &m.source_namespace,
+                    }),
+                })
+                .collect(),
+            destinations: cx.destinations(
+                &format!("spec.tls[{i}].route"),
+                r.route.iter().map(|d| (&d.destination, d.weight, None)),
+            ),
+        })
+        .collect();
+    VirtualHost {
+        virtual_service: istio_key(Kind::VirtualService, v.namespace, v.obj.name()),
+        http,
+        tcp,
+        tls,
+    }
+}
+
+/// The L4 match fields TCP and TLS matches share.
+struct L4Fields<'a> {
+    destination_subnets: &'a [String],
+    port: u32,
+    source_labels: &'a BTreeMap<String, String>,
+    source_namespace: &'a str,
+}
+
+impl<'a> From<&'a vs::L4MatchAttributes> for L4Fields<'a> {
+    fn from(m: &'a vs::L4MatchAttributes) -> Self {
+        L4Fields {
+            destination_subnets: &m.destination_subnets,
+            port: m.port,
+            source_labels: &m.source_labels,
+            source_namespace: &m.source_namespace,
+        }
+    }
+}
+
+/// Compiling one VirtualService: its namespace resolves short names; problems name its fields.
+struct Cx<'s, 'n> {
+    state: &'s State,
+    oref: &'s ObjectRef,
+    namespace: &'s str,
+    notes: &'n mut Vec<ObjectError>,
+}
+
+impl Cx<'_, '_> {
+    fn note(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.notes.push(ObjectError::new(self.oref, field, message));
+    }
+
+    fn http_route(&mut self, i: usize, r: &vs::HttpRoute) -> HttpRoute {
+        let field = format!("spec.http[{i}]");
+        let matches = r
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(j, m)| self.request_match(&format!("{field}.match[{j}]"), m))
+            .collect();
+        let action = if let Some(redirect) = &r.redirect {
+            Action::Redirect(self.redirect(redirect))
+        } else if let Some(direct) = &r.direct_response {
+            Action::DirectResponse {
+                status: StatusCode::from_u16(u16::try_from(direct.status).unwrap_or(500))
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body: direct_body(direct),
+            }
+        } else {
+            Action::Route(
+                self.destinations(
+                    &format!("{field}.route"),
+                    r.route
+                        .iter()
+                        .map(|d| (&d.destination, d.weight, d.headers.as_ref())),
+                ),
+            )
+        };
+        HttpRoute {
+            name: (!r.name.is_empty()).then(|| Arc::from(r.name.as_str())),
+            matches,
+            action,
+            rewrite: r.rewrite.as_ref().map(|rw| self.rewrite(&field, rw)),
+            headers: self.header_ops(&format!("{field}.headers"), r.headers.as_ref()),
+            cors: r.cors_policy.as_ref().map(|c| self.cors(&field, c)),
+            timeout: r.timeout,
+            spec: Arc::new(r.clone()),
+        }
+    }
+
+    fn str_match(
+        &mut self,
+        field: &str,
+        m: Option<&crate::config::istio::common::StringMatch>,
+    ) -> Option<StrMatch> {
+        let m = m?;
+        match StrMatch::from_config(m) {
+            Ok(m) => m,
+            Err(e) => {
+                // Validation compiled it already; never expected, but a bad one must not match.
+                self.note(field, format!("{e}"));
+                Some(never())
+            }
+        }
+    }
+
+    fn request_match(&mut self, field: &str, m: &vs::HttpMatchRequest) -> RequestMatch {
+        let headers =
+            |cx: &mut Self,
+             which: &str,
+             list: &BTreeMap<String, crate::config::istio::common::StringMatch>| {
+                list.iter()
+                    .filter_map(|(name, value)| {
+                        let f = format!("{field}.{which}[{name}]");
+                        let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                        else {
+                            cx.note(f, "not a valid header name");
+                            return None;
+                        };
+                        let value = cx.str_match(&f, Some(value));
+                        Some(HeaderMatch { name, value })
+                    })
+                    .collect::<Vec<_>>()
+            };
+        RequestMatch {
+            name: (!m.name.is_empty()).then(|| Arc::from(m.name.as_str())),
+            uri: self.str_match(&format!("{field}.uri"), m.uri.as_ref()),
+            scheme: self.str_match(&format!("{field}.scheme"), m.scheme.as_ref()),
+            method: self.str_match(&format!("{field}.method"), m.method.as_ref()),
+            authority: self.str_match(&format!("{field}.authority"), m.authority.as_ref()),
+            headers: headers(self, "headers", &m.headers),
+            without_headers: headers(self, "withoutHeaders", &m.without_headers),
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(k, v)| {
+                    let f = format!("{field}.queryParams[{k}]");
+                    (k.clone(), self.str_match(&f, Some(v)))
+                })
+                .collect(),
+            ignore_uri_case: m.ignore_uri_case,
+            port: u16::try_from(m.port).ok().filter(|p| *p != 0),
+            source_labels: m.source_labels.clone(),
+            source_namespace: (!m.source_namespace.is_empty()).then(|| m.source_namespace.clone()),
+        }
+    }
+
+    fn l4_match(&mut self, m: L4Fields<'_>) -> L4Match {
+        L4Match {
+            destination_subnets: m
+                .destination_subnets
+                .iter()
+                .filter_map(|s| {
+                    s.parse::<ipnet::IpNet>()
+                        .ok()
+                        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+                })
+                .collect(),
+            port: u16::try_from(m.port).ok().filter(|p| *p != 0),
+            source_labels: m.source_labels.clone(),
+            source_namespace: (!m.source_namespace.is_empty())
+                .then(|| m.source_namespace.to_string()),
+        }
+    }
+
+    /// Weighted destinations; a host no Service or ServiceEntry defines is reported (requests
+    /// to it get 503 UH, as in Istio).
+    fn destinations<'d>(
+        &mut self,
+        field: &str,
+        list: impl Iterator<Item = (&'d vs::Destination, i32, Option<&'d vs::Headers>)>,
+    ) -> Vec<WeightedDestination> {
+        list.enumerate()
+            .map(|(j, (d, weight, headers))| {
+                let host = fqdn(&d.host.to_ascii_lowercase(), self.namespace, &self.state.domain);
+                if !self.state.service_by_host.contains_key(host.as_str())
+                    && !self.state.istio_by_host.contains_key(&(Kind::ServiceEntry, Arc::from(host.as_str())))
+                {
+                    self.note(
+                        format!("{field}[{j}].destination.host"),
+                        format!("no Service or ServiceEntry defines host {host:?}: requests routed to it fail with 503"),
+                    );
+                }
+                WeightedDestination {
+                    cluster: ClusterKey {
+                        host: Arc::from(host),
+                        subset: (!d.subset.is_empty()).then(|| Arc::from(d.subset.as_str())),
+                        // 0: the request's port (Istio: optional when the service has one port).
+                        port: d
+                            .port
+                            .and_then(|p| u16::try_from(p.number).ok())
+                            .unwrap_or(0),
+                    },
+                    weight: u32::try_from(weight.max(0)).unwrap_or(0),
+                    headers: self.header_ops(&format!("{field}[{j}].headers"), headers),
+                }
+            })
+            .collect()
+    }
+
+    fn header_ops(&mut self, field: &str, h: Option<&vs::Headers>) -> HeaderOps {
+        let Some(h) = h else {
+            return HeaderOps::default();
+        };
+        HeaderOps {
+            request: self.header_edits(&format!("{field}.request"), h.request.as_ref()),
+            response: self.header_edits(&format!("{field}.response"), h.response.as_ref()),
+        }
+    }
+
+    fn header_edits(&mut self, field: &str, ops: Option<&vs::HeaderOperations>) -> HeaderEdits {
+        let Some(ops) = ops else {
+            return HeaderEdits::default();
+        };
+        let mut pairs = |which: &str, map: &BTreeMap<String, String>| {
+            map.iter()
+                .filter_map(|(k, v)| {
+                    match (
+                        HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+                        HeaderValue::from_str(v),
+                    ) {
+                        (Ok(k), Ok(v)) => Some((k, v)),
+                        _ => {
+                            self.note(
+                                format!("{field}.{which}[{k}]"),
+                                "not a valid header name or value; ignored",
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        let set = pairs("set", &ops.set);
+        let add = pairs("add", &ops.add);
+        let remove = ops
+            .remove
+            .iter()
+            .filter_map(|k| HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        HeaderEdits { set, add, remove }
+    }
+
+    fn redirect(&mut self, r: &vs::HttpRedirect) -> Redirect {
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Redirect {
+            uri: nonempty(&r.uri),
+            authority: nonempty(&r.authority),
+            port: match (r.port, r.derive_port) {
+                (Some(p), _) => RedirectPort::Fixed(u16::try_from(p).unwrap_or(0)),
+                (None, Some(vs::RedirectPortSelection::FromRequestPort)) => {
+                    RedirectPort::FromRequest
+                }
+                _ => RedirectPort::ProtocolDefault,
+            },
+            scheme: nonempty(&r.scheme),
+            status: StatusCode::from_u16(u16::try_from(r.code()).unwrap_or(301))
+                .unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        }
+    }
+
+    fn rewrite(&mut self, field: &str, rw: &vs::HttpRewrite) -> Rewrite {
+        let authority = (!rw.authority.is_empty())
+            .then(|| HeaderValue::from_str(&rw.authority))
+            .and_then(|v| {
+                v.map_err(|_| {
+                    self.note(
+                        format!("{field}.rewrite.authority"),
+                        "not a valid authority; ignored",
+                    )
+                })
+                .ok()
+            });
+        let uri_regex = rw.uri_regex_rewrite.as_ref().and_then(|r| {
+            match regex::Regex::new(&r.pattern) {
+                // RE2 writes groups as \1; the regex crate as ${1}.
+                Ok(re) => Some((re, re2_replacement(&r.rewrite))),
+                Err(e) => {
+                    self.note(
+                        format!("{field}.rewrite.uriRegexRewrite.match"),
+                        e.to_string(),
+                    );
+                    None
+                }
+            }
+        });
+        Rewrite {
+            uri: (!rw.uri.is_empty()).then(|| rw.uri.clone()),
+            authority,
+            uri_regex,
+        }
+    }
+
+    fn cors(&mut self, field: &str, c: &vs::CorsPolicy) -> Cors {
+        let mut origins: Vec<StrMatch> = c
+            .allow_origin
+            .iter()
+            .map(|o| StrMatch::Exact(o.clone()))
+            .collect();
+        for (i, o) in c.allow_origins.iter().enumerate() {
+            if let Some(m) =
+                self.str_match(&format!("{field}.corsPolicy.allowOrigins[{i}]"), Some(o))
+            {
+                origins.push(m);
+            }
+        }
+        Cors {
+            allow_origins: origins,
+            allow_methods: c.allow_methods.clone(),
+            allow_headers: c.allow_headers.clone(),
+            expose_headers: c.expose_headers.clone(),
+            max_age: c.max_age,
+            allow_credentials: c.allow_credentials,
+        }
+    }
+}
+
+/// A match no request can satisfy (NUL never appears in a valid header value or path), for a
+/// match that could not be compiled: it fails closed instead of matching everything.
+fn never() -> StrMatch {
+    StrMatch::Exact("\u{0}".into())
+}
+
+/// RE2 `\N` group references as the regex crate's `${N}`; `$` escaped.
+fn re2_replacement(rewrite: &str) -> String {
+    let mut out = String::with_capacity(rewrite.len());
+    let mut chars = rewrite.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{n}}}"));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn direct_body(d: &vs::HttpDirectResponse) -> Bytes {
+    use base64::Engine as _;
+    match &d.body {
+        Some(vs::HttpBody {
+            string: Some(s), ..
+        }) => Bytes::from(s.clone()),
+        Some(vs::HttpBody { bytes: Some(b), .. }) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map(Bytes::from)
+            .unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// The clusters the DestinationRules visible to `client` shape: for each rule's host, each port
+/// of its Service (or ServiceEntry), without a subset and for each subset.
+fn shaped_clusters(
+    state: &State,
+    root: &str,
+    client: &str,
+    rules: &[Obj<'_, DestinationRule>],
+    notes: &mut Vec<ObjectError>,
+) -> HashMap<ClusterKey, Arc<Cluster>> {
+    // host → the rule that applies: the lookup path's first namespace holding one, oldest first.
+    let mut chosen: HashMap<String, &Obj<'_, DestinationRule>> = HashMap::new();
+    for r in rules {
+        if !exported_to(r.obj.spec.export_to(), r.namespace, client) {
+            continue;
+        }
+        let host = fqdn(
+            &r.obj.spec.host.to_ascii_lowercase(),
+            r.namespace,
+            &state.domain,
+        );
+        let rank = |ns: &str, host: &str| lookup_rank(ns, client, host_namespace(host), root);
+        match chosen.get(&host) {
+            Some(prev) if rank(prev.namespace, &host) <= rank(r.namespace, &host) => {}
+            _ => {
+                chosen.insert(host, r);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for (host, rule) in chosen {
+        let Some(service) = state.service_by_host(&host) else {
+            // ServiceEntry hosts and wildcard hosts: shaped where their clusters are built.
+            continue;
+        };
+        let spec = &rule.obj.spec;
+        let dr_key = istio_key(Kind::DestinationRule, rule.namespace, rule.obj.name());
+        let subsets = std::iter::once(None).chain(spec.subsets.iter().map(Some));
+        for subset in subsets {
+            for port in &service.ports {
+                let policy = effective_policy(spec, subset, port.port);
+                let endpoints = match subset {
+                    None => state
+                        .endpoints_of(&service, port.port)
+                        .cloned()
+                        .unwrap_or_default(),
+                    Some(s) => subset_endpoints(state, &service, port.port, &s.labels),
+                };
+                let key = ClusterKey {
+                    host: Arc::from(host.as_str()),
+                    subset: subset.map(|s| Arc::from(s.name.as_str())),
+                    port: port.port,
+                };
+                if matches!(policy.lb, LbPolicy::Passthrough) && subset.is_some() {
+                    notes.push(ObjectError::new(
+                        &rule.oref,
+                        "spec.subsets.trafficPolicy.loadBalancer.simple",
+                        "PASSTHROUGH sends to the original destination, so the subset's endpoints are not used",
+                    ));
+                }
+                out.insert(
+                    key.clone(),
+                    Arc::new(Cluster {
+                        key,
+                        service: Some(service.clone()),
+                        endpoints,
+                        policy,
+                        destination_rule: Some(dr_key.clone()),
+                        passthrough: false,
+                    }),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The namespace of a `name.namespace.svc...` host, if it is one.
+fn host_namespace(host: &str) -> Option<&str> {
+    let mut parts = host.split('.');
+    let _name = parts.next()?;
+    let ns = parts.next()?;
+    (parts.next() == Some("svc")).then_some(ns)
+}
+
+/// Istio's DestinationRule lookup path: client namespace (0), the host's namespace (1), the root
+/// namespace (2), anything else exported (3).
+fn lookup_rank(rule_ns: &str, client: &str, host_ns: Option<&str>, root: &str) -> u8 {
+    if rule_ns == client {
+        0
+    } else if Some(rule_ns) == host_ns {
+        1
+    } else if rule_ns == root {
+        2
+    } else {
+        3
+    }
+}
+
+/// The endpoints of a Service port whose pods carry every label of the subset.
+fn subset_endpoints(
+    state: &State,
+    service: &Service,
+    port: u16,
+    labels: &BTreeMap<String, String>,
+) -> PortEndpoints {
+    let Some(all) = state.endpoints_of(service, port) else {
+        return PortEndpoints::default();
+    };
+    let keep = |addrs: &[SocketAddr]| -> Arc<[SocketAddr]> {
+        addrs
+            .iter()
+            .filter(|a| {
+                state
+                    .workload_by_ip(a.ip())
+                    .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
+            .copied()
+            .collect()
+    };
+    PortEndpoints {
+        v4: keep(&all.v4),
+        v6: keep(&all.v6),
+    }
+}
+
+/// The policy of one cluster: the subset's traffic policy replaces the rule's field by field,
+/// and the port-level settings of the cluster's port replace both (Istio MergeTrafficPolicy).
+fn effective_policy(
+    rule: &DestinationRule,
+    subset: Option<&crate::config::istio::destination_rule::Subset>,
+    port: u16,
+) -> TrafficPolicy {
+    let top = rule.traffic_policy.as_ref();
+    let sub = subset.and_then(|s| s.traffic_policy.as_ref());
+    let mut lb = sub
+        .and_then(|t| t.load_balancer.as_ref())
+        .or(top.and_then(|t| t.load_balancer.as_ref()));
+    let mut pool = sub
+        .and_then(|t| t.connection_pool.as_ref())
+        .or(top.and_then(|t| t.connection_pool.as_ref()));
+    let mut outlier = sub
+        .and_then(|t| t.outlier_detection.as_ref())
+        .or(top.and_then(|t| t.outlier_detection.as_ref()));
+    let port_level = sub
+        .filter(|t| !t.port_level_settings.is_empty())
+        .or(top)
+        .into_iter()
+        .flat_map(|t| t.port_level_settings.iter())
+        .find(|p| p.port.is_some_and(|p| p.number == u32::from(port)));
+    if let Some(p) = port_level {
+        lb = p.load_balancer.as_ref().or(lb);
+        pool = p.connection_pool.as_ref().or(pool);
+        outlier = p.outlier_detection.as_ref().or(outlier);
+    }
+    TrafficPolicy {
+        lb: lb_policy(lb),
+        connection_pool: pool.cloned(),
+        outlier_detection: outlier.cloned(),
+    }
+}
+
+fn lb_policy(lb: Option<&LoadBalancerSettings>) -> LbPolicy {
+    if let Some(ch) = lb.and_then(|l| l.consistent_hash.as_ref()) {
+        let key = if let Some(h) = &ch.http_header_name {
+            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map(HashKey::Header)
+                .unwrap_or(HashKey::SourceIp)
+        } else if let Some(c) = &ch.http_cookie {
+            HashKey::Cookie {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                ttl: c.ttl,
+            }
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashKey::QueryParameter(q.clone())
+        } else {
+            HashKey::SourceIp
+        };
+        let ring = match (&ch.maglev, &ch.ring_hash) {
+            (Some(m), _) => HashRing::Maglev {
+                table_size: m.table_size.unwrap_or(65537),
+            },
+            (None, r) => HashRing::RingHash {
+                minimum_ring_size: r
+                    .as_ref()
+                    .and_then(|r| r.minimum_ring_size)
+                    .or(ch.minimum_ring_size)
+                    .unwrap_or(1024),
+            },
+        };
+        return LbPolicy::ConsistentHash { key, ring };
+    }
+    match effective_simple_lb(lb) {
+        SimpleLb::RoundRobin => LbPolicy::RoundRobin,
+        SimpleLb::Random => LbPolicy::Random,
+        SimpleLb::Passthrough => LbPolicy::Passthrough,
+        _ => LbPolicy::LeastRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests;
