@@ -26,6 +26,8 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::MetricType;
 
+pub mod requests;
+
 use super::access_log::{AccessLog, Entry};
 use super::copy::{Outcome, Side};
 use super::error::Error;
@@ -129,15 +131,17 @@ pub struct DenialLabels {
 #[derive(Debug)]
 pub struct Telemetry {
     tcp: Arc<TcpSeries>,
+    pub requests: Arc<requests::RequestSeries>,
     pub denials: Family<DenialLabels, Counter>,
-    access_log: Option<AccessLog>,
-    trust_domain: Arc<str>,
+    pub access_log: Option<AccessLog>,
+    pub trust_domain: Arc<str>,
 }
 
 impl Telemetry {
     pub fn new(trust_domain: &str, access_log: Option<AccessLog>) -> Self {
         Telemetry {
             tcp: Arc::new(TcpSeries::default()),
+            requests: Arc::new(requests::RequestSeries::default()),
             denials: Family::default(),
             access_log,
             trust_domain: Arc::from(trust_domain),
@@ -148,6 +152,10 @@ impl Telemetry {
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register_collector(Box::new(TcpCollector {
             series: self.tcp.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }));
+        registry.register_collector(Box::new(requests::RequestCollector {
+            series: self.requests.clone(),
             trust_domain: self.trust_domain.clone(),
         }));
         registry.register(
@@ -164,6 +172,7 @@ impl Telemetry {
     /// `reporter="destination"`) is no longer a workload of this node: cardinality follows the
     /// pods that are here.
     pub fn retain_local(&self, local: &std::collections::HashSet<IstioLabels>) {
+        self.requests.retain_local(local);
         self.tcp
             .0
             .lock()
@@ -279,7 +288,7 @@ impl Drop for ConnectionResult {
 }
 
 /// A label value, escaped as OpenMetrics asks.
-struct Value<'a>(&'a str);
+pub(crate) struct Value<'a>(pub(crate) &'a str);
 
 impl EncodeLabelValue for Value<'_> {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
@@ -299,10 +308,10 @@ impl fmt::Debug for TcpCollector {
 }
 
 /// One series' labels as (name, value) pairs.
-type Labels = Vec<(&'static str, String)>;
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// The label values of one series, in Istio's order.
-fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
+pub(crate) fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
     let mut out = Vec::with_capacity(24);
     out.push(("reporter", l.reporter.as_str().to_string()));
     for (side, peer) in [("source", &l.source), ("destination", &l.destination)] {
@@ -442,7 +451,7 @@ impl Collector for TcpCollector {
 }
 
 /// A list of (name, value) pairs as a label set.
-struct LabelSet<'a>(&'a [(&'a str, Value<'a>)]);
+pub(crate) struct LabelSet<'a>(pub(crate) &'a [(&'a str, Value<'a>)]);
 
 impl EncodeLabelSet for LabelSet<'_> {
     fn encode(

@@ -1,0 +1,249 @@
+//! Istio's standard request metrics: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes`, with
+//! the TCP metrics' labels plus `request_protocol` (`http`/`grpc`), `response_code` and
+//! `grpc_response_status`, recorded once per request when its response has ended.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+
+use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Value};
+use crate::state::IstioLabels;
+
+/// Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).
+pub const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Size buckets (bytes): powers of ten up to 1 GB.
+pub const SIZE_BUCKETS: [f64; 10] = [
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10000.0,
+    100000.0,
+    1000000.0,
+    10000000.0,
+    100000000.0,
+    1000000000.0,
+];
+
+/// The label set of one request series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    /// Reporter, workloads, service, flags, security policy (as the TCP metrics).
+    pub conn: TcpLabels,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    pub response_code: u16,
+    /// gRPC's status code, for gRPC requests that ended with one.
+    pub grpc_status: Option<u16>,
+}
+
+#[derive(Debug)]
+struct Histogram<const N: usize> {
+    buckets: [AtomicU64; N],
+    /// The sum, as f64 bits (updated with a compare-exchange loop).
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum: AtomicU64::new(0f64.to_bits()),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&self, bounds: &[f64; N], v: f64) {
+        if let Some(i) = bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+
+    /// (cumulative bucket counts, sum, count).
+    fn snapshot(&self) -> ([u64; N], f64, u64) {
+        let mut acc = 0;
+        let buckets = std::array::from_fn(|i| {
+            acc += self.buckets[i].load(Ordering::Relaxed);
+            acc
+        });
+        (
+            buckets,
+            f64::from_bits(self.sum.load(Ordering::Relaxed)),
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct RequestCounters {
+    total: AtomicU64,
+    duration: Histogram<19>,
+    request_bytes: Histogram<10>,
+    response_bytes: Histogram<10>,
+}
+
+/// Every request series (a custom collector, so series of departed pods can be dropped).
+#[derive(Debug, Default)]
+pub struct RequestSeries(Mutex<HashMap<RequestLabels, Arc<RequestCounters>>>);
+
+impl RequestSeries {
+    /// Records one finished request.
+    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+        let counters = {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            match map.get(labels) {
+                Some(c) => c.clone(),
+                None => map.entry(labels.clone()).or_default().clone(),
+            }
+        };
+        counters.total.fetch_add(1, Ordering::Relaxed);
+        counters.duration.observe(&DURATION_BUCKETS, duration_ms);
+        counters.request_bytes.observe(&SIZE_BUCKETS, req_bytes as f64);
+        counters.response_bytes.observe(&SIZE_BUCKETS, resp_bytes as f64);
+    }
+
+    /// As `Telemetry::retain_local`: drops series whose local end is no longer on this node.
+    pub fn retain_local(&self, local: &std::collections::HashSet<IstioLabels>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|l, _| {
+                let here = match l.conn.reporter {
+                    super::Reporter::Source => &l.conn.source,
+                    super::Reporter::Destination => &l.conn.destination,
+                };
+                match here {
+                    Peer::Workload(w) | Peer::Address(w) => local.contains(w),
+                    _ => true,
+                }
+            });
+    }
+}
+
+/// The request series as Prometheus families.
+pub struct RequestCollector {
+    pub series: Arc<RequestSeries>,
+    pub trust_domain: Arc<str>,
+}
+
+impl fmt::Debug for RequestCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestCollector").finish_non_exhaustive()
+    }
+}
+
+fn request_labels(l: &RequestLabels, trust_domain: &str) -> Labels {
+    let mut out = label_values(&l.conn, trust_domain);
+    for (k, v) in out.iter_mut() {
+        if *k == "request_protocol" {
+            *v = l.protocol.to_string();
+        }
+    }
+    out.push(("response_code", l.response_code.to_string()));
+    out.push((
+        "grpc_response_status",
+        l.grpc_status.map_or(String::new(), |s| s.to_string()),
+    ));
+    out
+}
+
+type Snapshot = (Labels, u64, ([u64; 19], f64, u64), ([u64; 10], f64, u64), ([u64; 10], f64, u64));
+
+impl Collector for RequestCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let series: Vec<Snapshot> = {
+            let map = self.series.0.lock().unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .map(|(l, c)| {
+                    (
+                        request_labels(l, &self.trust_domain),
+                        c.total.load(Ordering::Relaxed),
+                        c.duration.snapshot(),
+                        c.request_bytes.snapshot(),
+                        c.response_bytes.snapshot(),
+                    )
+                })
+                .collect()
+        };
+        let mut total = encoder.encode_descriptor(
+            "istio_requests_total",
+            "Total requests",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, n, ..) in &series {
+            let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
+            // The family is named with its `_total` already, as Istio's is.
+            ConstCounter::new(*n).encode(total.encode_family(&LabelSet(&set))?)?;
+        }
+        histogram(
+            &mut encoder,
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds",
+            &DURATION_BUCKETS,
+            series.iter().map(|s| (&s.0, s.2)),
+        )?;
+        histogram(
+            &mut encoder,
+            "istio_request_bytes",
+            "Request body sizes in bytes",
+            &SIZE_BUCKETS,
+            series.iter().map(|s| (&s.0, s.3)),
+        )?;
+        histogram(
+            &mut encoder,
+            "istio_response_bytes",
+            "Response body sizes in bytes",
+            &SIZE_BUCKETS,
+            series.iter().map(|s| (&s.0, s.4)),
+        )
+    }
+}
+
+/// One histogram family, written through prometheus-client's histogram encoder.
+fn histogram<'a, const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    bounds: &[f64; N],
+    series: impl Iterator<Item = (&'a Labels, ([u64; N], f64, u64))>,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, (cumulative, sum, count)) in series {
+        let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
+        let buckets: Vec<(f64, u64)> = bounds
+            .iter()
+            .zip(cumulative.iter())
+            .scan(0u64, |prev, (b, c)| {
+                // The encoder takes per-bucket counts and accumulates them itself.
+                let n = c - *prev;
+                *prev = *c;
+                Some((*b, n))
+            })
+            .chain(std::iter::once((f64::MAX, count - cumulative[N - 1])))
+            .collect();
+        family
+            .encode_family(&LabelSet(&set))?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
