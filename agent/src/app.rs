@@ -91,6 +91,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Where the per-connection access log goes; None = off (Istio's default).
     pub access_log: Option<access_log::Target>,
+    /// See `--protocol-detection-timeout`.
+    pub protocol_detection_timeout: Duration,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -139,6 +141,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         telemetry: Arc::new(Telemetry::new(&cfg.trust_domain, access_log)),
         pool: Pool::new(cfg.pool.clone(), secrets.clone()),
         secrets,
+        upstreams: Default::default(),
+        balancers: Default::default(),
+        protocol_detection_timeout: cfg.protocol_detection_timeout,
     });
     let node = Node::new(capture, pi.clone(), data_plane.handle().clone());
     let metrics = Arc::new(agent_metrics(&pi, &source));

@@ -135,6 +135,12 @@ struct RunArgs {
     /// `accessLogFile`), `stdout`, or a file path (appended to).
     #[arg(long, env = "AMBIT_ACCESS_LOG", default_value = "off")]
     access_log: String,
+    /// How long to wait for the first bytes of a connection to a Service port that declares no
+    /// protocol (HTTP is detected from them), and for the ClientHello on a TLS port, before
+    /// forwarding it as plain TCP: a server-first protocol on an undeclared port starts after
+    /// this delay. Declare such ports `tcp` (Istio's advice) to skip the wait.
+    #[arg(long, env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    protocol_detection_timeout: Duration,
 }
 
 impl RunArgs {
@@ -200,6 +206,7 @@ impl RunArgs {
                 "stdout" | "-" => Some(ambit::proxy::access_log::Target::Stdout),
                 path => Some(ambit::proxy::access_log::Target::File(path.into())),
             },
+            protocol_detection_timeout: self.protocol_detection_timeout,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

@@ -23,6 +23,7 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod metrics;
 pub mod outbound;
+pub mod protocol;
 
 #[cfg(test)]
 mod tests;
@@ -70,6 +71,13 @@ pub struct ProxyInputs {
     pub telemetry: Arc<metrics::Telemetry>,
     pub secrets: Arc<SecretManager>,
     pub pool: hbone::Pool,
+    /// Pooled upstream HTTP connections (L7).
+    pub upstreams: http::client::Upstreams,
+    /// Load-balancer state per cluster, kept across snapshots.
+    pub balancers: http::balance::Balancers,
+    /// How long the outbound stage waits for an undeclared port's first bytes (or a TLS port's
+    /// ClientHello) before forwarding the connection as plain TCP.
+    pub protocol_detection_timeout: std::time::Duration,
 }
 
 /// One enrolled pod, as the stages see it.

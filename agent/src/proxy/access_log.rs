@@ -1,4 +1,4 @@
-//! The per-connection access log: one JSON object per line, with Envoy's field names where Envoy
+//! The access log, one line per connection (TCP) or per request (HTTP): one JSON object per line, with Envoy's field names where Envoy
 //! has one (`start_time`, `duration`, `downstream_remote_address`, `downstream_local_address`,
 //! `upstream_host`, `bytes_sent`, `bytes_received`, `response_flags`) and Istio's metric label
 //! names for the workloads. Off unless `--access-log` names a destination, as Istio's
@@ -115,6 +115,37 @@ pub(super) struct Entry<'a> {
     pub bytes_received: u64,
     pub flags: &'static str,
     pub error: Option<&'a str>,
+    /// The request's fields, for a request's line (None: a TCP connection's).
+    pub request: Option<&'a RequestFields>,
+}
+
+/// What a request's line adds to a connection's, with Envoy's names.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestFields {
+    pub method: String,
+    /// The path and query as the app sent them (before any rewrite): Envoy's
+    /// `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.
+    pub path: String,
+    pub authority: String,
+    /// `HTTP/1.0`, `HTTP/1.1` or `HTTP/2`.
+    #[serde(skip)]
+    pub protocol: &'static str,
+    pub response_code: u16,
+    /// Why this response (Envoy's `%RESPONSE_CODE_DETAILS%`): `via_upstream`,
+    /// `route_not_found`, `no_healthy_upstream`, `direct_response`, ...
+    #[serde(rename = "response_code_details")]
+    pub details: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// The `name` of the VirtualService route that matched, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_name: Option<String>,
+    /// Istio's cluster name, `outbound|<port>|<subset>|<host>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_cluster: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -140,6 +171,8 @@ struct Json<'a> {
     destination_service: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    request: Option<&'a RequestFields>,
 }
 
 impl<'a> Entry<'a> {
@@ -156,7 +189,7 @@ impl<'a> Entry<'a> {
                 super::metrics::Reporter::Source => "source",
                 super::metrics::Reporter::Destination => "destination",
             },
-            protocol: "tcp",
+            protocol: self.request.map_or("tcp", |r| r.protocol),
             downstream_remote_address: self.downstream.0.to_string(),
             downstream_local_address: self.downstream.1.to_string(),
             upstream_host: self.upstream.map(|a| a.to_string()),
@@ -175,6 +208,7 @@ impl<'a> Entry<'a> {
                 .as_ref()
                 .map_or(UNKNOWN, |s| s.0.hostname.as_str()),
             error: self.error,
+            request: self.request,
         }
     }
 }

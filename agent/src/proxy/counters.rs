@@ -46,6 +46,14 @@ counters! {
     outbound_incomplete_view,
     /// Outbound HBONE tunnels that could not be opened.
     outbound_hbone_failed,
+    /// Outbound connections served at L7 (HTTP routed per request).
+    outbound_http,
+    /// Outbound connections whose protocol was detected from the first bytes.
+    outbound_sniffed,
+    /// HTTP requests received from enrolled pods' apps.
+    http_requests,
+    /// HTTP requests answered by the proxy itself (no route, no endpoint, redirect, direct response, upstream failure).
+    http_local_replies,
     /// HBONE (15008) connections accepted.
     hbone_inbound_accepted,
     /// HBONE CONNECT streams received.

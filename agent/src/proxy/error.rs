@@ -15,6 +15,8 @@ pub enum Error {
     IncompleteView { dst: SocketAddr, missing: String },
     #[error("Service {service} has no ready endpoint on port {port}")]
     NoHealthyUpstream { service: String, port: u16 },
+    #[error("no cluster for {host}: {reason}")]
+    NoCluster { host: String, reason: &'static str },
     #[error("the pod has no address of {dst}'s family")]
     NoSourceAddress { dst: SocketAddr },
     #[error("connecting to {dst}: {source}")]
@@ -46,6 +48,7 @@ impl Error {
             // No route: nowhere known to send it.
             Error::NoOrigDst { .. } | Error::IncompleteView { .. } => "NR",
             Error::NoHealthyUpstream { .. } => "UH",
+            Error::NoCluster { .. } => "NC",
             Error::NoSourceAddress { .. } | Error::Connect { .. } | Error::Tunnel { .. } => "UF",
             Error::BadRequest { .. } => "DPE",
             Error::Denied { .. } => "DENY",
@@ -60,6 +63,7 @@ impl Error {
             Error::NoOrigDst { .. } => "no_orig_dst",
             Error::IncompleteView { .. } => "incomplete_view",
             Error::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            Error::NoCluster { .. } => "no_cluster",
             Error::NoSourceAddress { .. } => "no_source_address",
             Error::Connect { .. } => "connect",
             Error::Tunnel { .. } => "tunnel",

@@ -2,4 +2,8 @@
 //! routes each request as Istio's sidecars do (`routing`), sending it to the chosen endpoint over
 //! a pooled upstream connection (`client`), inside HBONE for meshed endpoints.
 
+pub mod body;
 pub mod client;
+pub mod headers;
+pub mod outbound;
+pub mod target;

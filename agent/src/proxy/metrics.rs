@@ -272,6 +272,7 @@ impl ConnectionResult {
                 bytes_received: received,
                 flags,
                 error: error.as_deref(),
+                request: None,
             });
         }
     }

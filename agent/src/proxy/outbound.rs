@@ -1,8 +1,11 @@
 //! Outbound: connections the pod's app made, rewritten by connect4/6 to 127.0.0.1/::1:15001 in
 //! the pod's netns. Istio's order of decisions: original destination → what it is in the snapshot
-//! (a Service, a workload, or outside the mesh) → an endpoint → the connection (HBONE to an
-//! enrolled workload, plaintext otherwise). Upstream sockets are made in the pod's netns, so the
-//! source address stays the pod's own.
+//! (a Service, a workload, or outside the mesh) → protocol (declared by the Service port, else
+//! detected from the first bytes) → HTTP is served per request (`http::outbound`); anything else
+//! is routed here as a whole connection: VirtualService `tls` (by SNI) and `tcp` routes → cluster
+//! → the DestinationRule's load balancer → an endpoint → the connection (HBONE to an enrolled
+//! workload, plaintext otherwise). Upstream sockets are made in the pod's netns, so the source
+//! address stays the pod's own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,9 +17,14 @@ use tracing::{debug, warn};
 use super::addr::{OrigDst, PeerAddr};
 use super::copy;
 use super::hbone::{ConnectRequest, PoolKey};
+use super::http::balance::{endpoints_for, ActiveRequest, Balancers, PickContext};
+use super::http::outbound::HttpConn;
+use super::http::target::{self, ClusterRef, NoCluster};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
-use super::{connect, reset, Counters, Error, PodContext, ProxyInputs};
+use super::protocol::{self, Protocol};
+use super::{connect, http, reset, Counters, Error, PodContext, ProxyInputs};
 use crate::identity::Identity;
+use crate::routing::matching;
 use crate::snapshot::Snapshot;
 use crate::state::{Destination, Service, State, Workload};
 
@@ -78,6 +86,85 @@ async fn handle(
     };
     let dst = OrigDst(dst);
     debug!(pod = %pod.name, %peer, %dst, "outbound captured");
+
+    // Istio's protocol selection: what the destination port declares, else what the first bytes
+    // show. Only Service ports are routed by protocol; a pod address or an address outside the
+    // mesh is forwarded as it is (L4).
+    let declared = protocol_of(&pi.snapshot.load(), dst.0);
+    let mut sni = None;
+    match declared {
+        Some(p) if p.is_http() => {
+            return serve_http(pi, pod, stream, peer, local, dst, p, false).await;
+        }
+        Some(p) if p.is_sniffed() => {
+            Counters::inc(&pi.counters.outbound_sniffed);
+            let sniffed = protocol::sniff(&stream, pi.protocol_detection_timeout).await;
+            debug!(pod = %pod.name, %dst, sniffed = sniffed.metric_label(), "protocol detected");
+            match sniffed.protocol() {
+                None => return, // closed before a byte: nothing to forward
+                Some(p) if p.is_http() => {
+                    return serve_http(pi, pod, stream, peer, local, dst, p, true).await;
+                }
+                Some(_) => {}
+            }
+        }
+        Some(p) if p.is_tls_routed() => {
+            match protocol::client_hello_sni(&stream, pi.protocol_detection_timeout).await {
+                Ok(name) => sni = name,
+                // Without a readable SNI the connection goes where the Service's default goes
+                // (Envoy falls back to the filter chain without server names).
+                Err(e) => debug!(pod = %pod.name, %dst, error = %e, "no SNI"),
+            }
+        }
+        _ => {}
+    }
+    tcp(pi, pod, stream, peer, dst, sni.as_deref()).await
+}
+
+/// The declared protocol of the Service port `dst` addresses; None when `dst` is not a Service
+/// port (forwarded at L4).
+fn protocol_of(snap: &Snapshot, dst: SocketAddr) -> Option<Protocol> {
+    match snap.state.destination(dst)? {
+        Destination::Service {
+            port: Some(port), ..
+        } => Some(Protocol::for_service_port(&port)),
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_http(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    peer: PeerAddr,
+    local: SocketAddr,
+    dst: OrigDst,
+    protocol: Protocol,
+    sniffed: bool,
+) {
+    Counters::inc(&pi.counters.outbound_http);
+    let conn = HttpConn {
+        pi,
+        pod,
+        peer,
+        local,
+        dst,
+        protocol,
+        sniffed,
+    };
+    http::outbound::serve(conn, stream).await
+}
+
+/// A connection forwarded at L4: to the endpoint the route and load balancer choose, as bytes.
+async fn tcp(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    peer: PeerAddr,
+    dst: OrigDst,
+    sni: Option<&str>,
+) {
     let snap = pi.snapshot.load_full();
     let labels = TcpLabels {
         reporter: Reporter::Source,
@@ -87,7 +174,18 @@ async fn handle(
         flags: "-",
         mtls: false,
     };
-    match route(&snap, pi.secrets.trust_domain(), dst) {
+    let conn = L4Conn {
+        peer: peer.0,
+        dst: dst.0,
+        namespace: &pod.namespace,
+        source: snap
+            .state
+            .workloads
+            .get(format!("{}/{}", pod.namespace, pod.name).as_str())
+            .map(|w| &**w),
+        sni,
+    };
+    match route(&snap, pi.secrets.trust_domain(), &pi.balancers, &conn) {
         Err(e) => {
             let counter = match &e {
                 Error::IncompleteView { .. } => &pi.counters.outbound_incomplete_view,
@@ -108,8 +206,9 @@ async fn handle(
             result.finish(Err(e));
             reset(stream)
         }
-        Ok(route) => {
-            // The labels are complete before the connection is counted as opened.
+        Ok((route, _active)) => {
+            // The labels are complete before the connection is counted as opened. `_active`
+            // counts the connection on its endpoint (least request) until it ends.
             let (service, destination, mtls) = match &route {
                 Route::Hbone {
                     service, workload, ..
@@ -153,48 +252,122 @@ async fn handle(
     }
 }
 
-/// Decides the route from one snapshot. A Service VIP is resolved to one of its ready endpoints
-/// (the capture happens before kube-proxy could); a pod IP goes to that pod.
-pub fn route(snap: &Snapshot, trust_domain: &str, dst: OrigDst) -> Result<Route, Error> {
+/// What L4 routing looks at: the connection, its client, and the SNI of a TLS port.
+#[derive(Debug, Clone, Copy)]
+pub struct L4Conn<'a> {
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    /// The client pod's namespace.
+    pub namespace: &'a str,
+    /// The client workload, if the snapshot has it.
+    pub source: Option<&'a Workload>,
+    /// The ClientHello's server name, on a port declared TLS or HTTPS.
+    pub sni: Option<&'a str>,
+}
+
+/// Decides the route from one snapshot. A Service port goes where its VirtualService's `tls`
+/// (by SNI) or `tcp` routes send it, else to the Service itself, and the DestinationRule's load
+/// balancer picks the endpoint (the capture happens before kube-proxy could); a pod IP goes to
+/// that pod.
+pub fn route(
+    snap: &Snapshot,
+    trust_domain: &str,
+    balancers: &Balancers,
+    conn: &L4Conn<'_>,
+) -> Result<(Route, ActiveRequest), Error> {
     let state = &snap.state;
+    let dst = conn.dst;
     if !state.is_complete() {
         let missing: Vec<&str> = state.unsynced().iter().map(|k| k.as_str()).collect();
         return Err(Error::IncompleteView {
-            dst: dst.0,
+            dst,
             missing: missing.join(", "),
         });
     }
-    match state.destination(dst.0) {
-        Some(Destination::Workload(w)) => {
-            Ok(to_workload(state, trust_domain, dst.0, Some(w), None))
-        }
+    match state.destination(dst) {
+        Some(Destination::Workload(w)) => Ok((
+            to_workload(state, trust_domain, dst, Some(w), None),
+            ActiveRequest::default(),
+        )),
         Some(Destination::Service {
             service,
             port: Some(_),
         }) => {
-            let endpoints = state
-                .endpoints_of(&service, dst.0.port())
-                .map(|e| e.for_family_of(dst.0))
-                .unwrap_or_default();
-            if endpoints.is_empty() {
-                return Err(Error::NoHealthyUpstream {
-                    service: service.hostname.clone(),
-                    port: dst.0.port(),
-                });
+            let cluster = l4_cluster(snap, conn, &service)?;
+            if cluster.passthrough {
+                return Ok((
+                    Route::Direct {
+                        endpoint: dst,
+                        workload: None,
+                        service: cluster.service.clone(),
+                    },
+                    ActiveRequest::default(),
+                ));
             }
-            let ep = endpoints[fastrand::usize(..endpoints.len())];
-            let w = state.workload_by_ip(ep.ip());
-            Ok(to_workload(state, trust_domain, ep, w, Some(service)))
+            let endpoints = endpoints_for(&cluster.endpoints, dst);
+            let ctx = PickContext::connection(conn.peer, dst);
+            let Some(picked) = balancers.pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx)
+            else {
+                return Err(Error::NoHealthyUpstream {
+                    service: cluster.key.host.to_string(),
+                    port: cluster.key.port,
+                });
+            };
+            let w = state.workload_by_ip(picked.addr.ip());
+            let service = cluster.service.clone().or(Some(service));
+            Ok((
+                to_workload(state, trust_domain, picked.addr, w, service),
+                picked.active,
+            ))
         }
-        _ => Ok(Route::Direct {
-            endpoint: dst.0,
-            workload: None,
-            service: None,
-        }),
+        _ => Ok((
+            Route::Direct {
+                endpoint: dst,
+                workload: None,
+                service: None,
+            },
+            ActiveRequest::default(),
+        )),
     }
 }
 
-fn to_workload(
+/// The cluster an L4 connection to `service` goes to: the first `tls` route matching the SNI
+/// (TLS ports), else the first matching `tcp` route, by weight; without one, the Service itself.
+fn l4_cluster<'s>(
+    snap: &'s Snapshot,
+    conn: &L4Conn<'_>,
+    service: &Arc<Service>,
+) -> Result<ClusterRef<'s>, Error> {
+    let dst = conn.dst;
+    let no_cluster = |host: &str, e: NoCluster| Error::NoCluster {
+        host: host.to_string(),
+        reason: e.describe(),
+    };
+    let vhost = snap.routes.virtual_host(conn.namespace, &service.hostname);
+    let dests = vhost.and_then(|v| {
+        let tls = conn.sni.and_then(|_| {
+            matching::select_tls(&v.tls, conn.sni, dst, conn.source, conn.namespace)
+                .map(|r| &r.destinations)
+        });
+        tls.or_else(|| {
+            matching::select_tcp(&v.tcp, dst, conn.source, conn.namespace)
+                .map(|r| &r.destinations)
+        })
+    });
+    match dests {
+        Some(dests) => {
+            let Some(d) = matching::pick_weighted(dests, fastrand::u64(..)) else {
+                return Err(no_cluster(&service.hostname, NoCluster::UnknownHost));
+            };
+            target::cluster(snap, conn.namespace, &d.cluster, dst.port())
+                .map_err(|e| no_cluster(&d.cluster.host, e))
+        }
+        None => target::service_cluster(snap, conn.namespace, service, dst.port())
+            .map_err(|e| no_cluster(&service.hostname, e)),
+    }
+}
+
+pub(crate) fn to_workload(
     state: &State,
     trust_domain: &str,
     endpoint: SocketAddr,

@@ -54,6 +54,15 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Envoy's response flag: UF when no connection could be made, UR when the upstream reset or
     /// closed mid-request, UPE when it answered something that is not HTTP.
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for the reply made in its place.
+    pub fn details(&self) -> &'static str {
+        match self.response_flag() {
+            "UPE" => "upstream_reset_before_response_started{protocol_error}",
+            "UR" => "upstream_reset_before_response_started{connection_termination}",
+            _ => "upstream_reset_before_response_started{connection_failure}",
+        }
+    }
+
     pub fn response_flag(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. }

@@ -13,7 +13,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 
-use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Value};
+use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
+use crate::proxy::access_log::{Entry, RequestFields};
 use crate::state::IstioLabels;
 
 /// Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).
@@ -246,4 +247,130 @@ fn histogram<'a, const N: usize>(
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
     }
     Ok(())
+}
+
+/// One request's telemetry, recorded once when its response has ended ([`RequestResult::finish`]):
+/// the four request families and, when the access log is on, its line.
+pub struct RequestResult {
+    telemetry: Arc<Telemetry>,
+    pub labels: RequestLabels,
+    started: std::time::SystemTime,
+    start: std::time::Instant,
+    /// Downstream (remote, local).
+    downstream: (std::net::SocketAddr, std::net::SocketAddr),
+    pub upstream: Option<std::net::SocketAddr>,
+    /// Request headers' size, plus the body bytes counted as they go upstream.
+    request_headers: u64,
+    request_body: Arc<AtomicU64>,
+    response_headers: u64,
+    response_body: u64,
+    /// The access log's fields; None when the log is off (nothing is collected for it).
+    pub log: Option<Box<RequestFields>>,
+}
+
+impl fmt::Debug for RequestResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestResult")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestResult {
+    pub fn start(
+        telemetry: &Arc<Telemetry>,
+        labels: RequestLabels,
+        downstream: (std::net::SocketAddr, std::net::SocketAddr),
+        request_headers: u64,
+        log: Option<Box<RequestFields>>,
+    ) -> Self {
+        RequestResult {
+            telemetry: telemetry.clone(),
+            labels,
+            started: std::time::SystemTime::now(),
+            start: std::time::Instant::now(),
+            downstream,
+            upstream: None,
+            request_headers,
+            request_body: Arc::default(),
+            response_headers: 0,
+            response_body: 0,
+            log,
+        }
+    }
+
+    /// Where the request body's bytes are counted as they are sent.
+    pub fn request_body_counter(&self) -> Arc<AtomicU64> {
+        self.request_body.clone()
+    }
+
+    /// The response's status line and headers (its body is counted as it streams).
+    pub fn set_response(&mut self, code: u16, headers: &http::HeaderMap) {
+        self.labels.response_code = code;
+        self.response_headers = header_bytes(headers);
+        // A trailers-only gRPC response carries its status in the headers.
+        self.grpc_status_from(headers);
+    }
+
+    pub fn add_response_body(&mut self, n: u64) {
+        self.response_body += n;
+    }
+
+    /// Takes the gRPC status from headers or trailers (gRPC requests only).
+    pub fn grpc_status_from(&mut self, headers: &http::HeaderMap) {
+        if self.labels.protocol != "grpc" {
+            return;
+        }
+        if let Some(status) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u16>().ok())
+        {
+            self.labels.grpc_status = Some(status);
+        }
+    }
+
+    /// Records the request. `flag` overrides the response flags decided so far (`UR` when the
+    /// upstream failed mid-body, `DC` when the app went away before the end).
+    pub fn finish(mut self, flag: Option<&'static str>) {
+        if let Some(flag) = flag {
+            self.labels.conn.flags = flag;
+        }
+        let duration = self.start.elapsed();
+        let request_body = self.request_body.load(Ordering::Relaxed);
+        self.telemetry.requests.record(
+            &self.labels,
+            duration.as_secs_f64() * 1000.0,
+            self.request_headers + request_body,
+            self.response_headers + self.response_body,
+        );
+        if let Some(log) = &self.telemetry.access_log {
+            if let Some(fields) = self.log.as_mut() {
+                fields.response_code = self.labels.response_code;
+                fields.grpc_status = self.labels.grpc_status;
+            }
+            log.write(&Entry {
+                start_time: self.started,
+                duration,
+                labels: &self.labels.conn,
+                trust_domain: &self.telemetry.trust_domain,
+                downstream: self.downstream,
+                upstream: self.upstream,
+                bytes_sent: self.response_body,
+                bytes_received: request_body,
+                flags: self.labels.conn.flags,
+                error: None,
+                request: self.log.as_deref(),
+            });
+        }
+    }
+}
+
+/// The size of a header block as HTTP/1.1 would carry it (`name: value\r\n` each), which is
+/// what Envoy's `request.total_size` counts for headers.
+pub fn header_bytes(headers: &http::HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
 }

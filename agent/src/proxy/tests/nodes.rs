@@ -116,6 +116,9 @@ impl Node {
             telemetry,
             secrets: secrets.clone(),
             pool: Pool::new(pool, secrets.clone()),
+            upstreams: Default::default(),
+            balancers: Default::default(),
+            protocol_detection_timeout: Duration::from_secs(5),
         });
         let (mut pods, mut leases, mut tasks) = (HashMap::new(), Vec::new(), Vec::new());
         for w in enrolled {
