@@ -2,7 +2,10 @@
 //! the semantics an Istio sidecar gets from Istio's translation (istio/istio
 //! `pilot/pkg/networking/core/route/route.go`) into Envoy's route matching.
 //!
-//! Here: string matches, HTTP match blocks and route selection, weighted destinations.
+//! Here: string matches, HTTP match blocks and route selection, weighted destinations. Beside it:
+//! `l4` (TCP and TLS routes).
+
+mod l4;
 
 #[cfg(test)]
 mod tests;
@@ -15,6 +18,8 @@ use http::header::HOST;
 use super::{HeaderMatch, HttpRoute, RequestInfo, RequestMatch, StrMatch, WeightedDestination};
 use crate::config::istio::common::{Match, StringMatch};
 use crate::state::Workload;
+
+pub use l4::{l4_matches, select_tcp, select_tls, sni_matches, tls_matches};
 
 impl StrMatch {
     /// Compiles an Istio `StringMatch`. `None` where Istio matches on presence alone: `{}`, and
@@ -71,6 +76,13 @@ fn starts_with_ignore_ascii_case(value: &[u8], prefix: &[u8]) -> bool {
     value
         .get(..prefix.len())
         .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+}
+
+fn ends_with_ignore_ascii_case(value: &[u8], suffix: &[u8]) -> bool {
+    value
+        .len()
+        .checked_sub(suffix.len())
+        .is_some_and(|start| value[start..].eq_ignore_ascii_case(suffix))
 }
 
 /// Whether one `match` block of an HTTP route holds for the request: every condition it sets.
