@@ -3,9 +3,10 @@
 //! `pilot/pkg/networking/core/route/route.go`) into Envoy's route matching.
 //!
 //! Here: string matches, HTTP match blocks and route selection, weighted destinations. Beside it:
-//! `l4` (TCP and TLS routes).
+//! `l4` (TCP and TLS routes) and `rewrite` (URI rewrites and redirect `Location`s).
 
 mod l4;
+mod rewrite;
 
 #[cfg(test)]
 mod tests;
@@ -20,6 +21,7 @@ use crate::config::istio::common::{Match, StringMatch};
 use crate::state::Workload;
 
 pub use l4::{l4_matches, select_tcp, select_tls, sni_matches, tls_matches};
+pub use rewrite::{redirect_location, rewrite_path};
 
 impl StrMatch {
     /// Compiles an Istio `StringMatch`. `None` where Istio matches on presence alone: `{}`, and
