@@ -3,8 +3,9 @@
 //! `pilot/pkg/networking/core/route/route.go`) into Envoy's route matching.
 //!
 //! Here: string matches, HTTP match blocks and route selection, weighted destinations. Beside it:
-//! `l4` (TCP and TLS routes) and `rewrite` (URI rewrites and redirect `Location`s).
+//! `l4` (TCP and TLS routes), `rewrite` (URI rewrites and redirect `Location`s) and `cors`.
 
+mod cors;
 mod l4;
 mod rewrite;
 
@@ -20,6 +21,7 @@ use super::{HeaderMatch, HttpRoute, RequestInfo, RequestMatch, StrMatch, Weighte
 use crate::config::istio::common::{Match, StringMatch};
 use crate::state::Workload;
 
+pub use cors::{cors_preflight, cors_response_headers, origin_allowed};
 pub use l4::{l4_matches, select_tcp, select_tls, sni_matches, tls_matches};
 pub use rewrite::{redirect_location, rewrite_path};
 
