@@ -221,42 +221,64 @@ fn virtual_host(
         .http
         .iter()
         .enumerate()
-        .map(|(i, r)| cx.http_route(i, r))
+        .filter_map(|(i, r)| cx.http_route(i, r))
         .collect();
     let tcp = spec
         .tcp
         .iter()
         .enumerate()
-        .map(|(i, r)| TcpRoute {
-            matches: r.matches.iter().map(|m| cx.l4_match(m.into())).collect(),
-            destinations: cx.destinations(
-                &format!("spec.tcp[{i}].route"),
-                r.route.iter().map(|d| (&d.destination, d.weight, None)),
-            ),
+        .filter_map(|(i, r)| {
+            let matches: Vec<L4Match> = r
+                .matches
+                .iter()
+                .filter(|m| for_mesh(&m.gateways))
+                .map(|m| cx.l4_match(m.into(), !m.gateways.is_empty()))
+                .collect();
+            // Istio: a route whose every match block is for other gateways is not a route here.
+            if matches.is_empty() && !r.matches.is_empty() {
+                return None;
+            }
+            Some(TcpRoute {
+                matches,
+                destinations: cx.destinations(
+                    &format!("spec.tcp[{i}].route"),
+                    r.route.iter().map(|d| (&d.destination, d.weight, None)),
+                ),
+            })
         })
         .collect();
     let tls = spec
         .tls
         .iter()
         .enumerate()
-        .map(|(i, r)| TlsRoute {
-            matches: r
+        .filter_map(|(i, r)| {
+            let matches: Vec<TlsMatch> = r
                 .matches
                 .iter()
+                .filter(|m| for_mesh(&m.gateways))
                 .map(|m| TlsMatch {
                     sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                    l4: cx.l4_match(L4Fields {
-                        destination_subnets: &m.destination_subnets,
-                        port: m.port,
-                        source_labels: &m.source_labels,
-                        source_namespace: &m.source_namespace,
-                    }),
+                    l4: cx.l4_match(
+                        L4Fields {
+                            destination_subnets: &m.destination_subnets,
+                            port: m.port,
+                            source_labels: &m.source_labels,
+                            source_namespace: &m.source_namespace,
+                        },
+                        !m.gateways.is_empty(),
+                    ),
                 })
-                .collect(),
-            destinations: cx.destinations(
-                &format!("spec.tls[{i}].route"),
-                r.route.iter().map(|d| (&d.destination, d.weight, None)),
-            ),
+                .collect();
+            if matches.is_empty() && !r.matches.is_empty() {
+                return None;
+            }
+            Some(TlsRoute {
+                matches,
+                destinations: cx.destinations(
+                    &format!("spec.tls[{i}].route"),
+                    r.route.iter().map(|d| (&d.destination, d.weight, None)),
+                ),
+            })
         })
         .collect();
     VirtualHost {
@@ -266,6 +288,13 @@ fn virtual_host(
         tls,
     }
 }
+
+/// A match block applies to this node's clients when it names no gateway, or `mesh`.
+fn for_mesh(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == vs::MESH_GATEWAY)
+}
+
+static EMPTY_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// The L4 match fields TCP and TLS matches share.
 struct L4Fields<'a> {
@@ -299,14 +328,20 @@ impl Cx<'_, '_> {
         self.notes.push(ObjectError::new(self.oref, field, message));
     }
 
-    fn http_route(&mut self, i: usize, r: &vs::HttpRoute) -> HttpRoute {
+    /// One `http` route; None when every match block names gateways other than `mesh` (Istio
+    /// leaves such a route out of a sidecar's routes).
+    fn http_route(&mut self, i: usize, r: &vs::HttpRoute) -> Option<HttpRoute> {
         let field = format!("spec.http[{i}]");
-        let matches = r
+        let matches: Vec<RequestMatch> = r
             .matches
             .iter()
             .enumerate()
+            .filter(|(_, m)| for_mesh(&m.gateways))
             .map(|(j, m)| self.request_match(&format!("{field}.match[{j}]"), m))
             .collect();
+        if matches.is_empty() && !r.matches.is_empty() {
+            return None;
+        }
         let action = if let Some(redirect) = &r.redirect {
             Action::Redirect(self.redirect(redirect))
         } else if let Some(direct) = &r.direct_response {
@@ -325,7 +360,7 @@ impl Cx<'_, '_> {
                 ),
             )
         };
-        HttpRoute {
+        Some(HttpRoute {
             name: (!r.name.is_empty()).then(|| Arc::from(r.name.as_str())),
             matches,
             action,
@@ -334,7 +369,7 @@ impl Cx<'_, '_> {
             cors: r.cors_policy.as_ref().map(|c| self.cors(&field, c)),
             timeout: r.timeout,
             spec: Arc::new(r.clone()),
-        }
+        })
     }
 
     fn str_match(
@@ -389,12 +424,30 @@ impl Cx<'_, '_> {
                 .collect(),
             ignore_uri_case: m.ignore_uri_case,
             port: u16::try_from(m.port).ok().filter(|p| *p != 0),
-            source_labels: m.source_labels.clone(),
-            source_namespace: (!m.source_namespace.is_empty()).then(|| m.source_namespace.clone()),
+            // Istio `sourceMatchHTTP`: a block naming gateways (`mesh` among them, or it would
+            // have been left out) is not narrowed by the client's labels or namespace.
+            source_labels: if m.gateways.is_empty() {
+                m.source_labels.clone()
+            } else {
+                BTreeMap::new()
+            },
+            source_namespace: (m.gateways.is_empty() && !m.source_namespace.is_empty())
+                .then(|| m.source_namespace.clone()),
         }
     }
 
-    fn l4_match(&mut self, m: L4Fields<'_>) -> L4Match {
+    /// An L4 match block; `gateways_listed`: it names gateways (`mesh` among them), so, as in
+    /// Istio, the client's labels and namespace do not narrow it.
+    fn l4_match(&mut self, m: L4Fields<'_>, gateways_listed: bool) -> L4Match {
+        let m = if gateways_listed {
+            L4Fields {
+                source_labels: &EMPTY_LABELS,
+                source_namespace: "",
+                ..m
+            }
+        } else {
+            m
+        };
         L4Match {
             destination_subnets: m
                 .destination_subnets
@@ -522,8 +575,8 @@ impl Cx<'_, '_> {
             });
         let uri_regex = rw.uri_regex_rewrite.as_ref().and_then(|r| {
             match regex::Regex::new(&r.pattern) {
-                // RE2 writes groups as \1; the regex crate as ${1}.
-                Ok(re) => Some((re, re2_replacement(&r.rewrite))),
+                // The substitution stays in RE2's syntax (`\1`): `rewrite_path` expands it.
+                Ok(re) => Some((re, r.rewrite.clone())),
                 Err(e) => {
                     self.note(
                         format!("{field}.rewrite.uriRegexRewrite.match"),
@@ -568,27 +621,6 @@ impl Cx<'_, '_> {
 /// match that could not be compiled: it fails closed instead of matching everything.
 fn never() -> StrMatch {
     StrMatch::Exact("\u{0}".into())
-}
-
-/// RE2 `\N` group references as the regex crate's `${N}`; `$` escaped.
-fn re2_replacement(rewrite: &str) -> String {
-    let mut out = String::with_capacity(rewrite.len());
-    let mut chars = rewrite.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
-                let mut n = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    n.push(*d);
-                    chars.next();
-                }
-                out.push_str(&format!("${{{n}}}"));
-            }
-            '$' => out.push_str("$$"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn direct_body(d: &vs::HttpDirectResponse) -> Bytes {

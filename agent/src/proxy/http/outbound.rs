@@ -236,7 +236,7 @@ impl HttpConn {
 
     /// What matching looks at.
     fn info<'r>(
-        &self,
+        &'r self,
         req: &'r Request<Incoming>,
         authority: &'r str,
         source: Option<&'r Workload>,

@@ -18,10 +18,10 @@ use crate::state::{Destination, Service};
 
 /// What the request's host resolved to.
 #[derive(Debug)]
-pub enum Target {
+pub enum Target<'s> {
     /// A VirtualService routes the host (it has `http` routes).
     Virtual {
-        host: Arc<VirtualHost>,
+        host: &'s Arc<VirtualHost>,
         /// The Service the host names, if it is one (for telemetry on local replies).
         service: Option<Arc<Service>>,
     },
@@ -58,7 +58,12 @@ pub fn split_authority(authority: &str) -> (Cow<'_, str>, Option<u16>) {
 }
 
 /// Resolves the request's host for a client in `namespace` whose connection was going to `dst`.
-pub fn resolve(snap: &Snapshot, namespace: &str, host: Option<&str>, dst: SocketAddr) -> Target {
+pub fn resolve<'s>(
+    snap: &'s Snapshot,
+    namespace: &str,
+    host: Option<&str>,
+    dst: SocketAddr,
+) -> Target<'s> {
     if let Some(host) = host.filter(|h| !h.is_empty()) {
         if let Some(target) = by_host(snap, namespace, host) {
             return target;
@@ -70,7 +75,7 @@ pub fn resolve(snap: &Snapshot, namespace: &str, host: Option<&str>, dst: Socket
     }
 }
 
-fn by_host(snap: &Snapshot, namespace: &str, host: &str) -> Option<Target> {
+fn by_host<'s>(snap: &'s Snapshot, namespace: &str, host: &str) -> Option<Target<'s>> {
     let state = &snap.state;
     if let Ok(ip) = host.parse::<IpAddr>() {
         // A cluster IP names its Service (Envoy lists the VIPs among a virtual host's domains).
@@ -97,10 +102,7 @@ fn by_host(snap: &Snapshot, namespace: &str, host: &str) -> Option<Target> {
             .filter(|v| !v.http.is_empty());
         match (routed, service) {
             (Some(v), service) => {
-                return Some(Target::Virtual {
-                    host: v.clone(),
-                    service,
-                })
+                return Some(Target::Virtual { host: v, service })
             }
             (None, Some(service)) => return Some(Target::Service(service)),
             (None, None) => {}
@@ -109,22 +111,19 @@ fn by_host(snap: &Snapshot, namespace: &str, host: &str) -> Option<Target> {
     None
 }
 
-fn with_routes(
-    snap: &Snapshot,
+fn with_routes<'s>(
+    snap: &'s Snapshot,
     namespace: &str,
     host: &str,
     service: Option<Arc<Service>>,
-) -> Target {
+) -> Target<'s> {
     match (
         snap.routes
             .virtual_host(namespace, host)
             .filter(|v| !v.http.is_empty()),
         service,
     ) {
-        (Some(v), service) => Target::Virtual {
-            host: v.clone(),
-            service,
-        },
+        (Some(v), service) => Target::Virtual { host: v, service },
         (None, Some(s)) => Target::Service(s),
         (None, None) => Target::Passthrough,
     }

@@ -282,8 +282,61 @@ fn no_load_balancer_means_least_request() {
 }
 
 #[test]
-fn re2_group_references_become_the_regex_crates() {
-    // Istio uriRegexRewrite: RE2 `\1` in the rewrite.
-    assert_eq!(re2_replacement(r"/v2/\1/x\12"), "/v2/${1}/x${12}");
-    assert_eq!(re2_replacement("/cost$"), "/cost$$");
+fn uri_regex_rewrite_keeps_re2_group_references() {
+    // Istio HTTPRewrite.uriRegexRewrite, the reference's example: `rewrite: /\2/instance/\1`.
+    let s = state(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: rw, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - rewrite:
+      uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: '\2/instance/\1'}
+    route: [{destination: {host: reviews}}]
+"#,
+    );
+    let (r, notes) = routes_for(&s, "default");
+    assert!(notes.is_empty(), "{notes:?}");
+    let v = r
+        .virtual_host("default", "reviews.default.svc.cluster.local")
+        .expect("routed");
+    let rw = v.http[0].rewrite.as_ref().expect("rewrite");
+    assert_eq!(
+        crate::routing::matching::rewrite_path(rw, None, "/service/foo/v1/api?x=1"),
+        "/v1/api/instance/foo?x=1"
+    );
+}
+
+#[test]
+fn match_blocks_for_other_gateways_are_left_out() {
+    // Istio HTTPMatchRequest.gateways: a block naming gateways applies to sidecars only when it
+    // lists `mesh`, and then sourceLabels do not narrow it; a route whose every block is for
+    // other gateways is not one of the sidecar's routes at all.
+    let s = state(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: gw, namespace: default}
+spec:
+  hosts: [reviews]
+  gateways: [mesh, istio-system/ingress]
+  http:
+  - name: ingress-only
+    match: [{gateways: [istio-system/ingress], uri: {prefix: /}}]
+    route: [{destination: {host: reviews}}]
+  - name: mesh
+    match: [{gateways: [mesh], sourceLabels: {app: nobody}, uri: {prefix: /a}}, {gateways: [istio-system/ingress], uri: {prefix: /b}}]
+    route: [{destination: {host: reviews}}]
+"#,
+    );
+    let (r, _) = routes_for(&s, "default");
+    let v = r
+        .virtual_host("default", "reviews.default.svc.cluster.local")
+        .expect("routed");
+    assert_eq!(v.http.len(), 1, "the ingress-only route is left out");
+    assert_eq!(v.http[0].name.as_deref(), Some("mesh"));
+    assert_eq!(v.http[0].matches.len(), 1, "the ingress block is left out");
+    assert!(v.http[0].matches[0].source_labels.is_empty());
 }
