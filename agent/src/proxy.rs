@@ -18,6 +18,7 @@ pub mod copy;
 pub mod counters;
 pub mod error;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod metrics;
@@ -85,7 +86,7 @@ pub struct PodContext {
     pub istio: Arc<IstioLabels>,
     /// The `baggage` header of tunnels this pod opens (namespace, workload, service), built once
     /// at enrolment (a clone is a reference count, not a copy); None if the labels make it invalid.
-    pub baggage: Option<http::HeaderValue>,
+    pub baggage: Option<::http::HeaderValue>,
 }
 
 impl PodContext {
