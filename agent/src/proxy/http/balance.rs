@@ -19,6 +19,8 @@
 mod hash;
 mod maglev;
 mod ring;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
