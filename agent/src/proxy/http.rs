@@ -1,7 +1,10 @@
 //! HTTP in the node proxy (L7): the outbound side serves an enrolled pod's HTTP connections and
-//! routes each request as Istio's sidecars do (`routing`), sending it to the chosen endpoint over
-//! a pooled upstream connection (`client`), inside HBONE for meshed endpoints.
+//! routes each request as Istio's sidecars do (`routing`): `target` resolves the host and the
+//! cluster on the snapshot, `balance` picks the cluster's endpoint per request (or connection)
+//! and keeps the load-balancer state that outlives snapshots, and `client` sends the request over
+//! a pooled upstream connection, inside HBONE for meshed endpoints.
 
+pub mod balance;
 pub mod body;
 pub mod client;
 pub mod headers;
