@@ -318,6 +318,9 @@ impl Ambit {
             telemetry: Arc::new(ambit::proxy::metrics::Telemetry::new("cluster.local", None)),
             pool: ambit::proxy::hbone::Pool::new(Default::default(), secrets.clone()),
             secrets,
+            upstreams: Default::default(),
+            balancers: Default::default(),
+            protocol_detection_timeout: std::time::Duration::from_secs(5),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

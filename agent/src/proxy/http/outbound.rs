@@ -101,8 +101,8 @@ struct Local {
 }
 
 impl Local {
-    fn new(reply: LocalReply, details: &'static str) -> Self {
-        Local { reply, details }
+    fn new(reply: LocalReply, details: &'static str) -> Box<Self> {
+        Box::new(Local { reply, details })
     }
 }
 
@@ -121,7 +121,7 @@ impl HttpConn {
         };
         let forward = match decided {
             Ok(f) => f,
-            Err(local) => return self.local_reply(result, local, None),
+            Err(local) => return self.local_reply(result, *local, None),
         };
         if let Some(cluster) = &forward.cluster {
             result.labels.conn.service = cluster.service.clone().map(ServiceRef);
@@ -147,7 +147,7 @@ impl HttpConn {
         req: &Request<Incoming>,
         authority: Option<&str>,
         source: Option<&Workload>,
-    ) -> Result<Forward<'s>, Local> {
+    ) -> Result<Forward<'s>, Box<Local>> {
         if !snap.state.is_complete() {
             // Fail closed, as the L4 path does: nothing is known to be absent yet.
             return Err(Local::new(LocalReply::no_cluster(), "incomplete_view"));
@@ -308,7 +308,7 @@ impl HttpConn {
                     Some(p) => Some(p),
                     None => {
                         let local = Local::new(LocalReply::no_healthy_upstream(), "no_healthy_upstream");
-                        return self.local_reply(result, local, None);
+                        return self.local_reply(result, *local, None);
                     }
                 }
             }
@@ -396,7 +396,7 @@ impl HttpConn {
                 debug!(pod = %self.pod.name, %endpoint, error = %e, "upstream request failed");
                 let flag = e.response_flag();
                 let local = Local::new(LocalReply::upstream_failed(flag), e.details());
-                return self.local_reply(result, local, Some(endpoint));
+                return self.local_reply(result, *local, Some(endpoint));
             }
         };
 

@@ -134,7 +134,7 @@ fn with_routes<'s>(
 #[derive(Debug)]
 pub enum ClusterRef<'s> {
     Shaped(&'s Arc<Cluster>),
-    Plain(Cluster),
+    Plain(Box<Cluster>),
 }
 
 impl std::ops::Deref for ClusterRef<'_> {
@@ -203,7 +203,7 @@ pub fn cluster<'s>(
     if service.port(port).is_none() {
         return Err(NoCluster::UnknownPort);
     }
-    Ok(ClusterRef::Plain(plain(snap, service, port)))
+    Ok(ClusterRef::Plain(Box::new(plain(snap, service, port))))
 }
 
 /// A Service port's cluster without a DestinationRule.
