@@ -200,6 +200,11 @@ fn sniffed<T>(node: &Node, mut transfer: impl FnMut() -> T) -> (T, Vec<u8>) {
         let out = transfer();
         let capture = sniffer.finish();
         if capture.is_complete() {
+            eprintln!(
+                "capture: {} frames, {} bytes, none dropped",
+                capture.frames,
+                capture.bytes.len()
+            );
             return (out, capture.bytes);
         }
         let what = format!(
