@@ -9,13 +9,11 @@ use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
 use support::{
-    ambit_bin, attached_links, echo_transfer, in_pod, our_map_ids, whoami, Mode, Server,
+    ambit_bin, attached_links, echo_transfer, in_pod, our_map_ids, wait_until, whoami, Mode,
+    Server, SETTLE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Ceiling for waiting on the agent's status: generous, because the machine may be busy.
-const SETTLE: Duration = Duration::from_secs(30);
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -655,16 +653,5 @@ fn relay_case(fast_path: bool) {
         );
     } else {
         assert_eq!((sockets, redirects), (0, 0), "fast path off: {s}");
-    }
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + SETTLE;
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, LocalAgent, Node, Pod, World};
 use ambit::identity::{CertConfig, Identity, LocalCa, SecretManager};
-use support::{ambit_bin, echo_transfer, hbone_client, in_pod, whoami, Fnv, Mode, Server};
+use support::{
+    ambit_bin, echo_transfer, hbone_client, in_pod, wait_until, whoami, Fnv, Mode, Server, SETTLE,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -42,14 +44,49 @@ fn two_agents(
     (a1, a2)
 }
 
-/// Every frame on every interface of a node's netns, while it runs (AF_PACKET, ETH_P_ALL).
+/// Every frame on every interface of a node's netns while it runs (AF_PACKET, ETH_P_ALL), read
+/// on a thread of its own.
+///
+/// A busy machine can starve that thread for long stretches; the kernel then drops frames at
+/// the socket, and a capture with holes proves nothing about what fell in them ("no plaintext
+/// on the wire" least of all). So the socket's queue is made to hold a whole test transfer
+/// even if the thread never ran (`SO_RCVBUFFORCE`, past `net.core.rmem_max`, which silently
+/// capped a plain `SO_RCVBUF`), the queue is drained to the end before the capture is
+/// returned, and the capture says whether the kernel dropped anything (`PACKET_STATISTICS`)
+/// or a frame did not fit the read buffer.
 struct Sniffer {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Capture>>,
 }
+
+/// What a sniffer saw.
+#[derive(Default)]
+struct Capture {
+    /// The frames, concatenated.
+    bytes: Vec<u8>,
+    frames: u64,
+    /// Frames the kernel dropped because the socket's queue was full.
+    dropped: u32,
+    /// Frames longer than the read buffer (only their start is in `bytes`).
+    truncated: u64,
+}
+
+impl Capture {
+    fn is_complete(&self) -> bool {
+        self.dropped == 0 && self.truncated == 0
+    }
+}
+
+/// Queue for captured frames, counted as the kernel charges them (each frame's buffer, a few
+/// times its length for small frames): room for every frame of the largest transfer sniffed
+/// here (4 MiB each way, seen on each interface it crosses) many times over.
+const SNIFF_QUEUE: usize = 256 << 20;
+/// Larger than any frame on these links (64 KiB GSO frames, plus headers).
+const FRAME_MAX: usize = 1 << 20;
 
 impl Sniffer {
     fn start(node: &Node) -> Sniffer {
+        use std::os::fd::AsRawFd;
         const ETH_P_ALL: u16 = 0x0003;
         let sock = node
             .run(|| {
@@ -60,21 +97,46 @@ impl Sniffer {
                 )
             })
             .expect("packet socket in the node netns");
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &SNIFF_QUEUE)
+            .expect("SO_RCVBUFFORCE on the packet socket (needs CAP_NET_ADMIN)");
+        let queue = sock.recv_buffer_size().expect("SO_RCVBUF");
+        assert!(
+            queue >= SNIFF_QUEUE,
+            "the sniffer's queue is {queue} bytes, not {SNIFF_QUEUE}"
+        );
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
-        let _ = sock.set_recv_buffer_size(64 << 20);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            use std::io::Read;
-            let mut sock = sock;
-            let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok(n) = sock.read(&mut buf) {
-                    all.extend_from_slice(&buf[..n]);
+            use nix::errno::Errno;
+            use nix::sys::socket::{recv, MsgFlags};
+            let mut capture = Capture::default();
+            let mut buf = vec![0u8; FRAME_MAX];
+            loop {
+                // Once told to stop, read what is still queued without waiting, to the end.
+                let stopping = flag.load(Ordering::Acquire);
+                let flags = if stopping {
+                    MsgFlags::MSG_TRUNC | MsgFlags::MSG_DONTWAIT
+                } else {
+                    MsgFlags::MSG_TRUNC
+                };
+                // With MSG_TRUNC a packet socket returns the frame's real length.
+                match recv(sock.as_raw_fd(), &mut buf, flags) {
+                    Ok(n) => {
+                        capture.frames += 1;
+                        if n > buf.len() {
+                            capture.truncated += 1;
+                        }
+                        capture.bytes.extend_from_slice(&buf[..n.min(buf.len())]);
+                    }
+                    Err(Errno::EAGAIN) if stopping => break,
+                    Err(Errno::EAGAIN | Errno::EINTR) => {}
+                    Err(e) => panic!("sniffer read: {e}"),
                 }
             }
-            all
+            capture.dropped = packet_drops(&sock);
+            capture
         });
         Sniffer {
             stop,
@@ -82,13 +144,80 @@ impl Sniffer {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Everything captured since `start`: what was still queued is read first.
+    fn finish(mut self) -> Capture {
+        self.stop.store(true, Ordering::Release);
         self.thread
             .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+            .expect("sniffer thread")
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Frames the kernel dropped at `sock` since it was opened (its queue was full).
+fn packet_drops(sock: &socket2::Socket) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut stats = libc::tpacket_stats {
+        tp_packets: 0,
+        tp_drops: 0,
+    };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: `stats` and `len` are live and writable for the whole call, and `len` is the size
+    // of `stats`: the kernel writes at most that much.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            std::ptr::from_mut(&mut stats).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "PACKET_STATISTICS: {}",
+        std::io::Error::last_os_error()
+    );
+    stats.tp_drops
+}
+
+/// Runs `transfer` while sniffing `node`, and returns what it returned with the frames seen.
+/// A capture the kernel dropped frames from (the machine was too busy even for the queue) is
+/// thrown away and the transfer run again: what is asserted on the wire is all there was.
+fn sniffed<T>(node: &Node, mut transfer: impl FnMut() -> T) -> (T, Vec<u8>) {
+    const ATTEMPTS: usize = 3;
+    let mut incomplete = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let sniffer = Sniffer::start(node);
+        let out = transfer();
+        let capture = sniffer.finish();
+        if capture.is_complete() {
+            eprintln!(
+                "capture: {} frames, {} bytes, none dropped",
+                capture.frames,
+                capture.bytes.len()
+            );
+            return (out, capture.bytes);
+        }
+        let what = format!(
+            "{} frames ({} bytes), {} dropped by the kernel, {} truncated",
+            capture.frames,
+            capture.bytes.len(),
+            capture.dropped,
+            capture.truncated
+        );
+        eprintln!("incomplete capture, again: {what}");
+        incomplete.push(what);
+    }
+    panic!("every capture of the transfer was incomplete: {incomplete:?}");
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -138,14 +267,14 @@ fn hbone_between_nodes_is_intact_and_encrypted() {
             }
         }
     });
-    let s1 = a1.wait_for("1,001 tunnels from node 1", Duration::from_secs(10), |s| {
+    let s1 = a1.wait_for("1,001 tunnels from node 1", SETTLE, |s| {
         s["proxy"]["outbound_hbone"] == 1001
     });
     assert_eq!(
         s1["proxy"]["outbound_plaintext"], 0,
         "nothing left in plaintext"
     );
-    a2.wait_for("1,001 streams on node 2", Duration::from_secs(10), |s| {
+    a2.wait_for("1,001 streams on node 2", SETTLE, |s| {
         s["proxy"]["hbone_inbound_streams"] == 1001
     });
     assert_eq!(
@@ -156,10 +285,10 @@ fn hbone_between_nodes_is_intact_and_encrypted() {
 
     // No plaintext on the wire: a marker-filled transfer over HBONE never shows the marker on
     // node 1's interfaces...
-    let sniff = Sniffer::start(&n1);
-    let (sent, got, n) = in_pod(&client, || echo_transfer(echo4, 4 << 20, Some(MARKER)));
-    let wire = sniff.finish();
-    assert_eq!((sent, n), (got, 4 << 20), "marker transfer intact");
+    let ((), wire) = sniffed(&n1, || {
+        let (sent, got, n) = in_pod(&client, || echo_transfer(echo4, 4 << 20, Some(MARKER)));
+        assert_eq!((sent, n), (got, 4 << 20), "marker transfer intact");
+    });
     assert!(
         wire.len() > 8 << 20,
         "the sniffer saw the tunnel's traffic ({} bytes)",
@@ -170,9 +299,10 @@ fn hbone_between_nodes_is_intact_and_encrypted() {
         "plaintext of the payload on the wire"
     );
     // ...while the same transfer from a pod outside the mesh does show it.
-    let sniff = Sniffer::start(&n1);
-    in_pod(&outsider, || echo_transfer(echo4, 1 << 20, Some(MARKER)));
-    let wire = sniff.finish();
+    let ((), wire) = sniffed(&n1, || {
+        let (sent, got, n) = in_pod(&outsider, || echo_transfer(echo4, 1 << 20, Some(MARKER)));
+        assert_eq!((sent, n), (got, 1 << 20), "plaintext transfer intact");
+    });
     assert!(
         contains(&wire, MARKER),
         "control: plaintext is visible to the sniffer"
@@ -201,7 +331,7 @@ fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
                 .map(|_| {
                     use std::io::BufRead;
                     let s = std::net::TcpStream::connect(dst).expect("connect");
-                    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                    s.set_read_timeout(Some(SETTLE)).ok();
                     let mut line = String::new();
                     std::io::BufReader::new(&s)
                         .read_line(&mut line)
@@ -308,7 +438,7 @@ fn hbone_server_checks_certificates_and_requests() {
     let e = wrong.expect_err("a server with the wrong identity is refused");
     assert!(e.contains("sa/alpha") && e.contains("sa/beta"), "{e}");
     // The server sees that handshake fail too (the client aborted it).
-    a2.wait_for("aborted handshake counted", Duration::from_secs(5), |s| {
+    a2.wait_for("aborted handshake counted", SETTLE, |s| {
         s["proxy"]["hbone_tls_refused"] == 1
     });
 
@@ -320,7 +450,7 @@ fn hbone_server_checks_certificates_and_requests() {
     });
     let _ = std::fs::remove_dir_all(&foreign);
     assert!(refused.is_err(), "foreign CA accepted: {refused:?}");
-    a2.wait_for("foreign client refused", Duration::from_secs(5), |s| {
+    a2.wait_for("foreign client refused", SETTLE, |s| {
         s["proxy"]["hbone_tls_refused"] == 2
     });
 
@@ -333,18 +463,19 @@ fn hbone_server_checks_certificates_and_requests() {
         .pod_with_sa(&server, "alpha");
     let generation = a1.fresh_status()["generation"].as_u64();
     lying.write(&a1.config_dir());
-    a1.wait_for(
-        "node 1 sees the new identity",
-        Duration::from_secs(5),
-        |s| s["generation"].as_u64() > generation,
-    );
+    a1.wait_for("node 1 sees the new identity", SETTLE, |s| {
+        s["generation"].as_u64() > generation
+    });
+    // The app records a connection when it closes: the good CONNECT above closed with its
+    // client, at a moment of its own. Count it before counting what the refused tunnel adds.
+    wait_until("the app recorded the good CONNECT", || srv.count() == 1);
     let before = srv.count();
     let r = in_pod(&client, || whoami(app));
     assert!(
         r.is_err(),
         "a tunnel to a server with the wrong identity: {r:?}"
     );
-    a1.wait_for("client refused the server", Duration::from_secs(5), |s| {
+    a1.wait_for("client refused the server", SETTLE, |s| {
         s["proxy"]["outbound_hbone_failed"] == 1
     });
     std::thread::sleep(Duration::from_millis(200));
@@ -387,7 +518,7 @@ fn mesh_and_non_mesh_pods_still_talk() {
 
     let (_, local, _) = in_pod(&plain, || whoami(t_app)).expect("non-mesh to mesh");
     assert_eq!(local, t_app);
-    a2.wait_for("plaintext inbound on 15006", Duration::from_secs(5), |s| {
+    a2.wait_for("plaintext inbound on 15006", SETTLE, |s| {
         s["proxy"]["inbound_accepted"] == 1
     });
     assert_eq!(a2.counter("proxy.hbone_inbound_streams"), 0);
@@ -406,11 +537,8 @@ fn server_agent_restart_fails_closed_then_recovers() {
     let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
     let (a1, mut a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&client], &[&server]));
     in_pod(&client, || whoami(app)).expect("before the restart");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while srv.count() < 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(srv.count(), 1, "the app served the first connection");
+    let served = support::settled(|| srv.count(), |n| *n >= 1);
+    assert_eq!(served, 1, "the app served the first connection");
 
     a2.kill();
     for _ in 0..5 {
@@ -425,7 +553,7 @@ fn server_agent_restart_fails_closed_then_recovers() {
 
     a2.start(&world);
     a2.wait_enrolled(&[&server]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + SETTLE;
     loop {
         match in_pod(&client, || whoami(app)) {
             Ok((_, local, _)) => {
@@ -530,6 +658,9 @@ fn certificate_rotation_does_not_interrupt_a_long_transfer() {
     });
     assert_eq!(n, bytes, "every byte came back");
     assert_eq!(sent, got, "intact across rotations");
+    // The app records the connection after its last write, so the client can see the end of
+    // the echo before the record exists.
+    wait_until("the app recorded the transfer", || srv.count() == 1);
     let seen = srv.seen();
     assert!(!seen[0].reset, "the transfer was never reset");
     // A 6 s TTL rotates about every 3 s: many rotations happened during the transfer.
@@ -642,9 +773,7 @@ fn client_speaks_hbone_as_ztunnel_expects() {
             }
         })
     });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("fake server ready");
+    ready_rx.recv_timeout(SETTLE).expect("fake server ready");
 
     let dst = sa(server.ip4(), 8080);
     let (echo, local_port) = in_pod(&client, || async move {

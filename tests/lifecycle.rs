@@ -8,11 +8,14 @@ mod support;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
 use support::{
-    ambit_bin, attached_links, in_pod, our_map_ids, proxy_listeners, whoami, Mode, Server,
+    ambit_bin, attached_links, in_pod, our_map_ids, proxy_listeners, settled, settled_status,
+    wait_until, whoami, Mode, Server, SETTLE,
 };
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -23,10 +26,9 @@ fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// whoami line. Returns the stream and the peer the server saw.
 fn open(pod: &ambit::harness::Pod, dst: SocketAddr) -> (TcpStream, SocketAddr) {
     let s = pod
-        .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .run(move || TcpStream::connect_timeout(&dst, SETTLE))
         .expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    s.set_read_timeout(Some(SETTLE)).expect("timeout");
     let mut line = String::new();
     BufReader::new(s.try_clone().expect("clone"))
         .read_line(&mut line)
@@ -82,11 +84,15 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     // polls every 50 ms; the default is 200 ms.
     let t = std::time::Instant::now();
     unlabelled.write(&agent.config_dir());
-    let status = agent.wait_enrolled(&[]);
+    agent.wait_enrolled(&[]);
     eprintln!(
         "measured: namespace label removed -> pods unenrolled in {:?}",
         t.elapsed()
     );
+    // The map sizes in a status are recounted apart from its pod list (at most once a second),
+    // so the status that first shows no pods may hold older sizes: wait for sizes that show
+    // the unenrolment, then assert on them.
+    let status = settled_status(&agent, |s| no_residue(s, 2));
     let sizes = map_sizes(&status);
     // The fast path holds only sockets of connections still open (at most the proxied one kept
     // open here: its two loopback ends); each leaves with its socket, checked at the end.
@@ -112,11 +118,13 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
         .count();
     assert_eq!(netns_pins, 0, "no sk_lookup pin may remain");
     for pod in [&client, &server] {
+        // Unenrolment aborts the accept tasks; each listener closes when the data-plane runtime
+        // drops its task, shortly after the status already shows the pod gone.
+        let left = settled(|| proxy_listeners(pod), BTreeMap::is_empty);
         assert!(
-            proxy_listeners(pod).is_empty(),
-            "listeners left in {}: {:?}",
-            pod.name(),
-            proxy_listeners(pod)
+            left.is_empty(),
+            "listeners left in {}: {left:?}",
+            pod.name()
         );
     }
 
@@ -164,16 +172,28 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     drop((through_proxy, direct));
     unlabelled.write(&agent.config_dir());
     agent.wait_enrolled(&[]);
-    let status = agent.wait_for(
-        "every socket gone from the maps",
-        Duration::from_secs(10),
-        |s| {
-            map_sizes(s)
-                .iter()
-                .all(|(m, n)| m == "AMBIT_EXEMPT_SRC" || *n == 0)
-        },
+    let status = settled_status(&agent, |s| no_residue(s, 0));
+    let sizes = map_sizes(&status);
+    assert!(
+        sizes
+            .iter()
+            .all(|(m, n)| m == "AMBIT_EXEMPT_SRC" || *n == 0),
+        "every socket gone from the maps: {sizes:?}"
     );
     assert_eq!(status["netns_links"], serde_json::json!([]));
+}
+
+/// No pod enrolled, every map but the exempt sources empty (the fast path holding at most
+/// `fast_path` sockets of connections still open), and no sk_lookup link.
+fn no_residue(status: &serde_json::Value, fast_path: u64) -> bool {
+    status["pods"].as_array().is_some_and(Vec::is_empty)
+        && status["netns_links"] == serde_json::json!([])
+        && status["maps"].is_object()
+        && map_sizes(status).iter().all(|(m, n)| match m.as_str() {
+            "AMBIT_EXEMPT_SRC" => true,
+            "AMBIT_FAST_PATH" => *n <= fast_path,
+            _ => *n == 0,
+        })
 }
 
 #[test]
@@ -204,30 +224,39 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
     );
 
     // A client keeps connecting across the crash and the restart.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let hammer = {
-        let (client, stop) = (client.clone(), stop.clone());
+        let (client, stop, ok, refused) =
+            (client.clone(), stop.clone(), ok.clone(), refused.clone());
         std::thread::spawn(move || {
             client.run(move || {
-                let (mut ok, mut refused) = (0u32, 0u32);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     match TcpStream::connect_timeout(&echo, Duration::from_secs(2)) {
-                        Ok(_) => ok += 1,
-                        Err(_) => refused += 1,
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // A connect slower than its timeout on a busy machine proves nothing.
+                        Err(_) => {}
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                (ok, refused)
             })
         })
     };
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the client connected through the agent", || {
+        ok.load(Ordering::Relaxed) > 0
+    });
 
     agent.kill();
-    // Connections cut by the kill are recorded by the server as they close: let them settle.
-    std::thread::sleep(Duration::from_millis(300));
-    // During the gap: every new connection is refused, outbound and inbound; none reaches the app.
+    // Connections the kill cut are recorded by the app as they close, which may be at any time
+    // from now on; they all came from the inbound proxy (the pod's own IP). With the agent down
+    // nothing else may reach the app, so anything else recorded from here on went around it.
     let served = srv.count();
+    // During the gap: every new connection is refused, outbound and inbound; none reaches the app.
     for i in 0..50 {
         let r = in_pod(&client, || whoami(echo));
         assert!(
@@ -248,17 +277,25 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
         std::io::ErrorKind::ConnectionRefused,
         "fail closed means refused: {e:?}"
     );
+    wait_until("the client was refused during the gap", || {
+        refused.load(Ordering::Relaxed) > 0
+    });
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(
-        srv.count(),
-        served,
-        "nothing may reach the app while the agent is down"
+    let around: Vec<_> = srv.seen()[served..]
+        .iter()
+        .filter(|s| s.peer.ip() != IpAddr::from(server.ip4()))
+        .cloned()
+        .collect();
+    assert!(
+        around.is_empty(),
+        "nothing may reach the app while the agent is down: {around:?}"
     );
     assert_eq!(
         attached_links(&maps),
         expected,
         "capture stays attached while the agent is down"
     );
+    let ok_in_gap = ok.load(Ordering::Relaxed);
 
     // Restart: adopts the pins, serves again, and attaches nothing twice.
     agent.start(&world);
@@ -281,9 +318,12 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
         expected,
         "no program attached twice after restart"
     );
-    std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, refused) = hammer.join().expect("hammer");
+    wait_until("the client connected again after the restart", || {
+        ok.load(Ordering::Relaxed) > ok_in_gap
+    });
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().expect("hammer");
+    let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
     assert!(ok > 0 && refused > 0, "the client connected before/after and was refused during the gap: ok={ok} refused={refused}");
     // Every connection the app ever saw came through the inbound proxy (peer = the pod's own IP),
     // never straight from the client around the mesh.
@@ -349,10 +389,10 @@ fn two_agents_serve_two_nodes() {
     }
     // Both pods are in the mesh: node 1 tunnels over HBONE, node 2 terminates it (no plaintext
     // inbound).
-    a1.wait_for("node 1 outbound over HBONE", Duration::from_secs(5), |s| {
+    a1.wait_for("node 1 outbound over HBONE", SETTLE, |s| {
         s["proxy"]["outbound_accepted"] == 2 && s["proxy"]["outbound_hbone"] == 2
     });
-    a2.wait_for("node 2 HBONE inbound", Duration::from_secs(5), |s| {
+    a2.wait_for("node 2 HBONE inbound", SETTLE, |s| {
         s["proxy"]["hbone_inbound_streams"] == 2
     });
     assert_eq!(a2.counter("proxy.inbound_accepted"), 0);
@@ -376,7 +416,10 @@ fn a_bad_object_is_reported_by_the_running_agent_and_the_rest_applies() {
     )
     .expect("write broken object");
     agent.start(&world);
-    let status = agent.wait_enrolled(&[&client]);
+    agent.wait_enrolled(&[&client]);
+    // Readiness (and with it the metrics below, which the agent sets before it writes each
+    // status) is reported apart from enrolment: wait for it rather than assume one tick gives both.
+    let status = agent.wait_for("the agent ready", SETTLE, |s| s["ready"] == true);
     let errors: Vec<String> = status["config_errors"]
         .as_array()
         .expect("config_errors")
@@ -427,7 +470,7 @@ fn a_bad_object_is_reported_by_the_running_agent_and_the_rest_applies() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: mesh}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n",
     )
     .expect("fix the object");
-    agent.wait_for("the fixed object accepted", Duration::from_secs(20), |s| {
+    agent.wait_for("the fixed object accepted", SETTLE, |s| {
         s["config_errors"].as_array().is_some_and(Vec::is_empty)
     });
     let (_, metrics) = http_get(&n1, "/metrics");
@@ -442,10 +485,9 @@ fn http_get(node: &ambit::harness::Node, path: &str) -> (String, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let raw = node.run(move || {
         let addr = sa([127, 0, 0, 1], 15020);
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        let mut s = TcpStream::connect_timeout(&addr, SETTLE)
             .unwrap_or_else(|e| panic!("connect to the admin port {addr}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        s.set_read_timeout(Some(SETTLE)).expect("timeout");
         s.write_all(request.as_bytes()).expect("write request");
         let mut out = String::new();
         s.read_to_string(&mut out)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, LocalAgent, Node, Pod, World};
 use ambit::identity::Identity;
-use support::{ambit_bin, hbone_client, in_pod, whoami, Mode, Server};
+use support::{ambit_bin, hbone_client, in_pod, settled, whoami, Mode, Server, SETTLE};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -90,11 +90,8 @@ fn write_policies(agent: &LocalAgent, yaml: &str) {
 
 /// Waits until the server has recorded `n` finished connections (it records at close).
 fn served(m: &Mesh, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while m.srv.count() < n && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(m.srv.count(), n, "connections the app served");
+    let count = settled(|| m.srv.count(), |c| *c >= n);
+    assert_eq!(count, n, "connections the app served");
 }
 
 /// The app sees nothing more than `n` connections after a short settle.
@@ -126,10 +123,10 @@ fn allow_policy_admits_one_identity_and_denies_others_with_401() {
     let r = in_pod(&m.bad, || whoami(m.app));
     assert!(r.is_err(), "sa/bad is not allowed: {r:?}");
     app_saw_only(&m, 1);
-    m.a1.wait_for("client saw the refusal", Duration::from_secs(5), |s| {
+    m.a1.wait_for("client saw the refusal", SETTLE, |s| {
         s["proxy"]["outbound_hbone_failed"] == 1
     });
-    m.a2.wait_for("denial counted", Duration::from_secs(5), |s| {
+    m.a2.wait_for("denial counted", SETTLE, |s| {
         s["proxy"]["inbound_denied"] == 1
     });
 
@@ -173,7 +170,7 @@ spec: {mtls: {mode: STRICT}}
     let r = in_pod(&m.outsider, || whoami(m.app));
     assert!(r.is_err(), "STRICT refuses plaintext: {r:?}");
     app_saw_only(&m, 1);
-    m.a2.wait_for("plaintext denial counted", Duration::from_secs(5), |s| {
+    m.a2.wait_for("plaintext denial counted", SETTLE, |s| {
         s["proxy"]["inbound_denied"] == 1
     });
 
@@ -183,7 +180,7 @@ spec: {mtls: {mode: STRICT}}
     for a in [&m.a1, &m.a2] {
         write_policies(a, &permissive);
     }
-    let deadline = changed + Duration::from_secs(10);
+    let deadline = changed + SETTLE;
     loop {
         match in_pod(&m.outsider, || whoami(m.app)) {
             Ok((_, local, _)) => {
@@ -225,13 +222,12 @@ spec:
 "
     );
     write_policies(&m.a2, &custom);
-    let status =
-        m.a2.wait_for("CUSTOM reported", Duration::from_secs(5), |s| {
-            s["config_errors"].as_array().is_some_and(|e| {
-                e.iter()
-                    .any(|e| e.as_str().is_some_and(|e| e.contains("ext-authz")))
-            })
-        });
+    let status = m.a2.wait_for("CUSTOM reported", SETTLE, |s| {
+        s["config_errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e.as_str().is_some_and(|e| e.contains("ext-authz")))
+        })
+    });
     let report = status["config_errors"].to_string();
     assert!(report.contains("CUSTOM"), "the report says why: {report}");
     let r = in_pod(&m.good, || whoami(m.app));
@@ -253,13 +249,12 @@ spec:
 "
     );
     write_policies(&m.a2, &malformed);
-    let status =
-        m.a2.wait_for("malformed policy reported", Duration::from_secs(5), |s| {
-            s["config_errors"].as_array().is_some_and(|e| {
-                e.iter()
-                    .any(|e| e.as_str().is_some_and(|e| e.contains("typo")))
-            })
-        });
+    let status = m.a2.wait_for("malformed policy reported", SETTLE, |s| {
+        s["config_errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e.as_str().is_some_and(|e| e.contains("typo")))
+        })
+    });
     let report = status["config_errors"].to_string();
     assert!(report.contains("action"), "the field is named: {report}");
     assert!(
@@ -275,7 +270,7 @@ spec:
 
     // Fixed: traffic flows again.
     write_policies(&m.a2, ALLOW_GOOD);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + SETTLE;
     while in_pod(&m.good, || whoami(m.app)).is_err() {
         assert!(Instant::now() < deadline, "the fixed policy never applied");
         std::thread::sleep(Duration::from_millis(20));

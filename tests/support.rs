@@ -11,9 +11,49 @@ use ambit::harness::Pod;
 use ambit::identity::{CertConfig, CertLease, Identity, LocalCa, SecretManager};
 use bytes::Bytes;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Ceiling for anything a test waits for (a status, a server's record, a listener closing):
+/// generous, because the machine may be busy. Only a failure waits this long.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Waits until `f` holds, or panics naming `what` after `SETTLE`.
+pub fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Probes until `done` holds on the value, or until `SETTLE` has passed, and returns the last
+/// value either way: the caller asserts on it, so a value that never settles still fails with
+/// the assertion's own message.
+pub fn settled<T>(probe: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let value = probe();
+        if done(&value) || Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first status of `agent` on which `pred` holds, or the last one after `SETTLE`.
+///
+/// For assertions on values the agent refreshes apart from the one a test waited for (map sizes
+/// are recounted at most once a second, kernel counters are read apart from the live proxy
+/// counters): wait here for everything asserted, then assert on the returned status.
+pub fn settled_status(
+    agent: &ambit::harness::LocalAgent,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    settled(|| agent.status(), |s| s.as_ref().is_some_and(&pred))
+        .unwrap_or_else(|| panic!("no status from the agent\n{}", agent.log_tail()))
+}
 
 pub fn ambit_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ambit"))
