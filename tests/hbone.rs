@@ -52,8 +52,8 @@ fn two_agents(
 /// on the wire" least of all). So the socket's queue is made to hold a whole test transfer
 /// even if the thread never ran (`SO_RCVBUFFORCE`, past `net.core.rmem_max`, which silently
 /// capped a plain `SO_RCVBUF`), the queue is drained to the end before the capture is
-/// returned, and the capture says whether the kernel dropped anything (`PACKET_STATISTICS`)
-/// or a frame did not fit the read buffer.
+/// returned, and the capture says whether the kernel dropped anything (`SO_RXQ_OVFL`, the drop
+/// count each read reports) or a frame did not fit the read buffer.
 struct Sniffer {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Capture>>,
@@ -106,13 +106,17 @@ impl Sniffer {
         );
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
+        // Each read reports the kernel's count of frames dropped at this socket so far.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RxqOvfl, &1)
+            .expect("SO_RXQ_OVFL on the packet socket");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             use nix::errno::Errno;
-            use nix::sys::socket::{recv, MsgFlags};
+            use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
             let mut capture = Capture::default();
             let mut buf = vec![0u8; FRAME_MAX];
+            let mut cmsg = nix::cmsg_space!(u32);
             loop {
                 // Once told to stop, read what is still queued without waiting, to the end.
                 let stopping = flag.load(Ordering::Acquire);
@@ -121,10 +125,22 @@ impl Sniffer {
                 } else {
                     MsgFlags::MSG_TRUNC
                 };
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
                 // With MSG_TRUNC a packet socket returns the frame's real length.
-                match recv(sock.as_raw_fd(), &mut buf, flags) {
-                    Ok(n) => {
+                let read = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
+                    .map(|m| {
+                        let dropped = m.cmsgs().ok().into_iter().flatten().find_map(|c| match c {
+                            ControlMessageOwned::RxqOvfl(n) => Some(n),
+                            _ => None,
+                        });
+                        (m.bytes, dropped)
+                    });
+                match read {
+                    Ok((n, dropped)) => {
                         capture.frames += 1;
+                        if let Some(d) = dropped {
+                            capture.dropped = capture.dropped.max(d);
+                        }
                         if n > buf.len() {
                             capture.truncated += 1;
                         }
@@ -135,7 +151,6 @@ impl Sniffer {
                     Err(e) => panic!("sniffer read: {e}"),
                 }
             }
-            capture.dropped = packet_drops(&sock);
             capture
         });
         Sniffer {
@@ -159,34 +174,6 @@ impl Drop for Sniffer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
     }
-}
-
-/// Frames the kernel dropped at `sock` since it was opened (its queue was full).
-fn packet_drops(sock: &socket2::Socket) -> u32 {
-    use std::os::fd::AsRawFd;
-    let mut stats = libc::tpacket_stats {
-        tp_packets: 0,
-        tp_drops: 0,
-    };
-    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
-    // SAFETY: `stats` and `len` are live and writable for the whole call, and `len` is the size
-    // of `stats`: the kernel writes at most that much.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_STATISTICS,
-            std::ptr::from_mut(&mut stats).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "PACKET_STATISTICS: {}",
-        std::io::Error::last_os_error()
-    );
-    stats.tp_drops
 }
 
 /// Runs `transfer` while sniffing `node`, and returns what it returned with the frames seen.
