@@ -22,6 +22,7 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod metrics;
 pub mod outbound;
+pub mod protocol;
 
 #[cfg(test)]
 mod tests;
