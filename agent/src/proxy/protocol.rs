@@ -5,10 +5,16 @@
 //! ([`sniff`]). `detect` decides from bytes alone; `sniff` waits for them on a socket without
 //! consuming them.
 
+mod detect;
+mod sniff;
+
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
+
+pub use detect::{HTTP1_MAX_REQUEST_LINE, TLS_MAX_CLIENT_HELLO};
+pub use sniff::{client_hello_sni, sniff, SniffError, Sniffed, DEFAULT_SNIFF_TIMEOUT};
 
 use crate::config::istio::service_entry;
 use crate::state::ServicePort;
