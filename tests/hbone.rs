@@ -127,8 +127,8 @@ impl Sniffer {
                 };
                 let mut iov = [std::io::IoSliceMut::new(&mut buf)];
                 // With MSG_TRUNC a packet socket returns the frame's real length.
-                let read = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
-                    .map(|m| {
+                let read =
+                    recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags).map(|m| {
                         let dropped = m.cmsgs().ok().into_iter().flatten().find_map(|c| match c {
                             ControlMessageOwned::RxqOvfl(n) => Some(n),
                             _ => None,

@@ -350,8 +350,7 @@ fn l4_cluster<'s>(
                 .map(|r| &r.destinations)
         });
         tls.or_else(|| {
-            matching::select_tcp(&v.tcp, dst, conn.source, conn.namespace)
-                .map(|r| &r.destinations)
+            matching::select_tcp(&v.tcp, dst, conn.source, conn.namespace).map(|r| &r.destinations)
         })
     });
     match dests {

@@ -32,10 +32,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -53,8 +55,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
         })
 }
 
@@ -97,20 +101,12 @@ impl LocalReply {
 
     /// No endpoint to send to: 503, `UH`.
     pub fn no_healthy_upstream() -> Self {
-        LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            "no healthy upstream",
-        )
+        LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream")
     }
 
     /// The destination cluster does not exist: 503, `NC`.
     pub fn no_cluster() -> Self {
-        LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NC",
-            "no healthy upstream",
-        )
+        LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")
     }
 
     /// The upstream failed before a response (Envoy's wording, which clients grep for).
@@ -139,10 +135,8 @@ impl LocalReply {
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers;
         if !self.body.is_empty() && !resp.headers().contains_key(header::CONTENT_TYPE) {
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain"),
-            );
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
         resp
     }
@@ -187,7 +181,10 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         let mut h = map(&[("upgrade", "websocket")]);
-        assert!(!is_upgrade(&h), "Upgrade without Connection: upgrade is not one");
+        assert!(
+            !is_upgrade(&h),
+            "Upgrade without Connection: upgrade is not one"
+        );
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty());
     }

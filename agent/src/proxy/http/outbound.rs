@@ -130,7 +130,9 @@ impl HttpConn {
             }
         }
         if let Some(log) = result.log.as_mut() {
-            log.route_name = forward.route.and_then(|r| r.name.as_deref().map(str::to_owned));
+            log.route_name = forward
+                .route
+                .and_then(|r| r.name.as_deref().map(str::to_owned));
         }
         self.forward(&snap, forward, req, result).await
     }
@@ -220,8 +222,8 @@ impl HttpConn {
                         };
                         let cluster = target::cluster(snap, namespace, &dest.cluster, dst.port())
                             .map_err(|_| {
-                                Local::new(LocalReply::no_cluster(), "cluster_not_found")
-                            })?;
+                            Local::new(LocalReply::no_cluster(), "cluster_not_found")
+                        })?;
                         Ok(Forward {
                             cluster: Some(cluster),
                             route: Some(route),
@@ -307,7 +309,8 @@ impl HttpConn {
                 {
                     Some(p) => Some(p),
                     None => {
-                        let local = Local::new(LocalReply::no_healthy_upstream(), "no_healthy_upstream");
+                        let local =
+                            Local::new(LocalReply::no_healthy_upstream(), "no_healthy_upstream");
                         return self.local_reply(result, *local, None);
                     }
                 }
@@ -352,9 +355,10 @@ impl HttpConn {
         // hyper answered `Expect: 100-continue` itself when the body was first read.
         parts.headers.remove(header::EXPECT);
         if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
-            parts
-                .headers
-                .insert(headers::X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            parts.headers.insert(
+                headers::X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static("http"),
+            );
         }
         let authority = authority.unwrap_or_else(|| dst.to_string());
         match version {
@@ -377,7 +381,8 @@ impl HttpConn {
             }
         }
         let upstream_body = Counted::new(incoming, result.request_body_counter());
-        let upstream_req = Request::from_parts(parts, http_body_util::BodyExt::boxed(upstream_body));
+        let upstream_req =
+            Request::from_parts(parts, http_body_util::BodyExt::boxed(upstream_body));
 
         let key = UpstreamKey {
             src_netns: self.pod.netns_cookie,
@@ -439,7 +444,11 @@ impl HttpConn {
     /// HTTP/2 upstream for ports declared HTTP/2 or gRPC, for a DestinationRule's
     /// `h2UpgradePolicy: UPGRADE`, and, with `useClientProtocol` or on a sniffed port, when the
     /// app spoke HTTP/2; HTTP/1.1 otherwise (Istio's cluster protocol options).
-    fn upstream_version(&self, downstream: Version, cluster: Option<&crate::routing::Cluster>) -> client::Version {
+    fn upstream_version(
+        &self,
+        downstream: Version,
+        cluster: Option<&crate::routing::Cluster>,
+    ) -> client::Version {
         let client_h2 = downstream == Version::HTTP_2;
         let http = cluster
             .and_then(|c| c.policy.connection_pool.as_ref())
@@ -588,10 +597,7 @@ struct Held<B, T> {
 
 impl<B, T> Held<B, T> {
     fn new(inner: B, held: T) -> Self {
-        Held {
-            inner,
-            _held: held,
-        }
+        Held { inner, _held: held }
     }
 }
 

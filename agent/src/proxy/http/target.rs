@@ -84,7 +84,12 @@ fn by_host<'s>(snap: &'s Snapshot, namespace: &str, host: &str) -> Option<Target
             .get(&ip)
             .and_then(|k| state.services.get(k))?
             .clone();
-        return Some(with_routes(snap, namespace, &service.hostname.clone(), Some(service)));
+        return Some(with_routes(
+            snap,
+            namespace,
+            &service.hostname.clone(),
+            Some(service),
+        ));
     }
     let domain = &*state.domain;
     let dots = host.bytes().filter(|b| *b == b'.').count();
@@ -101,9 +106,7 @@ fn by_host<'s>(snap: &'s Snapshot, namespace: &str, host: &str) -> Option<Target
             .virtual_host(namespace, candidate)
             .filter(|v| !v.http.is_empty());
         match (routed, service) {
-            (Some(v), service) => {
-                return Some(Target::Virtual { host: v, service })
-            }
+            (Some(v), service) => return Some(Target::Virtual { host: v, service }),
             (None, Some(service)) => return Some(Target::Service(service)),
             (None, None) => {}
         }
@@ -248,12 +251,21 @@ mod tests {
 
     #[test]
     fn authority_forms() {
-        assert_eq!(split_authority("Reviews:9080"), ("reviews".into(), Some(9080)));
+        assert_eq!(
+            split_authority("Reviews:9080"),
+            ("reviews".into(), Some(9080))
+        );
         assert_eq!(split_authority("reviews"), ("reviews".into(), None));
         assert_eq!(split_authority("a.b.c."), ("a.b.c".into(), None));
-        assert_eq!(split_authority("[fd00::1]:80"), ("fd00::1".into(), Some(80)));
+        assert_eq!(
+            split_authority("[fd00::1]:80"),
+            ("fd00::1".into(), Some(80))
+        );
         assert_eq!(split_authority("[fd00::1]"), ("fd00::1".into(), None));
         assert_eq!(split_authority("fd00::1"), ("fd00::1".into(), None));
-        assert_eq!(split_authority("host:notaport"), ("host:notaport".into(), None));
+        assert_eq!(
+            split_authority("host:notaport"),
+            ("host:notaport".into(), None)
+        );
     }
 }

@@ -19,8 +19,8 @@ use crate::state::IstioLabels;
 
 /// Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).
 pub const DURATION_BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 /// Size buckets (bytes): powers of ten up to 1 GB.
 pub const SIZE_BUCKETS: [f64; 10] = [
@@ -108,7 +108,13 @@ pub struct RequestSeries(Mutex<HashMap<RequestLabels, Arc<RequestCounters>>>);
 
 impl RequestSeries {
     /// Records one finished request.
-    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        req_bytes: u64,
+        resp_bytes: u64,
+    ) {
         let counters = {
             let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             match map.get(labels) {
@@ -118,8 +124,12 @@ impl RequestSeries {
         };
         counters.total.fetch_add(1, Ordering::Relaxed);
         counters.duration.observe(&DURATION_BUCKETS, duration_ms);
-        counters.request_bytes.observe(&SIZE_BUCKETS, req_bytes as f64);
-        counters.response_bytes.observe(&SIZE_BUCKETS, resp_bytes as f64);
+        counters
+            .request_bytes
+            .observe(&SIZE_BUCKETS, req_bytes as f64);
+        counters
+            .response_bytes
+            .observe(&SIZE_BUCKETS, resp_bytes as f64);
     }
 
     /// As `Telemetry::retain_local`: drops series whose local end is no longer on this node.
@@ -167,7 +177,13 @@ fn request_labels(l: &RequestLabels, trust_domain: &str) -> Labels {
     out
 }
 
-type Snapshot = (Labels, u64, ([u64; 19], f64, u64), ([u64; 10], f64, u64), ([u64; 10], f64, u64));
+type Snapshot = (
+    Labels,
+    u64,
+    ([u64; 19], f64, u64),
+    ([u64; 10], f64, u64),
+    ([u64; 10], f64, u64),
+);
 
 impl Collector for RequestCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
@@ -244,7 +260,9 @@ fn histogram<'a, const N: usize>(
             .collect();
         family
             .encode_family(&LabelSet(&set))?
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
     }
     Ok(())
 }
