@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
-use support::{ambit_bin, attached_links, in_pod, our_map_ids, whoami, Mode, Server};
+use support::{ambit_bin, attached_links, in_pod, our_map_ids, wait_until, whoami, Mode, Server};
 
 /// Ceiling for waits: generous, because other jobs may hold both cores; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -85,6 +85,11 @@ fn a_restart_while_the_config_is_unreadable_keeps_adopted_pods_closed_and_does_n
     agent.start(&world);
     agent.wait_enrolled(&[&client, &server]);
     in_pod(&client, || whoami(echo)).expect("captured traffic works");
+    // The server records a connection when it closes: wait for this one, so that the count
+    // taken below is not overtaken by it.
+    wait_until("the server recorded the first connection", || {
+        srv.count() == 1
+    });
     let maps = our_map_ids(agent.bpffs());
     let links = attached_links(&maps);
     assert_eq!(links.get("netns"), Some(&2), "one sk_lookup link per pod");

@@ -65,6 +65,11 @@ fn a_restart_while_the_api_server_is_down_keeps_adopted_pods_closed_and_does_not
     let (fake, mut agent) = kube_agent(&world, &n1, &yaml);
     agent.start(&world);
     agent.wait_enrolled(&[&client, &server]);
+    // Pods are enrolled once Pods and Namespaces are listed; outbound traffic flows once every
+    // kind is (until then it fails closed): wait for that before using it.
+    agent.wait_for("ready (every kind listed)", PATIENCE, |s| {
+        s["ready"] == true
+    });
     in_pod(&client, || whoami(echo)).expect("captured traffic works");
     let maps = our_map_ids(agent.bpffs());
     let links = attached_links(&maps);
@@ -240,6 +245,11 @@ fn a_pod_whose_sandbox_starts_late_is_enrolled_without_an_api_change() {
             .contains("Pod mesh/server: cannot enrol: no process of pod uid")
     });
     assert_eq!(status["pods"], serde_json::json!([]));
+    // The first lists of every kind must be done before counting: a list still in flight would
+    // otherwise look like a late re-list.
+    agent.wait_for("every kind listed", PATIENCE, |s| {
+        s["synced"].as_array().map_or(0, Vec::len) == ambit::config::Kind::ALL.len()
+    });
     let requests = fake.requests().len();
 
     std::thread::sleep(Duration::from_secs(3));
