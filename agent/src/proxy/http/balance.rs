@@ -364,6 +364,9 @@ impl ClusterState {
             }
         };
         let count = hosts.endpoints.len();
+        if count == 0 {
+            return None;
+        }
         let mut set_cookie = None;
         let index = match policy {
             LbPolicy::RoundRobin => {
@@ -403,9 +406,9 @@ impl ClusterState {
                 })
             }
         };
-        let endpoint = hosts.endpoints.get(index)?;
+        let (addr, endpoint) = (hosts.list.get(index)?, hosts.endpoints.get(index)?);
         Some(Picked {
-            addr: hosts.list[index],
+            addr: *addr,
             set_cookie,
             active: ActiveRequest::start(endpoint),
         })
