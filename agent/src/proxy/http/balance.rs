@@ -51,9 +51,11 @@ struct Inner {
 /// What a pick looks at besides the endpoints. For a TCP connection, [`PickContext::connection`].
 #[derive(Debug, Clone, Copy)]
 pub struct PickContext<'a> {
-    /// The request's headers (after the route's header edits); None for a TCP connection.
+    /// The request's headers as the client sent them: Envoy's router picks the host before it
+    /// applies the route's header edits and rewrites (`finalizeRequestHeaders`). None for TCP.
     pub headers: Option<&'a http::HeaderMap>,
-    /// The request's query: everything after the first `?` of the path, as sent (not decoded).
+    /// The query of the path as sent (before any rewrite): everything after its first `?`, not
+    /// decoded.
     pub query: Option<&'a str>,
     /// The downstream peer (the app's address and port): the source IP key hashes its IP; a
     /// generated cookie hashes it with `destination`, so it is the same per connection.
