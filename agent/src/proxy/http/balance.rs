@@ -51,9 +51,11 @@ struct Inner {
 /// What a pick looks at besides the endpoints. For a TCP connection, [`PickContext::connection`].
 #[derive(Debug, Clone, Copy)]
 pub struct PickContext<'a> {
-    /// The request's headers (after the route's header edits); None for a TCP connection.
+    /// The request's headers as the client sent them: Envoy's router picks the host before it
+    /// applies the route's header edits and rewrites (`finalizeRequestHeaders`). None for TCP.
     pub headers: Option<&'a http::HeaderMap>,
-    /// The request's query: everything after the first `?` of the path, as sent (not decoded).
+    /// The query of the path as sent (before any rewrite): everything after its first `?`, not
+    /// decoded.
     pub query: Option<&'a str>,
     /// The downstream peer (the app's address and port): the source IP key hashes its IP; a
     /// generated cookie hashes it with `destination`, so it is the same per connection.
@@ -364,6 +366,9 @@ impl ClusterState {
             }
         };
         let count = hosts.endpoints.len();
+        if count == 0 {
+            return None;
+        }
         let mut set_cookie = None;
         let index = match policy {
             LbPolicy::RoundRobin => {
@@ -403,9 +408,9 @@ impl ClusterState {
                 })
             }
         };
-        let endpoint = hosts.endpoints.get(index)?;
+        let (addr, endpoint) = (hosts.list.get(index)?, hosts.endpoints.get(index)?);
         Some(Picked {
-            addr: hosts.list[index],
+            addr: *addr,
             set_cookie,
             active: ActiveRequest::start(endpoint),
         })

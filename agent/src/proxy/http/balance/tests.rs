@@ -178,25 +178,34 @@ fn ring_and_table_sizes_are_clamped_as_envoy_bounds_them() {
 fn round_robin_cycles_in_order_and_its_position_survives_a_new_snapshot() {
     // Envoy round robin: hosts[rr_index++ % size]; Istio: state survives config changes.
     let b = Balancers::with_seed(7);
-    let list = endpoints(5);
+    let list = endpoints(10);
     let none = HeaderMap::new();
-    let first: Vec<SocketAddr> = (0..5)
-        .map(|_| pick(&b, &LbPolicy::RoundRobin, &list, &ctx(&none)))
-        .collect();
+    let rr = |list: &Arc<[SocketAddr]>| pick(&b, &LbPolicy::RoundRobin, list, &ctx(&none));
+    let first: Vec<SocketAddr> = (0..10).map(|_| rr(&list)).collect();
     let start = list
         .iter()
         .position(|a| *a == first[0])
         .expect("an endpoint");
-    let in_order: Vec<SocketAddr> = (0..5).map(|i| list[(start + i) % 5]).collect();
-    assert_eq!(first, in_order, "every endpoint once, in list order");
+    let in_order = |from: usize, n: usize| -> Vec<SocketAddr> {
+        (from..from + n).map(|i| list[i % 10]).collect()
+    };
+    assert_eq!(
+        first,
+        in_order(start, 10),
+        "every endpoint once, in list order"
+    );
+    let partial: Vec<SocketAddr> = (0..3).map(|_| rr(&list)).collect();
+    assert_eq!(partial, in_order(start, 3));
 
     // The next snapshot's list: equal, but a new allocation.
     let next_snapshot: Arc<[SocketAddr]> = list.iter().copied().collect();
     assert!(!Arc::ptr_eq(&list, &next_snapshot));
-    let again: Vec<SocketAddr> = (0..5)
-        .map(|_| pick(&b, &LbPolicy::RoundRobin, &next_snapshot, &ctx(&none)))
-        .collect();
-    assert_eq!(again, in_order, "the cursor continued where it was");
+    let after: Vec<SocketAddr> = (0..10).map(|_| rr(&next_snapshot)).collect();
+    assert_eq!(
+        after,
+        in_order(start + 3, 10),
+        "the cursor went on where it was"
+    );
 }
 
 #[test]
@@ -640,6 +649,35 @@ fn the_ring_is_rebuilt_only_when_the_endpoints_or_its_settings_change() {
         !Arc::ptr_eq(&resized, &table_of(&b, &key, list[0])),
         "new endpoints: rebuilt"
     );
+}
+
+#[test]
+fn prepare_builds_the_ring_the_data_path_then_uses() {
+    let b = Balancers::with_seed(8);
+    let key = cluster("reviews");
+    let list = endpoints(10);
+    b.prepare(&key, &by_header(MAGLEV), &list);
+    let prepared = table_of(&b, &key, list[0]);
+    let h = headers(&[("x-user", "a")]);
+    pick(&b, &by_header(MAGLEV), &list, &ctx(&h));
+    assert!(Arc::ptr_eq(&prepared, &table_of(&b, &key, list[0])));
+}
+
+#[test]
+fn endpoints_for_picks_the_destinations_family_else_the_other() {
+    let v4 = endpoints(2);
+    let v6: Arc<[SocketAddr]> = [SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 1], 80))].into();
+    let dual = PortEndpoints {
+        v4: v4.clone(),
+        v6: v6.clone(),
+    };
+    assert!(Arc::ptr_eq(endpoints_for(&dual, DESTINATION), &v4));
+    assert!(Arc::ptr_eq(endpoints_for(&dual, v6[0]), &v6));
+    let v6_only = PortEndpoints {
+        v4: endpoints(0),
+        v6: v6.clone(),
+    };
+    assert!(Arc::ptr_eq(endpoints_for(&v6_only, DESTINATION), &v6));
 }
 
 #[test]
