@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::ObjectError;
 use crate::policy::CompiledPolicies;
-use crate::routing::Routes;
+use crate::routing::{Cluster, ClusterKey, Routes};
 use crate::state::{key, Key, Service, State, TargetPort, Workload};
 
 #[derive(Debug, Default)]
@@ -52,6 +52,30 @@ impl Snapshot {
             routes,
             route_problems,
         }
+    }
+
+    /// Whether `key` names a cluster of this snapshot: one a DestinationRule shapes for a client
+    /// namespace here, or a Service port's own. Load-balancer state of other clusters is dropped.
+    pub fn has_cluster(&self, key: &ClusterKey) -> bool {
+        self.routes
+            .namespaces
+            .values()
+            .any(|n| n.clusters.contains_key(key))
+            || (key.subset.is_none()
+                && self
+                    .state
+                    .service_by_host(&key.host)
+                    .is_some_and(|s| s.port(key.port).is_some()))
+    }
+
+    /// The shaped clusters whose load balancer builds a table (consistent hash), so the control
+    /// side can build it before the data path needs it.
+    pub fn hashed_clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.routes
+            .namespaces
+            .values()
+            .flat_map(|n| n.clusters.values())
+            .filter(|c| matches!(c.policy.lb, crate::routing::LbPolicy::ConsistentHash { .. }))
     }
 
     /// The Service an inbound connection to `pod`'s `port` was addressed to, if one selects it.

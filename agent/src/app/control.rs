@@ -222,7 +222,19 @@ impl Control {
                 },
                 message: format!("{e} (accepted; the rest of it applies)"),
             }));
-        self.pi.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.pi.snapshot.store(snapshot.clone());
+        // Load-balancer state goes with its cluster; consistent-hash tables are built here, not
+        // by the first request that needs one.
+        self.pi.balancers.retain(|k| snapshot.has_cluster(k));
+        for c in snapshot.hashed_clusters() {
+            self.pi
+                .balancers
+                .prepare(&c.key, &c.policy.lb, &c.endpoints.v4);
+            self.pi
+                .balancers
+                .prepare(&c.key, &c.policy.lb, &c.endpoints.v6);
+        }
         if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
             // Which pods to enrol is not known yet: touch nothing.
             self.retry = Retry::default();

@@ -16,6 +16,7 @@ mod world;
 
 mod close;
 mod hbone_server;
+mod http_smoke;
 mod inbound_plain;
 mod l7;
 mod outbound;

@@ -272,27 +272,8 @@ impl HttpConn {
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
         let origin = req.headers().get(header::ORIGIN).cloned();
 
-        // The route's and the destination's header edits, then the rewrite (Istio's order: the
-        // route picks on the request as sent).
-        if let Some(route) = fwd.route {
-            route.headers.request.apply(req.headers_mut());
-        }
-        if let Some(dest) = fwd.dest {
-            dest.headers.request.apply(req.headers_mut());
-        }
-        let mut authority = authority(&req).map(str::to_owned);
-        let mut path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
-            path = matching::rewrite_path(rw, fwd.matched, &path);
-            if let Some(a) = &rw.authority {
-                authority = a.to_str().ok().map(str::to_owned);
-            }
-        }
-
-        // The endpoint.
+        // The endpoint, picked on the request as the app sent it (Envoy picks the host before the
+        // route's header edits and rewrite apply).
         let picked = match &fwd.cluster {
             Some(cluster) if !cluster.passthrough => {
                 let endpoints = endpoints_for(&cluster.endpoints, dst);
@@ -317,6 +298,26 @@ impl HttpConn {
             }
             _ => None,
         };
+        // The route's and the destination's header edits, then the rewrite (Istio's order: the
+        // route picks on the request as sent).
+        if let Some(route) = fwd.route {
+            route.headers.request.apply(req.headers_mut());
+        }
+        if let Some(dest) = fwd.dest {
+            dest.headers.request.apply(req.headers_mut());
+        }
+        let mut authority = authority(&req).map(str::to_owned);
+        let mut path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
+            path = matching::rewrite_path(rw, fwd.matched, &path);
+            if let Some(a) = &rw.authority {
+                authority = a.to_str().ok().map(str::to_owned);
+            }
+        }
+
         let endpoint = picked.as_ref().map_or(dst, |p| p.addr);
         let service = fwd.cluster.as_ref().and_then(|c| c.service.clone());
         let l4 = to_workload(

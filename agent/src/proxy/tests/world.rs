@@ -65,6 +65,8 @@ pub struct Pod {
     pub ip: IpAddr,
     /// Its netns cookie (any number unique in the world: the pool keys connections by it).
     pub cookie: u64,
+    /// Labels besides `app`.
+    pub labels: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -123,6 +125,12 @@ impl PodBuilder<'_> {
         self
     }
 
+    /// One more label (`version: v2`, for DestinationRule subsets).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.pod.labels.push((key.into(), value.into()));
+        self
+    }
+
     pub fn add(self) -> Pod {
         let PodBuilder { world, pod } = self;
         assert!(
@@ -139,15 +147,24 @@ impl PodBuilder<'_> {
 pub struct ServiceBuilder<'w> {
     world: &'w mut World,
     name: String,
-    ports: Vec<(u16, u16)>,
+    /// (name, port, target port).
+    ports: Vec<(String, u16, u16)>,
     backends: Vec<Pod>,
     ready: bool,
 }
 
 impl ServiceBuilder<'_> {
     /// A Service port and the target (pod) port it forwards to.
+    /// Named `p<port>`, which declares no protocol (it is detected).
     pub fn port(mut self, port: u16, target: u16) -> Self {
-        self.ports.push((port, target));
+        self.ports.push((format!("p{port}"), port, target));
+        self
+    }
+
+    /// A Service port with a name of the test's choice (`http`, `grpc-api`, `tcp`, ...: Istio's
+    /// protocol selection reads it).
+    pub fn named_port(mut self, name: &str, port: u16, target: u16) -> Self {
+        self.ports.push((name.to_string(), port, target));
         self
     }
 
@@ -183,11 +200,11 @@ impl ServiceBuilder<'_> {
         let vip = world.next_ip();
         let svc_ports: Vec<String> = ports
             .iter()
-            .map(|(p, t)| format!("{{name: p{p}, port: {p}, targetPort: {t}}}"))
+            .map(|(n, p, t)| format!("{{name: {n}, port: {p}, targetPort: {t}}}"))
             .collect();
         let slice_ports: Vec<String> = ports
             .iter()
-            .map(|(p, t)| format!("{{name: p{p}, port: {t}}}"))
+            .map(|(n, _, t)| format!("{{name: {n}, port: {t}}}"))
             .collect();
         let endpoints: Vec<String> = backends
             .iter()
@@ -259,6 +276,7 @@ impl World {
                 app: name.into(),
                 ip,
                 cookie,
+                labels: Vec::new(),
             },
             world: self,
         }
@@ -320,13 +338,15 @@ impl World {
                 node,
                 app,
                 ip,
+                labels,
                 ..
             } = p;
+            let labels: String = labels.iter().map(|(k, v)| format!(", {k}: {v}")).collect();
             let _ = write!(
                 out,
                 "apiVersion: v1
 kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, uid: uid-{name}, labels: {{app: {app}}}}}
+metadata: {{name: {name}, namespace: {namespace}, uid: uid-{name}, labels: {{app: {app}{labels}}}}}
 spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: app, image: x}}]}}
 status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
 ---
