@@ -52,28 +52,28 @@ async fn a_header_route_picks_the_subset() {
         .named_port("http", 9080, 9080)
         .backends(&[&v1, &v2])
         .add();
-    world.yaml(&format!(
+    world.yaml(
         r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: reviews, namespace: mesh}}
+metadata: {name: reviews, namespace: mesh}
 spec:
   hosts: [reviews]
   http:
-  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
-    route: [{{destination: {{host: reviews, subset: v2}}}}]
-  - route: [{{destination: {{host: reviews, subset: v1}}}}]
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{name: reviews, namespace: mesh}}
+metadata: {name: reviews, namespace: mesh}
 spec:
   host: reviews
   subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
-"#
-    ));
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+    );
     let mesh = world.start().await;
     let _a = http_app(v1.addr(9080), "v1").await;
     let _b = http_app(v2.addr(9080), "v2").await;
