@@ -52,9 +52,11 @@ fn value(metrics: &str, family: &str, labels: &[(&str, String)]) -> Option<u64> 
         .and_then(|(_, v)| v.parse().ok())
 }
 
+/// The echo app speaks raw bytes, so its port is declared TCP (`tcp-echo`): a port
+/// named `http` would, as in Istio, be routed at L7 and refuse non-HTTP bytes.
 fn service_yaml(server_ip: Ipv4Addr) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: mesh}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: httpbin}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: httpbin-1\n  namespace: mesh\n  labels: {{kubernetes.io/service-name: httpbin}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [\"{server_ip}\"], conditions: {{ready: true}}}}]\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin, namespace: mesh}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: httpbin}}\n  ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: httpbin-1\n  namespace: mesh\n  labels: {{kubernetes.io/service-name: httpbin}}\naddressType: IPv4\nports: [{{name: tcp-echo, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [\"{server_ip}\"], conditions: {{ready: true}}}}]\n"
     )
 }
 

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod ebpf;
 pub mod harness;
 pub mod identity;

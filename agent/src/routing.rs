@@ -7,8 +7,11 @@
 //! What a client sees depends on its namespace (`exportTo`, short host names, the DestinationRule
 //! lookup path), so routes are compiled per namespace of this node's pods.
 
+mod clusters;
 pub mod compile;
+pub mod entries;
 pub mod matching;
+mod objects;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,6 +42,10 @@ pub struct NamespaceRoutes {
     /// `*` last.
     pub wildcards: Vec<(Arc<str>, Arc<VirtualHost>)>,
     pub clusters: HashMap<ClusterKey, Arc<Cluster>>,
+    /// ServiceEntry hosts visible to the namespace (lowercase, as written).
+    pub entries: HashMap<Arc<str>, Arc<entries::Entry>>,
+    /// Wildcard ServiceEntry hosts as their suffix (`.example.com`), longest first.
+    pub entry_wildcards: Vec<(Arc<str>, Arc<entries::Entry>)>,
 }
 
 /// The routes of one VirtualService for the hosts it names.
@@ -337,6 +344,28 @@ impl Routes {
                 .iter()
                 .find(|(suffix, _)| &**suffix == "*" || host.ends_with(&**suffix))
                 .map(|(_, v)| v)
+        })
+    }
+
+    /// The ServiceEntry host `host` names for clients of `namespace`: an exact host, then the
+    /// longest wildcard.
+    pub fn entry(&self, namespace: &str, host: &str) -> Option<&Arc<entries::Entry>> {
+        let routes = self.namespaces.get(namespace)?;
+        routes.entries.get(host).or_else(|| {
+            routes
+                .entry_wildcards
+                .iter()
+                .find(|(suffix, _)| host.ends_with(&**suffix))
+                .map(|(_, e)| e)
+        })
+    }
+
+    /// The entries visible to `namespace` (each once, though it may have several hosts).
+    pub fn entries_of(&self, namespace: &str) -> impl Iterator<Item = &Arc<entries::Entry>> {
+        self.namespaces.get(namespace).into_iter().flat_map(|r| {
+            r.entries
+                .values()
+                .chain(r.entry_wildcards.iter().map(|(_, e)| e))
         })
     }
 

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::ObjectError;
 use crate::policy::CompiledPolicies;
+use crate::routing::entries::DnsAnswers;
 use crate::routing::{Cluster, ClusterKey, Routes};
 use crate::state::{key, Key, Service, State, TargetPort, Workload};
 
@@ -37,14 +38,27 @@ pub fn reader() -> SnapshotReader {
 }
 
 impl Snapshot {
-    /// Compiles what `node` needs from `state` (control runtime, once per change).
+    /// Compiles what `node` needs from `state` (control runtime, once per change), with no DNS
+    /// answers (ServiceEntries resolved by DNS have no endpoints).
     pub fn build(state: Arc<State>, root_namespace: &str, node: &str) -> Snapshot {
+        Snapshot::build_with_dns(state, root_namespace, node, &DnsAnswers::default())
+    }
+
+    /// As [`Snapshot::build`], with what the node's resolver answered for the names
+    /// ServiceEntries ask to resolve (`crate::dns`).
+    pub fn build_with_dns(
+        state: Arc<State>,
+        root_namespace: &str,
+        node: &str,
+        dns: &DnsAnswers,
+    ) -> Snapshot {
         let policies = CompiledPolicies::build_for_node(&state, root_namespace, node);
         let local = state.enrolled_on(node);
         let local_services = services_of(&state, &local);
         let namespaces: std::collections::BTreeSet<&str> =
             local.iter().map(|w| w.namespace.as_str()).collect();
-        let (routes, route_problems) = crate::routing::compile(&state, root_namespace, namespaces);
+        let (routes, route_problems) =
+            crate::routing::compile(&state, root_namespace, namespaces, dns);
         Snapshot {
             state,
             policies,

@@ -10,6 +10,7 @@
 //! - pods whose netns cannot be found yet, or whose enrolment failed, are retried with a backoff,
 //!   and terminating pods are rechecked until their sandbox exits, independent of config changes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,13 +25,15 @@ use crate::admin::problems::{Problem, ProblemKey, ProblemLog};
 use crate::admin::AgentMetrics;
 use crate::config::files::FileSource;
 use crate::config::kube::{KubeStats, WatchState};
-use crate::config::{Kind, SourceEvent};
+use crate::config::{Kind, ObjectRef, SourceEvent};
+use crate::dns::{Dns, DnsAnswers, SystemLookup};
 use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
 use crate::node::Node;
 use crate::policy::PolicyNote;
 use crate::proxy::ProxyInputs;
 use crate::snapshot::Snapshot;
 use crate::state::store::Store;
+use crate::state::State;
 
 /// First retry of a pod that could not be enrolled, doubled up to `RETRY_MAX`: a pod whose
 /// sandbox appears is enrolled well within a second of it, while a pod that never gets one costs
@@ -109,6 +112,11 @@ pub(super) struct Control {
     /// should know about the policies as compiled.
     enrol_problems: Vec<Problem>,
     policy_problems: Vec<Problem>,
+    /// ServiceEntry hosts resolved by DNS (started at the first entry needing it), and which
+    /// entries need each name (to name them when it does not resolve).
+    dns: Option<Dns>,
+    dns_users: BTreeMap<String, Vec<ObjectRef>>,
+    dns_problems: Vec<Problem>,
     log: ProblemLog,
     retry: Retry,
     generation: u64,
@@ -148,6 +156,9 @@ impl Control {
             resolver,
             enrol_problems: Vec::new(),
             policy_problems: Vec::new(),
+            dns: None,
+            dns_users: BTreeMap::new(),
+            dns_problems: Vec::new(),
             log: ProblemLog::default(),
             retry: Retry::default(),
             generation: 0,
@@ -179,6 +190,7 @@ impl Control {
                 _ = int.recv() => break,
                 _ = ticker.tick() => {}
                 _ = sleep_until(retry_at) => {}
+                _ = dns_changed(self.dns.as_ref()) => {}
                 Some(event) = next_event(&mut self.source) => {
                     self.store.apply(event);
                     // Apply whatever else is queued before reconciling once.
@@ -199,7 +211,8 @@ impl Control {
                 self.store.apply(event);
             }
         }
-        if self.store.publish() || self.retry.due() {
+        let resolved = self.dns.as_ref().is_some_and(Dns::take_changed);
+        if self.store.publish() || self.retry.due() || resolved {
             self.reconcile();
         }
         self.report();
@@ -210,7 +223,13 @@ impl Control {
     fn reconcile(&mut self) {
         self.generation += 1;
         let state = self.store.reader().load_full();
-        let snapshot = Snapshot::build(state.clone(), &self.root_namespace, &self.node_name);
+        let answers = self.resolve(&state);
+        let snapshot = Snapshot::build_with_dns(
+            state.clone(),
+            &self.root_namespace,
+            &self.node_name,
+            &answers,
+        );
         self.policy_problems = policy_problems(snapshot.policies.notes());
         self.policy_problems
             .extend(snapshot.route_problems.iter().map(|e| Problem {
@@ -282,6 +301,34 @@ impl Control {
         }
     }
 
+    /// Starts resolving the names `state`'s ServiceEntries need (and stops the others), and
+    /// returns the answers there are. Resolution runs apart; a new answer reconciles again.
+    fn resolve(&mut self, state: &State) -> DnsAnswers {
+        self.dns_users = crate::routing::entries::dns_names(state);
+        self.dns_problems.clear();
+        if self.dns.is_none() && !self.dns_users.is_empty() {
+            match SystemLookup::new() {
+                Ok(lookup) => self.dns = Some(Dns::new(Arc::new(lookup))),
+                Err(e) => {
+                    for users in self.dns_users.values() {
+                        self.dns_problems.extend(users.iter().map(|o| {
+                            dns_problem(
+                                o,
+                                format!("{o}: cannot resolve its hosts: {e}; it has no endpoints"),
+                            )
+                        }));
+                    }
+                    return DnsAnswers::default();
+                }
+            }
+        }
+        let Some(dns) = &self.dns else {
+            return DnsAnswers::default();
+        };
+        dns.want(&self.dns_users.keys().cloned().collect());
+        dns.answers()
+    }
+
     /// Problems, readiness, metrics and the status file, from the same values each tick.
     fn report(&mut self) {
         let problems = self.problems();
@@ -346,6 +393,17 @@ impl Control {
         );
         out.extend(self.enrol_problems.iter().cloned());
         out.extend(self.policy_problems.iter().cloned());
+        out.extend(self.dns_problems.iter().cloned());
+        if let Some(dns) = &self.dns {
+            for (name, why) in dns.failures() {
+                for o in self.dns_users.get(&name).into_iter().flatten() {
+                    out.push(dns_problem(
+                        o,
+                        format!("{o}: {name} does not resolve: {why} (the last answer, if any, is kept)"),
+                    ));
+                }
+            }
+        }
         out
     }
 
@@ -419,6 +477,27 @@ fn policy_problems(notes: &[PolicyNote]) -> Vec<Problem> {
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A problem of one ServiceEntry about DNS.
+fn dns_problem(o: &ObjectRef, message: String) -> Problem {
+    Problem {
+        key: ProblemKey::Object {
+            kind: o.kind.as_str(),
+            namespace: o.namespace.clone(),
+            name: o.name.clone(),
+            field: "spec.resolution".into(),
+        },
+        message,
+    }
+}
+
+/// Returns when a resolved name may have a new answer; never without a resolver.
+async fn dns_changed(dns: Option<&Dns>) {
+    match dns {
+        Some(d) => d.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -24,6 +24,7 @@ use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::protocol::{self, Protocol};
 use super::{connect, http, reset, Counters, Error, PodContext, ProxyInputs};
 use crate::identity::Identity;
+use crate::routing::entries::Entry;
 use crate::routing::matching;
 use crate::snapshot::Snapshot;
 use crate::state::{Destination, Service, State, Workload};
@@ -90,7 +91,7 @@ async fn handle(
     // Istio's protocol selection: what the destination port declares, else what the first bytes
     // show. Only Service ports are routed by protocol; a pod address or an address outside the
     // mesh is forwarded as it is (L4).
-    let declared = protocol_of(&pi.snapshot.load(), dst.0);
+    let declared = protocol_of(&pi.snapshot.load(), &pod.namespace, dst.0);
     let mut sni = None;
     match declared {
         Some(p) if p.is_http() => {
@@ -121,15 +122,34 @@ async fn handle(
     tcp(pi, pod, stream, peer, dst, sni.as_deref()).await
 }
 
-/// The declared protocol of the Service port `dst` addresses; None when `dst` is not a Service
-/// port (forwarded at L4).
-fn protocol_of(snap: &Snapshot, dst: SocketAddr) -> Option<Protocol> {
-    match snap.state.destination(dst)? {
-        Destination::Service {
+/// The declared protocol of what `dst` addresses: a Service port, or a ServiceEntry port (by
+/// the entry's address, else a port of an entry without addresses: Istio gives such a port one
+/// listener for every address, HTTP if any entry declares HTTP on it, then TLS); None when `dst`
+/// is a pod or outside everything known (forwarded at L4).
+fn protocol_of(snap: &Snapshot, namespace: &str, dst: SocketAddr) -> Option<Protocol> {
+    match snap.state.destination(dst) {
+        Some(Destination::Service {
             port: Some(port), ..
-        } => Some(Protocol::for_service_port(&port)),
-        _ => None,
+        }) => return Some(Protocol::for_service_port(&port)),
+        Some(Destination::Service { port: None, .. } | Destination::Workload(_)) => return None,
+        _ => {}
     }
+    if let Some(e) = target::entry_at(snap, namespace, dst) {
+        return e.service.port(dst.port()).map(Protocol::for_service_port);
+    }
+    let on_port: Vec<Protocol> = snap
+        .routes
+        .entries_of(namespace)
+        .filter(|e| e.addresses.is_empty())
+        .filter_map(|e| e.service.port(dst.port()))
+        .map(Protocol::for_service_port)
+        .collect();
+    on_port
+        .iter()
+        .find(|p| p.is_http())
+        .or_else(|| on_port.iter().find(|p| p.is_tls_routed()))
+        .or_else(|| on_port.first())
+        .copied()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -284,51 +304,89 @@ pub fn route(
             missing: missing.join(", "),
         });
     }
-    match state.destination(dst) {
-        Some(Destination::Workload(w)) => Ok((
-            to_workload(state, trust_domain, dst, Some(w), None),
-            ActiveRequest::default(),
-        )),
+    let service = match state.destination(dst) {
+        Some(Destination::Workload(w)) => {
+            return Ok((
+                to_workload(state, trust_domain, dst, Some(w), None),
+                ActiveRequest::default(),
+            ))
+        }
         Some(Destination::Service {
             service,
             port: Some(_),
-        }) => {
-            let cluster = l4_cluster(snap, conn, &service)?;
-            if cluster.passthrough {
-                return Ok((
-                    Route::Direct {
-                        endpoint: dst,
-                        workload: None,
-                        service: cluster.service.clone(),
-                    },
-                    ActiveRequest::default(),
-                ));
-            }
-            let endpoints = endpoints_for(&cluster.endpoints, dst);
-            let ctx = PickContext::connection(conn.peer, dst);
-            let Some(picked) = balancers.pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx)
-            else {
-                return Err(Error::NoHealthyUpstream {
-                    service: cluster.key.host.to_string(),
-                    port: cluster.key.port,
-                });
-            };
-            let w = state.workload_by_ip(picked.addr.ip());
-            let service = cluster.service.clone().or(Some(service));
-            Ok((
-                to_workload(state, trust_domain, picked.addr, w, service),
-                picked.active,
-            ))
+        }) => Some(service),
+        Some(Destination::Service { port: None, .. }) => None,
+        Some(Destination::ServiceEntry(_)) | None => {
+            entry_for(snap, conn).map(|e| e.service.clone())
         }
-        _ => Ok((
+    };
+    let Some(service) = service else {
+        return Ok((
             Route::Direct {
                 endpoint: dst,
                 workload: None,
                 service: None,
             },
             ActiveRequest::default(),
-        )),
+        ));
+    };
+    let cluster = l4_cluster(snap, conn, &service)?;
+    if cluster.passthrough {
+        return Ok((
+            Route::Direct {
+                endpoint: dst,
+                workload: state.workload_by_ip(dst.ip()),
+                service: cluster.service.clone(),
+            },
+            ActiveRequest::default(),
+        ));
     }
+    let endpoints = endpoints_for(&cluster.endpoints, dst);
+    let ctx = PickContext::connection(conn.peer, dst);
+    let Some(picked) = balancers.pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx) else {
+        return Err(Error::NoHealthyUpstream {
+            service: cluster.key.host.to_string(),
+            port: cluster.key.port,
+        });
+    };
+    let w = state.workload_by_ip(picked.addr.ip());
+    let service = cluster.service.clone().or(Some(service));
+    Ok((
+        to_workload(state, trust_domain, picked.addr, w, service),
+        picked.active,
+    ))
+}
+
+/// The ServiceEntry host a connection to an address outside the cluster's Services goes to, as
+/// Istio's listeners decide: an entry whose `addresses` include it; on a TLS port, the entry the
+/// SNI names; else an entry without addresses that declares this port TCP and resolves its own
+/// endpoints (its listener takes the whole port).
+fn entry_for<'s>(snap: &'s Snapshot, conn: &L4Conn<'_>) -> Option<&'s Arc<Entry>> {
+    let dst = conn.dst;
+    if let Some(e) = target::entry_at(snap, conn.namespace, dst) {
+        return Some(e);
+    }
+    let without_addresses = |e: &&Arc<Entry>| e.addresses.is_empty();
+    if let Some(sni) = conn.sni {
+        let e = snap
+            .routes
+            .entry(conn.namespace, sni)
+            .filter(without_addresses)
+            .filter(|e| e.service.port(dst.port()).is_some());
+        if e.is_some() {
+            return e;
+        }
+    }
+    snap.routes
+        .entries_of(conn.namespace)
+        .filter(without_addresses)
+        .filter(|e| !e.is_passthrough())
+        .find(|e| {
+            e.service.port(dst.port()).is_some_and(|p| {
+                let protocol = Protocol::for_service_port(p);
+                !protocol.is_http() && !protocol.is_tls_routed()
+            })
+        })
 }
 
 /// The cluster an L4 connection to `service` goes to: the first `tls` route matching the SNI

@@ -11,25 +11,24 @@
 //!   by field, and port-level settings replace both for their port.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
+use super::clusters::shaped_clusters;
+use super::entries::{compile_entry, DnsAnswers, Entry};
+use super::objects::{exported_to, objects, Obj, Spec};
 use super::{
-    Action, Cluster, ClusterKey, Cors, HashKey, HashRing, HeaderEdits, HeaderMatch, HeaderOps,
-    HttpRoute, L4Match, LbPolicy, NamespaceRoutes, Redirect, RedirectPort, RequestMatch, Rewrite,
-    Routes, StrMatch, TcpRoute, TlsMatch, TlsRoute, TrafficPolicy, VirtualHost,
-    WeightedDestination,
+    Action, ClusterKey, Cors, HeaderEdits, HeaderMatch, HeaderOps, HttpRoute, L4Match,
+    NamespaceRoutes, Redirect, RedirectPort, RequestMatch, Rewrite, Routes, StrMatch, TcpRoute,
+    TlsMatch, TlsRoute, VirtualHost, WeightedDestination,
 };
-use crate::config::istio::destination_rule::{
-    effective_simple_lb, DestinationRule, LoadBalancerSettings, SimpleLb,
-};
+use crate::config::istio::destination_rule::DestinationRule;
+use crate::config::istio::service_entry::ServiceEntry;
 use crate::config::istio::virtual_service::{self as vs, VirtualService};
-use crate::config::istio::{IstioConfig, IstioObject};
 use crate::config::{Kind, ObjectError, ObjectRef};
-use crate::state::{fqdn, istio_key, PortEndpoints, Service, State};
+use crate::state::{fqdn, istio_key, State};
 
 /// Compiles the routes clients in `namespaces` see. Problems found (a conflicting VirtualService,
 /// a destination host no Service or ServiceEntry defines, a header value that is not valid) are
@@ -38,25 +37,33 @@ pub fn compile<'a>(
     state: &State,
     root: &str,
     namespaces: impl IntoIterator<Item = &'a str>,
+    dns: &DnsAnswers,
 ) -> (Routes, Vec<ObjectError>) {
     let mut notes = Vec::new();
     let virtual_services = objects::<VirtualService>(state, Kind::VirtualService);
     let destination_rules = objects::<DestinationRule>(state, Kind::DestinationRule);
+    // Every ServiceEntry's hosts, compiled once, oldest entry first.
+    let service_entries: Vec<EntryHosts<'_>> = objects::<ServiceEntry>(state, Kind::ServiceEntry)
+        .into_iter()
+        .map(|o| {
+            let hosts = compile_entry(state, o.namespace, &o.key, o.obj, dns);
+            (o, hosts)
+        })
+        .collect();
+    let inputs = Inputs {
+        state,
+        root,
+        virtual_services,
+        destination_rules,
+        service_entries,
+    };
     let mut routes = Routes::default();
     let mut compiled: HashMap<Arc<str>, Arc<VirtualHost>> = HashMap::new();
     for ns in namespaces {
         if routes.namespaces.contains_key(ns) {
             continue;
         }
-        let ns_routes = namespace_routes(
-            state,
-            root,
-            ns,
-            &virtual_services,
-            &destination_rules,
-            &mut compiled,
-            &mut notes,
-        );
+        let ns_routes = namespace_routes(&inputs, ns, &mut compiled, &mut notes);
         routes.namespaces.insert(Arc::from(ns), Arc::new(ns_routes));
     }
     notes.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
@@ -64,94 +71,34 @@ pub fn compile<'a>(
     (routes, notes)
 }
 
-/// An Istio object of one kind with what ordering and visibility need.
-struct Obj<'s, T> {
-    key: Arc<str>,
-    oref: ObjectRef,
-    namespace: &'s str,
-    /// Istio: older objects win conflicts; a missing timestamp (local files) sorts first, then
-    /// by namespace/name.
-    age: (
-        Option<&'s k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-        String,
-    ),
-    obj: &'s IstioObject<T>,
-}
+/// A ServiceEntry and its compiled hosts.
+type EntryHosts<'a> = (Obj<'a, ServiceEntry>, Vec<(String, Arc<Entry>)>);
 
-trait Spec: Sized {
-    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>>;
-    fn export_to(&self) -> &[String];
-}
-
-impl Spec for VirtualService {
-    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>> {
-        match config {
-            IstioConfig::VirtualService(o) => Some(o),
-            _ => None,
-        }
-    }
-    fn export_to(&self) -> &[String] {
-        &self.export_to
-    }
-}
-
-impl Spec for DestinationRule {
-    fn of(config: &IstioConfig) -> Option<&IstioObject<Self>> {
-        match config {
-            IstioConfig::DestinationRule(o) => Some(o),
-            _ => None,
-        }
-    }
-    fn export_to(&self) -> &[String] {
-        &self.export_to
-    }
-}
-
-/// Every object of `kind`, oldest first.
-fn objects<T: Spec>(state: &State, kind: Kind) -> Vec<Obj<'_, T>> {
-    let mut out: Vec<Obj<'_, T>> = state
-        .istio_by_namespace
-        .iter()
-        .filter(|((k, _), _)| *k == kind)
-        .flat_map(|((_, ns), keys)| {
-            keys.iter().filter_map(move |k| {
-                let obj = T::of(state.istio.get(k)?)?;
-                Some(Obj {
-                    key: k.clone(),
-                    oref: ObjectRef::new(kind, &**ns, obj.name()),
-                    namespace: ns,
-                    age: (
-                        obj.metadata.creation_timestamp.as_ref(),
-                        format!("{ns}/{}", obj.name()),
-                    ),
-                    obj,
-                })
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.age.cmp(&b.age));
-    out
-}
-
-/// Istio `exportTo`: absent or `*` everywhere, `.` its own namespace, `~` nowhere, else the
-/// namespaces named.
-fn exported_to(export_to: &[String], own: &str, client: &str) -> bool {
-    export_to.is_empty()
-        || export_to
-            .iter()
-            .any(|e| e == "*" || (e == "." && own == client) || e == client)
+/// What every client namespace's routes are compiled from.
+struct Inputs<'a> {
+    state: &'a State,
+    root: &'a str,
+    virtual_services: Vec<Obj<'a, VirtualService>>,
+    destination_rules: Vec<Obj<'a, DestinationRule>>,
+    service_entries: Vec<EntryHosts<'a>>,
 }
 
 fn namespace_routes(
-    state: &State,
-    root: &str,
+    inputs: &Inputs<'_>,
     client: &str,
-    virtual_services: &[Obj<'_, VirtualService>],
-    destination_rules: &[Obj<'_, DestinationRule>],
     compiled: &mut HashMap<Arc<str>, Arc<VirtualHost>>,
     notes: &mut Vec<ObjectError>,
 ) -> NamespaceRoutes {
+    let Inputs {
+        state,
+        root,
+        virtual_services,
+        destination_rules,
+        service_entries,
+    } = inputs;
+    let (state, root) = (*state, *root);
     let mut out = NamespaceRoutes::default();
+    entries_for(client, service_entries, &mut out, notes);
     // Istio: a client's own namespace's VirtualServices first, then the others, oldest first.
     let visible = virtual_services
         .iter()
@@ -201,8 +148,52 @@ fn namespace_routes(
         _ => b.len().cmp(&a.len()),
     });
     out.wildcards = wildcards;
-    out.clusters = shaped_clusters(state, root, client, destination_rules, notes);
+    out.clusters = shaped_clusters(state, root, client, destination_rules, &out.entries, notes);
     out
+}
+
+/// The ServiceEntry hosts `client` sees: its own namespace's entries first, then the others
+/// exported to it, oldest first; a host a previous entry took is reported for the later one.
+fn entries_for(
+    client: &str,
+    service_entries: &[EntryHosts<'_>],
+    out: &mut NamespaceRoutes,
+    notes: &mut Vec<ObjectError>,
+) {
+    let visible = service_entries
+        .iter()
+        .filter(|(o, _)| exported_to(o.obj.spec.export_to(), o.namespace, client));
+    let (own, others): (Vec<_>, Vec<_>) = visible.partition(|(o, _)| o.namespace == client);
+    for (o, hosts) in own.into_iter().chain(others) {
+        for (i, (host, entry)) in hosts.iter().enumerate() {
+            let taken = match host.strip_prefix('*') {
+                Some(suffix) => {
+                    if out.entry_wildcards.iter().any(|(s, _)| &**s == suffix) {
+                        true
+                    } else {
+                        out.entry_wildcards.push((Arc::from(suffix), entry.clone()));
+                        false
+                    }
+                }
+                None => match out.entries.entry(Arc::from(host.as_str())) {
+                    std::collections::hash_map::Entry::Occupied(_) => true,
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(entry.clone());
+                        false
+                    }
+                },
+            };
+            if taken {
+                notes.push(ObjectError::new(
+                    &o.oref,
+                    format!("spec.hosts[{i}]"),
+                    format!("host {host:?} is already defined by another ServiceEntry for clients in namespace {client}; this one is ignored for it"),
+                ));
+            }
+        }
+    }
+    out.entry_wildcards
+        .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
 }
 
 fn virtual_host(
@@ -634,206 +625,6 @@ fn direct_body(d: &vs::HttpDirectResponse) -> Bytes {
             .map(Bytes::from)
             .unwrap_or_default(),
         _ => Bytes::new(),
-    }
-}
-
-/// The clusters the DestinationRules visible to `client` shape: for each rule's host, each port
-/// of its Service (or ServiceEntry), without a subset and for each subset.
-fn shaped_clusters(
-    state: &State,
-    root: &str,
-    client: &str,
-    rules: &[Obj<'_, DestinationRule>],
-    notes: &mut Vec<ObjectError>,
-) -> HashMap<ClusterKey, Arc<Cluster>> {
-    // host → the rule that applies: the lookup path's first namespace holding one, oldest first.
-    let mut chosen: HashMap<String, &Obj<'_, DestinationRule>> = HashMap::new();
-    for r in rules {
-        if !exported_to(r.obj.spec.export_to(), r.namespace, client) {
-            continue;
-        }
-        let host = fqdn(
-            &r.obj.spec.host.to_ascii_lowercase(),
-            r.namespace,
-            &state.domain,
-        );
-        let rank = |ns: &str, host: &str| lookup_rank(ns, client, host_namespace(host), root);
-        match chosen.get(&host) {
-            Some(prev) if rank(prev.namespace, &host) <= rank(r.namespace, &host) => {}
-            _ => {
-                chosen.insert(host, r);
-            }
-        }
-    }
-    let mut out = HashMap::new();
-    for (host, rule) in chosen {
-        let Some(service) = state.service_by_host(&host) else {
-            // ServiceEntry hosts and wildcard hosts: shaped where their clusters are built.
-            continue;
-        };
-        let spec = &rule.obj.spec;
-        let dr_key = istio_key(Kind::DestinationRule, rule.namespace, rule.obj.name());
-        let subsets = std::iter::once(None).chain(spec.subsets.iter().map(Some));
-        for subset in subsets {
-            for port in &service.ports {
-                let policy = effective_policy(spec, subset, port.port);
-                let endpoints = match subset {
-                    None => state
-                        .endpoints_of(&service, port.port)
-                        .cloned()
-                        .unwrap_or_default(),
-                    Some(s) => subset_endpoints(state, &service, port.port, &s.labels),
-                };
-                let key = ClusterKey {
-                    host: Arc::from(host.as_str()),
-                    subset: subset.map(|s| Arc::from(s.name.as_str())),
-                    port: port.port,
-                };
-                if matches!(policy.lb, LbPolicy::Passthrough) && subset.is_some() {
-                    notes.push(ObjectError::new(
-                        &rule.oref,
-                        "spec.subsets.trafficPolicy.loadBalancer.simple",
-                        "PASSTHROUGH sends to the original destination, so the subset's endpoints are not used",
-                    ));
-                }
-                out.insert(
-                    key.clone(),
-                    Arc::new(Cluster {
-                        key,
-                        service: Some(service.clone()),
-                        endpoints,
-                        policy,
-                        destination_rule: Some(dr_key.clone()),
-                        passthrough: false,
-                    }),
-                );
-            }
-        }
-    }
-    out
-}
-
-/// The namespace of a `name.namespace.svc...` host, if it is one.
-fn host_namespace(host: &str) -> Option<&str> {
-    let mut parts = host.split('.');
-    let _name = parts.next()?;
-    let ns = parts.next()?;
-    (parts.next() == Some("svc")).then_some(ns)
-}
-
-/// Istio's DestinationRule lookup path: client namespace (0), the host's namespace (1), the root
-/// namespace (2), anything else exported (3).
-fn lookup_rank(rule_ns: &str, client: &str, host_ns: Option<&str>, root: &str) -> u8 {
-    if rule_ns == client {
-        0
-    } else if Some(rule_ns) == host_ns {
-        1
-    } else if rule_ns == root {
-        2
-    } else {
-        3
-    }
-}
-
-/// The endpoints of a Service port whose pods carry every label of the subset.
-fn subset_endpoints(
-    state: &State,
-    service: &Service,
-    port: u16,
-    labels: &BTreeMap<String, String>,
-) -> PortEndpoints {
-    let Some(all) = state.endpoints_of(service, port) else {
-        return PortEndpoints::default();
-    };
-    let keep = |addrs: &[SocketAddr]| -> Arc<[SocketAddr]> {
-        addrs
-            .iter()
-            .filter(|a| {
-                state
-                    .workload_by_ip(a.ip())
-                    .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            })
-            .copied()
-            .collect()
-    };
-    PortEndpoints {
-        v4: keep(&all.v4),
-        v6: keep(&all.v6),
-    }
-}
-
-/// The policy of one cluster: the subset's traffic policy replaces the rule's field by field,
-/// and the port-level settings of the cluster's port replace both (Istio MergeTrafficPolicy).
-fn effective_policy(
-    rule: &DestinationRule,
-    subset: Option<&crate::config::istio::destination_rule::Subset>,
-    port: u16,
-) -> TrafficPolicy {
-    let top = rule.traffic_policy.as_ref();
-    let sub = subset.and_then(|s| s.traffic_policy.as_ref());
-    let mut lb = sub
-        .and_then(|t| t.load_balancer.as_ref())
-        .or(top.and_then(|t| t.load_balancer.as_ref()));
-    let mut pool = sub
-        .and_then(|t| t.connection_pool.as_ref())
-        .or(top.and_then(|t| t.connection_pool.as_ref()));
-    let mut outlier = sub
-        .and_then(|t| t.outlier_detection.as_ref())
-        .or(top.and_then(|t| t.outlier_detection.as_ref()));
-    let port_level = sub
-        .filter(|t| !t.port_level_settings.is_empty())
-        .or(top)
-        .into_iter()
-        .flat_map(|t| t.port_level_settings.iter())
-        .find(|p| p.port.is_some_and(|p| p.number == u32::from(port)));
-    if let Some(p) = port_level {
-        lb = p.load_balancer.as_ref().or(lb);
-        pool = p.connection_pool.as_ref().or(pool);
-        outlier = p.outlier_detection.as_ref().or(outlier);
-    }
-    TrafficPolicy {
-        lb: lb_policy(lb),
-        connection_pool: pool.cloned(),
-        outlier_detection: outlier.cloned(),
-    }
-}
-
-fn lb_policy(lb: Option<&LoadBalancerSettings>) -> LbPolicy {
-    if let Some(ch) = lb.and_then(|l| l.consistent_hash.as_ref()) {
-        let key = if let Some(h) = &ch.http_header_name {
-            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                .map(HashKey::Header)
-                .unwrap_or(HashKey::SourceIp)
-        } else if let Some(c) = &ch.http_cookie {
-            HashKey::Cookie {
-                name: c.name.clone(),
-                path: c.path.clone(),
-                ttl: c.ttl,
-            }
-        } else if let Some(q) = &ch.http_query_parameter_name {
-            HashKey::QueryParameter(q.clone())
-        } else {
-            HashKey::SourceIp
-        };
-        let ring = match (&ch.maglev, &ch.ring_hash) {
-            (Some(m), _) => HashRing::Maglev {
-                table_size: m.table_size.unwrap_or(65537),
-            },
-            (None, r) => HashRing::RingHash {
-                minimum_ring_size: r
-                    .as_ref()
-                    .and_then(|r| r.minimum_ring_size)
-                    .or(ch.minimum_ring_size)
-                    .unwrap_or(1024),
-            },
-        };
-        return LbPolicy::ConsistentHash { key, ring };
-    }
-    match effective_simple_lb(lb) {
-        SimpleLb::RoundRobin => LbPolicy::RoundRobin,
-        SimpleLb::Random => LbPolicy::Random,
-        SimpleLb::Passthrough => LbPolicy::Passthrough,
-        _ => LbPolicy::LeastRequest,
     }
 }
 

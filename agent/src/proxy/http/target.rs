@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::routing::entries::Entry;
 use crate::routing::{Cluster, ClusterKey, TrafficPolicy, VirtualHost};
 use crate::snapshot::Snapshot;
 use crate::state::{Destination, Service};
@@ -71,8 +72,35 @@ pub fn resolve<'s>(
     }
     match snap.state.destination(dst) {
         Some(Destination::Service { service, .. }) => Target::Service(service),
-        _ => Target::Passthrough,
+        Some(Destination::Workload(_)) => Target::Passthrough,
+        // A ServiceEntry address (or one of its CIDRs), as the client's namespace sees it.
+        _ => match entry_at(snap, namespace, dst) {
+            Some(e) => Target::Service(e.service.clone()),
+            None => Target::Passthrough,
+        },
     }
+}
+
+/// The ServiceEntry visible to `namespace` whose `addresses` include `dst`'s address and whose
+/// ports include its port.
+pub fn entry_at<'s>(
+    snap: &'s Snapshot,
+    namespace: &str,
+    dst: SocketAddr,
+) -> Option<&'s Arc<Entry>> {
+    snap.routes
+        .entries_of(namespace)
+        .find(|e| e.has_address(dst.ip()) && e.service.port(dst.port()).is_some())
+}
+
+/// The Service, or the ServiceEntry host's Service-shaped view, that `host` names for clients
+/// of `namespace`.
+fn backend(snap: &Snapshot, namespace: &str, host: &str) -> Option<Arc<Service>> {
+    snap.state.service_by_host(host).or_else(|| {
+        snap.routes
+            .entry(namespace, host)
+            .map(|e| e.service.clone())
+    })
 }
 
 fn by_host<'s>(snap: &'s Snapshot, namespace: &str, host: &str) -> Option<Target<'s>> {
@@ -100,7 +128,7 @@ fn by_host<'s>(snap: &'s Snapshot, namespace: &str, host: &str) -> Option<Target
         _ => None,
     };
     for candidate in expanded.iter().map(String::as_str).chain([host]) {
-        let service = state.service_by_host(candidate);
+        let service = backend(snap, namespace, candidate);
         let routed = snap
             .routes
             .virtual_host(namespace, candidate)
@@ -180,7 +208,7 @@ pub fn cluster<'s>(
     key: &ClusterKey,
     request_port: u16,
 ) -> Result<ClusterRef<'s>, NoCluster> {
-    let service = snap.state.service_by_host(&key.host);
+    let service = backend(snap, namespace, &key.host);
     let port = match (key.port, &service) {
         (0, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
         (0, _) => request_port,
@@ -206,26 +234,34 @@ pub fn cluster<'s>(
     if service.port(port).is_none() {
         return Err(NoCluster::UnknownPort);
     }
-    Ok(ClusterRef::Plain(Box::new(plain(snap, service, port))))
+    Ok(ClusterRef::Plain(Box::new(plain(
+        snap, namespace, service, port,
+    ))))
 }
 
-/// A Service port's cluster without a DestinationRule.
-pub fn plain(snap: &Snapshot, service: Arc<Service>, port: u16) -> Cluster {
+/// A Service port's (or ServiceEntry host port's) cluster without a DestinationRule.
+pub fn plain(snap: &Snapshot, namespace: &str, service: Arc<Service>, port: u16) -> Cluster {
+    let entry = snap
+        .state
+        .service_by_host(&service.hostname)
+        .is_none()
+        .then(|| snap.routes.entry(namespace, &service.hostname))
+        .flatten();
+    let endpoints = match entry {
+        Some(e) => e.endpoints.get(&port).cloned(),
+        None => snap.state.endpoints_of(&service, port).cloned(),
+    };
     Cluster {
         key: ClusterKey {
             host: Arc::from(service.hostname.as_str()),
             subset: None,
             port,
         },
-        endpoints: snap
-            .state
-            .endpoints_of(&service, port)
-            .cloned()
-            .unwrap_or_default(),
+        endpoints: endpoints.unwrap_or_default(),
+        passthrough: entry.is_some_and(|e| e.is_passthrough()),
         service: Some(service),
         policy: TrafficPolicy::default(),
         destination_rule: None,
-        passthrough: false,
     }
 }
 

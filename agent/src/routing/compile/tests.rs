@@ -1,7 +1,10 @@
 //! Route compilation, case by case, each naming the Istio rule it checks.
 
+use std::net::SocketAddr;
+
 use super::*;
 use crate::config::files::{load_text, Loaded};
+use crate::routing::LbPolicy;
 use crate::state::store::Store;
 
 const DOMAIN: &str = "cluster.local";
@@ -65,7 +68,7 @@ status: {podIP: 10.0.0.3}
 }
 
 fn routes_for(state: &State, client: &str) -> (Routes, Vec<ObjectError>) {
-    compile(state, "istio-system", [client])
+    compile(state, "istio-system", [client], &Default::default())
 }
 
 fn vs_name(r: &Routes, ns: &str, host: &str) -> Option<String> {
@@ -105,7 +108,12 @@ fn export_to_dot_hides_a_virtual_service_from_other_namespaces() {
     let s = state(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: default}\nspec: {exportTo: [.], hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}\n",
     );
-    let (r, _) = compile(&s, "istio-system", ["default", "other"]);
+    let (r, _) = compile(
+        &s,
+        "istio-system",
+        ["default", "other"],
+        &Default::default(),
+    );
     assert!(r
         .virtual_host("default", "reviews.default.svc.cluster.local")
         .is_some());
@@ -151,7 +159,12 @@ fn two_virtual_services_for_one_host_the_clients_own_namespace_then_the_oldest_w
     let s = state(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: default, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec: {hosts: [reviews.default.svc.cluster.local], http: [{route: [{destination: {host: reviews}}]}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: default, creationTimestamp: \"2026-02-01T00:00:00Z\"}\nspec: {hosts: [reviews.default.svc.cluster.local], http: [{route: [{destination: {host: reviews}}]}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: mine, namespace: other, creationTimestamp: \"2026-03-01T00:00:00Z\"}\nspec: {hosts: [reviews.default.svc.cluster.local], http: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]}\n",
     );
-    let (r, notes) = compile(&s, "istio-system", ["default", "other"]);
+    let (r, notes) = compile(
+        &s,
+        "istio-system",
+        ["default", "other"],
+        &Default::default(),
+    );
     let host = "reviews.default.svc.cluster.local";
     assert_eq!(
         vs_name(&r, "default", host).as_deref(),
@@ -247,7 +260,12 @@ fn the_destination_rule_lookup_path_prefers_the_clients_namespace() {
     let s = state(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc-ns, namespace: default}\nspec: {host: reviews.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: client-ns, namespace: other}\nspec: {host: reviews.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
     );
-    let (r, _) = compile(&s, "istio-system", ["default", "other"]);
+    let (r, _) = compile(
+        &s,
+        "istio-system",
+        ["default", "other"],
+        &Default::default(),
+    );
     let key = ClusterKey {
         host: Arc::from("reviews.default.svc.cluster.local"),
         subset: None,
