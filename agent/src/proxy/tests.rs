@@ -17,6 +17,8 @@ mod world;
 
 mod close;
 mod hbone_server;
+mod http_grpc;
+mod http_handling;
 mod http_routing;
 mod http_smoke;
 mod inbound_plain;

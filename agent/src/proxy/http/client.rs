@@ -269,6 +269,10 @@ impl Entry {
 struct Inner {
     conns: Mutex<HashMap<UpstreamKey, Entry>>,
     sweeping: AtomicBool,
+    /// The sweep's current pause, in milliseconds (0: not started).
+    sweep_every_ms: AtomicU64,
+    /// Wakes the sweep when a key with a shorter idle timeout than its pause appears.
+    wake: Arc<tokio::sync::Notify>,
     opened: AtomicU64,
 }
 
@@ -428,11 +432,29 @@ impl Upstreams {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let entry = match conns.get_mut(key) {
-            Some(e) => e,
-            None => conns.entry(key.clone()).or_default(),
+            Some(e) if e.settings == settings => e,
+            Some(e) => {
+                self.wake_sweep(settings);
+                e
+            }
+            None => {
+                self.wake_sweep(settings);
+                conns.entry(key.clone()).or_default()
+            }
         };
         entry.settings = settings;
         f(entry)
+    }
+
+    /// Wakes the sweep if `settings` need it sooner than it would wake.
+    fn wake_sweep(&self, settings: PoolSettings) {
+        let every = self.inner.sweep_every_ms.load(Ordering::Acquire);
+        if settings
+            .idle_timeout
+            .is_some_and(|t| every > 0 && sweep_interval(t).as_millis() < u128::from(every))
+        {
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Drops the connections of source pods for which `keep` is false (pods that left the node):
@@ -504,23 +526,37 @@ fn sweep(inner: &Inner) -> Duration {
     let now = Instant::now();
     let mut conns = inner.conns.lock().unwrap_or_else(PoisonError::into_inner);
     conns.retain(|_, e| e.prune(now));
-    conns
+    let next = conns
         .values()
         .filter_map(|e| e.settings.idle_timeout)
-        .map(|t| t / 2)
+        .map(sweep_interval)
         .min()
-        .unwrap_or(MAX_SWEEP_INTERVAL)
-        .clamp(Duration::from_millis(10), MAX_SWEEP_INTERVAL)
+        .unwrap_or(MAX_SWEEP_INTERVAL);
+    let ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX).max(1);
+    inner.sweep_every_ms.store(ms, Ordering::Release);
+    next
+}
+
+/// How often to look for connections idle past `timeout`: twice per timeout, so one closes at
+/// most half a timeout late.
+fn sweep_interval(timeout: Duration) -> Duration {
+    (timeout / 2).clamp(Duration::from_millis(10), MAX_SWEEP_INTERVAL)
 }
 
 /// Sweeps until the pool is dropped.
 async fn sweeper(inner: Weak<Inner>) {
     loop {
-        let next = match inner.upgrade() {
-            Some(inner) => sweep(&inner),
-            None => return,
+        let Some(strong) = inner.upgrade() else {
+            return;
         };
-        tokio::time::sleep(next).await;
+        let next = sweep(&strong);
+        // Not holding the pool while asleep, so that dropping it ends the sweep.
+        let wake = strong.wake.clone();
+        drop(strong);
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            () = wake.notified() => {}
+        }
     }
 }
 

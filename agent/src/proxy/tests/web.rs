@@ -57,6 +57,7 @@ type Handler = Arc<
 pub struct HttpApp {
     pub name: String,
     accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: JoinHandle<()>,
 }
@@ -65,6 +66,11 @@ impl HttpApp {
     /// Connections it accepted so far.
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that ended so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Every request it received, in order.
@@ -118,12 +124,13 @@ impl Mesh {
             .await
             .unwrap_or_else(|e| panic!("app at {addr}: {e}"));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (count, record) = (accepted.clone(), seen.clone());
+        let (count, ended, record) = (accepted.clone(), closed.clone(), seen.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let (handler, record) = (handler.clone(), record.clone());
+                let (handler, record, ended) = (handler.clone(), record.clone(), ended.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let authority = req
@@ -154,12 +161,14 @@ impl Mesh {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                         .await;
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
         HttpApp {
             name: name.to_string(),
             accepted,
+            closed,
             seen,
             task,
         }
