@@ -62,6 +62,11 @@ impl AccessLog {
                     })?,
             ),
         };
+        AccessLog::to_writer(out)
+    }
+
+    /// Lines to any writer (tests read them from memory).
+    pub fn to_writer(out: Box<dyn Write + Send>) -> Result<Self, AccessLogError> {
         let (lines, rx) = mpsc::sync_channel::<String>(QUEUE);
         std::thread::Builder::new()
             .name("ambit-accesslog".into())

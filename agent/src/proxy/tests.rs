@@ -12,10 +12,14 @@ mod fixture;
 mod io;
 mod nodes;
 mod scrape;
+mod web;
 mod world;
 
 mod close;
 mod hbone_server;
+mod http_grpc;
+mod http_handling;
+mod http_routing;
 mod http_smoke;
 mod inbound_plain;
 mod l7;

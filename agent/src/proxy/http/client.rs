@@ -1,18 +1,28 @@
 //! Upstream HTTP connections, reused across requests and across the client connections of one
 //! source pod, per endpoint: HTTP/1.1 with keep-alive (one request at a time per connection,
-//! several connections when requests overlap) or HTTP/2 (one multiplexed connection). Each goes
+//! several connections when requests overlap) or HTTP/2 (ONE multiplexed connection per key,
+//! shared by every request, opened once even when many requests arrive together). Each goes
 //! inside an HBONE tunnel to a meshed endpoint (HTTP carried in the CONNECT stream, as a waypoint
 //! does), or over plain TCP from the pod to an endpoint outside the mesh. A connection that closed
 //! or failed is noticed when it is checked out and replaced.
+//!
+//! Idle connections go after the cluster's `connectionPool.http.idleTimeout` (Istio: "the period
+//! in which there are no active requests", default 1 hour, `0s` never), and at most
+//! [`MAX_IDLE_HTTP1`] idle HTTP/1.1 connections are kept per key; a background sweep (one task per
+//! pool, started with its first connection) closes them when no request comes to do it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
 use tracing::debug;
 
@@ -92,15 +102,184 @@ pub struct UpstreamKey {
     pub version: Version,
 }
 
-enum Sender {
-    Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+/// Istio `connectionPool.http.idleTimeout`: "If not set, the default is 1 hour."
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Idle HTTP/1.1 connections kept per key (source pod, endpoint, tunnel, version). Envoy keeps
+/// every idle connection until its idle timeout; a node proxy serves many pods, so ambit bounds
+/// what a burst leaves behind: 16 covers the concurrency of a typical keep-alive client pool
+/// (Go's `MaxIdleConnsPerHost` is 2, hyper-util's and Java's defaults are unbounded or 5).
+pub const MAX_IDLE_HTTP1: usize = 16;
+
+/// The longest pause of the sweep (it wakes sooner for shorter idle timeouts).
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The pool's settings for one request's cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// None: idle connections stay (Istio's `0s`).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// The settings of a cluster's DestinationRule (`connectionPool.http`), Istio's defaults
+    /// otherwise.
+    pub fn of(cluster: Option<&crate::routing::Cluster>) -> PoolSettings {
+        let idle = cluster
+            .and_then(|c| c.policy.connection_pool.as_ref())
+            .and_then(|p| p.http.as_ref())
+            .and_then(|h| h.idle_timeout);
+        PoolSettings {
+            idle_timeout: match idle {
+                None => Some(DEFAULT_IDLE_TIMEOUT),
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+            },
+        }
+    }
+}
+
+/// Requests in flight on one connection, and since when it has had none.
+#[derive(Debug)]
+struct ConnState {
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl ConnState {
+    fn new() -> Arc<ConnState> {
+        Arc::new(ConnState {
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn lease(self: &Arc<Self>) -> Lease {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Lease(self.clone())
+    }
+
+    /// Idle for longer than `timeout`.
+    fn idle_longer_than(&self, timeout: Option<Duration>, now: Instant) -> bool {
+        let Some(timeout) = timeout else {
+            return false;
+        };
+        self.active.load(Ordering::Acquire) == 0
+            && now.saturating_duration_since(
+                *self
+                    .idle_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ) >= timeout
+    }
+}
+
+/// A request in flight on a pooled connection: hold it until the response has been read (the
+/// connection is idle, for the idle timeout, from when the last lease of it is dropped).
+#[derive(Debug)]
+pub struct Lease(Arc<ConnState>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .0
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+    }
+}
+
+struct Conn<S> {
+    sender: S,
+    state: Arc<ConnState>,
+}
+
+/// The one HTTP/2 connection of a key, opened by the first request that needs it while the
+/// others wait for it.
+#[derive(Default)]
+struct H2Slot(tokio::sync::OnceCell<Conn<http2::SendRequest<Body>>>);
+
+impl H2Slot {
+    /// Still worth waiting on or sending on: not opened yet, or open.
+    fn usable(&self) -> bool {
+        self.0.get().is_none_or(|c| !c.sender.is_closed())
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    http1: Vec<Conn<http1::SendRequest<Body>>>,
+    http2: Option<Arc<H2Slot>>,
+    settings: PoolSettings,
+}
+
+impl Entry {
+    /// Drops closed connections, those idle past the timeout, and idle HTTP/1.1 connections
+    /// beyond [`MAX_IDLE_HTTP1`] (the longest idle first). Whether anything is left.
+    fn prune(&mut self, now: Instant) -> bool {
+        let timeout = self.settings.idle_timeout;
+        self.http1
+            .retain(|c| !c.sender.is_closed() && !c.state.idle_longer_than(timeout, now));
+        let idle = |c: &Conn<http1::SendRequest<Body>>| {
+            c.sender.is_ready() && c.state.active.load(Ordering::Acquire) == 0
+        };
+        let mut n_idle = self.http1.iter().filter(|c| idle(c)).count();
+        if n_idle > MAX_IDLE_HTTP1 {
+            // Most recently used last: keep the warm ones.
+            self.http1.sort_by_key(|c| {
+                *c.state
+                    .idle_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            });
+            self.http1.retain(|c| {
+                if n_idle > MAX_IDLE_HTTP1 && idle(c) {
+                    n_idle -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if let Some(slot) = &self.http2 {
+            let gone = match slot.0.get() {
+                Some(c) => c.sender.is_closed() || c.state.idle_longer_than(timeout, now),
+                // Being opened: a request waits on it.
+                None => Arc::strong_count(slot) == 1,
+            };
+            if gone {
+                self.http2 = None;
+            }
+        }
+        !self.http1.is_empty() || self.http2.is_some()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: Mutex<HashMap<UpstreamKey, Entry>>,
+    sweeping: AtomicBool,
+    /// The sweep's current pause, in milliseconds (0: not started).
+    sweep_every_ms: AtomicU64,
+    /// Wakes the sweep when a key with a shorter idle timeout than its pause appears.
+    wake: Arc<tokio::sync::Notify>,
+    opened: AtomicU64,
 }
 
 /// The node's upstream HTTP connections (cheap to clone).
 #[derive(Clone, Default)]
 pub struct Upstreams {
-    conns: Arc<Mutex<HashMap<UpstreamKey, Vec<Sender>>>>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -109,40 +288,30 @@ impl std::fmt::Debug for Upstreams {
     }
 }
 
+/// The upstream's response, and the lease that keeps its connection busy until it is dropped.
+pub type Sent = (http::Response<hyper::body::Incoming>, Lease);
+
 impl Upstreams {
     /// Sends `req` on a pooled connection to `key.endpoint`, opening one if none is free. A
-    /// request that a stale keep-alive connection could not even start is sent again on a new
-    /// connection (it never reached the upstream).
+    /// request that a stale connection could not even start is sent again on a new connection
+    /// (it never reached the upstream).
     pub async fn send(
         &self,
         pi: &ProxyInputs,
         pod: &PodContext,
         key: &UpstreamKey,
+        settings: PoolSettings,
         req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Sent, UpstreamError> {
         let mut req = req;
         let mut resent = false;
         loop {
-            let sender = match self.checkout(key) {
-                Some(s) => s,
-                None => self.open(pi, pod, key).await?,
+            let attempt = match key.version {
+                Version::Http1 => self.send_http1(pi, pod, key, settings, req).await?,
+                Version::Http2 => self.send_http2(pi, pod, key, settings, req).await?,
             };
-            // Back in the pool at once: an HTTP/1.1 connection is reused once its response has
-            // been read, an HTTP/2 one right away.
-            let sent = match sender {
-                Sender::Http1(mut s) => {
-                    let sent = s.try_send_request(req);
-                    self.checkin(key, Sender::Http1(s));
-                    sent.await
-                }
-                Sender::Http2(mut s) => {
-                    let sent = s.try_send_request(req);
-                    self.checkin(key, Sender::Http2(s));
-                    sent.await
-                }
-            };
-            match sent {
-                Ok(resp) => return Ok(resp),
+            match attempt {
+                Ok(sent) => return Ok(sent),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !resent => {
                         debug!(endpoint = %key.endpoint, error = %e.error(), "pooled connection closed; sending on a new one");
@@ -160,84 +329,298 @@ impl Upstreams {
         }
     }
 
-    /// A ready connection for `key`, dropping those that closed.
-    fn checkout(&self, key: &UpstreamKey) -> Option<Sender> {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = conns.get_mut(key)?;
-        list.retain(|s| match s {
-            Sender::Http1(s) => !s.is_closed(),
-            Sender::Http2(s) => !s.is_closed(),
-        });
-        let i = list.iter().position(|s| match s {
-            Sender::Http1(s) => s.is_ready(),
-            // HTTP/2 multiplexes: the one connection is shared.
-            Sender::Http2(s) => s.is_ready(),
-        })?;
-        Some(list.swap_remove(i))
-    }
-
-    fn checkin(&self, key: &UpstreamKey, sender: Sender) {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        conns.entry(key.clone()).or_default().push(sender);
-    }
-
-    /// Upstream connections open now (for the status and tests).
-    pub fn connections(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        conns.values().map(Vec::len).sum()
-    }
-
-    async fn open(
+    async fn send_http1(
         &self,
         pi: &ProxyInputs,
         pod: &PodContext,
         key: &UpstreamKey,
-    ) -> Result<Sender, UpstreamError> {
-        let endpoint = key.endpoint;
-        let handshake_err = |source| UpstreamError::Handshake { endpoint, source };
-        macro_rules! handshake {
-            ($io:expr) => {{
-                let io = TokioIo::new($io);
-                match key.version {
-                    Version::Http1 => {
-                        let (sender, conn) = http1::Builder::new()
-                            .handshake::<_, Body>(io)
-                            .await
-                            .map_err(handshake_err)?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.with_upgrades().await {
-                                debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
-                            }
-                        });
-                        Sender::Http1(sender)
+        settings: PoolSettings,
+        req: http::Request<Body>,
+    ) -> Result<Attempt, UpstreamError> {
+        let mut conn = match self.checkout_http1(key, settings) {
+            Some(c) => c,
+            None => {
+                let io = self.connect(pi, pod, key).await?;
+                let endpoint = key.endpoint;
+                let (sender, driver) = http1::Builder::new()
+                    .handshake::<_, Body>(TokioIo::new(io))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = driver.with_upgrades().await {
+                        debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
                     }
-                    Version::Http2 => {
-                        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                            .handshake::<_, Body>(io)
-                            .await
-                            .map_err(handshake_err)?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
-                            }
-                        });
-                        Sender::Http2(sender)
-                    }
+                });
+                Conn {
+                    sender,
+                    state: ConnState::new(),
                 }
-            }};
-        }
-        Ok(match &key.tunnel {
-            Some(identity) => {
-                let stream = tunnel(pi, pod, endpoint, identity.clone()).await?;
-                handshake!(stream.into_io())
+            }
+        };
+        let lease = conn.state.lease();
+        let sent = conn.sender.try_send_request(req);
+        // Back in the pool at once: it is free again (`is_ready`) once its response has been read.
+        self.with_entry(key, settings, |e| e.http1.push(conn));
+        Ok(sent.await.map(|resp| (resp, lease)))
+    }
+
+    async fn send_http2(
+        &self,
+        pi: &ProxyInputs,
+        pod: &PodContext,
+        key: &UpstreamKey,
+        settings: PoolSettings,
+        req: http::Request<Body>,
+    ) -> Result<Attempt, UpstreamError> {
+        let slot = self.with_entry(key, settings, |e| match &e.http2 {
+            Some(slot) if slot.usable() => slot.clone(),
+            _ => {
+                let slot = Arc::<H2Slot>::default();
+                e.http2 = Some(slot.clone());
+                slot
+            }
+        });
+        let conn = slot
+            .0
+            .get_or_try_init(|| async {
+                let io = self.connect(pi, pod, key).await?;
+                let endpoint = key.endpoint;
+                let (sender, driver) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake::<_, Body>(TokioIo::new(io))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = driver.await {
+                        debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                Ok::<_, UpstreamError>(Conn {
+                    sender,
+                    state: ConnState::new(),
+                })
+            })
+            .await?;
+        // Multiplexed: every request sends on a clone of the one sender.
+        let lease = conn.state.lease();
+        let mut sender = conn.sender.clone();
+        Ok(sender.try_send_request(req).await.map(|resp| (resp, lease)))
+    }
+
+    /// A free HTTP/1.1 connection for `key`, after pruning the key's connections.
+    fn checkout_http1(
+        &self,
+        key: &UpstreamKey,
+        settings: PoolSettings,
+    ) -> Option<Conn<http1::SendRequest<Body>>> {
+        self.with_entry(key, settings, |e| {
+            e.prune(Instant::now());
+            let i = e.http1.iter().position(|c| c.sender.is_ready())?;
+            Some(e.http1.swap_remove(i))
+        })
+    }
+
+    fn with_entry<T>(
+        &self,
+        key: &UpstreamKey,
+        settings: PoolSettings,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> T {
+        let mut conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = match conns.get_mut(key) {
+            Some(e) if e.settings == settings => e,
+            Some(e) => {
+                self.wake_sweep(settings);
+                e
             }
             None => {
-                let tcp = connect::direct(pod, endpoint)
-                    .await
-                    .map_err(|source| UpstreamError::Connect { endpoint, source })?;
-                handshake!(tcp)
+                self.wake_sweep(settings);
+                conns.entry(key.clone()).or_default()
             }
-        })
+        };
+        entry.settings = settings;
+        f(entry)
+    }
+
+    /// Wakes the sweep if `settings` need it sooner than it would wake.
+    fn wake_sweep(&self, settings: PoolSettings) {
+        let every = self.inner.sweep_every_ms.load(Ordering::Acquire);
+        if settings
+            .idle_timeout
+            .is_some_and(|t| every > 0 && sweep_interval(t).as_millis() < u128::from(every))
+        {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Drops the connections of source pods for which `keep` is false (pods that left the node):
+    /// their idle connections close now, those with a request in flight when it ends.
+    pub fn retain(&self, keep: impl Fn(u64) -> bool) {
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| keep(k.src_netns));
+    }
+
+    /// Upstream connections pooled now (open or being opened; for the status and tests).
+    pub fn connections(&self) -> usize {
+        let conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        conns
+            .values()
+            .map(|e| e.http1.len() + usize::from(e.http2.is_some()))
+            .sum()
+    }
+
+    /// Upstream connections opened since the start.
+    pub fn opened(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
+    /// Closes what is idle past its timeout now (the background sweep does it on its own).
+    pub fn sweep(&self) {
+        sweep(&self.inner);
+    }
+
+    /// The upstream connection of one request: an HBONE stream or a TCP connection. Starts the
+    /// sweep with the pool's first connection.
+    async fn connect(
+        &self,
+        pi: &ProxyInputs,
+        pod: &PodContext,
+        key: &UpstreamKey,
+    ) -> Result<Io, UpstreamError> {
+        if !self.inner.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweeper(Arc::downgrade(&self.inner)));
+        }
+        let endpoint = key.endpoint;
+        let io = match &key.tunnel {
+            Some(identity) => {
+                Io::Hbone(tunnel(pi, pod, endpoint, identity.clone()).await?.into_io())
+            }
+            None => Io::Tcp(
+                connect::direct(pod, endpoint)
+                    .await
+                    .map_err(|source| UpstreamError::Connect { endpoint, source })?,
+            ),
+        };
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(io)
+    }
+}
+
+/// What one send on one connection gave: the response, or hyper's error (with the request back
+/// when it was never sent).
+type Attempt = Result<Sent, hyper::client::conn::TrySendError<http::Request<Body>>>;
+
+/// Closes what is idle past its timeout; how long until the next look.
+fn sweep(inner: &Inner) -> Duration {
+    let now = Instant::now();
+    let mut conns = inner.conns.lock().unwrap_or_else(PoisonError::into_inner);
+    conns.retain(|_, e| e.prune(now));
+    let next = conns
+        .values()
+        .filter_map(|e| e.settings.idle_timeout)
+        .map(sweep_interval)
+        .min()
+        .unwrap_or(MAX_SWEEP_INTERVAL);
+    let ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX).max(1);
+    inner.sweep_every_ms.store(ms, Ordering::Release);
+    next
+}
+
+/// How often to look for connections idle past `timeout`: twice per timeout, so one closes at
+/// most half a timeout late.
+fn sweep_interval(timeout: Duration) -> Duration {
+    (timeout / 2).clamp(Duration::from_millis(10), MAX_SWEEP_INTERVAL)
+}
+
+/// Sweeps until the pool is dropped.
+async fn sweeper(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let next = sweep(&strong);
+        // Not holding the pool while asleep, so that dropping it ends the sweep.
+        let wake = strong.wake.clone();
+        drop(strong);
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            () = wake.notified() => {}
+        }
+    }
+}
+
+/// An upstream byte stream.
+enum Io {
+    Hbone(crate::proxy::hbone::H2Stream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Hbone(s) => s.is_write_vectored(),
+            Io::Tcp(s) => s.is_write_vectored(),
+        }
     }
 }
 

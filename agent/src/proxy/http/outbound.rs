@@ -391,12 +391,13 @@ impl HttpConn {
             tunnel,
             version,
         };
+        let settings = client::PoolSettings::of(fwd.cluster.as_deref());
         let sent = self
             .pi
             .upstreams
-            .send(&self.pi, &self.pod, &key, upstream_req)
+            .send(&self.pi, &self.pod, &key, settings, upstream_req)
             .await;
-        let resp = match sent {
+        let (resp, lease) = match sent {
             Ok(r) => r,
             Err(e) => {
                 debug!(pod = %self.pod.name, %endpoint, error = %e, "upstream request failed");
@@ -431,14 +432,15 @@ impl HttpConn {
         }
 
         if let (Some(downstream), Some(upstream)) = (downstream_upgrade, upstream_upgrade) {
-            drop(incoming);
+            drop((incoming, lease));
             tokio::spawn(join_upgraded(downstream, upstream, picked));
             result.finish(None);
             return Response::from_parts(parts, body::empty());
         }
-        // The endpoint stays busy (least-request) until the response has been sent on.
+        // The endpoint stays busy (least-request), and the upstream connection in use, until the
+        // response has been sent on.
         let active = picked.map(|p| p.active);
-        let body = Finishing::new(Held::new(incoming, active), result);
+        let body = Finishing::new(Held::new(incoming, (active, lease)), result);
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
     }
 

@@ -201,15 +201,16 @@ impl Collector for RequestCollector {
                 })
                 .collect()
         };
+        // The encoder appends `_total` to a counter's name (OpenMetrics), giving Istio's
+        // `istio_requests_total`.
         let mut total = encoder.encode_descriptor(
-            "istio_requests_total",
+            "istio_requests",
             "Total requests",
             None,
             MetricType::Counter,
         )?;
         for (labels, n, ..) in &series {
             let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
-            // The family is named with its `_total` already, as Istio's is.
             ConstCounter::new(*n).encode(total.encode_family(&LabelSet(&set))?)?;
         }
         histogram(

@@ -23,6 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 pub use super::io::*;
 pub use super::nodes::Node;
 pub use super::scrape::lines_with;
+pub use super::web::*;
 pub use super::world::{Pod, World};
 use crate::identity::tests::TempDir;
 use crate::identity::LocalCa;
@@ -31,6 +32,8 @@ use crate::proxy::PodContext;
 
 /// The running world.
 pub struct Mesh {
+    /// The world's YAML as published last.
+    pub(super) text: String,
     pub nodes: BTreeMap<String, Node>,
     pub(super) pods: HashMap<String, Pod>,
     pub(super) ca: Arc<LocalCa>,
@@ -43,6 +46,23 @@ impl Mesh {
         self.nodes
             .get(name)
             .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Publishes a new snapshot on every node, of the world's YAML with `old` replaced by `new`
+    /// (a config change, as the control side publishes it: connections stay, the next request
+    /// reads it).
+    pub fn republish(&mut self, old: &str, new: &str) {
+        assert!(
+            self.text.contains(old),
+            "the world's YAML has no {old:?}:\n{}",
+            self.text
+        );
+        self.text = self.text.replace(old, new);
+        let state = super::world::state_of(&self.text);
+        for (name, node) in &self.nodes {
+            let snapshot = crate::snapshot::Snapshot::build(state.clone(), "istio-system", name);
+            node.pi.snapshot.store(Arc::new(snapshot));
+        }
     }
 
     fn context(&self, pod: &Pod) -> (&Node, &Arc<PodContext>) {

@@ -21,6 +21,7 @@ use super::io::CEILING;
 use super::scrape::{lines_with, Metrics};
 use super::world::Pod;
 use crate::identity::{CertConfig, CertLease, LocalCa, SecretManager, DEFAULT_TRUST_DOMAIN};
+use crate::proxy::access_log::AccessLog;
 use crate::proxy::hbone::{Pool, PoolConfig, PoolStats};
 use crate::proxy::inbound::Inbound;
 use crate::proxy::inbound_plain::InboundPlain;
@@ -77,12 +78,32 @@ impl OrigDstLookup for OrigDsts {
     }
 }
 
+/// The access log's lines, in memory.
+#[derive(Debug, Clone, Default)]
+pub struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One node: its `ProxyInputs` and the stages of its enrolled pods.
 pub struct Node {
     pub name: String,
     pub pi: Arc<ProxyInputs>,
     pub orig_dst: Arc<OrigDsts>,
     registry: Registry,
+    /// The node's access log, as written.
+    log: LogLines,
     /// The stages' view of each enrolled pod of this node, by `namespace/name`.
     pub pods: HashMap<String, Arc<PodContext>>,
     _leases: Vec<CertLease>,
@@ -94,7 +115,7 @@ impl Node {
         name: &str,
         snapshot: Snapshot,
         ca: Arc<LocalCa>,
-        pool: PoolConfig,
+        (pool, detection_timeout): (PoolConfig, Duration),
         world: &HashMap<String, Pod>,
     ) -> Node {
         let secrets = SecretManager::new(
@@ -104,7 +125,9 @@ impl Node {
                 ttl: Duration::from_secs(3600),
             },
         );
-        let telemetry = Arc::new(Telemetry::new(DEFAULT_TRUST_DOMAIN, None));
+        let log = LogLines::default();
+        let access_log = AccessLog::to_writer(Box::new(log.clone())).expect("access log");
+        let telemetry = Arc::new(Telemetry::new(DEFAULT_TRUST_DOMAIN, Some(access_log)));
         let mut registry = Registry::default();
         telemetry.register(&mut registry);
         let orig_dst = Arc::new(OrigDsts::default());
@@ -118,7 +141,7 @@ impl Node {
             pool: Pool::new(pool, secrets.clone()),
             upstreams: Default::default(),
             balancers: Default::default(),
-            protocol_detection_timeout: Duration::from_secs(5),
+            protocol_detection_timeout: detection_timeout,
         });
         let (mut pods, mut leases, mut tasks) = (HashMap::new(), Vec::new(), Vec::new());
         for w in enrolled {
@@ -174,6 +197,7 @@ impl Node {
         }
         Node {
             name: name.into(),
+            log,
             pi,
             orig_dst,
             registry,
@@ -207,6 +231,56 @@ impl Node {
                 "timed out waiting on {} for {name}{labels:?} == {want}; the series are:\n{}",
                 self.name,
                 lines_with(&m, name)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Every access-log line written so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let bytes = self.log.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let text = String::from_utf8_lossy(&bytes);
+        // Whole lines only: the writer may be in the middle of one.
+        let whole = text.rsplit_once('\n').map_or("", |(w, _)| w);
+        whole
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("access log line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Waits for the one access-log line whose fields include `fields` (string values) and
+    /// returns it; fails showing the log after [`CEILING`].
+    pub async fn wait_log(&self, fields: &[(&str, &str)]) -> serde_json::Value {
+        let deadline = Instant::now() + CEILING;
+        loop {
+            let lines = self.access_log();
+            let found: Vec<&serde_json::Value> = lines
+                .iter()
+                .filter(|l| {
+                    fields.iter().all(|(k, v)| match &l[*k] {
+                        serde_json::Value::String(s) => s == v,
+                        other => other.to_string() == *v,
+                    })
+                })
+                .collect();
+            assert!(
+                found.len() <= 1,
+                "{fields:?} matches several lines: {found:#?}"
+            );
+            if let Some(l) = found.first() {
+                return (*l).clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting on {} for an access-log line with {fields:?}; the log is:\n{}",
+                self.name,
+                lines
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -96,6 +96,7 @@ pub struct World {
     pods: Vec<Pod>,
     yaml: Vec<String>,
     pool: PoolConfig,
+    detection_timeout: std::time::Duration,
 }
 
 pub struct PodBuilder<'w> {
@@ -254,6 +255,7 @@ impl World {
             pods: Vec::new(),
             yaml: Vec::new(),
             pool: PoolConfig::default(),
+            detection_timeout: crate::proxy::protocol::DEFAULT_SNIFF_TIMEOUT,
         }
     }
 
@@ -307,6 +309,13 @@ impl World {
     /// The HBONE pool's settings on every node.
     pub fn pool(&mut self, cfg: PoolConfig) -> &mut Self {
         self.pool = cfg;
+        self
+    }
+
+    /// How long every node waits for an undeclared port's first bytes (`ProxyInputs::
+    /// protocol_detection_timeout`; 5 s unless set).
+    pub fn protocol_detection_timeout(&mut self, timeout: std::time::Duration) -> &mut Self {
+        self.detection_timeout = timeout;
         self
     }
 
@@ -364,23 +373,7 @@ status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
     /// pod on its node.
     pub async fn start(self) -> Mesh {
         let text = self.cluster_yaml();
-        let mut loaded = Loaded::default();
-        load_text(&mut loaded, Path::new("world.yaml"), &text);
-        assert!(
-            loaded.file_errors.is_empty(),
-            "the world's YAML does not parse: {:?}\n{text}",
-            loaded.file_errors
-        );
-        let mut store = Store::new(DEFAULT_TRUST_DOMAIN);
-        store.apply(loaded.into_event());
-        store.publish();
-        assert!(
-            store.errors().is_empty(),
-            "the world's objects are not all accepted: {:?}\n{text}",
-            store.errors()
-        );
-        let state = store.reader().load_full();
-        assert!(state.is_complete(), "every kind was listed");
+        let state = state_of(&text);
 
         let ca_dir = TempDir::new("inproc-ca");
         let ca = Arc::new(
@@ -392,10 +385,18 @@ status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
         let mut nodes = BTreeMap::new();
         for name in node_names {
             let snapshot = Snapshot::build(state.clone(), ROOT_NAMESPACE, &name);
-            let node = Node::start(&name, snapshot, ca.clone(), self.pool.clone(), &by_key).await;
+            let node = Node::start(
+                &name,
+                snapshot,
+                ca.clone(),
+                (self.pool.clone(), self.detection_timeout),
+                &by_key,
+            )
+            .await;
             nodes.insert(name, node);
         }
         Mesh {
+            text,
             nodes,
             pods: by_key,
             ca,
@@ -403,6 +404,29 @@ status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
             _block: self.block,
         }
     }
+}
+
+/// The state the world's YAML describes, read through the store as the agent reads its config
+/// (one `Replace` of every kind, so the view is complete).
+pub(super) fn state_of(text: &str) -> Arc<crate::state::State> {
+    let mut loaded = Loaded::default();
+    load_text(&mut loaded, Path::new("world.yaml"), text);
+    assert!(
+        loaded.file_errors.is_empty(),
+        "the world's YAML does not parse: {:?}\n{text}",
+        loaded.file_errors
+    );
+    let mut store = Store::new(DEFAULT_TRUST_DOMAIN);
+    store.apply(loaded.into_event());
+    store.publish();
+    assert!(
+        store.errors().is_empty(),
+        "the world's objects are not all accepted: {:?}\n{text}",
+        store.errors()
+    );
+    let state = store.reader().load_full();
+    assert!(state.is_complete(), "every kind was listed");
+    state
 }
 
 /// Each test runs hundreds of sockets at once, next to the others.
