@@ -1,0 +1,296 @@
+//! What L7 at the source does to the protocols it carries, through real agents (issue 11,
+//! acceptance 2): HTTP/1.1 keep-alive and HTTP/2 multiplexing upstream (counted where the app
+//! accepts), gRPC unary and server streaming with their status and trailers (a tonic
+//! `grpc.health.v1` service), a WebSocket through `Upgrade`, and 1 GiB each way streamed, not
+//! buffered (the source agent's RSS).
+
+mod l7support;
+mod support;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit::harness::{ClusterYaml, SvcPort, World};
+use futures::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use l7support::{
+    hash_body, request, rss, sa, start_agents, stream_hash, Conn, GrpcApp, HttpApp,
+    PatternBody, WsApp, NS,
+};
+use support::{in_pod, SETTLE};
+use tokio_tungstenite::tungstenite::Message;
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 10);
+const WEB2: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 11);
+const GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 12);
+const WS: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 13);
+const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 14);
+const GIB: u64 = 1 << 30;
+const RSS_GROWTH_MAX: u64 = 64 << 20;
+
+#[test]
+fn istio_protocol_selection_http_http2_grpc_websocket_and_streamed_bodies() {
+    support::raise_fd_limit();
+    let world = World::new("l7-protocols");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("client")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "client")
+        .spawn();
+    let server = world
+        .pod("server")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "server")
+        .label("version", "v1")
+        .spawn();
+    let web = HttpApp::start(&server, 8080);
+    let web2 = HttpApp::start(&server, 8081);
+    let grpc = GrpcApp::start(&server, 9090);
+    let _ws = WsApp::start(&server, 8090);
+    let _bulk = HttpApp::start(&server, 8082);
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server])
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&server],
+            true,
+        )
+        .service(
+            "web2",
+            NS,
+            WEB2,
+            &[SvcPort::named("http2", 80, 8081)],
+            &[&server],
+            true,
+        )
+        .service(
+            "grpc",
+            NS,
+            GRPC,
+            &[SvcPort::named("grpc", 9090, 9090)],
+            &[&server],
+            true,
+        )
+        .service(
+            "ws",
+            NS,
+            WS,
+            &[SvcPort::named("http-ws", 80, 8090)],
+            &[&server],
+            true,
+        )
+        .service(
+            "bulk",
+            NS,
+            BULK,
+            &[SvcPort::named("http", 80, 8082)],
+            &[&server],
+            true,
+        );
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        "",
+        &[],
+    );
+    let a1 = &agents[0];
+
+    // HTTP/1.1 keep-alive: 100 requests on one client connection, then 20 more on a second
+    // client connection of the same pod, reach the app over one upstream connection.
+    in_pod(&client, || async {
+        for round in 0..2 {
+            let conn = Conn::h1(sa(WEB, 80)).await;
+            for i in 0..(if round == 0 { 100 } else { 20 }) {
+                let r = conn.get("web", &format!("/ka/{i}"), &[]).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                assert_eq!(r.json()["version"], "HTTP/1.1");
+            }
+        }
+    });
+    assert_eq!(
+        web.accepted(),
+        1,
+        "HTTP/1.1 upstream connections the app accepted for 120 sequential requests"
+    );
+
+    // HTTP/2 (port `http2`): 100 concurrent requests on one client connection, multiplexed on
+    // one upstream connection.
+    let versions = in_pod(&client, || async {
+        let conn = Conn::h2(sa(WEB2, 80)).await;
+        let replies = futures::future::join_all(
+            (0..100).map(|i| {
+                let conn = conn.clone();
+                async move { conn.get("web2", &format!("/mux/{i}"), &[]).await }
+            }),
+        )
+        .await;
+        replies
+            .iter()
+            .map(|r| {
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()["version"].as_str().unwrap_or("").to_string()
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(versions.iter().all(|v| v == "HTTP/2.0"), "{versions:?}");
+    assert_eq!(
+        web2.accepted(),
+        1,
+        "HTTP/2 upstream connections the app accepted for 100 concurrent requests"
+    );
+
+    // gRPC: unary Check (OK and NOT_FOUND, whose status only the trailers carry) and the
+    // server-streaming Watch, through the mesh.
+    in_pod(&client, || async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC}:9090"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connect");
+        let mut health = HealthClient::new(channel);
+        let ask = |service: &str| {
+            tonic::Request::new(HealthCheckRequest {
+                service: service.into(),
+            })
+        };
+        let ok = health
+            .check(ask("ambit.Serving"))
+            .await
+            .expect("Check(ambit.Serving)");
+        assert_eq!(ok.get_ref().status, ServingStatus::Serving as i32);
+        let missing = health
+            .check(ask("ambit.Missing"))
+            .await
+            .expect_err("Check(ambit.Missing) fails");
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+        assert_eq!(missing.message(), "service not registered");
+        let mut watch = health
+            .watch(ask("ambit.Flip"))
+            .await
+            .expect("Watch(ambit.Flip)")
+            .into_inner();
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            let msg = tokio::time::timeout(SETTLE, watch.message())
+                .await
+                .expect("a Watch update in time")
+                .expect("Watch stream")
+                .expect("Watch stream ended early");
+            seen.push(msg.status);
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] != w[1]),
+            "each update is a change: {seen:?}"
+        );
+    });
+    assert!(grpc.accepted.load(Ordering::SeqCst) >= 1);
+    a1.wait_for_metrics("gRPC requests with their grpc-status", SETTLE, |m| {
+        let grpc = |status| {
+            l7support::metric(
+                m,
+                "istio_requests_total",
+                &[
+                    ("reporter", "source"),
+                    ("request_protocol", "grpc"),
+                    ("response_code", "200"),
+                    ("grpc_response_status", status),
+                ],
+            )
+        };
+        grpc("0") >= 1 && grpc("5") == 1
+    });
+
+    // WebSocket: the Upgrade goes through after the route is chosen; text and binary echo.
+    in_pod(&client, || async {
+        let tcp = l7support::connect(sa(WS, 80)).await;
+        let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.mesh/echo", tcp)
+            .await
+            .expect("WebSocket handshake through the mesh");
+        assert_eq!(resp.status(), 101);
+        let binary: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        for msg in [
+            Message::text("hello through the mesh"),
+            Message::binary(binary.clone()),
+            Message::text("bye"),
+        ] {
+            ws.send(msg.clone()).await.expect("send");
+            let back = tokio::time::timeout(SETTLE, ws.next())
+                .await
+                .expect("echo in time")
+                .expect("echo")
+                .expect("echo frame");
+            assert_eq!(back, msg);
+        }
+        ws.close(None).await.expect("close");
+    });
+
+    // 1 GiB up and 1 GiB down, hash-compared, while the source agent's RSS is sampled.
+    let expected = stream_hash(GIB);
+    let baseline = rss(a1);
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pid = a1.pid().expect("pid");
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(kb) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("VmRSS:"))
+                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    })
+                {
+                    peak.fetch_max(kb * 1024, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let (up, down) = in_pod(&client, || async {
+        let conn = Conn::h1(sa(BULK, 80)).await;
+        let mut req = request("POST", "/upload", &[]);
+        *req.body_mut() = PatternBody::new(GIB).boxed();
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, GIB.into());
+        let up = conn.send("bulk", req).await.expect("1 GiB upload").json();
+        let resp = conn
+            .send_streaming("bulk", request("GET", &format!("/bytes/{GIB}"), &[]))
+            .await
+            .expect("1 GiB download");
+        assert_eq!(resp.status(), 200);
+        let down = hash_body(resp.into_body()).await.expect("download body");
+        (up, down)
+    });
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    assert_eq!(up["len"], GIB, "request body length at the app: {up}");
+    assert_eq!(
+        up["hash"],
+        expected.to_string(),
+        "request body intact at the app"
+    );
+    assert_eq!(down, (GIB, expected), "response body intact at the client");
+    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
+    assert!(
+        growth < RSS_GROWTH_MAX,
+        "the source agent's RSS grew by {} MiB during 2 GiB of bodies (baseline {} MiB)",
+        growth >> 20,
+        baseline >> 20
+    );
+    drop(agents);
+}
