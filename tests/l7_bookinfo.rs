@@ -155,7 +155,9 @@ fn bookinfo_request_routing_traffic_shifting_and_destination_rule_subsets() {
         let conn = Conn::h1(vip).await;
         let mut jason = Vec::new();
         for _ in 0..1000 {
-            let r = conn.get(authority, "/reviews/0", &[("end-user", "jason")]).await;
+            let r = conn
+                .get(authority, "/reviews/0", &[("end-user", "jason")])
+                .await;
             assert_eq!(r.status, 200, "{}", r.text());
             jason.push(r.served_by());
         }
@@ -199,7 +201,9 @@ fn bookinfo_request_routing_traffic_shifting_and_destination_rule_subsets() {
                 assert_eq!(r.status, 200, "{prefix}: {}", r.text());
                 assert_eq!(r.json()["path"], prefix, "the path arrives unchanged");
                 assert_eq!(r.json()["authority"], "bookinfo.com");
-                seen.entry(prefix).or_insert_with(Vec::new).push(r.served_by());
+                seen.entry(prefix)
+                    .or_insert_with(Vec::new)
+                    .push(r.served_by());
             }
         }
         let unrouted = conn.get("bookinfo.com", "/details/1", &[]).await.status;
@@ -249,7 +253,9 @@ fn bookinfo_request_routing_traffic_shifting_and_destination_rule_subsets() {
         let conn = Conn::h1(vip).await;
         let mut seen = Vec::new();
         for _ in 0..2000 {
-            let r = conn.get(authority, "/reviews/0", &[("end-user", "jason")]).await;
+            let r = conn
+                .get(authority, "/reviews/0", &[("end-user", "jason")])
+                .await;
             assert_eq!(r.status, 200, "{}", r.text());
             seen.push(r.served_by());
         }

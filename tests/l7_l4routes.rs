@@ -80,8 +80,14 @@ fn tcp_traffic_shifting_and_tls_routes_by_sni() {
             .label("version", version)
             .spawn()
     };
-    let (v1, v2) = (pod("tcp-echo-v1", "tcp-echo", "v1"), pod("tcp-echo-v2", "tcp-echo", "v2"));
-    let (ta, tb) = (pod("secure-a", "secure", "a"), pod("secure-b", "secure", "b"));
+    let (v1, v2) = (
+        pod("tcp-echo-v1", "tcp-echo", "v1"),
+        pod("tcp-echo-v2", "tcp-echo", "v2"),
+    );
+    let (ta, tb) = (
+        pod("secure-a", "secure", "a"),
+        pod("secure-b", "secure", "b"),
+    );
     let _echo = [&v1, &v2].map(|p| Server::start(p, &[sa(p.ip4(), 9000)], Mode::WhoamiEcho));
     let _tls = [&ta, &tb].map(|p| TlsApp::start(p, 8443, &["a.example.com", "b.example.com"]));
     let yaml = ClusterYaml::new()
@@ -126,7 +132,11 @@ fn tcp_traffic_shifting_and_tls_routes_by_sni() {
         reached
     });
     let to = |p: &ambit::harness::Pod| reached.get(&IpAddr::from(p.ip4())).copied().unwrap_or(0);
-    assert_eq!(to(&v1) + to(&v2), 1000, "only v1 and v2 answer: {reached:?}");
+    assert_eq!(
+        to(&v1) + to(&v2),
+        1000,
+        "only v1 and v2 answer: {reached:?}"
+    );
     assert!(
         (760..=840).contains(&to(&v1)),
         "80/20 within ±4%: v1 {} v2 {}",
@@ -139,14 +149,24 @@ fn tcp_traffic_shifting_and_tls_routes_by_sni() {
     let answers = in_pod(&client, || async {
         let mut out = Vec::new();
         for i in 0..20 {
-            let sni = if i % 2 == 0 { "a.example.com" } else { "b.example.com" };
-            let who = tls_hello(secure, sni).await.unwrap_or_else(|e| panic!("{e}"));
+            let sni = if i % 2 == 0 {
+                "a.example.com"
+            } else {
+                "b.example.com"
+            };
+            let who = tls_hello(secure, sni)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
             out.push((sni, who));
         }
         out
     });
     for (sni, who) in &answers {
-        let want = if *sni == "a.example.com" { "secure-a" } else { "secure-b" };
+        let want = if *sni == "a.example.com" {
+            "secure-a"
+        } else {
+            "secure-b"
+        };
         assert_eq!(who, want, "SNI {sni}: {answers:?}");
     }
 }

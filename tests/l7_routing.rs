@@ -105,7 +105,11 @@ spec:
 "#;
 
 /// Requests answered by each pod when `workers` connections each send `each` requests at once.
-fn spread(client: &ambit::harness::Pod, vip: Ipv4Addr, host: &'static str) -> BTreeMap<String, usize> {
+fn spread(
+    client: &ambit::harness::Pod,
+    vip: Ipv4Addr,
+    host: &'static str,
+) -> BTreeMap<String, usize> {
     in_pod(client, || async move {
         let workers = (0..10).map(|_| async move {
             let conn = Conn::h1(sa(vip, 80)).await;
@@ -118,7 +122,11 @@ fn spread(client: &ambit::harness::Pod, vip: Ipv4Addr, host: &'static str) -> BT
             seen
         });
         let mut out = BTreeMap::new();
-        for p in futures::future::join_all(workers).await.into_iter().flatten() {
+        for p in futures::future::join_all(workers)
+            .await
+            .into_iter()
+            .flatten()
+        {
             *out.entry(p).or_insert(0) += 1;
         }
         out
@@ -210,7 +218,10 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
     );
     assert_eq!(rewritten.status, 200, "{rewritten:?}");
     let seen = rewritten.json();
-    assert_eq!(seen["path"], "/v1/bookRatings/7", "the app sees the rewritten path");
+    assert_eq!(
+        seen["path"], "/v1/bookRatings/7",
+        "the app sees the rewritten path"
+    );
     assert_eq!(
         seen["authority"], "ratings.internal",
         "the app sees the rewritten authority"
@@ -218,9 +229,15 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
     assert_eq!(edited.status, 200, "{edited:?}");
     let h = &edited.json()["headers"];
     assert_eq!(h["x-set"], "set-by-route", "request set replaces: {h}");
-    assert_eq!(h["x-added"], "by-client,added-by-route", "request add appends: {h}");
+    assert_eq!(
+        h["x-added"], "by-client,added-by-route",
+        "request add appends: {h}"
+    );
     assert!(h.get("x-remove-me").is_none(), "request remove: {h}");
-    assert_eq!(h["x-dest"], "by-destination", "destination-level request set: {h}");
+    assert_eq!(
+        h["x-dest"], "by-destination",
+        "destination-level request set: {h}"
+    );
     assert_eq!(edited.header("x-app-version").as_deref(), Some("2"));
     assert_eq!(edited.header("x-resp-added").as_deref(), Some("by-route"));
     assert_eq!(edited.header("x-app-private"), None, "response remove");
@@ -230,7 +247,11 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
     );
     assert_eq!(teapot.status, 418, "{teapot:?}");
     assert_eq!(teapot.text(), "short and stout");
-    assert_eq!(teapot.served_by(), "", "a direct response never reaches the app");
+    assert_eq!(
+        teapot.served_by(),
+        "",
+        "a direct response never reaches the app"
+    );
 
     // CorsPolicy: the preflight is answered by the proxy; an actual request gets the headers.
     let before = apps[0].requests.load(std::sync::atomic::Ordering::SeqCst);
@@ -264,7 +285,10 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
     let methods = preflight
         .header("access-control-allow-methods")
         .unwrap_or_default();
-    assert!(methods.contains("POST") && methods.contains("GET"), "{preflight:?}");
+    assert!(
+        methods.contains("POST") && methods.contains("GET"),
+        "{preflight:?}"
+    );
     assert_eq!(
         preflight.header("access-control-allow-headers").as_deref(),
         Some("x-custom")
@@ -274,10 +298,16 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
         Some("86400")
     );
     assert_eq!(
-        preflight.header("access-control-allow-credentials").as_deref(),
+        preflight
+            .header("access-control-allow-credentials")
+            .as_deref(),
         Some("true")
     );
-    assert_eq!(preflight.served_by(), "", "the preflight is answered by the proxy");
+    assert_eq!(
+        preflight.served_by(),
+        "",
+        "the preflight is answered by the proxy"
+    );
     assert_eq!(actual.status, 200);
     assert_eq!(actual.served_by(), "ep-a");
     assert_eq!(
@@ -321,9 +351,9 @@ fn virtual_service_route_actions_and_destination_rule_load_balancers() {
         for _ in 0..4 {
             let first = conn.get("cookie", "/login", &[]).await;
             assert_eq!(first.status, 200);
-            let set = first.header("set-cookie").unwrap_or_else(|| {
-                panic!("a cookie is generated when absent: {first:?}")
-            });
+            let set = first
+                .header("set-cookie")
+                .unwrap_or_else(|| panic!("a cookie is generated when absent: {first:?}"));
             let pair = set.split(';').next().unwrap_or_default().trim().to_string();
             let mut after = BTreeSet::new();
             let mut set_again = 0;

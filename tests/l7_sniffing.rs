@@ -66,8 +66,22 @@ fn istio_automatic_protocol_selection_on_undeclared_ports() {
     let yaml = ClusterYaml::new()
         .ambient(NS)
         .pods([&client, &v1, &v2])
-        .service("web", NS, WEB, &[SvcPort::unnamed(8000, 8000)], &[&v1, &v2], true)
-        .service("raw", NS, RAW, &[SvcPort::unnamed(7000, 7000)], &[&v1], true);
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[SvcPort::unnamed(8000, 8000)],
+            &[&v1, &v2],
+            true,
+        )
+        .service(
+            "raw",
+            NS,
+            RAW,
+            &[SvcPort::unnamed(7000, 7000)],
+            &[&v1],
+            true,
+        );
     let _agents = start_agents(
         &world,
         &[(&n1, &[&client]), (&n2, &[&v1, &v2])],

@@ -129,7 +129,9 @@ pub fn access_log(path: &Path) -> Vec<Value> {
 }
 
 pub fn access_log_path(world: &World, node: &Node) -> PathBuf {
-    world.state_dir().join(format!("access-{}.log", node.name()))
+    world
+        .state_dir()
+        .join(format!("access-{}.log", node.name()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,7 +709,8 @@ pub async fn tls_hello(dst: SocketAddr, sni: &str) -> Result<String, String> {
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
     let tcp = connect(dst).await;
-    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let name =
+        rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
