@@ -262,6 +262,7 @@ fn bookinfo_request_routing_traffic_shifting_and_destination_rule_subsets() {
         seen
     });
     let t = tally(&split);
+    eprintln!("90/10 over 2,000: {t:?}");
     let v1_count = t.get("reviews-v1").copied().unwrap_or(0);
     let v3_count = t.get("reviews-v3").copied().unwrap_or(0);
     assert_eq!(v1_count + v3_count, 2000, "only v1 and v3 answer: {t:?}");

@@ -133,7 +133,7 @@ fn envoy_response_flags_bad_input_and_a_route_change_under_http2() {
     let lines = settled(
         || access_log(&log),
         |l| {
-            ["/unknown", "/uh", "/uf"]
+            ["/known/1", "/unknown", "/uh", "/uf"]
                 .iter()
                 .all(|p| l.iter().any(|x| x["path"] == *p))
         },

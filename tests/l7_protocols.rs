@@ -215,6 +215,44 @@ fn grpc_unary_and_server_streaming_keep_status_and_trailers() {
             "each update is a change: {seen:?}"
         );
     });
+    // The same unary call made by hand: the message, then the status in the trailers.
+    let (head, trailers, message) = in_pod(client, || async {
+        let conn = Conn::h2(sa(GRPC, 9090)).await;
+        let service = b"ambit.Serving";
+        // Length-prefixed message: HealthCheckRequest { service (field 1, a string) }.
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(service.len() as u32 + 2).to_be_bytes());
+        frame.extend_from_slice(&[0x0a, service.len() as u8]);
+        frame.extend_from_slice(service);
+        let mut req = request(
+            "POST",
+            "/grpc.health.v1.Health/Check",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+        );
+        *req.body_mut() = http_body_util::Full::new(bytes::Bytes::from(frame)).boxed();
+        let resp = conn
+            .send_streaming("grpc:9090", req)
+            .await
+            .expect("a hand-made gRPC call");
+        let (head, body) = resp.into_parts();
+        let collected = body.collect().await.expect("gRPC body");
+        let trailers = collected.trailers().cloned();
+        (head, trailers, collected.to_bytes())
+    });
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.headers.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/grpc"[..]),
+        "{head:?}"
+    );
+    // HealthCheckResponse { status: SERVING (1) }.
+    assert_eq!(&message[..], [0, 0, 0, 0, 2, 0x08, 0x01], "{message:?}");
+    let trailers = trailers.expect("trailers after the message");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
     assert!(grpc.accepted.load(Ordering::SeqCst) >= 1);
 }
 
@@ -317,6 +355,11 @@ fn one_gib_bodies_stream_both_ways_without_buffering() {
     );
     assert_eq!(down, (GIB, expected), "response body intact at the client");
     let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
+    eprintln!(
+        "source agent RSS: baseline {} KiB, peak {} KiB",
+        baseline >> 10,
+        peak.load(Ordering::Relaxed) >> 10
+    );
     assert!(
         growth < RSS_GROWTH_MAX,
         "the source agent's RSS grew by {} MiB during 2 GiB of bodies (baseline {} MiB)",
