@@ -58,7 +58,7 @@ fn setup(test: &str, services: &[(&str, Ipv4Addr, SvcPort)]) -> Setup {
         .spawn();
     let mut yaml = ClusterYaml::new().ambient(NS).pods([&client, &server]);
     for (name, vip, port) in services {
-        yaml = yaml.service(name, NS, *vip, &[port.clone()], &[&server], true);
+        yaml = yaml.service(name, NS, *vip, std::slice::from_ref(port), &[&server], true);
     }
     let agents = start_agents(
         &world,
