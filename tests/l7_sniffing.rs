@@ -1,6 +1,6 @@
 //! Istio's automatic protocol selection on ports that declare nothing, through real agents
 //! (issue 11, acceptance 7): HTTP/1.1 and HTTP/2 prior-knowledge clients are detected and routed
-//! per request; a client-first TCP protocol passes unchanged; a server-first protocol gets its
+//! per request (gRPC too); a client-first TCP protocol passes unchanged; a server-first protocol gets its
 //! greeting once the detection timeout has passed (the documented behaviour), not never.
 
 mod l7support;
@@ -10,12 +10,13 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, SvcPort, World};
-use l7support::{sa, start_agents, Conn, HttpApp, NS};
+use l7support::{sa, start_agents, Conn, GrpcApp, HttpApp, NS};
 use support::{in_pod, Mode, Server, SETTLE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 16, 10);
 const RAW: Ipv4Addr = Ipv4Addr::new(10, 96, 16, 11);
+const GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 16, 12);
 
 const ISTIO: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -63,6 +64,7 @@ fn istio_automatic_protocol_selection_on_undeclared_ports() {
     // Writes its whoami line first, then echoes: server-first to a client that waits, and
     // client-first to one that writes at once.
     let raw = Server::start(&v1, &[sa(v1.ip4(), 7000)], Mode::WhoamiEcho);
+    let _grpc = GrpcApp::start(&v1, 9000);
     let yaml = ClusterYaml::new()
         .ambient(NS)
         .pods([&client, &v1, &v2])
@@ -81,8 +83,16 @@ fn istio_automatic_protocol_selection_on_undeclared_ports() {
             &[SvcPort::unnamed(7000, 7000)],
             &[&v1],
             true,
+        )
+        .service(
+            "grpc",
+            NS,
+            GRPC,
+            &[SvcPort::unnamed(9000, 9000)],
+            &[&v1],
+            true,
         );
-    let _agents = start_agents(
+    let agents = start_agents(
         &world,
         &[(&n1, &[&client]), (&n2, &[&v1, &v2])],
         &yaml,
@@ -113,6 +123,30 @@ fn istio_automatic_protocol_selection_on_undeclared_ports() {
             assert_eq!(v, version, "the app hears the client's version: {seen:?}");
         }
     }
+
+    // gRPC is HTTP/2 with prior knowledge: detected, and kept HTTP/2 upstream.
+    let status = in_pod(&client, || async {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC}:9000"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connect");
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "ambit.Serving".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .map_err(|e| format!("{e:?}"))
+    });
+    assert_eq!(
+        status,
+        Ok(tonic_health::pb::health_check_response::ServingStatus::Serving as i32),
+        "{}",
+        agents[0].log_tail()
+    );
 
     // A client-first TCP protocol: bytes unchanged both ways, to the address it dialled.
     let dst = sa(RAW, 7000);
