@@ -132,6 +132,11 @@ fn tcp_traffic_shifting_and_tls_routes_by_sni() {
         reached
     });
     let to = |p: &ambit::harness::Pod| reached.get(&IpAddr::from(p.ip4())).copied().unwrap_or(0);
+    eprintln!(
+        "80/20 over 1,000 connections: v1 {} v2 {}",
+        to(&v1),
+        to(&v2)
+    );
     assert_eq!(
         to(&v1) + to(&v2),
         1000,
