@@ -237,7 +237,7 @@ pub type AppBody = BoxBody<Bytes, Infallible>;
 /// it saw, as JSON: `{"pod", "method", "path", "authority", "version", "headers"}` (header values
 /// joined with ","), with the headers `x-served-by: <pod>`, `x-app-private: secret` and
 /// `x-app-version: 1`. Special paths: `/status/<code>` answers
-/// that code; `GET /bytes/<n>` answers n bytes of the block stream; `POST /upload` answers the
+/// that code; `/close` answers with `Connection: close` and closes; `GET /bytes/<n>` answers n bytes of the block stream; `POST /upload` answers the
 /// body's length and hash. Every answer waits `delay` first.
 pub struct HttpApp {
     /// Connections accepted.
@@ -389,6 +389,8 @@ async fn answer(cfg: Arc<AppCfg>, req: Request<Incoming>) -> Result<Response<App
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    // The app closes the connection after this answer.
+    let close = path == "/close";
     let body = json!({
         "pod": cfg.name,
         "method": req.method().as_str(),
@@ -399,7 +401,14 @@ async fn answer(cfg: Arc<AppCfg>, req: Request<Incoming>) -> Result<Response<App
     });
     // The request body is read to the end so the connection can be reused.
     let _ = req.into_body().collect().await;
-    Ok(reply(status, full(body.to_string())))
+    let mut resp = reply(status, full(body.to_string()));
+    if close {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(resp)
 }
 
 fn full(s: impl Into<Bytes>) -> AppBody {
