@@ -28,7 +28,7 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
-pub use agent::{ClusterYaml, LocalAgent};
+pub use agent::{ClusterYaml, LocalAgent, SvcPort};
 pub use cgroup::cgroup_root;
 pub use fake_kube::{FakeKube, FakeKubeError};
 pub use netns::{netns_inode, run_async_in_netns, run_in_netns, NETNS_DIR};

@@ -25,6 +25,40 @@ pub struct ClusterYaml {
     terminating: Vec<String>,
     /// Pod name → netns path written instead of the pod's own (local mode's annotation).
     netns_overrides: Vec<(String, PathBuf)>,
+    /// Services with their EndpointSlices, and other YAML documents (Istio objects), written
+    /// after the pods.
+    extra_docs: Vec<String>,
+}
+
+/// A Service port: its name (Istio's protocol selection reads it; None declares nothing), the
+/// Service port, and the pods' target port.
+#[derive(Debug, Clone)]
+pub struct SvcPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: u16,
+    /// `appProtocol`, which wins over the name (Istio).
+    pub app_protocol: Option<String>,
+}
+
+impl SvcPort {
+    pub fn named(name: &str, port: u16, target: u16) -> Self {
+        SvcPort {
+            name: Some(name.to_string()),
+            port,
+            target,
+            app_protocol: None,
+        }
+    }
+    /// A port without a name or appProtocol: its protocol is detected.
+    pub fn unnamed(port: u16, target: u16) -> Self {
+        SvcPort {
+            name: None,
+            port,
+            target,
+            app_protocol: None,
+        }
+    }
 }
 
 impl ClusterYaml {
@@ -72,6 +106,71 @@ impl ClusterYaml {
     pub fn annotate(mut self, pod: &Pod, key: &str, value: &str) -> Self {
         self.extra_annotations
             .push((pod.name().to_string(), key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Adds a Service (ClusterIP `vip`) and one EndpointSlice listing `backends` (IPv4, ready
+    /// unless `ready` is false, each with its node and a `targetRef` to its pod).
+    pub fn service(
+        mut self,
+        name: &str,
+        namespace: &str,
+        vip: std::net::Ipv4Addr,
+        ports: &[SvcPort],
+        backends: &[&Pod],
+        ready: bool,
+    ) -> Self {
+        // Selects by the backends' `app` label (the Service's name if they have none).
+        let app = backends
+            .first()
+            .and_then(|p| p.labels().get("app").cloned())
+            .unwrap_or_else(|| name.to_string());
+        let mut doc = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  clusterIP: \"{vip}\"\n  selector: {{app: {app}}}\n  ports:\n"
+        );
+        for p in ports {
+            let _ = write!(doc, "  - {{port: {}, targetPort: {}", p.port, p.target);
+            if let Some(n) = &p.name {
+                let _ = write!(doc, ", name: {n}");
+            }
+            if let Some(a) = &p.app_protocol {
+                let _ = write!(doc, ", appProtocol: {a}");
+            }
+            doc.push_str("}\n");
+        }
+        let _ = write!(
+            doc,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {namespace}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n"
+        );
+        for p in ports {
+            let _ = write!(doc, "- {{port: {}, protocol: TCP", p.target);
+            if let Some(n) = &p.name {
+                let _ = write!(doc, ", name: {n}");
+            }
+            doc.push_str("}\n");
+        }
+        if backends.is_empty() {
+            doc.push_str("endpoints: []\n");
+        } else {
+            doc.push_str("endpoints:\n");
+        }
+        for pod in backends {
+            let _ = writeln!(
+                doc,
+                "- {{addresses: [\"{}\"], conditions: {{ready: {ready}}}, nodeName: {}, targetRef: {{kind: Pod, name: {}, namespace: {}}}}}",
+                pod.ip4(),
+                pod.node_name(),
+                pod.name(),
+                pod.namespace()
+            );
+        }
+        self.extra_docs.push(doc);
+        self
+    }
+
+    /// Adds YAML documents as they are (Istio objects, say), written after everything else.
+    pub fn raw(mut self, yaml: &str) -> Self {
+        self.extra_docs.push(yaml.trim_matches('\n').to_string());
         self
     }
 
@@ -139,6 +238,9 @@ impl ClusterYaml {
                 ip4 = pod.ip4(),
                 ip6 = pod.ip6(),
             );
+        }
+        for doc in &self.extra_docs {
+            let _ = write!(out, "{doc}\n---\n");
         }
         out
     }

@@ -1,0 +1,149 @@
+//! Istio's request metrics at the source, as Prometheus scrapes them, through real agents
+//! (issue 11, acceptance 6's `/metrics` half, and gRPC's status label): one
+//! `istio_requests_total` series per outcome, with Envoy's response flags and the gRPC status.
+
+mod l7support;
+mod support;
+
+use std::net::Ipv4Addr;
+
+use ambit::harness::{ClusterYaml, SvcPort, World};
+use l7support::{metric, sa, start_agents, Conn, GrpcApp, HttpApp, NS};
+use support::{in_pod, SETTLE};
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 10);
+const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 11);
+const DOWN: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 12);
+const GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 13);
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /known}}]
+    route: [{destination: {host: web}}]
+"#;
+
+/// Istio's standard metrics: the counter is `istio_requests_total` (the Prometheus name Istio's
+/// dashboards and docs query), one series per (response_code, response_flags,
+/// grpc_response_status, ...).
+#[test]
+#[ignore = "bug: the request counter is exposed as `istio_requests_total_total` (family registered with its `_total` already; prometheus-client adds another); see report"]
+fn istio_requests_total_counts_each_outcome_with_its_flags_and_grpc_status() {
+    support::raise_fd_limit();
+    let world = World::new("l7-telemetry");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("sleep")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "sleep")
+        .spawn();
+    let server = world
+        .pod("web")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "web")
+        .spawn();
+    let _web = HttpApp::start(&server, 8080);
+    let _grpc = GrpcApp::start(&server, 9090);
+    let http = |target| [SvcPort::named("http", 80, target)];
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server])
+        .service("web", NS, WEB, &http(8080), &[&server], true)
+        .service("empty", NS, EMPTY, &http(8080), &[&server], false)
+        .service("down", NS, DOWN, &http(8099), &[&server], true)
+        .service(
+            "grpc",
+            NS,
+            GRPC,
+            &[SvcPort::named("grpc", 9090, 9090)],
+            &[&server],
+            true,
+        );
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        ROUTES,
+        &[],
+    );
+    let a1 = &agents[0];
+
+    in_pod(&client, || async {
+        for (vip, host, path, want) in [
+            (WEB, "web", "/known/1", 200),
+            (WEB, "web", "/unknown", 404),
+            (EMPTY, "empty", "/uh", 503),
+            (DOWN, "down", "/uf", 503),
+        ] {
+            let conn = Conn::h1(sa(vip, 80)).await;
+            assert_eq!(conn.get(host, path, &[]).await.status, want, "{path}");
+        }
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC}:9090"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connect");
+        let mut health = HealthClient::new(channel);
+        for service in ["ambit.Serving", "ambit.Missing"] {
+            let _ = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await;
+        }
+    });
+
+    let count = |m: &str, labels: &[(&str, &str)]| {
+        let mut all = vec![("reporter", "source")];
+        all.extend_from_slice(labels);
+        metric(m, "istio_requests_total", &all)
+    };
+    let expected: [(&[(&str, &str)], u64); 6] = [
+        (
+            &[
+                ("request_protocol", "http"),
+                ("response_code", "200"),
+                ("response_flags", "-"),
+            ],
+            1,
+        ),
+        (&[("response_code", "404"), ("response_flags", "NR")], 1),
+        (&[("response_code", "503"), ("response_flags", "UH")], 1),
+        (&[("response_code", "503"), ("response_flags", "UF")], 1),
+        (
+            &[
+                ("request_protocol", "grpc"),
+                ("response_code", "200"),
+                ("grpc_response_status", "0"),
+            ],
+            1,
+        ),
+        (
+            &[
+                ("request_protocol", "grpc"),
+                ("response_code", "200"),
+                ("grpc_response_status", "5"),
+            ],
+            1,
+        ),
+    ];
+    a1.wait_for_metrics("every request counted", SETTLE, |m| {
+        expected.iter().all(|(l, n)| count(m, l) >= *n)
+    });
+    let (_, m) = a1.http_get("/metrics");
+    for (labels, n) in &expected {
+        assert_eq!(count(&m, labels), *n, "{labels:?}\n{m}");
+    }
+    assert!(
+        !m.contains("istio_requests_total_total"),
+        "no doubled suffix: {m}"
+    );
+}
