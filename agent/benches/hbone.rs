@@ -6,8 +6,6 @@
 //! Run with `cargo bench -p ambit-agent --bench hbone`.
 #![deny(unsafe_code)]
 
-#[path = "hbone/agents.rs"]
-mod agents;
 #[path = "common/mod.rs"]
 mod common;
 #[path = "hbone/json.rs"]
@@ -18,10 +16,10 @@ mod measure;
 mod report;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Instant;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, World};
+use common::agents::{self, AMBIT_BIN};
 use common::machine::{env_or, first_line, print_machine, raise_fd_limit, require_root};
 use common::workload;
 use measure::{server_port, Bench, LatPart, PathSetup};
@@ -36,8 +34,6 @@ const MAX_RUNS: usize = 50;
 const CHUNK: usize = 1024 * 1024;
 /// Round trips at the start of each latency connection that are not timed.
 const UNTIMED_PINGS: usize = 200;
-/// The agent binary cargo built for this bench (bench profile, like the bench itself).
-const AMBIT_BIN: &str = env!("CARGO_BIN_EXE_ambit");
 /// The cold-pool agents' extra flags: close an HBONE connection when its last stream ends, and
 /// put one stream on each. The idle timeout alone is not enough: the client's next connection
 /// arrives while the previous stream is still closing and rides on its connection (measured: 0.03
@@ -113,16 +109,6 @@ fn header(cfg: &Config) {
     );
 }
 
-fn agent(world: &World, node: &ambit::harness::Node, args: &str, yaml: &ClusterYaml) -> LocalAgent {
-    let mut a = args.split_whitespace().fold(
-        LocalAgent::new(world, node, Path::new(AMBIT_BIN)),
-        |a, arg| a.arg(arg),
-    );
-    yaml.write(&a.config_dir());
-    a.start(world);
-    a
-}
-
 fn main() {
     let cfg = Config::from_env();
     header(&cfg);
@@ -154,10 +140,10 @@ fn main() {
         .plain("plain")
         .pods(clients.iter().chain(&servers));
     let agents = vec![
-        agent(&world, &nodes[0], &cfg.warm_args, &yaml),
-        agent(&world, &nodes[1], &cfg.warm_args, &yaml),
-        agent(&world, &nodes[2], &cfg.cold_args, &yaml),
-        agent(&world, &nodes[3], &cfg.cold_args, &yaml),
+        agents::start(&world, &nodes[0], &cfg.warm_args, &yaml, &[]),
+        agents::start(&world, &nodes[1], &cfg.warm_args, &yaml, &[]),
+        agents::start(&world, &nodes[2], &cfg.cold_args, &yaml, &[]),
+        agents::start(&world, &nodes[3], &cfg.cold_args, &yaml, &[]),
     ];
     agents[0].wait_enrolled(&[&clients[B]]);
     agents[1].wait_enrolled(&[&servers[B]]);

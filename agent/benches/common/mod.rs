@@ -1,8 +1,9 @@
-//! Code the two network benches (`hbone`, `capture`) share. Each bench is its own crate, so each
+//! Code the network benches (`capture`, `hbone`, `l7`) share. Each bench is its own crate, so each
 //! includes this directory with `#[path = "common/mod.rs"] mod common;`.
 // Each bench uses only part of this module.
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod counters;
 pub mod cpu;
 pub mod json;

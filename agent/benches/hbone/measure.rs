@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ambit::harness::{LocalAgent, Pod};
 
-use crate::agents::{self, Counters};
+use crate::common::agents::{self, Counters};
 use crate::common::cpu::Meter;
 use crate::common::stats::percentile;
 use crate::report::{ConnSample, LatSample, TputSample};

@@ -1,13 +1,40 @@
-//! The four agents (a warm-pool pair on n1/n2, a cold-pool pair on n3/n4) as the bench sees them:
-//! their CPU time from /proc, and the counters of their status files that show which way each
-//! measured connection went.
+//! The node agents as the benches see them: started from the `ambit` cargo built for the bench,
+//! their CPU time and RSS from /proc, and the counters of their status files that show which way
+//! each measured connection went.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ambit::harness::LocalAgent;
+use ambit::harness::{ClusterYaml, LocalAgent, Node, World};
 use serde_json::Value;
 
 use crate::common::counters::counters;
+
+/// The agent binary cargo built for this bench (bench profile, like the bench itself).
+pub const AMBIT_BIN: &str = env!("CARGO_BIN_EXE_ambit");
+
+/// Starts the agent of `node` with the extra flags `args` (split on whitespace), `yaml` as its
+/// `cluster.yaml`, and each of `files` (name, YAML text) beside it in its config directory.
+pub fn start(
+    world: &World,
+    node: &Node,
+    args: &str,
+    yaml: &ClusterYaml,
+    files: &[(&str, &str)],
+) -> LocalAgent {
+    let mut a = args.split_whitespace().fold(
+        LocalAgent::new(world, node, Path::new(AMBIT_BIN)),
+        |a, arg| a.arg(arg),
+    );
+    let dir = a.config_dir();
+    yaml.write(&dir);
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+    a.start(world);
+    a
+}
 
 counters! {
     /// Counters of one agent (status file: `proxy.*`, `pool.*`).
@@ -22,6 +49,12 @@ counters! {
         pub pool_connections_opened,
         pub pool_streams_opened,
         pub pool_streams_reused,
+        /// Outbound connections served at L7 (HTTP routed per request).
+        pub outbound_http,
+        /// HTTP requests received from enrolled pods' apps.
+        pub http_requests,
+        /// HTTP requests the proxy answered itself (no route, no endpoint, upstream failure...).
+        pub http_local_replies,
         /// Every failure counter summed: connect and tunnel failures, refusals, resets.
         pub failures,
     }
@@ -60,6 +93,11 @@ impl Counters {
             pool_connections_opened: get("pool.connections_opened"),
             pool_streams_opened: get("pool.streams_opened"),
             pool_streams_reused: get("pool.streams_reused"),
+            // Absent from agents older than the L7 path (0 there, which the l7 bench's checks
+            // reject; the hbone bench expects 0).
+            outbound_http: s["proxy"]["outbound_http"].as_u64().unwrap_or(0),
+            http_requests: s["proxy"]["http_requests"].as_u64().unwrap_or(0),
+            http_local_replies: s["proxy"]["http_local_replies"].as_u64().unwrap_or(0),
             failures,
         }
     }
@@ -124,6 +162,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .map(|v| v.parse().unwrap_or(0))
         .collect();
     f.iter().sum::<u64>() as f64 / clock_ticks()
+}
+
+/// Resident set size of a process now, in bytes (`VmRSS` of /proc/<pid>/status); 0 when it is
+/// gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// CPU seconds of each agent so far.
