@@ -151,7 +151,6 @@ fn http1_keep_alive_and_http2_multiplexing_upstream() {
 /// requests, first cold (no connection yet), then again on the warm connection, should reach
 /// the app over one connection.
 #[test]
-#[ignore = "bug: concurrent HTTP/2 requests open extra upstream connections, cold (100 for 100) and warm (intermittently 2 to 74 for 100); see report"]
 fn http2_multiplexes_100_concurrent_requests_on_one_upstream_connection() {
     let Setup { client, server, .. } = &setup(
         "l7-h2-cold",

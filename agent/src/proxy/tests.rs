@@ -17,6 +17,7 @@ mod world;
 
 mod close;
 mod hbone_server;
+mod http_behaviour;
 mod http_grpc;
 mod http_handling;
 mod http_routing;

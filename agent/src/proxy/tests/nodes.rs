@@ -261,7 +261,9 @@ impl Node {
                 .filter(|l| {
                     fields.iter().all(|(k, v)| match &l[*k] {
                         serde_json::Value::String(s) => s == v,
-                        other => other.to_string() == *v,
+                        other => {
+                            serde_json::from_str::<serde_json::Value>(v).is_ok_and(|w| &w == other)
+                        }
                     })
                 })
                 .collect();

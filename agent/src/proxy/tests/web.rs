@@ -260,6 +260,13 @@ pub struct H1 {
     pub driver: JoinHandle<()>,
 }
 
+/// The test's end of the connection closes with it.
+impl Drop for H1 {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
 impl H1 {
     pub async fn send(&mut self, req: Request<Body>) -> Response<Incoming> {
         within("the connection to be ready", self.sender.ready())
@@ -288,6 +295,12 @@ impl H1 {
 pub struct H2 {
     pub sender: hyper::client::conn::http2::SendRequest<Body>,
     pub driver: JoinHandle<()>,
+}
+
+impl Drop for H2 {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 impl H2 {
