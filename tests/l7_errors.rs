@@ -155,6 +155,11 @@ fn envoy_response_flags_bad_input_and_a_route_change_under_http2() {
         assert_eq!(l["response_flags"], flag, "{l}");
         assert_eq!(l["reporter"], "source", "{l}");
     }
+    // A request no route takes is still one for the Service the app addressed.
+    assert_eq!(
+        line("/unknown")["destination_service"],
+        format!("web.{NS}.svc.cluster.local")
+    );
     // Malformed requests → 400 and the connection closed; headers over the limit → 431.
     let web = sa(WEB, 80);
     let (bad_header, bad_line, big) = in_pod(&client, || async {

@@ -226,6 +226,14 @@ fn istio_tcp_metrics_and_the_access_log_report_both_ends_exactly() {
         assert_eq!(l["bytes_received"], REQUEST as u64);
         assert_eq!(l["response_flags"], "-");
         assert_eq!(l["downstream_local_address"], vip.to_string());
+        assert_eq!(
+            l["downstream_remote_address"]
+                .as_str()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| a.ip()),
+            Some(IpAddr::from(client.ip4())),
+            "the app's own address, as the app knows it: {l}"
+        );
         assert_eq!(l["upstream_host"], app.to_string());
         assert!(
             l["start_time"].as_str().is_some_and(|t| t.ends_with('Z')),

@@ -5,8 +5,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+mod l7;
+
 use crate::harness::apps::{whoami, Mode, Server};
-use crate::harness::{ClusterYaml, HarnessError, LocalAgent, Pod, World};
+use crate::harness::{ClusterYaml, HarnessError, LocalAgent, Pod, SvcPort, World};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -49,6 +51,18 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         .node(&node)
         .namespace("legacy")
         .try_spawn()?;
+    let reviews = ["v1", "v2"].map(|version| {
+        world
+            .pod(&format!("reviews-{version}"))
+            .node(&node)
+            .namespace("shop")
+            .sa("reviews")
+            .label("app", "reviews")
+            .label("version", version)
+            .try_spawn()
+    });
+    let [v1, v2] = reviews;
+    let (v1, v2) = (v1?, v2?);
     println!(
         "world {}: node {} (bridge {})",
         world.prefix(),
@@ -59,9 +73,11 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         (&client, "enrolled"),
         (&server, "enrolled"),
         (&legacy, "not enrolled"),
+        (&v1, "enrolled"),
+        (&v2, "enrolled"),
     ] {
         println!(
-            "  pod {}/{:<7} {} {}  ({note})",
+            "  pod {}/{:<10} {} {}  ({note})",
             pod.namespace(),
             pod.name(),
             pod.ip4(),
@@ -75,6 +91,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         Mode::WhoamiEcho,
     );
     let _legacy_app = Server::start(&legacy, &[sa(legacy.ip4(), 9090)], Mode::WhoamiEcho);
+    let _reviews_apps = [&v1, &v2].map(|pod| l7::http_app(pod, l7::REVIEWS_PORT));
 
     let exe = std::env::current_exe().map_err(DemoError::Exe)?;
     let access_log = world.state_dir().join("access.log");
@@ -83,7 +100,16 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     ClusterYaml::new()
         .ambient("shop")
         .plain("legacy")
-        .pods([&client, &server, &legacy])
+        .pods([&client, &server, &legacy, &v1, &v2])
+        .service(
+            "reviews",
+            "shop",
+            l7::REVIEWS_VIP,
+            &[SvcPort::named("http", l7::REVIEWS_PORT, l7::REVIEWS_PORT)],
+            &[&v1, &v2],
+            true,
+        )
+        .raw(l7::ROUTES)
         .write(&agent.config_dir());
     println!("\nnamespace shop is labelled istio.io/dataplane-mode=ambient; starting the agent");
     println!(
@@ -92,8 +118,8 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         agent.bpffs().display()
     );
     agent.start(&world);
-    agent.wait_enrolled(&[&client, &server]);
-    println!("  enrolled: shop/client, shop/server\n");
+    agent.wait_enrolled(&[&client, &server, &v1, &v2]);
+    println!("  enrolled: shop/client, shop/server, shop/reviews-v1, shop/reviews-v2\n");
 
     println!("traffic (each server reports the peer and local address it saw):");
     let ip_of = |ip: IpAddr| -> &str {
@@ -191,6 +217,8 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     if let Some(first) = log.lines().next() {
         println!("  {first}");
     }
+
+    l7::show(&client, &agent, &access_log)?;
 
     if args.keep {
         println!(

@@ -105,6 +105,16 @@ impl PodContext {
             .copied()
             .find(|p| p.is_ipv4() == ip.is_ipv4())
     }
+
+    /// The app's address of a captured outbound connection, as the app knows it: the proxy sees
+    /// the loopback address the kernel bound the socket to; the app (through the getsockname
+    /// hook) and Envoy's access log see its pod IP, port unchanged.
+    pub fn app_address(&self, peer: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        match self.ip_like(dst.ip()) {
+            Some(ip) if peer.ip().is_loopback() => SocketAddr::new(ip, peer.port()),
+            _ => peer,
+        }
+    }
 }
 
 /// Closes a socket with RST instead of FIN (linger 0), as a refused connection would.

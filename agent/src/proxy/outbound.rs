@@ -222,7 +222,11 @@ async fn tcp(
                 service: service.map(ServiceRef),
                 ..labels
             };
-            let result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+            let result = ConnectionResult::open(
+                &pi.telemetry,
+                labels,
+                (pod.app_address(peer.0, dst.0), dst.0),
+            );
             result.finish(Err(e));
             reset(stream)
         }
@@ -249,7 +253,11 @@ async fn tcp(
                 mtls,
                 ..labels
             };
-            let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+            let mut result = ConnectionResult::open(
+                &pi.telemetry,
+                labels,
+                (pod.app_address(peer.0, dst.0), dst.0),
+            );
             let outcome = match route {
                 Route::Hbone {
                     endpoint, identity, ..

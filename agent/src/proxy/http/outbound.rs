@@ -48,7 +48,7 @@ pub struct HttpConn {
     pub pi: Arc<ProxyInputs>,
     pub pod: Arc<PodContext>,
     pub peer: PeerAddr,
-    /// The proxy's listener address (the access log's downstream local address).
+    /// The proxy's listener address.
     pub local: SocketAddr,
     pub dst: OrigDst,
     /// The port's protocol: declared, or what the first bytes showed.
@@ -480,12 +480,18 @@ impl HttpConn {
         request_id: &HeaderValue,
         authority: Option<&str>,
     ) -> RequestResult {
+        // The Service the app addressed, until routing says where the request went (a request
+        // no route takes is still one for it, as Istio reports it).
+        let addressed = match self.pi.snapshot.load().state.destination(self.dst.0) {
+            Some(crate::state::Destination::Service { service, .. }) => Some(ServiceRef(service)),
+            _ => None,
+        };
         let labels = RequestLabels {
             conn: TcpLabels {
                 reporter: Reporter::Source,
                 source: Peer::Workload(self.pod.istio.clone()),
                 destination: Peer::Unknown,
-                service: None,
+                service: addressed,
                 flags: "-",
                 mtls: false,
             },
@@ -524,7 +530,7 @@ impl HttpConn {
         RequestResult::start(
             &self.pi.telemetry,
             labels,
-            (self.peer.0, self.local),
+            (self.pod.app_address(self.peer.0, self.dst.0), self.dst.0),
             head + header_bytes(req.headers()),
             log,
         )

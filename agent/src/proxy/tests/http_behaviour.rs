@@ -92,6 +92,14 @@ spec:
         assert_eq!(line[field], want, "{field} in {line:#}");
     }
     assert_eq!(line["response_code"], 200, "{line:#}");
+    // As Envoy logs it with iptables: the app's own address, and the address it dialled.
+    assert!(
+        line["downstream_remote_address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{}:", client.ip))),
+        "{line:#}"
+    );
+    assert_eq!(line["downstream_local_address"], format!("{vip}:{PORT}"));
     assert!(
         line["upstream_host"]
             .as_str()
