@@ -299,3 +299,6 @@ fn endpoints(
         .collect();
     (endpoints, labels)
 }
+
+#[cfg(test)]
+mod tests;

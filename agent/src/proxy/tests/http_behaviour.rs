@@ -221,3 +221,106 @@ async fn a_server_first_protocol_on_an_undeclared_port_is_forwarded_after_the_de
     assert_eq!(n1.count(|c| &c.outbound_sniffed), 1);
     assert_eq!(n1.count(|c| &c.outbound_http), 0, "not taken for HTTP");
 }
+
+/// Istio's ServiceEntry as a routing target: a `STATIC` entry's endpoints, outside the mesh, are
+/// reached in plaintext through a VirtualService's subsets (the DestinationRule's subsets select
+/// endpoints by their labels); a `NONE` entry's port is routed at L7 and forwarded to the address
+/// the app dialled.
+#[tokio::test]
+async fn service_entry_hosts_are_routed_static_by_subset_and_none_to_the_original_destination() {
+    let mut world = World::new();
+    let client = world.pod("client").node("n1").add();
+    let (ext1, ext2, ext_vip, passthrough) = (
+        world.outside_ip(),
+        world.outside_ip(),
+        world.outside_ip(),
+        world.outside_ip(),
+    );
+    world.yaml(&format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: mesh}}
+spec:
+  hosts: [api.example.com]
+  addresses: ["{ext_vip}"]
+  ports: [{{number: {PORT}, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints:
+  - {{address: "{ext1}", labels: {{version: v1}}}}
+  - {{address: "{ext2}", labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: mesh}}
+spec:
+  host: api.example.com
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: mesh}}
+spec:
+  hosts: [api.example.com]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: api.example.com, subset: v2}}}}]
+  - route: [{{destination: {{host: api.example.com, subset: v1}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: mesh}}
+spec:
+  hosts: [legacy.internal]
+  addresses: ["{passthrough}"]
+  ports: [{{number: {PORT}, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: legacy, namespace: mesh}}
+spec:
+  hosts: [legacy.internal]
+  http:
+  - headers: {{response: {{set: {{x-routed: legacy}}}}}}
+    route: [{{destination: {{host: legacy.internal}}}}]
+"#
+    ));
+    let mesh = world.start().await;
+    let _v1 = mesh.http_app(SocketAddr::new(ext1, PORT), "ext-v1").await;
+    let _v2 = mesh.http_app(SocketAddr::new(ext2, PORT), "ext-v2").await;
+    let _legacy = mesh
+        .http_app(SocketAddr::new(passthrough, PORT), "legacy")
+        .await;
+
+    let mut api = mesh.h1(&client, SocketAddr::new(ext_vip, PORT)).await;
+    for _ in 0..3 {
+        let jason = api
+            .get("api.example.com", "/", &[("end-user", "jason")])
+            .await;
+        assert_eq!(jason.text(), "ext-v2 /");
+        assert_eq!(
+            api.get("api.example.com", "/", &[]).await.text(),
+            "ext-v1 /"
+        );
+    }
+    let mut legacy = mesh.h1(&client, SocketAddr::new(passthrough, PORT)).await;
+    let reply = legacy.get("legacy.internal", "/x", &[]).await;
+    assert_eq!(reply.text(), "legacy /x");
+    assert_eq!(
+        reply.header("x-routed"),
+        "legacy",
+        "routed at L7 on the way"
+    );
+
+    let line = mesh
+        .node("n1")
+        .wait_log(&[("authority", "legacy.internal")])
+        .await;
+    assert_eq!(line["destination_service"], "legacy.internal", "{line:#}");
+    assert_eq!(line["connection_security_policy"], "none", "{line:#}");
+    assert_eq!(line["upstream_host"], format!("{passthrough}:{PORT}"));
+}
