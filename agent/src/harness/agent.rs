@@ -521,10 +521,15 @@ impl LocalAgent {
         self.process.as_ref().map(Process::id)
     }
 
+    /// The log's last 40 lines (`AMBIT_LOG_TAIL=<n>`: n lines).
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
-        let start = lines.len().saturating_sub(40);
+        let n = std::env::var("AMBIT_LOG_TAIL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(40);
+        let start = lines.len().saturating_sub(n);
         format!(
             "--- agent log ({}) ---\n{}",
             self.log_path().display(),

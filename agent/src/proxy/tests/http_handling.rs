@@ -394,13 +394,14 @@ spec:
     assert_eq!(app.connections(), 2);
 }
 
-/// ambit bounds what a burst leaves behind: after 20 overlapping requests (20 upstream
-/// connections), at most `MAX_IDLE_HTTP1` (16) stay idle per source pod and endpoint.
+/// ambit bounds what a burst leaves behind: after `MAX_IDLE_HTTP1` + 4 overlapping requests (as
+/// many upstream connections), at most `MAX_IDLE_HTTP1` stay idle per source pod and endpoint.
 #[tokio::test]
-async fn at_most_16_idle_http1_connections_stay_per_endpoint() {
+async fn at_most_max_idle_http1_connections_stay_per_endpoint() {
     use crate::proxy::http::client::MAX_IDLE_HTTP1;
+    let burst = MAX_IDLE_HTTP1 + 4;
     let (mesh, client, web, vip) = web("http", "").await;
-    let all_in = Arc::new(Barrier::new(20));
+    let all_in = Arc::new(Barrier::new(burst));
     let app = mesh
         .http_app_with(web.addr(PORT), "web", move |req| {
             let all_in = all_in.clone();
@@ -413,21 +414,51 @@ async fn at_most_16_idle_http1_connections_stay_per_endpoint() {
         })
         .await;
     let mut conns = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..burst {
         conns.push(mesh.h1(&client, vip).await);
     }
-    let burst = conns.iter_mut().map(|c| c.get("web", "/burst", &[]));
-    let replies = within("20 overlapping requests", futures::future::join_all(burst)).await;
+    let requests = conns.iter_mut().map(|c| c.get("web", "/burst", &[]));
+    let replies = within("overlapping requests", futures::future::join_all(requests)).await;
     assert!(replies.iter().all(|r| r.status == 200));
-    assert_eq!(app.connections(), 20);
-    // The next request finds 20 idle connections and keeps 16 (one of them for itself).
+    assert_eq!(app.connections(), burst);
+    // The next request finds them all idle and keeps MAX_IDLE_HTTP1 (one of them for itself).
     assert_eq!(conns[0].get("web", "/", &[]).await.status, 200);
     eventually("the idle connections beyond the cap are closed", || {
-        app.closed() == 20 - MAX_IDLE_HTTP1
+        app.closed() == burst - MAX_IDLE_HTTP1
     })
     .await;
-    assert_eq!(app.connections(), 20, "no new connection");
+    assert_eq!(app.connections(), burst, "no new connection");
     assert_eq!(mesh.node("n1").pi.upstreams.connections(), MAX_IDLE_HTTP1);
+}
+
+/// 64 clients at once on an HTTP/2 connection to an `http` port (HTTP/1.1 upstream, one
+/// connection per request in flight), round after round: every request is answered and the
+/// upstream connections are reused, not churned (a cap below the concurrency closed them, and
+/// sorting them by a key other requests were moving panicked).
+#[tokio::test]
+async fn concurrent_requests_reuse_their_upstream_http1_connections_round_after_round() {
+    let (mesh, client, web, vip) = web("http", "").await;
+    let app = mesh.http_app(web.addr(PORT), "web").await;
+    let conn = mesh.h2(&client, vip).await;
+    for round in 0..20 {
+        let paths: Vec<String> = (0..64).map(|i| format!("/{i}")).collect();
+        let requests = paths.iter().map(|p| conn.get("web", p, &[]));
+        let replies = within(
+            "64 concurrent requests",
+            futures::future::join_all(requests),
+        )
+        .await;
+        for (i, r) in replies.iter().enumerate() {
+            assert_eq!(r.text(), format!("web /{i}"), "round {round}");
+        }
+    }
+    assert_eq!(app.requests(), 20 * 64);
+    assert!(
+        app.connections() <= 64,
+        "{} upstream connections",
+        app.connections()
+    );
+    assert_eq!(app.closed(), 0, "none closed while in use");
 }
 
 /// A source pod that leaves the node takes its upstream connections with it
