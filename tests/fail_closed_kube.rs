@@ -217,6 +217,10 @@ fn while_policies_cannot_be_listed_every_client_is_refused_then_policy_applies()
         in_pod(&bad, || whoami(echo)).is_err(),
         "the denied client stays refused"
     );
+    // The app records a connection when it has ended: wait for the allowed one's record.
+    support::wait_until("the app records the allowed connection", || {
+        srv.count() >= 1
+    });
     assert_eq!(
         srv.count(),
         1,

@@ -7,7 +7,6 @@ mod l7support;
 mod support;
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, SvcPort, World};
 use l7support::{sa, start_agents, Conn, GrpcApp, HttpApp, NS};
@@ -185,6 +184,7 @@ fn istio_automatic_protocol_selection_on_undeclared_ports() {
         greeting.split_whitespace().nth(1) == Some(&format!("{}:7000", v1.ip4())),
         "{greeting:?}"
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // The server records a connection when it has ended: wait for both records.
+    support::wait_until("the server records both connections", || raw.count() >= 2);
     assert_eq!(raw.count(), 2, "two connections reached the server");
 }

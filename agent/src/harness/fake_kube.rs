@@ -381,15 +381,30 @@ current-context: fake
             socket.set_nonblocking(true)?;
             Ok(socket.into())
         };
-        let result = match &self.netns {
-            // The socket stays in the netns it was made in, whichever thread accepts on it.
-            Some(path) => run_in_netns(path, listen).map_err(|source| FakeKubeError::Netns {
-                path: path.clone(),
-                source,
-            })?,
-            None => listen(),
-        };
-        result.map_err(|source| FakeKubeError::Listen { addr, source })
+        // After `down`, the old listener's socket is closed when its aborted task is dropped,
+        // which on a busy machine can be a moment later: the port is retried while in use.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let result = match &self.netns {
+                // The socket stays in the netns it was made in, whichever thread accepts on it.
+                Some(path) => {
+                    run_in_netns(path, listen).map_err(|source| FakeKubeError::Netns {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
+                None => listen(),
+            };
+            match result {
+                Err(e)
+                    if e.kind() == io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.map_err(|source| FakeKubeError::Listen { addr, source }),
+            }
+        }
     }
 
     /// Accepts on `listener` until `down`, each connection a task of the set `down` aborts.
