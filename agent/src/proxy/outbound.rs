@@ -166,6 +166,7 @@ async fn serve_http(
     Counters::inc(&pi.counters.outbound_http);
     let conn = HttpConn {
         pi,
+        pod_key: format!("{}/{}", pod.namespace, pod.name),
         pod,
         peer,
         local,

@@ -47,6 +47,9 @@ pub const MAX_HEADER_BYTES: usize = 60 * 1024;
 pub struct HttpConn {
     pub pi: Arc<ProxyInputs>,
     pub pod: Arc<PodContext>,
+    /// `namespace/name` of the client pod, as the state keys workloads (made once per
+    /// connection, not per request).
+    pub pod_key: String,
     pub peer: PeerAddr,
     /// The proxy's listener address.
     pub local: SocketAddr,
@@ -113,10 +116,10 @@ impl HttpConn {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let authority = authority(&req).map(str::to_owned);
-        let mut result = self.start_result(&req, grpc, &request_id, authority.as_deref());
+        let mut result = self.start_result(&snap, &req, grpc, &request_id, authority.as_deref());
 
         let decided = {
-            let source = snap.state.workloads.get(self.pod_key().as_str());
+            let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
         let forward = match decided {
@@ -135,11 +138,6 @@ impl HttpConn {
                 .and_then(|r| r.name.as_deref().map(str::to_owned));
         }
         self.forward(&snap, forward, req, result).await
-    }
-
-    /// `namespace/name` of the client pod, as the state keys workloads.
-    fn pod_key(&self) -> String {
-        format!("{}/{}", self.pod.namespace, self.pod.name)
     }
 
     /// Routes the request: the VirtualService's route and destination, or a reply made here.
@@ -475,6 +473,7 @@ impl HttpConn {
     /// The request's telemetry, opened with what is known before routing.
     fn start_result(
         &self,
+        snap: &Snapshot,
         req: &Request<Incoming>,
         grpc: bool,
         request_id: &HeaderValue,
@@ -482,7 +481,7 @@ impl HttpConn {
     ) -> RequestResult {
         // The Service the app addressed, until routing says where the request went (a request
         // no route takes is still one for it, as Istio reports it).
-        let addressed = match self.pi.snapshot.load().state.destination(self.dst.0) {
+        let addressed = match snap.state.destination(self.dst.0) {
             Some(crate::state::Destination::Service { service, .. }) => Some(ServiceRef(service)),
             _ => None,
         };
