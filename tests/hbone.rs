@@ -298,7 +298,9 @@ fn hbone_between_nodes_is_intact_and_encrypted() {
 }
 
 /// Acceptance 2: concurrent connections from one pod to one destination share one HTTP/2
-/// connection; the 101st concurrent stream opens a second.
+/// connection; the 101st concurrent stream opens a second. Each data-plane worker pools its own
+/// connections (as Envoy's workers do), and a worker is whichever accepted the app's connection,
+/// so the agents run one worker here to make the count exact.
 #[test]
 fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
     support::raise_fd_limit();
@@ -309,7 +311,13 @@ fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
     let dst = sa(server.ip4(), 8080);
     let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
     let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
-    let (a1, _a2) = two_agents(&world, (&n1, &n2), &yaml, &[], (&[&client], &[&server]));
+    let (a1, _a2) = two_agents(
+        &world,
+        (&n1, &n2),
+        &yaml,
+        &["--workers", "1"],
+        (&[&client], &[&server]),
+    );
 
     // Open (and keep) 100 connections; each has its whoami line, so its stream is up.
     let open = |count: usize| {

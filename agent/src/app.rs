@@ -3,6 +3,7 @@
 //! control work never stalls traffic.
 
 mod control;
+mod data_plane;
 mod status;
 
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,7 @@ use crate::proxy::metrics::Telemetry;
 use crate::proxy::{Counters, ProxyInputs};
 use crate::state::store::Store;
 use control::{Control, Source};
+use data_plane::DataPlane;
 
 pub use status::Status;
 
@@ -102,7 +104,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         // Before any thread exists, so every thread starts in the node's netns.
         enter_netns(path)?;
     }
-    let (data_plane, control_rt) = runtimes(cfg.data_plane_threads)?;
+    let data_plane = DataPlane::start(cfg.data_plane_threads).map_err(AppError::Runtime)?;
+    let control_rt = control_runtime()?;
     // Bound here: after entering the node's netns, and before anything is installed, so a taken
     // port stops the agent with nothing to undo.
     let admin_listener = match cfg.metrics_addr {
@@ -145,7 +148,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         balancers: Default::default(),
         protocol_detection_timeout: cfg.protocol_detection_timeout,
     });
-    let node = Node::new(capture, pi.clone(), data_plane.handle().clone());
+    let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
@@ -165,7 +168,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     } else {
         info!("exiting; capture stays pinned and refuses connections until an agent is back");
     }
-    data_plane.shutdown_timeout(Duration::from_millis(100));
+    drop(data_plane);
     Ok(())
 }
 
@@ -183,20 +186,13 @@ pub fn check(path: &Path) -> Vec<String> {
     problems
 }
 
-/// The data-plane runtime (worker threads serving traffic) and the control runtime (one thread:
-/// watches, certificates, admin, the control loop).
-fn runtimes(data_plane_threads: usize) -> Result<(Runtime, Runtime), AppError> {
-    let data_plane = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(data_plane_threads.max(1))
-        .thread_name("ambit-data")
+/// The control runtime (one thread: watches, certificates, admin, the control loop); the data
+/// plane's workers are started apart ([`data_plane::DataPlane`]).
+fn control_runtime() -> Result<Runtime, AppError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(AppError::Runtime)?;
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(AppError::Runtime)?;
-    Ok((data_plane, control))
+        .map_err(AppError::Runtime)
 }
 
 /// The config source: the file source is polled by the control loop; the Kubernetes source runs

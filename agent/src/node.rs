@@ -96,16 +96,21 @@ pub struct PodStatus {
 pub struct Node {
     capture: Capture,
     pi: Arc<ProxyInputs>,
-    data_plane: Handle,
+    /// The data-plane workers' runtimes (at least one); every stage runs on each.
+    workers: Vec<Handle>,
     pods: BTreeMap<String, EnrolledPod>,
 }
 
 impl Node {
-    pub fn new(capture: Capture, pi: Arc<ProxyInputs>, data_plane: Handle) -> Self {
+    pub fn new(capture: Capture, pi: Arc<ProxyInputs>, workers: Vec<Handle>) -> Self {
+        assert!(
+            !workers.is_empty(),
+            "the data plane has at least one worker"
+        );
         Node {
             capture,
             pi,
-            data_plane,
+            workers,
             pods: BTreeMap::new(),
         }
     }
@@ -197,7 +202,7 @@ impl Node {
                 }
             })?;
         let ctx = Arc::new(self.pod_context(&spec, cookie, worker.clone()));
-        let _guard = self.data_plane.enter();
+        let _guard = self.workers[0].enter();
         // Fetched in the background; the HBONE listener and the pool wait for it.
         let cert = self.pi.secrets.acquire(&ctx.identity);
         let (tasks, inbound_fds) = self.start_stages(&ctx, &spec, listeners)?;
@@ -253,8 +258,10 @@ impl Node {
         }
     }
 
-    /// Starts the outbound, inbound (HBONE) and plaintext-inbound stages on the data-plane
-    /// runtime; returns their tasks and the plaintext listeners' fds by pod IP (for sk_lookup).
+    /// Starts the outbound, inbound (HBONE) and plaintext-inbound stages on every data-plane
+    /// worker, each accepting on its own descriptor of the same listener (a connection stays on
+    /// the worker that accepted it); returns their tasks and the plaintext listeners' fds by pod
+    /// IP (for sk_lookup).
     #[allow(clippy::type_complexity)]
     fn start_stages(
         &self,
@@ -263,53 +270,73 @@ impl Node {
         listeners: Listeners,
     ) -> Result<(Vec<JoinHandle<()>>, Vec<(IpAddr, std::os::fd::OwnedFd)>), NodeError> {
         let key = spec.key();
-        let to_tokio = |l: std::net::TcpListener| {
-            let addr = l
+        let listener_error = |l: &std::net::TcpListener, source| NodeError::Listener {
+            pod: key.clone(),
+            addr: l
                 .local_addr()
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-            tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Listener {
-                pod: key.clone(),
-                addr,
-                source,
-            })
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
         };
-        let (pi, pod) = (&self.pi, ctx);
-        let mut tasks = Vec::new();
-        for l in listeners.outbound {
-            let stage = Outbound {
-                pi: pi.clone(),
-                pod: pod.clone(),
-                listener: to_tokio(l)?,
-            };
-            tasks.push(self.data_plane.spawn(stage.run()));
-        }
+        // One tokio listener per worker, registered with that worker's runtime.
+        let per_worker = |l: &std::net::TcpListener| {
+            self.workers
+                .iter()
+                .map(|rt| {
+                    let _in_worker = rt.enter();
+                    l.try_clone()
+                        .and_then(tokio::net::TcpListener::from_std)
+                        .map(|t| (rt, t))
+                        .map_err(|e| listener_error(l, e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        // Every descriptor is made before any stage starts, so a failure leaves nothing running.
         let mut inbound_fds = Vec::new();
-        for (is_v4, l) in listeners.inbound {
-            let listener = to_tokio(l)?;
-            for ip in spec.ips.iter().filter(|ip| ip.is_ipv4() == is_v4) {
-                let fd = listener.as_fd().try_clone_to_owned().map_err(|source| {
-                    NodeError::Listener {
+        for (is_v4, l) in &listeners.inbound {
+            for ip in spec.ips.iter().filter(|ip| ip.is_ipv4() == *is_v4) {
+                let fd = l
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| NodeError::Listener {
                         pod: key.clone(),
                         addr: SocketAddr::new(*ip, INBOUND_PORT),
                         source,
-                    }
-                })?;
+                    })?;
                 inbound_fds.push((*ip, fd));
             }
+        }
+        let all = |ls: &mut dyn Iterator<Item = &std::net::TcpListener>| {
+            ls.map(per_worker).collect::<Result<Vec<_>, _>>()
+        };
+        let outbound = all(&mut listeners.outbound.iter())?;
+        let inbound = all(&mut listeners.inbound.iter().map(|(_, l)| l))?;
+        let hbone = all(&mut listeners.hbone.iter())?;
+
+        let (pi, pod) = (&self.pi, ctx);
+        let mut tasks = Vec::new();
+        for (rt, listener) in outbound.into_iter().flatten() {
+            let stage = Outbound {
+                pi: pi.clone(),
+                pod: pod.clone(),
+                listener,
+            };
+            tasks.push(rt.spawn(stage.run()));
+        }
+        for (rt, listener) in inbound.into_iter().flatten() {
             let stage = InboundPlain {
                 pi: pi.clone(),
                 pod: pod.clone(),
                 listener,
             };
-            tasks.push(self.data_plane.spawn(stage.run()));
+            tasks.push(rt.spawn(stage.run()));
         }
-        for l in listeners.hbone {
+        for (rt, listener) in hbone.into_iter().flatten() {
             let stage = Inbound {
                 pi: pi.clone(),
                 pod: pod.clone(),
-                listener: to_tokio(l)?,
+                listener,
             };
-            tasks.push(self.data_plane.spawn(stage.run()));
+            tasks.push(rt.spawn(stage.run()));
         }
         Ok((tasks, inbound_fds))
     }

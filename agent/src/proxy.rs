@@ -7,8 +7,9 @@
 //! What they share: `accept` (the one accept loop), `copy` (the one bidirectional copy),
 //! `connect` (sockets in the pod through [`SocketFactory`]), `hbone` (client pool, server, stream),
 //! `error` (why a connection failed, as a response flag), `counters` and `metrics` (ambit's
-//! counters, Istio's telemetry and the access log). The proxy gets its sockets and the original
-//! destinations through traits that `node` implements, so it never imports `node` or `ebpf`.
+//! counters, Istio's telemetry and the access log), `worker` (which data-plane thread this is).
+//! The proxy gets its sockets and the original destinations through traits that `node`
+//! implements, so it never imports `node` or `ebpf`.
 
 pub mod accept;
 pub mod access_log;
@@ -24,6 +25,7 @@ pub mod inbound_plain;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
+pub mod worker;
 
 #[cfg(test)]
 mod tests;

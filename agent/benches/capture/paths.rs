@@ -324,7 +324,7 @@ impl Ambit {
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {
-            node: Some(Node::new(capture, pi.clone(), rt.clone())),
+            node: Some(Node::new(capture, pi.clone(), vec![rt.clone()])),
             pi,
             bpffs_root,
             pin_dir: cfg.pin_dir(),

@@ -497,6 +497,7 @@ async fn hbone(
         return Err(Error::NoSourceAddress { dst });
     };
     let key = PoolKey {
+        worker: crate::proxy::worker::current(),
         src_netns: pod.netns_cookie,
         src_ip,
         src_id: pod.identity.clone(),

@@ -80,6 +80,8 @@ pub enum PoolError {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The data-plane worker whose connection it is (`proxy::worker`): each worker pools its own.
+    pub worker: usize,
     pub src_netns: u64,
     pub src_ip: IpAddr,
     pub src_id: Identity,

@@ -94,6 +94,8 @@ pub enum Version {
 /// Where one pooled connection goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UpstreamKey {
+    /// The data-plane worker whose connection it is (`proxy::worker`): each worker pools its own.
+    pub worker: usize,
     /// The source pod (its netns): connections leave from it, so they are its own.
     pub src_netns: u64,
     pub endpoint: SocketAddr,
@@ -642,6 +644,7 @@ pub async fn tunnel(
         });
     };
     let key = PoolKey {
+        worker: crate::proxy::worker::current(),
         src_netns: pod.netns_cookie,
         src_ip,
         src_id: pod.identity.clone(),

@@ -384,6 +384,7 @@ impl HttpConn {
             Request::from_parts(parts, http_body_util::BodyExt::boxed(upstream_body));
 
         let key = UpstreamKey {
+            worker: crate::proxy::worker::current(),
             src_netns: self.pod.netns_cookie,
             endpoint,
             tunnel,

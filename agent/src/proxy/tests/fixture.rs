@@ -98,6 +98,7 @@ impl Mesh {
             .find(|p| p.ip == dst.ip())
             .unwrap_or_else(|| panic!("no pod at {dst}"));
         let key = PoolKey {
+            worker: crate::proxy::worker::current(),
             src_netns: ctx.netns_cookie,
             src_ip: from.ip,
             src_id: ctx.identity.clone(),
