@@ -12,6 +12,7 @@ pub mod compile;
 pub mod entries;
 pub mod matching;
 mod objects;
+pub mod resilience;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -69,11 +70,12 @@ pub struct HttpRoute {
     /// Route-level header operations (each destination may add its own).
     pub headers: HeaderOps,
     pub cors: Option<Cors>,
-    /// Whole-request timeout (applied by the resilience work; parsed now).
+    /// Whole-request timeout (Istio: none by default; `0s` is none).
     pub timeout: Option<Duration>,
-    /// The VirtualService's route as written, for what later work applies (retries, fault,
-    /// mirrors).
-    pub spec: Arc<crate::config::istio::virtual_service::HttpRoute>,
+    /// None: `attempts: 0`; a route without `retries` has Istio's default policy.
+    pub retry: Option<resilience::RetryPolicy>,
+    pub fault: Option<resilience::Fault>,
+    pub mirrors: Vec<resilience::Mirror>,
 }
 
 #[derive(Debug)]

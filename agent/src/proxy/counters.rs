@@ -54,6 +54,20 @@ counters! {
     http_requests,
     /// HTTP requests answered by the proxy itself (no route, no endpoint, redirect, direct response, upstream failure).
     http_local_replies,
+    /// HTTP requests sent again under the route's retry policy (each retry counted).
+    http_retries,
+    /// HTTP requests whose retries ran out on a retriable result (flag `URX`).
+    http_retries_exhausted,
+    /// HTTP requests that timed out (the route's `timeout`, or the last try's `perTryTimeout`; flag `UT`).
+    http_timeouts,
+    /// HTTP requests delayed by a fault rule (flag `DI`).
+    http_fault_delays,
+    /// HTTP requests aborted by a fault rule (flag `FI`).
+    http_fault_aborts,
+    /// Copies of HTTP requests sent to a mirror.
+    http_mirrored,
+    /// Mirror copies that failed or were dropped (their responses are discarded either way).
+    http_mirror_failed,
     /// HBONE (15008) connections accepted.
     hbone_inbound_accepted,
     /// HBONE CONNECT streams received.

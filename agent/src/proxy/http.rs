@@ -7,6 +7,11 @@
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod fault;
+pub mod forward;
 pub mod headers;
+pub mod mirror;
 pub mod outbound;
+pub mod replay;
+pub mod retry;
 pub mod target;

@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use super::clusters::shaped_clusters;
 use super::entries::{compile_entry, DnsAnswers, Entry};
 use super::objects::{exported_to, objects, Obj, Spec};
+use super::resilience;
 use super::{
     Action, ClusterKey, Cors, HeaderEdits, HeaderMatch, HeaderOps, HttpRoute, L4Match,
     NamespaceRoutes, Redirect, RedirectPort, RequestMatch, Rewrite, Routes, StrMatch, TcpRoute,
@@ -358,8 +359,10 @@ impl Cx<'_, '_> {
             rewrite: r.rewrite.as_ref().map(|rw| self.rewrite(&field, rw)),
             headers: self.header_ops(&format!("{field}.headers"), r.headers.as_ref()),
             cors: r.cors_policy.as_ref().map(|c| self.cors(&field, c)),
-            timeout: r.timeout,
-            spec: Arc::new(r.clone()),
+            timeout: r.timeout.filter(|t| !t.is_zero()),
+            retry: resilience::retry_policy(r.retries.as_ref()),
+            fault: resilience::fault(r.fault.as_ref()),
+            mirrors: resilience::mirrors(r, |f, d| self.cluster_key(&format!("{field}.{f}"), d)),
         })
     }
 
@@ -464,31 +467,41 @@ impl Cx<'_, '_> {
         list: impl Iterator<Item = (&'d vs::Destination, i32, Option<&'d vs::Headers>)>,
     ) -> Vec<WeightedDestination> {
         list.enumerate()
-            .map(|(j, (d, weight, headers))| {
-                let host = fqdn(&d.host.to_ascii_lowercase(), self.namespace, &self.state.domain);
-                if !self.state.service_by_host.contains_key(host.as_str())
-                    && !self.state.istio_by_host.contains_key(&(Kind::ServiceEntry, Arc::from(host.as_str())))
-                {
-                    self.note(
-                        format!("{field}[{j}].destination.host"),
-                        format!("no Service or ServiceEntry defines host {host:?}: requests routed to it fail with 503"),
-                    );
-                }
-                WeightedDestination {
-                    cluster: ClusterKey {
-                        host: Arc::from(host),
-                        subset: (!d.subset.is_empty()).then(|| Arc::from(d.subset.as_str())),
-                        // 0: the request's port (Istio: optional when the service has one port).
-                        port: d
-                            .port
-                            .and_then(|p| u16::try_from(p.number).ok())
-                            .unwrap_or(0),
-                    },
-                    weight: u32::try_from(weight.max(0)).unwrap_or(0),
-                    headers: self.header_ops(&format!("{field}[{j}].headers"), headers),
-                }
+            .map(|(j, (d, weight, headers))| WeightedDestination {
+                cluster: self.cluster_key(&format!("{field}[{j}].destination"), d),
+                weight: u32::try_from(weight.max(0)).unwrap_or(0),
+                headers: self.header_ops(&format!("{field}[{j}].headers"), headers),
             })
             .collect()
+    }
+
+    /// The cluster a destination names; a host that no Service or ServiceEntry defines is noted.
+    fn cluster_key(&mut self, field: &str, d: &vs::Destination) -> ClusterKey {
+        let host = fqdn(
+            &d.host.to_ascii_lowercase(),
+            self.namespace,
+            &self.state.domain,
+        );
+        if !self.state.service_by_host.contains_key(host.as_str())
+            && !self
+                .state
+                .istio_by_host
+                .contains_key(&(Kind::ServiceEntry, Arc::from(host.as_str())))
+        {
+            self.note(
+                format!("{field}.host"),
+                format!("no Service or ServiceEntry defines host {host:?}: requests routed to it fail with 503"),
+            );
+        }
+        ClusterKey {
+            host: Arc::from(host),
+            subset: (!d.subset.is_empty()).then(|| Arc::from(d.subset.as_str())),
+            // 0: the request's port (Istio: optional when the service has one port).
+            port: d
+                .port
+                .and_then(|p| u16::try_from(p.number).ok())
+                .unwrap_or(0),
+        }
     }
 
     fn header_ops(&mut self, field: &str, h: Option<&vs::Headers>) -> HeaderOps {

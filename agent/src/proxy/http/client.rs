@@ -30,8 +30,9 @@ use crate::identity::Identity;
 use crate::proxy::hbone::{ConnectRequest, PoolError, PoolKey};
 use crate::proxy::{connect, PodContext, ProxyInputs};
 
-/// The body type requests and responses are carried in upstream.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// The body type requests are carried in upstream (a try's body fails with its own error when
+/// a newer try took it over, see `replay`).
+pub type Body = BoxBody<Bytes, super::replay::BoxError>;
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -59,6 +60,12 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// A DestinationRule connection-pool limit was reached (Envoy's circuit breaker).
+    #[error("{cluster}: connectionPool {limit} reached")]
+    Overflow {
+        cluster: String,
+        limit: &'static str,
+    },
 }
 
 impl UpstreamError {
@@ -67,6 +74,7 @@ impl UpstreamError {
     /// Envoy's `%RESPONSE_CODE_DETAILS%` for the reply made in its place.
     pub fn details(&self) -> &'static str {
         match self.response_flag() {
+            "UO" => "upstream_reset_before_response_started{overflow}",
             "UPE" => "upstream_reset_before_response_started{protocol_error}",
             "UR" => "upstream_reset_before_response_started{connection_termination}",
             _ => "upstream_reset_before_response_started{connection_failure}",
@@ -80,6 +88,7 @@ impl UpstreamError {
             | UpstreamError::Handshake { .. } => "UF",
             UpstreamError::Request { source, .. } if source.is_parse() => "UPE",
             UpstreamError::Request { .. } => "UR",
+            UpstreamError::Overflow { .. } => "UO",
         }
     }
 }

@@ -109,9 +109,23 @@ impl LocalReply {
         LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "NC", "no healthy upstream")
     }
 
+    /// The route's timeout (or the last try's) passed before a response: 504, `UT`.
+    pub fn upstream_timeout() -> Self {
+        LocalReply::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "UT",
+            "upstream request timeout",
+        )
+    }
+
     /// The upstream failed before a response (Envoy's wording, which clients grep for).
     pub fn upstream_failed(flag: &'static str) -> Self {
         match flag {
+            "UO" => LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                flag,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
             "UPE" => LocalReply::new(
                 StatusCode::BAD_GATEWAY,
                 flag,

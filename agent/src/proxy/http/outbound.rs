@@ -14,26 +14,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::balance::{endpoints_for, PickContext};
-use super::body::{self, Counted, Finishing, ProxyBody};
-use super::client::{self, UpstreamKey};
+use super::body::{Finishing, ProxyBody};
+use super::client;
 use super::headers::{self, LocalReply};
+use super::retry::add_flag;
 use super::target::{self, ClusterRef, Target};
 use crate::proxy::access_log::RequestFields;
 use crate::proxy::addr::{OrigDst, PeerAddr};
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::{Peer, Reporter, ServiceRef, TcpLabels};
-use crate::proxy::outbound::{to_workload, Route as L4Route};
 use crate::proxy::protocol::Protocol;
 use crate::proxy::{Counters, PodContext, ProxyInputs};
-use crate::routing::matching::{self, cors_preflight, cors_response_headers};
+use crate::routing::matching::{self, cors_preflight};
 use crate::routing::{Action, HttpRoute, RequestInfo, RequestMatch, WeightedDestination};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
@@ -89,22 +88,22 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
 }
 
 /// What the route decided to forward to.
-struct Forward<'s> {
+pub(super) struct Forward<'s> {
     /// None: to the original destination (nothing known about the host).
-    cluster: Option<ClusterRef<'s>>,
-    route: Option<&'s HttpRoute>,
-    matched: Option<&'s RequestMatch>,
-    dest: Option<&'s WeightedDestination>,
+    pub cluster: Option<ClusterRef<'s>>,
+    pub route: Option<&'s HttpRoute>,
+    pub matched: Option<&'s RequestMatch>,
+    pub dest: Option<&'s WeightedDestination>,
 }
 
 /// A reply made here, with what it says about the request for telemetry.
-struct Local {
+pub(super) struct Local {
     reply: LocalReply,
     details: &'static str,
 }
 
 impl Local {
-    fn new(reply: LocalReply, details: &'static str) -> Box<Self> {
+    pub(super) fn new(reply: LocalReply, details: &'static str) -> Box<Self> {
         Box::new(Local { reply, details })
     }
 }
@@ -258,195 +257,10 @@ impl HttpConn {
         }
     }
 
-    /// Picks the endpoint and sends the request there.
-    async fn forward(
-        &self,
-        snap: &Snapshot,
-        fwd: Forward<'_>,
-        mut req: Request<Incoming>,
-        mut result: RequestResult,
-    ) -> Response<ProxyBody> {
-        let dst = self.dst.0;
-        let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
-        let origin = req.headers().get(header::ORIGIN).cloned();
-
-        // The endpoint, picked on the request as the app sent it (Envoy picks the host before the
-        // route's header edits and rewrite apply).
-        let picked = match &fwd.cluster {
-            Some(cluster) if !cluster.passthrough => {
-                let endpoints = endpoints_for(&cluster.endpoints, dst);
-                let ctx = PickContext {
-                    headers: Some(req.headers()),
-                    query: req.uri().query(),
-                    source: self.peer.0,
-                    destination: dst,
-                };
-                match self
-                    .pi
-                    .balancers
-                    .pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx)
-                {
-                    Some(p) => Some(p),
-                    None => {
-                        let local =
-                            Local::new(LocalReply::no_healthy_upstream(), "no_healthy_upstream");
-                        return self.local_reply(result, *local, None);
-                    }
-                }
-            }
-            _ => None,
-        };
-        // The route's and the destination's header edits, then the rewrite (Istio's order: the
-        // route picks on the request as sent).
-        if let Some(route) = fwd.route {
-            route.headers.request.apply(req.headers_mut());
-        }
-        if let Some(dest) = fwd.dest {
-            dest.headers.request.apply(req.headers_mut());
-        }
-        let mut authority = authority(&req).map(str::to_owned);
-        let mut path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
-            path = matching::rewrite_path(rw, fwd.matched, &path);
-            if let Some(a) = &rw.authority {
-                authority = a.to_str().ok().map(str::to_owned);
-            }
-        }
-
-        let endpoint = picked.as_ref().map_or(dst, |p| p.addr);
-        let service = fwd.cluster.as_ref().and_then(|c| c.service.clone());
-        let l4 = to_workload(
-            &snap.state,
-            self.pi.secrets.trust_domain(),
-            endpoint,
-            snap.state.workload_by_ip(endpoint.ip()),
-            service,
-        );
-        let tunnel = match &l4 {
-            L4Route::Hbone {
-                identity, workload, ..
-            } => {
-                result.labels.conn.destination = Peer::Workload(workload.istio.clone());
-                result.labels.conn.mtls = true;
-                Some(identity.clone())
-            }
-            L4Route::Direct { workload, .. } => {
-                result.labels.conn.destination = workload
-                    .as_ref()
-                    .map_or(Peer::Unknown, |w| Peer::Workload(w.istio.clone()));
-                None
-            }
-        };
-        result.upstream = Some(endpoint);
-
-        // The request as the upstream gets it.
-        let version = if upgrade {
-            client::Version::Http1
-        } else {
-            self.upstream_version(req.version(), fwd.cluster.as_deref())
-        };
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, incoming) = req.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        // hyper answered `Expect: 100-continue` itself when the body was first read.
-        parts.headers.remove(header::EXPECT);
-        if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
-            parts.headers.insert(
-                headers::X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static("http"),
-            );
-        }
-        let authority = authority.unwrap_or_else(|| dst.to_string());
-        match version {
-            client::Version::Http1 => {
-                parts.version = Version::HTTP_11;
-                parts.uri = match path.parse::<Uri>() {
-                    Ok(u) => u,
-                    Err(_) => Uri::from_static("/"),
-                };
-                if let Ok(v) = HeaderValue::try_from(authority.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-            client::Version::Http2 => {
-                parts.version = Version::HTTP_2;
-                parts.uri = format!("http://{authority}{path}")
-                    .parse::<Uri>()
-                    .unwrap_or_else(|_| Uri::from_static("/"));
-                parts.headers.remove(header::HOST);
-            }
-        }
-        let upstream_body = Counted::new(incoming, result.request_body_counter());
-        let upstream_req =
-            Request::from_parts(parts, http_body_util::BodyExt::boxed(upstream_body));
-
-        let key = UpstreamKey {
-            worker: crate::proxy::worker::current(),
-            src_netns: self.pod.netns_cookie,
-            endpoint,
-            tunnel,
-            version,
-        };
-        let settings = client::PoolSettings::of(fwd.cluster.as_deref());
-        let sent = self
-            .pi
-            .upstreams
-            .send(&self.pi, &self.pod, &key, settings, upstream_req)
-            .await;
-        let (resp, lease) = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(pod = %self.pod.name, %endpoint, error = %e, "upstream request failed");
-                let flag = e.response_flag();
-                let local = Local::new(LocalReply::upstream_failed(flag), e.details());
-                return self.local_reply(result, *local, Some(endpoint));
-            }
-        };
-
-        let mut resp = resp;
-        let switching = upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
-        let (mut parts, incoming) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, switching);
-        if let Some(dest) = fwd.dest {
-            dest.headers.response.apply(&mut parts.headers);
-        }
-        if let Some(route) = fwd.route {
-            route.headers.response.apply(&mut parts.headers);
-            if let Some(cors) = &route.cors {
-                for (name, value) in cors_response_headers(cors, origin.as_ref()) {
-                    parts.headers.insert(name, value);
-                }
-            }
-        }
-        if let Some(cookie) = picked.as_ref().and_then(|p| p.set_cookie.clone()) {
-            parts.headers.append(header::SET_COOKIE, cookie);
-        }
-        result.set_response(parts.status.as_u16(), &parts.headers);
-        if let Some(log) = result.log.as_mut() {
-            log.details = "via_upstream";
-        }
-
-        if let (Some(downstream), Some(upstream)) = (downstream_upgrade, upstream_upgrade) {
-            drop((incoming, lease));
-            tokio::spawn(join_upgraded(downstream, upstream, picked));
-            result.finish(None);
-            return Response::from_parts(parts, body::empty());
-        }
-        // The endpoint stays busy (least-request), and the upstream connection in use, until the
-        // response has been sent on.
-        let active = picked.map(|p| p.active);
-        let body = Finishing::new(Held::new(incoming, (active, lease)), result);
-        Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
-    }
-
     /// HTTP/2 upstream for ports declared HTTP/2 or gRPC, for a DestinationRule's
     /// `h2UpgradePolicy: UPGRADE`, and, with `useClientProtocol` or on a sniffed port, when the
     /// app spoke HTTP/2; HTTP/1.1 otherwise (Istio's cluster protocol options).
-    fn upstream_version(
+    pub(super) fn upstream_version(
         &self,
         downstream: Version,
         cluster: Option<&crate::routing::Cluster>,
@@ -537,14 +351,14 @@ impl HttpConn {
     }
 
     /// Answers with a reply made here and records it.
-    fn local_reply(
+    pub(super) fn local_reply(
         &self,
         mut result: RequestResult,
         local: Local,
         upstream: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
         Counters::inc(&self.pi.counters.http_local_replies);
-        result.labels.conn.flags = local.reply.flag;
+        result.labels.conn.flags = add_flag(result.labels.conn.flags, local.reply.flag);
         if upstream.is_some() {
             result.upstream = upstream;
         }
@@ -562,7 +376,7 @@ impl HttpConn {
 }
 
 /// `:authority` (HTTP/2, or an absolute-form HTTP/1.1 target), else `Host`.
-fn authority<B>(req: &Request<B>) -> Option<&str> {
+pub(super) fn authority<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
@@ -578,7 +392,7 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 }
 
 /// Joins an upgraded (WebSocket) connection to its upgraded upstream, bytes both ways.
-async fn join_upgraded(
+pub(super) async fn join_upgraded(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     picked: Option<super::balance::Picked>,
@@ -599,13 +413,13 @@ async fn join_upgraded(
 }
 
 /// A body that holds something (the endpoint's active-request guard) until it is dropped.
-struct Held<B, T> {
+pub(super) struct Held<B, T> {
     inner: B,
     _held: T,
 }
 
 impl<B, T> Held<B, T> {
-    fn new(inner: B, held: T) -> Self {
+    pub(super) fn new(inner: B, held: T) -> Self {
         Held { inner, _held: held }
     }
 }

@@ -171,7 +171,9 @@ fn route(name: &str, matches: Vec<RequestMatch>) -> HttpRoute {
         headers: HeaderOps::default(),
         cors: None,
         timeout: None,
-        spec: Arc::new(Default::default()),
+        retry: None,
+        fault: None,
+        mirrors: Vec::new(),
     }
 }
 
