@@ -146,6 +146,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         secrets,
         upstreams: Default::default(),
         balancers: Default::default(),
+        breakers: Default::default(),
         protocol_detection_timeout: cfg.protocol_detection_timeout,
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
@@ -214,8 +215,10 @@ fn start_source(cfg: &AgentConfig, control: &Runtime) -> Result<Source, AppError
 
 fn agent_metrics(pi: &Arc<ProxyInputs>, source: &Source) -> AgentMetrics {
     let proxy = pi.clone();
-    let metrics = AgentMetrics::new(Box::new(move || proxy.counters.all()))
-        .with_registry(|r| pi.telemetry.register(r));
+    let metrics = AgentMetrics::new(Box::new(move || proxy.counters.all())).with_registry(|r| {
+        pi.telemetry.register(r);
+        pi.breakers.register(r);
+    });
     match source.kube_stats() {
         Some(stats) => metrics.with_kube(stats),
         None => metrics,

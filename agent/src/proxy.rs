@@ -77,6 +77,8 @@ pub struct ProxyInputs {
     pub upstreams: http::client::Upstreams,
     /// Load-balancer state per cluster, kept across snapshots.
     pub balancers: http::balance::Balancers,
+    /// Connection-pool limits in use per cluster (circuit breakers), kept across snapshots.
+    pub breakers: http::breaker::Breakers,
     /// How long the outbound stage waits for an undeclared port's first bytes (or a TLS port's
     /// ClientHello) before forwarding the connection as plain TCP.
     pub protocol_detection_timeout: std::time::Duration,

@@ -320,6 +320,7 @@ impl Ambit {
             secrets,
             upstreams: Default::default(),
             balancers: Default::default(),
+            breakers: Default::default(),
             protocol_detection_timeout: std::time::Duration::from_secs(5),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.

@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod client;
 pub mod fault;
 pub mod forward;

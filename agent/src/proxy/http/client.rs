@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
 use tracing::debug;
 
+use super::breaker::{Breaker, Limited, Slot};
 use crate::identity::Identity;
 use crate::proxy::hbone::{ConnectRequest, PoolError, PoolKey};
 use crate::proxy::{connect, PodContext, ProxyInputs};
@@ -60,6 +61,11 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    #[error("connecting to {endpoint}: no connection within {after:?} (connectTimeout)")]
+    ConnectTimeout {
+        endpoint: SocketAddr,
+        after: std::time::Duration,
+    },
     /// A DestinationRule connection-pool limit was reached (Envoy's circuit breaker).
     #[error("{cluster}: connectionPool {limit} reached")]
     Overflow {
@@ -84,6 +90,7 @@ impl UpstreamError {
     pub fn response_flag(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
             | UpstreamError::Tunnel { .. }
             | UpstreamError::Handshake { .. } => "UF",
             UpstreamError::Request { source, .. } if source.is_parse() => "UPE",
@@ -132,12 +139,21 @@ const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct PoolSettings {
     /// None: idle connections stay (Istio's `0s`).
     pub idle_timeout: Option<Duration>,
+    /// `connectionPool.tcp.connectTimeout`.
+    pub connect_timeout: Duration,
+    /// `connectionPool.tcp.maxConnectionDuration`: a connection is not reused past it.
+    pub max_connection_duration: Option<Duration>,
 }
+
+/// Istio: "TCP connection timeout ... Default is 10s."
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connection_duration: None,
         }
     }
 }
@@ -146,38 +162,59 @@ impl PoolSettings {
     /// The settings of a cluster's DestinationRule (`connectionPool.http`), Istio's defaults
     /// otherwise.
     pub fn of(cluster: Option<&crate::routing::Cluster>) -> PoolSettings {
-        let idle = cluster
-            .and_then(|c| c.policy.connection_pool.as_ref())
+        let pool = cluster.and_then(|c| c.policy.connection_pool.as_ref());
+        let idle = pool
             .and_then(|p| p.http.as_ref())
             .and_then(|h| h.idle_timeout);
+        let tcp = pool.and_then(|p| p.tcp.as_ref());
         PoolSettings {
             idle_timeout: match idle {
                 None => Some(DEFAULT_IDLE_TIMEOUT),
                 Some(d) if d.is_zero() => None,
                 Some(d) => Some(d),
             },
+            connect_timeout: tcp.map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.connect_timeout()),
+            max_connection_duration: tcp
+                .and_then(|t| t.max_connection_duration)
+                .filter(|d| !d.is_zero()),
         }
     }
 }
 
-/// Requests in flight on one connection, and since when it has had none.
+/// Requests in flight on one connection, since when it has had none, and how many it served.
 #[derive(Debug)]
 struct ConnState {
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
+    served: AtomicU64,
+    created: Instant,
+    /// The cluster's breaker, told when the connection becomes free.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl ConnState {
-    fn new() -> Arc<ConnState> {
+    fn new(breaker: Option<Arc<Breaker>>) -> Arc<ConnState> {
         Arc::new(ConnState {
             active: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            served: AtomicU64::new(0),
+            created: Instant::now(),
+            breaker,
         })
     }
 
-    fn lease(self: &Arc<Self>) -> Lease {
+    fn lease(self: &Arc<Self>, request: Option<Slot>) -> Lease {
         self.active.fetch_add(1, Ordering::AcqRel);
-        Lease(self.clone())
+        self.served.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            conn: self.clone(),
+            _request: request,
+        }
+    }
+
+    /// It served `max` requests (`maxRequestsPerConnection`; 0: no limit).
+    fn spent(&self, max: u64) -> bool {
+        max > 0 && self.served.load(Ordering::Acquire) >= max
     }
 
     /// Idle for longer than `timeout`.
@@ -196,18 +233,25 @@ impl ConnState {
 }
 
 /// A request in flight on a pooled connection: hold it until the response has been read (the
-/// connection is idle, for the idle timeout, from when the last lease of it is dropped).
+/// connection is idle, for the idle timeout, from when the last lease of it is dropped). It also
+/// holds the request's place under the cluster's `http2MaxRequests`.
 #[derive(Debug)]
-pub struct Lease(Arc<ConnState>);
+pub struct Lease {
+    conn: Arc<ConnState>,
+    _request: Option<Slot>,
+}
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self
-                .0
+                .conn
                 .idle_since
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            if let Some(b) = &self.conn.breaker {
+                Limited::notify_free(b);
+            }
         }
     }
 }
@@ -234,6 +278,8 @@ struct Entry {
     http1: Vec<Conn<http1::SendRequest<Body>>>,
     http2: Option<Arc<H2Slot>>,
     settings: PoolSettings,
+    /// The breaker of the cluster whose requests last used the key, if it has limits.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl Entry {
@@ -241,8 +287,15 @@ impl Entry {
     /// beyond [`MAX_IDLE_HTTP1`] (the longest idle first). Whether anything is left.
     fn prune(&mut self, now: Instant) -> bool {
         let timeout = self.settings.idle_timeout;
-        self.http1
-            .retain(|c| !c.sender.is_closed() && !c.state.idle_longer_than(timeout, now));
+        let max_age = self.settings.max_connection_duration;
+        // `maxConnectionDuration`: an older connection is not reused (its request in flight, if
+        // any, finishes).
+        let too_old = |state: &ConnState| {
+            max_age.is_some_and(|d| now.saturating_duration_since(state.created) >= d)
+        };
+        self.http1.retain(|c| {
+            !c.sender.is_closed() && !c.state.idle_longer_than(timeout, now) && !too_old(&c.state)
+        });
         let idle = |c: &Conn<http1::SendRequest<Body>>| {
             c.sender.is_ready() && c.state.active.load(Ordering::Acquire) == 0
         };
@@ -268,7 +321,11 @@ impl Entry {
         }
         if let Some(slot) = &self.http2 {
             let gone = match slot.0.get() {
-                Some(c) => c.sender.is_closed() || c.state.idle_longer_than(timeout, now),
+                Some(c) => {
+                    c.sender.is_closed()
+                        || c.state.idle_longer_than(timeout, now)
+                        || too_old(&c.state)
+                }
                 // Being opened: a request waits on it.
                 None => Arc::strong_count(slot) == 1,
             };
@@ -316,14 +373,24 @@ impl Upstreams {
         pod: &PodContext,
         key: &UpstreamKey,
         settings: PoolSettings,
+        limited: Option<&Limited>,
         req: http::Request<Body>,
     ) -> Result<Sent, UpstreamError> {
         let mut req = req;
         let mut resent = false;
+        let up = Up {
+            pi,
+            pod,
+            key,
+            settings,
+            limited,
+        };
         loop {
+            // The request's place under `http2MaxRequests`, held by its lease.
+            let request = limited.map(Limited::request).transpose()?;
             let attempt = match key.version {
-                Version::Http1 => self.send_http1(pi, pod, key, settings, req).await?,
-                Version::Http2 => self.send_http2(pi, pod, key, settings, req).await?,
+                Version::Http1 => self.send_http1(&up, request, req).await?,
+                Version::Http2 => self.send_http2(&up, request, req).await?,
             };
             match attempt {
                 Ok(sent) => return Ok(sent),
@@ -346,49 +413,118 @@ impl Upstreams {
 
     async fn send_http1(
         &self,
-        pi: &ProxyInputs,
-        pod: &PodContext,
-        key: &UpstreamKey,
-        settings: PoolSettings,
+        up: &Up<'_>,
+        request: Option<Slot>,
         req: http::Request<Body>,
     ) -> Result<Attempt, UpstreamError> {
-        let mut conn = match self.checkout_http1(key, settings) {
-            Some(c) => c,
-            None => {
-                let io = self.connect(pi, pod, key).await?;
-                let endpoint = key.endpoint;
-                let (sender, driver) = http1::Builder::new()
-                    .handshake::<_, Body>(TokioIo::new(io))
-                    .await
-                    .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = driver.with_upgrades().await {
-                        debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                Conn {
-                    sender,
-                    state: ConnState::new(),
-                }
-            }
-        };
-        let lease = conn.state.lease();
+        let (key, settings) = (up.key, up.settings);
+        let mut conn = self.http1_conn(up).await?;
+        let lease = conn.state.lease(request);
         let sent = conn.sender.try_send_request(req);
-        // Back in the pool at once: it is free again (`is_ready`) once its response has been read.
-        self.with_entry(key, settings, |e| e.http1.push(conn));
+        let max = up
+            .limited
+            .map_or(0, |l| l.limits.max_requests_per_connection);
+        // Back in the pool at once: it is free again (`is_ready`) once its response has been
+        // read. One that served `maxRequestsPerConnection` is not: dropping its sender closes it
+        // after this response.
+        if !conn.state.spent(max) {
+            self.with_entry(key, settings, up.limited, |e| e.http1.push(conn));
+        }
         Ok(sent.await.map(|resp| (resp, lease)))
+    }
+
+    /// A free HTTP/1.1 connection for the request: a pooled one, else a new one while the
+    /// cluster's `maxConnections` allows, else (within `http1MaxPendingRequests`) the first one
+    /// to become free or allowed.
+    async fn http1_conn(
+        &self,
+        up: &Up<'_>,
+    ) -> Result<Conn<http1::SendRequest<Body>>, UpstreamError> {
+        let Some(limited) = up.limited else {
+            if let Some(c) = self.checkout_http1(up.key, up.settings, None) {
+                return Ok(c);
+            }
+            return self.open_http1(up, None).await;
+        };
+        let mut pending = None;
+        loop {
+            let freed = limited.freed();
+            if let Some(c) = self.checkout_http1(up.key, up.settings, Some(limited)) {
+                return Ok(c);
+            }
+            if let Some(slot) = limited.connection() {
+                return self.open_http1(up, Some(slot)).await;
+            }
+            if pending.is_none() {
+                pending = Some(limited.pending()?);
+            }
+            // An idle connection of the cluster pooled elsewhere (another endpoint, another
+            // worker) is closed to make room, as Envoy's pool does for a pending request.
+            self.close_one_idle(&limited.breaker);
+            freed.await;
+        }
+    }
+
+    async fn open_http1(
+        &self,
+        up: &Up<'_>,
+        slot: Option<Slot>,
+    ) -> Result<Conn<http1::SendRequest<Body>>, UpstreamError> {
+        let io = self.connect(up).await?;
+        let endpoint = up.key.endpoint;
+        let (sender, driver) = http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+        tokio::spawn(async move {
+            // The connection counts under `maxConnections` until it has closed.
+            let _slot = slot;
+            if let Err(e) = driver.with_upgrades().await {
+                debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(Conn {
+            sender,
+            state: ConnState::new(up.limited.map(|l| l.breaker.clone())),
+        })
+    }
+
+    /// Closes one idle HTTP/1.1 connection of the breaker's cluster, if there is one.
+    fn close_one_idle(&self, breaker: &Arc<Breaker>) {
+        let mut conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for e in conns.values_mut() {
+            if !e.breaker.as_ref().is_some_and(|b| Arc::ptr_eq(b, breaker)) {
+                continue;
+            }
+            if let Some(i) = e
+                .http1
+                .iter()
+                .position(|c| c.sender.is_ready() && c.state.active.load(Ordering::Acquire) == 0)
+            {
+                e.http1.swap_remove(i);
+                return;
+            }
+        }
     }
 
     async fn send_http2(
         &self,
-        pi: &ProxyInputs,
-        pod: &PodContext,
-        key: &UpstreamKey,
-        settings: PoolSettings,
+        up: &Up<'_>,
+        request: Option<Slot>,
         req: http::Request<Body>,
     ) -> Result<Attempt, UpstreamError> {
-        let slot = self.with_entry(key, settings, |e| match &e.http2 {
-            Some(slot) if slot.usable() => slot.clone(),
+        let (key, settings) = (up.key, up.settings);
+        let max = up
+            .limited
+            .map_or(0, |l| l.limits.max_requests_per_connection);
+        let slot = self.with_entry(key, settings, up.limited, |e| match &e.http2 {
+            Some(slot) if slot.usable() && slot.0.get().is_none_or(|c| !c.state.spent(max)) => {
+                slot.clone()
+            }
             _ => {
                 let slot = Arc::<H2Slot>::default();
                 e.http2 = Some(slot.clone());
@@ -398,7 +534,14 @@ impl Upstreams {
         let conn = slot
             .0
             .get_or_try_init(|| async {
-                let io = self.connect(pi, pod, key).await?;
+                let cx = match up.limited {
+                    Some(l) => Some(l.connection().ok_or_else(|| UpstreamError::Overflow {
+                        cluster: l.cluster.to_string(),
+                        limit: "maxConnections",
+                    })?),
+                    None => None,
+                };
+                let io = self.connect(up).await?;
                 let endpoint = key.endpoint;
                 let (sender, driver) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -406,18 +549,19 @@ impl Upstreams {
                     .await
                     .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
                 tokio::spawn(async move {
+                    let _cx = cx;
                     if let Err(e) = driver.await {
                         debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
                     }
                 });
                 Ok::<_, UpstreamError>(Conn {
                     sender,
-                    state: ConnState::new(),
+                    state: ConnState::new(up.limited.map(|l| l.breaker.clone())),
                 })
             })
             .await?;
         // Multiplexed: every request sends on a clone of the one sender.
-        let lease = conn.state.lease();
+        let lease = conn.state.lease(request);
         let mut sender = conn.sender.clone();
         Ok(sender.try_send_request(req).await.map(|resp| (resp, lease)))
     }
@@ -427,8 +571,9 @@ impl Upstreams {
         &self,
         key: &UpstreamKey,
         settings: PoolSettings,
+        limited: Option<&Limited>,
     ) -> Option<Conn<http1::SendRequest<Body>>> {
-        self.with_entry(key, settings, |e| {
+        self.with_entry(key, settings, limited, |e| {
             e.prune(Instant::now());
             let i = e.http1.iter().position(|c| c.sender.is_ready())?;
             Some(e.http1.swap_remove(i))
@@ -439,6 +584,7 @@ impl Upstreams {
         &self,
         key: &UpstreamKey,
         settings: PoolSettings,
+        limited: Option<&Limited>,
         f: impl FnOnce(&mut Entry) -> T,
     ) -> T {
         let mut conns = self
@@ -458,6 +604,7 @@ impl Upstreams {
             }
         };
         entry.settings = settings;
+        entry.breaker = limited.map(|l| l.breaker.clone());
         f(entry)
     }
 
@@ -507,29 +654,42 @@ impl Upstreams {
 
     /// The upstream connection of one request: an HBONE stream or a TCP connection. Starts the
     /// sweep with the pool's first connection.
-    async fn connect(
-        &self,
-        pi: &ProxyInputs,
-        pod: &PodContext,
-        key: &UpstreamKey,
-    ) -> Result<Io, UpstreamError> {
+    async fn connect(&self, up: &Up<'_>) -> Result<Io, UpstreamError> {
         if !self.inner.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweeper(Arc::downgrade(&self.inner)));
         }
+        let (pi, pod, key) = (up.pi, up.pod, up.key);
         let endpoint = key.endpoint;
-        let io = match &key.tunnel {
-            Some(identity) => {
-                Io::Hbone(tunnel(pi, pod, endpoint, identity.clone()).await?.into_io())
-            }
-            None => Io::Tcp(
-                connect::direct(pod, endpoint)
-                    .await
-                    .map_err(|source| UpstreamError::Connect { endpoint, source })?,
-            ),
+        let connecting = async {
+            Ok::<_, UpstreamError>(match &key.tunnel {
+                Some(identity) => {
+                    Io::Hbone(tunnel(pi, pod, endpoint, identity.clone()).await?.into_io())
+                }
+                None => Io::Tcp(
+                    connect::direct(pod, endpoint)
+                        .await
+                        .map_err(|source| UpstreamError::Connect { endpoint, source })?,
+                ),
+            })
         };
+        // `connectionPool.tcp.connectTimeout` (Istio: default 10s), for the TCP connection and,
+        // to a meshed endpoint, the HBONE tunnel's.
+        let after = up.settings.connect_timeout;
+        let io = tokio::time::timeout(after, connecting)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { endpoint, after })??;
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         Ok(io)
     }
+}
+
+/// One request's way to the upstream, as the pool's steps need it.
+struct Up<'a> {
+    pi: &'a ProxyInputs,
+    pod: &'a PodContext,
+    key: &'a UpstreamKey,
+    settings: PoolSettings,
+    limited: Option<&'a Limited>,
 }
 
 /// What one send on one connection gave: the response, or hyper's error (with the request back

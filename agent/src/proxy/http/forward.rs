@@ -169,6 +169,8 @@ impl HttpConn {
         let mut template = Some(template);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retry = 0u32;
+        // The retry in flight's place under the cluster's `maxRetries`.
+        let mut _retry_slot = None;
         let outcome = loop {
             let endpoint = picked.as_ref().map_or(dst, |p| p.addr);
             let last = retry >= retries;
@@ -213,7 +215,14 @@ impl HttpConn {
                 (end == TryEnd::PerTryTimeout, retriable)
             };
             let timed_out_route = deadline.is_some_and(|d| Instant::now() >= d);
-            let can_retry = retriable && !last && !timed_out_route && payload.replayable();
+            let mut can_retry = retriable && !last && !timed_out_route && payload.replayable();
+            if can_retry {
+                // `maxRetries`: retries in flight to the cluster; past it the result stands.
+                if let Some(limited) = cluster.and_then(|c| self.pi.breakers.of(c)) {
+                    _retry_slot = limited.retry();
+                    can_retry = _retry_slot.is_some();
+                }
+            }
             if !can_retry {
                 if retriable && last && retries > 0 {
                     Counters::inc(&self.pi.counters.http_retries_exhausted);
@@ -412,9 +421,10 @@ impl HttpConn {
             version,
         };
         let settings = PoolSettings::of(cluster.map(|c| &**c));
+        let limited = cluster.and_then(|c| self.pi.breakers.of(c));
         self.pi
             .upstreams
-            .send(&self.pi, &self.pod, &key, settings, req)
+            .send(&self.pi, &self.pod, &key, settings, limited.as_ref(), req)
             .await
     }
 }

@@ -43,6 +43,7 @@ impl TryEnd<'_> {
     pub fn of_error(e: &UpstreamError) -> TryEnd<'static> {
         match e {
             UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
             | UpstreamError::Tunnel { .. }
             | UpstreamError::Handshake { .. } => TryEnd::ConnectFailure,
             UpstreamError::Request { source, .. } if refused_stream(source) => {

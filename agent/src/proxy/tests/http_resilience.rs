@@ -564,3 +564,76 @@ spec:
     assert!((450..=550).contains(&copies), "{copies} of 1000 mirrored");
     eventually("every copy arrived", || app2.requests() as u64 == copies).await;
 }
+
+/// Istio task "Circuit breaking": `maxConnections: 1`, `http1MaxPendingRequests: 1`,
+/// `maxRequestsPerConnection: 1`; 2 concurrent clients × 20 requests see some 503 `UO`, 3
+/// concurrent clients a larger share (one connection busy, one request waiting, the third
+/// refused at once); the overflows are in `/metrics`.
+#[tokio::test]
+async fn circuit_breaking_refuses_more_as_concurrency_grows() {
+    let yaml = format!(
+        "{}\n---\n{}",
+        vs("  - retries: {attempts: 0}\n    route: [{destination: {host: flaky}}]"),
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaky, namespace: mesh}
+spec:
+  host: flaky
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+"#
+    );
+    let f = flaky(&[Behaviour::Slow(Duration::from_millis(20))], &yaml).await;
+    let mut shares = Vec::new();
+    for clients in [1usize, 2, 3] {
+        let results: Vec<Vec<u16>> = futures::future::join_all((0..clients).map(|_| async {
+            let mut conn = f.conn().await;
+            let mut statuses = Vec::new();
+            for i in 0..20 {
+                statuses.push(
+                    conn.get("flaky", &format!("/{i}"), &[])
+                        .await
+                        .status
+                        .as_u16(),
+                );
+            }
+            statuses
+        }))
+        .await;
+        let all: Vec<u16> = results.into_iter().flatten().collect();
+        assert!(all.iter().all(|s| *s == 200 || *s == 503), "{all:?}");
+        let refused = all.iter().filter(|s| **s == 503).count();
+        shares.push(refused as f64 / all.len() as f64);
+    }
+    assert_eq!(shares[0], 0.0, "one client never overflows: {shares:?}");
+    assert!(
+        shares[2] > 0.2,
+        "3 clients: one of three is refused: {shares:?}"
+    );
+    assert!(
+        shares[2] > shares[1],
+        "more concurrency, more refused: {shares:?}"
+    );
+    let m = f.n1().metrics();
+    let pending = m
+        .value(
+            "ambit_http_pool_overflow_total",
+            &[("limit", "http1MaxPendingRequests")],
+        )
+        .unwrap_or(0);
+    assert!(
+        pending > 0,
+        "{}",
+        lines_with(&m, "ambit_http_pool_overflow")
+    );
+    let line = f
+        .n1()
+        .access_log()
+        .into_iter()
+        .find(|l| l["response_code"] == 503)
+        .expect("a refused request is logged");
+    assert_eq!(line["response_flags"], "UO", "{line:#}");
+}

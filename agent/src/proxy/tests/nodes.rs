@@ -140,9 +140,11 @@ impl Node {
             secrets: secrets.clone(),
             pool: Pool::new(pool, secrets.clone()),
             upstreams: Default::default(),
+            breakers: Default::default(),
             balancers: Default::default(),
             protocol_detection_timeout: detection_timeout,
         });
+        pi.breakers.register(&mut registry);
         let (mut pods, mut leases, mut tasks) = (HashMap::new(), Vec::new(), Vec::new());
         for w in enrolled {
             let key = w.key().to_string();
