@@ -215,7 +215,8 @@ fn start_source(cfg: &AgentConfig, control: &Runtime) -> Result<Source, AppError
 fn agent_metrics(pi: &Arc<ProxyInputs>, source: &Source) -> AgentMetrics {
     let proxy = pi.clone();
     let metrics = AgentMetrics::new(Box::new(move || proxy.counters.all()))
-        .with_registry(|r| pi.telemetry.register(r));
+        .with_registry(|r| pi.telemetry.register(r))
+        .with_registry(|r| pi.balancers.register(r));
     match source.kube_stats() {
         Some(stats) => metrics.with_kube(stats),
         None => metrics,

@@ -352,7 +352,7 @@ pub fn route(
     }
     let endpoints = endpoints_for(&cluster.endpoints, dst);
     let ctx = PickContext::connection(conn.peer, dst);
-    let Some(picked) = balancers.pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx) else {
+    let Some(picked) = balancers.pick(&cluster.key, &cluster.policy, endpoints, &ctx) else {
         return Err(Error::NoHealthyUpstream {
             service: cluster.key.host.to_string(),
             port: cluster.key.port,

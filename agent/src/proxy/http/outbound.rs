@@ -284,7 +284,7 @@ impl HttpConn {
                 match self
                     .pi
                     .balancers
-                    .pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx)
+                    .pick(&cluster.key, &cluster.policy, endpoints, &ctx)
                 {
                     Some(p) => Some(p),
                     None => {
