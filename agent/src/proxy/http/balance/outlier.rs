@@ -631,3 +631,6 @@ impl prometheus_client::collector::Collector for EjectionCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
