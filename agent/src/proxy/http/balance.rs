@@ -592,7 +592,7 @@ impl Family {
         if let Some(dropped) = &previous {
             for endpoint in dropped.endpoints.iter() {
                 let kept = |h: &Hosts| h.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint));
-                if !current.as_deref().is_some_and(kept) && !kept(&*next) {
+                if !current.as_deref().is_some_and(kept) && !kept(&next) {
                     endpoint.outlier.forget(&self.outlier);
                 }
             }
