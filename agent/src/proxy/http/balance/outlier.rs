@@ -471,9 +471,9 @@ impl HostMonitor {
 }
 
 impl super::ClusterState {
-    /// The number of `hosts` not ejected, None when the pick should use them all (none ejected,
-    /// or Envoy's panic mode: fewer healthy than minHealthPercent); Err-like None out when every
-    /// host is ejected and panic mode is off (Envoy finds no healthy host).
+    /// `Some(Some(n))`: pick among the `n` of `hosts` not ejected; `Some(None)`: among them all
+    /// (none ejected, or Envoy's panic mode: fewer healthy than minHealthPercent); `None`: no
+    /// host, every one is ejected and panic mode is off (Envoy finds no healthy host).
     pub(super) fn healthy(
         &self,
         family: &super::Family,
