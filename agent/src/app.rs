@@ -218,6 +218,7 @@ fn agent_metrics(pi: &Arc<ProxyInputs>, source: &Source) -> AgentMetrics {
     let metrics = AgentMetrics::new(Box::new(move || proxy.counters.all())).with_registry(|r| {
         pi.telemetry.register(r);
         pi.breakers.register(r);
+        pi.balancers.register(r);
     });
     match source.kube_stats() {
         Some(stats) => metrics.with_kube(stats),

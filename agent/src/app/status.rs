@@ -43,6 +43,8 @@ pub struct Status<'a> {
     pub pool: &'a PoolStats,
     pub pool_connections: usize,
     pub certs: crate::identity::CertStats,
+    /// Per cluster, the endpoints outlier detection ejected and its counters.
+    pub outlier_ejections: Vec<crate::proxy::http::balance::ClusterEjections>,
 }
 
 /// Map sizes and when they were counted: counting walks every bucket of every hash map (a
@@ -109,6 +111,7 @@ pub(super) fn write(
         pool: pi.pool.stats(),
         pool_connections: pi.pool.connections(),
         certs: pi.secrets.stats(),
+        outlier_ejections: pi.balancers.ejections(),
     };
     let Ok(json) = serde_json::to_vec_pretty(&status) else {
         return;

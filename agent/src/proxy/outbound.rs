@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::addr::{OrigDst, PeerAddr};
 use super::copy;
 use super::hbone::{ConnectRequest, PoolKey};
-use super::http::balance::{endpoints_for, ActiveRequest, Balancers, PickContext};
+use super::http::balance::{endpoints_for, ActiveRequest, Balancers, Outcome, PickContext};
 use super::http::outbound::HttpConn;
 use super::http::target::{self, ClusterRef, NoCluster};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
@@ -231,8 +231,8 @@ async fn tcp(
             result.finish(Err(e));
             reset(stream)
         }
-        Ok((route, _active)) => {
-            // The labels are complete before the connection is counted as opened. `_active`
+        Ok((route, active)) => {
+            // The labels are complete before the connection is counted as opened. `active`
             // counts the connection on its endpoint (least request) until it ends.
             let (service, destination, mtls) = match &route {
                 Route::Hbone {
@@ -273,6 +273,15 @@ async fn tcp(
                     plaintext(&pi, &pod, stream, endpoint).await
                 }
             };
+            // Envoy's TCP proxy tells the outlier detector whether the connection was made.
+            match &outcome {
+                Err(Error::Connect { .. } | Error::Tunnel { .. }) => {
+                    active.report(Outcome::ConnectFailed);
+                }
+                Err(Error::UpstreamReset) | Ok(_) => active.report(Outcome::Connected),
+                Err(_) => {}
+            }
+            drop(active);
             if let Ok(o) = &outcome {
                 finish(&pi, o);
             }
@@ -352,7 +361,7 @@ pub fn route(
     }
     let endpoints = endpoints_for(&cluster.endpoints, dst);
     let ctx = PickContext::connection(conn.peer, dst);
-    let Some(picked) = balancers.pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx) else {
+    let Some(picked) = balancers.pick(&cluster.key, &cluster.policy, endpoints, &ctx) else {
         return Err(Error::NoHealthyUpstream {
             service: cluster.key.host.to_string(),
             port: cluster.key.port,

@@ -20,6 +20,7 @@ mod hbone_server;
 mod http_behaviour;
 mod http_grpc;
 mod http_handling;
+mod http_outlier;
 mod http_resilience;
 mod http_routing;
 mod http_smoke;

@@ -15,9 +15,14 @@
 //! [`ActiveRequest`] guard is an `Arc` clone and an atomic add. Nothing allocates except a
 //! multi-valued hash header, a generated cookie, and the slow paths (first pick of a cluster, a
 //! changed endpoint list, a ring to build).
+//!
+//! Outlier detection ([`outlier`]): an ejected endpoint is skipped by every policy. While no
+//! endpoint of a family is ejected, a pick costs one more atomic load; with outlierDetection
+//! unset, nothing is tracked and a [`Picked::report`] does nothing.
 
 mod hash;
 mod maglev;
+mod outlier;
 mod ring;
 #[cfg(test)]
 mod tests;
@@ -30,8 +35,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 
-use crate::routing::{ClusterKey, HashRing, LbPolicy};
+use crate::config::istio::destination_rule::OutlierDetection;
+use crate::routing::{ClusterKey, HashRing, LbPolicy, TrafficPolicy};
 use crate::state::PortEndpoints;
+
+pub use outlier::{ClusterEjections, Ejected, EjectionsTotal, ManualClock, Outcome};
+use outlier::{ClusterOutlier, FamilyOutlier, HostMonitor, Settings};
 
 /// The load balancers of every cluster this node's clients send to. Cheap to clone (one `Arc`).
 #[derive(Debug, Clone, Default)]
@@ -46,6 +55,7 @@ struct Inner {
     /// Serialises the writers of `clusters`.
     write: Mutex<()>,
     rng: Rng,
+    clock: outlier::Clock,
 }
 
 /// What a pick looks at besides the endpoints. For a TCP connection, [`PickContext::connection`].
@@ -88,18 +98,52 @@ pub struct Picked {
     pub active: ActiveRequest,
 }
 
+impl Picked {
+    /// Reports what became of the request (or connection) to the outlier detector of its
+    /// cluster; nothing for a passthrough pick or a cluster without outlierDetection.
+    pub fn report(&self, outcome: Outcome) {
+        self.active.report(outcome);
+    }
+}
+
 /// A request in flight on one endpoint of one cluster; dropping it ends the request.
 #[derive(Debug, Default)]
 pub struct ActiveRequest {
     /// None for a passthrough pick (no endpoint of the cluster).
     endpoint: Option<Arc<Endpoint>>,
+    /// Where reports go; None without outlierDetection.
+    outlier: Option<Tracker>,
+}
+
+/// The cluster, family and outlier settings of a pick, for its reports.
+#[derive(Debug)]
+struct Tracker {
+    cluster: Arc<ClusterState>,
+    family: usize,
+    settings: Settings,
 }
 
 impl ActiveRequest {
-    fn start(endpoint: &Arc<Endpoint>) -> ActiveRequest {
+    fn start(endpoint: &Arc<Endpoint>, outlier: Option<Tracker>) -> ActiveRequest {
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         ActiveRequest {
             endpoint: Some(endpoint.clone()),
+            outlier,
+        }
+    }
+
+    /// See [`Picked::report`].
+    pub fn report(&self, outcome: Outcome) {
+        let (Some(endpoint), Some(t)) = (&self.endpoint, &self.outlier) else {
+            return;
+        };
+        for detector in endpoint
+            .outlier
+            .count(&t.settings, outcome)
+            .into_iter()
+            .flatten()
+        {
+            t.cluster.eject(t.family, endpoint, detector, &t.settings);
         }
     }
 }
@@ -128,13 +172,40 @@ impl Balancers {
         }
     }
 
-    /// Picks the endpoint of `cluster` for one request (or connection) by `policy` among
-    /// `endpoints` (one address family, as [`endpoints_for`] gives them). None when there is no
-    /// endpoint; PASSTHROUGH picks the original destination.
+    /// Seeded balancers whose outlier detection runs on a clock moved by hand, for tests.
+    pub fn with_manual_clock(seed: u64) -> (Balancers, ManualClock) {
+        let (clock, hand) = outlier::Clock::manual();
+        let balancers = Balancers {
+            inner: Arc::new(Inner {
+                rng: Rng::Seeded(AtomicU64::new(seed)),
+                clock,
+                ..Inner::default()
+            }),
+        };
+        (balancers, hand)
+    }
+
+    /// Picks the endpoint of `cluster` for one request (or connection) by `policy`'s load
+    /// balancer among `endpoints` (one address family, as [`endpoints_for`] gives them), skipping
+    /// the endpoints its outlier detection ejected. None when there is no endpoint (or every one
+    /// is ejected and minHealthPercent is 0: Envoy's "no healthy upstream"); PASSTHROUGH picks
+    /// the original destination.
     pub fn pick(
         &self,
         cluster: &ClusterKey,
+        policy: &TrafficPolicy,
+        endpoints: &Arc<[SocketAddr]>,
+        ctx: &PickContext<'_>,
+    ) -> Option<Picked> {
+        let outlier = policy.outlier_detection.as_ref();
+        self.pick_by(cluster, &policy.lb, outlier, endpoints, ctx)
+    }
+
+    fn pick_by(
+        &self,
+        cluster: &ClusterKey,
         policy: &LbPolicy,
+        outlier: Option<&OutlierDetection>,
         endpoints: &Arc<[SocketAddr]>,
         ctx: &PickContext<'_>,
     ) -> Option<Picked> {
@@ -151,9 +222,12 @@ impl Balancers {
         }
         let rng = &self.inner.rng;
         let clusters = self.inner.clusters.load();
+        let settings = outlier.map(Settings::from_istio);
         match clusters.get(cluster) {
-            Some(state) => state.pick(policy, endpoints, ctx, rng),
-            None => self.insert(cluster).pick(policy, endpoints, ctx, rng),
+            Some(state) => state.pick(policy, settings, endpoints, ctx, rng),
+            None => self
+                .insert(cluster)
+                .pick(policy, settings, endpoints, ctx, rng),
         }
     }
 
@@ -229,7 +303,7 @@ impl Balancers {
         if let Some(state) = current.get(cluster) {
             return state.clone();
         }
-        let state = Arc::new(ClusterState::new(&self.inner.rng));
+        let state = Arc::new(ClusterState::new(&self.inner.rng, &self.inner.clock));
         let mut next = HashMap::clone(&current);
         next.insert(cluster.clone(), state.clone());
         self.inner.clusters.store(Arc::new(next));
@@ -257,6 +331,7 @@ pub fn endpoints_for(endpoints: &PortEndpoints, dst: SocketAddr) -> &Arc<[Socket
 #[derive(Debug)]
 struct ClusterState {
     families: [Family; 2],
+    outlier: ClusterOutlier,
 }
 
 #[derive(Debug)]
@@ -271,6 +346,7 @@ struct Family {
     round_robin: AtomicU64,
     /// Serialises rebuilding `hosts` and its table.
     rebuild: Mutex<()>,
+    outlier: FamilyOutlier,
 }
 
 #[derive(Debug)]
@@ -287,6 +363,7 @@ struct Hosts {
 struct Endpoint {
     /// Envoy's `rq_active` for this host in this cluster.
     active: AtomicU64,
+    outlier: HostMonitor,
 }
 
 #[derive(Debug)]
@@ -327,28 +404,43 @@ impl Table {
             Table::Maglev { table, .. } => table.host(hash),
         }
     }
+
+    /// The host for `hash` among those `skip` does not exclude: see [`ring::Ring::host_skipping`]
+    /// and [`maglev::Maglev::host_skipping`].
+    fn host_skipping(&self, hash: u64, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        match self {
+            Table::Ring { ring, .. } => ring.host_skipping(hash, skip),
+            Table::Maglev { table, .. } => table.host_skipping(hash, skip),
+        }
+    }
 }
 
 impl ClusterState {
-    fn new(rng: &Rng) -> ClusterState {
+    fn new(rng: &Rng, clock: &outlier::Clock) -> ClusterState {
         ClusterState {
             families: [Family::new(rng), Family::new(rng)],
+            outlier: ClusterOutlier::new(clock.clone()),
         }
     }
 
     fn family(&self, endpoints: &[SocketAddr]) -> &Family {
-        let index = endpoints.first().map_or(0, |addr| family_index(*addr));
-        &self.families[index]
+        &self.families[Self::family_of(endpoints)]
+    }
+
+    fn family_of(endpoints: &[SocketAddr]) -> usize {
+        endpoints.first().map_or(0, |addr| family_index(*addr))
     }
 
     fn pick(
-        &self,
+        self: &Arc<Self>,
         policy: &LbPolicy,
+        settings: Option<Settings>,
         endpoints: &Arc<[SocketAddr]>,
         ctx: &PickContext<'_>,
         rng: &Rng,
     ) -> Option<Picked> {
-        let family = self.family(endpoints);
+        let family_idx = Self::family_of(endpoints);
+        let family = &self.families[family_idx];
         let is_list = |hosts: &&Hosts| Arc::ptr_eq(&hosts.list, endpoints);
         let (current, previous, refreshed);
         current = family.current.load();
@@ -369,19 +461,32 @@ impl ClusterState {
         if count == 0 {
             return None;
         }
+        // Some(healthy): pick among the `healthy` endpoints not ejected.
+        let healthy = match &settings {
+            Some(s) if family.outlier.ejected.load(Ordering::Acquire) != 0 => {
+                self.healthy(family, hosts, s)?
+            }
+            _ => None,
+        };
+        let n = healthy.unwrap_or(count);
+        let nth = |k: usize| match healthy {
+            None => k,
+            Some(_) => nth_healthy(hosts, k).unwrap_or(k % count),
+        };
         let mut set_cookie = None;
         let index = match policy {
+            // Envoy balances over the healthy hosts: the same cursor modulo their number.
             LbPolicy::RoundRobin => {
                 let cursor = family.round_robin.fetch_add(1, Ordering::Relaxed);
-                (cursor % count as u64) as usize
+                nth((cursor % n as u64) as usize)
             }
-            LbPolicy::Random => rng.below(count),
+            LbPolicy::Random => nth(rng.below(n)),
             // Envoy LEAST_REQUEST with equal weights (`choice_count` 2): two random hosts, drawn
             // independently (they may be the same), the one with fewer active requests; a tie
             // keeps the first.
             LbPolicy::LeastRequest => {
-                let first = rng.below(count);
-                let second = rng.below(count);
+                let first = nth(rng.below(n));
+                let second = nth(rng.below(n));
                 let active = |i: usize| hosts.endpoints[i].active.load(Ordering::Relaxed);
                 if active(second) < active(first) {
                     second
@@ -395,9 +500,13 @@ impl ClusterState {
                 // Envoy: "If there is no hash in the context, just choose a random value".
                 let hash = request.hash.unwrap_or_else(|| rng.next());
                 let table = hosts.table.load();
+                let pick = |table: &Table| match healthy {
+                    None => table.host(hash),
+                    Some(_) => table.host_skipping(hash, |i| hosts.endpoints[i].outlier.marked()),
+                };
                 match table.as_deref() {
-                    Some(table) if table.configured() == *ring => table.host(hash)?,
-                    _ => family.table(hosts, *ring).host(hash)?,
+                    Some(table) if table.configured() == *ring => pick(table)?,
+                    _ => pick(&family.table(hosts, *ring))?,
                 }
             }
             LbPolicy::Passthrough => {
@@ -409,12 +518,24 @@ impl ClusterState {
             }
         };
         let (addr, endpoint) = (hosts.list.get(index)?, hosts.endpoints.get(index)?);
+        let tracker = settings.map(|settings| Tracker {
+            cluster: self.clone(),
+            family: family_idx,
+            settings,
+        });
         Some(Picked {
             addr: *addr,
             set_cookie,
-            active: ActiveRequest::start(endpoint),
+            active: ActiveRequest::start(endpoint, tracker),
         })
     }
+}
+
+/// The `k`th endpoint of `hosts` that is not ejected.
+fn nth_healthy(hosts: &Hosts, k: usize) -> Option<usize> {
+    (0..hosts.endpoints.len())
+        .filter(|&i| !hosts.endpoints[i].outlier.marked())
+        .nth(k)
 }
 
 impl Family {
@@ -424,6 +545,7 @@ impl Family {
             previous: ArcSwapOption::empty(),
             round_robin: AtomicU64::new(rng.next()),
             rebuild: Mutex::new(()),
+            outlier: FamilyOutlier::default(),
         }
     }
 
@@ -464,6 +586,17 @@ impl Family {
                 .collect(),
             table: ArcSwapOption::empty(),
         });
+        // The ejections of the endpoints that leave both lists end (Envoy drops a removed host's
+        // monitor), so that the family's count of ejected endpoints stays theirs.
+        let _outlier = lock(&self.outlier.lock);
+        if let Some(dropped) = &previous {
+            for endpoint in dropped.endpoints.iter() {
+                let kept = |h: &Hosts| h.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint));
+                if !current.as_deref().is_some_and(kept) && !kept(&next) {
+                    endpoint.outlier.forget(&self.outlier);
+                }
+            }
+        }
         self.previous.store(current);
         self.current.store(Some(next.clone()));
         next

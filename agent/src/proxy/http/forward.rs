@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::balance::{endpoints_for, PickContext, Picked};
+use super::balance::{endpoints_for, Outcome, PickContext, Picked};
 use super::body::{self, Counted, Finishing, ProxyBody};
 use super::client::{self, PoolSettings, Sent, UpstreamError, UpstreamKey};
 use super::headers::{self, LocalReply};
@@ -198,6 +198,21 @@ impl HttpConn {
                 Some(at) => tokio::time::timeout_at(at, send).await.ok(),
                 None => Some(send.await),
             };
+            // What the outlier detector learns of the endpoint from this try.
+            if let Some(p) = &picked {
+                match &sent {
+                    Some(Ok((resp, _))) => {
+                        p.report(Outcome::Connected);
+                        p.report(Outcome::Status(resp.status().as_u16()));
+                    }
+                    Some(Err(e)) => {
+                        if let Some(o) = outcome_of(e) {
+                            p.report(o);
+                        }
+                    }
+                    None => p.report(Outcome::Timeout),
+                }
+            }
             let (try_timed_out, retriable) = {
                 let end = match &sent {
                     Some(Ok((resp, _))) => TryEnd::Response {
@@ -354,7 +369,7 @@ impl HttpConn {
             let p = self
                 .pi
                 .balancers
-                .pick(&cluster.key, &cluster.policy.lb, endpoints, &ctx)
+                .pick(&cluster.key, &cluster.policy, endpoints, &ctx)
                 .ok_or(())?;
             let fresh = !avoid.contains(&p.addr);
             picked = Some(p);
@@ -427,6 +442,19 @@ impl HttpConn {
             .send(&self.pi, &self.pod, &key, settings, limited.as_ref(), req)
             .await
     }
+}
+
+/// How an upstream failure reads to the outlier detector (None: the proxy's own refusal, which
+/// says nothing of the endpoint).
+fn outcome_of(e: &UpstreamError) -> Option<Outcome> {
+    Some(match e {
+        UpstreamError::Connect { .. }
+        | UpstreamError::Tunnel { .. }
+        | UpstreamError::Handshake { .. } => Outcome::ConnectFailed,
+        UpstreamError::ConnectTimeout { .. } => Outcome::Timeout,
+        UpstreamError::Request { .. } => Outcome::Reset,
+        UpstreamError::Overflow { .. } => return None,
+    })
 }
 
 /// The request line and headers as the upstream gets them, for `version`.

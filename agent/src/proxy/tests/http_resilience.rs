@@ -19,7 +19,7 @@ const PORT: u16 = 8080;
 
 /// How a pod of the test answers.
 #[derive(Clone, Copy)]
-enum Behaviour {
+pub(super) enum Behaviour {
     Ok,
     /// 503 for every other request it gets (odd ones fail).
     FailEveryOther,
@@ -29,8 +29,8 @@ enum Behaviour {
     Slow(Duration),
 }
 
-struct Flaky {
-    mesh: Mesh,
+pub(super) struct Flaky {
+    pub mesh: Mesh,
     client: Pod,
     vip: std::net::IpAddr,
     _apps: Vec<HttpApp>,
@@ -38,7 +38,7 @@ struct Flaky {
     tries: Vec<Arc<AtomicUsize>>,
 }
 
-async fn flaky(behaviours: &[Behaviour], yaml: &str) -> Flaky {
+pub(super) async fn flaky(behaviours: &[Behaviour], yaml: &str) -> Flaky {
     let mut world = World::new();
     let client = world.pod("client").node("n1").add();
     let pods: Vec<Pod> = behaviours
@@ -112,13 +112,13 @@ fn checksum(b: &Bytes) -> u64 {
 }
 
 impl Flaky {
-    async fn conn(&self) -> H1 {
+    pub async fn conn(&self) -> H1 {
         self.mesh
             .h1(&self.client, SocketAddr::new(self.vip, PORT))
             .await
     }
 
-    fn tries(&self) -> Vec<usize> {
+    pub fn tries(&self) -> Vec<usize> {
         self.tries
             .iter()
             .map(|t| t.load(Ordering::SeqCst))
@@ -129,7 +129,7 @@ impl Flaky {
         self.tries().iter().sum()
     }
 
-    fn n1(&self) -> &Node {
+    pub fn n1(&self) -> &Node {
         self.mesh.node("n1")
     }
 }
@@ -143,7 +143,7 @@ spec:
   trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
 "#;
 
-fn vs(http: &str) -> String {
+pub(super) fn vs(http: &str) -> String {
     format!(
         r#"
 apiVersion: networking.istio.io/v1

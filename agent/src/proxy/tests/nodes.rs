@@ -145,6 +145,7 @@ impl Node {
             protocol_detection_timeout: detection_timeout,
         });
         pi.breakers.register(&mut registry);
+        pi.balancers.register(&mut registry);
         let (mut pods, mut leases, mut tasks) = (HashMap::new(), Vec::new(), Vec::new());
         for w in enrolled {
             let key = w.key().to_string();

@@ -120,6 +120,23 @@ impl Maglev {
         }
         Some(self.table[(hash % len) as usize] as usize)
     }
+
+    /// The host for `hash` among those `skip` does not exclude: the host of the first slot from
+    /// `hash % table_size` on (wrapping) whose host is not excluded (None if every host is).
+    /// Envoy rebuilds the table over the healthy hosts instead; the walk moves only the excluded
+    /// hosts' keys, spread over the others as the table's slots are, without a rebuild.
+    pub(super) fn host_skipping(&self, hash: u64, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        let len = self.table.len() as u64;
+        if len == 0 {
+            return None;
+        }
+        let (before, after) = self.table.split_at((hash % len) as usize);
+        after
+            .iter()
+            .chain(before)
+            .map(|&index| index as usize)
+            .find(|&index| !skip(index))
+    }
 }
 
 /// Envoy `MaglevTable::permutation`: `(offset + skip * next) % size`.

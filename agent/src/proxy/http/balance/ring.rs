@@ -74,6 +74,20 @@ impl Ring {
         Some(*index as usize)
     }
 
+    /// The host for `hash` among those `skip` does not exclude: the first entry at or after
+    /// the hash whose host is not excluded, walking the ring (None if every host is). Envoy
+    /// builds the ring over the healthy hosts instead; walking past the excluded hosts' entries
+    /// keeps their keys' move the same (each goes to the next host on the ring) without a
+    /// rebuild per ejection, and moves no other key.
+    pub(super) fn host_skipping(&self, hash: u64, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        let at = self.entries.partition_point(|&(h, _)| h < hash);
+        let (before, from) = self.entries.split_at(at);
+        from.iter()
+            .chain(before)
+            .map(|&(_, index)| index as usize)
+            .find(|&index| !skip(index))
+    }
+
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.entries.len()

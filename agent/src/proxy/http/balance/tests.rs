@@ -14,6 +14,19 @@ use super::ring::{effective_min_ring_size, Ring};
 use super::*;
 use crate::routing::HashKey;
 
+impl Balancers {
+    /// A pick by the load balancer alone (no outlierDetection).
+    fn pick_lb(
+        &self,
+        cluster: &ClusterKey,
+        policy: &LbPolicy,
+        endpoints: &Arc<[SocketAddr]>,
+        ctx: &PickContext<'_>,
+    ) -> Option<Picked> {
+        self.pick_by(cluster, policy, None, endpoints, ctx)
+    }
+}
+
 fn cluster(host: &str) -> ClusterKey {
     ClusterKey {
         host: Arc::from(host),
@@ -76,7 +89,7 @@ fn pick(
     list: &Arc<[SocketAddr]>,
     ctx: &PickContext<'_>,
 ) -> SocketAddr {
-    b.pick(&cluster("reviews"), policy, list, ctx)
+    b.pick_lb(&cluster("reviews"), policy, list, ctx)
         .expect("a pick")
         .addr
 }
@@ -261,7 +274,7 @@ fn least_request_sends_less_to_an_endpoint_holding_many_requests() {
     let mut to_slow = 0;
     for _ in 0..10_000 {
         let picked = b
-            .pick(
+            .pick_lb(
                 &cluster("reviews"),
                 &LbPolicy::LeastRequest,
                 &list,
@@ -295,7 +308,7 @@ fn least_request_prefers_the_idle_endpoint_of_two() {
     let none = HeaderMap::new();
     let busy: Vec<_> = (0..200)
         .filter_map(|_| {
-            let p = b.pick(
+            let p = b.pick_lb(
                 &cluster("reviews"),
                 &LbPolicy::RoundRobin,
                 &list,
@@ -320,7 +333,7 @@ fn passthrough_goes_to_the_original_destination() {
     let b = Balancers::new();
     let none = HeaderMap::new();
     let picked = b
-        .pick(
+        .pick_lb(
             &cluster("egress"),
             &LbPolicy::Passthrough,
             &endpoints(0),
@@ -344,7 +357,7 @@ fn an_empty_endpoint_list_picks_nothing() {
     ];
     for policy in &policies {
         assert!(
-            b.pick(&cluster("reviews"), policy, &endpoints(0), &ctx(&none))
+            b.pick_lb(&cluster("reviews"), policy, &endpoints(0), &ctx(&none))
                 .is_none(),
             "{policy:?}"
         );
@@ -454,7 +467,7 @@ fn an_absent_cookie_is_generated_and_the_next_request_with_it_sticks() {
     let policy = by_cookie(Some(Duration::from_secs(3600)));
     let none = HeaderMap::new();
     let first = b
-        .pick(&cluster("reviews"), &policy, &list, &ctx(&none))
+        .pick_lb(&cluster("reviews"), &policy, &list, &ctx(&none))
         .expect("a pick");
     let set_cookie = first.set_cookie.expect("a generated cookie");
     let set_cookie = set_cookie.to_str().expect("ascii");
@@ -479,7 +492,7 @@ fn an_absent_cookie_is_generated_and_the_next_request_with_it_sticks() {
         };
         for _ in 0..20 {
             let next = b
-                .pick(&cluster("reviews"), &policy, &list, &later)
+                .pick_lb(&cluster("reviews"), &policy, &list, &later)
                 .expect("a pick");
             assert_eq!(
                 next.addr, first.addr,
@@ -498,7 +511,7 @@ fn an_absent_cookie_is_generated_and_the_next_request_with_it_sticks() {
         ..ctx(&none)
     };
     let other = b
-        .pick(&cluster("reviews"), &policy, &list, &other)
+        .pick_lb(&cluster("reviews"), &policy, &list, &other)
         .expect("a pick");
     assert_ne!(
         other.set_cookie.expect("a cookie").to_str().ok(),
@@ -512,7 +525,7 @@ fn a_zero_ttl_cookie_is_a_session_cookie_and_no_ttl_generates_none() {
     let list = endpoints(3);
     let none = HeaderMap::new();
     let session = b
-        .pick(
+        .pick_lb(
             &cluster("a"),
             &by_cookie(Some(Duration::ZERO)),
             &list,
@@ -525,7 +538,7 @@ fn a_zero_ttl_cookie_is_a_session_cookie_and_no_ttl_generates_none() {
     assert!(session.ends_with("; Path=/shop; HttpOnly"), "{session}");
 
     let no_ttl = b
-        .pick(&cluster("b"), &by_cookie(None), &list, &ctx(&none))
+        .pick_lb(&cluster("b"), &by_cookie(None), &list, &ctx(&none))
         .expect("a random pick");
     assert!(no_ttl.set_cookie.is_none());
 }
@@ -710,7 +723,7 @@ fn requests_in_flight_stay_counted_when_the_endpoint_set_changes() {
     let list = endpoints(3);
     let none = HeaderMap::new();
     let held: Vec<_> = (0..6)
-        .filter_map(|_| b.pick(&key, &LbPolicy::RoundRobin, &list, &ctx(&none)))
+        .filter_map(|_| b.pick_lb(&key, &LbPolicy::RoundRobin, &list, &ctx(&none)))
         .collect();
     assert_eq!(b.active_requests(&key, list[0]), 2);
     // A new endpoint joins: the others keep their counts.
@@ -727,9 +740,9 @@ fn retain_drops_the_state_of_clusters_that_are_gone() {
     let none = HeaderMap::new();
     let list = endpoints(3);
     for host in ["a", "b", "c"] {
-        b.pick(&cluster(host), &LbPolicy::RoundRobin, &list, &ctx(&none));
+        b.pick_lb(&cluster(host), &LbPolicy::RoundRobin, &list, &ctx(&none));
     }
-    let _held = b.pick(&cluster("b"), &LbPolicy::RoundRobin, &list, &ctx(&none));
+    let _held = b.pick_lb(&cluster("b"), &LbPolicy::RoundRobin, &list, &ctx(&none));
     assert_eq!(b.len(), 3);
     b.retain(|key| &*key.host != "b");
     assert_eq!(b.len(), 2);
@@ -748,7 +761,7 @@ fn retain_drops_the_state_of_clusters_that_are_gone() {
 fn a_clone_shares_the_state() {
     let b = Balancers::with_seed(1);
     let none = HeaderMap::new();
-    let held = b.clone().pick(
+    let held = b.clone().pick_lb(
         &cluster("a"),
         &LbPolicy::RoundRobin,
         &endpoints(1),
@@ -783,10 +796,10 @@ fn pick_cost() {
     ];
     const N: u32 = 1_000_000;
     for (name, policy) in &policies {
-        b.pick(&key, policy, &list, &ctx(&h));
+        b.pick_lb(&key, policy, &list, &ctx(&h));
         let start = Instant::now();
         for _ in 0..N {
-            std::hint::black_box(b.pick(&key, policy, &list, &ctx(&h)));
+            std::hint::black_box(b.pick_lb(&key, policy, &list, &ctx(&h)));
         }
         let per = start.elapsed() / N;
         println!("{name:>20}: {per:?} per pick (incl. the ActiveRequest guard)");

@@ -1,0 +1,109 @@
+//! DestinationRule `outlierDetection` on the request path (Istio's reference, Envoy's outlier
+//! detection): three `flaky` endpoints, one failing; what the detector learns from each try
+//! decides which endpoints later requests go to.
+
+use std::time::{Duration, Instant};
+
+use super::http_resilience::{flaky, vs, Behaviour};
+
+fn outlier(settings: &str) -> String {
+    format!(
+        "{}\n---\n{}",
+        vs("  - retries: {attempts: 0}\n    route: [{destination: {host: flaky}}]"),
+        format_args!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flaky, namespace: mesh}}
+spec:
+  host: flaky
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection: {settings}
+"#
+        )
+    )
+}
+
+/// consecutive5xxErrors ejects the failing endpoint at once (not at the interval); while
+/// ejected it gets no request; it returns once baseEjectionTime has passed, and a second ejection
+/// lasts twice as long (baseEjectionTime × times ejected).
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_returns_and_stays_out_longer_the_second_time() {
+    let base = Duration::from_millis(600);
+    let f = flaky(
+        &[Behaviour::Ok, Behaviour::Ok, Behaviour::Fail],
+        &outlier("{consecutive5xxErrors: 3, interval: 300ms, baseEjectionTime: 600ms, maxEjectionPercent: 100}"),
+    )
+    .await;
+    let mut conn = f.conn().await;
+    for round in 1..=2u32 {
+        // Until the bad endpoint has failed three times in a row since it was let in (in round
+        // 2, the request it came back on was the first of them).
+        let start = f.tries()[2];
+        let more = if round == 1 { 3 } else { 2 };
+        while f.tries()[2] < start + more {
+            let _ = conn.get("flaky", "/", &[]).await;
+        }
+        let ejected_at = Instant::now();
+        let ejections = f.n1().pi.balancers.ejections();
+        let ejected: Vec<_> = ejections.iter().flat_map(|c| &c.ejected).collect();
+        assert_eq!(
+            ejected.len(),
+            1,
+            "round {round} at {:?}: {ejections:?}",
+            f.tries()
+        );
+        assert_eq!(ejected[0].ejections, round, "{ejections:?}");
+        // While ejected, every request goes to the two healthy endpoints.
+        let seen = f.tries()[2];
+        loop {
+            let reply = conn.get("flaky", "/", &[]).await;
+            if f.tries()[2] > seen {
+                break;
+            }
+            assert_eq!(
+                reply.status, 200,
+                "only healthy endpoints answer while it is out"
+            );
+            assert!(
+                ejected_at.elapsed() < Duration::from_secs(60),
+                "the ejected endpoint never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let out_for = ejected_at.elapsed();
+        assert!(
+            out_for >= base * round,
+            "ejection {round} lasted {out_for:?}, at least {:?} expected",
+            base * round
+        );
+    }
+    f.n1()
+        .wait_metric(
+            "ambit_outlier_ejections_total",
+            &[("detector", "consecutive_5xx")],
+            2,
+        )
+        .await;
+}
+
+/// maxEjectionPercent caps what is ejected: with every endpoint failing and 50%, Envoy ejects
+/// one of three (a second would make 67%).
+#[tokio::test]
+async fn max_ejection_percent_caps_the_ejections_when_all_fail() {
+    let f = flaky(
+        &[Behaviour::Fail, Behaviour::Fail, Behaviour::Fail],
+        &outlier("{consecutive5xxErrors: 2, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 50}"),
+    )
+    .await;
+    let mut conn = f.conn().await;
+    for _ in 0..30 {
+        assert_eq!(conn.get("flaky", "/", &[]).await.status, 503);
+    }
+    let ejections = f.n1().pi.balancers.ejections();
+    let ejected: usize = ejections.iter().map(|c| c.ejected.len()).sum();
+    assert_eq!(ejected, 1, "{ejections:?}");
+    let tries = f.tries();
+    assert_eq!(tries.iter().filter(|t| **t > 2).count(), 2, "{tries:?}");
+}
