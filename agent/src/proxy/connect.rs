@@ -2,6 +2,7 @@
 //! address, as the app's direct connection would have had) and to the pod's own app.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -10,6 +11,64 @@ use super::{Error, PodContext};
 /// Connects from inside the pod to `dst` (outside the mesh); the kernel picks the source address.
 pub async fn direct(pod: &PodContext, dst: SocketAddr) -> Result<TcpStream, Error> {
     connect(pod, dst, None).await
+}
+
+/// [`direct`], with the DestinationRule's `tcpKeepalive` on the socket.
+pub async fn direct_with(
+    pod: &PodContext,
+    dst: SocketAddr,
+    keepalive: Option<Keepalive>,
+) -> Result<TcpStream, Error> {
+    let stream = connect(pod, dst, None).await?;
+    if let Some(k) = keepalive {
+        k.apply(&stream)
+            .map_err(|source| Error::Connect { dst, source })?;
+    }
+    Ok(stream)
+}
+
+/// The error of a connect that did not finish within `connectTimeout`.
+pub fn timed_out(dst: SocketAddr, after: Duration) -> Error {
+    Error::Connect {
+        dst,
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {after:?} (connectTimeout)"),
+        ),
+    }
+}
+
+/// `connectionPool.tcp.tcpKeepalive`: SO_KEEPALIVE with the fields given; Istio: "unset fields
+/// fall back to the OS" (Linux: 9 probes, 7200s, 75s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+impl Keepalive {
+    pub fn of(k: &crate::config::istio::destination_rule::TcpKeepalive) -> Keepalive {
+        Keepalive {
+            probes: (k.probes > 0).then_some(k.probes),
+            time: k.time.filter(|d| !d.is_zero()),
+            interval: k.interval.filter(|d| !d.is_zero()),
+        }
+    }
+
+    pub fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        let mut ka = socket2::TcpKeepalive::new();
+        if let Some(t) = self.time {
+            ka = ka.with_time(t);
+        }
+        if let Some(i) = self.interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(p) = self.probes {
+            ka = ka.with_retries(p);
+        }
+        socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+    }
 }
 
 /// Connects to the app at `dst` from inside the pod, from the pod's own IP: sk_lookup never
@@ -29,4 +88,28 @@ async fn connect(
     let stream = socket.connect(dst).await.map_err(err)?;
     stream.set_nodelay(true).map_err(err)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_sets_what_the_destination_rule_gives() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let k = Keepalive {
+            probes: Some(3),
+            time: Some(Duration::from_secs(60)),
+            interval: Some(Duration::from_secs(5)),
+        };
+        k.apply(&stream).unwrap();
+        let s = socket2::SockRef::from(&stream);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(s.keepalive_retries().unwrap(), 3);
+    }
 }

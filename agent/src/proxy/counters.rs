@@ -44,6 +44,8 @@ counters! {
     outbound_no_endpoints,
     /// Outbound connections refused (reset) because the cluster view was incomplete.
     outbound_incomplete_view,
+    /// Outbound TCP connections refused by the cluster's `connectionPool.tcp.maxConnections` (flag `UO`).
+    outbound_overflow,
     /// Outbound HBONE tunnels that could not be opened.
     outbound_hbone_failed,
     /// Outbound connections served at L7 (HTTP routed per request).

@@ -39,6 +39,8 @@ pub enum Error {
     DownstreamReset,
     #[error("the upstream connection was reset")]
     UpstreamReset,
+    #[error("{cluster}: connectionPool maxConnections reached")]
+    Overflow { cluster: String },
 }
 
 impl Error {
@@ -54,6 +56,7 @@ impl Error {
             Error::Denied { .. } => "DENY",
             Error::DownstreamReset => "DC",
             Error::UpstreamReset => "UR",
+            Error::Overflow { .. } => "UO",
         }
     }
 
@@ -71,6 +74,7 @@ impl Error {
             Error::Denied { .. } => "denied",
             Error::DownstreamReset => "downstream_reset",
             Error::UpstreamReset => "upstream_reset",
+            Error::Overflow { .. } => "overflow",
         }
     }
 }

@@ -18,6 +18,7 @@ use super::addr::{OrigDst, PeerAddr};
 use super::copy;
 use super::hbone::{ConnectRequest, PoolKey};
 use super::http::balance::{endpoints_for, ActiveRequest, Balancers, Outcome, PickContext};
+use super::http::breaker::Limits;
 use super::http::outbound::HttpConn;
 use super::http::target::{self, ClusterRef, NoCluster};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
@@ -206,10 +207,24 @@ async fn tcp(
             .map(|w| &**w),
         sni,
     };
-    match route(&snap, pi.secrets.trust_domain(), &pi.balancers, &conn) {
+    let routed = route(&snap, pi.secrets.trust_domain(), &pi.balancers, &conn).and_then(
+        |(route, active, tcp)| {
+            // `maxConnections`: the cluster's connections from this node; past it, refused (UO).
+            let limited = tcp.limits.as_ref().map(|(k, l)| pi.breakers.limited(k, *l));
+            let slot = match limited {
+                Some(l) => Some(l.connection().ok_or_else(|| Error::Overflow {
+                    cluster: l.cluster.to_string(),
+                })?),
+                None => None,
+            };
+            Ok((route, active, tcp, slot))
+        },
+    );
+    match routed {
         Err(e) => {
             let counter = match &e {
                 Error::IncompleteView { .. } => &pi.counters.outbound_incomplete_view,
+                Error::Overflow { .. } => &pi.counters.outbound_overflow,
                 _ => &pi.counters.outbound_no_endpoints,
             };
             Counters::inc(counter);
@@ -231,7 +246,7 @@ async fn tcp(
             result.finish(Err(e));
             reset(stream)
         }
-        Ok((route, active)) => {
+        Ok((route, active, tcp, connection)) => {
             // The labels are complete before the connection is counted as opened. `active`
             // counts the connection on its endpoint (least request) until it ends.
             let (service, destination, mtls) = match &route {
@@ -265,12 +280,12 @@ async fn tcp(
                 } => {
                     Counters::inc(&pi.counters.outbound_hbone);
                     result.set_upstream(endpoint);
-                    hbone(&pi, &pod, stream, peer, endpoint, identity).await
+                    hbone(&pi, &pod, stream, peer, endpoint, identity, &tcp).await
                 }
                 Route::Direct { endpoint, .. } => {
                     Counters::inc(&pi.counters.outbound_plaintext);
                     result.set_upstream(endpoint);
-                    plaintext(&pi, &pod, stream, endpoint).await
+                    plaintext(&pi, &pod, stream, endpoint, &tcp).await
                 }
             };
             // Envoy's TCP proxy tells the outlier detector whether the connection was made.
@@ -281,11 +296,51 @@ async fn tcp(
                 Err(Error::UpstreamReset) | Ok(_) => active.report(Outcome::Connected),
                 Err(_) => {}
             }
-            drop(active);
+            // The connection's places end before it is counted as ended.
+            drop((active, connection));
             if let Ok(o) = &outcome {
                 finish(&pi, o);
             }
             result.finish(outcome);
+        }
+    }
+}
+
+/// A cluster's `connectionPool.tcp` as an L4 connection applies it.
+#[derive(Debug, Clone)]
+pub struct TcpPool {
+    /// Istio: default 10s.
+    pub connect_timeout: std::time::Duration,
+    pub keepalive: Option<connect::Keepalive>,
+    /// The cluster and its limits (for its `maxConnections` breaker), when its policy sets a
+    /// connection pool.
+    pub limits: Option<(crate::routing::ClusterKey, Limits)>,
+}
+
+impl Default for TcpPool {
+    fn default() -> Self {
+        TcpPool {
+            connect_timeout: crate::proxy::http::client::DEFAULT_CONNECT_TIMEOUT,
+            keepalive: None,
+            limits: None,
+        }
+    }
+}
+
+impl TcpPool {
+    fn of(cluster: &crate::routing::Cluster) -> TcpPool {
+        let Some(pool) = cluster.policy.connection_pool.as_ref() else {
+            return TcpPool::default();
+        };
+        let tcp = pool.tcp.as_ref();
+        TcpPool {
+            connect_timeout: tcp.map_or(crate::proxy::http::client::DEFAULT_CONNECT_TIMEOUT, |t| {
+                t.connect_timeout()
+            }),
+            keepalive: tcp
+                .and_then(|t| t.tcp_keepalive.as_ref())
+                .map(connect::Keepalive::of),
+            limits: Limits::of(cluster).map(|l| (cluster.key.clone(), l)),
         }
     }
 }
@@ -312,7 +367,7 @@ pub fn route(
     trust_domain: &str,
     balancers: &Balancers,
     conn: &L4Conn<'_>,
-) -> Result<(Route, ActiveRequest), Error> {
+) -> Result<(Route, ActiveRequest, TcpPool), Error> {
     let state = &snap.state;
     let dst = conn.dst;
     if !state.is_complete() {
@@ -327,6 +382,7 @@ pub fn route(
             return Ok((
                 to_workload(state, trust_domain, dst, Some(w), None),
                 ActiveRequest::default(),
+                TcpPool::default(),
             ))
         }
         Some(Destination::Service {
@@ -346,6 +402,7 @@ pub fn route(
                 service: None,
             },
             ActiveRequest::default(),
+            TcpPool::default(),
         ));
     };
     let cluster = l4_cluster(snap, conn, &service)?;
@@ -357,6 +414,7 @@ pub fn route(
                 service: cluster.service.clone(),
             },
             ActiveRequest::default(),
+            TcpPool::default(),
         ));
     }
     let endpoints = endpoints_for(&cluster.endpoints, dst);
@@ -368,10 +426,12 @@ pub fn route(
         });
     };
     let w = state.workload_by_ip(picked.addr.ip());
+    let tcp = TcpPool::of(&cluster);
     let service = cluster.service.clone().or(Some(service));
     Ok((
         to_workload(state, trust_domain, picked.addr, w, service),
         picked.active,
+        tcp,
     ))
 }
 
@@ -477,8 +537,13 @@ async fn plaintext(
     pod: &PodContext,
     stream: TcpStream,
     dst: SocketAddr,
+    tcp: &TcpPool,
 ) -> Result<copy::Outcome, Error> {
-    let upstream = match connect::direct(pod, dst).await {
+    let connecting = connect::direct_with(pod, dst, tcp.keepalive);
+    let connected = tokio::time::timeout(tcp.connect_timeout, connecting)
+        .await
+        .unwrap_or_else(|_| Err(connect::timed_out(dst, tcp.connect_timeout)));
+    let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             Counters::inc(&pi.counters.outbound_connect_failed);
@@ -499,6 +564,7 @@ async fn hbone(
     peer: PeerAddr,
     dst: SocketAddr,
     identity: Identity,
+    tcp: &TcpPool,
 ) -> Result<copy::Outcome, Error> {
     let Some(src_ip) = pod.ip_like(dst.ip()) else {
         Counters::inc(&pi.counters.outbound_hbone_failed);
@@ -519,9 +585,15 @@ async fn hbone(
         forwarded_for: SocketAddr::new(src_ip, peer.0.port()),
         baggage: pod.baggage.clone(),
     };
-    let tunnel = match pi.pool.connect(&key, pod.sockets.as_ref(), &req).await {
-        Ok(t) => t,
-        Err(source) => {
+    let connecting = pi.pool.connect(&key, pod.sockets.as_ref(), &req);
+    let tunnel = match tokio::time::timeout(tcp.connect_timeout, connecting).await {
+        Err(_) => {
+            Counters::inc(&pi.counters.outbound_hbone_failed);
+            reset(stream);
+            return Err(connect::timed_out(dst, tcp.connect_timeout));
+        }
+        Ok(Ok(t)) => t,
+        Ok(Err(source)) => {
             Counters::inc(&pi.counters.outbound_hbone_failed);
             warn!(pod = %pod.name, %dst, error = %source, "HBONE tunnel failed");
             reset(stream);

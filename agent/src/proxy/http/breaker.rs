@@ -237,19 +237,24 @@ impl Breakers {
     /// The cluster's breaker and limits; None when it has no limits.
     pub fn of(&self, cluster: &Cluster) -> Option<Limited> {
         let limits = Limits::of(cluster)?;
+        Some(self.limited(&cluster.key, limits))
+    }
+
+    /// The breaker of the cluster `key`, with `limits`.
+    pub fn limited(&self, key: &ClusterKey, limits: Limits) -> Limited {
         let breaker = self
             .inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(cluster.key.clone())
+            .entry(key.clone())
             .or_default()
             .clone();
-        Some(Limited {
+        Limited {
             breaker,
             limits,
-            cluster: cluster.key.clone(),
+            cluster: key.clone(),
             overflowed: self.overflowed.clone(),
-        })
+        }
     }
 
     /// `ambit_http_pool_overflow_total{cluster,limit}`: requests (or retries) a limit refused.

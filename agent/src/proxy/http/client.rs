@@ -143,6 +143,8 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// `connectionPool.tcp.maxConnectionDuration`: a connection is not reused past it.
     pub max_connection_duration: Option<Duration>,
+    /// `connectionPool.tcp.tcpKeepalive`, on plain TCP connections to endpoints outside the mesh.
+    pub keepalive: Option<connect::Keepalive>,
 }
 
 /// Istio: "TCP connection timeout ... Default is 10s."
@@ -154,6 +156,7 @@ impl Default for PoolSettings {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_connection_duration: None,
+            keepalive: None,
         }
     }
 }
@@ -177,6 +180,9 @@ impl PoolSettings {
             max_connection_duration: tcp
                 .and_then(|t| t.max_connection_duration)
                 .filter(|d| !d.is_zero()),
+            keepalive: tcp
+                .and_then(|t| t.tcp_keepalive.as_ref())
+                .map(connect::Keepalive::of),
         }
     }
 }
@@ -666,7 +672,7 @@ impl Upstreams {
                     Io::Hbone(tunnel(pi, pod, endpoint, identity.clone()).await?.into_io())
                 }
                 None => Io::Tcp(
-                    connect::direct(pod, endpoint)
+                    connect::direct_with(pod, endpoint, up.settings.keepalive)
                         .await
                         .map_err(|source| UpstreamError::Connect { endpoint, source })?,
                 ),

@@ -108,3 +108,57 @@ async fn destinations_outside_the_mesh_are_reached_in_plaintext() {
     assert_eq!(n1.count(|c| &c.outbound_hbone), 0);
     assert_eq!(n1.pooled(|p| &p.connections_opened), 0, "no HBONE");
 }
+
+/// DestinationRule `connectionPool.tcp.maxConnections` on the TCP path (Envoy's circuit breaker
+/// for a TCP proxy): past it a connection is refused (reset, flag `UO`); once one closes, the next
+/// gets through.
+#[tokio::test]
+async fn tcp_connections_past_max_connections_are_reset_and_flagged_uo() {
+    let mut world = World::new();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("server").node("n2").app("echo").add();
+    let vip = world
+        .service("echo")
+        .named_port("tcp-echo", 80, 8080)
+        .backends(&[&server])
+        .add();
+    world.yaml(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: mesh}
+spec:
+  host: echo
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 2s, tcpKeepalive: {time: 60s, interval: 5s, probes: 3}}
+"#,
+    );
+    let mesh = world.start().await;
+    let app = mesh.whoami(server.addr(8080)).await;
+    let mut first = mesh.connect(&client, SocketAddr::new(vip, 80)).await;
+    assert!(
+        !read_line(&mut first).await.is_empty(),
+        "the first gets through"
+    );
+    let mut second = mesh.connect(&client, SocketAddr::new(vip, 80)).await;
+    let err = next_read(&mut second).await.expect_err("reset");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    let n1 = mesh.node("n1");
+    assert_eq!(n1.count(|c| &c.outbound_overflow), 1);
+    let labels = [("reporter", "source"), ("response_flags", "UO")];
+    n1.wait_metric("istio_tcp_connections_closed_total", &labels, 1)
+        .await;
+    first.shutdown().await.expect("close");
+    drop(first);
+    eventually("the first connection's slot is freed", || {
+        app.peers().len() == 1
+            && n1.count(|c| &c.relays_completed) + n1.count(|c| &c.relays_reset) >= 1
+    })
+    .await;
+    let mut third = mesh.connect(&client, SocketAddr::new(vip, 80)).await;
+    assert!(
+        !read_line(&mut third).await.is_empty(),
+        "room again after a close"
+    );
+}
