@@ -74,7 +74,7 @@ impl Config {
             rate_seconds: env_or("AMBIT_BENCH_RATE_SECONDS", 10.0),
             skip_seconds: env_or("AMBIT_BENCH_SKIP_SECONDS", 0.5),
             warmup_requests: env_or("AMBIT_BENCH_WARMUP_REQUESTS", 5_000),
-            paths: env_or("AMBIT_BENCH_PATHS", "abcd".to_string()),
+            paths: env_or("AMBIT_BENCH_PATHS", "abcde".to_string()),
             protocols: env_or("AMBIT_BENCH_PROTOCOLS", "h1,h2".to_string()),
             // The agent's own default poll interval (the harness would poll every 50 ms).
             agent_args: env_or("AMBIT_BENCH_AGENT_ARGS", "--poll-ms 200".to_string()),
@@ -96,14 +96,14 @@ impl Config {
             || cfg.skip_seconds < 0.0
             || cfg.warmup_requests == 0
             || cfg.paths.is_empty()
-            || !cfg.paths.chars().all(|c| "abcd".contains(c))
+            || !cfg.paths.chars().all(|c| "abcde".contains(c))
             || cfg.protocols.split(',').any(|p| p != "h1" && p != "h2")
             || !["http/1.1", "h2"].contains(&cfg.haproxy_alpn.as_str())
             || cfg.weights.iter().sum::<u32>() == 0;
         if bad {
             eprintln!(
                 "AMBIT_BENCH_RUNS must be 1..=50; SECONDS, CONNS, RATE, RATE_CONNS, RATE_SECONDS, \
-                 WARMUP_REQUESTS > 0 with RATE a multiple of RATE_CONNS; PATHS letters of abcd; \
+                 WARMUP_REQUESTS > 0 with RATE a multiple of RATE_CONNS; PATHS letters of abcde; \
                  PROTOCOLS h1 and/or h2 (comma-separated); HAPROXY_ALPN http/1.1 or h2"
             );
             std::process::exit(64);
@@ -286,10 +286,18 @@ fn main() {
             // The server node reaches its pods from its bridge address.
             peers: vec![n2.gateway4().into(); 2],
         },
+        PathSetup {
+            way: Way::L7Resilient,
+            label: "(e) as (c), + timeout, retries, outlier det.",
+            client: client_mesh.clone(),
+            uri: format!("http://{}:{}/", cluster::VIP, cluster::RESILIENT_PORT),
+            targets: vec![0, 1],
+            peers: inbound.clone(),
+        },
     ];
     let paths: Vec<PathSetup> = all_paths
         .into_iter()
-        .zip("abcd".chars())
+        .zip("abcde".chars())
         .filter(|(_, l)| cfg.paths.contains(*l))
         .map(|(p, _)| p)
         .collect();
@@ -489,7 +497,7 @@ fn idle_cost(pids: &[u32]) -> String {
 /// with the header goes to subset v2. Panics (the route is wrong, nothing to measure) otherwise.
 fn header_route_check(bench: &Bench) {
     for (i, p) in bench.paths.iter().enumerate() {
-        if !matches!(p.way, Way::L7 | Way::Haproxy) {
+        if !matches!(p.way, Way::L7 | Way::L7Resilient | Way::Haproxy) {
             continue;
         }
         let load = Load {

@@ -14,6 +14,9 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const HTTP_PORT: u16 = 80;
 /// The Service port named `tcp-web`: L4 over HBONE.
 pub const TCP_PORT: u16 = 81;
+/// The Service port named `http-resilient`: L7 as [`HTTP_PORT`], its route with a timeout,
+/// retries and its DestinationRule port with outlier detection (bench path (e)).
+pub const RESILIENT_PORT: u16 = 82;
 /// Where every server pod's app listens.
 pub const APP_PORT: u16 = 8080;
 
@@ -58,12 +61,13 @@ spec:
   ports:
   - {{name: http, port: {HTTP_PORT}, targetPort: {APP_PORT}}}
   - {{name: tcp-web, port: {TCP_PORT}, targetPort: {APP_PORT}}}
+  - {{name: http-resilient, port: {RESILIENT_PORT}, targetPort: {APP_PORT}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: {ns}, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
-ports: [{{name: http, port: {APP_PORT}}}, {{name: tcp-web, port: {APP_PORT}}}]
+ports: [{{name: http, port: {APP_PORT}}}, {{name: tcp-web, port: {APP_PORT}}}, {{name: http-resilient, port: {APP_PORT}}}]
 endpoints:
 {endpoints}---
 apiVersion: networking.istio.io/v1
@@ -72,6 +76,19 @@ metadata: {{name: web, namespace: {ns}}}
 spec:
   hosts: [web]
   http:
+  # (e): the same two routes on port {RESILIENT_PORT}, with a timeout and retries.
+  - name: header-v2-resilient
+    match: [{{port: {RESILIENT_PORT}, headers: {{{header}: {{exact: {value}}}}}}}]
+    route: [{{destination: {{host: web, subset: v2}}}}]
+    timeout: 10s
+    retries: {{attempts: 3, perTryTimeout: 5s, retryOn: \"5xx,reset,connect-failure\"}}
+  - name: weighted-resilient
+    match: [{{port: {RESILIENT_PORT}}}]
+    route:
+    - {{destination: {{host: web, subset: v1}}, weight: {w1}}}
+    - {{destination: {{host: web, subset: v2}}, weight: {w2}}}
+    timeout: 10s
+    retries: {{attempts: 3, perTryTimeout: 5s, retryOn: \"5xx,reset,connect-failure\"}}
   - name: header-v2
     match: [{{headers: {{{header}: {{exact: {value}}}}}}}]
     route: [{{destination: {{host: web, subset: v2}}}}]
@@ -85,6 +102,10 @@ kind: DestinationRule
 metadata: {{name: web, namespace: {ns}}}
 spec:
   host: web
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: {RESILIENT_PORT}}}
+      outlierDetection: {{consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50}}
   subsets:
   - {{name: v1, labels: {{version: v1}}}}
   - {{name: v2, labels: {{version: v2}}}}

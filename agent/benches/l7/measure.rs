@@ -30,6 +30,9 @@ pub enum Way {
     L7,
     /// (d) HAProxy: client side routes, mutual TLS, server side forwards.
     Haproxy,
+    /// (e) ambit L7 as (c), on a port whose route also has a timeout, retries and outlier
+    /// detection (configured, never triggered): what they cost per request.
+    L7Resilient,
 }
 
 /// One path: who sends, where to, and what the server pods must see.
@@ -52,7 +55,7 @@ impl PathSetup {
     fn app_sees_h2(&self, h2: bool) -> bool {
         match self.way {
             Way::Direct | Way::L4 => h2,
-            Way::L7 | Way::Haproxy => false,
+            Way::L7 | Way::L7Resilient | Way::Haproxy => false,
         }
     }
 }
@@ -245,7 +248,7 @@ impl Bench {
         let p = self.proxy_pids();
         match path.way {
             Way::Direct => None,
-            Way::L4 | Way::L7 => Some((p[0], p[1])),
+            Way::L4 | Way::L7 | Way::L7Resilient => Some((p[0], p[1])),
             Way::Haproxy => Some((p[2], p[3])),
         }
     }
@@ -334,7 +337,7 @@ impl Bench {
             let logs = match path.way {
                 Way::Direct => String::new(),
                 Way::Haproxy => self.haproxy.log_tail(),
-                Way::L4 | Way::L7 => {
+                Way::L4 | Way::L7 | Way::L7Resilient => {
                     format!(
                         "{}\n{}",
                         self.agents[0].log_tail(),
@@ -391,7 +394,7 @@ impl Bench {
                 };
                 want_metrics = [opened, opened];
             }
-            Way::L7 => {
+            Way::L7 | Way::L7Resilient => {
                 // Every request is routed at the client's node; upstream HTTP connections (HBONE
                 // streams) are pooled there, so their number is whatever the pool needed.
                 let streams = got[0].pool_streams_opened;
@@ -488,7 +491,7 @@ impl Bench {
             ));
         }
         // L4 spreads connections, not requests, over both pods: no split to check there.
-        let routed = matches!(path.way, Way::L7 | Way::Haproxy);
+        let routed = matches!(path.way, Way::L7 | Way::L7Resilient | Way::Haproxy);
         let share = (routed && total > 0).then(|| {
             let v2: u64 = moved
                 .iter()
