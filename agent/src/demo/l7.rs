@@ -1,6 +1,7 @@
 //! The demo's L7 part: Istio's `reviews` routes (a header match to subset v2, an 80/20 split
-//! for everyone else, nothing for other paths) applied by the client's node proxy, then what an
-//! operator sees of it: `istio_requests_total` and an access-log line per request.
+//! for everyone else, nothing for other paths) and a fault-injection route (30% aborted with 503)
+//! applied by the client's node proxy, then what an operator sees of it: `istio_requests_total`
+//! and an access-log line per request.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,6 +36,11 @@ spec:
   - name: jason
     match: [{headers: {end-user: {exact: jason}}}]
     route: [{destination: {host: reviews, subset: v2}}]
+  - name: fault-test
+    match: [{uri: {prefix: /reviews/flaky}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 30}}}
+    retries: {attempts: 0}
+    route: [{destination: {host: reviews, subset: v1}}]
   - name: canary
     match: [{uri: {prefix: /reviews}}]
     route:
@@ -135,7 +141,7 @@ pub fn show(client: &Pod, agent: &LocalAgent, access_log: &Path) -> Result<(), D
     println!("\nL7: a VirtualService and DestinationRule for reviews (Service port `http`), applied by the client's node proxy:");
     for line in ROUTES
         .lines()
-        .filter(|l| l.contains("match") || l.contains("weight"))
+        .filter(|l| l.contains("match:") || l.contains("weight") || l.contains("fault"))
     {
         println!("  {}", line.trim());
     }
@@ -166,6 +172,11 @@ pub fn show(client: &Pod, agent: &LocalAgent, access_log: &Path) -> Result<(), D
     println!(
         "  100 x GET /reviews/1 (anyone else)       -> {}",
         tally(&others)
+    );
+    let flaky = send(client, vec![("/reviews/flaky", vec![]); 100])?;
+    println!(
+        "  100 x GET /reviews/flaky (fault abort 30%) -> {}",
+        tally(&flaky)
     );
     let none = send(client, vec![("/ratings", vec![])])?;
     println!(
