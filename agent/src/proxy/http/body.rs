@@ -2,6 +2,7 @@
 //! its way upstream; the response body is counted on its way to the app and finishes the
 //! request's telemetry when it ends (or is dropped: the app went away first).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,8 +15,17 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use crate::proxy::metrics::requests::RequestResult;
 
-/// The body type of every request and response the proxy handles.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The error a body of the proxy fails with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the proxy sends to an app.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// The route's timeout passed while the response was still streaming (Envoy's route timeout
+/// spans the whole response); the app's stream is reset.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout: the route's timeout passed during the response body")]
+pub struct RouteTimeout;
 
 /// A body of known bytes (local replies).
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -72,13 +82,21 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 pub struct Finishing<B: Body<Data = Bytes>> {
     inner: B,
     result: Option<RequestResult>,
+    /// The route's timeout, when it has one: the body must end before it (else `UT`).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B: Body<Data = Bytes>> Finishing<B> {
     pub fn new(inner: B, result: RequestResult) -> Self {
+        Finishing::until(inner, result, None)
+    }
+
+    /// A body that fails with [`RouteTimeout`] (flag `UT`) if it has not ended by `deadline`.
+    pub fn until(inner: B, result: RequestResult, deadline: Option<tokio::time::Instant>) -> Self {
         let mut this = Finishing {
             inner,
             result: Some(result),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
         };
         // A body that is empty from the start (HEAD, 204, 304) may never be polled.
         if this.inner.is_end_stream() {
@@ -90,15 +108,29 @@ impl<B: Body<Data = Bytes>> Finishing<B> {
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Finishing<B> {
+impl<B> Body for Finishing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() && self.result.is_some() {
+            if let Some(deadline) = self.deadline.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    if let Some(r) = self.result.take() {
+                        r.finish(Some("UT"));
+                    }
+                    return Poll::Ready(Some(Err(RouteTimeout.into())));
+                }
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(r) = self.result.as_mut() {
@@ -126,7 +158,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Finishing<B> {
             }
             Poll::Pending => {}
         }
-        polled
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

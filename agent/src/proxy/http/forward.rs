@@ -341,7 +341,9 @@ impl HttpConn {
         // The endpoint stays busy (least-request), and the upstream connection in use, until the
         // response has been sent on.
         let active = picked.map(|p| p.active);
-        let body = Finishing::new(Held::new(incoming, (active, lease)), result);
+        // Envoy's route timeout spans the whole response: a body still streaming when it passes
+        // is cut (the app's stream is reset, flag `UT`).
+        let body = Finishing::until(Held::new(incoming, (active, lease)), result, deadline);
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
     }
 

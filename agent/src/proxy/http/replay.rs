@@ -21,8 +21,7 @@ use hyper::body::{Body, Frame, SizeHint};
 /// The most request-body bytes kept for a retry (Envoy's default buffer limit, 1 MiB).
 pub const MAX_REPLAY_BYTES: usize = 1 << 20;
 
-/// The error an attempt's body fails with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::body::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

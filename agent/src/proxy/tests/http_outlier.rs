@@ -107,3 +107,63 @@ async fn max_ejection_percent_caps_the_ejections_when_all_fail() {
     let tries = f.tries();
     assert_eq!(tries.iter().filter(|t| **t > 2).count(), 2, "{tries:?}");
 }
+
+/// Envoy's route timeout spans the whole response: a body still streaming when it passes is cut
+/// (the app's stream fails after the headers it already has), flag `UT`.
+#[tokio::test]
+async fn a_route_timeout_cuts_a_response_body_still_streaming() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+
+    use super::fixture::*;
+
+    let mut world = World::new();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("stream").node("n2").app("stream").add();
+    let vip = world
+        .service("stream")
+        .named_port("http", 8080, 8080)
+        .backends(&[&server])
+        .add();
+    world.yaml(&vs_for(
+        "stream",
+        "  - timeout: 1s\n    route: [{destination: {host: stream}}]",
+    ));
+    let mesh = world.start().await;
+    let _app = mesh
+        .http_app_with(server.addr(8080), "stream", |_req| async {
+            // A chunk every 200 ms for 10 s: headers at once, the body far past the timeout.
+            let chunks = futures::stream::unfold(0u32, |i| async move {
+                (i < 50).then_some(())?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x"))),
+                    i + 1,
+                ))
+            });
+            http::Response::new(http_body_util::StreamBody::new(chunks).boxed())
+        })
+        .await;
+    let mut conn = mesh.h1(&client, std::net::SocketAddr::new(vip, 8080)).await;
+    let started = Instant::now();
+    let resp = conn
+        .send(get("/", &[("host", "stream"), ("x-request-id", "cut")]))
+        .await;
+    assert_eq!(resp.status(), 200, "the headers came before the timeout");
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "the body was cut, not ended as if complete");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut before the app's end"
+    );
+    let line = mesh.node("n1").wait_log(&[("request_id", "cut")]).await;
+    assert_eq!(line["response_flags"], "UT", "{line:#}");
+}
+
+fn vs_for(host: &str, http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}, namespace: mesh}}\nspec:\n  hosts: [{host}]\n  http:\n{http}"
+    )
+}
