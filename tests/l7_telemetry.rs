@@ -116,7 +116,8 @@ fn istio_requests_total_counts_each_outcome_with_its_flags_and_grpc_status() {
         ),
         (&[("response_code", "404"), ("response_flags", "NR")], 1),
         (&[("response_code", "503"), ("response_flags", "UH")], 1),
-        (&[("response_code", "503"), ("response_flags", "UF")], 1),
+        // Istio's default retry policy tries a connect failure three times, then URX.
+        (&[("response_code", "503"), ("response_flags", "UF,URX")], 1),
         (
             &[
                 ("request_protocol", "grpc"),

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::ebpf::{Capture, EbpfError, OrigDstTable, PodCapture};
 use crate::identity::{CertLease, Identity};
+use crate::proxy::accept::Handoff;
 use crate::proxy::{
     inbound::Inbound, inbound_plain::InboundPlain, outbound::Outbound, OrigDstLookup, PodContext,
     ProxyInputs,
@@ -314,27 +315,37 @@ impl Node {
 
         let (pi, pod) = (&self.pi, ctx);
         let mut tasks = Vec::new();
-        for (rt, listener) in outbound.into_iter().flatten() {
+        // Each listener's loops (one per worker) can hand connections to each other.
+        let with_handoffs = |per_listener: Vec<Vec<_>>| {
+            per_listener.into_iter().flat_map(|loops: Vec<_>| {
+                let handoffs = Handoff::group(loops.len());
+                loops.into_iter().zip(handoffs)
+            })
+        };
+        for ((rt, listener), handoff) in with_handoffs(outbound) {
             let stage = Outbound {
                 pi: pi.clone(),
                 pod: pod.clone(),
                 listener,
+                handoff,
             };
             tasks.push(rt.spawn(stage.run()));
         }
-        for (rt, listener) in inbound.into_iter().flatten() {
+        for ((rt, listener), handoff) in with_handoffs(inbound) {
             let stage = InboundPlain {
                 pi: pi.clone(),
                 pod: pod.clone(),
                 listener,
+                handoff,
             };
             tasks.push(rt.spawn(stage.run()));
         }
-        for (rt, listener) in hbone.into_iter().flatten() {
+        for ((rt, listener), handoff) in with_handoffs(hbone) {
             let stage = Inbound {
                 pi: pi.clone(),
                 pod: pod.clone(),
                 listener,
+                handoff,
             };
             tasks.push(rt.spawn(stage.run()));
         }

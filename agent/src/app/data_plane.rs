@@ -32,6 +32,7 @@ impl DataPlane {
     /// Starts `n` workers (at least one), threads named `ambit-data-<i>`.
     pub fn start(n: usize) -> io::Result<DataPlane> {
         let mut workers = Vec::new();
+        crate::proxy::worker::init_loads(n.max(1));
         for id in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -27,6 +27,8 @@ pub struct Inbound {
     pub pi: Arc<ProxyInputs>,
     pub pod: Arc<PodContext>,
     pub listener: TcpListener,
+    /// To and from the other workers' loops on this listener.
+    pub handoff: super::accept::Handoff,
 }
 
 impl Inbound {
@@ -43,17 +45,29 @@ impl Inbound {
             self.pi.secrets.clone(),
             self.pod.identity.clone(),
         ));
-        let Inbound { pi, pod, listener } = self;
-        let name = pod.name.clone();
-        super::accept::serve(listener, "inbound", &name, move |tcp, peer| {
-            connection(
-                pi.clone(),
-                pod.clone(),
-                acceptor.clone(),
-                tcp,
-                PeerAddr(peer),
-            )
-        })
+        let Inbound {
+            pi,
+            pod,
+            listener,
+            handoff,
+        } = self;
+        let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        super::accept::serve(
+            listener,
+            handoff,
+            "inbound",
+            &name,
+            affinity,
+            move |tcp, peer| {
+                connection(
+                    pi.clone(),
+                    pod.clone(),
+                    acceptor.clone(),
+                    tcp,
+                    PeerAddr(peer),
+                )
+            },
+        )
         .await;
     }
 }

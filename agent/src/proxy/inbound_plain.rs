@@ -17,15 +17,27 @@ pub struct InboundPlain {
     pub pi: Arc<ProxyInputs>,
     pub pod: Arc<PodContext>,
     pub listener: TcpListener,
+    /// To and from the other workers' loops on this listener.
+    pub handoff: super::accept::Handoff,
 }
 
 impl InboundPlain {
     pub async fn run(self) {
-        let InboundPlain { pi, pod, listener } = self;
-        let name = pod.name.clone();
-        super::accept::serve(listener, "inbound_plain", &name, move |stream, peer| {
-            handle(pi.clone(), pod.clone(), stream, PeerAddr(peer))
-        })
+        let InboundPlain {
+            pi,
+            pod,
+            listener,
+            handoff,
+        } = self;
+        let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        super::accept::serve(
+            listener,
+            handoff,
+            "inbound_plain",
+            &name,
+            affinity,
+            move |stream, peer| handle(pi.clone(), pod.clone(), stream, PeerAddr(peer)),
+        )
         .await;
     }
 }

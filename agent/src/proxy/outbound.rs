@@ -34,6 +34,8 @@ pub struct Outbound {
     pub pi: Arc<ProxyInputs>,
     pub pod: Arc<PodContext>,
     pub listener: TcpListener,
+    /// To and from the other workers' loops on this listener.
+    pub handoff: super::accept::Handoff,
 }
 
 impl Outbound {
@@ -44,11 +46,21 @@ impl Outbound {
             warn!(pod = %self.pod.name, "outbound listener has no local address");
             return;
         };
-        let Outbound { pi, pod, listener } = self;
-        let name = pod.name.clone();
-        super::accept::serve(listener, "outbound", &name, move |stream, peer| {
-            handle(pi.clone(), pod.clone(), stream, PeerAddr(peer), local)
-        })
+        let Outbound {
+            pi,
+            pod,
+            listener,
+            handoff,
+        } = self;
+        let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        super::accept::serve(
+            listener,
+            handoff,
+            "outbound",
+            &name,
+            affinity,
+            move |stream, peer| handle(pi.clone(), pod.clone(), stream, PeerAddr(peer), local),
+        )
         .await;
     }
 }

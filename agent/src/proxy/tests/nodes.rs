@@ -177,6 +177,7 @@ impl Node {
                     pi: pi.clone(),
                     pod: ctx.clone(),
                     listener: bind(OUTBOUND_PORT).await,
+                    handoff: crate::proxy::accept::Handoff::none(),
                 }
                 .run(),
             ));
@@ -185,6 +186,7 @@ impl Node {
                     pi: pi.clone(),
                     pod: ctx.clone(),
                     listener: bind(HBONE_PORT).await,
+                    handoff: crate::proxy::accept::Handoff::none(),
                 }
                 .run(),
             ));
@@ -193,6 +195,7 @@ impl Node {
                     pi: pi.clone(),
                     pod: ctx.clone(),
                     listener: bind(INBOUND_PORT).await,
+                    handoff: crate::proxy::accept::Handoff::none(),
                 }
                 .run(),
             ));
