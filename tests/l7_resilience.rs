@@ -159,6 +159,10 @@ spec:
         .expect("the client node logs the timed-out request");
     assert_eq!(line["response_code"], 504, "{line:#}");
     assert_eq!(line["response_flags"], "UT", "{line:#}");
+    assert_eq!(
+        line["response_code_details"], "upstream_response_timeout",
+        "{line:#}"
+    );
     // The delay was injected at reviews' node, on its call to ratings.
     let n2_log = access_log_path(&world, &n2);
     let delayed_call = settled(
