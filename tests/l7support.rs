@@ -48,11 +48,37 @@ pub fn start_agents(
     istio: &str,
     args: &[String],
 ) -> Vec<LocalAgent> {
+    start_agents_with(world, nodes, yaml, istio, |_| args.to_vec())
+}
+
+/// [`start_agents`], each agent writing its access log to [`access_log_path`] of its node.
+pub fn start_agents_logged(
+    world: &World,
+    nodes: &[(&Node, &[&Pod])],
+    yaml: &ClusterYaml,
+    istio: &str,
+) -> Vec<LocalAgent> {
+    start_agents_with(world, nodes, yaml, istio, |node| {
+        vec![format!(
+            "--access-log={}",
+            access_log_path(world, node).display()
+        )]
+    })
+}
+
+/// [`start_agents`] with each node's own arguments.
+pub fn start_agents_with(
+    world: &World,
+    nodes: &[(&Node, &[&Pod])],
+    yaml: &ClusterYaml,
+    istio: &str,
+    args: impl Fn(&Node) -> Vec<String>,
+) -> Vec<LocalAgent> {
     let mut agents: Vec<LocalAgent> = nodes
         .iter()
         .map(|(node, _)| {
             let mut a = LocalAgent::new(world, node, &ambit_bin());
-            for x in args {
+            for x in &args(node) {
                 a = a.arg(x);
             }
             yaml.write(&a.config_dir());
@@ -774,5 +800,210 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resilience apps: a scripted endpoint that records every request, and a `reviews`-like app that
+// calls another service through the mesh per request.
+
+/// How a [`ScriptApp`] answers a request to any path but `/upload` and `/upload-503`.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// 200 at once.
+    Ok,
+    /// This status, always.
+    Status(u16),
+    /// 503 for `percent`% of requests, drawn from an xorshift generator seeded with `seed`.
+    FailRandom { seed: u64, percent: u64 },
+    /// 200 after this long.
+    Slow(Duration),
+}
+
+/// One request a [`ScriptApp`] received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub authority: String,
+    /// The `x-test-id` header ("" without one): the test's own id, the same on every try.
+    pub id: String,
+    /// The status the app answered (0 until it has, or if the request was abandoned first).
+    pub status: u16,
+    pub at: std::time::Instant,
+}
+
+/// An HTTP/1.1 and HTTP/2 server in a pod that answers as its [`Behaviour`] says and records
+/// every request on arrival (before any delay or body). `POST /upload` answers 200 and
+/// `POST /upload-503` 503, both with `{"pod", "len", "hash"}` of the body read whole. Every
+/// answer has `x-served-by: <pod>`.
+pub struct ScriptApp {
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    _thread: ServerThread,
+}
+
+impl ScriptApp {
+    pub fn start(pod: &Pod, port: u16, behaviour: Behaviour) -> ScriptApp {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let name: Arc<str> = pod.name().into();
+        let rng = Arc::new(std::sync::Mutex::new(match behaviour {
+            Behaviour::FailRandom { seed, .. } => seed | 1,
+            _ => 1,
+        }));
+        let record = seen.clone();
+        let (thread, _) = listen_in_pod(pod, port, move |stream| {
+            let (name, rng, record) = (name.clone(), rng.clone(), record.clone());
+            async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    script_answer(name.clone(), behaviour, rng.clone(), record.clone(), req)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
+        ScriptApp {
+            seen,
+            _thread: thread,
+        }
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("seen").len()
+    }
+}
+
+async fn script_answer(
+    name: Arc<str>,
+    behaviour: Behaviour,
+    rng: Arc<std::sync::Mutex<u64>>,
+    record: Arc<std::sync::Mutex<Vec<Seen>>>,
+    req: Request<Incoming>,
+) -> Result<Response<AppBody>, Infallible> {
+    let at = std::time::Instant::now();
+    let path = req.uri().path().to_string();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let id = req
+        .headers()
+        .get("x-test-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    // Recorded on arrival: a try the proxy abandons (a per-try timeout) is still seen; the
+    // status is filled in once known.
+    let index = {
+        let mut seen = record.lock().expect("seen");
+        seen.push(Seen {
+            path: path.clone(),
+            authority,
+            id,
+            status: 0,
+            at,
+        });
+        seen.len() - 1
+    };
+    let (status, body) = if path == "/upload" || path == "/upload-503" {
+        let status = if path == "/upload" { 200 } else { 503 };
+        match hash_body(req.into_body()).await {
+            Ok((len, hash)) => (
+                status,
+                json!({"pod": &*name, "len": len, "hash": hash.to_string()}).to_string(),
+            ),
+            Err(e) => (400, e),
+        }
+    } else {
+        let status = match behaviour {
+            Behaviour::Ok => 200,
+            Behaviour::Status(s) => s,
+            Behaviour::FailRandom { percent, .. } => {
+                let mut x = rng.lock().expect("rng");
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                if *x % 100 < percent {
+                    503
+                } else {
+                    200
+                }
+            }
+            Behaviour::Slow(d) => {
+                tokio::time::sleep(d).await;
+                200
+            }
+        };
+        let _ = req.into_body().collect().await;
+        (status, name.to_string())
+    };
+    record.lock().expect("seen")[index].status = status;
+    Ok(Response::builder()
+        .status(status)
+        .header("x-served-by", &*name)
+        .body(full(body))
+        .expect("response"))
+}
+
+/// Bookinfo's `reviews` in miniature: a server in a pod that, for each request, calls
+/// `GET /ratings` on `upstream` (with `Host: authority`) from inside the pod, so the call goes
+/// through the mesh, and answers 200 with `{"pod", "ratings_status", "ratings"}`, or 502 with
+/// the error if the call failed.
+pub struct CallerApp {
+    pub requests: Arc<AtomicUsize>,
+    _thread: ServerThread,
+}
+
+impl CallerApp {
+    pub fn start(pod: &Pod, port: u16, upstream: SocketAddr, authority: &str) -> CallerApp {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        let name: Arc<str> = pod.name().into();
+        let authority: Arc<str> = authority.into();
+        let (thread, _) = listen_in_pod(pod, port, move |stream| {
+            let (name, authority, count) = (name.clone(), authority.clone(), count.clone());
+            async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let (name, authority) = (name.clone(), authority.clone());
+                    async move {
+                        let conn = Conn::h1(upstream).await;
+                        let (status, body) = match conn.send(&authority, get("/ratings", &[])).await
+                        {
+                            Ok(r) => (
+                                200,
+                                json!({"pod": &*name, "ratings_status": r.status, "ratings": r.text()}),
+                            ),
+                            Err(e) => (502, json!({"pod": &*name, "error": e})),
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("x-served-by", &*name)
+                                .body(full(body.to_string()))
+                                .expect("response"),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
+        CallerApp {
+            requests,
+            _thread: thread,
+        }
     }
 }
