@@ -194,6 +194,8 @@ struct ConnState {
     idle_since: Mutex<Instant>,
     served: AtomicU64,
     created: Instant,
+    /// Its place under the cluster's `maxConnections` (HTTP/1.1).
+    slot: Mutex<Option<Slot>>,
     /// The cluster's breaker, told when the connection becomes free.
     breaker: Option<Arc<Breaker>>,
 }
@@ -205,6 +207,7 @@ impl ConnState {
             idle_since: Mutex::new(Instant::now()),
             served: AtomicU64::new(0),
             created: Instant::now(),
+            slot: Mutex::new(None),
             breaker,
         })
     }
@@ -459,6 +462,9 @@ impl Upstreams {
                 return Ok(c);
             }
             if let Some(slot) = limited.connection() {
+                // Envoy counts a request as pending until its connection is ready ("queued while
+                // waiting for a ready connection pool connection"): it keeps its pending place
+                // while the new connection is made.
                 return self.open_http1(up, Some(slot)).await;
             }
             if pending.is_none() {
@@ -482,17 +488,23 @@ impl Upstreams {
             .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+        let breaker = up.limited.map(|l| l.breaker.clone());
+        let ended = breaker.clone();
         tokio::spawn(async move {
-            // The connection counts under `maxConnections` until it has closed.
-            let _slot = slot;
             if let Err(e) = driver.with_upgrades().await {
                 debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
             }
+            // Requests waiting for a connection look again (this one may be pruned now).
+            if let Some(b) = ended {
+                Limited::notify_free(&b);
+            }
         });
-        Ok(Conn {
-            sender,
-            state: ConnState::new(up.limited.map(|l| l.breaker.clone())),
-        })
+        // The connection counts under `maxConnections` while it is pooled or serving: its slot
+        // goes with its state, when it left the pool (closed, idle, or `maxRequestsPerConnection`
+        // spent) and its last response has been read.
+        let state = ConnState::new(breaker);
+        *state.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
+        Ok(Conn { sender, state })
     }
 
     /// Closes one idle HTTP/1.1 connection of the breaker's cluster, if there is one.
