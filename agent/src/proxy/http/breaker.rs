@@ -5,7 +5,8 @@
 //! - `http.http1MaxPendingRequests`: requests waiting for a connection (beyond: 503 `UO` at once);
 //! - `http.http2MaxRequests`: requests in flight to the cluster (beyond: 503 `UO`);
 //! - `http.maxRetries`: retries in flight (beyond: the try's result stands, not retried);
-//! - `http.maxRequestsPerConnection`: a connection is closed after that many requests.
+//! - `http.maxRequestsPerConnection`: a connection is closed after that many requests;
+//! - `http.maxConcurrentStreams`: another HTTP/2 connection is opened when one carries that many.
 //!
 //! Istio's defaults are all 2^32−1 (unlimited): a cluster without `connectionPool` has no breaker
 //! and costs nothing here.
@@ -33,6 +34,9 @@ pub struct Limits {
     pub max_retries: usize,
     /// 0: unlimited.
     pub max_requests_per_connection: u64,
+    /// `http.maxConcurrentStreams`: requests in flight on one HTTP/2 upstream connection before
+    /// another is opened (0: unlimited; Istio's default 2^31−1).
+    pub max_concurrent_streams: usize,
 }
 
 impl Limits {
@@ -52,6 +56,9 @@ impl Limits {
             max_retries: http.map_or(UNLIMITED, |h| limit(h.max_retries)),
             max_requests_per_connection: http
                 .and_then(|h| u64::try_from(h.max_requests_per_connection).ok())
+                .unwrap_or(0),
+            max_concurrent_streams: http
+                .and_then(|h| usize::try_from(h.max_concurrent_streams).ok())
                 .unwrap_or(0),
         })
     }
@@ -310,6 +317,7 @@ mod tests {
                 max_requests: max,
                 max_retries: max,
                 max_requests_per_connection: 0,
+                max_concurrent_streams: 0,
             },
             cluster: ClusterKey {
                 host: "h".into(),

@@ -13,10 +13,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,7 +27,7 @@ use tracing::debug;
 
 use super::breaker::{Breaker, Limited, Slot};
 use crate::identity::Identity;
-use crate::proxy::hbone::{ConnectRequest, PoolError, PoolKey};
+use crate::proxy::hbone::PoolError;
 use crate::proxy::{connect, PodContext, ProxyInputs};
 
 /// The body type requests are carried in upstream (a try's body fails with its own error when
@@ -273,9 +272,22 @@ struct Conn<S> {
 /// The one HTTP/2 connection of a key, opened by the first request that needs it while the
 /// others wait for it.
 #[derive(Default)]
-struct H2Slot(tokio::sync::OnceCell<Conn<http2::SendRequest<Body>>>);
+struct H2Slot(
+    tokio::sync::OnceCell<Conn<http2::SendRequest<Body>>>,
+    /// Requests that chose it and have no lease on it yet (it may still be opening).
+    AtomicUsize,
+);
 
 impl H2Slot {
+    /// Requests on it or bound for it.
+    fn load(&self) -> usize {
+        self.1.load(Ordering::Acquire)
+            + self
+                .0
+                .get()
+                .map_or(0, |c| c.state.active.load(Ordering::Acquire))
+    }
+
     /// Still worth waiting on or sending on: not opened yet, or open.
     fn usable(&self) -> bool {
         self.0.get().is_none_or(|c| !c.sender.is_closed())
@@ -285,7 +297,9 @@ impl H2Slot {
 #[derive(Default)]
 struct Entry {
     http1: Vec<Conn<http1::SendRequest<Body>>>,
-    http2: Option<Arc<H2Slot>>,
+    /// One connection, or more when `maxConcurrentStreams` (or `maxRequestsPerConnection`) fills
+    /// one.
+    http2: Vec<Arc<H2Slot>>,
     settings: PoolSettings,
     /// The breaker of the cluster whose requests last used the key, if it has limits.
     breaker: Option<Arc<Breaker>>,
@@ -328,21 +342,16 @@ impl Entry {
                 }
             });
         }
-        if let Some(slot) = &self.http2 {
-            let gone = match slot.0.get() {
-                Some(c) => {
-                    c.sender.is_closed()
-                        || c.state.idle_longer_than(timeout, now)
-                        || too_old(&c.state)
-                }
-                // Being opened: a request waits on it.
-                None => Arc::strong_count(slot) == 1,
-            };
-            if gone {
-                self.http2 = None;
+        self.http2.retain(|slot| match slot.0.get() {
+            Some(c) => {
+                !(c.sender.is_closed()
+                    || c.state.idle_longer_than(timeout, now)
+                    || too_old(&c.state))
             }
-        }
-        !self.http1.is_empty() || self.http2.is_some()
+            // Being opened: a request waits on it.
+            None => Arc::strong_count(slot) > 1,
+        });
+        !self.http1.is_empty() || !self.http2.is_empty()
     }
 }
 
@@ -539,16 +548,34 @@ impl Upstreams {
         let max = up
             .limited
             .map_or(0, |l| l.limits.max_requests_per_connection);
-        let slot = self.with_entry(key, settings, up.limited, |e| match &e.http2 {
-            Some(slot) if slot.usable() && slot.0.get().is_none_or(|c| !c.state.spent(max)) => {
-                slot.clone()
-            }
-            _ => {
-                let slot = Arc::<H2Slot>::default();
-                e.http2 = Some(slot.clone());
-                slot
-            }
+        // `maxConcurrentStreams`: requests in flight on one connection (0: no limit of ours;
+        // the upstream's SETTINGS bound it too).
+        let streams = up.limited.map_or(0, |l| l.limits.max_concurrent_streams);
+        let fits = |slot: &Arc<H2Slot>| {
+            slot.usable()
+                && slot.0.get().is_none_or(|c| !c.state.spent(max))
+                && (streams == 0 || slot.load() < streams)
+        };
+        let slot = self.with_entry(key, settings, up.limited, |e| {
+            let slot = match e.http2.iter().find(|s| fits(s)) {
+                Some(slot) => slot.clone(),
+                None => {
+                    let slot = Arc::<H2Slot>::default();
+                    e.http2.push(slot.clone());
+                    slot
+                }
+            };
+            slot.1.fetch_add(1, Ordering::AcqRel);
+            slot
         });
+        // Bound for the slot until the lease is taken (or the open fails).
+        struct Chosen<'a>(&'a AtomicUsize);
+        impl Drop for Chosen<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let chosen = Chosen(&slot.1);
         let conn = slot
             .0
             .get_or_try_init(|| async {
@@ -580,6 +607,7 @@ impl Upstreams {
             .await?;
         // Multiplexed: every request sends on a clone of the one sender.
         let lease = conn.state.lease(request);
+        drop(chosen);
         let mut sender = conn.sender.clone();
         Ok(sender.try_send_request(req).await.map(|resp| (resp, lease)))
     }
@@ -654,10 +682,7 @@ impl Upstreams {
             .conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        conns
-            .values()
-            .map(|e| e.http1.len() + usize::from(e.http2.is_some()))
-            .sum()
+        conns.values().map(|e| e.http1.len() + e.http2.len()).sum()
     }
 
     /// Upstream connections opened since the start.
@@ -753,101 +778,7 @@ async fn sweeper(inner: Weak<Inner>) {
     }
 }
 
-/// An upstream byte stream.
-enum Io {
-    Hbone(crate::proxy::hbone::H2Stream),
-    Tcp(tokio::net::TcpStream),
-}
+mod io;
 
-impl tokio::io::AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Hbone(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Hbone(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Hbone(s) => Pin::new(s).poll_flush(cx),
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Hbone(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Hbone(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Hbone(s) => s.is_write_vectored(),
-            Io::Tcp(s) => s.is_write_vectored(),
-        }
-    }
-}
-
-/// Opens an HBONE stream from `pod` to `endpoint` (a workload running as `identity`).
-pub async fn tunnel(
-    pi: &ProxyInputs,
-    pod: &PodContext,
-    endpoint: SocketAddr,
-    identity: Identity,
-) -> Result<crate::proxy::hbone::Stream, UpstreamError> {
-    let Some(src_ip) = pod.ip_like(endpoint.ip()) else {
-        return Err(UpstreamError::Connect {
-            endpoint,
-            source: crate::proxy::Error::NoSourceAddress { dst: endpoint },
-        });
-    };
-    let key = PoolKey {
-        worker: crate::proxy::worker::current(),
-        src_netns: pod.netns_cookie,
-        src_ip,
-        src_id: pod.identity.clone(),
-        dst_id: identity,
-        dst: SocketAddr::new(endpoint.ip(), ambit_common::HBONE_PORT),
-    };
-    let req = ConnectRequest {
-        authority: endpoint,
-        forwarded_for: SocketAddr::new(src_ip, 0),
-        baggage: pod.baggage.clone(),
-    };
-    pi.pool
-        .connect(&key, pod.sockets.as_ref(), &req)
-        .await
-        .map_err(|source| UpstreamError::Tunnel {
-            endpoint,
-            source: Box::new(source),
-        })
-}
+pub use io::tunnel;
+use io::Io;

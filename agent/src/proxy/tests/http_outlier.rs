@@ -167,3 +167,57 @@ fn vs_for(host: &str, http: &str) -> String {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}, namespace: mesh}}\nspec:\n  hosts: [{host}]\n  http:\n{http}"
     )
 }
+
+/// DestinationRule `connectionPool.http.maxConcurrentStreams`: an HTTP/2 upstream connection
+/// carries at most that many requests at once; more open another connection (Istio's default,
+/// 2^31−1, keeps one).
+#[tokio::test]
+async fn max_concurrent_streams_opens_another_http2_connection() {
+    use super::fixture::*;
+
+    let mut world = World::new();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("h2").node("n2").app("h2").add();
+    let vip = world
+        .service("h2")
+        .named_port("http2", 8080, 8080)
+        .backends(&[&server])
+        .add();
+    world.yaml(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: h2, namespace: mesh}
+spec:
+  host: h2
+  trafficPolicy:
+    connectionPool:
+      http: {maxConcurrentStreams: 10}
+"#,
+    );
+    let mesh = world.start().await;
+    let app = mesh
+        .http_app_with(server.addr(8080), "h2", |_req| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            http::Response::new(full("ok"))
+        })
+        .await;
+    let conn = mesh.h2(&client, std::net::SocketAddr::new(vip, 8080)).await;
+    let replies = futures::future::join_all((0..30).map(|i| {
+        let conn = &conn;
+        async move { conn.get("h2", &format!("/{i}"), &[]).await }
+    }))
+    .await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert!(
+        app.seen()
+            .iter()
+            .all(|s| s.version == http::Version::HTTP_2),
+        "HTTP/2 upstream"
+    );
+    assert!(
+        app.connections() >= 3,
+        "30 concurrent requests at 10 streams per connection: {} connections",
+        app.connections()
+    );
+}

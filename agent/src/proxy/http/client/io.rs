@@ -1,0 +1,110 @@
+//! The upstream byte stream of a pooled connection (an HBONE stream or plain TCP), and the HBONE
+//! tunnel that makes the former.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::UpstreamError;
+use crate::identity::Identity;
+use crate::proxy::hbone::{ConnectRequest, PoolKey};
+use crate::proxy::{PodContext, ProxyInputs};
+
+/// An upstream byte stream.
+pub(super) enum Io {
+    Hbone(crate::proxy::hbone::H2Stream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hbone(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Hbone(s) => s.is_write_vectored(),
+            Io::Tcp(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Opens an HBONE stream from `pod` to `endpoint` (a workload running as `identity`).
+pub async fn tunnel(
+    pi: &ProxyInputs,
+    pod: &PodContext,
+    endpoint: SocketAddr,
+    identity: Identity,
+) -> Result<crate::proxy::hbone::Stream, UpstreamError> {
+    let Some(src_ip) = pod.ip_like(endpoint.ip()) else {
+        return Err(UpstreamError::Connect {
+            endpoint,
+            source: crate::proxy::Error::NoSourceAddress { dst: endpoint },
+        });
+    };
+    let key = PoolKey {
+        worker: crate::proxy::worker::current(),
+        src_netns: pod.netns_cookie,
+        src_ip,
+        src_id: pod.identity.clone(),
+        dst_id: identity,
+        dst: SocketAddr::new(endpoint.ip(), ambit_common::HBONE_PORT),
+    };
+    let req = ConnectRequest {
+        authority: endpoint,
+        forwarded_for: SocketAddr::new(src_ip, 0),
+        baggage: pod.baggage.clone(),
+    };
+    pi.pool
+        .connect(&key, pod.sockets.as_ref(), &req)
+        .await
+        .map_err(|source| UpstreamError::Tunnel {
+            endpoint,
+            source: Box::new(source),
+        })
+}
