@@ -106,7 +106,7 @@ struct TcpCounters {
 /// The four families, as one map from label set to counters (a custom collector, so that series
 /// can be dropped).
 #[derive(Debug, Default)]
-struct TcpSeries(Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>);
+struct TcpSeries(Mutex<HashMap<TcpLabels, Arc<TcpCounters>, foldhash::fast::RandomState>>);
 
 impl TcpSeries {
     fn get(&self, labels: &TcpLabels) -> Arc<TcpCounters> {

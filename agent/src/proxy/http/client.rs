@@ -303,7 +303,12 @@ struct Entry {
     settings: PoolSettings,
     /// The breaker of the cluster whose requests last used the key, if it has limits.
     breaker: Option<Arc<Breaker>>,
+    /// When a request last pruned it.
+    pruned: Option<Instant>,
 }
+
+/// How often the request path prunes one key's connections.
+const PRUNE_EVERY: Duration = Duration::from_millis(100);
 
 impl Entry {
     /// Drops closed connections, those idle past the timeout, and idle HTTP/1.1 connections
@@ -357,7 +362,8 @@ impl Entry {
 
 #[derive(Default)]
 struct Inner {
-    conns: Mutex<HashMap<UpstreamKey, Entry>>,
+    /// foldhash: the key holds identities (strings), hashed on every request.
+    conns: Mutex<HashMap<UpstreamKey, Entry, foldhash::fast::RandomState>>,
     sweeping: AtomicBool,
     /// The sweep's current pause, in milliseconds (0: not started).
     sweep_every_ms: AtomicU64,
@@ -620,7 +626,16 @@ impl Upstreams {
         limited: Option<&Limited>,
     ) -> Option<Conn<http1::SendRequest<Body>>> {
         self.with_entry(key, settings, limited, |e| {
-            e.prune(Instant::now());
+            // Pruning looks at every connection of the key: at most every PRUNE_EVERY on the
+            // request path (the sweep does the rest), or when too many are kept.
+            let now = Instant::now();
+            if e.pruned
+                .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+                || e.http1.len() > MAX_IDLE_HTTP1
+            {
+                e.prune(now);
+                e.pruned = Some(now);
+            }
             let i = e.http1.iter().position(|c| c.sender.is_ready())?;
             Some(e.http1.swap_remove(i))
         })

@@ -67,7 +67,10 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.request(req).await) }
+            // Boxed: hyper's HTTP/2 server spawns each stream's future, and a spawn moves the
+            // future by value; the request's state machine is kilobytes, its box one pointer.
+            let request = Box::pin(async move { conn.request(req).await });
+            async move { Ok::<_, Infallible>(request.await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());

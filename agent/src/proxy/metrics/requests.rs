@@ -104,7 +104,9 @@ struct RequestCounters {
 
 /// Every request series (a custom collector, so series of departed pods can be dropped).
 #[derive(Debug, Default)]
-pub struct RequestSeries(Mutex<HashMap<RequestLabels, Arc<RequestCounters>>>);
+pub struct RequestSeries(
+    Mutex<HashMap<RequestLabels, Arc<RequestCounters>, foldhash::fast::RandomState>>,
+);
 
 impl RequestSeries {
     /// Records one finished request.
