@@ -629,8 +629,13 @@ spec:
         "{}",
         lines_with(&m, "ambit_http_pool_overflow")
     );
-    let line = f
-        .n1()
+    // The access log is written by its own thread: wait for a refused request's line.
+    let n1 = f.n1();
+    eventually("a refused request is logged", || {
+        n1.access_log().iter().any(|l| l["response_code"] == 503)
+    })
+    .await;
+    let line = n1
         .access_log()
         .into_iter()
         .find(|l| l["response_code"] == 503)
