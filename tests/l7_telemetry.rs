@@ -147,3 +147,201 @@ fn istio_requests_total_counts_each_outcome_with_its_flags_and_grpc_status() {
         "no doubled suffix: {m}"
     );
 }
+
+const QUIET: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 20);
+
+/// Destination-side L7 (issue 13): the server's node serves the HTTP each HBONE stream carries
+/// and records every request as a sidecar's inbound does, `reporter="destination"`, with the
+/// source from the peer's verified certificate (a forged header changes nothing). A port declared
+/// `tcp` stays opaque, and a pod annotated `ambit.dev/destination-l7: "false"` is relayed as
+/// bytes: its requests are counted at the source and its streams as TCP at the destination only.
+#[test]
+fn the_destination_records_each_request_with_the_verified_source() {
+    support::raise_fd_limit();
+    let world = World::new("l7-dest");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("sleep")
+        .node(&n1)
+        .namespace(NS)
+        .sa("sleeper")
+        .label("app", "sleep")
+        .spawn();
+    let server = world
+        .pod("web")
+        .node(&n2)
+        .namespace(NS)
+        .sa("web-sa")
+        .label("app", "web")
+        .spawn();
+    let quiet = world
+        .pod("quiet")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "quiet")
+        .spawn();
+    let _web = HttpApp::start(&server, 8080);
+    let _raw = HttpApp::start(&server, 8081);
+    let _quiet = HttpApp::start(&quiet, 8080);
+    let _grpc = GrpcApp::start(&server, 9090);
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server, &quiet])
+        .annotate(&quiet, "ambit.dev/destination-l7", "false")
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[
+                SvcPort::named("http", 80, 8080),
+                SvcPort::named("tcp-raw", 81, 8081),
+            ],
+            &[&server],
+            true,
+        )
+        .service(
+            "grpc",
+            NS,
+            GRPC,
+            &[SvcPort::named("grpc", 9090, 9090)],
+            &[&server],
+            true,
+        )
+        .service(
+            "quiet",
+            NS,
+            QUIET,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&quiet],
+            true,
+        );
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server, &quiet])],
+        &yaml,
+        "",
+        &[],
+    );
+    let (a1, a2) = (&agents[0], &agents[1]);
+
+    in_pod(&client, || async {
+        let conn = Conn::h1(sa(WEB, 80)).await;
+        for i in 0..3 {
+            // A header claiming another source must not change the labels.
+            let r = conn
+                .get(
+                    "web",
+                    &format!("/get/{i}"),
+                    &[(
+                        "x-forwarded-client-cert",
+                        "URI=spiffe://cluster.local/ns/x/sa/forged",
+                    )],
+                )
+                .await;
+            assert_eq!(r.status, 200);
+        }
+        let raw = Conn::h1(sa(WEB, 81)).await;
+        assert_eq!(raw.get("web", "/raw", &[]).await.status, 200);
+        let q = Conn::h1(sa(QUIET, 80)).await;
+        assert_eq!(q.get("quiet", "/q", &[]).await.status, 200);
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC}:9090"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connect");
+        let mut health = HealthClient::new(channel);
+        let _ = health
+            .check(HealthCheckRequest {
+                service: "ambit.Missing".into(),
+            })
+            .await;
+    });
+
+    let web_at_destination: &[(&str, &str)] = &[
+        ("reporter", "destination"),
+        ("source_workload", "sleep"),
+        ("source_workload_namespace", NS),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/mesh/sa/sleeper",
+        ),
+        ("destination_workload", "web"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/mesh/sa/web-sa",
+        ),
+        ("destination_service", "web.mesh.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
+    let grpc_at_destination: &[(&str, &str)] = &[
+        ("reporter", "destination"),
+        ("source_workload", "sleep"),
+        ("destination_service", "grpc.mesh.svc.cluster.local"),
+        ("request_protocol", "grpc"),
+        ("grpc_response_status", "5"),
+    ];
+    a2.wait_for_metrics("the destination counted the requests", SETTLE, |m| {
+        metric(m, "istio_requests_total", web_at_destination) >= 3
+            && metric(m, "istio_requests_total", grpc_at_destination) >= 1
+            && metric(
+                m,
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("reporter", "destination"),
+                    ("destination_workload", "quiet"),
+                ],
+            ) >= 1
+    });
+    a1.wait_for_metrics("the source counted the requests", SETTLE, |m| {
+        metric(
+            m,
+            "istio_requests_total",
+            &[("reporter", "source"), ("destination_workload", "quiet")],
+        ) >= 1
+    });
+    let (_, m) = a2.http_get("/metrics");
+    // Three on port 80; the request on the `tcp-raw` port is not one.
+    assert_eq!(
+        metric(&m, "istio_requests_total", web_at_destination),
+        3,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &[("reporter", "destination"), ("destination_workload", "web")]
+        ),
+        4,
+        "3 HTTP + 1 gRPC: {m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "istio_request_duration_milliseconds_count",
+            web_at_destination
+        ),
+        3,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "istio_requests_total", grpc_at_destination),
+        1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &[("destination_workload", "quiet")]
+        ),
+        0,
+        "the opted-out pod's requests are not seen at L7: {m}"
+    );
+    assert!(!m.contains("forged"), "a header never sets a label: {m}");
+}

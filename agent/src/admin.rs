@@ -39,6 +39,11 @@ pub const DEFAULT_PORT: u16 = 15020;
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The metrics again, at the path Istio's proxies serve them on (`:15020/stats/prometheus`), so a
+/// Prometheus set up for Istio (pod annotations `prometheus.io/scrape`, `/port`, `/path`) scrapes
+/// the agent unchanged.
+pub const STATS_PROMETHEUS: &str = "/stats/prometheus";
+
 /// A slow client may hold a connection only this long before sending its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -247,7 +252,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
 
 /// The response to one request. Never panics: every header value is static.
 pub fn respond<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
+    let path = match req.uri().path() {
+        // Where Istio's merged scrape config (`prometheus.io/path`) looks for a proxy's metrics.
+        STATS_PROMETHEUS => "/metrics",
+        path => path,
+    };
     if !matches!(path, "/metrics" | "/healthz/ready" | "/healthz/live") {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }

@@ -95,6 +95,8 @@ pub struct AgentConfig {
     pub access_log: Option<access_log::Target>,
     /// See `--protocol-detection-timeout`.
     pub protocol_detection_timeout: Duration,
+    /// See `--destination-l7`.
+    pub destination_l7: bool,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -148,6 +150,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         balancers: Default::default(),
         breakers: Default::default(),
         protocol_detection_timeout: cfg.protocol_detection_timeout,
+        destination_l7: cfg.destination_l7,
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));

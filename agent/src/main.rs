@@ -141,6 +141,12 @@ struct RunArgs {
     /// this delay. Declare such ports `tcp` (Istio's advice) to skip the wait.
     #[arg(long, env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     protocol_detection_timeout: Duration,
+    /// Destination-side L7: the destination's proxy serves the HTTP an HBONE stream carries and
+    /// records each request with `reporter="destination"`, as a sidecar's inbound does (`on`, the
+    /// default), or relays every stream as bytes (`off`). A pod opts out with the annotation
+    /// `ambit.dev/destination-l7: "false"`.
+    #[arg(long, env = "AMBIT_DESTINATION_L7", default_value = "on", value_parser = ["on", "off"])]
+    destination_l7: String,
 }
 
 impl RunArgs {
@@ -207,6 +213,7 @@ impl RunArgs {
                 path => Some(ambit::proxy::access_log::Target::File(path.into())),
             },
             protocol_detection_timeout: self.protocol_detection_timeout,
+            destination_l7: self.destination_l7 == "on",
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

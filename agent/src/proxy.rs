@@ -82,6 +82,10 @@ pub struct ProxyInputs {
     /// How long the outbound stage waits for an undeclared port's first bytes (or a TLS port's
     /// ClientHello) before forwarding the connection as plain TCP.
     pub protocol_detection_timeout: std::time::Duration,
+    /// Destination-side L7: an HBONE stream that carries HTTP is served here, request by request
+    /// (`reporter="destination"` request metrics), unless a pod opts out
+    /// (`http::inbound::DESTINATION_L7_ANNOTATION`).
+    pub destination_l7: bool,
 }
 
 /// One enrolled pod, as the stages see it.

@@ -322,6 +322,7 @@ impl Ambit {
             balancers: Default::default(),
             breakers: Default::default(),
             protocol_detection_timeout: std::time::Duration::from_secs(5),
+            destination_l7: true,
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

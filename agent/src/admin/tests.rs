@@ -205,25 +205,40 @@ async fn body_of(resp: http::Response<Full<Bytes>>) -> String {
 async fn metrics_is_openmetrics_text() {
     let (_, m) = metrics_with_proxy();
     m.set_config(&[bad_service()], 1);
-    let resp = respond(&request(Method::GET, "/metrics"), &m);
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes),
-        Some(CONTENT_TYPE_OPENMETRICS.as_bytes())
-    );
-    let body = body_of(resp).await;
-    assert!(body.contains(BAD_SERVICE_SERIES), "{body}");
+    // Also where Istio's scrape annotations point (`prometheus.io/path: /stats/prometheus`).
+    for path in ["/metrics", "/stats/prometheus"] {
+        let resp = respond(&request(Method::GET, path), &m);
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            resp.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+            Some(CONTENT_TYPE_OPENMETRICS.as_bytes())
+        );
+        let body = body_of(resp).await;
+        assert!(body.contains(BAD_SERVICE_SERIES), "{path}: {body}");
+    }
 }
 
 #[test]
 fn unknown_paths_are_404_and_other_methods_405() {
     let (_, m) = metrics_with_proxy();
-    for path in ["/", "/metrics/", "/healthz", "/stats/prometheus", "/%00"] {
+    for path in [
+        "/",
+        "/metrics/",
+        "/healthz",
+        "/stats/prometheus/",
+        "/stats",
+        "/%00",
+    ] {
         let resp = respond(&request(Method::GET, path), &m);
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "GET {path}");
     }
     for method in [Method::POST, Method::PUT, Method::DELETE, Method::HEAD] {
-        for path in ["/metrics", "/healthz/ready", "/healthz/live"] {
+        for path in [
+            "/metrics",
+            "/stats/prometheus",
+            "/healthz/ready",
+            "/healthz/live",
+        ] {
             let resp = respond(&request(method.clone(), path), &m);
             assert_eq!(
                 resp.status(),

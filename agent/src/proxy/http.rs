@@ -2,7 +2,8 @@
 //! routes each request as Istio's sidecars do (`routing`): `target` resolves the host and the
 //! cluster on the snapshot, `balance` picks the cluster's endpoint per request (or connection)
 //! and keeps the load-balancer state that outlives snapshots, and `client` sends the request over
-//! a pooled upstream connection, inside HBONE for meshed endpoints.
+//! a pooled upstream connection, inside HBONE for meshed endpoints. The inbound side serves the
+//! HTTP an HBONE stream carries at its destination, forwarding each request to the app.
 
 pub mod balance;
 pub mod body;
@@ -11,6 +12,7 @@ pub mod client;
 pub mod fault;
 pub mod forward;
 pub mod headers;
+pub mod inbound;
 pub mod mirror;
 pub mod outbound;
 pub mod replay;

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::addr::{canonical, OrigDst, PeerAddr};
 use super::hbone::server::{self, answer};
 use super::hbone::Stream;
+use super::http::inbound::{self as inbound_http, Carried, InboundHttp};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::{connect, copy, Counters, Error, PodContext, ProxyInputs};
 use crate::identity::Identity;
@@ -125,6 +126,7 @@ async fn stream(
         flags: "-",
         mtls: true,
     };
+    let l7_labels = labels.clone();
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, Some(&identity)) {
         answer(&mut respond, StatusCode::UNAUTHORIZED);
@@ -153,9 +155,60 @@ async fn stream(
         }
     };
     debug!(pod = %pod.name, %peer, %identity, %dst, "HBONE tunnel open");
-    let outcome = copy::bidirectional(Stream::new(send, req.into_body()), app).await;
+    let tunnel = Stream::new(send, req.into_body());
+    let outcome = if inbound_http::wanted(&pi, &snap, &pod, dst.0.port()) {
+        drop(snap);
+        match inbound_http::classify(tunnel, &app, pi.protocol_detection_timeout).await {
+            Carried::Http { io, h2 } => {
+                let conn = InboundHttp {
+                    pi: pi.clone(),
+                    pod: pod.clone(),
+                    labels: l7_labels,
+                    peer: peer.0,
+                    dst: dst.0,
+                };
+                inbound_http::serve(conn, io, app, h2).await
+            }
+            Carried::Opaque { tunnel, first } => relay_after(tunnel, first, app).await,
+            Carried::AppFailed {
+                mut tunnel,
+                read,
+                error,
+            } => {
+                // RFC 9113 §8.5, as the relay does when the app's connection fails.
+                debug!(pod = %pod.name, %dst, %error, "app connection failed");
+                tunnel.send.send_reset(h2::Reason::CONNECT_ERROR);
+                copy::Outcome {
+                    a_to_b: read as u64,
+                    b_to_a: 0,
+                    failed: Some(copy::Side::B),
+                }
+            }
+        }
+    } else {
+        copy::bidirectional(tunnel, app).await
+    };
     super::outbound::finish(&pi, &outcome);
     result.finish(Ok(outcome));
+}
+
+/// Relays the stream as bytes, `first` (already read from it) to the app first.
+async fn relay_after(tunnel: Stream, first: Bytes, mut app: TcpStream) -> copy::Outcome {
+    use tokio::io::AsyncWriteExt;
+    if !first.is_empty() {
+        if let Err(e) = app.write_all(&first).await {
+            debug!(error = %e, "app went away before the stream's first bytes");
+            super::reset(app);
+            return copy::Outcome {
+                a_to_b: 0,
+                b_to_a: 0,
+                failed: Some(copy::Side::B),
+            };
+        }
+    }
+    let mut outcome = copy::bidirectional(tunnel, app).await;
+    outcome.a_to_b += first.len() as u64;
+    outcome
 }
 
 /// The tunnel's target: a CONNECT whose `:authority` is `ip:port` of the pod the client reached.

@@ -14,7 +14,7 @@ mod tests;
 use std::fmt;
 
 pub use detect::{HTTP1_MAX_REQUEST_LINE, TLS_MAX_CLIENT_HELLO};
-pub use sniff::{client_hello_sni, sniff, SniffError, Sniffed, DEFAULT_SNIFF_TIMEOUT};
+pub use sniff::{client_hello_sni, decide, sniff, SniffError, Sniffed, DEFAULT_SNIFF_TIMEOUT};
 
 use crate::config::istio::service_entry;
 use crate::state::ServicePort;

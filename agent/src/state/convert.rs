@@ -34,10 +34,11 @@ pub struct Converted {
 }
 
 /// The annotations a workload keeps.
-const KEPT_ANNOTATIONS: [&str; 3] = [
+const KEPT_ANNOTATIONS: [&str; 4] = [
     NETNS_ANNOTATION,
     EXCLUDE_OUTBOUND_PORTS,
     EXCLUDE_INBOUND_PORTS,
+    "ambit.dev/destination-l7",
 ];
 
 pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>> {

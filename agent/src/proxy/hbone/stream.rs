@@ -36,10 +36,16 @@ impl Stream {
 
     /// The stream as `AsyncRead + AsyncWrite`.
     pub fn into_io(self) -> H2Stream {
+        self.into_io_after(Bytes::new())
+    }
+
+    /// As [`Stream::into_io`], reading `first` (bytes already taken from the stream, their
+    /// window released) before the rest.
+    pub fn into_io_after(self, first: Bytes) -> H2Stream {
         H2Stream {
             send: self.send,
             recv: self.recv,
-            pending: Bytes::new(),
+            pending: first,
             _slot: self.slot,
         }
     }

@@ -316,32 +316,12 @@ impl HttpConn {
             response_code: 0,
             grpc_status: None,
         };
-        let log = self.pi.telemetry.access_log.as_ref().map(|_| {
-            Box::new(RequestFields {
-                method: req.method().to_string(),
-                path: req
-                    .uri()
-                    .path_and_query()
-                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-                authority: authority.unwrap_or("").to_string(),
-                protocol: match req.version() {
-                    Version::HTTP_2 => "HTTP/2",
-                    Version::HTTP_10 => "HTTP/1.0",
-                    _ => "HTTP/1.1",
-                },
-                response_code: 0,
-                details: "-",
-                grpc_status: None,
-                request_id: request_id.to_str().unwrap_or("-").to_string(),
-                user_agent: req
-                    .headers()
-                    .get(header::USER_AGENT)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-                route_name: None,
-                upstream_cluster: None,
-            })
-        });
+        let log = self
+            .pi
+            .telemetry
+            .access_log
+            .as_ref()
+            .map(|_| Box::new(log_fields(req, authority.unwrap_or(""), request_id)));
         let head = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) as u64
             + req.method().as_str().len() as u64;
         RequestResult::start(
@@ -386,8 +366,40 @@ pub(super) fn authority<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
+/// The access log's fields of a request, as it arrived.
+pub(super) fn log_fields<B>(
+    req: &Request<B>,
+    authority: &str,
+    request_id: &HeaderValue,
+) -> RequestFields {
+    RequestFields {
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        authority: authority.to_string(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        response_code: 0,
+        details: "-",
+        grpc_status: None,
+        request_id: request_id.to_str().unwrap_or("-").to_string(),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        route_name: None,
+        upstream_cluster: None,
+    }
+}
+
 /// gRPC, as Istio's `request_protocol` label tells it: `content-type: application/grpc…`.
-fn is_grpc(headers: &http::HeaderMap) -> bool {
+pub(super) fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

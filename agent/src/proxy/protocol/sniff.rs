@@ -100,7 +100,22 @@ impl Sniffed {
 ///
 /// [`HTTP1_MAX_REQUEST_LINE`]: super::HTTP1_MAX_REQUEST_LINE
 pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
-    let decide = |buf: &[u8]| match detect::classify(buf) {
+    match tokio::time::timeout(timeout, peek_until(stream, decide)).await {
+        Err(_) => Sniffed::Timeout,
+        Ok(Peeked::Decided(s)) => s,
+        Ok(Peeked::Ended { received: 0 } | Peeked::Failed(_)) => Sniffed::Closed,
+        Ok(Peeked::Ended { .. } | Peeked::Full) => Sniffed::Other,
+    }
+}
+
+/// What a connection's first bytes `buf` prove; None: not yet enough (read more, if under the
+/// limits: a longer prefix than [`HTTP1_MAX_REQUEST_LINE`] or [`TLS_MAX_CLIENT_HELLO`] always
+/// decides).
+///
+/// [`HTTP1_MAX_REQUEST_LINE`]: super::HTTP1_MAX_REQUEST_LINE
+/// [`TLS_MAX_CLIENT_HELLO`]: super::TLS_MAX_CLIENT_HELLO
+pub fn decide(buf: &[u8]) -> Option<Sniffed> {
+    match detect::classify(buf) {
         Verdict::NeedMore => None,
         Verdict::Http1 => Some(Sniffed::Http1),
         Verdict::H2 => Some(Sniffed::H2),
@@ -109,12 +124,6 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
             Err(_) => Sniffed::Other,
         }),
         Verdict::Other => Some(Sniffed::Other),
-    };
-    match tokio::time::timeout(timeout, peek_until(stream, decide)).await {
-        Err(_) => Sniffed::Timeout,
-        Ok(Peeked::Decided(s)) => s,
-        Ok(Peeked::Ended { received: 0 } | Peeked::Failed(_)) => Sniffed::Closed,
-        Ok(Peeked::Ended { .. } | Peeked::Full) => Sniffed::Other,
     }
 }
 

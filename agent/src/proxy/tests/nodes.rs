@@ -143,6 +143,7 @@ impl Node {
             breakers: Default::default(),
             balancers: Default::default(),
             protocol_detection_timeout: detection_timeout,
+            destination_l7: true,
         });
         pi.breakers.register(&mut registry);
         pi.balancers.register(&mut registry);
