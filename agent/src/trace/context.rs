@@ -439,6 +439,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_b3_decision_wins_over_w3c_flags_and_w3c_gives_the_ids() {
+        let w3c = format!("00-{T128}-b7ad6b7169203331-01");
+        let got = extract(&headers(&[("traceparent", &w3c), ("x-b3-sampled", "0")]));
+        assert_eq!(got.sampled, Some(false));
+        let ctx = got.parent.expect("ids from traceparent");
+        assert_eq!(ctx.span_id.to_string(), "b7ad6b7169203331");
+        assert_eq!(ctx.sampled, Some(false));
+
+        let alone = extract(&headers(&[("x-b3-sampled", "1")]));
+        assert_eq!((alone.parent, alone.sampled), (None, Some(true)));
+    }
+
+    #[test]
     fn w3c_fallback() {
         let got = extract(&headers(&[(
             "traceparent",
