@@ -1,0 +1,519 @@
+//! Spans as Envoy makes them for Istio's sidecars: a CLIENT span on the source side (outbound),
+//! a SERVER span on the destination side (inbound), each with its own span id whose parent is
+//! the span id that came in the headers (Istio sets Zipkin `shared_span_context: false`). Names
+//! and tags follow Envoy's `HttpTracerUtility::finalizeDownstreamSpan` / `setCommonTags` and
+//! Istio's `buildServiceTags`.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderMap, HeaderName, USER_AGENT};
+use http::Version;
+
+use super::context::{Extracted, SpanId, TraceContext, TraceId, TRACESTATE};
+use super::sampling::Decision;
+use super::DEFAULT_MAX_PATH_TAG_LENGTH;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SpanKind {
+    /// The source node's span for an outbound request (a sidecar's outbound listener).
+    Client,
+    /// The destination node's span for an inbound request (a sidecar's inbound listener).
+    Server,
+}
+
+/// Istio's route decorator, which Envoy uses as the operation (span) name:
+/// `reviews.default.svc.cluster.local:9080/*`.
+pub fn operation_name(host: &str, port: u16) -> String {
+    format!("{host}:{port}/*")
+}
+
+/// The workload a span is recorded for (the source pod for CLIENT spans, the destination pod for
+/// SERVER spans): what a sidecar would know about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// `service.istio.io/canonical-name` (Istio's default when unknown: "unknown").
+    pub canonical_service: String,
+    /// `service.istio.io/canonical-revision` (Istio's default: "latest").
+    pub canonical_revision: String,
+    pub namespace: String,
+    pub mesh_id: String,
+    pub cluster_id: String,
+    /// Envoy's `node_id` tag; Istio's form is `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    pub node_id: String,
+    /// Zipkin `localEndpoint.ipv4`/`ipv6`.
+    pub ip: Option<IpAddr>,
+}
+
+impl Workload {
+    /// Istio's service cluster, `<canonical service>.<namespace>`: Zipkin's
+    /// `localEndpoint.serviceName` and OTLP's `service.name` resource attribute.
+    pub fn service_name(&self) -> String {
+        format!("{}.{}", self.canonical_service, self.namespace)
+    }
+}
+
+/// A `customTags` entry (Telemetry API / `defaultConfig.tracing.custom_tags`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomTag {
+    pub tag: String,
+    pub value: CustomTagValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomTagValue {
+    Literal(String),
+    /// A request header's value, or `default` when the request has none; no tag if neither.
+    Header {
+        name: HeaderName,
+        default: Option<String>,
+    },
+    /// An environment variable of the agent, read once when the tag is built (Envoy reads it at
+    /// config load); no tag if unset and without default.
+    Environment {
+        value: Option<String>,
+    },
+}
+
+impl CustomTag {
+    pub fn literal(tag: impl Into<String>, value: impl Into<String>) -> CustomTag {
+        CustomTag {
+            tag: tag.into(),
+            value: CustomTagValue::Literal(value.into()),
+        }
+    }
+
+    pub fn header(tag: impl Into<String>, name: HeaderName, default: Option<String>) -> CustomTag {
+        CustomTag {
+            tag: tag.into(),
+            value: CustomTagValue::Header { name, default },
+        }
+    }
+
+    pub fn environment(tag: impl Into<String>, var: &str, default: Option<String>) -> CustomTag {
+        CustomTag {
+            tag: tag.into(),
+            value: CustomTagValue::Environment {
+                value: std::env::var(var).ok().or(default),
+            },
+        }
+    }
+}
+
+/// Which tags a span gets beyond Envoy's standard ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagSettings {
+    pub custom_tags: Vec<CustomTag>,
+    /// Istio: `max_path_tag_length`, the longest path kept in `http.url` (default 256).
+    pub max_path_tag_length: usize,
+    /// Istio: `enableIstioTags` (default true): the `istio.*` tags.
+    pub istio_tags: bool,
+}
+
+impl Default for TagSettings {
+    fn default() -> Self {
+        TagSettings {
+            custom_tags: Vec::new(),
+            max_path_tag_length: DEFAULT_MAX_PATH_TAG_LENGTH,
+            istio_tags: true,
+        }
+    }
+}
+
+/// The request as the proxy saw it, borrowed for the time of `record_request`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub headers: &'a HeaderMap,
+    pub method: &'a str,
+    /// "http" or "https" (Envoy: `x-forwarded-proto`, else the scheme).
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub version: Version,
+    /// Envoy's `peer.address`: the downstream's IP (the app for CLIENT spans, the calling peer
+    /// for SERVER spans).
+    pub peer: Option<IpAddr>,
+}
+
+/// The outcome, for `end`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseInfo<'a> {
+    /// `None`: no response was sent (Envoy tags `http.status_code: 0` and `error: true`).
+    pub status: Option<u16>,
+    /// Envoy's short response flags ("UF", "URX,UF"); empty for none ("-").
+    pub response_flags: &'a str,
+    pub request_size: u64,
+    pub response_size: u64,
+    /// Envoy's `upstream_cluster` (cluster name) and `upstream_cluster.name` (observability
+    /// name), e.g. `outbound|9080||reviews.default.svc.cluster.local`.
+    pub upstream_cluster: Option<&'a str>,
+    pub upstream_cluster_name: Option<&'a str>,
+    /// Zipkin `remoteEndpoint`: the upstream host's IP, when known.
+    pub remote_ip: Option<IpAddr>,
+}
+
+/// A finished span, ready for export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    /// This span's ids; `parent_span_id` is the span it hangs under.
+    pub context: TraceContext,
+    pub kind: SpanKind,
+    pub name: String,
+    /// Microseconds since the Unix epoch (Zipkin's unit; OTLP gets nanoseconds).
+    pub timestamp_us: u64,
+    pub duration_us: u64,
+    pub tags: Vec<(Cow<'static, str>, String)>,
+    /// `<canonical service>.<namespace>`.
+    pub service_name: String,
+    pub local_ip: Option<IpAddr>,
+    pub remote_ip: Option<IpAddr>,
+    /// The request's `tracestate`, kept for OTLP's `Span.trace_state`.
+    pub trace_state: String,
+}
+
+impl Span {
+    pub fn sampled(&self) -> bool {
+        self.context.sampled == Some(true) || self.context.debug
+    }
+
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A span in flight: started when the request arrives, ended when the response is done.
+/// Unsampled spans carry ids (to propagate the decision) but record no tags.
+#[derive(Debug)]
+pub struct SpanBuilder {
+    span: Span,
+    started: Instant,
+}
+
+impl SpanBuilder {
+    /// A child of the incoming context (same trace, new span id, parent = the caller's span), or
+    /// the root of a new 128-bit trace when nothing usable came in.
+    pub fn start(
+        kind: SpanKind,
+        name: impl Into<String>,
+        incoming: &Extracted,
+        decision: Decision,
+    ) -> SpanBuilder {
+        let (trace_id, parent_span_id, debug) = match &incoming.parent {
+            Some(p) => (p.trace_id, Some(p.span_id), p.debug),
+            None => (TraceId::random(), None, false),
+        };
+        let timestamp_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        SpanBuilder {
+            span: Span {
+                context: TraceContext {
+                    trace_id,
+                    span_id: SpanId::random(),
+                    parent_span_id,
+                    sampled: Some(decision.sampled || debug),
+                    debug,
+                },
+                kind,
+                name: name.into(),
+                timestamp_us,
+                duration_us: 0,
+                tags: Vec::new(),
+                service_name: String::new(),
+                local_ip: None,
+                remote_ip: None,
+                trace_state: String::new(),
+            },
+            started: Instant::now(),
+        }
+    }
+
+    /// The context to `inject` into the request sent on.
+    pub fn context(&self) -> &TraceContext {
+        &self.span.context
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.span.sampled()
+    }
+
+    /// Request-time tags (Envoy sets them from the request headers): `node_id`, `component`,
+    /// `guid:x-request-id`, `http.url`, `http.method`, `downstream_cluster`, `user_agent`,
+    /// `http.protocol`, `peer.address`, the `istio.*` tags and the custom tags.
+    pub fn record_request(&mut self, req: &RequestInfo<'_>, who: &Workload, tags: &TagSettings) {
+        if !self.sampled() {
+            return;
+        }
+        let span = &mut self.span;
+        span.service_name = who.service_name();
+        span.local_ip = who.ip;
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        span.trace_state = header(TRACESTATE.as_str()).unwrap_or_default().to_string();
+        let mut put = |k: &'static str, v: String| span.tags.push((Cow::Borrowed(k), v));
+        put("node_id", who.node_id.clone());
+        put("component", "proxy".into());
+        if let Some(id) = header("x-request-id") {
+            put("guid:x-request-id", id.to_string());
+        }
+        let path = header("x-envoy-original-path").unwrap_or(req.path);
+        let path = truncate(path, tags.max_path_tag_length);
+        let scheme = header("x-forwarded-proto").unwrap_or(req.scheme);
+        put("http.url", format!("{scheme}://{}{path}", req.authority));
+        put("http.method", req.method.to_string());
+        put(
+            "downstream_cluster",
+            header("x-envoy-downstream-service-cluster")
+                .unwrap_or("-")
+                .to_string(),
+        );
+        put(
+            "user_agent",
+            req.headers
+                .get(USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string(),
+        );
+        put("http.protocol", protocol(req.version).to_string());
+        if let Some(peer) = req.peer {
+            put("peer.address", peer.to_string());
+        }
+        if tags.istio_tags {
+            put("istio.canonical_revision", who.canonical_revision.clone());
+            put("istio.canonical_service", who.canonical_service.clone());
+            put("istio.mesh_id", who.mesh_id.clone());
+            put("istio.namespace", who.namespace.clone());
+            put("istio.cluster_id", who.cluster_id.clone());
+        }
+        for custom in &tags.custom_tags {
+            let value = match &custom.value {
+                CustomTagValue::Literal(v) => Some(v.clone()),
+                CustomTagValue::Header { name, default } => req
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| default.clone()),
+                CustomTagValue::Environment { value } => value.clone(),
+            };
+            if let Some(value) = value {
+                span.tags.push((Cow::Owned(custom.tag.clone()), value));
+            }
+        }
+    }
+
+    /// Response-time tags and the duration: `request_size`, `response_size`, `upstream_cluster`,
+    /// `upstream_cluster.name`, `http.status_code`, `response_flags`, and `error: true` on 5xx or
+    /// when no response was sent (Envoy's rule).
+    pub fn end(mut self, resp: &ResponseInfo<'_>) -> Span {
+        let elapsed = self.started.elapsed().as_micros() as u64;
+        // Zipkin rejects a zero duration as "unknown"; a finished span took at least 1 µs.
+        self.span.duration_us = elapsed.max(1);
+        if !self.sampled() {
+            return self.span;
+        }
+        let span = &mut self.span;
+        span.remote_ip = resp.remote_ip;
+        let mut put = |k: &'static str, v: String| span.tags.push((Cow::Borrowed(k), v));
+        put("request_size", resp.request_size.to_string());
+        put("response_size", resp.response_size.to_string());
+        if let Some(cluster) = resp.upstream_cluster {
+            put("upstream_cluster", cluster.to_string());
+            put(
+                "upstream_cluster.name",
+                resp.upstream_cluster_name.unwrap_or(cluster).to_string(),
+            );
+        }
+        put("http.status_code", resp.status.unwrap_or(0).to_string());
+        let flags = if resp.response_flags.is_empty() {
+            "-"
+        } else {
+            resp.response_flags
+        };
+        put("response_flags", flags.to_string());
+        if resp.status.is_none_or(|s| (500..600).contains(&s)) {
+            put("error", "true".to_string());
+        }
+        self.span
+    }
+}
+
+/// Envoy's protocol strings (`SubstitutionFormatUtils::protocolToString`).
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
+}
+
+/// At most `max` bytes, cut on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::sampling::{Decision, DecisionReason};
+    use http::HeaderValue;
+
+    fn workload(svc: &str) -> Workload {
+        Workload {
+            canonical_service: svc.into(),
+            canonical_revision: "v1".into(),
+            namespace: "default".into(),
+            mesh_id: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            node_id: format!("sidecar~10.0.0.1~{svc}-1.default~default.svc.cluster.local"),
+            ip: Some("10.0.0.1".parse().expect("ip")),
+        }
+    }
+
+    fn yes() -> Decision {
+        Decision {
+            sampled: true,
+            reason: DecisionReason::Random,
+        }
+    }
+
+    #[test]
+    fn tags_as_envoy_names_them() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("req-1"));
+        h.insert("user-agent", HeaderValue::from_static("curl/8"));
+        h.insert("x-tenant", HeaderValue::from_static("acme"));
+        std::env::set_var("AMBIT_TRACE_TEST_ENV", "from-env");
+        let tags = TagSettings {
+            custom_tags: vec![
+                CustomTag::literal("team", "blue"),
+                CustomTag::header("tenant", HeaderName::from_static("x-tenant"), None),
+                CustomTag::header("missing", HeaderName::from_static("x-none"), None),
+                CustomTag::header("dflt", HeaderName::from_static("x-none"), Some("d".into())),
+                CustomTag::environment("env", "AMBIT_TRACE_TEST_ENV", None),
+            ],
+            max_path_tag_length: 8,
+            istio_tags: true,
+        };
+        let name = operation_name("reviews.default.svc.cluster.local", 9080);
+        let mut b = SpanBuilder::start(SpanKind::Client, name, &Extracted::default(), yes());
+        b.record_request(
+            &RequestInfo {
+                headers: &h,
+                method: "GET",
+                scheme: "http",
+                authority: "reviews:9080",
+                path: "/reviews/0?x=1",
+                version: Version::HTTP_11,
+                peer: Some("10.0.0.1".parse().expect("ip")),
+            },
+            &workload("productpage"),
+            &tags,
+        );
+        let span = b.end(&ResponseInfo {
+            status: Some(503),
+            response_flags: "UF",
+            request_size: 10,
+            response_size: 20,
+            upstream_cluster: Some("outbound|9080||reviews.default.svc.cluster.local"),
+            upstream_cluster_name: None,
+            remote_ip: None,
+        });
+        assert_eq!(span.name, "reviews.default.svc.cluster.local:9080/*");
+        assert_eq!(span.service_name, "productpage.default");
+        let want = [
+            ("http.method", "GET"),
+            ("http.url", "http://reviews:9080/reviews"),
+            ("http.protocol", "HTTP/1.1"),
+            ("http.status_code", "503"),
+            ("guid:x-request-id", "req-1"),
+            ("user_agent", "curl/8"),
+            ("downstream_cluster", "-"),
+            ("peer.address", "10.0.0.1"),
+            ("component", "proxy"),
+            (
+                "upstream_cluster",
+                "outbound|9080||reviews.default.svc.cluster.local",
+            ),
+            (
+                "upstream_cluster.name",
+                "outbound|9080||reviews.default.svc.cluster.local",
+            ),
+            ("response_flags", "UF"),
+            ("request_size", "10"),
+            ("response_size", "20"),
+            ("error", "true"),
+            ("istio.canonical_service", "productpage"),
+            ("istio.canonical_revision", "v1"),
+            ("istio.namespace", "default"),
+            ("istio.mesh_id", "cluster.local"),
+            ("team", "blue"),
+            ("tenant", "acme"),
+            ("dflt", "d"),
+            ("env", "from-env"),
+        ];
+        for (k, v) in want {
+            assert_eq!(span.tag(k), Some(v), "tag {k}");
+        }
+        assert_eq!(span.tag("missing"), None);
+        assert!(span.duration_us >= 1);
+        assert!(span.context.parent_span_id.is_none());
+    }
+
+    #[test]
+    fn no_error_tag_below_500_and_unsampled_spans_stay_bare() {
+        let span = SpanBuilder::start(SpanKind::Server, "x", &Extracted::default(), yes()).end(
+            &ResponseInfo {
+                status: Some(404),
+                ..Default::default()
+            },
+        );
+        assert_eq!(span.tag("error"), None);
+        assert_eq!(span.tag("response_flags"), Some("-"));
+
+        let no = Decision {
+            sampled: false,
+            reason: DecisionReason::Random,
+        };
+        let mut b = SpanBuilder::start(SpanKind::Server, "x", &Extracted::default(), no);
+        let h = HeaderMap::new();
+        b.record_request(
+            &RequestInfo {
+                headers: &h,
+                method: "GET",
+                scheme: "http",
+                authority: "a",
+                path: "/",
+                version: Version::HTTP_2,
+                peer: None,
+            },
+            &workload("a"),
+            &TagSettings::default(),
+        );
+        let span = b.end(&ResponseInfo::default());
+        assert!(span.tags.is_empty());
+        assert!(!span.sampled());
+    }
+
+    #[test]
+    fn truncation_keeps_utf8_whole() {
+        assert_eq!(truncate("/é", 2), "/");
+        assert_eq!(truncate("/abc", 10), "/abc");
+    }
+}
