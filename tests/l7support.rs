@@ -956,10 +956,23 @@ async fn script_answer(
         .expect("response"))
 }
 
+/// The headers Istio's docs ask apps to copy from a request to the calls it makes.
+pub const TRACE_HEADERS: [&str; 9] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+];
+
 /// Bookinfo's `reviews` in miniature: a server in a pod that, for each request, calls
 /// `GET /ratings` on `upstream` (with `Host: authority`) from inside the pod, so the call goes
 /// through the mesh, and answers 200 with `{"pod", "ratings_status", "ratings"}`, or 502 with
-/// the error if the call failed.
+/// the error if the call failed. The trace headers ([`TRACE_HEADERS`]) go on with the call.
 pub struct CallerApp {
     pub requests: Arc<AtomicUsize>,
     _thread: ServerThread,
@@ -974,12 +987,26 @@ impl CallerApp {
         let (thread, _) = listen_in_pod(pod, port, move |stream| {
             let (name, authority, count) = (name.clone(), authority.clone(), count.clone());
             async move {
-                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     count.fetch_add(1, Ordering::SeqCst);
                     let (name, authority) = (name.clone(), authority.clone());
+                    // As Istio asks of apps: the trace headers go on with the call it makes.
+                    let forwarded: Vec<(String, String)> = TRACE_HEADERS
+                        .iter()
+                        .filter_map(|h| {
+                            let v = req.headers().get(*h)?.to_str().ok()?;
+                            Some((h.to_string(), v.to_string()))
+                        })
+                        .collect();
                     async move {
                         let conn = Conn::h1(upstream).await;
-                        let (status, body) = match conn.send(&authority, get("/ratings", &[])).await
+                        let headers: Vec<(&str, &str)> = forwarded
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let (status, body) = match conn
+                            .send(&authority, get("/ratings", &headers))
+                            .await
                         {
                             Ok(r) => (
                                 200,
@@ -1005,5 +1032,61 @@ impl CallerApp {
             requests,
             _thread: thread,
         }
+    }
+}
+
+/// A Zipkin v2 collector in a pod (Jaeger's collector listens so on 9411, where Istio's install
+/// guides point `zipkin.address`): `POST /api/v2/spans` with a JSON array of spans, each kept as
+/// it was decoded; 202 as Zipkin answers.
+pub struct ZipkinCollector {
+    spans: Arc<std::sync::Mutex<Vec<Value>>>,
+    _thread: ServerThread,
+}
+
+impl ZipkinCollector {
+    pub fn start(pod: &Pod, port: u16) -> ZipkinCollector {
+        let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = spans.clone();
+        let (thread, _) = listen_in_pod(pod, port, move |stream| {
+            let store = store.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let store = store.clone();
+                    async move {
+                        let ok = req.method() == http::Method::POST
+                            && req.uri().path() == "/api/v2/spans";
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let status = match (ok, body) {
+                            (true, Ok(b)) => match serde_json::from_slice::<Vec<Value>>(&b) {
+                                Ok(batch) => {
+                                    store.lock().expect("spans").extend(batch);
+                                    202
+                                }
+                                Err(_) => 400,
+                            },
+                            _ => 400,
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(full(Bytes::new()))
+                                .expect("response"),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
+        ZipkinCollector {
+            spans,
+            _thread: thread,
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Value> {
+        self.spans.lock().expect("spans").clone()
     }
 }

@@ -151,6 +151,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         breakers: Default::default(),
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         destination_l7: cfg.destination_l7,
+        tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));
@@ -222,6 +223,7 @@ fn agent_metrics(pi: &Arc<ProxyInputs>, source: &Source) -> AgentMetrics {
         pi.telemetry.register(r);
         pi.breakers.register(r);
         pi.balancers.register(r);
+        pi.tracers.metrics().register(r);
     });
     match source.kube_stats() {
         Some(stats) => metrics.with_kube(stats),

@@ -25,6 +25,7 @@ pub mod inbound_plain;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
+pub mod spans;
 pub mod worker;
 
 #[cfg(test)]
@@ -86,6 +87,8 @@ pub struct ProxyInputs {
     /// (`reporter="destination"` request metrics), unless a pod opts out
     /// (`http::inbound::DESTINATION_L7_ANNOTATION`).
     pub destination_l7: bool,
+    /// One span exporter per tracing provider in use (exports run on the control runtime).
+    pub tracers: crate::trace::Tracers,
 }
 
 /// One enrolled pod, as the stages see it.

@@ -323,6 +323,10 @@ impl Ambit {
             breakers: Default::default(),
             protocol_detection_timeout: std::time::Duration::from_secs(5),
             destination_l7: true,
+            tracers: ambit::trace::Tracers::new(
+                tokio::runtime::Handle::current(),
+                Default::default(),
+            ),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

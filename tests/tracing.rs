@@ -1,0 +1,294 @@
+//! Tracing through real agents (issue 13, acceptance 2 and 3), configured as Istio users do: the
+//! mesh config from a typical install guide (`enableTracing`, `defaultConfig.tracing.sampling`,
+//! `zipkin.address`), and a Telemetry object that overrides the sampling. Spans go to a Zipkin
+//! v2 collector in a pod (Jaeger's collector port 9411), decoded as Zipkin's JSON.
+
+mod l7support;
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
+use l7support::{
+    metric, sa, start_agents, write_istio, CallerApp, Conn, HttpApp, ZipkinCollector, NS,
+};
+use serde_json::Value;
+use support::{in_pod, settled, SETTLE};
+
+const B: Ipv4Addr = Ipv4Addr::new(10, 96, 23, 10);
+const C: Ipv4Addr = Ipv4Addr::new(10, 96, 23, 11);
+const ZIPKIN_PORT: u16 = 9411;
+
+/// The `istio` ConfigMap of the root namespace with this mesh config.
+fn mesh(config: &str) -> String {
+    let indented: String = config.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n{indented}"
+    )
+}
+
+/// The install guide's mesh config, with `sampling` and the collector's address.
+fn guide_mesh(sampling: f64, collector: &Pod) -> String {
+    mesh(&format!(
+        "enableTracing: true\ndefaultConfig:\n  tracing:\n    sampling: {sampling}\n    zipkin:\n      address: {}:{ZIPKIN_PORT}\n",
+        collector.ip4()
+    ))
+}
+
+struct Chain {
+    _world: World,
+    agents: Vec<LocalAgent>,
+    a: Pod,
+    collector: ZipkinCollector,
+    jaeger: Pod,
+    _apps: (CallerApp, HttpApp),
+}
+
+/// A (n1) → B (n2) → C (n3), B forwarding the trace headers as Istio asks of apps, and a
+/// Zipkin collector outside the mesh.
+fn chain(name: &str, istio: impl Fn(&Pod) -> String) -> Chain {
+    support::raise_fd_limit();
+    let world = World::new(name);
+    let (n1, n2, n3) = (world.node("n1"), world.node("n2"), world.node("n3"));
+    let a = world
+        .pod("a")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "a")
+        .spawn();
+    let b = world
+        .pod("b")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "b")
+        .spawn();
+    let c = world
+        .pod("c")
+        .node(&n3)
+        .namespace(NS)
+        .label("app", "c")
+        .spawn();
+    let jaeger = world
+        .pod("jaeger-collector")
+        .node(&n1)
+        .namespace("observability")
+        .label("app", "jaeger")
+        .spawn();
+    let collector = ZipkinCollector::start(&jaeger, ZIPKIN_PORT);
+    let caller = CallerApp::start(&b, 8080, sa(C, 80), "c");
+    let app = HttpApp::start(&c, 8080);
+    let http = |t| [SvcPort::named("http", 80, t)];
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&a, &b, &c, &jaeger])
+        .service("b", NS, B, &http(8080), &[&b], true)
+        .service("c", NS, C, &http(8080), &[&c], true);
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&a]), (&n2, &[&b]), (&n3, &[&c])],
+        &yaml,
+        &istio(&jaeger),
+        &[],
+    );
+    Chain {
+        _world: world,
+        agents,
+        a,
+        collector,
+        jaeger,
+        _apps: (caller, app),
+    }
+}
+
+/// Requests A → B, each on its own connection, with `x-request-id` `<prefix>-<i>`.
+fn call_b(a: &Pod, prefix: &str, n: usize) {
+    let prefix = prefix.to_string();
+    in_pod(a, || async move {
+        let conn = Conn::h1(sa(B, 80)).await;
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            let r = conn.get("b", "/", &[("x-request-id", &id)]).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    });
+}
+
+fn tag<'a>(span: &'a Value, name: &str) -> Option<&'a str> {
+    span["tags"][name].as_str()
+}
+
+/// Spans of requests whose `x-request-id` starts with `prefix`, by trace id.
+fn traces(spans: &[Value], prefix: &str) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for s in spans {
+        if tag(s, "guid:x-request-id").is_some_and(|id| id.starts_with(prefix)) {
+            let trace = s["traceId"].as_str().unwrap_or_default().to_string();
+            out.entry(trace).or_default().push(s.clone());
+        }
+    }
+    out
+}
+
+/// One trace of four spans for A → B → C: CLIENT (n1) ← SERVER (n2) ← CLIENT (n2) ← SERVER (n3),
+/// each the parent of the next, with Envoy's names and Istio's tags.
+#[test]
+fn a_request_chain_is_one_trace_of_four_spans() {
+    let chain = chain("trace-chain", |jaeger| guide_mesh(100.0, jaeger));
+    call_b(&chain.a, "chain", 1);
+    let spans = settled(
+        || chain.collector.spans(),
+        |s| traces(s, "chain").values().any(|t| t.len() >= 4),
+    );
+    let traces = traces(&spans, "chain");
+    assert_eq!(traces.len(), 1, "one trace: {traces:#?}");
+    let trace = traces.values().next().expect("the trace");
+    assert_eq!(trace.len(), 4, "{trace:#?}");
+    let by_id: BTreeMap<&str, &Value> = trace
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap_or_default(), s))
+        .collect();
+    // The root is A's CLIENT span; every other span's parent is the one before it.
+    let root: Vec<&Value> = trace.iter().filter(|s| s["parentId"].is_null()).collect();
+    assert_eq!(root.len(), 1, "one root: {trace:#?}");
+    let mut order = vec![root[0]];
+    while let Some(child) = trace
+        .iter()
+        .find(|s| s["parentId"].as_str() == order.last().and_then(|p| p["id"].as_str()))
+    {
+        order.push(child);
+    }
+    assert_eq!(order.len(), 4, "a chain of parents: {trace:#?}");
+    assert_eq!(by_id.len(), 4, "distinct span ids");
+    let kinds: Vec<&str> = order.iter().map(|s| s["kind"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, ["CLIENT", "SERVER", "CLIENT", "SERVER"]);
+    let services: Vec<&str> = order
+        .iter()
+        .map(|s| s["localEndpoint"]["serviceName"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(services, ["a.mesh", "b.mesh", "b.mesh", "c.mesh"]);
+    let names: Vec<&str> = order.iter().map(|s| s["name"].as_str().unwrap_or("")).collect();
+    assert_eq!(
+        names,
+        [
+            "b.mesh.svc.cluster.local:80/*",
+            "b.mesh.svc.cluster.local:8080/*",
+            "c.mesh.svc.cluster.local:80/*",
+            "c.mesh.svc.cluster.local:8080/*",
+        ]
+    );
+    for s in &order {
+        assert_eq!(tag(s, "http.method"), Some("GET"), "{s}");
+        assert_eq!(tag(s, "http.status_code"), Some("200"), "{s}");
+        assert_eq!(tag(s, "response_flags"), Some("-"), "{s}");
+        assert_eq!(tag(s, "istio.mesh_id"), Some("cluster.local"), "{s}");
+        assert_eq!(tag(s, "istio.namespace"), Some(NS), "{s}");
+        assert_eq!(tag(s, "component"), Some("proxy"), "{s}");
+        assert!(tag(s, "node_id").is_some_and(|n| n.starts_with("sidecar~")), "{s}");
+        assert!(tag(s, "peer.address").is_some(), "{s}");
+        assert!(tag(s, "request_size").is_some() && tag(s, "response_size").is_some());
+        assert!(tag(s, "error").is_none(), "{s}");
+    }
+    assert_eq!(
+        tag(order[0], "upstream_cluster"),
+        Some("outbound|80||b.mesh.svc.cluster.local")
+    );
+    assert_eq!(tag(order[1], "upstream_cluster"), Some("inbound|8080||"));
+    assert_eq!(tag(order[0], "istio.canonical_service"), Some("a"));
+    assert_eq!(tag(order[3], "istio.canonical_service"), Some("c"));
+    let exported = metric(
+        &chain.agents[0].http_get("/metrics").1,
+        "ambit_spans_exported_total",
+        &[],
+    );
+    assert!(exported >= 1, "n1's agent counted its exported span");
+}
+
+/// Sampling at 50 % (the guide's mesh config with `sampling: 50`) samples 50 % ± 7 % of 1,000
+/// new traces; a Telemetry object with `randomSamplingPercentage: 100` takes over, and removing
+/// it restores the mesh config's rate, without a restart.
+#[test]
+fn sampling_follows_the_mesh_config_and_the_telemetry_api_live() {
+    let chain = chain("trace-sampling", |jaeger| guide_mesh(50.0, jaeger));
+    let n1 = &chain.agents[0];
+    // Half of 1,000: each request is its own trace (A sends no trace headers).
+    call_b(&chain.a, "half", 1000);
+    let sampled = |prefix: &str| {
+        let spans = chain.collector.spans();
+        traces(&spans, prefix)
+            .values()
+            .filter(|t| t.iter().any(|s| s["kind"] == "CLIENT" && s["localEndpoint"]["serviceName"] == "a.mesh"))
+            .count()
+    };
+    // Everything sampled has been sent once n1's exporter has nothing queued: wait until the
+    // count stops changing between two scrapes of n1's exported counter.
+    let exported = |agent: &LocalAgent| {
+        metric(&agent.http_get("/metrics").1, "ambit_spans_exported_total", &[])
+    };
+    let n = settled(
+        || (exported(n1), sampled("half")),
+        |(e, s)| *e as usize >= *s && *s > 0 && exported(n1) == *e,
+    )
+    .1;
+    assert!((430..=570).contains(&n), "50 % ± 7 % of 1,000: {n}");
+
+    let telemetry = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - randomSamplingPercentage: 100
+"#;
+    let base = guide_mesh(50.0, &chain.jaeger);
+    for a in &chain.agents {
+        write_istio(a, &format!("{base}---\n{telemetry}"));
+    }
+    // The new rate applies once the agents have it; wait for a request that is sampled, then
+    // count a batch.
+    settled(
+        || {
+            call_b(&chain.a, "probe", 1);
+            sampled("probe")
+        },
+        |n| *n > 0,
+    );
+    call_b(&chain.a, "all", 100);
+    let all = settled(|| sampled("all"), |n| *n >= 100);
+    assert_eq!(all, 100, "randomSamplingPercentage: 100");
+
+    // Removed: back to the mesh config's 50 %.
+    for a in &chain.agents {
+        write_istio(a, &base);
+    }
+    settled(
+        || {
+            call_b(&chain.a, "unprobe", 20);
+            sampled("unprobe")
+        },
+        |n| *n < 20,
+    );
+    let _ = SETTLE;
+}
+
+/// A dead collector (nothing listening at the address) costs no request anything: every request
+/// succeeds, and the agent counts the spans it could not deliver.
+#[test]
+fn a_dead_collector_drops_and_counts_spans() {
+    let chain = chain("trace-dead", |_| {
+        mesh("enableTracing: true\ndefaultConfig:\n  tracing:\n    sampling: 100\n    zipkin:\n      address: 10.96.23.99:9411\n")
+    });
+    call_b(&chain.a, "dead", 50);
+    let n1 = &chain.agents[0];
+    n1.wait_for_metrics("spans counted as dropped", SETTLE, |m| {
+        metric(
+            m,
+            "ambit_spans_dropped_total",
+            &[("reason", "export_failed")],
+        ) + metric(m, "ambit_spans_dropped_total", &[("reason", "export_timeout")])
+            >= 50
+    });
+    assert!(chain.collector.spans().is_empty());
+    let traces: BTreeSet<String> = BTreeSet::new();
+    assert!(traces.is_empty());
+}
