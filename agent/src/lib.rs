@@ -18,3 +18,4 @@ pub mod routing;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod zc;
