@@ -1,8 +1,14 @@
 //! The admin endpoint: `/metrics` (OpenMetrics text, prometheus-client), `/healthz/ready` and
 //! `/healthz/live` on one listener (`--metrics-addr`). It runs on the control runtime, so a scrape
 //! never takes a data-plane thread; the data path keeps plain atomics that collectors read at
-//! scrape time.
+//! scrape time. The debug endpoint (15000: `/config_dump`, `/logging`, `/debug/connections`) is
+//! [`debug`].
 
+pub mod config_dump;
+pub mod connections;
+pub mod debug;
+pub mod dump;
+pub mod logging;
 pub mod problems;
 mod sources;
 
@@ -55,6 +61,12 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 pub enum AdminError {
     #[error("binding the metrics endpoint --metrics-addr {addr}")]
     Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the debug endpoint --admin-addr {addr}")]
+    BindDebug {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,

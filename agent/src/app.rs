@@ -4,6 +4,7 @@
 
 mod control;
 mod data_plane;
+pub mod debug;
 mod status;
 
 use std::net::{IpAddr, SocketAddr};
@@ -91,6 +92,10 @@ pub struct AgentConfig {
     pub pool: PoolConfig,
     /// `/metrics` and `/healthz/*`, in the netns the agent runs in; None = no admin endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// The debug endpoint (`/config_dump`, `/logging`, `/debug/connections`); None = off.
+    pub admin_addr: Option<SocketAddr>,
+    /// The log filter's reload handle (`/logging`); None = the filter cannot change.
+    pub log: Option<crate::admin::logging::LogReload>,
     /// Where the per-connection access log goes; None = off (Istio's default).
     pub access_log: Option<access_log::Target>,
     /// See `--protocol-detection-timeout`.
@@ -112,6 +117,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     // port stops the agent with nothing to undo.
     let admin_listener = match cfg.metrics_addr {
         Some(addr) => Some(control_rt.block_on(crate::admin::bind(addr))?),
+        None => None,
+    };
+    let debug_listener = match cfg.admin_addr {
+        Some(addr) => Some(control_rt.block_on(debug::bind(addr))?),
         None => None,
     };
     // A cluster source must have credentials before anything is installed on the node.
@@ -158,6 +167,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
         control_rt.spawn(crate::admin::serve(listener, metrics.clone()));
+    }
+    if let Some(listener) = debug_listener {
+        info!(addr = ?listener.local_addr().ok(), "serving /config_dump, /logging and /debug/connections");
+        let admin = debug::admin(&cfg, &pi, crate::admin::connections::Connections::new());
+        control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 
     let mut control = Control::new(&cfg, node, pi, store, metrics, source);

@@ -17,7 +17,7 @@ use thiserror::Error;
 
 pub use ca::LocalCa;
 pub use manager::{
-    CertConfig, CertLease, CertStats, SecretManager, TrustBundle, WorkloadCert,
+    CertConfig, CertLease, CertState, CertStats, SecretManager, TrustBundle, WorkloadCert,
     ROOTS_REFRESH_INTERVAL,
 };
 

@@ -19,3 +19,4 @@ pub mod snapshot;
 pub mod state;
 pub mod tls;
 pub mod trace;
+pub mod zc;

@@ -8,6 +8,8 @@ use std::time::Duration;
 use ambit::app::{self, AgentConfig, ConfigSource};
 use ambit::ebpf::CaptureConfig;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Exit code for bad configuration (sysexits EX_USAGE), as STYLE.md asks.
 const EXIT_CONFIG: u8 = 64;
@@ -56,6 +58,9 @@ enum Cmd {
     /// Build a small local world (network namespaces as pods), run the agent on it, send traffic,
     /// and print what was captured and relayed.
     Demo(ambit::demo::DemoArgs),
+    /// Print what a running agent holds (its `/config_dump` and `/debug/connections`) as tables,
+    /// the way `istioctl ztunnel-config` does.
+    Zc(ambit::zc::ZcArgs),
 }
 
 #[derive(clap::Args)]
@@ -131,6 +136,11 @@ struct RunArgs {
     /// empty disables it. 15020 is Istio's ztunnel stats port.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: String,
+    /// Address of the debug endpoint (`/config_dump`, `/logging`, `/debug/connections`; what
+    /// `ambit zc` reads), in the node's netns; `off` or empty disables it. Localhost only by
+    /// default, as ztunnel's 15000.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: String,
     /// Per-connection access log, one JSON object per line: `off` (the default, as Istio's empty
     /// `accessLogFile`), `stdout`, or a file path (appended to).
     #[arg(long, env = "AMBIT_ACCESS_LOG", default_value = "off")]
@@ -187,6 +197,12 @@ impl RunArgs {
                 format!("--metrics-addr (AMBIT_METRICS_ADDR) {a:?}: {e} (want ip:port, or `off`)")
             })?),
         };
+        let admin_addr = match self.admin_addr.trim() {
+            "" | "off" => None,
+            a => Some(a.parse().map_err(|e| {
+                format!("--admin-addr (AMBIT_ADMIN_ADDR) {a:?}: {e} (want ip:port, or `off`)")
+            })?),
+        };
         Ok(AgentConfig {
             node: self.node,
             source,
@@ -203,6 +219,8 @@ impl RunArgs {
             uninstall_on_exit: self.uninstall_on_exit,
             data_plane_threads: self.workers,
             metrics_addr,
+            admin_addr,
+            log: None,
             trust_domain: self.trust_domain,
             root_namespace: self.root_namespace,
             ca_dir: self.ca_dir,
@@ -268,14 +286,20 @@ fn main() -> ExitCode {
     if !filter.contains("kube_client") {
         filter.push_str(",kube_client::client::builder=off");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| default_level.into()),
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
+        filter = default_level.to_string();
+        default_level.into()
+    });
+    // The filter sits behind a reload layer so `/logging` can change it at run time.
+    let (filter_layer, reload) = tracing_subscriber::reload::Layer::new(env_filter);
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                // Colour codes only for a person at a terminal, not in files and log collectors.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
         )
-        // Colour codes only for a person at a terminal, not in files and log collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
         .init();
     let result: anyhow::Result<()> = match cli.cmd {
         Cmd::Run(args) => {
@@ -285,6 +309,13 @@ fn main() -> ExitCode {
                     eprintln!("ambit: bad configuration: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
+            };
+            let cfg = AgentConfig {
+                log: Some(ambit::admin::logging::LogReload {
+                    handle: reload,
+                    startup: filter,
+                }),
+                ..cfg
             };
             tracing::info!(config = ?cfg, "starting");
             app::run(cfg).map_err(anyhow::Error::from)
@@ -313,6 +344,7 @@ fn main() -> ExitCode {
                 .map(|ca| println!("root CA: {}", ca.root_cert_path().display()))
         }
         Cmd::Demo(args) => ambit::demo::run(args).map_err(anyhow::Error::from),
+        Cmd::Zc(args) => ambit::zc::run(args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

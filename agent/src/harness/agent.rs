@@ -356,7 +356,8 @@ impl LocalAgent {
         if self.root_netns {
             cmd.arg("--node-netns")
                 .arg(self.node.netns_path())
-                .arg("--metrics-addr=off");
+                .arg("--metrics-addr=off")
+                .arg("--admin-addr=off");
         } else {
             cmd.arg("--host-netns").arg(self.node.netns_path());
         }

@@ -255,6 +255,27 @@ impl SecretManager {
         self.bundle.clone()
     }
 
+    /// Every identity leased on this node and where its certificate stands, sorted by identity
+    /// (for the admin `/config_dump`, as ztunnel's certificate dump).
+    pub fn certificates(&self) -> Vec<(Identity, CertState)> {
+        let mut out: Vec<(Identity, CertState)> = self
+            .entries()
+            .iter()
+            .map(|(id, e)| {
+                let slot = e.slot.borrow();
+                let state = match (slot.usable(), &slot.error, &slot.cert) {
+                    (Some(cert), _, _) => CertState::Available(cert),
+                    (None, Some(error), _) => CertState::Unavailable(error.clone()),
+                    (None, None, Some(_)) => CertState::Unavailable("expired".into()),
+                    (None, None, None) => CertState::Initializing,
+                };
+                (id.clone(), state)
+            })
+            .collect();
+        out.sort_by_key(|a| a.0.to_string());
+        out
+    }
+
     pub fn stats(&self) -> CertStats {
         CertStats {
             identities: self.entries().len(),
@@ -263,6 +284,17 @@ impl SecretManager {
             fetch_errors_total: self.counters.fetch_errors.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Where one identity's certificate stands (ztunnel's `CertState`).
+#[derive(Debug, Clone)]
+pub enum CertState {
+    /// The first fetch is under way.
+    Initializing,
+    /// A current, unexpired certificate.
+    Available(Arc<WorkloadCert>),
+    /// No usable certificate: the last fetch error (retried with backoff), or expired.
+    Unavailable(String),
 }
 
 /// One user of an identity's certificate; dropping it releases the certificate.
