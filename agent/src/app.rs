@@ -161,6 +161,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         destination_l7: cfg.destination_l7,
         tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
+        connections: crate::admin::connections::Connections::new(),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));
@@ -170,7 +171,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     }
     if let Some(listener) = debug_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /config_dump, /logging and /debug/connections");
-        let admin = debug::admin(&cfg, &pi, crate::admin::connections::Connections::new());
+        let admin = debug::admin(&cfg, &pi, pi.connections.clone());
         control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 

@@ -89,6 +89,8 @@ pub struct ProxyInputs {
     pub destination_l7: bool,
     /// One span exporter per tracing provider in use (exports run on the control runtime).
     pub tracers: crate::trace::Tracers,
+    /// The live connections, for the admin endpoint's `/debug/connections`.
+    pub connections: crate::admin::connections::Connections,
 }
 
 /// One enrolled pod, as the stages see it.

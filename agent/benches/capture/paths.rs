@@ -327,6 +327,7 @@ impl Ambit {
                 tokio::runtime::Handle::current(),
                 Default::default(),
             ),
+            connections: ambit::admin::connections::Connections::new(),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

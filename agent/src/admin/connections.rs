@@ -32,6 +32,9 @@ pub enum Protocol {
     Tcp,
     /// mTLS HTTP/2 CONNECT.
     Hbone,
+    /// An app's HTTP connection, routed per request (each request goes on over HBONE or
+    /// plaintext, on pooled connections).
+    Http,
 }
 
 /// What the proxy knows of a connection when it starts proxying it.

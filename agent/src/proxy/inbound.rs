@@ -20,6 +20,7 @@ use super::hbone::Stream;
 use super::http::inbound::{self as inbound_http, Carried, InboundHttp};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::{connect, copy, Counters, Error, PodContext, ProxyInputs};
+use crate::admin::connections::{ConnectionInfo, Direction, Protocol as LiveProtocol};
 use crate::identity::Identity;
 use crate::policy::{evaluate, ConnAttrs, Verdict};
 use crate::snapshot::Snapshot;
@@ -133,6 +134,14 @@ async fn stream(
         return result.finish(Err(e));
     }
     result.set_upstream(dst.0);
+    let _live = pi.connections.register(ConnectionInfo {
+        workload: format!("{}/{}", pod.namespace, pod.name),
+        direction: Direction::Inbound,
+        protocol: LiveProtocol::Hbone,
+        src: peer.0,
+        dst: dst.0,
+        original_dst: Some(dst.0),
+    });
     let app = match connect::app(&pod, dst.0).await {
         Ok(app) => app,
         Err(e) => {

@@ -24,6 +24,7 @@ use super::http::target::{self, ClusterRef, NoCluster};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::protocol::{self, Protocol};
 use super::{connect, http, reset, Counters, Error, PodContext, ProxyInputs};
+use crate::admin::connections::{ConnectionInfo, Direction, Protocol as LiveProtocol};
 use crate::identity::Identity;
 use crate::routing::entries::Entry;
 use crate::routing::matching;
@@ -177,6 +178,14 @@ async fn serve_http(
     sniffed: bool,
 ) {
     Counters::inc(&pi.counters.outbound_http);
+    let _live = pi.connections.register(ConnectionInfo {
+        workload: format!("{}/{}", pod.namespace, pod.name),
+        direction: Direction::Outbound,
+        protocol: LiveProtocol::Http,
+        src: pod.app_address(peer.0, dst.0),
+        dst: dst.0,
+        original_dst: Some(dst.0),
+    });
     let conn = HttpConn {
         pi,
         pod_key: format!("{}/{}", pod.namespace, pod.name),
@@ -286,17 +295,29 @@ async fn tcp(
                 labels,
                 (pod.app_address(peer.0, dst.0), dst.0),
             );
+            let live = |protocol, endpoint| {
+                pi.connections.register(ConnectionInfo {
+                    workload: format!("{}/{}", pod.namespace, pod.name),
+                    direction: Direction::Outbound,
+                    protocol,
+                    src: pod.app_address(peer.0, dst.0),
+                    dst: endpoint,
+                    original_dst: Some(dst.0),
+                })
+            };
             let outcome = match route {
                 Route::Hbone {
                     endpoint, identity, ..
                 } => {
                     Counters::inc(&pi.counters.outbound_hbone);
                     result.set_upstream(endpoint);
+                    let _live = live(LiveProtocol::Hbone, endpoint);
                     hbone(&pi, &pod, stream, peer, endpoint, identity, &tcp).await
                 }
                 Route::Direct { endpoint, .. } => {
                     Counters::inc(&pi.counters.outbound_plaintext);
                     result.set_upstream(endpoint);
+                    let _live = live(LiveProtocol::Tcp, endpoint);
                     plaintext(&pi, &pod, stream, endpoint, &tcp).await
                 }
             };

@@ -41,9 +41,9 @@ use crate::proxy::metrics::TcpLabels;
 use crate::proxy::protocol::{self, Protocol, Sniffed};
 use crate::proxy::spans;
 use crate::proxy::{PodContext, ProxyInputs};
-use crate::trace::SpanKind;
 use crate::snapshot::Snapshot;
 use crate::state::TargetPort;
+use crate::trace::SpanKind;
 
 /// A pod annotation that turns destination-side L7 off for that pod (`"false"` or `"off"`);
 /// `--destination-l7 off` turns it off node-wide.

@@ -32,12 +32,12 @@ use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult
 use crate::proxy::metrics::{Peer, Reporter, ServiceRef, TcpLabels};
 use crate::proxy::protocol::Protocol;
 use crate::proxy::spans;
-use crate::trace::SpanKind;
 use crate::proxy::{Counters, PodContext, ProxyInputs};
 use crate::routing::matching::{self, cors_preflight};
 use crate::routing::{Action, HttpRoute, RequestInfo, RequestMatch, WeightedDestination};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
+use crate::trace::SpanKind;
 
 /// The most header bytes a request may carry (Envoy's `max_request_headers_kb` default, 60 KiB);
 /// more is answered 431.

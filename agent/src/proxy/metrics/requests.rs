@@ -16,8 +16,8 @@ use prometheus_client::metrics::MetricType;
 use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
 use crate::proxy::access_log::{Entry, RequestFields};
 use crate::proxy::spans::RequestSpan;
-use crate::trace::ResponseInfo;
 use crate::state::IstioLabels;
+use crate::trace::ResponseInfo;
 
 /// Envoy's default histogram buckets, which Istio's duration histogram uses (milliseconds).
 pub const DURATION_BUCKETS: [f64; 19] = [

@@ -130,3 +130,29 @@ async fn an_app_reset_reaches_an_hbone_client_as_connect_error() {
         .expect_err("a reset, not data");
     assert_eq!(err.reason(), Some(h2::Reason::CONNECT_ERROR), "{err}");
 }
+
+/// The admin's `/debug/connections` lists a tunnelled connection at both ends while it is open
+/// (outbound HBONE on n1, inbound HBONE on n2), and neither once it has ended.
+#[tokio::test]
+async fn a_live_connection_is_listed_at_both_ends_until_it_ends() {
+    use crate::admin::connections::{Direction, Protocol};
+    let (mesh, mut client, mut app) = connection().await;
+    for (name, direction) in [("n1", Direction::Outbound), ("n2", Direction::Inbound)] {
+        let live = mesh.node(name).pi.connections.snapshot();
+        assert_eq!(live.len(), 1, "{name}: {live:?}");
+        assert_eq!(live[0].info.direction, direction, "{name}");
+        assert_eq!(live[0].info.protocol, Protocol::Hbone, "{name}");
+    }
+    client.shutdown().await.expect("FIN");
+    assert_eq!(read_to_end(&mut app).await, b"");
+    app.shutdown().await.expect("FIN");
+    assert_eq!(next_read(&mut client).await.expect("EOF"), b"");
+    ended(&mesh, "-", false).await;
+    for name in ["n1", "n2"] {
+        let node = mesh.node(name);
+        eventually(&format!("{name} lists no connection"), || {
+            node.pi.connections.snapshot().is_empty()
+        })
+        .await;
+    }
+}

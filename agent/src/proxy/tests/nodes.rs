@@ -148,6 +148,7 @@ impl Node {
                 tokio::runtime::Handle::current(),
                 Default::default(),
             ),
+            connections: crate::admin::connections::Connections::new(),
         });
         pi.breakers.register(&mut registry);
         pi.tracers.metrics().register(&mut registry);
