@@ -338,6 +338,7 @@ fn main() {
         servers,
         v2_share: split.v2_share(),
         share_tolerance: cfg.share_tolerance,
+        destination_l7: !cfg.agent_args.contains("--destination-l7=off"),
     };
     header_route_check(&bench);
 

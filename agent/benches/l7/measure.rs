@@ -72,6 +72,9 @@ pub struct Bench {
     /// The subset split of (c) and (d), as the share of v2, and how far a run may stray from it.
     pub v2_share: f64,
     pub share_tolerance: f64,
+    /// The agents serve HTTP at the destination too (`--destination-l7`, on by default): the
+    /// server's node then counts every request (`reporter="destination"`).
+    pub destination_l7: bool,
 }
 
 /// One run of one path.
@@ -420,7 +423,7 @@ impl Bench {
                         tcp_opened: metrics[0].tcp_opened,
                     },
                     Metrics {
-                        requests: 0.0,
+                        requests: if self.destination_l7 { n as f64 } else { 0.0 },
                         tcp_opened: streams as f64,
                     },
                 ];
