@@ -203,6 +203,10 @@ pub fn check(path: &Path) -> Vec<String> {
     let mut store = Store::new(DEFAULT_DOMAIN);
     store.apply(loaded.into_event());
     problems.extend(store.errors().iter().map(ToString::to_string));
+    // Cross-object: Telemetry providers must be defined by the mesh config.
+    let (_, _, telemetry) =
+        crate::snapshot::telemetry_inputs(store.state(), crate::policy::DEFAULT_ROOT_NAMESPACE);
+    problems.extend(telemetry.iter().map(ToString::to_string));
     problems
 }
 
@@ -224,7 +228,8 @@ fn start_source(cfg: &AgentConfig, control: &Runtime) -> Result<Source, AppError
             let (tx, rx) = tokio::sync::mpsc::channel::<SourceEvent>(1024);
             let source = control
                 .block_on(KubeSource::from_env(tx))
-                .map_err(AppError::Kube)?;
+                .map_err(AppError::Kube)?
+                .with_root_namespace(&cfg.root_namespace);
             let stats: Arc<KubeStats> = source.stats();
             control.spawn(source.run());
             Source::kube(rx, stats)

@@ -5,7 +5,9 @@
 pub mod files;
 pub mod istio;
 pub mod kube;
+pub mod mesh;
 pub mod object;
+pub mod telemetry;
 
 pub use object::{
     parse, Kind, Object, ObjectError, ObjectRef, Parsed, PolicyScope, Rejected, SourceEvent,

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::ObjectError;
+use crate::config::istio::IstioConfig;
+use crate::config::mesh::{MeshConfig, MESH_CONFIG_MAP};
+use crate::config::telemetry::{self as telemetry, EffectiveTelemetry, TelemetryObject};
+use crate::config::{Kind, ObjectError, ObjectRef};
 use crate::policy::CompiledPolicies;
 use crate::routing::entries::DnsAnswers;
 use crate::routing::{Cluster, ClusterKey, Routes};
@@ -27,6 +30,14 @@ pub struct Snapshot {
     pub routes: Routes,
     /// What compiling the routes found wrong, each naming the object and field.
     pub route_problems: Vec<ObjectError>,
+    /// Observability settings of each enrolled workload of this node (MeshConfig and Telemetry,
+    /// `config::telemetry::resolve`), by workload key.
+    pub telemetry: HashMap<Key, Arc<EffectiveTelemetry>>,
+    /// The settings of a workload no Telemetry selects: the mesh defaults with the root and…
+    /// nothing else (for peers that are not enrolled here).
+    pub default_telemetry: Arc<EffectiveTelemetry>,
+    /// Telemetry objects left out (an unknown provider), each naming the object and field.
+    pub telemetry_problems: Vec<ObjectError>,
 }
 
 /// Where the data path loads the latest snapshot from.
@@ -59,13 +70,39 @@ impl Snapshot {
             local.iter().map(|w| w.namespace.as_str()).collect();
         let (routes, route_problems) =
             crate::routing::compile(&state, root_namespace, namespaces, dns);
+        let (mesh, objects, telemetry_problems) = telemetry_inputs(&state, root_namespace);
+        let telemetry = local
+            .iter()
+            .map(|w| {
+                let t =
+                    telemetry::resolve(&mesh, &objects, root_namespace, &w.namespace, &w.labels);
+                (w.key(), Arc::new(t))
+            })
+            .collect();
+        let default_telemetry = Arc::new(telemetry::resolve(
+            &mesh,
+            &objects,
+            root_namespace,
+            root_namespace,
+            &Default::default(),
+        ));
         Snapshot {
             state,
             policies,
             local_services,
             routes,
             route_problems,
+            telemetry,
+            default_telemetry,
+            telemetry_problems,
         }
+    }
+
+    /// The observability settings of a workload of this node (the defaults for any other).
+    pub fn telemetry_of(&self, namespace: &str, name: &str) -> &Arc<EffectiveTelemetry> {
+        self.telemetry
+            .get(&key(namespace, name))
+            .unwrap_or(&self.default_telemetry)
     }
 
     /// Whether `key` names a cluster of this snapshot: one a DestinationRule shapes for a client
@@ -100,6 +137,52 @@ impl Snapshot {
             .find(|(p, _)| *p == port)
             .map(|(_, s)| s)
     }
+}
+
+/// The mesh config (the `istio` ConfigMap of the root namespace, else Istio's defaults), the
+/// Telemetry objects whose providers it defines (oldest first), and one problem per provider
+/// reference it does not define: such an object is left out whole, the others apply.
+pub fn telemetry_inputs(
+    state: &State,
+    root_namespace: &str,
+) -> (MeshConfig, Vec<Arc<TelemetryObject>>, Vec<ObjectError>) {
+    let mesh = state
+        .istio
+        .get(&crate::state::istio_key(
+            Kind::ConfigMap,
+            root_namespace,
+            MESH_CONFIG_MAP,
+        ))
+        .and_then(|c| match &**c {
+            IstioConfig::MeshConfig(m) => Some(m.mesh.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for c in state.istio.values() {
+        let IstioConfig::Telemetry(t) = &**c else {
+            continue;
+        };
+        let errors = telemetry::unknown_providers(&mesh, &t.spec);
+        if errors.is_empty() {
+            objects.push(Arc::new((**t).clone()));
+        } else {
+            let oref = ObjectRef::new(
+                Kind::Telemetry,
+                t.namespace().unwrap_or("default"),
+                t.name(),
+            );
+            problems.extend(
+                errors
+                    .into_iter()
+                    .map(|e| ObjectError::new(&oref, e.field, e.message)),
+            );
+        }
+    }
+    telemetry::sort_by_creation(&mut objects);
+    problems.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+    (mesh, objects, problems)
 }
 
 /// The Services selecting each of `pods`, by the target port each Service port resolves to.

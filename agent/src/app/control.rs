@@ -232,6 +232,16 @@ impl Control {
         );
         self.policy_problems = policy_problems(snapshot.policies.notes());
         self.policy_problems
+            .extend(snapshot.telemetry_problems.iter().map(|e| Problem {
+                key: ProblemKey::Object {
+                    kind: e.object.kind.as_str(),
+                    namespace: e.object.namespace.clone(),
+                    name: e.object.name.clone(),
+                    field: e.field.clone(),
+                },
+                message: format!("{e} (this Telemetry is not applied)"),
+            }));
+        self.policy_problems
             .extend(snapshot.route_problems.iter().map(|e| Problem {
                 key: ProblemKey::Object {
                     kind: e.object.kind.as_str(),

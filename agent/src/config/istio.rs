@@ -18,6 +18,7 @@ pub mod destination_rule;
 mod route_validation;
 pub mod security;
 pub mod service_entry;
+pub mod telemetry;
 pub mod virtual_service;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub use common::{Percent, PolicyTargetReference, PortSelector, StringMatch, Work
 pub use destination_rule::DestinationRule;
 pub use security::{Action, AuthorizationPolicy, MtlsMode, PeerAuthentication};
 pub use service_entry::{Location, Resolution, ServiceEntry};
+pub use telemetry::Telemetry;
 pub use virtual_service::{undefined_subsets, VirtualService};
 
 /// One problem with one field of an Istio object. `field` is a path from the object root in the
@@ -80,10 +82,14 @@ pub enum IstioKind {
     ServiceEntry,
     AuthorizationPolicy,
     PeerAuthentication,
+    Telemetry,
+    /// The mesh config: the `istio` ConfigMap (not a CRD, but Istio's config all the same).
+    MeshConfig,
 }
 
 const NETWORKING_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
 const SECURITY_VERSIONS: &[&str] = &["v1", "v1beta1"];
+const TELEMETRY_VERSIONS: &[&str] = &["v1", "v1alpha1"];
 
 impl IstioKind {
     pub fn as_str(self) -> &'static str {
@@ -93,6 +99,8 @@ impl IstioKind {
             IstioKind::ServiceEntry => "ServiceEntry",
             IstioKind::AuthorizationPolicy => "AuthorizationPolicy",
             IstioKind::PeerAuthentication => "PeerAuthentication",
+            IstioKind::Telemetry => "Telemetry",
+            IstioKind::MeshConfig => "ConfigMap",
         }
     }
 
@@ -100,11 +108,13 @@ impl IstioKind {
     /// and security kinds at v1 and v1beta1; all versions of a kind share one schema.
     pub fn from_type_meta(api_version: &str, kind: &str) -> Result<IstioKind, FieldError> {
         let supported =
-            "networking.istio.io/{v1,v1beta1,v1alpha3} or security.istio.io/{v1,v1beta1}";
+            "networking.istio.io/{v1,v1beta1,v1alpha3}, security.istio.io/{v1,v1beta1} \
+             or telemetry.istio.io/{v1,v1alpha1}";
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let versions = match group {
             "networking.istio.io" => NETWORKING_VERSIONS,
             "security.istio.io" => SECURITY_VERSIONS,
+            "telemetry.istio.io" => TELEMETRY_VERSIONS,
             _ => {
                 let msg = format!("unsupported apiVersion {api_version:?}; expected {supported}");
                 return Err(FieldError::new("apiVersion", msg));
@@ -120,11 +130,12 @@ impl IstioKind {
             ("networking.istio.io", "ServiceEntry") => IstioKind::ServiceEntry,
             ("security.istio.io", "AuthorizationPolicy") => IstioKind::AuthorizationPolicy,
             ("security.istio.io", "PeerAuthentication") => IstioKind::PeerAuthentication,
+            ("telemetry.istio.io", "Telemetry") => IstioKind::Telemetry,
             _ => {
-                let expected = if group == "networking.istio.io" {
-                    "VirtualService, DestinationRule or ServiceEntry"
-                } else {
-                    "AuthorizationPolicy or PeerAuthentication"
+                let expected = match group {
+                    "networking.istio.io" => "VirtualService, DestinationRule or ServiceEntry",
+                    "security.istio.io" => "AuthorizationPolicy or PeerAuthentication",
+                    _ => "Telemetry",
                 };
                 let msg = format!("unsupported kind {kind:?} for {group}; expected {expected}");
                 return Err(FieldError::new("kind", msg));
@@ -142,6 +153,9 @@ pub enum IstioConfig {
     ServiceEntry(Box<IstioObject<ServiceEntry>>),
     AuthorizationPolicy(Box<IstioObject<AuthorizationPolicy>>),
     PeerAuthentication(Box<IstioObject<PeerAuthentication>>),
+    Telemetry(Box<IstioObject<Telemetry>>),
+    /// The `istio` ConfigMap, its `mesh` key decoded (`config::mesh`).
+    MeshConfig(Box<crate::config::mesh::MeshConfigMap>),
 }
 
 impl IstioConfig {
@@ -173,7 +187,11 @@ impl IstioConfig {
             Some(_) => return Err(vec![FieldError::new("kind", "must be a string")]),
             None => return Err(vec![FieldError::new("kind", "is required")]),
         };
-        let kind = IstioKind::from_type_meta(&api_version, &kind).map_err(|e| vec![e])?;
+        let kind = if (api_version.as_str(), kind.as_str()) == ("v1", "ConfigMap") {
+            IstioKind::MeshConfig
+        } else {
+            IstioKind::from_type_meta(&api_version, &kind).map_err(|e| vec![e])?
+        };
         // Status is written by Istio, not configuration: neither decoded nor reported as ignored.
         object.remove("status");
         prune_nulls(&mut value);
@@ -198,6 +216,14 @@ impl IstioConfig {
                 let (o, ignored) = decode_object(value)?;
                 (IstioConfig::PeerAuthentication(Box::new(o)), ignored)
             }
+            IstioKind::Telemetry => {
+                let (o, ignored) = decode_object(value)?;
+                (IstioConfig::Telemetry(Box::new(o)), ignored)
+            }
+            IstioKind::MeshConfig => {
+                let (m, ignored) = crate::config::mesh::MeshConfigMap::parse(value)?;
+                (IstioConfig::MeshConfig(Box::new(m)), ignored)
+            }
         })
     }
 
@@ -209,6 +235,13 @@ impl IstioConfig {
             IstioConfig::ServiceEntry(o) => o.spec.validate(o.namespace()),
             IstioConfig::AuthorizationPolicy(o) => o.spec.validate(),
             IstioConfig::PeerAuthentication(o) => o.spec.validate(),
+            IstioConfig::Telemetry(o) => o.spec.validate(),
+            IstioConfig::MeshConfig(m) => m
+                .mesh
+                .validate()
+                .into_iter()
+                .map(|e| FieldError::new(format!("data.mesh.{}", e.field), e.message))
+                .collect(),
         }
     }
 
@@ -219,6 +252,8 @@ impl IstioConfig {
             IstioConfig::ServiceEntry(_) => IstioKind::ServiceEntry,
             IstioConfig::AuthorizationPolicy(_) => IstioKind::AuthorizationPolicy,
             IstioConfig::PeerAuthentication(_) => IstioKind::PeerAuthentication,
+            IstioConfig::Telemetry(_) => IstioKind::Telemetry,
+            IstioConfig::MeshConfig(_) => IstioKind::MeshConfig,
         }
     }
 
@@ -229,25 +264,34 @@ impl IstioConfig {
             IstioConfig::ServiceEntry(o) => &o.metadata,
             IstioConfig::AuthorizationPolicy(o) => &o.metadata,
             IstioConfig::PeerAuthentication(o) => &o.metadata,
+            IstioConfig::Telemetry(o) => &o.metadata,
+            IstioConfig::MeshConfig(m) => &m.metadata,
         }
     }
 }
 
-/// Decodes through serde_ignored (collecting unknown-field paths) around serde_path_to_error
-/// (giving type errors their path). In the other order a numeric map key loses its path.
 fn decode_object<S: DeserializeOwned + Default>(
     value: Value,
 ) -> Result<(IstioObject<S>, Vec<String>), Vec<FieldError>> {
+    decode_typed(value).map_err(|e| vec![e])
+}
+
+/// Decodes through serde_ignored (collecting unknown-field paths) around serde_path_to_error
+/// (giving type errors their path). In the other order a numeric map key loses its path.
+pub(crate) fn decode_typed<T: DeserializeOwned>(
+    value: Value,
+) -> Result<(T, Vec<String>), FieldError> {
     let mut track = serde_path_to_error::Track::new();
     let mut ignored = Vec::new();
     let de = serde_path_to_error::Deserializer::new(value, &mut track);
     let result = serde_ignored::deserialize(de, |path| ignored.push(ignored_path(&path)));
     match result {
         Ok(object) => Ok((object, ignored)),
-        Err(e) => Err(vec![FieldError::new(
-            track.path().to_string(),
-            e.to_string(),
-        )]),
+        Err(e) => {
+            let path = track.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            Err(FieldError::new(path, e.to_string()))
+        }
     }
 }
 

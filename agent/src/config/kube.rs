@@ -275,6 +275,8 @@ pub struct KubeSource {
     kinds: Vec<Kind>,
     discovery_retry: Duration,
     stats: Arc<KubeStats>,
+    /// Where the mesh config ConfigMap is read from (Istio's root namespace).
+    root_namespace: String,
 }
 
 impl KubeSource {
@@ -286,7 +288,14 @@ impl KubeSource {
             kinds: Kind::ALL.to_vec(),
             discovery_retry: DISCOVERY_RETRY,
             stats: Arc::new(KubeStats::new()),
+            root_namespace: super::mesh::DEFAULT_ROOT_NAMESPACE.to_string(),
         }
+    }
+
+    /// Reads the mesh config (the `istio` ConfigMap) from this namespace.
+    pub fn with_root_namespace(mut self, namespace: &str) -> Self {
+        self.root_namespace = namespace.to_string();
+        self
     }
 
     /// A source with the in-cluster service account, or KUBECONFIG / `~/.kube/config` outside a
@@ -404,13 +413,21 @@ impl KubeSource {
 
     async fn watch(&self, kind: Kind, ar: &ApiResource) -> WatchEnd {
         let stats = self.stats.get(kind);
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+        // ConfigMaps: only the mesh config, in the root namespace (RBAC grants just that name).
+        let api: Api<DynamicObject> = if kind == Kind::ConfigMap {
+            Api::namespaced_with(self.client.clone(), &self.root_namespace, ar)
+        } else {
+            Api::all_with(self.client.clone(), ar)
+        };
         // `Any`: the first list is served from the API server's watch cache (resourceVersion=0), as
         // client-go's informers do; cheap for the server with many pods. kube drops
         // resourceVersion=0 when a page size is set (a paginated consistent read from etcd
         // instead), and the server ignores the limit for cache reads anyway: no pages.
         let mut config = watcher::Config::default().any_semantic();
         config.page_size = None;
+        if kind == Kind::ConfigMap {
+            config = config.fields(&format!("metadata.name={}", super::mesh::MESH_CONFIG_MAP));
+        }
         // No `default_backoff()`: its delays grow to 30 s, so after an API-server restart a change
         // took 20 s and more to arrive. Errors are paced here instead (see RETRY_*).
         let mut stream = std::pin::pin!(watcher(api, config));

@@ -22,10 +22,13 @@ pub enum Kind {
     DestinationRule,
     AuthorizationPolicy,
     PeerAuthentication,
+    Telemetry,
+    /// Only the mesh config: the ConfigMap named `istio` (`config::mesh`).
+    ConfigMap,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -35,6 +38,8 @@ impl Kind {
         Kind::DestinationRule,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::Telemetry,
+        Kind::ConfigMap,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +53,8 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::Telemetry => "Telemetry",
+            Kind::ConfigMap => "ConfigMap",
         }
     }
 
@@ -58,7 +65,7 @@ impl Kind {
     /// The API versions accepted for this kind (Istio: v1alpha3 only for networking).
     pub fn accepts_api_version(self, api_version: &str) -> bool {
         match self {
-            Kind::Namespace | Kind::Pod | Kind::Service => api_version == "v1",
+            Kind::Namespace | Kind::Pod | Kind::Service | Kind::ConfigMap => api_version == "v1",
             Kind::EndpointSlice => api_version == "discovery.k8s.io/v1",
             Kind::ServiceEntry | Kind::VirtualService | Kind::DestinationRule => matches!(
                 api_version,
@@ -72,6 +79,10 @@ impl Kind {
                     "security.istio.io/v1" | "security.istio.io/v1beta1"
                 )
             }
+            Kind::Telemetry => matches!(
+                api_version,
+                "telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1"
+            ),
         }
     }
 
@@ -217,6 +228,8 @@ pub fn istio_kind(k: IstioKind) -> Kind {
         IstioKind::ServiceEntry => Kind::ServiceEntry,
         IstioKind::AuthorizationPolicy => Kind::AuthorizationPolicy,
         IstioKind::PeerAuthentication => Kind::PeerAuthentication,
+        IstioKind::Telemetry => Kind::Telemetry,
+        IstioKind::MeshConfig => Kind::ConfigMap,
     }
 }
 
@@ -309,6 +322,13 @@ pub fn parse(value: serde_json::Value) -> Parsed {
     } else {
         ""
     };
+    if kind == Kind::ConfigMap && name != super::mesh::MESH_CONFIG_MAP {
+        // Istio reads one ConfigMap: the mesh config.
+        return Parsed::Ignored {
+            api_version,
+            kind: kind_str,
+        };
+    }
     let oref = ObjectRef::new(kind, namespace, name);
     if !kind.accepts_api_version(&api_version) {
         let e = ObjectError::new(

@@ -17,6 +17,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::metrics::{Peer, TcpLabels};
+
+pub mod format;
 use crate::state::UNKNOWN;
 
 /// Lines queued before new ones are dropped.

@@ -545,7 +545,10 @@ fn istio_hosts(config: &IstioConfig, namespace: &str, domain: &str) -> Vec<Strin
         IstioConfig::VirtualService(o) => o.spec.hosts.iter().collect(),
         IstioConfig::DestinationRule(o) => vec![&o.spec.host],
         IstioConfig::ServiceEntry(o) => o.spec.hosts.iter().collect(),
-        IstioConfig::AuthorizationPolicy(_) | IstioConfig::PeerAuthentication(_) => Vec::new(),
+        IstioConfig::AuthorizationPolicy(_)
+        | IstioConfig::PeerAuthentication(_)
+        | IstioConfig::Telemetry(_)
+        | IstioConfig::MeshConfig(_) => Vec::new(),
     };
     hosts
         .into_iter()

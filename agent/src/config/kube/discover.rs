@@ -5,13 +5,13 @@ use ::kube::api::ApiResource;
 use ::kube::core::gvk::GroupVersionKind;
 use ::kube::error::DiscoveryError;
 use ::kube::Client;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::config::Kind;
 
 /// Istio serves its CRDs at several versions; prefer the newest one (`parse` reads them all).
-const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+const VERSIONS: [&str; 4] = ["v1", "v1beta1", "v1alpha3", "v1alpha1"];
 
 pub(super) enum Discovered {
     Served(ApiResource),
@@ -22,11 +22,12 @@ pub(super) enum Discovered {
 /// The API group of an Istio kind; None for the Kubernetes kinds.
 pub(super) fn api_group(kind: Kind) -> Option<&'static str> {
     match kind {
-        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice | Kind::ConfigMap => None,
         Kind::ServiceEntry | Kind::VirtualService | Kind::DestinationRule => {
             Some("networking.istio.io")
         }
         Kind::AuthorizationPolicy | Kind::PeerAuthentication => Some("security.istio.io"),
+        Kind::Telemetry => Some("telemetry.istio.io"),
     }
 }
 
@@ -36,6 +37,7 @@ pub(super) async fn resource(client: &Client, kind: Kind) -> Discovered {
         Kind::Pod => Some(ApiResource::erase::<Pod>(&())),
         Kind::Service => Some(ApiResource::erase::<Service>(&())),
         Kind::EndpointSlice => Some(ApiResource::erase::<EndpointSlice>(&())),
+        Kind::ConfigMap => Some(ApiResource::erase::<ConfigMap>(&())),
         _ => None,
     };
     if let Some(ar) = builtin {

@@ -514,3 +514,25 @@ async fn istio_versions_are_discovered_and_a_missing_crd_is_looked_for_again() {
     assert_eq!(pa.api_version.as_deref(), Some("security.istio.io/v1beta1"));
     assert_eq!(pa.discovery_errors, 0);
 }
+
+#[tokio::test]
+async fn the_mesh_config_is_listed_by_name_in_the_root_namespace() {
+    const CONFIG_MAPS: &str = "/api/v1/namespaces/istio-system/configmaps";
+    let mut script = Script::default();
+    let cm = json!({
+        "metadata": {"name": "istio", "namespace": "istio-system", "resourceVersion": "5"},
+        "data": {"mesh": "enableTracing: true\ndefaultConfig:\n  tracing:\n    sampling: 50\n"},
+    });
+    script.list(CONFIG_MAPS, "5", vec![cm]);
+    let (mut fake, mut rx, _stats) = start(script, &[Kind::ConfigMap]);
+    let r = replaced(next(&mut rx).await);
+    assert_eq!(r.kinds, vec![Kind::ConfigMap]);
+    assert!(r.rejected.is_empty());
+    let [Object::Istio(crate::config::istio::IstioConfig::MeshConfig(m))] = r.objects.as_slice()
+    else {
+        panic!("expected the mesh config, got {:?}", r.objects);
+    };
+    assert_eq!(m.mesh.default_sampling(), 50.0);
+    // RBAC grants the one name: the request must select it (kube encodes the `=`).
+    requested(&mut fake, "fieldSelector=metadata.name%3Distio").await;
+}

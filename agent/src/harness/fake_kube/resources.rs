@@ -22,6 +22,7 @@ const V1: &[&str] = &["v1"];
 /// Istio serves networking at v1, v1beta1 and v1alpha3, all from one stored version.
 const NETWORKING: &[&str] = &["v1", "v1beta1", "v1alpha3"];
 const SECURITY: &[&str] = &["v1", "v1beta1"];
+const TELEMETRY: &[&str] = &["v1", "v1alpha1"];
 
 const fn builtin(
     group: &'static str,
@@ -91,7 +92,7 @@ pub(super) const RESOURCES: &[Resource] = &[
         "PeerAuthentication",
         "peerauthentications",
     ),
-    crd("telemetry.istio.io", V1, "Telemetry", "telemetries"),
+    crd("telemetry.istio.io", TELEMETRY, "Telemetry", "telemetries"),
 ];
 
 /// The groups of [`RESOURCES`] that come from CRDs.

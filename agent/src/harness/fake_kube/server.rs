@@ -166,7 +166,14 @@ fn group_version(
             // The real server serves `resourceVersion=0` from its watch cache, ignoring `limit`.
             let limit = if q.any_version { None } else { q.limit };
             match c.list(id, version, namespace, limit, q.continue_token.as_deref()) {
-                Ok(list) => ok(list),
+                Ok(mut list) => {
+                    if let (Some(name), Some(items)) = (&q.name, list.get_mut("items")) {
+                        if let Some(items) = items.as_array_mut() {
+                            items.retain(|o| o["metadata"]["name"].as_str() == Some(name));
+                        }
+                    }
+                    ok(list)
+                }
                 Err(ListError::BadContinue) => {
                     status(StatusCode::BAD_REQUEST, "continue key is not valid".into())
                 }
@@ -180,7 +187,7 @@ fn group_version(
         }
         (None, true) => {
             let start = c.watch(id, version, namespace, q.from, q.bookmarks);
-            watch_response(start, q.timeout)
+            watch_response(start, q.timeout, q.name)
         }
     }
 }
@@ -197,6 +204,9 @@ struct Query {
     continue_token: Option<String>,
     bookmarks: bool,
     timeout: Duration,
+    /// `fieldSelector=metadata.name=<name>`, the one field selector the fake honours (the agent
+    /// watches the mesh config ConfigMap by name).
+    name: Option<String>,
 }
 
 impl Query {
@@ -208,8 +218,14 @@ impl Query {
             .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
             .collect();
         let get = |k: &str| params.get(k).copied().unwrap_or_default();
+        let field = get("fieldSelector").replace("%3D", "=").replace("%3d", "=");
+        let name = match field.strip_prefix("metadata.name=") {
+            Some(n) if !n.is_empty() && !n.contains([',', '%', '!']) => Some(n.to_string()),
+            _ => None,
+        };
         for selector in ["labelSelector", "fieldSelector"] {
-            if !get(selector).is_empty() {
+            let honoured = selector == "fieldSelector" && name.is_some();
+            if !honoured && !get(selector).is_empty() {
                 return Err(format!(
                     "the fake API server does not implement {selector}: extend harness::fake_kube"
                 ));
@@ -246,13 +262,14 @@ impl Query {
             from,
             bookmarks: get("allowWatchBookmarks") == "true",
             timeout,
+            name,
         })
     }
 }
 
 /// A 200 whose chunked body is the watch's lines, ended by `timeout`, by the server ending the
 /// watch (CRD deleted), or after the single ERROR line of an expired resource version.
-fn watch_response(start: WatchStart, timeout: Duration) -> Response<Body> {
+fn watch_response(start: WatchStart, timeout: Duration, name: Option<String>) -> Response<Body> {
     let lines = match start {
         WatchStart::Expired(line) => futures::stream::iter(vec![line]).boxed(),
         WatchStart::Stream { initial, live } => {
@@ -265,6 +282,17 @@ fn watch_response(start: WatchStart, timeout: Duration) -> Response<Body> {
                 .boxed()
         }
     };
+    // With a name selector, events about other objects are left out (BOOKMARK and ERROR stay).
+    let lines = lines.filter(move |line| {
+        let keep = name.as_deref().is_none_or(|n| {
+            let event: Value = serde_json::from_slice(line).unwrap_or_default();
+            !matches!(
+                event["type"].as_str(),
+                Some("ADDED" | "MODIFIED" | "DELETED")
+            ) || event["object"]["metadata"]["name"].as_str() == Some(n)
+        });
+        futures::future::ready(keep)
+    });
     let frames = lines.map(|line| Ok::<_, Infallible>(Frame::data(line)));
     with_json_type(Response::new(StreamBody::new(frames).boxed_unsync()))
 }
