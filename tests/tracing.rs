@@ -6,7 +6,7 @@
 mod l7support;
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
@@ -114,6 +114,14 @@ fn call_b(a: &Pod, prefix: &str, n: usize) {
     });
 }
 
+/// A counter without labels.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 fn tag<'a>(span: &'a Value, name: &str) -> Option<&'a str> {
     span["tags"][name].as_str()
 }
@@ -160,14 +168,20 @@ fn a_request_chain_is_one_trace_of_four_spans() {
     }
     assert_eq!(order.len(), 4, "a chain of parents: {trace:#?}");
     assert_eq!(by_id.len(), 4, "distinct span ids");
-    let kinds: Vec<&str> = order.iter().map(|s| s["kind"].as_str().unwrap_or("")).collect();
+    let kinds: Vec<&str> = order
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, ["CLIENT", "SERVER", "CLIENT", "SERVER"]);
     let services: Vec<&str> = order
         .iter()
         .map(|s| s["localEndpoint"]["serviceName"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(services, ["a.mesh", "b.mesh", "b.mesh", "c.mesh"]);
-    let names: Vec<&str> = order.iter().map(|s| s["name"].as_str().unwrap_or("")).collect();
+    let names: Vec<&str> = order
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(
         names,
         [
@@ -184,7 +198,10 @@ fn a_request_chain_is_one_trace_of_four_spans() {
         assert_eq!(tag(s, "istio.mesh_id"), Some("cluster.local"), "{s}");
         assert_eq!(tag(s, "istio.namespace"), Some(NS), "{s}");
         assert_eq!(tag(s, "component"), Some("proxy"), "{s}");
-        assert!(tag(s, "node_id").is_some_and(|n| n.starts_with("sidecar~")), "{s}");
+        assert!(
+            tag(s, "node_id").is_some_and(|n| n.starts_with("sidecar~")),
+            "{s}"
+        );
         assert!(tag(s, "peer.address").is_some(), "{s}");
         assert!(tag(s, "request_size").is_some() && tag(s, "response_size").is_some());
         assert!(tag(s, "error").is_none(), "{s}");
@@ -196,12 +213,10 @@ fn a_request_chain_is_one_trace_of_four_spans() {
     assert_eq!(tag(order[1], "upstream_cluster"), Some("inbound|8080||"));
     assert_eq!(tag(order[0], "istio.canonical_service"), Some("a"));
     assert_eq!(tag(order[3], "istio.canonical_service"), Some("c"));
-    let exported = metric(
-        &chain.agents[0].http_get("/metrics").1,
-        "ambit_spans_exported_total",
-        &[],
-    );
-    assert!(exported >= 1, "n1's agent counted its exported span");
+    // The exporter counts a batch once the collector has answered: wait for it.
+    chain.agents[0].wait_for_metrics("n1 counted its exported span", SETTLE, |m| {
+        counter(m, "ambit_spans_exported_total") >= 1
+    });
 }
 
 /// Sampling at 50 % (the guide's mesh config with `sampling: 50`) samples 50 % ± 7 % of 1,000
@@ -210,26 +225,35 @@ fn a_request_chain_is_one_trace_of_four_spans() {
 #[test]
 fn sampling_follows_the_mesh_config_and_the_telemetry_api_live() {
     let chain = chain("trace-sampling", |jaeger| guide_mesh(50.0, jaeger));
-    let n1 = &chain.agents[0];
     // Half of 1,000: each request is its own trace (A sends no trace headers).
     call_b(&chain.a, "half", 1000);
     let sampled = |prefix: &str| {
         let spans = chain.collector.spans();
         traces(&spans, prefix)
             .values()
-            .filter(|t| t.iter().any(|s| s["kind"] == "CLIENT" && s["localEndpoint"]["serviceName"] == "a.mesh"))
+            .filter(|t| {
+                t.iter()
+                    .any(|s| s["kind"] == "CLIENT" && s["localEndpoint"]["serviceName"] == "a.mesh")
+            })
             .count()
     };
-    // Everything sampled has been sent once n1's exporter has nothing queued: wait until the
-    // count stops changing between two scrapes of n1's exported counter.
-    let exported = |agent: &LocalAgent| {
-        metric(&agent.http_get("/metrics").1, "ambit_spans_exported_total", &[])
+    // n1's exporter sends its spans in order: once a marker request's span (sampled by its
+    // caller's `x-b3-sampled: 1`) has arrived, every span before it has.
+    let flushed = |prefix: &str| {
+        let marker = format!("marker-{prefix}");
+        let id = marker.clone();
+        in_pod(&chain.a, || async move {
+            let conn = Conn::h1(sa(B, 80)).await;
+            let r = conn
+                .get("b", "/", &[("x-request-id", &id), ("x-b3-sampled", "1")])
+                .await;
+            assert_eq!(r.status, 200);
+        });
+        let seen = settled(|| sampled(&marker), |n| *n == 1);
+        assert_eq!(seen, 1, "the marker span of {prefix} reached the collector");
+        sampled(prefix)
     };
-    let n = settled(
-        || (exported(n1), sampled("half")),
-        |(e, s)| *e as usize >= *s && *s > 0 && exported(n1) == *e,
-    )
-    .1;
+    let n = flushed("half");
     assert!((430..=570).contains(&n), "50 % ± 7 % of 1,000: {n}");
 
     let telemetry = r#"
@@ -244,31 +268,37 @@ spec:
     for a in &chain.agents {
         write_istio(a, &format!("{base}---\n{telemetry}"));
     }
-    // The new rate applies once the agents have it; wait for a request that is sampled, then
-    // count a batch.
+    // Applied once a batch of 20 is sampled whole (at 50 %, one in a million by chance).
+    let round = std::cell::Cell::new(0);
     settled(
         || {
-            call_b(&chain.a, "probe", 1);
-            sampled("probe")
+            round.set(round.get() + 1);
+            let prefix = format!("probe{}", round.get());
+            call_b(&chain.a, &prefix, 20);
+            flushed(&prefix)
         },
-        |n| *n > 0,
+        |n| *n == 20,
     );
     call_b(&chain.a, "all", 100);
-    let all = settled(|| sampled("all"), |n| *n >= 100);
-    assert_eq!(all, 100, "randomSamplingPercentage: 100");
+    assert_eq!(flushed("all"), 100, "randomSamplingPercentage: 100");
 
-    // Removed: back to the mesh config's 50 %.
+    // Removed: back to the mesh config's 50 % (a batch of 100 not sampled whole, then one
+    // within 50 ± 25).
     for a in &chain.agents {
         write_istio(a, &base);
     }
     settled(
         || {
-            call_b(&chain.a, "unprobe", 20);
-            sampled("unprobe")
+            round.set(round.get() + 1);
+            let prefix = format!("back{}", round.get());
+            call_b(&chain.a, &prefix, 100);
+            flushed(&prefix)
         },
-        |n| *n < 20,
+        |n| *n < 100,
     );
-    let _ = SETTLE;
+    call_b(&chain.a, "restored", 100);
+    let n = flushed("restored");
+    assert!((25..=75).contains(&n), "back to 50 %: {n} of 100");
 }
 
 /// A dead collector (nothing listening at the address) costs no request anything: every request
@@ -285,10 +315,11 @@ fn a_dead_collector_drops_and_counts_spans() {
             m,
             "ambit_spans_dropped_total",
             &[("reason", "export_failed")],
-        ) + metric(m, "ambit_spans_dropped_total", &[("reason", "export_timeout")])
-            >= 50
+        ) + metric(
+            m,
+            "ambit_spans_dropped_total",
+            &[("reason", "export_timeout")],
+        ) >= 50
     });
     assert!(chain.collector.spans().is_empty());
-    let traces: BTreeSet<String> = BTreeSet::new();
-    assert!(traces.is_empty());
 }

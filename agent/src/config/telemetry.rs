@@ -4,6 +4,7 @@
 //! `mergeMetrics`). Pure: the snapshot computes it per workload on the control side, and the data
 //! path reads the result.
 
+mod export;
 pub mod filter;
 
 #[cfg(test)]
@@ -63,6 +64,8 @@ pub struct TracingSettings {
     pub report_spans: bool,
     /// 0: Envoy's default (256).
     pub max_path_tag_length: u32,
+    /// The same, as the span exporter takes it (made once per snapshot, not per request).
+    pub export: crate::trace::TraceSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,18 +267,22 @@ fn tracing(
         // Legacy mesh config: `enableTracing` with `defaultConfig.tracing.zipkin`.
         let address = mesh_tracing.zipkin.as_ref().map(|z| z.address.as_str());
         return match address {
-            Some(a) if mesh.enable_tracing && !a.is_empty() => Some(TracingSettings {
-                provider: "zipkin".into(),
-                exporter: TraceExporter::Zipkin {
-                    endpoint: a.to_string(),
-                    path: ZIPKIN_PATH.into(),
-                    max_tag_length: 0,
-                },
-                sampling_percent: mesh.default_sampling(),
-                custom_tags: mesh_tracing.custom_tags.clone(),
-                report_spans: true,
-                max_path_tag_length: mesh_tracing.max_path_tag_length,
-            }),
+            Some(a) if mesh.enable_tracing && !a.is_empty() => Some(
+                TracingSettings {
+                    provider: "zipkin".into(),
+                    exporter: TraceExporter::Zipkin {
+                        endpoint: a.to_string(),
+                        path: ZIPKIN_PATH.into(),
+                        max_tag_length: 0,
+                    },
+                    sampling_percent: mesh.default_sampling(),
+                    custom_tags: mesh_tracing.custom_tags.clone(),
+                    report_spans: true,
+                    max_path_tag_length: mesh_tracing.max_path_tag_length,
+                    export: export::placeholder(),
+                }
+                .with_export(),
+            ),
             _ => None,
         };
     }
@@ -301,7 +308,32 @@ fn tracing(
             sampling = Some(s);
         }
     }
-    let provider = mesh.provider(provider.as_deref()?)?;
+    let Some(provider) = provider.as_deref().and_then(|p| mesh.provider(p)) else {
+        // Istio (`configureTracingFromTelemetry`): a Telemetry without a provider leaves the
+        // connection manager's tracing without one, so the proxy's bootstrap tracer, the legacy
+        // `defaultConfig.tracing.zipkin`, reports the spans, at the Telemetry's sampling.
+        let address = mesh_tracing.zipkin.as_ref().map(|z| z.address.as_str());
+        return match address {
+            // Istio: a disabled side gets no tracing at all.
+            Some(a) if !a.is_empty() && !disabled => Some(
+                TracingSettings {
+                    provider: "zipkin".into(),
+                    exporter: TraceExporter::Zipkin {
+                        endpoint: a.to_string(),
+                        path: ZIPKIN_PATH.into(),
+                        max_tag_length: 0,
+                    },
+                    sampling_percent: sampling.unwrap_or_else(|| mesh.default_sampling()),
+                    custom_tags: tags.cloned().unwrap_or(mesh_tracing.custom_tags.clone()),
+                    report_spans: !disabled,
+                    max_path_tag_length: mesh_tracing.max_path_tag_length,
+                    export: export::placeholder(),
+                }
+                .with_export(),
+            ),
+            _ => None,
+        };
+    };
     let exporter = match provider.kind() {
         ProviderKind::Zipkin(z) => TraceExporter::Zipkin {
             endpoint: format!("{}:{}", service_host(&z.service), z.port),
@@ -316,14 +348,18 @@ fn tracing(
         // Not a tracing provider ambit can export to.
         _ => return None,
     };
-    Some(TracingSettings {
-        provider: provider.name.clone(),
-        exporter,
-        sampling_percent: sampling.unwrap_or_else(|| mesh.default_sampling()),
-        custom_tags: tags.cloned().unwrap_or(mesh_tracing.custom_tags),
-        report_spans: !disabled,
-        max_path_tag_length: mesh_tracing.max_path_tag_length,
-    })
+    Some(
+        TracingSettings {
+            provider: provider.name.clone(),
+            exporter,
+            sampling_percent: sampling.unwrap_or_else(|| mesh.default_sampling()),
+            custom_tags: tags.cloned().unwrap_or(mesh_tracing.custom_tags),
+            report_spans: !disabled,
+            max_path_tag_length: mesh_tracing.max_path_tag_length,
+            export: export::placeholder(),
+        }
+        .with_export(),
+    )
 }
 
 /// Istio's default Zipkin collector path.

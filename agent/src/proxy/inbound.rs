@@ -175,6 +175,7 @@ async fn stream(
                     labels: l7_labels,
                     peer: peer.0,
                     dst: dst.0,
+                    pod_key: format!("{}/{}", pod.namespace, pod.name),
                 };
                 inbound_http::serve(conn, io, app, h2).await
             }

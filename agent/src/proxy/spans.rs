@@ -12,26 +12,21 @@ use http::{HeaderMap, Version};
 use tracing::debug;
 
 use super::{PodContext, ProxyInputs};
+use crate::config::telemetry::TracingSettings;
 use crate::snapshot::Snapshot;
-use crate::trace::{
-    self, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, TraceSettings, Tracer, Workload,
-};
+use crate::trace::{self, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, Tracer, Workload};
 
 /// Istio's default `CLUSTER_ID` (the `istio.cluster_id` tag and `source_cluster` label).
 const CLUSTER_ID: &str = "Kubernetes";
 
-/// A workload side's tracing, as the snapshot resolved it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SideTracing {
-    pub settings: TraceSettings,
-    /// False with the Telemetry API's `disableSpanReporting`: context is carried, no span sent.
-    pub report: bool,
-}
-
-/// The tracing of `pod`'s side `kind` (CLIENT: as a client, SERVER: as a server), if configured.
-pub fn of<'s>(snap: &'s Snapshot, pod: &PodContext, kind: SpanKind) -> Option<&'s SideTracing> {
-    let _ = (snap, pod, kind);
-    None
+/// The tracing of the workload `key` (`namespace/name`, enrolled here) on side `kind` (CLIENT:
+/// its requests as a client, SERVER: as a server), when configured.
+pub fn of<'s>(snap: &'s Snapshot, key: &str, kind: SpanKind) -> Option<&'s TracingSettings> {
+    let t = snap.telemetry.get(key).unwrap_or(&snap.default_telemetry);
+    match kind {
+        SpanKind::Client => t.client.tracing.as_ref(),
+        _ => t.server.tracing.as_ref(),
+    }
 }
 
 /// A request's span while the request is in flight.
@@ -61,20 +56,20 @@ pub struct Start<'a> {
 pub fn start(
     pi: &ProxyInputs,
     pod: &PodContext,
-    tracing: &SideTracing,
+    tracing: &TracingSettings,
     s: Start<'_>,
     headers: &mut HeaderMap,
 ) -> Box<RequestSpan> {
     let incoming = trace::extract(headers);
-    let decision = trace::decide(&incoming, tracing.settings.sampling_percent);
+    let decision = trace::decide(&incoming, tracing.sampling_percent);
     let mut builder = SpanBuilder::start(
         s.kind,
         trace::operation_name(s.host, s.port),
         &incoming,
         decision,
     );
-    let tracer = if builder.sampled() && tracing.report {
-        match pi.tracers.get(&tracing.settings) {
+    let tracer = if builder.sampled() && tracing.report_spans {
+        match pi.tracers.get(&tracing.export) {
             Ok(t) => Some(t),
             Err(e) => {
                 debug!(error = %e, "no tracer for the provider: span not reported");
@@ -94,7 +89,7 @@ pub fn start(
             version: s.version,
             peer: s.peer,
         };
-        builder.record_request(&info, &workload(pi, pod), &tracing.settings.tags);
+        builder.record_request(&info, &workload(pi, pod), &tracing.export.tags);
     }
     trace::inject(builder.context(), headers);
     Box::new(RequestSpan { builder, tracer })

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,7 +32,7 @@ use tracing::debug;
 use super::body::{Counted, Finishing, ProxyBody};
 use super::client::Body;
 use super::headers::{self, LocalReply};
-use super::outbound::{authority, is_grpc, join_upgraded, log_fields, MAX_HEADER_BYTES};
+use super::outbound::{authority, is_grpc, join_upgraded, log_fields, Held, MAX_HEADER_BYTES};
 use super::target;
 use crate::proxy::copy::{Outcome, Side};
 use crate::proxy::hbone::{H2Stream, Stream};
@@ -175,6 +175,8 @@ pub struct InboundHttp {
     pub peer: SocketAddr,
     /// The app's address.
     pub dst: SocketAddr,
+    /// `namespace/name` of the pod, as the snapshot keys workloads.
+    pub pod_key: String,
 }
 
 /// The connection to the app, in the client's HTTP version. One is made per stream (before the
@@ -216,7 +218,9 @@ pub async fn serve(conn: InboundHttp, io: H2Stream, app: TcpStream, h2: bool) ->
         conn,
         app: tokio::sync::Mutex::new(Some(app)),
         h2,
+        active: Arc::default(),
     });
+    let in_flight = conn.active.clone();
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
@@ -242,6 +246,9 @@ pub async fn serve(conn: InboundHttp, io: H2Stream, app: TcpStream, h2: bool) ->
     };
     match served {
         Ok(()) => counts.outcome(None),
+        // The client closed (or reset) a connection it was not using: a pooled connection let
+        // go, not a failure.
+        Err(_) if in_flight.load(Ordering::Acquire) == 0 => counts.outcome(None),
         Err(e) => {
             debug!(%dst, error = %e, "inbound HTTP stream ended");
             counts.outcome(Some(Side::A))
@@ -286,6 +293,24 @@ struct Served {
     conn: InboundHttp,
     app: tokio::sync::Mutex<Option<Sender>>,
     h2: bool,
+    /// Requests whose response has not ended.
+    active: Arc<AtomicUsize>,
+}
+
+/// One request in flight, until its response body ends or is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a request did not reach the app.
@@ -300,6 +325,7 @@ pub enum InboundHttpError {
 impl Served {
     async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let c = &self.conn;
+        let in_flight = InFlight::new(&self.active);
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let mut result = {
@@ -326,7 +352,7 @@ impl Served {
         };
         result.upstream = Some(c.dst);
         let snap = c.pi.snapshot.load();
-        if let Some(tracing) = spans::of(&snap, &c.pod, SpanKind::Server) {
+        if let Some(tracing) = spans::of(&snap, &c.pod_key, SpanKind::Server) {
             let authority = authority(&req).unwrap_or("").to_owned();
             let host = match &c.labels.service {
                 Some(service) => service.0.hostname.clone(),
@@ -380,7 +406,8 @@ impl Served {
                 let resp = reply.into_response();
                 result.set_response(resp.status().as_u16(), resp.headers());
                 let (parts, body) = resp.into_parts();
-                return Response::from_parts(parts, Finishing::new(body, result).boxed());
+                let body = Held::new(Finishing::new(body, result), in_flight);
+                return Response::from_parts(parts, body.boxed());
             }
         };
         if let Some(log) = result.log.as_mut() {
@@ -396,7 +423,8 @@ impl Served {
             headers::strip_hop_by_hop(resp.headers_mut(), upgraded);
         }
         let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, Finishing::new(body, result).boxed())
+        let body = Held::new(Finishing::new(body, result), in_flight);
+        Response::from_parts(parts, body.boxed())
     }
 }
 

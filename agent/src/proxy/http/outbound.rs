@@ -126,7 +126,7 @@ impl HttpConn {
             let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
-        if let Some(tracing) = spans::of(&snap, &self.pod, SpanKind::Client) {
+        if let Some(tracing) = spans::of(&snap, &self.pod_key, SpanKind::Client) {
             let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
             let (host, _) = target::split_authority(authority.as_deref().unwrap_or(""));
             let host = cluster.map_or(host, |c| std::borrow::Cow::Borrowed(&*c.key.host));

@@ -1,0 +1,72 @@
+//! A side's tracing settings as the span exporter (`crate::trace`) takes them: the provider's
+//! collector URL, the sampling rate, the custom tags with their values, the path-tag length.
+
+use http::HeaderName;
+
+use super::{TraceExporter, TracingSettings};
+use crate::trace::{self, CustomTag, Provider, TagSettings, TraceSettings};
+
+/// What `export` holds until [`TracingSettings::with_export`] fills it.
+pub(super) fn placeholder() -> TraceSettings {
+    TraceSettings::new(Provider::Zipkin { url: String::new() })
+}
+
+impl TracingSettings {
+    /// Fills `export` from the other fields.
+    pub(super) fn with_export(mut self) -> TracingSettings {
+        let provider = match &self.exporter {
+            TraceExporter::Zipkin { endpoint, path, .. } => Provider::Zipkin {
+                url: format!("http://{endpoint}{path}"),
+            },
+            TraceExporter::OpenTelemetry(o) => match &o.http {
+                // Istio: with `http`, OTLP over HTTP at `path` (default `/v1/traces`); else gRPC.
+                Some(h) => Provider::OtlpHttp {
+                    url: format!(
+                        "http://{}:{}{}",
+                        o.service,
+                        o.port,
+                        if h.path.is_empty() {
+                            trace::OTLP_HTTP_DEFAULT_PATH
+                        } else {
+                            &h.path
+                        }
+                    ),
+                },
+                None => Provider::OtlpGrpc {
+                    endpoint: format!("http://{}:{}", o.service, o.port),
+                },
+            },
+        };
+        let custom_tags = self
+            .custom_tags
+            .iter()
+            .filter_map(|(tag, c)| {
+                if let Some(l) = &c.literal {
+                    return Some(CustomTag::literal(tag, &l.value));
+                }
+                if let Some(h) = &c.header {
+                    let name =
+                        HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).ok()?;
+                    return Some(CustomTag::header(tag, name, h.default_value.clone()));
+                }
+                c.environment
+                    .as_ref()
+                    .map(|e| CustomTag::environment(tag, &e.name, e.default_value.clone()))
+            })
+            .collect();
+        self.export = TraceSettings {
+            sampling_percent: self.sampling_percent,
+            provider,
+            tags: TagSettings {
+                custom_tags,
+                max_path_tag_length: match self.max_path_tag_length {
+                    0 => trace::DEFAULT_MAX_PATH_TAG_LENGTH,
+                    n => n as usize,
+                },
+                istio_tags: true,
+            },
+            batch: Default::default(),
+        };
+        self
+    }
+}
