@@ -6,6 +6,7 @@
 
 mod export;
 pub mod filter;
+pub mod format;
 
 #[cfg(test)]
 mod tests;
@@ -99,11 +100,13 @@ pub struct AccessLogSink {
     /// A file path; `/dev/stdout` is the agent's stdout.
     pub path: String,
     pub format: LogFormat,
+    /// `format`, compiled (once per snapshot, not per line).
+    pub formatter: Arc<format::Formatter>,
     /// Only requests for which it is true are logged.
     pub filter: Option<Arc<Filter>>,
 }
 
-/// A log line's format. `None` is Istio's default for the encoding (`proxy::access_log::format`
+/// A log line's format. `None` is Istio's default for the encoding (`format`
 /// holds the default strings).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogFormat {
@@ -383,11 +386,16 @@ fn access_log(mesh: &MeshConfig, applied: &[&Telemetry], side: WorkloadMode) -> 
         if mesh.access_log_file.is_empty() {
             return AccessLogSettings::default();
         }
+        let format = mesh_format(mesh);
+        let Ok(formatter) = format::Formatter::from_config(&format) else {
+            return AccessLogSettings::default();
+        };
         return AccessLogSettings {
             sinks: vec![AccessLogSink {
                 provider: String::new(),
                 path: mesh.access_log_file.clone(),
-                format: mesh_format(mesh),
+                format,
+                formatter: Arc::new(formatter),
                 filter: None,
             }],
         };
@@ -466,10 +474,13 @@ fn access_log(mesh: &MeshConfig, applied: &[&Telemetry], side: WorkloadMode) -> 
                 Some(Ok(f)) => Some(Arc::new(f)),
                 Some(Err(_)) => return None,
             };
+            // A format Envoy would refuse (an unknown command) writes nothing.
+            let formatter = Arc::new(format::Formatter::from_config(&format).ok()?);
             Some(AccessLogSink {
                 provider: p.name.clone(),
                 path,
                 format,
+                formatter,
                 filter,
             })
         })

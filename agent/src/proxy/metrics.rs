@@ -28,7 +28,7 @@ use prometheus_client::metrics::MetricType;
 
 pub mod requests;
 
-use super::access_log::{AccessLog, Entry};
+use super::access_log::{AccessLog, Entry, Sinks};
 use super::copy::{Outcome, Side};
 use super::error::Error;
 use crate::identity::Identity;
@@ -133,17 +133,22 @@ pub struct Telemetry {
     tcp: Arc<TcpSeries>,
     pub requests: Arc<requests::RequestSeries>,
     pub denials: Family<DenialLabels, Counter>,
+    /// The `--access-log` file (JSON lines), if any.
     pub access_log: Option<AccessLog>,
+    /// The files the mesh config and the Telemetry API name.
+    pub sinks: Sinks,
     pub trust_domain: Arc<str>,
 }
 
 impl Telemetry {
     pub fn new(trust_domain: &str, access_log: Option<AccessLog>) -> Self {
+        let sinks = Sinks::default();
         Telemetry {
             tcp: Arc::new(TcpSeries::default()),
             requests: Arc::new(requests::RequestSeries::default()),
             denials: Family::default(),
-            access_log,
+            access_log: access_log.map(|log| log.counting_in(sinks.dropped())),
+            sinks,
             trust_domain: Arc::from(trust_domain),
         }
     }
@@ -163,9 +168,7 @@ impl Telemetry {
             "Inbound connections or HBONE streams denied, by the policy that decided and the workload",
             self.denials.clone(),
         );
-        if let Some(log) = &self.access_log {
-            log.register(registry);
-        }
+        self.sinks.register(registry);
     }
 
     /// Drops the series whose local end (the source for `reporter="source"`, the destination for

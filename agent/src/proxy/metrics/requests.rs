@@ -14,7 +14,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 
 use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
-use crate::proxy::access_log::{Entry, RequestFields};
+use crate::config::telemetry::AccessLogSettings;
+use crate::proxy::access_log::{write_sinks, Entry, RequestFields, SinkLine};
 use crate::proxy::spans::RequestSpan;
 use crate::state::IstioLabels;
 use crate::trace::ResponseInfo;
@@ -293,6 +294,9 @@ pub struct RequestResult {
     pub span: Option<Box<RequestSpan>>,
     /// Istio's cluster name (`outbound|port|subset|host`, `inbound|port||`), for the span.
     pub cluster_name: Option<String>,
+    /// The workload's access-log sinks for this side (mesh config, Telemetry API), when it
+    /// has any.
+    pub sinks: Option<Arc<AccessLogSettings>>,
 }
 
 impl fmt::Debug for RequestResult {
@@ -325,6 +329,7 @@ impl RequestResult {
             log,
             span: None,
             cluster_name: None,
+            sinks: None,
         }
     }
 
@@ -385,11 +390,28 @@ impl RequestResult {
             self.request_headers + request_body,
             self.response_headers + self.response_body,
         );
+        if let Some(fields) = self.log.as_mut() {
+            fields.response_code = self.labels.response_code;
+            fields.grpc_status = self.labels.grpc_status;
+        }
+        if let (Some(settings), Some(fields)) = (&self.sinks, self.log.as_deref()) {
+            write_sinks(
+                &self.telemetry.sinks,
+                settings,
+                &SinkLine {
+                    start_time: self.started,
+                    duration,
+                    fields,
+                    flags: self.labels.conn.flags,
+                    mtls: self.labels.conn.mtls,
+                    downstream: self.downstream,
+                    upstream: self.upstream,
+                    bytes_received: request_body,
+                    bytes_sent: self.response_body,
+                },
+            );
+        }
         if let Some(log) = &self.telemetry.access_log {
-            if let Some(fields) = self.log.as_mut() {
-                fields.response_code = self.labels.response_code;
-                fields.grpc_status = self.labels.grpc_status;
-            }
             log.write(&Entry {
                 start_time: self.started,
                 duration,

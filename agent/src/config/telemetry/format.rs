@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::config::telemetry::LogFormat;
+use super::LogFormat;
 
 /// Istio `EnvoyTextLogFormat` (Istio 1.9 onwards).
 pub const ISTIO_TEXT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% \
