@@ -7,13 +7,15 @@
 //! Traffic over three nodes: productpage-v1 → details-v1 (200, 404, 500, 503),
 //! productpage-v1 → reviews v1/v2/v3, reviews v2/v3 → ratings-v1 (reviews v2 and v3 call ratings
 //! for each request, as bookinfo's do), and ratings-v1 → mongodb-v1 over a Service port named
-//! `tcp-mongo` (TCP only). Load runs until every query has answered, so the dashboards' `irate`
+//! `tcp-mongo` (TCP only). From another ambient namespace, `ingress/loadgen-v1` calls details
+//! and `reviews-canary`, whose only endpoint is not ready (503 `UH`, workload `unknown`). Load runs until every query has answered, so the dashboards' `irate`
 //! (the last two scrapes) has data.
 //!
 //! Queries checked (PromQL copied from the named file, variables replaced; see
 //! `prometheus/queries.rs`), each per reporter where the query takes one:
 //! - kiali/kiali `graph/telemetry/istio/istio.go`: request traffic from destination telemetry
-//!   (`reporter=~"waypoint|destination"`) and from source telemetry, by source/destination
+//!   (`reporter=~"waypoint|destination"`), from source telemetry, from outside the namespace
+//!   (ambient query 1) and to no workload (query 0), by source/destination
 //!   cluster, namespace, workload, canonical service/revision, service, protocol, response code,
 //!   gRPC status and flags; TCP traffic (`istio_tcp_received_bytes_total` and
 //!   `istio_tcp_sent_bytes_total`) from both reporters.
@@ -23,7 +25,7 @@
 //! - kiali/kiali `graph/telemetry/istio/appender/throughput.go`: `istio_response_bytes_sum`
 //!   (destination), `istio_request_bytes_sum` (source).
 //! - kiali/kiali `graph/telemetry/istio/appender/security_policy.go`: requests and TCP bytes by
-//!   principals and `connection_security_policy`.
+//!   principals and `connection_security_policy`, from inside and from outside the namespace.
 //! - kiali/kiali `prometheus/metrics.go` (health): inbound and outbound request rates of a
 //!   workload, both reporters.
 //! - istio/istio `manifests/addons/dashboards/istio-mesh-dashboard.gen.json`: Traffic Volume,
@@ -58,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, Pod, SvcPort, World};
 use l7support::{sa, start_agents, CallerApp, Conn, HttpApp};
-use queries::{app_version, DETAILS_CODES, NS};
+use queries::{app_version, CANARY, DETAILS_CODES, EXT, EXT_NS, NS};
 use support::{in_pod, SETTLE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -66,6 +68,7 @@ const DETAILS: Ipv4Addr = Ipv4Addr::new(10, 96, 13, 10);
 const REVIEWS: Ipv4Addr = Ipv4Addr::new(10, 96, 13, 11);
 const RATINGS: Ipv4Addr = Ipv4Addr::new(10, 96, 13, 12);
 const MONGODB: Ipv4Addr = Ipv4Addr::new(10, 96, 13, 13);
+const REVIEWS_CANARY: Ipv4Addr = Ipv4Addr::new(10, 96, 13, 14);
 const PORT: u16 = 9080;
 const MONGO_PORT: u16 = 27017;
 /// Time between two rounds of each client: every series grows between two 1 s scrapes.
@@ -121,6 +124,34 @@ fn productpage_load(pod: &Pod, stop: &AtomicBool) -> Tally {
     })
 }
 
+/// loadgen, from the `ingress` namespace: details (200) and reviews-canary (503: no ready
+/// endpoint) each round.
+fn loadgen_load(pod: &Pod, stop: &AtomicBool) -> Tally {
+    in_pod(pod, || async {
+        let mut tally = Tally::default();
+        let details = Conn::h1(sa(DETAILS, PORT)).await;
+        let canary = Conn::h1(sa(REVIEWS_CANARY, PORT)).await;
+        let round = [
+            (&details, "details.mesh:9080", 200),
+            (&canary, "reviews-canary.mesh:9080", 503),
+        ];
+        while !stop.load(Ordering::SeqCst) {
+            for (conn, authority, want) in round {
+                tally.sent += 1;
+                match conn.send(authority, l7support::get("/", &[])).await {
+                    Ok(r) if r.status == want => {}
+                    Ok(r) => tally
+                        .wrong
+                        .push(format!("{authority}: {} {}", r.status, r.text())),
+                    Err(e) => tally.wrong.push(format!("{authority}: {e}")),
+                }
+            }
+            tokio::time::sleep(PACE).await;
+        }
+        tally
+    })
+}
+
 /// ratings → mongodb: one short TCP connection per round (TCP bytes are counted when a
 /// connection closes), carrying bytes the opaque port does not parse.
 fn mongodb_load(pod: &Pod, stop: &AtomicBool) -> Tally {
@@ -153,17 +184,18 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
     support::raise_fd_limit();
     let world = World::new("prometheus");
     let (n1, n2, n3) = (world.node("n1"), world.node("n2"), world.node("n3"));
-    let pod = |workload: &str, node| {
+    let pod_in = |ns: &str, workload: &str, node| {
         let (app, version) = app_version(workload);
         world
             .pod(workload)
             .node(node)
-            .namespace(NS)
+            .namespace(ns)
             .sa(&format!("bookinfo-{app}"))
             .label("app", app)
             .label("version", version)
             .spawn()
     };
+    let pod = |workload: &str, node| pod_in(NS, workload, node);
     let productpage = pod("productpage-v1", &n1);
     let mongodb = pod("mongodb-v1", &n1);
     let details = pod("details-v1", &n2);
@@ -171,6 +203,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
     let ratings = pod("ratings-v1", &n2);
     let reviews_v2 = pod("reviews-v2", &n3);
     let reviews_v3 = pod("reviews-v3", &n3);
+    let loadgen = pod_in(EXT_NS, EXT, &n3);
     let _apps = [
         HttpApp::start(&details, PORT),
         HttpApp::start(&reviews_v1, PORT),
@@ -182,6 +215,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
     let http = [SvcPort::named("http", PORT, PORT)];
     let yaml = ClusterYaml::new()
         .ambient(NS)
+        .ambient(EXT_NS)
         .pods([
             &productpage,
             &mongodb,
@@ -190,6 +224,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
             &ratings,
             &reviews_v2,
             &reviews_v3,
+            &loadgen,
         ])
         .service("details", NS, DETAILS, &http, &[&details], true)
         .service(
@@ -201,6 +236,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
             true,
         )
         .service("ratings", NS, RATINGS, &http, &[&ratings], true)
+        .service(CANARY, NS, REVIEWS_CANARY, &http, &[&reviews_v1], false)
         .service(
             "mongodb",
             NS,
@@ -214,7 +250,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
         &[
             (&n1, &[&productpage, &mongodb]),
             (&n2, &[&details, &reviews_v1, &ratings]),
-            (&n3, &[&reviews_v2, &reviews_v3]),
+            (&n3, &[&reviews_v2, &reviews_v3, &loadgen]),
         ],
         &yaml,
         "",
@@ -231,6 +267,7 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
     let (pp, db) = std::thread::scope(|s| {
         let pp = s.spawn(|| productpage_load(&productpage, &stop));
         let db = s.spawn(|| mongodb_load(&ratings, &stop));
+        let lg = s.spawn(|| loadgen_load(&loadgen, &stop));
         let _stop = StopOnDrop(&stop);
 
         // Every agent is scraped at the path Istio's annotations name.
@@ -267,9 +304,15 @@ fn kiali_and_grafana_queries_see_both_reporters_of_a_bookinfo_mesh() {
             checked.fetch_add(1, Ordering::SeqCst);
         }
         drop(_stop);
+        let pp = pp.join().expect("productpage load");
+        let lg = lg.join().expect("loadgen load");
+        let db = db.join().expect("mongodb load");
         (
-            pp.join().expect("productpage load"),
-            db.join().expect("mongodb load"),
+            Tally {
+                sent: pp.sent + lg.sent,
+                wrong: [pp.wrong, lg.wrong].concat(),
+            },
+            db,
         )
     });
     eprintln!(

@@ -38,6 +38,8 @@ pub struct Check {
     /// The labels a row is made of (empty: the query answers one unlabelled value).
     pub by: Vec<&'static str>,
     pub rows: BTreeSet<Vec<String>>,
+    /// Rows whose value is not `value`.
+    pub row_values: BTreeMap<Vec<String>, Value>,
     pub value: Value,
 }
 
@@ -48,6 +50,7 @@ pub fn check(source: &'static str, panel: impl Into<String>, promql: impl Into<S
         promql: promql.into(),
         by: Vec::new(),
         rows: BTreeSet::from([Vec::new()]),
+        row_values: BTreeMap::new(),
         value: Value::Positive,
     }
 }
@@ -72,6 +75,18 @@ impl Check {
         self
     }
 
+    /// One more row, whose value must be `value`.
+    pub fn row(mut self, row: &[&str], value: Value) -> Self {
+        let row: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+        self.rows.insert(row.clone());
+        self.row_values.insert(row, value);
+        self
+    }
+
+    fn value_of(&self, row: &[String]) -> Value {
+        self.row_values.get(row).copied().unwrap_or(self.value)
+    }
+
     /// Why `answer` does not satisfy the check, or Ok.
     pub fn verify(&self, answer: &[Sample]) -> Result<(), String> {
         let mut got: BTreeMap<Vec<String>, Vec<f64>> = BTreeMap::new();
@@ -86,14 +101,16 @@ impl Check {
         let missing: Vec<_> = self.rows.iter().filter(|r| !got.contains_key(*r)).collect();
         let bad: Vec<_> = got
             .iter()
-            .filter(|(r, vs)| self.rows.contains(*r) && !vs.iter().all(|v| self.value.fits(*v)))
+            .filter(|(r, vs)| {
+                self.rows.contains(*r) && !vs.iter().all(|v| self.value_of(r).fits(*v))
+            })
             .collect();
         let extra: Vec<_> = got.keys().filter(|r| !self.rows.contains(*r)).collect();
         if missing.is_empty() && bad.is_empty() && extra.is_empty() {
             return Ok(());
         }
         Err(format!(
-            "{} {:?}: missing rows {missing:?}; values not {:?}: {bad:?}; unexpected rows {extra:?}",
+            "{} {:?}: missing rows {missing:?}; values not {:?} (or their row's): {bad:?}; unexpected rows {extra:?}",
             self.source, self.by, self.value,
         ))
     }

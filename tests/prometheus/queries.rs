@@ -17,6 +17,12 @@ pub const HTTP_EDGES: [(&str, &str, &str, &[&str]); 6] = [
 ];
 /// What productpage gets from details, so the error panels have data.
 pub const DETAILS_CODES: [&str; 4] = ["200", "404", "500", "503"];
+/// A client in another ambient namespace (an ingress's place): it calls details (200) and
+/// `reviews-canary`, a Service whose only endpoint is not ready (503, `UH`, to workload
+/// `unknown`): the traffic Kiali's "incoming" queries 0) and 1) look for.
+pub const EXT_NS: &str = "ingress";
+pub const EXT: &str = "loadgen-v1";
+pub const CANARY: &str = "reviews-canary";
 /// The TCP-only edge (a Service port named `tcp-mongo`).
 pub const TCP_EDGE: (&str, &str, &str) = ("ratings-v1", "mongodb", "mongodb-v1");
 
@@ -29,8 +35,9 @@ pub fn app_version(workload: &str) -> (&str, &str) {
     workload.rsplit_once('-').expect("<app>-<version>")
 }
 pub fn principal(workload: &str) -> String {
+    let ns = if workload == EXT { EXT_NS } else { NS };
     format!(
-        "spiffe://cluster.local/ns/{NS}/sa/bookinfo-{}",
+        "spiffe://cluster.local/ns/{ns}/sa/bookinfo-{}",
         app_version(workload).0
     )
 }
@@ -72,7 +79,7 @@ fn edge_row(src: &str, svc: &str, dst: &str, flags: &str) -> Vec<String> {
     let (da, dv) = app_version(dst);
     [
         "Kubernetes",
-        NS,
+        if src == EXT { EXT_NS } else { NS },
         src,
         sa,
         sv,
@@ -106,7 +113,17 @@ fn request_rows(reporter: &str) -> Vec<Vec<String>> {
             rows.push(row);
         }
     }
+    if reporter == "destination" {
+        rows.push(ext_details_row());
+    }
     rows
+}
+
+/// loadgen → details as Kiali's graph rows show it.
+fn ext_details_row() -> Vec<String> {
+    let mut row = edge_row(EXT, "details", "details-v1", "-");
+    row.extend(["http".to_string(), "200".to_string()]);
+    row
 }
 
 fn pairs() -> Vec<[&'static str; 2]> {
@@ -119,7 +136,28 @@ pub fn kiali() -> Vec<Check> {
     let mut by_req = EDGE.to_vec();
     by_req.extend(["request_protocol", "response_code"]);
     let (s, d, m) = (TCP_EDGE.0, TCP_EDGE.1, TCP_EDGE.2);
+    let unserviced = [
+        "source_workload_namespace",
+        "source_workload",
+        "destination_service",
+        "destination_service_name",
+        "destination_workload_namespace",
+        "destination_workload",
+        "response_code",
+        "response_flags",
+    ];
     let mut out = vec![
+        // istio.go, HTTP/GRPC request traffic, 0) incoming: source telemetry of requests that
+        // never reached a destination.
+        check(KIALI_GRAPH, "requests, unserviced", format!(
+            r#"round(sum(rate(istio_requests_total{{reporter=~"waypoint|source",source_workload_namespace!="{NS}",destination_workload_namespace="unknown",destination_workload="unknown",destination_service=~"^.+\\.{NS}\\..+$"}} [60s])) by ({GB_REQ}) > 0,0.001)"#
+        ))
+        .rows(&unserviced, [[EXT_NS.to_string(), EXT.into(), host(CANARY), CANARY.into(), "unknown".into(), "unknown".into(), "503".into(), "UH".into()]]),
+        // istio.go, 1) incoming, ambient only: source telemetry from outside the namespace.
+        check(KIALI_GRAPH, "requests, ambient incoming source telemetry", format!(
+            r#"round(sum(rate(istio_requests_total{{reporter="source",source_workload_namespace!="{NS}",destination_workload_namespace="{NS}"}} [60s])) by ({GB_REQ}) > 0,0.001)"#
+        ))
+        .rows(&by_req, [ext_details_row()]),
         // istio.go, HTTP/GRPC request traffic, 2) incoming: destination telemetry.
         check(KIALI_GRAPH, "requests, destination telemetry", format!(
             r#"round(sum(rate(istio_requests_total{{reporter=~"waypoint|destination",destination_workload_namespace="{NS}"}} [60s])) by ({GB_REQ}) > 0,0.001)"#
@@ -152,18 +190,22 @@ pub fn kiali() -> Vec<Check> {
         ("destination", "destination_service_namespace"),
         ("source", "source_workload_namespace"),
     ] {
+        let mut pairs = pairs();
+        if reporter == "destination" {
+            pairs.push([EXT, "details-v1"]);
+        }
         // response_time.go: the quantile (default 95) and the average.
         out.push(
             check(KIALI_RT, format!("responseTime 0.95, {reporter} telemetry"), format!(
                 r#"round(histogram_quantile(0.95, sum(rate(istio_request_duration_milliseconds_bucket{{reporter=~"waypoint|{reporter}",{ns_label}="{NS}"}}[60s])) by (le,{GB_RT})) > 0,0.001)"#
             ))
-            .rows(&["source_workload", "destination_workload"], pairs()),
+            .rows(&["source_workload", "destination_workload"], pairs.clone()),
         );
         out.push(
             check(KIALI_RT, format!("responseTime avg, {reporter} telemetry"), format!(
                 r#"round(sum(rate(istio_request_duration_milliseconds_sum{{reporter=~"waypoint|{reporter}",{ns_label}="{NS}"}}[60s])) by ({GB_RT}) / sum(rate(istio_request_duration_milliseconds_count{{reporter=~"waypoint|{reporter}",{ns_label}="{NS}"}}[60s])) by ({GB_RT}) > 0,0.001)"#
             ))
-            .rows(&["source_workload", "destination_workload"], pairs()),
+            .rows(&["source_workload", "destination_workload"], pairs),
         );
     }
     // throughput.go: response bytes from destination telemetry, request bytes from source.
@@ -182,6 +224,12 @@ pub fn kiali() -> Vec<Check> {
         "connection_security_policy",
     ];
     let mtls = |s: &str, d: &str| [principal(s), principal(d), "mutual_tls".into()];
+    out.push(
+        check(KIALI_SEC, "securityPolicy, requests from outside", format!(
+            r#"round((sum(rate(istio_requests_total{{reporter=~"waypoint|destination",source_workload_namespace!="{NS}",destination_service_namespace="{NS}"}}[60s])) by ({GB_SEC}) > 0),0.001)"#
+        ))
+        .rows(&sec, [mtls(EXT, "details-v1")]),
+    );
     out.push(
         check(KIALI_SEC, "securityPolicy, requests", format!(
             r#"round((sum(rate(istio_requests_total{{reporter=~"waypoint|destination",source_workload_namespace="{NS}"}}[60s])) by ({GB_SEC}) > 0),0.001)"#
@@ -208,7 +256,7 @@ pub fn kiali() -> Vec<Check> {
         check(KIALI_HEALTH, "health, details-v1 inbound", format!(
             r#"rate(istio_requests_total{{destination_workload_namespace="{NS}",destination_workload="details-v1",destination_cluster="Kubernetes"}}[1m]) > 0"#
         ))
-        .rows(&["reporter", "source_workload", "response_code"], both("productpage-v1", &DETAILS_CODES)),
+        .rows(&["reporter", "source_workload", "response_code"], [both("productpage-v1", &DETAILS_CODES), both(EXT, &["200"])].concat()),
     );
     out.push(
         check(KIALI_HEALTH, "health, reviews-v2 outbound", format!(
@@ -237,9 +285,12 @@ pub fn mesh() -> Vec<Check> {
         check(MESH, "4xxs", r#"round(sum (rate(istio_requests_total{reporter=~"source|waypoint",response_code=~"4.."}[1m])), 0.01)or vector(0)"#),
         check(MESH, "5xxs", r#"round(sum (rate(istio_requests_total{reporter=~"source|waypoint",response_code=~"5.."}[1m])), 0.01)or vector(0)"#),
         check(MESH, "HTTP/gRPC Workloads: requests", r#"label_join(sum by (destination_workload,destination_workload_namespace,destination_service) (rate(istio_requests_total{reporter=~"source|waypoint"}[1m])), "destination_workload_var", ".", "destination_workload", "destination_workload_namespace")"#)
-            .rows(&["destination_workload", "destination_service"], wl_svc.clone()),
+            .rows(&["destination_workload", "destination_service"], wl_svc)
+            .row(&["unknown", &host(CANARY)], Value::Positive),
         check(MESH, "HTTP/gRPC Workloads: success rate", r#"label_join(sum by (destination_workload,destination_workload_namespace) (rate(istio_requests_total{reporter=~"source|waypoint",response_code!~"5.."}[1m]))/sum by (destination_workload,destination_workload_namespace) (rate(istio_requests_total{reporter=~"source|waypoint"}[1m])), "destination_workload_var", ".", "destination_workload", "destination_workload_namespace")"#)
             .rows(&["destination_workload"], http_workloads.iter().map(|w| [*w]))
+            // No row for reviews-canary's `unknown` workload: with only 503s, the numerator has
+            // no series to divide.
             .value(Value::Ratio),
     ];
     for q in ["0.5", "0.9", "0.99"] {
@@ -247,7 +298,8 @@ pub fn mesh() -> Vec<Check> {
             check(MESH, format!("HTTP/gRPC Workloads: P{}", &q[2..]), format!(
                 r#"label_join(histogram_quantile({q}, sum by (le,destination_workload,destination_workload_namespace) (rate(istio_request_duration_milliseconds_bucket{{reporter=~"source|waypoint"}}[1m]))), "destination_workload_var", ".", "destination_workload", "destination_workload_namespace")"#
             ))
-            .rows(&["destination_workload"], http_workloads.iter().map(|w| [*w])),
+            .rows(&["destination_workload"], http_workloads.iter().map(|w| [*w]))
+            .row(&["unknown"], Value::Positive),
         );
     }
     for metric in [
@@ -281,7 +333,7 @@ pub fn service() -> Vec<Check> {
     let mut out = vec![
         // The `$service` variable's own query.
         check(SERVICE, "variable service", r#"sum(istio_requests_total{}) by (destination_service) or sum(istio_tcp_sent_bytes_total{}) by (destination_service)"#)
-            .rows(&["destination_service"], ["details", "reviews", "ratings", "mongodb"].map(|s| [host(s)])),
+            .rows(&["destination_service"], ["details", "reviews", "ratings", "mongodb", CANARY].map(|s| [host(s)])),
         check(SERVICE, "Server Request Volume", format!(
             r#"round(sum(irate(istio_requests_total{{reporter="destination",destination_service="{svc}"}}[1m])), 0.001)"#
         )),
