@@ -15,8 +15,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use xtask::{cmd, ebpf, toolchain, workspace_root};
 
-/// Debian packages the tests and the demo drive (`ip netns`, iptables) or that help inspect them.
-const DEBIAN_TOOLS: [&str; 4] = ["bpftool", "tcpdump", "iptables", "iproute2"];
+/// Debian packages the tests and the demo drive (`ip netns`, iptables, the Prometheus that
+/// scrapes the agents in tests/prometheus.rs) or that help inspect them.
+const DEBIAN_TOOLS: [&str; 5] = ["bpftool", "tcpdump", "iptables", "iproute2", "prometheus"];
 
 #[derive(Parser)]
 #[command(
