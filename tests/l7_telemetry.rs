@@ -8,8 +8,8 @@ mod support;
 use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, SvcPort, World};
-use l7support::{metric, sa, start_agents, Conn, GrpcApp, HttpApp, NS};
-use support::{in_pod, SETTLE};
+use l7support::{metric, sa, start_agents, write_istio, Conn, GrpcApp, HttpApp, NS};
+use support::{in_pod, settled, SETTLE};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 10);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 11);
@@ -344,4 +344,168 @@ fn the_destination_records_each_request_with_the_verified_source() {
         "the opted-out pod's requests are not seen at L7: {m}"
     );
     assert!(!m.contains("forged"), "a header never sets a label: {m}");
+}
+
+const ALOG_ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /known}}, {uri: {prefix: /status}}]
+    route: [{destination: {host: web}}]
+"#;
+
+/// Access logs as Istio configures them (issue 13, acceptance 3): the mesh config's
+/// `accessLogFile` logs every request at both ends in Istio's default TEXT format; a Telemetry
+/// object with the filter `response.code >= 400` keeps only the failures; removing it logs
+/// everything again, without a restart.
+#[test]
+fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
+    support::raise_fd_limit();
+    let world = World::new("l7-alog");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("sleep")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "sleep")
+        .spawn();
+    let server = world
+        .pod("web")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "web")
+        .spawn();
+    let _web = HttpApp::start(&server, 8080);
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server])
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&server],
+            true,
+        );
+    let log = world.state_dir().join("access.log");
+    let mesh = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    accessLogFile: {}\n",
+        log.display()
+    );
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        &format!("{mesh}---\n{ALOG_ROUTES}"),
+        &[],
+    );
+    let get = |path: &'static str, want: u16| {
+        in_pod(&client, || async move {
+            let conn = Conn::h1(sa(WEB, 80)).await;
+            assert_eq!(conn.get("web", path, &[]).await.status, want, "{path}");
+        })
+    };
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let with = |path: &str| {
+        let needle = format!("\"GET {path} HTTP/1.1\"");
+        lines().into_iter().filter(|l| l.contains(&needle)).count()
+    };
+
+    get("/known/1", 200);
+    get("/unknown/1", 404);
+    // The 200 at both ends (source and destination), the 404 (no route) at the source only.
+    let all = settled(lines, |_| with("/known/1") >= 2 && with("/unknown/1") >= 1);
+    let ok: Vec<&String> = all.iter().filter(|l| l.contains("/known/1")).collect();
+    assert_eq!(ok.len(), 2, "{all:#?}");
+    for l in &ok {
+        // Istio's default TEXT format: [START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS ...
+        assert!(l.starts_with('['), "{l}");
+        assert!(
+            l.contains("\"GET /known/1 HTTP/1.1\" 200 - via_upstream"),
+            "{l}"
+        );
+    }
+    assert_eq!(with("/unknown/1"), 1, "{all:#?}");
+    assert!(
+        all.iter()
+            .any(|l| l.contains("\"GET /unknown/1 HTTP/1.1\" 404 NR route_not_found")),
+        "{all:#?}"
+    );
+
+    let telemetry = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 400"}
+"#;
+    let envoy_file = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    accessLogFile: {}\n    extensionProviders:\n    - name: envoy\n      envoyFileAccessLog: {{path: {}}}\n",
+        log.display(),
+        log.display()
+    );
+    for a in &agents {
+        write_istio(
+            a,
+            &format!("{envoy_file}---\n{telemetry}---\n{ALOG_ROUTES}"),
+        );
+    }
+    // Applied once a 200 goes unlogged while a later 404 is: each round sends the 200 first,
+    // then a 500 from the app (logged at both ends, so it flushes both agents' writers).
+    let round = std::cell::Cell::new(0);
+    settled(
+        || {
+            round.set(round.get() + 1);
+            let (ok, bad) = (
+                format!("/known/f{}", round.get()),
+                format!("/status/500?r={}", round.get()),
+            );
+            let (o, b) = (ok.clone(), bad.clone());
+            in_pod(&client, || async move {
+                let conn = Conn::h1(sa(WEB, 80)).await;
+                assert_eq!(conn.get("web", &o, &[]).await.status, 200);
+                assert_eq!(conn.get("web", &b, &[]).await.status, 500);
+            });
+            settled(lines, |_| with(&bad) >= 2);
+            (with(&ok), with(&bad))
+        },
+        |(ok, bad)| *ok == 0 && *bad >= 2,
+    );
+    let before = lines().len();
+    get("/known/filtered", 200);
+    get("/unknown/filtered", 404);
+    let after = settled(lines, |_| with("/unknown/filtered") == 1);
+    assert_eq!(with("/known/filtered"), 0, "{:#?}", &after[before..]);
+    assert_eq!(with("/unknown/filtered"), 1, "{:#?}", &after[before..]);
+
+    // Removed: everything is logged again.
+    for a in &agents {
+        write_istio(a, &format!("{mesh}---\n{ALOG_ROUTES}"));
+    }
+    let round = std::cell::Cell::new(0);
+    settled(
+        || {
+            round.set(round.get() + 1);
+            let path = format!("/known/back{}", round.get());
+            let p = path.clone();
+            in_pod(&client, || async move {
+                let conn = Conn::h1(sa(WEB, 80)).await;
+                assert_eq!(conn.get("web", &p, &[]).await.status, 200);
+            });
+            settled(lines, |_| with(&path) >= 2);
+            with(&path)
+        },
+        |n| *n == 2,
+    );
 }

@@ -7,10 +7,10 @@
 //! Lines go through a bounded queue to a writer thread: the data path never waits for the disk.
 //! When the queue is full the line is dropped and counted (`ambit_access_log_dropped_total`).
 
+use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +21,6 @@ use super::metrics::{Peer, TcpLabels};
 use crate::config::telemetry::filter::RequestAttrs;
 use crate::config::telemetry::format::LogFields;
 use crate::config::telemetry::AccessLogSettings;
-
 
 use crate::state::UNKNOWN;
 
@@ -359,7 +358,11 @@ pub(super) fn write_sinks(sinks: &Sinks, settings: &AccessLogSettings, line: &Si
         ..LogFields::default()
     };
     for sink in &settings.sinks {
-        if sink.filter.as_ref().is_some_and(|filter| !filter.matches(&attrs)) {
+        if sink
+            .filter
+            .as_ref()
+            .is_some_and(|filter| !filter.matches(&attrs))
+        {
             continue;
         }
         let text = sink.formatter.format(&fields);

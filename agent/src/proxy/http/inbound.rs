@@ -328,9 +328,15 @@ impl Served {
         let in_flight = InFlight::new(&self.active);
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
+        let snap = c.pi.snapshot.load();
+        let sinks = snap
+            .telemetry
+            .get(c.pod_key.as_str())
+            .filter(|t| t.server.access_log.enabled())
+            .cloned();
         let mut result = {
             let authority = authority(&req).unwrap_or("");
-            let log = c.pi.telemetry.access_log.as_ref().map(|_| {
+            let log = (c.pi.telemetry.access_log.is_some() || sinks.is_some()).then(|| {
                 let mut fields = log_fields(&req, authority, &request_id);
                 fields.upstream_cluster = Some(format!("inbound|{}||", c.dst.port()));
                 Box::new(fields)
@@ -351,7 +357,7 @@ impl Served {
             )
         };
         result.upstream = Some(c.dst);
-        let snap = c.pi.snapshot.load();
+        result.sinks = sinks;
         if let Some(tracing) = spans::of(&snap, &c.pod_key, SpanKind::Server) {
             let authority = authority(&req).unwrap_or("").to_owned();
             let host = match &c.labels.service {

@@ -120,7 +120,20 @@ impl HttpConn {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let authority = authority(&req).map(str::to_owned);
-        let mut result = self.start_result(&snap, &req, grpc, &request_id, authority.as_deref());
+        let sinks = snap
+            .telemetry
+            .get(self.pod_key.as_str())
+            .filter(|t| t.client.access_log.enabled())
+            .cloned();
+        let mut result = self.start_result(
+            &snap,
+            &req,
+            grpc,
+            &request_id,
+            authority.as_deref(),
+            sinks.is_some(),
+        );
+        result.sinks = sinks;
 
         let decided = {
             let source = snap.state.workloads.get(self.pod_key.as_str());
@@ -323,6 +336,7 @@ impl HttpConn {
         grpc: bool,
         request_id: &HeaderValue,
         authority: Option<&str>,
+        sinks: bool,
     ) -> RequestResult {
         // The Service the app addressed, until routing says where the request went (a request
         // no route takes is still one for it, as Istio reports it).
@@ -343,12 +357,8 @@ impl HttpConn {
             response_code: 0,
             grpc_status: None,
         };
-        let log = self
-            .pi
-            .telemetry
-            .access_log
-            .as_ref()
-            .map(|_| Box::new(log_fields(req, authority.unwrap_or(""), request_id)));
+        let log = (self.pi.telemetry.access_log.is_some() || sinks)
+            .then(|| Box::new(log_fields(req, authority.unwrap_or(""), request_id)));
         let head = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) as u64
             + req.method().as_str().len() as u64;
         RequestResult::start(

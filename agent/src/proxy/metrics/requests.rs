@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 
 use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
-use crate::config::telemetry::AccessLogSettings;
+use crate::config::telemetry::EffectiveTelemetry;
 use crate::proxy::access_log::{write_sinks, Entry, RequestFields, SinkLine};
 use crate::proxy::spans::RequestSpan;
 use crate::state::IstioLabels;
@@ -296,7 +296,7 @@ pub struct RequestResult {
     pub cluster_name: Option<String>,
     /// The workload's access-log sinks for this side (mesh config, Telemetry API), when it
     /// has any.
-    pub sinks: Option<Arc<AccessLogSettings>>,
+    pub sinks: Option<Arc<EffectiveTelemetry>>,
 }
 
 impl fmt::Debug for RequestResult {
@@ -394,10 +394,14 @@ impl RequestResult {
             fields.response_code = self.labels.response_code;
             fields.grpc_status = self.labels.grpc_status;
         }
-        if let (Some(settings), Some(fields)) = (&self.sinks, self.log.as_deref()) {
+        if let (Some(t), Some(fields)) = (&self.sinks, self.log.as_deref()) {
+            let side = match self.labels.conn.reporter {
+                super::Reporter::Source => &t.client,
+                super::Reporter::Destination => &t.server,
+            };
             write_sinks(
                 &self.telemetry.sinks,
-                settings,
+                &side.access_log,
                 &SinkLine {
                     start_time: self.started,
                     duration,
