@@ -61,6 +61,11 @@ pub struct Config {
     haproxy_alpn: String,
     weights: [u32; 2],
     share_tolerance: f64,
+    /// Tracing on, at this sampling percentage, to a live Zipkin collector (the mesh config of
+    /// Istio's install guides); None: tracing off.
+    tracing: Option<f64>,
+    /// The mesh config's `accessLogFile`: every request logged at both ends (TEXT).
+    access_log: bool,
 }
 
 impl Config {
@@ -85,6 +90,10 @@ impl Config {
                 env_or("AMBIT_BENCH_WEIGHT_V2", 20),
             ],
             share_tolerance: env_or("AMBIT_BENCH_SHARE_TOLERANCE", 0.03),
+            tracing: std::env::var("AMBIT_BENCH_TRACING")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            access_log: env_or("AMBIT_BENCH_ACCESS_LOG", 0) == 1,
         };
         let bad = !(1..=50).contains(&cfg.runs)
             || cfg.seconds <= 0.0
@@ -124,6 +133,8 @@ impl Config {
             "paths": self.paths,
             "protocols": self.protocols,
             "agent_args": self.agent_args,
+            "tracing_percent": self.tracing,
+            "access_log": self.access_log,
             "h2load_threads": self.h2load_threads,
             "haproxy_alpn": self.haproxy_alpn,
             "weights": self.weights,
@@ -145,6 +156,16 @@ fn header(cfg: &Config, h2load: &std::path::Path, haproxy: &std::path::Path) {
     println!("ambit L7 benchmark");
     println!("command:  {overrides}cargo bench -p ambit-agent --bench l7");
     println!("agent:    {AMBIT_BIN} {}", cfg.agent_args);
+    println!(
+        "observe:  tracing {}, access log {}",
+        cfg.tracing
+            .map_or("off".to_string(), |p| format!("{p} % to a live collector")),
+        if cfg.access_log {
+            "on (both ends)"
+        } else {
+            "off"
+        }
+    );
     println!(
         "tools:    {} ({}); {} ({})",
         h2load.display(),
@@ -227,7 +248,33 @@ fn main() {
             .chain(&plain),
     );
     let mesh = cluster::mesh_yaml([&web[0], &web[1]], &split);
-    let files = [("web.yaml", mesh.as_str())];
+    // The collector tracing sends to: a server of its own (any 2xx is Zipkin's success), apart
+    // from the servers whose counts the paths check.
+    let collector = pod("collector", &n1, "plain", &[("app", "jaeger")]);
+    let _collector = cfg
+        .tracing
+        .map(|_| server::Servers::start(&[&collector], cluster::APP_PORT));
+    let mut observe = String::new();
+    if let Some(percent) = cfg.tracing {
+        observe.push_str(&format!(
+            "    enableTracing: true\n    defaultConfig:\n      tracing:\n        sampling: {percent}\n        zipkin:\n          address: {}:{}\n",
+            collector.ip4(),
+            cluster::APP_PORT
+        ));
+    }
+    if cfg.access_log {
+        observe.push_str(&format!(
+            "    accessLogFile: {}\n",
+            world.state_dir().join("access.log").display()
+        ));
+    }
+    let mesh_config = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n{observe}"
+    );
+    let mut files = vec![("web.yaml", mesh.as_str())];
+    if !observe.is_empty() {
+        files.push(("mesh.yaml", mesh_config.as_str()));
+    }
     let agents = [
         agents::start(&world, &n1, &cfg.agent_args, &yaml, &files),
         agents::start(&world, &n2, &cfg.agent_args, &yaml, &files),

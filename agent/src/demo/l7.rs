@@ -184,11 +184,15 @@ pub fn show(client: &Pod, agent: &LocalAgent, access_log: &Path) -> Result<(), D
         tally(&none)
     );
 
-    println!("\nIstio's request metrics at the source (istio_requests_total on :15020):");
-    let (_, metrics) = agent.http_get("/metrics");
+    println!("\nIstio's request metrics (istio_requests_total on :15020/stats/prometheus), from both ends:");
+    println!(
+        "  the source's node records where it routed each request; the destination's node, which"
+    );
+    println!("  serves the HTTP inside each HBONE stream, records what the app answered");
+    let (_, metrics) = agent.http_get("/stats/prometheus");
     for line in metrics
         .lines()
-        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\""))
+        .filter(|l| l.starts_with("istio_requests_total{"))
     {
         let label = |k: &str| {
             line.split(&format!("{k}=\""))
@@ -198,7 +202,8 @@ pub fn show(client: &Pod, agent: &LocalAgent, access_log: &Path) -> Result<(), D
                 .to_string()
         };
         println!(
-            "  {} -> {} {}: code {} flags {}: {}",
+            "  reporter={:<11} {} -> {} {}: code {} flags {}: {}",
+            label("reporter"),
             label("source_workload"),
             label("destination_workload"),
             label("destination_version"),
