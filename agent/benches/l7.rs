@@ -268,9 +268,15 @@ fn main() {
             world.state_dir().join("access.log").display()
         ));
     }
-    let mesh_config = format!(
+    let mut mesh_config = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n{observe}"
     );
+    if let Some(percent) = cfg.tracing {
+        // The rate as a Telemetry sets it: the mesh config reads `sampling: 0` as unset (1 %).
+        mesh_config.push_str(&format!(
+            "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\nspec:\n  tracing:\n  - randomSamplingPercentage: {percent}\n"
+        ));
+    }
     let mut files = vec![("web.yaml", mesh.as_str())];
     if !observe.is_empty() {
         files.push(("mesh.yaml", mesh_config.as_str()));
