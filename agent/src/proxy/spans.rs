@@ -29,17 +29,15 @@ pub fn of<'s>(snap: &'s Snapshot, key: &str, kind: SpanKind) -> Option<&'s Traci
     }
 }
 
-/// A request's span while the request is in flight.
+/// A reported request's span while the request is in flight.
 #[derive(Debug)]
 pub struct RequestSpan {
     builder: SpanBuilder,
-    /// Set when the span is sampled and reported.
-    tracer: Option<Arc<Tracer>>,
+    tracer: Arc<Tracer>,
 }
 
-/// The request, as the span needs it.
+/// The request, as a reported span needs it.
 pub struct Start<'a> {
-    pub kind: SpanKind,
     /// The Service host (or the authority) and port: Envoy's operation name `host:port/*`.
     pub host: &'a str,
     pub port: u16,
@@ -51,23 +49,24 @@ pub struct Start<'a> {
     pub peer: Option<IpAddr>,
 }
 
-/// Starts the request's span: decides (the caller's decision wins), records the request's tags
-/// when sampled, and writes the span's context into `headers` for the next hop.
-pub fn start(
+/// A request's tracing once decided: reported (a sampled span, a tracer to send it to) or only
+/// carried on.
+pub struct Begun {
+    builder: SpanBuilder,
+    tracer: Option<Arc<Tracer>>,
+}
+
+/// Decides the request's span from its headers (the caller's decision wins). Cheap when the span
+/// is not reported: no name, no tags; only the context to carry on.
+pub fn begin(
     pi: &ProxyInputs,
-    pod: &PodContext,
     tracing: &TracingSettings,
-    s: Start<'_>,
-    headers: &mut HeaderMap,
-) -> Box<RequestSpan> {
+    kind: SpanKind,
+    headers: &HeaderMap,
+) -> Begun {
     let incoming = trace::extract(headers);
     let decision = trace::decide(&incoming, tracing.sampling_percent);
-    let mut builder = SpanBuilder::start(
-        s.kind,
-        trace::operation_name(s.host, s.port),
-        &incoming,
-        decision,
-    );
+    let builder = SpanBuilder::start(kind, String::new(), &incoming, decision);
     let tracer = if builder.sampled() && tracing.report_spans {
         match pi.tracers.get(&tracing.export) {
             Ok(t) => Some(t),
@@ -79,7 +78,32 @@ pub fn start(
     } else {
         None
     };
-    if tracer.is_some() {
+    Begun { builder, tracer }
+}
+
+impl Begun {
+    /// Whether the span will be sent (then [`Begun::record`] it, else [`Begun::carry`]).
+    pub fn reported(&self) -> bool {
+        self.tracer.is_some()
+    }
+
+    /// Writes the context into `headers` for the next hop; nothing is reported.
+    pub fn carry(self, headers: &mut HeaderMap) {
+        trace::inject(self.builder.context(), headers);
+    }
+
+    /// Names the span, records the request's tags and writes the context into `headers`; the
+    /// span to finish when the response ends (None when it is not reported).
+    pub fn record(
+        mut self,
+        pi: &ProxyInputs,
+        pod: &PodContext,
+        tracing: &TracingSettings,
+        s: Start<'_>,
+        headers: &mut HeaderMap,
+    ) -> Option<Box<RequestSpan>> {
+        let tracer = self.tracer?;
+        self.builder.set_name(trace::operation_name(s.host, s.port));
         let info = RequestInfo {
             headers,
             method: s.method,
@@ -89,18 +113,20 @@ pub fn start(
             version: s.version,
             peer: s.peer,
         };
-        builder.record_request(&info, &workload(pi, pod), &tracing.export.tags);
+        self.builder
+            .record_request(&info, &workload(pi, pod), &tracing.export.tags);
+        trace::inject(self.builder.context(), headers);
+        Some(Box::new(RequestSpan {
+            builder: self.builder,
+            tracer,
+        }))
     }
-    trace::inject(builder.context(), headers);
-    Box::new(RequestSpan { builder, tracer })
 }
 
 impl RequestSpan {
     /// Ends the span and hands it to its tracer (never waits).
     pub fn finish(self, resp: &ResponseInfo<'_>) {
-        if let Some(tracer) = self.tracer {
-            tracer.finish(self.builder.end(resp));
-        }
+        self.tracer.finish(self.builder.end(resp));
     }
 }
 

@@ -158,11 +158,22 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
 /// would read it first and parent its span on the wrong one.
 pub fn inject(ctx: &TraceContext, headers: &mut HeaderMap) {
     let sampled = ctx.sampled.unwrap_or(false) || ctx.debug;
-    headers.insert(X_B3_TRACEID, hex_value(&ctx.trace_id.to_string()));
-    headers.insert(X_B3_SPANID, hex_value(&ctx.span_id.to_string()));
+    // Written into stack buffers: each header value is one copy, no formatting machinery (this
+    // runs for every request, sampled or not).
+    let mut trace = Hex::new();
+    if ctx.trace_id.wide {
+        trace.u64(ctx.trace_id.high);
+    }
+    trace.u64(ctx.trace_id.low);
+    let mut span = Hex::new();
+    span.u64(ctx.span_id.0);
+    headers.insert(X_B3_TRACEID, trace.value());
+    headers.insert(X_B3_SPANID, span.value());
     match ctx.parent_span_id {
         Some(parent) => {
-            headers.insert(X_B3_PARENTSPANID, hex_value(&parent.to_string()));
+            let mut p = Hex::new();
+            p.u64(parent.0);
+            headers.insert(X_B3_PARENTSPANID, p.value());
         }
         None => {
             headers.remove(X_B3_PARENTSPANID);
@@ -172,33 +183,66 @@ pub fn inject(ctx: &TraceContext, headers: &mut HeaderMap) {
         X_B3_SAMPLED,
         HeaderValue::from_static(if sampled { "1" } else { "0" }),
     );
-    let flags = if sampled { "01" } else { "00" };
-    headers.insert(
-        TRACEPARENT,
-        hex_value(&format!(
-            "00-{}-{}-{flags}",
-            ctx.trace_id.to_hex32(),
-            ctx.span_id
-        )),
-    );
+    let mut tp = Hex::new();
+    tp.raw(b"00-");
+    tp.u64(ctx.trace_id.high);
+    tp.u64(ctx.trace_id.low);
+    tp.raw(b"-");
+    tp.u64(ctx.span_id.0);
+    tp.raw(if sampled { b"-01" } else { b"-00" });
+    headers.insert(TRACEPARENT, tp.value());
     if headers.contains_key(&B3) {
-        let mut single = format!(
-            "{}-{}-{}",
-            ctx.trace_id,
-            ctx.span_id,
-            if sampled { "1" } else { "0" }
-        );
+        let mut single = Hex::new();
+        single.raw(trace.as_bytes());
+        single.raw(b"-");
+        single.u64(ctx.span_id.0);
+        single.raw(if sampled { b"-1" } else { b"-0" });
         if let Some(parent) = ctx.parent_span_id {
-            single.push('-');
-            single.push_str(&parent.to_string());
+            single.raw(b"-");
+            single.u64(parent.0);
         }
-        headers.insert(B3, hex_value(&single));
+        headers.insert(B3, single.value());
     }
 }
 
-/// Hex digits and dashes are always a valid header value.
-fn hex_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+/// Lower-hex ids and dashes, on the stack (the longest value, single-header `b3`, is 85 bytes).
+struct Hex {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl Hex {
+    fn new() -> Hex {
+        Hex {
+            buf: [0; 96],
+            len: 0,
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(self.buf.len());
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&bytes[..n]);
+        self.len = end;
+    }
+
+    /// 16 lower-hex digits.
+    fn u64(&mut self, v: u64) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        self.raw(&out);
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {

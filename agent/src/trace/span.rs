@@ -234,6 +234,11 @@ impl SpanBuilder {
         }
     }
 
+    /// Names the span (a span that is not reported needs no name: start it with an empty one).
+    pub fn set_name(&mut self, name: String) {
+        self.span.name = name;
+    }
+
     /// The context to `inject` into the request sent on.
     pub fn context(&self) -> &TraceContext {
         &self.span.context

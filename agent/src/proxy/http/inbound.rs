@@ -359,30 +359,34 @@ impl Served {
         result.upstream = Some(c.dst);
         result.sinks = sinks;
         if let Some(tracing) = spans::of(&snap, &c.pod_key, SpanKind::Server) {
-            let authority = authority(&req).unwrap_or("").to_owned();
-            let host = match &c.labels.service {
-                Some(service) => service.0.hostname.clone(),
-                None => target::split_authority(&authority).0.into_owned(),
-            };
-            let path = req.uri().path().to_owned();
-            let (method, version) = (req.method().clone(), req.version());
-            result.span = Some(spans::start(
-                &c.pi,
-                &c.pod,
-                tracing,
-                spans::Start {
-                    kind: SpanKind::Server,
-                    host: &host,
-                    port: c.dst.port(),
-                    method: method.as_str(),
-                    authority: &authority,
-                    path: &path,
-                    version,
-                    peer: Some(c.peer.ip()),
-                },
-                req.headers_mut(),
-            ));
-            result.cluster_name = Some(format!("inbound|{}||", c.dst.port()));
+            let begun = spans::begin(&c.pi, tracing, SpanKind::Server, req.headers());
+            if begun.reported() {
+                let authority = authority(&req).unwrap_or("").to_owned();
+                let host = match &c.labels.service {
+                    Some(service) => service.0.hostname.clone(),
+                    None => target::split_authority(&authority).0.into_owned(),
+                };
+                let path = req.uri().path().to_owned();
+                let (method, version) = (req.method().clone(), req.version());
+                result.cluster_name = Some(format!("inbound|{}||", c.dst.port()));
+                result.span = begun.record(
+                    &c.pi,
+                    &c.pod,
+                    tracing,
+                    spans::Start {
+                        host: &host,
+                        port: c.dst.port(),
+                        method: method.as_str(),
+                        authority: &authority,
+                        path: &path,
+                        version,
+                        peer: Some(c.peer.ip()),
+                    },
+                    req.headers_mut(),
+                );
+            } else {
+                begun.carry(req.headers_mut());
+            }
         }
         drop(snap);
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());

@@ -140,29 +140,32 @@ impl HttpConn {
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
         if let Some(tracing) = spans::of(&snap, &self.pod_key, SpanKind::Client) {
-            let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
-            let (host, _) = target::split_authority(authority.as_deref().unwrap_or(""));
-            let host = cluster.map_or(host, |c| std::borrow::Cow::Borrowed(&*c.key.host));
-            let path = req.uri().path().to_owned();
-            let (method, version) = (req.method().clone(), req.version());
-            let span = spans::start(
-                &self.pi,
-                &self.pod,
-                tracing,
-                spans::Start {
-                    kind: SpanKind::Client,
-                    host: &host,
-                    port: self.dst.0.port(),
-                    method: method.as_str(),
-                    authority: authority.as_deref().unwrap_or(""),
-                    path: &path,
-                    version,
-                    peer: Some(self.pod.app_address(self.peer.0, self.dst.0).ip()),
-                },
-                req.headers_mut(),
-            );
-            result.cluster_name = cluster.map(|c| c.key.to_string());
-            result.span = Some(span);
+            let begun = spans::begin(&self.pi, tracing, SpanKind::Client, req.headers());
+            if begun.reported() {
+                let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
+                let (host, _) = target::split_authority(authority.as_deref().unwrap_or(""));
+                let host = cluster.map_or(host, |c| std::borrow::Cow::Borrowed(&*c.key.host));
+                let path = req.uri().path().to_owned();
+                let (method, version) = (req.method().clone(), req.version());
+                result.cluster_name = cluster.map(|c| c.key.to_string());
+                result.span = begun.record(
+                    &self.pi,
+                    &self.pod,
+                    tracing,
+                    spans::Start {
+                        host: &host,
+                        port: self.dst.0.port(),
+                        method: method.as_str(),
+                        authority: authority.as_deref().unwrap_or(""),
+                        path: &path,
+                        version,
+                        peer: Some(self.pod.app_address(self.peer.0, self.dst.0).ip()),
+                    },
+                    req.headers_mut(),
+                );
+            } else {
+                begun.carry(req.headers_mut());
+            }
         }
         let forward = match decided {
             Ok(f) => f,
