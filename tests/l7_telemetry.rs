@@ -509,3 +509,79 @@ spec:
         |n| *n == 2,
     );
 }
+
+/// The Telemetry API's `metrics` overrides (issue 13): `REQUEST_COUNT` disabled for the server
+/// side only leaves `istio_requests_total` out at the destination, while its duration histogram
+/// and the source's counter stay.
+#[test]
+fn a_telemetry_override_disables_one_metric_on_one_side() {
+    support::raise_fd_limit();
+    let world = World::new("l7-metric-off");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("sleep")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "sleep")
+        .spawn();
+    let server = world
+        .pod("web")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "web")
+        .spawn();
+    let _web = HttpApp::start(&server, 8080);
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server])
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&server],
+            true,
+        );
+    let telemetry = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_COUNT, mode: SERVER}
+      disabled: true
+"#;
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        &format!("{telemetry}---\n{ALOG_ROUTES}"),
+        &[],
+    );
+    in_pod(&client, || async {
+        let conn = Conn::h1(sa(WEB, 80)).await;
+        for i in 0..5 {
+            let r = conn.get("web", &format!("/known/{i}"), &[]).await;
+            assert_eq!(r.status, 200);
+        }
+    });
+    let at_dst = [("reporter", "destination"), ("destination_workload", "web")];
+    agents[1].wait_for_metrics("the destination's duration histogram", SETTLE, |m| {
+        metric(m, "istio_request_duration_milliseconds_count", &at_dst) == 5
+    });
+    agents[0].wait_for_metrics("the source's counter", SETTLE, |m| {
+        metric(
+            m,
+            "istio_requests_total",
+            &[("reporter", "source"), ("destination_workload", "web")],
+        ) == 5
+    });
+    let (_, m) = agents[1].http_get("/metrics");
+    assert_eq!(metric(&m, "istio_requests_total", &at_dst), 0, "{m}");
+    assert!(
+        !m.lines().any(|l| l.starts_with("istio_requests_total{")),
+        "no series at all: {m}"
+    );
+}

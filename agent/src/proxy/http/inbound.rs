@@ -329,14 +329,13 @@ impl Served {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let snap = c.pi.snapshot.load();
-        let sinks = snap
-            .telemetry
-            .get(c.pod_key.as_str())
-            .filter(|t| t.server.access_log.enabled())
-            .cloned();
+        let settings = snap.telemetry.get(c.pod_key.as_str()).cloned();
+        let sinks = settings
+            .as_ref()
+            .is_some_and(|t| t.server.access_log.enabled());
         let mut result = {
             let authority = authority(&req).unwrap_or("");
-            let log = (c.pi.telemetry.access_log.is_some() || sinks.is_some()).then(|| {
+            let log = (c.pi.telemetry.access_log.is_some() || sinks).then(|| {
                 let mut fields = log_fields(&req, authority, &request_id);
                 fields.upstream_cluster = Some(format!("inbound|{}||", c.dst.port()));
                 Box::new(fields)
@@ -357,7 +356,7 @@ impl Served {
             )
         };
         result.upstream = Some(c.dst);
-        result.sinks = sinks;
+        result.settings = settings;
         if let Some(tracing) = spans::of(&snap, &c.pod_key, SpanKind::Server) {
             let begun = spans::begin(&c.pi, tracing, SpanKind::Server, req.headers());
             if begun.reported() {

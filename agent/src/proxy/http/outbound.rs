@@ -120,20 +120,13 @@ impl HttpConn {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let authority = authority(&req).map(str::to_owned);
-        let sinks = snap
-            .telemetry
-            .get(self.pod_key.as_str())
-            .filter(|t| t.client.access_log.enabled())
-            .cloned();
-        let mut result = self.start_result(
-            &snap,
-            &req,
-            grpc,
-            &request_id,
-            authority.as_deref(),
-            sinks.is_some(),
-        );
-        result.sinks = sinks;
+        let settings = snap.telemetry.get(self.pod_key.as_str()).cloned();
+        let sinks = settings
+            .as_ref()
+            .is_some_and(|t| t.client.access_log.enabled());
+        let mut result =
+            self.start_result(&snap, &req, grpc, &request_id, authority.as_deref(), sinks);
+        result.settings = settings;
 
         let decided = {
             let source = snap.state.workloads.get(self.pod_key.as_str());

@@ -14,7 +14,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 
 use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
-use crate::config::telemetry::EffectiveTelemetry;
+use crate::config::istio::telemetry::IstioMetric;
+use crate::config::telemetry::{EffectiveTelemetry, MetricSettings};
 use crate::proxy::access_log::{write_sinks, Entry, RequestFields, SinkLine};
 use crate::proxy::spans::RequestSpan;
 use crate::state::IstioLabels;
@@ -112,14 +113,18 @@ pub struct RequestSeries(
 );
 
 impl RequestSeries {
-    /// Records one finished request.
+    /// Records one finished request, in the families `on` keeps.
     pub fn record(
         &self,
         labels: &RequestLabels,
+        on: Recorded,
         duration_ms: f64,
         req_bytes: u64,
         resp_bytes: u64,
     ) {
+        if on == Recorded::NONE {
+            return;
+        }
         let counters = {
             let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             match map.get(labels) {
@@ -127,14 +132,22 @@ impl RequestSeries {
                 None => map.entry(labels.clone()).or_default().clone(),
             }
         };
-        counters.total.fetch_add(1, Ordering::Relaxed);
-        counters.duration.observe(&DURATION_BUCKETS, duration_ms);
-        counters
-            .request_bytes
-            .observe(&SIZE_BUCKETS, req_bytes as f64);
-        counters
-            .response_bytes
-            .observe(&SIZE_BUCKETS, resp_bytes as f64);
+        if on.count {
+            counters.total.fetch_add(1, Ordering::Relaxed);
+        }
+        if on.duration {
+            counters.duration.observe(&DURATION_BUCKETS, duration_ms);
+        }
+        if on.request_size {
+            counters
+                .request_bytes
+                .observe(&SIZE_BUCKETS, req_bytes as f64);
+        }
+        if on.response_size {
+            counters
+                .response_bytes
+                .observe(&SIZE_BUCKETS, resp_bytes as f64);
+        }
     }
 
     /// As `Telemetry::retain_local`: drops series whose local end is no longer on this node.
@@ -152,6 +165,41 @@ impl RequestSeries {
                     _ => true,
                 }
             });
+    }
+}
+
+/// Which of the four request families a request is recorded in: the Telemetry API's `metrics`
+/// overrides (`disabled` per metric or `ALL_METRICS`, or the `prometheus` provider out of scope)
+/// turn them off per workload and side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub count: bool,
+    pub duration: bool,
+    pub request_size: bool,
+    pub response_size: bool,
+}
+
+impl Recorded {
+    pub const ALL: Recorded = Recorded {
+        count: true,
+        duration: true,
+        request_size: true,
+        response_size: true,
+    };
+    pub const NONE: Recorded = Recorded {
+        count: false,
+        duration: false,
+        request_size: false,
+        response_size: false,
+    };
+
+    pub fn of(settings: &MetricSettings) -> Recorded {
+        Recorded {
+            count: settings.records(IstioMetric::RequestCount),
+            duration: settings.records(IstioMetric::RequestDuration),
+            request_size: settings.records(IstioMetric::RequestSize),
+            response_size: settings.records(IstioMetric::ResponseSize),
+        }
     }
 }
 
@@ -214,7 +262,8 @@ impl Collector for RequestCollector {
             None,
             MetricType::Counter,
         )?;
-        for (labels, n, ..) in &series {
+        // A family a Telemetry override turned off for a series stays at zero: not shown.
+        for (labels, n, ..) in series.iter().filter(|s| s.1 > 0) {
             let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
             ConstCounter::new(*n).encode(total.encode_family(&LabelSet(&set))?)?;
         }
@@ -223,21 +272,21 @@ impl Collector for RequestCollector {
             "istio_request_duration_milliseconds",
             "Request duration in milliseconds",
             &DURATION_BUCKETS,
-            series.iter().map(|s| (&s.0, s.2)),
+            series.iter().filter(|s| s.2 .2 > 0).map(|s| (&s.0, s.2)),
         )?;
         histogram(
             &mut encoder,
             "istio_request_bytes",
             "Request body sizes in bytes",
             &SIZE_BUCKETS,
-            series.iter().map(|s| (&s.0, s.3)),
+            series.iter().filter(|s| s.3 .2 > 0).map(|s| (&s.0, s.3)),
         )?;
         histogram(
             &mut encoder,
             "istio_response_bytes",
             "Response body sizes in bytes",
             &SIZE_BUCKETS,
-            series.iter().map(|s| (&s.0, s.4)),
+            series.iter().filter(|s| s.4 .2 > 0).map(|s| (&s.0, s.4)),
         )
     }
 }
@@ -294,9 +343,9 @@ pub struct RequestResult {
     pub span: Option<Box<RequestSpan>>,
     /// Istio's cluster name (`outbound|port|subset|host`, `inbound|port||`), for the span.
     pub cluster_name: Option<String>,
-    /// The workload's access-log sinks for this side (mesh config, Telemetry API), when it
-    /// has any.
-    pub sinks: Option<Arc<EffectiveTelemetry>>,
+    /// The workload's observability settings (mesh config, Telemetry API): its access-log sinks
+    /// and which metrics it records, for this request's side.
+    pub settings: Option<Arc<EffectiveTelemetry>>,
 }
 
 impl fmt::Debug for RequestResult {
@@ -329,7 +378,7 @@ impl RequestResult {
             log,
             span: None,
             cluster_name: None,
-            sinks: None,
+            settings: None,
         }
     }
 
@@ -384,8 +433,17 @@ impl RequestResult {
                 remote_ip: self.upstream.map(|a| a.ip()),
             });
         }
+        let side = self
+            .settings
+            .as_deref()
+            .map(|t| match self.labels.conn.reporter {
+                super::Reporter::Source => &t.client,
+                super::Reporter::Destination => &t.server,
+            });
+        let recorded = side.map_or(Recorded::ALL, |s| Recorded::of(&s.metrics));
         self.telemetry.requests.record(
             &self.labels,
+            recorded,
             duration.as_secs_f64() * 1000.0,
             self.request_headers + request_body,
             self.response_headers + self.response_body,
@@ -394,11 +452,9 @@ impl RequestResult {
             fields.response_code = self.labels.response_code;
             fields.grpc_status = self.labels.grpc_status;
         }
-        if let (Some(t), Some(fields)) = (&self.sinks, self.log.as_deref()) {
-            let side = match self.labels.conn.reporter {
-                super::Reporter::Source => &t.client,
-                super::Reporter::Destination => &t.server,
-            };
+        if let (Some(side), Some(fields)) =
+            (side.filter(|s| s.access_log.enabled()), self.log.as_deref())
+        {
             write_sinks(
                 &self.telemetry.sinks,
                 &side.access_log,
