@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
 use l7support::{
-    metric, sa, start_agents, write_istio, CallerApp, Conn, HttpApp, ZipkinCollector, NS,
+    metric, sa, start_agents, write_istio, zipkin::ZipkinCollector, CallerApp, Conn, HttpApp, NS,
 };
 use serde_json::Value;
 use support::{in_pod, settled, SETTLE};
