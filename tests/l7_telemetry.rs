@@ -346,25 +346,21 @@ fn the_destination_records_each_request_with_the_verified_source() {
     assert!(!m.contains("forged"), "a header never sets a label: {m}");
 }
 
-const ALOG_ROUTES: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: mesh}
-spec:
-  hosts: [web]
-  http:
-  - match: [{uri: {prefix: /known}}, {uri: {prefix: /status}}]
-    route: [{destination: {host: web}}]
-"#;
+/// `sleep` (n1) and `web` (n2, an HTTP app on 8080) in the ambient namespace, Service `web`
+/// (`http` 80 → 8080); the agents are the test's to start.
+struct SleepAndWeb {
+    world: World,
+    n1: ambit::harness::Node,
+    n2: ambit::harness::Node,
+    client: ambit::harness::Pod,
+    server: ambit::harness::Pod,
+    yaml: ClusterYaml,
+    _web: HttpApp,
+}
 
-/// Access logs as Istio configures them (issue 13, acceptance 3): the mesh config's
-/// `accessLogFile` logs every request at both ends in Istio's default TEXT format; a Telemetry
-/// object with the filter `response.code >= 400` keeps only the failures; removing it logs
-/// everything again, without a restart.
-#[test]
-fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
+fn sleep_and_web(name: &str) -> SleepAndWeb {
     support::raise_fd_limit();
-    let world = World::new("l7-alog");
+    let world = World::new(name);
     let (n1, n2) = (world.node("n1"), world.node("n2"));
     let client = world
         .pod("sleep")
@@ -390,6 +386,43 @@ fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
             &[&server],
             true,
         );
+    SleepAndWeb {
+        world,
+        n1,
+        n2,
+        client,
+        server,
+        yaml,
+        _web,
+    }
+}
+
+const ALOG_ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /known}}, {uri: {prefix: /status}}]
+    route: [{destination: {host: web}}]
+"#;
+
+/// Access logs as Istio configures them (issue 13, acceptance 3): the mesh config's
+/// `accessLogFile` logs every request at both ends in Istio's default TEXT format; a Telemetry
+/// object with the filter `response.code >= 400` keeps only the failures; removing it logs
+/// everything again, without a restart.
+#[test]
+fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
+    let SleepAndWeb {
+        world,
+        n1,
+        n2,
+        client,
+        server,
+        yaml,
+        _web,
+    } = sleep_and_web("l7-alog");
     let log = world.state_dir().join("access.log");
     let mesh = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    accessLogFile: {}\n",
@@ -515,33 +548,15 @@ spec:
 /// and the source's counter stay.
 #[test]
 fn a_telemetry_override_disables_one_metric_on_one_side() {
-    support::raise_fd_limit();
-    let world = World::new("l7-metric-off");
-    let (n1, n2) = (world.node("n1"), world.node("n2"));
-    let client = world
-        .pod("sleep")
-        .node(&n1)
-        .namespace(NS)
-        .label("app", "sleep")
-        .spawn();
-    let server = world
-        .pod("web")
-        .node(&n2)
-        .namespace(NS)
-        .label("app", "web")
-        .spawn();
-    let _web = HttpApp::start(&server, 8080);
-    let yaml = ClusterYaml::new()
-        .ambient(NS)
-        .pods([&client, &server])
-        .service(
-            "web",
-            NS,
-            WEB,
-            &[SvcPort::named("http", 80, 8080)],
-            &[&server],
-            true,
-        );
+    let SleepAndWeb {
+        world,
+        n1,
+        n2,
+        client,
+        server,
+        yaml,
+        _web,
+    } = sleep_and_web("l7-metric-off");
     let telemetry = r#"
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry

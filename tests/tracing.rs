@@ -321,5 +321,4 @@ fn a_dead_collector_drops_and_counts_spans() {
             &[("reason", "export_timeout")],
         ) >= 50
     });
-    assert!(chain.collector.spans().is_empty());
 }

@@ -234,20 +234,29 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 
 /// Serves until the runtime stops. Each connection is its own task; its errors are logged at debug.
 pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
+    serve_with(listener, "admin", move |req| respond(req, &metrics)).await
+}
+
+/// The accept loop of a localhost admin listener (`what` names it in logs): HTTP/1.1, each
+/// connection its own task, `respond` answering every request.
+pub(crate) async fn serve_with<F>(listener: TcpListener, what: &'static str, respond: F)
+where
+    F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
-                debug!(error = %e, "admin accept failed");
+                debug!(error = %e, "{what} accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = respond(&req, &metrics);
+                let resp = respond(&req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -256,7 +265,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(%peer, error = %e, "admin connection failed");
+                debug!(%peer, error = %e, "{what} connection failed");
             }
         });
     }

@@ -98,11 +98,10 @@ impl Snapshot {
         }
     }
 
-    /// The observability settings of a workload of this node (the defaults for any other).
-    pub fn telemetry_of(&self, namespace: &str, name: &str) -> &Arc<EffectiveTelemetry> {
-        self.telemetry
-            .get(&key(namespace, name))
-            .unwrap_or(&self.default_telemetry)
+    /// The observability settings of the workload `key` (`namespace/name`) of this node (the
+    /// defaults for any other).
+    pub fn telemetry_of(&self, key: &str) -> &Arc<EffectiveTelemetry> {
+        self.telemetry.get(key).unwrap_or(&self.default_telemetry)
     }
 
     /// Whether `key` names a cluster of this snapshot: one a DestinationRule shapes for a client

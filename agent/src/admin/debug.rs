@@ -4,25 +4,21 @@
 //! the 15020 endpoint, so a dump never takes a data-plane thread. Envoy's admin answers an unknown
 //! path with the list of endpoints; so does this one.
 
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tracing::debug;
 
 use super::config_dump::{self, ClusterOutliers, DumpInputs};
 use super::connections::Connections;
 use super::dump::ConfigDump;
 use super::logging::LogControl;
-use super::{text, HEADER_READ_TIMEOUT};
+use super::text;
 use crate::identity::SecretManager;
 use crate::snapshot::SnapshotReader;
 
@@ -87,32 +83,7 @@ impl DebugAdmin {
 
 /// Serves until the runtime stops. Each connection is its own task; its errors are logged at debug.
 pub async fn serve(listener: TcpListener, admin: Arc<DebugAdmin>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                debug!(error = %e, "debug admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = respond(&req, &admin);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "debug admin connection failed");
-            }
-        });
-    }
+    super::serve_with(listener, "debug admin", move |req| respond(req, &admin)).await
 }
 
 fn index() -> String {

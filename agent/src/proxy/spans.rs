@@ -12,20 +12,18 @@ use http::{HeaderMap, Version};
 use tracing::debug;
 
 use super::{PodContext, ProxyInputs};
-use crate::config::telemetry::TracingSettings;
-use crate::snapshot::Snapshot;
+use crate::config::telemetry::{EffectiveTelemetry, TracingSettings};
 use crate::trace::{self, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, Tracer, Workload};
 
 /// Istio's default `CLUSTER_ID` (the `istio.cluster_id` tag and `source_cluster` label).
 const CLUSTER_ID: &str = "Kubernetes";
 
-/// The tracing of the workload `key` (`namespace/name`, enrolled here) on side `kind` (CLIENT:
-/// its requests as a client, SERVER: as a server), when configured.
-pub fn of<'s>(snap: &'s Snapshot, key: &str, kind: SpanKind) -> Option<&'s TracingSettings> {
-    let t = snap.telemetry.get(key).unwrap_or(&snap.default_telemetry);
+/// A workload's tracing on side `kind` (CLIENT: its requests as a client, SERVER: as a
+/// server), when configured.
+pub fn of(telemetry: &EffectiveTelemetry, kind: SpanKind) -> Option<&TracingSettings> {
     match kind {
-        SpanKind::Client => t.client.tracing.as_ref(),
-        _ => t.server.tracing.as_ref(),
+        SpanKind::Client => telemetry.client.tracing.as_ref(),
+        _ => telemetry.server.tracing.as_ref(),
     }
 }
 

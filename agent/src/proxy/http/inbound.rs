@@ -329,10 +329,8 @@ impl Served {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let snap = c.pi.snapshot.load();
-        let settings = snap.telemetry.get(c.pod_key.as_str()).cloned();
-        let sinks = settings
-            .as_ref()
-            .is_some_and(|t| t.server.access_log.enabled());
+        let telemetry = snap.telemetry_of(&c.pod_key).clone();
+        let sinks = telemetry.server.access_log.enabled();
         let mut result = {
             let authority = authority(&req).unwrap_or("");
             let log = (c.pi.telemetry.access_log.is_some() || sinks).then(|| {
@@ -356,8 +354,7 @@ impl Served {
             )
         };
         result.upstream = Some(c.dst);
-        result.settings = settings;
-        if let Some(tracing) = spans::of(&snap, &c.pod_key, SpanKind::Server) {
+        if let Some(tracing) = spans::of(&telemetry, SpanKind::Server) {
             let begun = spans::begin(&c.pi, tracing, SpanKind::Server, req.headers());
             if begun.reported() {
                 let authority = authority(&req).unwrap_or("").to_owned();
@@ -387,6 +384,7 @@ impl Served {
                 begun.carry(req.headers_mut());
             }
         }
+        result.settings = Some(telemetry);
         drop(snap);
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

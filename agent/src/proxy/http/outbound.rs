@@ -120,19 +120,16 @@ impl HttpConn {
         let request_id = headers::request_id(req.headers_mut());
         let grpc = is_grpc(req.headers());
         let authority = authority(&req).map(str::to_owned);
-        let settings = snap.telemetry.get(self.pod_key.as_str()).cloned();
-        let sinks = settings
-            .as_ref()
-            .is_some_and(|t| t.client.access_log.enabled());
+        let telemetry = snap.telemetry_of(&self.pod_key).clone();
+        let sinks = telemetry.client.access_log.enabled();
         let mut result =
             self.start_result(&snap, &req, grpc, &request_id, authority.as_deref(), sinks);
-        result.settings = settings;
 
         let decided = {
             let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
-        if let Some(tracing) = spans::of(&snap, &self.pod_key, SpanKind::Client) {
+        if let Some(tracing) = spans::of(&telemetry, SpanKind::Client) {
             let begun = spans::begin(&self.pi, tracing, SpanKind::Client, req.headers());
             if begun.reported() {
                 let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
@@ -160,6 +157,7 @@ impl HttpConn {
                 begun.carry(req.headers_mut());
             }
         }
+        result.settings = Some(telemetry);
         let forward = match decided {
             Ok(f) => f,
             Err(local) => return self.local_reply(result, *local, None),
