@@ -25,6 +25,8 @@ mod report;
 mod server;
 #[path = "l7/tools.rs"]
 mod tools;
+#[path = "l7/variants.rs"]
+mod variants;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -66,6 +68,9 @@ pub struct Config {
     tracing: Option<f64>,
     /// The mesh config's `accessLogFile`: every request logged at both ends (TEXT).
     access_log: bool,
+    /// Observability variants compared live on path (c) instead of the paths' comparison
+    /// (`variants.rs`).
+    variants: Vec<variants::Variant>,
 }
 
 impl Config {
@@ -94,6 +99,13 @@ impl Config {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             access_log: env_or("AMBIT_BENCH_ACCESS_LOG", 0) == 1,
+            variants: match std::env::var("AMBIT_BENCH_OBSERVE_VARIANTS") {
+                Ok(v) if !v.is_empty() => variants::Variant::parse_list(&v).unwrap_or_else(|e| {
+                    eprintln!("AMBIT_BENCH_OBSERVE_VARIANTS: {e}");
+                    std::process::exit(64)
+                }),
+                _ => Vec::new(),
+            },
         };
         let bad = !(1..=50).contains(&cfg.runs)
             || cfg.seconds <= 0.0
@@ -135,6 +147,7 @@ impl Config {
             "agent_args": self.agent_args,
             "tracing_percent": self.tracing,
             "access_log": self.access_log,
+            "observe_variants": format!("{:?}", self.variants),
             "h2load_threads": self.h2load_threads,
             "haproxy_alpn": self.haproxy_alpn,
             "weights": self.weights,
@@ -251,9 +264,10 @@ fn main() {
     // The collector tracing sends to: a server of its own (any 2xx is Zipkin's success), apart
     // from the servers whose counts the paths check.
     let collector = pod("collector", &n1, "plain", &[("app", "jaeger")]);
-    let _collector = cfg
-        .tracing
-        .map(|_| server::Servers::start(&[&collector], cluster::APP_PORT));
+    let _collector = (cfg.tracing.is_some() || !cfg.variants.is_empty())
+        .then(|| server::Servers::start(&[&collector], cluster::APP_PORT));
+    let collector_addr = SocketAddr::from((collector.ip4(), cluster::APP_PORT));
+    let access_log = world.state_dir().join("access.log");
     let mut observe = String::new();
     if let Some(percent) = cfg.tracing {
         observe.push_str(&format!(
@@ -263,10 +277,7 @@ fn main() {
         ));
     }
     if cfg.access_log {
-        observe.push_str(&format!(
-            "    accessLogFile: {}\n",
-            world.state_dir().join("access.log").display()
-        ));
+        observe.push_str(&format!("    accessLogFile: {}\n", access_log.display()));
     }
     let mut mesh_config = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n{observe}"
@@ -278,7 +289,10 @@ fn main() {
         ));
     }
     let mut files = vec![("web.yaml", mesh.as_str())];
-    if !observe.is_empty() {
+    if !cfg.variants.is_empty() {
+        mesh_config = variants::Variant::Off.mesh_yaml(collector_addr, &access_log);
+    }
+    if !observe.is_empty() || !cfg.variants.is_empty() {
         files.push(("mesh.yaml", mesh_config.as_str()));
     }
     let agents = [
@@ -396,6 +410,47 @@ fn main() {
     header_route_check(&bench);
 
     let protocols: Vec<bool> = cfg.protocols.split(',').map(|p| p == "h2").collect();
+    if !cfg.variants.is_empty() {
+        let (rate, rate_conns) = (cfg.rate, cfg.rate_conns);
+        let (rate_s, skip_s) = (cfg.rate_seconds, cfg.skip_seconds);
+        let requests = move |seconds: f64| {
+            let n = (rate as f64 * seconds).ceil() as u64;
+            n.div_ceil(rate_conns as u64) * rate_conns as u64
+        };
+        let uri = bench.paths.iter().find(|p| p.way == Way::L7).map(|p| p.uri.clone());
+        let settings = variants::Settings {
+            runs: cfg.runs,
+            conns: cfg.conns,
+            seconds: cfg.seconds,
+            warmup_requests: cfg.warmup_requests,
+            rate_load: Box::new(move |h2, warmup| Load {
+                uri: uri.clone().unwrap_or_default(),
+                conns: rate_conns,
+                requests: requests(if warmup { 1.0 } else { rate_s + skip_s }),
+                h2,
+                rps_per_conn: Some(rate / rate_conns as u64),
+                headers: vec![format!("{ROUTE_HEADER}: {BENCH_VALUE}")],
+                threads: 1,
+            }),
+            rate_skip: skip_s,
+            header: format!("{ROUTE_HEADER}: {BENCH_VALUE}"),
+        };
+        let out = variants::run(
+            &bench,
+            &cfg.variants,
+            &protocols,
+            &settings,
+            collector_addr,
+            &access_log,
+        );
+        println!();
+        println!("load avg: {} (end)", first_line("/proc/loadavg"));
+        println!("total time: {:.0} s", started.elapsed().as_secs_f64());
+        let mut json = common::json::header("l7-observe");
+        common::json::merge(&mut json, serde_json::json!({"config": cfg.json(), "variants": out}));
+        common::json::write_if_asked(&json);
+        return;
+    }
     let mut results: Vec<ProtoResults> = protocols
         .iter()
         .map(|&h2| ProtoResults {

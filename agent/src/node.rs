@@ -256,6 +256,7 @@ impl Node {
             baggage: http::HeaderValue::from_str(&spec.baggage)
                 .inspect_err(|_| warn!(pod = %spec.key(), baggage = %spec.baggage, "labels make an invalid baggage header; tunnels go without it"))
                 .ok(),
+            trace_workload: Default::default(),
         }
     }
 

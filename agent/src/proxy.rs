@@ -108,6 +108,8 @@ pub struct PodContext {
     /// The `baggage` header of tunnels this pod opens (namespace, workload, service), built once
     /// at enrolment (a clone is a reference count, not a copy); None if the labels make it invalid.
     pub baggage: Option<::http::HeaderValue>,
+    /// The pod as its spans name it, made on its first sampled request and shared by its spans.
+    pub trace_workload: std::sync::OnceLock<Arc<crate::trace::Workload>>,
 }
 
 impl PodContext {

@@ -17,6 +17,7 @@
 mod context;
 mod export;
 mod otlp;
+mod queue;
 mod sampling;
 mod span;
 mod zipkin;

@@ -111,8 +111,9 @@ impl Begun {
             version: s.version,
             peer: s.peer,
         };
+        let who = pod.trace_workload.get_or_init(|| Arc::new(workload(pi, pod)));
         self.builder
-            .record_request(&info, &workload(pi, pod), &tracing.export.tags);
+            .record_request(&info, who, &tracing.export.tags);
         trace::inject(self.builder.context(), headers);
         Some(Box::new(RequestSpan {
             builder: self.builder,

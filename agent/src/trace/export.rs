@@ -1,4 +1,4 @@
-//! Export off the data path. `Tracer::finish` is a `try_send` into a bounded queue (a full queue
+//! Export off the data path. `Tracer::finish` appends to a bounded queue (`queue.rs`) (a full queue
 //! drops the span and counts it); one task per tracer, spawned on the runtime handle the caller
 //! gives (the agent's control runtime, so a slow collector never takes a data-plane thread),
 //! batches by size and time and sends to the collector. A dead collector fails fast (connect
@@ -22,10 +22,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
+use super::queue::{Refused, SpanQueue};
 use super::span::Span;
 use super::{otlp, zipkin, BatchSettings, Provider, TraceError, TraceSettings};
 use super::{OTLP_HTTP_DEFAULT_PATH, ZIPKIN_DEFAULT_PATH};
@@ -88,7 +88,7 @@ impl TraceMetrics {
 #[derive(Debug)]
 pub struct Tracer {
     provider: Provider,
-    queue: mpsc::Sender<Span>,
+    queue: Arc<SpanQueue>,
     metrics: TraceMetrics,
 }
 
@@ -102,14 +102,14 @@ impl Tracer {
     ) -> Result<Tracer, TraceError> {
         batch.validate()?;
         let target = check_provider(provider)?;
-        let (queue, rx) = mpsc::channel(batch.queue_capacity);
+        let queue = Arc::new(SpanQueue::new(batch.queue_capacity, batch.max_batch));
         let exporter = Exporter {
             target,
             batch: batch.clone(),
             metrics: metrics.clone(),
             last_warn: None,
         };
-        handle.spawn(exporter.run(rx));
+        handle.spawn(exporter.run(queue.clone()));
         Ok(Tracer {
             provider: provider.clone(),
             queue,
@@ -123,15 +123,21 @@ impl Tracer {
         if !span.sampled() {
             return;
         }
-        match self.queue.try_send(span) {
+        match self.queue.push(span) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.metrics.drop_spans("queue_full", 1),
-            Err(TrySendError::Closed(_)) => self.metrics.drop_spans("shutdown", 1),
+            Err(Refused::Full) => self.metrics.drop_spans("queue_full", 1),
+            Err(Refused::Closed) => self.metrics.drop_spans("shutdown", 1),
         }
     }
 
     pub fn provider(&self) -> &Provider {
         &self.provider
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.queue.close();
     }
 }
 
@@ -304,56 +310,47 @@ impl Exporter {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Span>) {
+    async fn run(mut self, queue: Arc<SpanQueue>) {
+        let mut tick = tokio::time::interval(self.batch.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         let mut transport = match self.connect() {
-            Ok(t) => t,
+            Ok(t) => Ok(t),
             Err(e) => {
                 // Checked in `Tracer::start`; should this still fail, spans are counted, not lost
                 // silently.
                 warn!(error = %e, "tracing exporter cannot start; spans will be dropped");
-                while let Some(_span) = rx.recv().await {
-                    self.metrics.drop_spans(e.metric_label(), 1);
-                }
-                return;
+                Err(e.metric_label())
             }
         };
-        let mut buf: Vec<Span> = Vec::with_capacity(self.batch.max_batch);
-        let mut tick = tokio::time::interval(self.batch.flush_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
             tokio::select! {
-                got = rx.recv() => match got {
-                    Some(span) => {
-                        buf.push(span);
-                        // Whatever else is queued joins this batch without another wake-up.
-                        while buf.len() < self.batch.max_batch {
-                            match rx.try_recv() {
-                                Ok(span) => buf.push(span),
-                                Err(_) => break,
-                            }
-                        }
-                        if buf.len() >= self.batch.max_batch {
-                            self.flush(&mut transport, &mut buf).await;
-                        }
+                _ = queue.ready() => {}
+                _ = tick.tick() => {}
+            }
+            // Read before taking: a close after this read leaves a wake-up for the next turn.
+            let closing = queue.is_closed();
+            let spans = queue.take();
+            match &mut transport {
+                Ok(t) => {
+                    for batch in spans.chunks(self.batch.max_batch) {
+                        self.flush(t, batch).await;
                     }
-                    None => {
-                        self.flush(&mut transport, &mut buf).await;
-                        return;
-                    }
-                },
-                _ = tick.tick() => self.flush(&mut transport, &mut buf).await,
+                }
+                Err(reason) => self.metrics.drop_spans(reason, spans.len()),
+            }
+            if closing {
+                return;
             }
         }
     }
 
-    async fn flush(&mut self, transport: &mut Transport, buf: &mut Vec<Span>) {
-        if buf.is_empty() {
+    async fn flush(&mut self, transport: &mut Transport, spans: &[Span]) {
+        if spans.is_empty() {
             return;
         }
-        let spans = std::mem::take(buf);
         let timeout = self.batch.request_timeout;
-        let result = match tokio::time::timeout(timeout, self.send(transport, &spans)).await {
+        let result = match tokio::time::timeout(timeout, self.send(transport, spans)).await {
             Ok(r) => r,
             Err(_) => Err(TraceError::Timeout {
                 endpoint: self.endpoint(),
@@ -381,7 +378,6 @@ impl Exporter {
                 }
             }
         }
-        buf.reserve(self.batch.max_batch);
     }
 
     /// Sends one batch; the number of spans the collector accepted.

@@ -31,11 +31,7 @@ fn to_proto(s: &Span) -> pb::Span {
     let end = start.saturating_add(s.duration_us.saturating_mul(1_000));
     let error = s.tag("error") == Some("true");
     // A tag set twice (a custom tag over a standard one) is one attribute, the later value.
-    let tags: BTreeMap<&str, &str> = s
-        .tags
-        .iter()
-        .map(|(k, v)| (k.as_ref(), v.as_str()))
-        .collect();
+    let tags: BTreeMap<&str, &str> = s.tags().collect();
     pb::Span {
         trace_id: s.context.trace_id.to_bytes().to_vec(),
         span_id: s.context.span_id.0.to_be_bytes().to_vec(),
@@ -65,10 +61,10 @@ fn to_proto(s: &Span) -> pb::Span {
 
 /// One batch as an export request, grouped by service.
 pub fn encode(spans: &[Span]) -> ExportTraceServiceRequest {
-    let mut by_service: BTreeMap<&str, Vec<pb::Span>> = BTreeMap::new();
+    let mut by_service: BTreeMap<String, Vec<pb::Span>> = BTreeMap::new();
     for s in spans {
         by_service
-            .entry(s.service_name.as_str())
+            .entry(s.service_name())
             .or_default()
             .push(to_proto(s));
     }
@@ -77,7 +73,7 @@ pub fn encode(spans: &[Span]) -> ExportTraceServiceRequest {
             .into_iter()
             .map(|(service, spans)| pb::ResourceSpans {
                 resource: Some(Resource {
-                    attributes: vec![string_kv("service.name", service)],
+                    attributes: vec![string_kv("service.name", &service)],
                     ..Default::default()
                 }),
                 scope_spans: vec![pb::ScopeSpans {

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, USER_AGENT};
@@ -163,10 +164,14 @@ pub struct Span {
     /// Microseconds since the Unix epoch (Zipkin's unit; OTLP gets nanoseconds).
     pub timestamp_us: u64,
     pub duration_us: u64,
-    pub tags: Vec<(Cow<'static, str>, String)>,
-    /// `<canonical service>.<namespace>`.
-    pub service_name: String,
-    pub local_ip: Option<IpAddr>,
+    /// The request's own tags, in the order set (a later one wins); [`Span::tags`] adds the
+    /// workload's.
+    pub tags: Vec<(Cow<'static, str>, Cow<'static, str>)>,
+    /// Who recorded it (shared by all spans of the pod; None for an unsampled span): Zipkin's
+    /// `localEndpoint`, OTLP's `service.name`, and the `node_id` and `istio.*` tags.
+    pub workload: Option<Arc<Workload>>,
+    /// Istio's `enableIstioTags` when the span was recorded.
+    pub istio_tags: bool,
     pub remote_ip: Option<IpAddr>,
     /// The request's `tracestate`, kept for OTLP's `Span.trace_state`.
     pub trace_state: String,
@@ -177,12 +182,45 @@ impl Span {
         self.context.sampled == Some(true) || self.context.debug
     }
 
+    /// The tag's value (the last one set, as the exporters send it).
     pub fn tag(&self, name: &str) -> Option<&str> {
-        self.tags
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        let mut found = None;
+        for (k, v) in self.tags() {
+            if k == name {
+                found = Some(v);
+            }
+        }
+        found
+    }
+
+    /// Every tag in order: the workload's (`node_id`, `istio.*`) then the request's, so a
+    /// custom tag set later overrides a standard one.
+    pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
+        let workload = self.workload.as_deref().into_iter().flat_map(|w| {
+            let istio: [(&'static str, &str); 5] = [
+                ("istio.canonical_revision", &w.canonical_revision),
+                ("istio.canonical_service", &w.canonical_service),
+                ("istio.mesh_id", &w.mesh_id),
+                ("istio.namespace", &w.namespace),
+                ("istio.cluster_id", &w.cluster_id),
+            ];
+            let n = if self.istio_tags { istio.len() } else { 0 };
+            std::iter::once(("node_id", w.node_id.as_str()))
+                .chain(istio.into_iter().take(n))
+        });
+        workload.chain(self.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
+    }
+
+    /// Zipkin's `localEndpoint.serviceName` and OTLP's `service.name`.
+    pub fn service_name(&self) -> String {
+        self.workload
+            .as_deref()
+            .map(Workload::service_name)
+            .unwrap_or_default()
+    }
+
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.workload.as_deref().and_then(|w| w.ip)
     }
 }
 
@@ -225,8 +263,8 @@ impl SpanBuilder {
                 timestamp_us,
                 duration_us: 0,
                 tags: Vec::new(),
-                service_name: String::new(),
-                local_ip: None,
+                workload: None,
+                istio_tags: false,
                 remote_ip: None,
                 trace_state: String::new(),
             },
@@ -251,50 +289,49 @@ impl SpanBuilder {
     /// Request-time tags (Envoy sets them from the request headers): `node_id`, `component`,
     /// `guid:x-request-id`, `http.url`, `http.method`, `downstream_cluster`, `user_agent`,
     /// `http.protocol`, `peer.address`, the `istio.*` tags and the custom tags.
-    pub fn record_request(&mut self, req: &RequestInfo<'_>, who: &Workload, tags: &TagSettings) {
+    pub fn record_request(
+        &mut self,
+        req: &RequestInfo<'_>,
+        who: &Arc<Workload>,
+        tags: &TagSettings,
+    ) {
         if !self.sampled() {
             return;
         }
         let span = &mut self.span;
-        span.service_name = who.service_name();
-        span.local_ip = who.ip;
+        span.workload = Some(who.clone());
+        span.istio_tags = tags.istio_tags;
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         span.trace_state = header(TRACESTATE.as_str()).unwrap_or_default().to_string();
-        let mut put = |k: &'static str, v: String| span.tags.push((Cow::Borrowed(k), v));
-        put("node_id", who.node_id.clone());
-        put("component", "proxy".into());
+        span.tags.reserve(8 + tags.custom_tags.len());
+        let mut put = |k: &'static str, v: Cow<'static, str>| span.tags.push((Cow::Borrowed(k), v));
+        let owned = |v: &str| Cow::Owned(v.to_string());
+        put("component", Cow::Borrowed("proxy"));
         if let Some(id) = header("x-request-id") {
-            put("guid:x-request-id", id.to_string());
+            put("guid:x-request-id", owned(id));
         }
         let path = header("x-envoy-original-path").unwrap_or(req.path);
         let path = truncate(path, tags.max_path_tag_length);
         let scheme = header("x-forwarded-proto").unwrap_or(req.scheme);
-        put("http.url", format!("{scheme}://{}{path}", req.authority));
-        put("http.method", req.method.to_string());
+        put(
+            "http.url",
+            Cow::Owned(format!("{scheme}://{}{path}", req.authority)),
+        );
+        put("http.method", owned(req.method));
         put(
             "downstream_cluster",
-            header("x-envoy-downstream-service-cluster")
-                .unwrap_or("-")
-                .to_string(),
+            header("x-envoy-downstream-service-cluster").map_or(Cow::Borrowed("-"), owned),
         );
         put(
             "user_agent",
             req.headers
                 .get(USER_AGENT)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string(),
+                .map_or(Cow::Borrowed("-"), owned),
         );
-        put("http.protocol", protocol(req.version).to_string());
+        put("http.protocol", Cow::Borrowed(protocol(req.version)));
         if let Some(peer) = req.peer {
-            put("peer.address", peer.to_string());
-        }
-        if tags.istio_tags {
-            put("istio.canonical_revision", who.canonical_revision.clone());
-            put("istio.canonical_service", who.canonical_service.clone());
-            put("istio.mesh_id", who.mesh_id.clone());
-            put("istio.namespace", who.namespace.clone());
-            put("istio.cluster_id", who.cluster_id.clone());
+            put("peer.address", Cow::Owned(peer.to_string()));
         }
         for custom in &tags.custom_tags {
             let value = match &custom.value {
@@ -308,7 +345,8 @@ impl SpanBuilder {
                 CustomTagValue::Environment { value } => value.clone(),
             };
             if let Some(value) = value {
-                span.tags.push((Cow::Owned(custom.tag.clone()), value));
+                span.tags
+                    .push((Cow::Owned(custom.tag.clone()), Cow::Owned(value)));
             }
         }
     }
@@ -325,25 +363,28 @@ impl SpanBuilder {
         }
         let span = &mut self.span;
         span.remote_ip = resp.remote_ip;
-        let mut put = |k: &'static str, v: String| span.tags.push((Cow::Borrowed(k), v));
-        put("request_size", resp.request_size.to_string());
-        put("response_size", resp.response_size.to_string());
+        let mut put = |k: &'static str, v: Cow<'static, str>| span.tags.push((Cow::Borrowed(k), v));
+        put("request_size", Cow::Owned(resp.request_size.to_string()));
+        put("response_size", Cow::Owned(resp.response_size.to_string()));
         if let Some(cluster) = resp.upstream_cluster {
-            put("upstream_cluster", cluster.to_string());
+            put("upstream_cluster", Cow::Owned(cluster.to_string()));
             put(
                 "upstream_cluster.name",
-                resp.upstream_cluster_name.unwrap_or(cluster).to_string(),
+                Cow::Owned(resp.upstream_cluster_name.unwrap_or(cluster).to_string()),
             );
         }
-        put("http.status_code", resp.status.unwrap_or(0).to_string());
+        put(
+            "http.status_code",
+            Cow::Owned(resp.status.unwrap_or(0).to_string()),
+        );
         let flags = if resp.response_flags.is_empty() {
-            "-"
+            Cow::Borrowed("-")
         } else {
-            resp.response_flags
+            Cow::Owned(resp.response_flags.to_string())
         };
-        put("response_flags", flags.to_string());
+        put("response_flags", flags);
         if resp.status.is_none_or(|s| (500..600).contains(&s)) {
-            put("error", "true".to_string());
+            put("error", Cow::Borrowed("true"));
         }
         self.span
     }
@@ -379,8 +420,8 @@ mod tests {
     use crate::trace::sampling::{Decision, DecisionReason};
     use http::HeaderValue;
 
-    fn workload(svc: &str) -> Workload {
-        Workload {
+    fn workload(svc: &str) -> Arc<Workload> {
+        Arc::new(Workload {
             canonical_service: svc.into(),
             canonical_revision: "v1".into(),
             namespace: "default".into(),
@@ -388,7 +429,7 @@ mod tests {
             cluster_id: "Kubernetes".into(),
             node_id: format!("sidecar~10.0.0.1~{svc}-1.default~default.svc.cluster.local"),
             ip: Some("10.0.0.1".parse().expect("ip")),
-        }
+        })
     }
 
     fn yes() -> Decision {
@@ -441,7 +482,7 @@ mod tests {
             remote_ip: None,
         });
         assert_eq!(span.name, "reviews.default.svc.cluster.local:9080/*");
-        assert_eq!(span.service_name, "productpage.default");
+        assert_eq!(span.service_name(), "productpage.default");
         let want = [
             ("http.method", "GET"),
             ("http.url", "http://reviews:9080/reviews"),

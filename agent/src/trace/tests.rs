@@ -5,6 +5,7 @@
 mod collectors;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -15,8 +16,8 @@ use tokio::runtime::Handle;
 use super::*;
 use collectors::{Collector, Received};
 
-fn workload(svc: &str, ip: &str) -> Workload {
-    Workload {
+fn workload(svc: &str, ip: &str) -> Arc<Workload> {
+    Arc::new(Workload {
         canonical_service: svc.into(),
         canonical_revision: "v1".into(),
         namespace: "default".into(),
@@ -24,7 +25,7 @@ fn workload(svc: &str, ip: &str) -> Workload {
         cluster_id: "Kubernetes".into(),
         node_id: format!("sidecar~{ip}~{svc}-0.default~default.svc.cluster.local"),
         ip: Some(ip.parse().expect("ip")),
-    }
+    })
 }
 
 fn fast_batch() -> BatchSettings {
@@ -46,7 +47,7 @@ fn tracer(provider: Provider, batch: &BatchSettings) -> (Tracer, TraceMetrics) {
 fn hop(
     tracer: &Tracer,
     kind: SpanKind,
-    who: &Workload,
+    who: &Arc<Workload>,
     host: &str,
     percent: f64,
     headers: &HeaderMap,

@@ -52,9 +52,11 @@ fn endpoint(service_name: Option<&str>, ip: Option<IpAddr>) -> Endpoint<'_> {
 
 /// One batch as the JSON body of a `POST /api/v2/spans`.
 pub fn encode(spans: &[Span]) -> Result<Vec<u8>, TraceError> {
+    let names: Vec<String> = spans.iter().map(Span::service_name).collect();
     let body: Vec<ZipkinSpan<'_>> = spans
         .iter()
-        .map(|s| ZipkinSpan {
+        .zip(&names)
+        .map(|(s, service)| ZipkinSpan {
             trace_id: s.context.trace_id.to_string(),
             id: s.context.span_id.to_string(),
             parent_id: s.context.parent_span_id.map(|p| p.to_string()),
@@ -65,14 +67,10 @@ pub fn encode(spans: &[Span]) -> Result<Vec<u8>, TraceError> {
             },
             timestamp: s.timestamp_us,
             duration: s.duration_us,
-            local_endpoint: endpoint(Some(&s.service_name), s.local_ip),
+            local_endpoint: endpoint(Some(service), s.local_ip()),
             remote_endpoint: s.remote_ip.map(|ip| endpoint(None, Some(ip))),
             // Later values win, so a custom tag can override a standard one.
-            tags: s
-                .tags
-                .iter()
-                .map(|(k, v)| (k.as_ref(), v.as_str()))
-                .collect(),
+            tags: s.tags().collect(),
             debug: s.context.debug,
         })
         .collect();

@@ -169,6 +169,7 @@ impl Node {
                 identity: pod.identity(),
                 istio: w.istio.clone(),
                 baggage: http::HeaderValue::from_str(&crate::node::discovery::baggage(&w)).ok(),
+                trace_workload: Default::default(),
             });
             leases.push(secrets.acquire(&ctx.identity));
             let bind = |port| {
