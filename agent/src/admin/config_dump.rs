@@ -371,11 +371,14 @@ fn tls_match(m: &TlsMatch) -> Vec<String> {
     out
 }
 
+/// Istio: a lone destination receives all traffic whatever its weight (usually unset, 0), so it
+/// shows as 100, what it gets; with several, each shows its weight.
 fn destinations(d: &[crate::routing::WeightedDestination]) -> Vec<DestinationDump> {
+    let lone = d.len() == 1;
     d.iter()
         .map(|d| DestinationDump {
             cluster: d.cluster.to_string(),
-            weight: d.weight,
+            weight: if lone { 100 } else { d.weight },
         })
         .collect()
 }

@@ -324,6 +324,9 @@ async fn config_dump_shows_compiled_routes_and_clusters_with_the_ejected_endpoin
             "uri prefix /api".to_string()
         ]
     );
+    // Istio: a lone destination gets every request, whatever its (unset) weight.
+    let lone: Vec<u32> = vh.http[0].destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(lone, vec![100]);
     let split: Vec<(&str, u32)> = vh.http[1]
         .destinations
         .iter()
