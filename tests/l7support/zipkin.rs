@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
+use super::otlp::Received;
 use super::{full, listen_in_pod};
 
 /// A Zipkin v2 collector in a pod (Jaeger's collector listens so on 9411, where Istio's install
@@ -67,5 +68,23 @@ impl ZipkinCollector {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<Value> {
         self.spans.lock().expect("spans").clone()
+    }
+}
+
+/// A Zipkin v2 span (`traceId`, `id`, `parentId`, `name`, `kind`, `localEndpoint.serviceName`,
+/// `tags`) in the form the OTLP collectors keep.
+pub fn received(span: &Value) -> Received {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    Received {
+        trace_id: text(&span["traceId"]),
+        id: text(&span["id"]),
+        parent_id: span["parentId"].as_str().map(str::to_string),
+        name: text(&span["name"]),
+        kind: text(&span["kind"]),
+        service_name: text(&span["localEndpoint"]["serviceName"]),
+        tags: span["tags"]
+            .as_object()
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), text(v))).collect())
+            .unwrap_or_default(),
     }
 }
