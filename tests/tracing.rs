@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
 use l7support::otlp::{OtlpCollector, Received};
-use l7support::zipkin::{self, ZipkinCollector};
+use l7support::zipkin::ZipkinCollector;
 use l7support::{metric, sa, start_agents, write_istio, CallerApp, Conn, HttpApp, NS};
 use support::{in_pod, settled, SETTLE};
 
@@ -49,7 +49,7 @@ enum Collector {
 impl Collector {
     fn spans(&self) -> Vec<Received> {
         match self {
-            Collector::Zipkin(z) => z.spans().iter().map(zipkin::received).collect(),
+            Collector::Zipkin(z) => z.spans(),
             Collector::Otlp(o) => o.spans(),
         }
     }
