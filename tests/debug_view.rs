@@ -463,6 +463,13 @@ spec:
             let table = zc(node, &["certificates"]);
             let rows = rows_with(&table, &[&id, "Leaf", "Available", "true", expiry]);
             assert_eq!(rows.len(), 1, "{table}");
+            // The mesh root it chains to, as ztunnel's `rootCerts` and istioctl's Root row.
+            let root = &c["rootCerts"][0];
+            assert_eq!(root["type"], "Root", "{c:#}");
+            assert_eq!(root["fingerprintSha256"], c["rootFingerprint"], "{c:#}");
+            let root_expiry = root["expirationTime"].as_str().expect("root expiry");
+            let rows = rows_with(&table, &[&id, "Root", "Available", "true", root_expiry]);
+            assert_eq!(rows.len(), 1, "{table}");
         }
     }
 

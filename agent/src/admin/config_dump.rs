@@ -709,6 +709,16 @@ fn certificates(
                             .position(|s| s.as_ref() == Some(&issuer))?;
                         root_dumps[i].fingerprint_sha256.clone()
                     });
+                    d.root_certs = root_dumps
+                        .iter()
+                        .filter(|r| {
+                            !d.cert_chain.iter().any(|c| {
+                                c.fingerprint_sha256.is_some()
+                                    && c.fingerprint_sha256 == r.fingerprint_sha256
+                            })
+                        })
+                        .cloned()
+                        .collect();
                     d.expires_in_seconds = Some(match cert.not_after.duration_since(now) {
                         Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
                         Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),

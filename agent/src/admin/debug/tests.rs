@@ -413,6 +413,13 @@ async fn config_dump_shows_the_certificates_the_manager_holds() {
     let root = f.admin.secrets.trust_bundle().root_certs()[0].clone();
     let fp = config_dump::fingerprint(&root);
     assert_eq!(c.root_fingerprint.as_deref(), Some(fp.as_str()));
+    // ztunnel's `rootCerts`, which istioctl prints as Root rows.
+    let roots: Vec<(&str, Option<&str>)> = c
+        .root_certs
+        .iter()
+        .map(|r| (r.kind.as_str(), r.fingerprint_sha256.as_deref()))
+        .collect();
+    assert_eq!(roots, vec![("Root", Some(fp.as_str()))]);
     assert_eq!(
         d.trust_bundle[0].fingerprint_sha256.as_deref(),
         Some(fp.as_str())
