@@ -1,24 +1,28 @@
 //! Tracing through real agents (issue 13, acceptance 2 and 3), configured as Istio users do: the
 //! mesh config from a typical install guide (`enableTracing`, `defaultConfig.tracing.sampling`,
 //! `zipkin.address`), and a Telemetry object that overrides the sampling. Spans go to a Zipkin
-//! v2 collector in a pod (Jaeger's collector port 9411), decoded as Zipkin's JSON.
+//! v2 collector in a pod (Jaeger's collector port 9411), decoded as Zipkin's JSON, or to an
+//! OpenTelemetry collector (OTLP over gRPC on 4317, over HTTP on 4318) decoded with the OTLP
+//! protobuf types, selected by the mesh's `defaultProviders.tracing` or a Telemetry object.
 
 mod l7support;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
-use l7support::{
-    metric, sa, start_agents, write_istio, zipkin::ZipkinCollector, CallerApp, Conn, HttpApp, NS,
-};
-use serde_json::Value;
+use l7support::otlp::{OtlpCollector, Received};
+use l7support::zipkin::ZipkinCollector;
+use l7support::{metric, sa, start_agents, write_istio, CallerApp, Conn, HttpApp, NS};
 use support::{in_pod, settled, SETTLE};
 
 const B: Ipv4Addr = Ipv4Addr::new(10, 96, 23, 10);
 const C: Ipv4Addr = Ipv4Addr::new(10, 96, 23, 11);
 const ZIPKIN_PORT: u16 = 9411;
+/// An OpenTelemetry collector's OTLP/gRPC and OTLP/HTTP ports.
+const OTLP_GRPC_PORT: u16 = 4317;
+const OTLP_HTTP_PORT: u16 = 4318;
 
 /// The `istio` ConfigMap of the root namespace with this mesh config.
 fn mesh(config: &str) -> String {
@@ -36,11 +40,26 @@ fn guide_mesh(sampling: f64, collector: &Pod) -> String {
     ))
 }
 
+/// The collector the chain's agents send to.
+enum Collector {
+    Zipkin(ZipkinCollector),
+    Otlp(OtlpCollector),
+}
+
+impl Collector {
+    fn spans(&self) -> Vec<Received> {
+        match self {
+            Collector::Zipkin(z) => z.spans(),
+            Collector::Otlp(o) => o.spans(),
+        }
+    }
+}
+
 struct Chain {
     _world: World,
     agents: Vec<LocalAgent>,
     a: Pod,
-    collector: ZipkinCollector,
+    collector: Collector,
     jaeger: Pod,
     _apps: (CallerApp, HttpApp),
 }
@@ -48,6 +67,19 @@ struct Chain {
 /// A (n1) → B (n2) → C (n3), B forwarding the trace headers as Istio asks of apps, and a
 /// Zipkin collector outside the mesh.
 fn chain(name: &str, istio: impl Fn(&Pod) -> String) -> Chain {
+    chain_to(
+        name,
+        |pod| Collector::Zipkin(ZipkinCollector::start(pod, ZIPKIN_PORT)),
+        istio,
+    )
+}
+
+/// [`chain`] with the collector `start` puts in the collector pod.
+fn chain_to(
+    name: &str,
+    start: impl FnOnce(&Pod) -> Collector,
+    istio: impl Fn(&Pod) -> String,
+) -> Chain {
     support::raise_fd_limit();
     let world = World::new(name);
     let (n1, n2, n3) = (world.node("n1"), world.node("n2"), world.node("n3"));
@@ -75,7 +107,7 @@ fn chain(name: &str, istio: impl Fn(&Pod) -> String) -> Chain {
         .namespace("observability")
         .label("app", "jaeger")
         .spawn();
-    let collector = ZipkinCollector::start(&jaeger, ZIPKIN_PORT);
+    let collector = start(&jaeger);
     let caller = CallerApp::start(&b, 8080, sa(C, 80), "c");
     let app = HttpApp::start(&c, 8080);
     let http = |t| [SvcPort::named("http", 80, t)];
@@ -122,27 +154,22 @@ fn counter(metrics: &str, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn tag<'a>(span: &'a Value, name: &str) -> Option<&'a str> {
-    span["tags"][name].as_str()
-}
-
 /// Spans of requests whose `x-request-id` starts with `prefix`, by trace id.
-fn traces(spans: &[Value], prefix: &str) -> BTreeMap<String, Vec<Value>> {
-    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+fn traces(spans: &[Received], prefix: &str) -> BTreeMap<String, Vec<Received>> {
+    let mut out: BTreeMap<String, Vec<Received>> = BTreeMap::new();
     for s in spans {
-        if tag(s, "guid:x-request-id").is_some_and(|id| id.starts_with(prefix)) {
-            let trace = s["traceId"].as_str().unwrap_or_default().to_string();
-            out.entry(trace).or_default().push(s.clone());
+        if s.tag("guid:x-request-id")
+            .is_some_and(|id| id.starts_with(prefix))
+        {
+            out.entry(s.trace_id.clone()).or_default().push(s.clone());
         }
     }
     out
 }
 
 /// One trace of four spans for A → B → C: CLIENT (n1) ← SERVER (n2) ← CLIENT (n2) ← SERVER (n3),
-/// each the parent of the next, with Envoy's names and Istio's tags.
-#[test]
-fn a_request_chain_is_one_trace_of_four_spans() {
-    let chain = chain("trace-chain", |jaeger| guide_mesh(100.0, jaeger));
+/// each the parent of the next, with Envoy's names and Istio's tags, whichever collector got them.
+fn assert_one_trace_of_four_spans(chain: &Chain) {
     call_b(&chain.a, "chain", 1);
     let spans = settled(
         || chain.collector.spans(),
@@ -152,36 +179,24 @@ fn a_request_chain_is_one_trace_of_four_spans() {
     assert_eq!(traces.len(), 1, "one trace: {traces:#?}");
     let trace = traces.values().next().expect("the trace");
     assert_eq!(trace.len(), 4, "{trace:#?}");
-    let by_id: BTreeMap<&str, &Value> = trace
-        .iter()
-        .map(|s| (s["id"].as_str().unwrap_or_default(), s))
-        .collect();
+    let ids: BTreeSet<&str> = trace.iter().map(|s| s.id.as_str()).collect();
     // The root is A's CLIENT span; every other span's parent is the one before it.
-    let root: Vec<&Value> = trace.iter().filter(|s| s["parentId"].is_null()).collect();
+    let root: Vec<&Received> = trace.iter().filter(|s| s.parent_id.is_none()).collect();
     assert_eq!(root.len(), 1, "one root: {trace:#?}");
     let mut order = vec![root[0]];
     while let Some(child) = trace
         .iter()
-        .find(|s| s["parentId"].as_str() == order.last().and_then(|p| p["id"].as_str()))
+        .find(|s| s.parent_id.as_deref() == order.last().map(|p| p.id.as_str()))
     {
         order.push(child);
     }
     assert_eq!(order.len(), 4, "a chain of parents: {trace:#?}");
-    assert_eq!(by_id.len(), 4, "distinct span ids");
-    let kinds: Vec<&str> = order
-        .iter()
-        .map(|s| s["kind"].as_str().unwrap_or(""))
-        .collect();
+    assert_eq!(ids.len(), 4, "distinct span ids");
+    let kinds: Vec<&str> = order.iter().map(|s| s.kind.as_str()).collect();
     assert_eq!(kinds, ["CLIENT", "SERVER", "CLIENT", "SERVER"]);
-    let services: Vec<&str> = order
-        .iter()
-        .map(|s| s["localEndpoint"]["serviceName"].as_str().unwrap_or(""))
-        .collect();
+    let services: Vec<&str> = order.iter().map(|s| s.service_name.as_str()).collect();
     assert_eq!(services, ["a.mesh", "b.mesh", "b.mesh", "c.mesh"]);
-    let names: Vec<&str> = order
-        .iter()
-        .map(|s| s["name"].as_str().unwrap_or(""))
-        .collect();
+    let names: Vec<&str> = order.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -192,31 +207,77 @@ fn a_request_chain_is_one_trace_of_four_spans() {
         ]
     );
     for s in &order {
-        assert_eq!(tag(s, "http.method"), Some("GET"), "{s}");
-        assert_eq!(tag(s, "http.status_code"), Some("200"), "{s}");
-        assert_eq!(tag(s, "response_flags"), Some("-"), "{s}");
-        assert_eq!(tag(s, "istio.mesh_id"), Some("cluster.local"), "{s}");
-        assert_eq!(tag(s, "istio.namespace"), Some(NS), "{s}");
-        assert_eq!(tag(s, "component"), Some("proxy"), "{s}");
+        assert_eq!(s.tag("http.method"), Some("GET"), "{s:?}");
+        assert_eq!(s.tag("http.status_code"), Some("200"), "{s:?}");
+        assert_eq!(s.tag("response_flags"), Some("-"), "{s:?}");
+        assert_eq!(s.tag("istio.mesh_id"), Some("cluster.local"), "{s:?}");
+        assert_eq!(s.tag("istio.namespace"), Some(NS), "{s:?}");
+        assert_eq!(s.tag("component"), Some("proxy"), "{s:?}");
         assert!(
-            tag(s, "node_id").is_some_and(|n| n.starts_with("sidecar~")),
-            "{s}"
+            s.tag("node_id").is_some_and(|n| n.starts_with("sidecar~")),
+            "{s:?}"
         );
-        assert!(tag(s, "peer.address").is_some(), "{s}");
-        assert!(tag(s, "request_size").is_some() && tag(s, "response_size").is_some());
-        assert!(tag(s, "error").is_none(), "{s}");
+        assert!(s.tag("peer.address").is_some(), "{s:?}");
+        assert!(s.tag("http.url").is_some(), "{s:?}");
+        assert!(s.tag("request_size").is_some() && s.tag("response_size").is_some());
+        assert!(s.tag("error").is_none(), "{s:?}");
     }
     assert_eq!(
-        tag(order[0], "upstream_cluster"),
+        order[0].tag("upstream_cluster"),
         Some("outbound|80||b.mesh.svc.cluster.local")
     );
-    assert_eq!(tag(order[1], "upstream_cluster"), Some("inbound|8080||"));
-    assert_eq!(tag(order[0], "istio.canonical_service"), Some("a"));
-    assert_eq!(tag(order[3], "istio.canonical_service"), Some("c"));
+    assert_eq!(order[1].tag("upstream_cluster"), Some("inbound|8080||"));
+    assert_eq!(order[0].tag("istio.canonical_service"), Some("a"));
+    assert_eq!(order[3].tag("istio.canonical_service"), Some("c"));
     // The exporter counts a batch once the collector has answered: wait for it.
     chain.agents[0].wait_for_metrics("n1 counted its exported span", SETTLE, |m| {
         counter(m, "ambit_spans_exported_total") >= 1
     });
+}
+
+/// The install guide's mesh config, to Jaeger's Zipkin port.
+#[test]
+fn a_request_chain_is_one_trace_of_four_spans() {
+    let chain = chain("trace-chain", |jaeger| guide_mesh(100.0, jaeger));
+    assert_one_trace_of_four_spans(&chain);
+}
+
+/// An `opentelemetry` extension provider (gRPC: neither `http` nor `grpc` set, Istio's default)
+/// chosen by the mesh's `defaultProviders.tracing`, sampling from `defaultConfig.tracing`.
+#[test]
+fn a_request_chain_is_one_trace_of_four_spans_over_otlp_grpc() {
+    let chain = chain_to(
+        "trace-otlp-grpc",
+        |pod| Collector::Otlp(OtlpCollector::grpc(pod, OTLP_GRPC_PORT)),
+        |collector| {
+            mesh(&format!(
+                "enableTracing: true\ndefaultConfig:\n  tracing:\n    sampling: 100\nextensionProviders:\n- name: otel\n  opentelemetry:\n    service: {}\n    port: {OTLP_GRPC_PORT}\ndefaultProviders:\n  tracing: [otel]\n",
+                collector.ip4()
+            ))
+        },
+    );
+    assert_one_trace_of_four_spans(&chain);
+}
+
+/// An `opentelemetry` provider with `http: {path}` (OTLP/HTTP, protobuf), chosen by a
+/// root-namespace Telemetry object with `randomSamplingPercentage: 100`.
+#[test]
+fn a_request_chain_is_one_trace_of_four_spans_over_otlp_http() {
+    const PATH: &str = "/otlp/v1/traces";
+    let chain = chain_to(
+        "trace-otlp-http",
+        |pod| Collector::Otlp(OtlpCollector::http(pod, OTLP_HTTP_PORT, PATH)),
+        |collector| {
+            let mesh = mesh(&format!(
+                "extensionProviders:\n- name: otel-http\n  opentelemetry:\n    service: {}\n    port: {OTLP_HTTP_PORT}\n    http:\n      path: {PATH}\n      timeout: 5s\n",
+                collector.ip4()
+            ));
+            format!(
+                "{mesh}---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\nspec:\n  tracing:\n  - providers: [{{name: otel-http}}]\n    randomSamplingPercentage: 100\n"
+            )
+        },
+    );
+    assert_one_trace_of_four_spans(&chain);
 }
 
 /// Sampling at 50 % (the guide's mesh config with `sampling: 50`) samples 50 % ± 7 % of 1,000
@@ -233,7 +294,7 @@ fn sampling_follows_the_mesh_config_and_the_telemetry_api_live() {
             .values()
             .filter(|t| {
                 t.iter()
-                    .any(|s| s["kind"] == "CLIENT" && s["localEndpoint"]["serviceName"] == "a.mesh")
+                    .any(|s| s.kind == "CLIENT" && s.service_name == "a.mesh")
             })
             .count()
     };

@@ -584,7 +584,8 @@ fn certificates(d: &ConfigDump, now: SystemTime) -> String {
             ]);
             continue;
         }
-        for cert in &c.cert_chain {
+        // istioctl: the chain (leaf first), then each root as a `Root` row.
+        for cert in c.cert_chain.iter().chain(&c.root_certs) {
             rows.push(vec![
                 c.identity.clone(),
                 cert.kind.clone(),

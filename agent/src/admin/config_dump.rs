@@ -371,11 +371,14 @@ fn tls_match(m: &TlsMatch) -> Vec<String> {
     out
 }
 
+/// Istio: a lone destination receives all traffic whatever its weight (usually unset, 0), so it
+/// shows as 100, what it gets; with several, each shows its weight.
 fn destinations(d: &[crate::routing::WeightedDestination]) -> Vec<DestinationDump> {
+    let lone = d.len() == 1;
     d.iter()
         .map(|d| DestinationDump {
             cluster: d.cluster.to_string(),
-            weight: d.weight,
+            weight: if lone { 100 } else { d.weight },
         })
         .collect()
 }
@@ -706,6 +709,16 @@ fn certificates(
                             .position(|s| s.as_ref() == Some(&issuer))?;
                         root_dumps[i].fingerprint_sha256.clone()
                     });
+                    d.root_certs = root_dumps
+                        .iter()
+                        .filter(|r| {
+                            !d.cert_chain.iter().any(|c| {
+                                c.fingerprint_sha256.is_some()
+                                    && c.fingerprint_sha256 == r.fingerprint_sha256
+                            })
+                        })
+                        .cloned()
+                        .collect();
                     d.expires_in_seconds = Some(match cert.not_after.duration_since(now) {
                         Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
                         Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),

@@ -230,6 +230,10 @@ pub struct CertsDump {
     pub state: String,
     /// Leaf first.
     pub cert_chain: Vec<CertDump>,
+    /// ztunnel: the roots the workload's certificate is verified against (istioctl prints each
+    /// as a `Root` row after the chain); here the trust bundle's, less any the chain holds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub root_certs: Vec<CertDump>,
     /// SHA-256 of the trust-bundle root the chain ends at.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_fingerprint: Option<String>,

@@ -77,6 +77,13 @@ fn dump() -> ConfigDump {
                     expiration_time: "2025-01-02T00:00:00Z".into(),
                     fingerprint_sha256: None,
                 }],
+                root_certs: vec![CertDump {
+                    kind: "Root".into(),
+                    serial_number: "01".into(),
+                    valid_from: "2024-01-01T00:00:00Z".into(),
+                    expiration_time: "2034-01-01T00:00:00Z".into(),
+                    fingerprint_sha256: Some("AB:CD".into()),
+                }],
                 ..CertsDump::default()
             },
             CertsDump {
@@ -187,6 +194,25 @@ fn certificates_are_valid_only_inside_their_validity() {
         ]
     );
     assert_eq!(row(&after, "productpage")[3], "false");
+    // istioctl: the roots follow the chain, each a Root row of the same identity.
+    let rows: Vec<&str> = inside
+        .lines()
+        .filter(|l| l.contains("sa/productpage"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{inside}");
+    let root: Vec<&str> = rows[1].split_whitespace().collect();
+    assert_eq!(
+        root,
+        vec![
+            "spiffe://cluster.local/ns/bookinfo/sa/productpage",
+            "Root",
+            "Available",
+            "true",
+            "01",
+            "2034-01-01T00:00:00Z",
+            "2024-01-01T00:00:00Z"
+        ]
+    );
     assert_eq!(
         row(&inside, "ratings"),
         vec![

@@ -324,6 +324,9 @@ async fn config_dump_shows_compiled_routes_and_clusters_with_the_ejected_endpoin
             "uri prefix /api".to_string()
         ]
     );
+    // Istio: a lone destination gets every request, whatever its (unset) weight.
+    let lone: Vec<u32> = vh.http[0].destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(lone, vec![100]);
     let split: Vec<(&str, u32)> = vh.http[1]
         .destinations
         .iter()
@@ -410,6 +413,13 @@ async fn config_dump_shows_the_certificates_the_manager_holds() {
     let root = f.admin.secrets.trust_bundle().root_certs()[0].clone();
     let fp = config_dump::fingerprint(&root);
     assert_eq!(c.root_fingerprint.as_deref(), Some(fp.as_str()));
+    // ztunnel's `rootCerts`, which istioctl prints as Root rows.
+    let roots: Vec<(&str, Option<&str>)> = c
+        .root_certs
+        .iter()
+        .map(|r| (r.kind.as_str(), r.fingerprint_sha256.as_deref()))
+        .collect();
+    assert_eq!(roots, vec![("Root", Some(fp.as_str()))]);
     assert_eq!(
         d.trust_bundle[0].fingerprint_sha256.as_deref(),
         Some(fp.as_str())
