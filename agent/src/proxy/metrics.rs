@@ -263,6 +263,8 @@ pub struct ConnectionResult {
     logged: Option<Arc<EffectiveTelemetry>>,
     /// Istio's cluster name, for the access log.
     cluster: Option<String>,
+    /// The app's SNI, for the access log.
+    sni: Option<String>,
     /// The stream was served as HTTP: its requests were logged one by one, as Envoy's HTTP
     /// connection manager does, and the connection writes no line of its own to those logs.
     l7: bool,
@@ -310,6 +312,7 @@ impl ConnectionResult {
             recorded,
             logged,
             cluster: None,
+            sni: None,
             l7: false,
             started: SystemTime::now(),
             start: Instant::now(),
@@ -334,6 +337,11 @@ impl ConnectionResult {
     /// `inbound|port||`), for the access log.
     pub fn set_cluster(&mut self, name: String) {
         self.cluster = Some(name);
+    }
+
+    /// The SNI of the app's ClientHello (a port routed by it), for the access log.
+    pub fn set_requested_server_name(&mut self, sni: &str) {
+        self.sni = Some(sni.to_owned());
     }
 
     /// The connection carried HTTP that was served (and logged) request by request.
@@ -408,6 +416,7 @@ impl ConnectionResult {
                     downstream: self.downstream,
                     upstream: self.upstream,
                     upstream_cluster: self.cluster.as_deref(),
+                    requested_server_name: self.sni.as_deref(),
                     bytes_received: received,
                     bytes_sent: sent,
                     termination_details: termination.as_deref(),

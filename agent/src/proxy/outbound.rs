@@ -268,8 +268,13 @@ async fn tcp(
                 (pod.app_address(peer.0, dst.0), dst.0),
                 settings,
             );
-            if let (true, Some(s)) = (result.logs(), service) {
-                result.set_cluster(format!("outbound|{}||{}", dst.0.port(), s.hostname));
+            if result.logs() {
+                if let Some(s) = service {
+                    result.set_cluster(format!("outbound|{}||{}", dst.0.port(), s.hostname));
+                }
+                if let Some(sni) = sni {
+                    result.set_requested_server_name(sni);
+                }
             }
             result.finish(Err(e));
             reset(stream)
@@ -311,6 +316,9 @@ async fn tcp(
                         .as_ref()
                         .map_or_else(|| PASSTHROUGH_CLUSTER.to_string(), ToString::to_string),
                 );
+                if let Some(sni) = sni {
+                    result.set_requested_server_name(sni);
+                }
             }
             let live = |protocol, endpoint| {
                 pi.connections.register(ConnectionInfo {

@@ -41,6 +41,9 @@ pub struct RequestAttrs<'a> {
     pub duration: Option<Duration>,
     /// `connection.mtls`: the downstream connection was mutual TLS (HBONE).
     pub mtls: Option<bool>,
+    /// `connection.requested_server_name`: the downstream ClientHello's SNI. Envoy always has
+    /// the attribute (empty without one).
+    pub requested_server_name: Option<&'a str>,
     /// `upstream.address`.
     pub upstream_address: Option<SocketAddr>,
     /// `source.address` (`ip:port`, as Envoy's) / `source.port`: the downstream's remote end.
@@ -94,7 +97,13 @@ impl Filter {
         ctx.add_variable_from_value("response", response(attrs));
         ctx.add_variable_from_value(
             "connection",
-            map(vec![("mtls", attrs.mtls.map(Value::Bool))]),
+            map(vec![
+                ("mtls", attrs.mtls.map(Value::Bool)),
+                (
+                    "requested_server_name",
+                    Some(text(attrs.requested_server_name.unwrap_or_default())),
+                ),
+            ]),
         );
         ctx.add_variable_from_value(
             "upstream",

@@ -110,6 +110,7 @@ pub(crate) fn write_sinks(sinks: &Sinks, settings: &AccessLogSettings, line: &Si
         response_code: Some(f.response_code),
         duration: Some(line.duration),
         mtls: Some(line.mtls),
+        requested_server_name: None,
         upstream_address: line.upstream,
         source_address: Some(line.downstream.0),
         destination_address: Some(line.downstream.1),
@@ -154,6 +155,8 @@ pub(crate) struct ConnectionLine<'a> {
     pub upstream: Option<SocketAddr>,
     /// Istio's cluster name (`outbound|port|subset|host`, `inbound|port||`), if known.
     pub upstream_cluster: Option<&'a str>,
+    /// The SNI of the app's ClientHello, on a port routed by it (`%REQUESTED_SERVER_NAME%`).
+    pub requested_server_name: Option<&'a str>,
     /// Bytes from the downstream (Envoy's `%BYTES_RECEIVED%` for TCP).
     pub bytes_received: u64,
     /// Bytes to the downstream.
@@ -165,7 +168,8 @@ pub(crate) struct ConnectionLine<'a> {
 }
 
 impl ConnectionLine<'_> {
-    /// The connection as the CEL filter sees it: `connection.mtls`, `source.*`,
+    /// The connection as the CEL filter sees it: `connection.mtls`,
+    /// `connection.requested_server_name`, `source.*`,
     /// `destination.*`, `upstream.*`, `request.size`/`response.size` and the duration; no
     /// `request.method`/`path`/`headers` and no `response.code` (Envoy has none for a TCP
     /// connection).
@@ -173,6 +177,7 @@ impl ConnectionLine<'_> {
         RequestAttrs {
             duration: Some(self.duration),
             mtls: Some(self.mtls),
+            requested_server_name: self.requested_server_name,
             upstream_address: self.upstream,
             source_address: Some(self.downstream.0),
             destination_address: Some(self.downstream.1),
@@ -194,6 +199,7 @@ impl ConnectionLine<'_> {
             duration: self.duration,
             upstream_host: self.upstream,
             upstream_cluster: self.upstream_cluster,
+            requested_server_name: self.requested_server_name,
             downstream_local_address: Some(self.downstream.1),
             downstream_remote_address: Some(self.downstream.0),
             ..LogFields::default()

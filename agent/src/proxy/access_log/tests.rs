@@ -19,6 +19,7 @@ fn line() -> ConnectionLine<'static> {
         ),
         upstream: Some("10.44.1.27:3306".parse().expect("addr")),
         upstream_cluster: Some("outbound|3306||mysqldb.default.svc.cluster.local"),
+        requested_server_name: None,
         bytes_received: 1563,
         bytes_sent: 2144,
         termination_details: None,
@@ -87,4 +88,20 @@ fn a_sink_that_cannot_open_its_file_counts_its_lines_dropped() {
     sinks.write(path, "one".into());
     sinks.write(path, "two".into());
     assert_eq!(sinks.dropped().get(), 2);
+}
+
+#[test]
+fn a_tls_routed_connection_shows_its_sni() {
+    let tls = ConnectionLine {
+        requested_server_name: Some("a.example.com"),
+        ..line()
+    };
+    let text = Formatter::istio_text().format(&tls.fields());
+    assert!(text.ends_with(" a.example.com -\n"), "{text}");
+    let attrs = tls.attrs();
+    let f = Filter::compile("connection.requested_server_name == 'a.example.com'").expect("f");
+    assert_eq!(f.evaluate(&attrs), Ok(true));
+    // Without one, Envoy's attribute is the empty string.
+    let f = Filter::compile("connection.requested_server_name == ''").expect("f");
+    assert_eq!(f.evaluate(&line().attrs()), Ok(true));
 }

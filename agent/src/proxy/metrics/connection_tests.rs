@@ -363,3 +363,29 @@ fn a_stream_served_as_http_writes_its_requests_not_a_connection_line() {
     r.finish(outcome(1, 1));
     assert_eq!(before_marker(&t, &file), Vec::<String>::new());
 }
+
+/// `Snapshot::tcp_telemetry` reads this: only an access log or a TCP metric turned off makes a
+/// side worth looking up for a connection.
+#[test]
+fn only_access_logs_and_tcp_metric_overrides_shape_tcp() {
+    let mut s = EffectiveTelemetry::default();
+    assert!(!s.client.shapes_tcp() && !s.server.shapes_tcp());
+    let off = MetricOverride {
+        disabled: true,
+        ..Default::default()
+    };
+    s.client
+        .metrics
+        .overrides
+        .insert("REQUEST_COUNT".into(), off.clone());
+    assert!(!s.client.shapes_tcp(), "a request metric's override");
+    s.client
+        .metrics
+        .overrides
+        .insert("TCP_RECEIVED_BYTES".into(), off);
+    assert!(s.client.shapes_tcp() && !s.server.shapes_tcp());
+    s.server.metrics.enabled = false;
+    assert!(s.server.shapes_tcp(), "ALL_METRICS off");
+    let logged = logging("/dev/null", LogFormat::Text(None), None);
+    assert!(logged.client.shapes_tcp() && logged.server.shapes_tcp());
+}
