@@ -390,7 +390,9 @@ impl ConnectionResult {
                 counters.received.fetch_add(received, Ordering::Relaxed);
             }
         }
-        let duration = self.start.elapsed();
+        // Read once, and only for a line (a connection that logs nothing reads no clock).
+        let elapsed = std::cell::OnceCell::new();
+        let duration = || *elapsed.get_or_init(|| self.start.elapsed());
         if let (Some(settings), false) = (&self.logged, self.l7) {
             let termination = match error {
                 // Envoy's RBAC network filter's termination details.
@@ -408,7 +410,7 @@ impl ConnectionResult {
                 &side_of(settings, self.labels.reporter).access_log,
                 &ConnectionLine {
                     start_time: self.started,
-                    duration,
+                    duration: duration(),
                     flags,
                     // The downstream connection: mutual TLS only for an HBONE stream at the
                     // destination (the app's connection at the source is plaintext).
@@ -428,7 +430,7 @@ impl ConnectionResult {
             let error = error.map(ToString::to_string);
             log.write(&Entry {
                 start_time: self.started,
-                duration,
+                duration: duration(),
                 labels: &self.labels,
                 trust_domain: &self.telemetry.trust_domain,
                 downstream: self.downstream,
