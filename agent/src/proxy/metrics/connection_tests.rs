@@ -389,3 +389,31 @@ fn only_access_logs_and_tcp_metric_overrides_shape_tcp() {
     let logged = logging("/dev/null", LogFormat::Text(None), None);
     assert!(logged.client.shapes_tcp() && logged.server.shapes_tcp());
 }
+
+#[test]
+fn a_denied_connection_logs_the_policy_as_envoys_rbac_filter_does() {
+    let file = TempFile::new("tcp-deny");
+    let t = Arc::new(Telemetry::new("cluster.local", None));
+    let settings = logging(file.path(), LogFormat::Json(None), None);
+    let mut r = ConnectionResult::open(&t, labels(Reporter::Destination), addrs(), Some(&settings));
+    r.set_cluster("inbound|5432||".into());
+    r.finish(Err(Error::Denied {
+        policy: "mesh/deny-db".into(),
+        reason: "no ALLOW policy matched".into(),
+    }));
+    let v: serde_json::Value = serde_json::from_str(&file.lines(1)[0]).expect("JSON");
+    assert_eq!(v["response_flags"], "DENY", "{v}");
+    assert_eq!(
+        v["connection_termination_details"],
+        "rbac_access_denied_matched_policy[mesh/deny-db]"
+    );
+    assert_eq!(v["bytes_received"], 0);
+    assert_eq!(v["upstream_host"], serde_json::Value::Null);
+    let text = scrape(&t);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("response_flags=\"DENY\"")),
+        "{text}"
+    );
+}
