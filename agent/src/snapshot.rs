@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub default_telemetry: Arc<EffectiveTelemetry>,
     /// Telemetry objects left out (an unknown provider), each naming the object and field.
     pub telemetry_problems: Vec<ObjectError>,
+    /// Whether any workload of this node has settings that change its TCP connections (an
+    /// access log, a TCP metric turned off): when none has, a connection looks nothing up.
+    pub tcp_telemetry: bool,
 }
 
 /// Where the data path loads the latest snapshot from.
@@ -71,7 +74,7 @@ impl Snapshot {
         let (routes, route_problems) =
             crate::routing::compile(&state, root_namespace, namespaces, dns);
         let (mesh, objects, telemetry_problems) = telemetry_inputs(&state, root_namespace);
-        let telemetry = local
+        let telemetry: HashMap<Key, Arc<EffectiveTelemetry>> = local
             .iter()
             .map(|w| {
                 let t =
@@ -86,6 +89,9 @@ impl Snapshot {
             root_namespace,
             &Default::default(),
         ));
+        let tcp_telemetry = telemetry
+            .values()
+            .any(|t| t.client.shapes_tcp() || t.server.shapes_tcp());
         Snapshot {
             state,
             policies,
@@ -95,6 +101,7 @@ impl Snapshot {
             telemetry,
             default_telemetry,
             telemetry_problems,
+            tcp_telemetry,
         }
     }
 

@@ -53,6 +53,23 @@ pub struct SideTelemetry {
     pub metrics: MetricSettings,
 }
 
+impl SideTelemetry {
+    /// Whether these settings change what a TCP connection of this side does: an access log
+    /// writes its line, or one of the four TCP metrics is not recorded. When no workload's do,
+    /// a connection skips looking them up (`Snapshot::tcp_telemetry`).
+    pub fn shapes_tcp(&self) -> bool {
+        self.access_log.enabled()
+            || ![
+                IstioMetric::TcpOpenedConnections,
+                IstioMetric::TcpClosedConnections,
+                IstioMetric::TcpSentBytes,
+                IstioMetric::TcpReceivedBytes,
+            ]
+            .into_iter()
+            .all(|m| self.metrics.records(m))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TracingSettings {
     /// The provider's name (`zipkin` for the legacy `defaultConfig.tracing.zipkin`).

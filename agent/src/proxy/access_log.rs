@@ -1,28 +1,32 @@
-//! The access log, one line per connection (TCP) or per request (HTTP): one JSON object per line, with Envoy's field names where Envoy
-//! has one (`start_time`, `duration`, `downstream_remote_address`, `downstream_local_address`,
-//! `upstream_host`, `bytes_sent`, `bytes_received`, `response_flags`) and Istio's metric label
-//! names for the workloads. Off unless `--access-log` names a destination, as Istio's
-//! `accessLogFile` is empty by default.
+//! The agent's own access log (`--access-log`), one line per connection (TCP) or per request
+//! (HTTP): one JSON object per line, with Envoy's field names where Envoy has one (`start_time`,
+//! `duration`, `downstream_remote_address`, `downstream_local_address`, `upstream_host`,
+//! `bytes_sent`, `bytes_received`, `response_flags`) and Istio's metric label names for the
+//! workloads. Off unless `--access-log` names a destination, as Istio's
+//! `accessLogFile` is empty by default. The logs Istio users configure (mesh config, Telemetry
+//! API) are written by [`sinks`], through the same writer threads.
 //!
 //! Lines go through a bounded queue to a writer thread: the data path never waits for the disk.
 //! When the queue is full the line is dropped and counted (`ambit_access_log_dropped_total`).
 
-use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use super::metrics::{Peer, TcpLabels};
-use crate::config::telemetry::filter::RequestAttrs;
-use crate::config::telemetry::format::LogFields;
-use crate::config::telemetry::AccessLogSettings;
-
 use crate::state::UNKNOWN;
+
+mod sinks;
+#[cfg(test)]
+mod tests;
+
+pub use sinks::Sinks;
+pub(crate) use sinks::{write_connection, write_sinks, ConnectionLine, SinkLine};
 
 /// Lines queued before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
@@ -112,56 +116,6 @@ impl AccessLog {
             self.lines.try_send(line)
         {
             self.dropped.inc();
-        }
-    }
-}
-
-/// The access-log files the mesh config and the Telemetry API name (`accessLogFile`,
-/// `envoyFileAccessLog` providers), each opened on its first line and kept, with one writer
-/// thread each. `/dev/stdout` is the agent's stdout.
-#[derive(Debug, Clone, Default)]
-pub struct Sinks {
-    writers: Arc<Mutex<HashMap<String, Option<AccessLog>>>>,
-    dropped: Counter,
-}
-
-impl Sinks {
-    /// Lines dropped by any access-log writer (`ambit_access_log_dropped_total`).
-    pub fn dropped(&self) -> Counter {
-        self.dropped.clone()
-    }
-
-    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register(
-            "ambit_access_log_dropped",
-            "Access-log lines dropped because the writer fell behind (or its file could not be opened)",
-            self.dropped.clone(),
-        );
-    }
-
-    /// Queues `line` for the file at `path`.
-    pub fn write(&self, path: &str, line: String) {
-        let mut writers = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
-        let writer = writers.entry(path.to_string()).or_insert_with(|| {
-            let target = if path == "/dev/stdout" {
-                Target::Stdout
-            } else {
-                Target::File(PathBuf::from(path))
-            };
-            match AccessLog::start(&target) {
-                Ok(log) => Some(log.counting_in(self.dropped.clone())),
-                Err(e) => {
-                    // Once per path: the entry stays, so the failure is not retried per line.
-                    tracing::warn!(error = %e, "access log not written");
-                    None
-                }
-            }
-        });
-        match writer {
-            Some(w) => w.write_line(line),
-            None => {
-                self.dropped.inc();
-            }
         }
     }
 }
@@ -295,77 +249,3 @@ fn peer<'a>(p: &'a Peer, trust_domain: &str) -> (&'a str, &'a str, String) {
 
 /// Shared so every stage writes to the one writer.
 pub type Shared = Arc<AccessLog>;
-
-/// One request as the configured sinks log it.
-pub(super) struct SinkLine<'a> {
-    pub start_time: SystemTime,
-    pub duration: Duration,
-    pub fields: &'a RequestFields,
-    pub flags: &'a str,
-    pub mtls: bool,
-    pub downstream: (std::net::SocketAddr, std::net::SocketAddr),
-    pub upstream: Option<std::net::SocketAddr>,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-}
-
-/// Writes `line` to each of `settings`' sinks whose filter takes it, in the sink's format.
-pub(super) fn write_sinks(sinks: &Sinks, settings: &AccessLogSettings, line: &SinkLine<'_>) {
-    let f = line.fields;
-    let mut headers = http::HeaderMap::new();
-    if let Ok(v) = http::HeaderValue::from_str(&f.request_id) {
-        headers.insert("x-request-id", v);
-    }
-    if let Some(v) = f
-        .user_agent
-        .as_deref()
-        .and_then(|v| http::HeaderValue::from_str(v).ok())
-    {
-        headers.insert(http::header::USER_AGENT, v);
-    }
-    let attrs = RequestAttrs {
-        method: Some(&f.method),
-        path: Some(&f.path),
-        host: Some(&f.authority),
-        scheme: Some("http"),
-        protocol: Some(f.protocol),
-        headers: Some(&headers),
-        response_code: Some(f.response_code),
-        duration: Some(line.duration),
-        mtls: Some(line.mtls),
-        upstream_address: line.upstream,
-        source_address: Some(line.downstream.0),
-        destination_address: Some(line.downstream.1),
-    };
-    let fields = LogFields {
-        start_time: line.start_time,
-        protocol: Some(f.protocol),
-        response_code: Some(f.response_code),
-        response_flags: line.flags,
-        response_code_details: Some(f.details),
-        bytes_received: line.bytes_received,
-        bytes_sent: line.bytes_sent,
-        duration: line.duration,
-        request_headers: Some(&headers),
-        method: Some(&f.method),
-        path: Some(&f.path),
-        authority: Some(&f.authority),
-        upstream_host: line.upstream,
-        upstream_cluster: f.upstream_cluster.as_deref(),
-        downstream_local_address: Some(line.downstream.1),
-        downstream_remote_address: Some(line.downstream.0),
-        route_name: f.route_name.as_deref(),
-        ..LogFields::default()
-    };
-    for sink in &settings.sinks {
-        if sink
-            .filter
-            .as_ref()
-            .is_some_and(|filter| !filter.matches(&attrs))
-        {
-            continue;
-        }
-        let text = sink.formatter.format(&fields);
-        sinks.write(&sink.path, text.trim_end_matches('\n').to_string());
-    }
-}

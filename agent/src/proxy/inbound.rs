@@ -128,14 +128,21 @@ async fn stream(
         mtls: true,
     };
     let l7_labels = labels.clone();
-    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+    let key = format!("{}/{}", pod.namespace, pod.name);
+    // The destination workload's SERVER settings (Telemetry API), looked up only when some
+    // workload of this node has settings that change TCP connections.
+    let settings = snap.tcp_telemetry.then(|| snap.telemetry_of(&key));
+    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
+    if result.logs() {
+        result.set_cluster(inbound_cluster(dst));
+    }
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, Some(&identity)) {
         answer(&mut respond, StatusCode::UNAUTHORIZED);
         return result.finish(Err(e));
     }
     result.set_upstream(dst.0);
     let _live = pi.connections.register(ConnectionInfo {
-        workload: format!("{}/{}", pod.namespace, pod.name),
+        workload: key.clone(),
         direction: Direction::Inbound,
         protocol: LiveProtocol::Hbone,
         src: peer.0,
@@ -169,13 +176,16 @@ async fn stream(
         drop(snap);
         match inbound_http::classify(tunnel, &app, pi.protocol_detection_timeout).await {
             Carried::Http { io, h2 } => {
+                // Its requests are logged one by one (Envoy's HTTP connection manager writes
+                // no connection line).
+                result.served_as_http();
                 let conn = InboundHttp {
                     pi: pi.clone(),
                     pod: pod.clone(),
                     labels: l7_labels,
                     peer: peer.0,
                     dst: dst.0,
-                    pod_key: format!("{}/{}", pod.namespace, pod.name),
+                    pod_key: key,
                 };
                 inbound_http::serve(conn, io, app, h2).await
             }
@@ -200,6 +210,11 @@ async fn stream(
     };
     super::outbound::finish(&pi, &outcome);
     result.finish(Ok(outcome));
+}
+
+/// Istio's inbound cluster name for a connection to the app's `dst` port.
+pub(super) fn inbound_cluster(dst: OrigDst) -> String {
+    format!("inbound|{}||", dst.0.port())
 }
 
 /// Relays the stream as bytes, `first` (already read from it) to the app first.

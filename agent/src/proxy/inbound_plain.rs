@@ -66,7 +66,14 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         flags: "-",
         mtls: false,
     };
-    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
+    // The destination workload's SERVER settings, as over HBONE.
+    let settings = snap
+        .tcp_telemetry
+        .then(|| snap.telemetry_of(&format!("{}/{}", pod.namespace, pod.name)));
+    let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
+    if result.logs() {
+        result.set_cluster(super::inbound::inbound_cluster(dst));
+    }
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, None) {
         // Closed before the app is reached (a reset: the client sees a refusal).
         reset(stream);

@@ -2,7 +2,8 @@
 //! ztunnel's `proxy/metrics.rs` does): `istio_tcp_connections_opened_total` when it opens, and
 //! `istio_tcp_connections_closed_total`, `istio_tcp_sent_bytes_total` and
 //! `istio_tcp_received_bytes_total` when it ends, with Istio's standard labels; the same result
-//! writes the connection's access-log line.
+//! writes the connection's access-log lines. The Telemetry API applies to connections as to
+//! requests (the workload's side decides which families count it and which access logs get it).
 //!
 //! Label values follow Istio: `reporter` is `source` on the client's node and `destination` on
 //! the server's; workload labels come from the pods (`state::IstioLabels`), `unknown` when not
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
@@ -28,9 +29,14 @@ use prometheus_client::metrics::MetricType;
 
 pub mod requests;
 
-use super::access_log::{AccessLog, Entry, Sinks};
+#[cfg(test)]
+mod connection_tests;
+
+use super::access_log::{write_connection, AccessLog, ConnectionLine, Entry, Sinks};
 use super::copy::{Outcome, Side};
 use super::error::Error;
+use crate::config::istio::telemetry::IstioMetric;
+use crate::config::telemetry::{EffectiveTelemetry, MetricSettings, SideTelemetry};
 use crate::identity::Identity;
 use crate::state::{IstioLabels, Service, UNKNOWN};
 
@@ -101,6 +107,52 @@ struct TcpCounters {
     closed: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
+    /// The families some connection recorded in ([`TcpRecorded`] bits): a family no connection
+    /// of the series records (a Telemetry override turned it off) is not shown for it.
+    recorded: AtomicU8,
+}
+
+impl TcpCounters {
+    fn mark(&self, on: TcpRecorded) {
+        // A load first: once set, the bits cost no write (and no cache-line bounce).
+        if self.recorded.load(Ordering::Relaxed) & on.0 != on.0 {
+            self.recorded.fetch_or(on.0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Which of the four TCP families a connection is recorded in: the Telemetry API's `metrics`
+/// overrides (`TCP_OPENED_CONNECTIONS`, `TCP_CLOSED_CONNECTIONS`, `TCP_SENT_BYTES`,
+/// `TCP_RECEIVED_BYTES` disabled, `ALL_METRICS`, or `prometheus` out of the providers) turn
+/// them off per workload and side, as for the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRecorded(u8);
+
+impl TcpRecorded {
+    pub const OPENED: TcpRecorded = TcpRecorded(1);
+    pub const CLOSED: TcpRecorded = TcpRecorded(2);
+    pub const SENT: TcpRecorded = TcpRecorded(4);
+    pub const RECEIVED: TcpRecorded = TcpRecorded(8);
+    pub const ALL: TcpRecorded = TcpRecorded(15);
+    pub const NONE: TcpRecorded = TcpRecorded(0);
+
+    pub fn of(settings: &MetricSettings) -> TcpRecorded {
+        [
+            (IstioMetric::TcpOpenedConnections, TcpRecorded::OPENED),
+            (IstioMetric::TcpClosedConnections, TcpRecorded::CLOSED),
+            (IstioMetric::TcpSentBytes, TcpRecorded::SENT),
+            (IstioMetric::TcpReceivedBytes, TcpRecorded::RECEIVED),
+        ]
+        .into_iter()
+        .filter(|(m, _)| settings.records(*m))
+        .fold(TcpRecorded::NONE, |acc, (_, bit)| {
+            TcpRecorded(acc.0 | bit.0)
+        })
+    }
+
+    pub fn has(self, family: TcpRecorded) -> bool {
+        self.0 & family.0 == family.0
+    }
 }
 
 /// The four families, as one map from label set to counters (a custom collector, so that series
@@ -196,10 +248,26 @@ impl Telemetry {
 /// One connection's telemetry: opened when created, closed (with bytes, flags and an access-log
 /// line) by [`ConnectionResult::finish`], or as a downstream disconnect if dropped unfinished.
 /// Created with the connection's final labels: the opened count goes to that series at once.
+///
+/// The Telemetry API applies as on the request path: at the source node the source workload's
+/// CLIENT settings, at the destination node the destination workload's SERVER settings (the side
+/// follows `reporter`). They decide which of the four families count the connection and which
+/// access logs (mesh `accessLogFile`, `envoyFileAccessLog` providers) get its line.
 pub struct ConnectionResult {
     telemetry: Arc<Telemetry>,
     labels: TcpLabels,
-    counters: Arc<TcpCounters>,
+    /// The series' counters; None when no family records this connection.
+    counters: Option<Arc<TcpCounters>>,
+    recorded: TcpRecorded,
+    /// The workload's settings, kept only when its side writes access logs.
+    logged: Option<Arc<EffectiveTelemetry>>,
+    /// Istio's cluster name, for the access log.
+    cluster: Option<String>,
+    /// The app's SNI, for the access log.
+    sni: Option<String>,
+    /// The stream was served as HTTP: its requests were logged one by one, as Envoy's HTTP
+    /// connection manager does, and the connection writes no line of its own to those logs.
+    l7: bool,
     started: SystemTime,
     start: Instant,
     /// Downstream: (remote, local) as the proxy accepted it.
@@ -209,17 +277,43 @@ pub struct ConnectionResult {
 }
 
 impl ConnectionResult {
+    /// `settings`: the settings of the workload this node proxies for (the source's at
+    /// `reporter="source"`, the destination's at `reporter="destination"`); None when the
+    /// snapshot says no workload of the node has any that change TCP connections
+    /// (`Snapshot::tcp_telemetry`): everything is recorded and only `--access-log` is written.
     pub fn open(
         telemetry: &Arc<Telemetry>,
         labels: TcpLabels,
         downstream: (SocketAddr, SocketAddr),
+        settings: Option<&Arc<EffectiveTelemetry>>,
     ) -> Self {
-        let counters = telemetry.tcp.get(&labels);
-        counters.opened.fetch_add(1, Ordering::Relaxed);
+        let (recorded, logged) = match settings {
+            None => (TcpRecorded::ALL, None),
+            Some(s) => {
+                let side = side_of(s, labels.reporter);
+                (
+                    TcpRecorded::of(&side.metrics),
+                    side.access_log.enabled().then(|| s.clone()),
+                )
+            }
+        };
+        let counters = (recorded != TcpRecorded::NONE).then(|| {
+            let c = telemetry.tcp.get(&labels);
+            c.mark(recorded);
+            if recorded.has(TcpRecorded::OPENED) {
+                c.opened.fetch_add(1, Ordering::Relaxed);
+            }
+            c
+        });
         ConnectionResult {
             telemetry: telemetry.clone(),
             labels,
             counters,
+            recorded,
+            logged,
+            cluster: None,
+            sni: None,
+            l7: false,
             started: SystemTime::now(),
             start: Instant::now(),
             downstream,
@@ -231,6 +325,28 @@ impl ConnectionResult {
     /// The address the connection went on to (the endpoint, or the app).
     pub fn set_upstream(&mut self, addr: SocketAddr) {
         self.upstream = Some(addr);
+    }
+
+    /// Whether a Telemetry/mesh access log will get this connection's line (so its fields are
+    /// worth making).
+    pub fn logs(&self) -> bool {
+        self.logged.is_some()
+    }
+
+    /// Istio's cluster name of where the connection went (`outbound|port|subset|host`,
+    /// `inbound|port||`), for the access log.
+    pub fn set_cluster(&mut self, name: String) {
+        self.cluster = Some(name);
+    }
+
+    /// The SNI of the app's ClientHello (a port routed by it), for the access log.
+    pub fn set_requested_server_name(&mut self, sni: &str) {
+        self.sni = Some(sni.to_owned());
+    }
+
+    /// The connection carried HTTP that was served (and logged) request by request.
+    pub fn served_as_http(&mut self) {
+        self.l7 = true;
     }
 
     /// Records the end of the connection.
@@ -251,22 +367,70 @@ impl ConnectionResult {
                 };
                 (o.a_to_b, o.b_to_a, flags, None)
             }
-            Err(e) => (0, 0, e.response_flag(), Some(e.to_string())),
+            Err(e) => (0, 0, e.response_flag(), Some(e)),
         };
-        let counters = if flags == self.labels.flags {
-            self.counters.clone()
-        } else {
-            let mut labels = self.labels.clone();
-            labels.flags = flags;
-            self.telemetry.tcp.get(&labels)
-        };
-        counters.closed.fetch_add(1, Ordering::Relaxed);
-        counters.sent.fetch_add(sent, Ordering::Relaxed);
-        counters.received.fetch_add(received, Ordering::Relaxed);
+        if let Some(opened) = &self.counters {
+            let counters = if flags == self.labels.flags {
+                opened.clone()
+            } else {
+                let mut labels = self.labels.clone();
+                labels.flags = flags;
+                let c = self.telemetry.tcp.get(&labels);
+                c.mark(self.recorded);
+                c
+            };
+            let on = self.recorded;
+            if on.has(TcpRecorded::CLOSED) {
+                counters.closed.fetch_add(1, Ordering::Relaxed);
+            }
+            if on.has(TcpRecorded::SENT) {
+                counters.sent.fetch_add(sent, Ordering::Relaxed);
+            }
+            if on.has(TcpRecorded::RECEIVED) {
+                counters.received.fetch_add(received, Ordering::Relaxed);
+            }
+        }
+        // Read once, and only for a line (a connection that logs nothing reads no clock).
+        let elapsed = std::cell::OnceCell::new();
+        let duration = || *elapsed.get_or_init(|| self.start.elapsed());
+        if let (Some(settings), false) = (&self.logged, self.l7) {
+            let termination = match error {
+                // Envoy's RBAC network filter's termination details.
+                Some(Error::Denied { policy, .. }) => {
+                    Some(format!("rbac_access_denied_matched_policy[{policy}]"))
+                }
+                _ => None,
+            };
+            let transport = match error {
+                Some(e @ Error::Tunnel { .. }) => Some(e.to_string()),
+                _ => None,
+            };
+            write_connection(
+                &self.telemetry.sinks,
+                &side_of(settings, self.labels.reporter).access_log,
+                &ConnectionLine {
+                    start_time: self.started,
+                    duration: duration(),
+                    flags,
+                    // The downstream connection: mutual TLS only for an HBONE stream at the
+                    // destination (the app's connection at the source is plaintext).
+                    mtls: self.labels.mtls && self.labels.reporter == Reporter::Destination,
+                    downstream: self.downstream,
+                    upstream: self.upstream,
+                    upstream_cluster: self.cluster.as_deref(),
+                    requested_server_name: self.sni.as_deref(),
+                    bytes_received: received,
+                    bytes_sent: sent,
+                    termination_details: termination.as_deref(),
+                    transport_failure: transport.as_deref(),
+                },
+            );
+        }
         if let Some(log) = &self.telemetry.access_log {
+            let error = error.map(ToString::to_string);
             log.write(&Entry {
                 start_time: self.started,
-                duration: self.start.elapsed(),
+                duration: duration(),
                 labels: &self.labels,
                 trust_domain: &self.telemetry.trust_domain,
                 downstream: self.downstream,
@@ -278,6 +442,14 @@ impl ConnectionResult {
                 request: None,
             });
         }
+    }
+}
+
+/// The settings of the side a reporter is: CLIENT at the source, SERVER at the destination.
+fn side_of(settings: &EffectiveTelemetry, reporter: Reporter) -> &SideTelemetry {
+    match reporter {
+        Reporter::Source => &settings.client,
+        Reporter::Destination => &settings.server,
     }
 }
 
@@ -408,7 +580,7 @@ pub(crate) fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
 
 impl Collector for TcpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let series: Vec<(Labels, [u64; 4])> = {
+        let series: Vec<(Labels, [u64; 4], TcpRecorded)> = {
             let map = self.series.0.lock().unwrap_or_else(PoisonError::into_inner);
             map.iter()
                 .map(|(l, c)| {
@@ -420,6 +592,7 @@ impl Collector for TcpCollector {
                             c.sent.load(Ordering::Relaxed),
                             c.received.load(Ordering::Relaxed),
                         ],
+                        TcpRecorded(c.recorded.load(Ordering::Relaxed)),
                     )
                 })
                 .collect()
@@ -442,9 +615,18 @@ impl Collector for TcpCollector {
                 "The size of total bytes received during request in case of a TCP connection",
             ),
         ];
+        let bits = [
+            TcpRecorded::OPENED,
+            TcpRecorded::CLOSED,
+            TcpRecorded::SENT,
+            TcpRecorded::RECEIVED,
+        ];
         for (i, (name, help)) in families.into_iter().enumerate() {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (labels, values) in &series {
+            // A family a Telemetry override kept every connection of the series out of is not
+            // shown for it (a zero that was never counted would read as "nothing happened").
+            let shown = series.iter().filter(|s| s.2.has(bits[i]));
+            for (labels, values, _) in shown {
                 let set: Vec<(&str, Value<'_>)> =
                     labels.iter().map(|(k, v)| (*k, Value(v))).collect();
                 ConstCounter::new(values[i]).encode(family.encode_family(&LabelSet(&set))?)?;

@@ -66,6 +66,9 @@ impl Outbound {
     }
 }
 
+/// Istio's cluster for a destination no Service or ServiceEntry covers.
+const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
 /// Where a captured connection goes.
 #[derive(Debug, Clone)]
 pub enum Route {
@@ -217,16 +220,17 @@ async fn tcp(
         flags: "-",
         mtls: false,
     };
+    let key = format!("{}/{}", pod.namespace, pod.name);
+    // The source workload's CLIENT settings (Telemetry API), looked up only when some workload
+    // of this node has settings that change TCP connections.
+    let settings = snap.tcp_telemetry.then(|| snap.telemetry_of(&key));
     let conn = L4Conn {
         peer: peer.0,
         dst: dst.0,
         namespace: &pod.namespace,
-        source: snap
-            .state
-            .workloads
-            .get(format!("{}/{}", pod.namespace, pod.name).as_str())
-            .map(|w| &**w),
+        source: snap.state.workloads.get(key.as_str()).map(|w| &**w),
         sni,
+        name_cluster: settings.is_some_and(|s| s.client.access_log.enabled()),
     };
     let routed = route(&snap, pi.secrets.trust_domain(), &pi.balancers, &conn).and_then(
         |(route, active, tcp)| {
@@ -255,15 +259,23 @@ async fn tcp(
                 Error::NoHealthyUpstream { service, .. } => snap.state.service_by_host(service),
                 _ => None,
             };
-            let labels = TcpLabels {
-                service: service.map(ServiceRef),
-                ..labels
-            };
-            let result = ConnectionResult::open(
+            let mut result = ConnectionResult::open(
                 &pi.telemetry,
-                labels,
+                TcpLabels {
+                    service: service.clone().map(ServiceRef),
+                    ..labels
+                },
                 (pod.app_address(peer.0, dst.0), dst.0),
+                settings,
             );
+            if result.logs() {
+                if let Some(s) = service {
+                    result.set_cluster(format!("outbound|{}||{}", dst.0.port(), s.hostname));
+                }
+                if let Some(sni) = sni {
+                    result.set_requested_server_name(sni);
+                }
+            }
             result.finish(Err(e));
             reset(stream)
         }
@@ -294,10 +306,23 @@ async fn tcp(
                 &pi.telemetry,
                 labels,
                 (pod.app_address(peer.0, dst.0), dst.0),
+                settings,
             );
+            if result.logs() {
+                // Envoy names the cluster it forwarded to; a destination no Service or entry
+                // covers goes through `PassthroughCluster`.
+                result.set_cluster(
+                    tcp.cluster
+                        .as_ref()
+                        .map_or_else(|| PASSTHROUGH_CLUSTER.to_string(), ToString::to_string),
+                );
+                if let Some(sni) = sni {
+                    result.set_requested_server_name(sni);
+                }
+            }
             let live = |protocol, endpoint| {
                 pi.connections.register(ConnectionInfo {
-                    workload: format!("{}/{}", pod.namespace, pod.name),
+                    workload: key.clone(),
                     direction: Direction::Outbound,
                     protocol,
                     src: pod.app_address(peer.0, dst.0),
@@ -348,6 +373,8 @@ pub struct TcpPool {
     /// The cluster and its limits (for its `maxConnections` breaker), when its policy sets a
     /// connection pool.
     pub limits: Option<(crate::routing::ClusterKey, Limits)>,
+    /// The cluster, when the connection's access log names it ([`L4Conn::name_cluster`]).
+    pub cluster: Option<crate::routing::ClusterKey>,
 }
 
 impl Default for TcpPool {
@@ -356,14 +383,19 @@ impl Default for TcpPool {
             connect_timeout: crate::proxy::http::client::DEFAULT_CONNECT_TIMEOUT,
             keepalive: None,
             limits: None,
+            cluster: None,
         }
     }
 }
 
 impl TcpPool {
-    fn of(cluster: &crate::routing::Cluster) -> TcpPool {
+    fn of(cluster: &crate::routing::Cluster, named: bool) -> TcpPool {
+        let name = || named.then(|| cluster.key.clone());
         let Some(pool) = cluster.policy.connection_pool.as_ref() else {
-            return TcpPool::default();
+            return TcpPool {
+                cluster: name(),
+                ..TcpPool::default()
+            };
         };
         let tcp = pool.tcp.as_ref();
         TcpPool {
@@ -374,6 +406,7 @@ impl TcpPool {
                 .and_then(|t| t.tcp_keepalive.as_ref())
                 .map(connect::Keepalive::of),
             limits: Limits::of(cluster).map(|l| (cluster.key.clone(), l)),
+            cluster: name(),
         }
     }
 }
@@ -389,6 +422,9 @@ pub struct L4Conn<'a> {
     pub source: Option<&'a Workload>,
     /// The ClientHello's server name, on a port declared TLS or HTTPS.
     pub sni: Option<&'a str>,
+    /// Whether the route should name its cluster (`TcpPool::cluster`): an access log will show
+    /// it. Otherwise the connection does not pay for a copy of the name.
+    pub name_cluster: bool,
 }
 
 /// Decides the route from one snapshot. A Service port goes where its VirtualService's `tls`
@@ -447,7 +483,10 @@ pub fn route(
                 service: cluster.service.clone(),
             },
             ActiveRequest::default(),
-            TcpPool::default(),
+            TcpPool {
+                cluster: conn.name_cluster.then(|| cluster.key.clone()),
+                ..TcpPool::default()
+            },
         ));
     }
     let endpoints = endpoints_for(&cluster.endpoints, dst);
@@ -459,7 +498,7 @@ pub fn route(
         });
     };
     let w = state.workload_by_ip(picked.addr.ip());
-    let tcp = TcpPool::of(&cluster);
+    let tcp = TcpPool::of(&cluster, conn.name_cluster);
     let service = cluster.service.clone().or(Some(service));
     Ok((
         to_workload(state, trust_domain, picked.addr, w, service),

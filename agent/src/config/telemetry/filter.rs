@@ -16,7 +16,11 @@ pub enum FilterError {
 }
 
 /// One request (or connection) as Envoy's attributes describe it. Absent values are absent
-/// attributes: an expression that reads one evaluates to an error, so the line is not written.
+/// attributes: an expression that reads one evaluates to an error, so the line is not written
+/// (Envoy's CEL filter: "expression errors are considered false"). A TCP connection has no
+/// `request.method`/`path`/`headers` and no `response.code`: `response.code >= 400` leaves
+/// every connection out, while `response.code >= 400 || connection.mtls` logs the mTLS ones
+/// (CEL's `||` is true when either side is, even if the other is an error).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestAttrs<'a> {
     /// `request.method`.
@@ -37,12 +41,19 @@ pub struct RequestAttrs<'a> {
     pub duration: Option<Duration>,
     /// `connection.mtls`: the downstream connection was mutual TLS (HBONE).
     pub mtls: Option<bool>,
+    /// `connection.requested_server_name`: the downstream ClientHello's SNI. Envoy always has
+    /// the attribute (empty without one).
+    pub requested_server_name: Option<&'a str>,
     /// `upstream.address`.
     pub upstream_address: Option<SocketAddr>,
-    /// `source.address` / `source.port`.
+    /// `source.address` (`ip:port`, as Envoy's) / `source.port`: the downstream's remote end.
     pub source_address: Option<SocketAddr>,
-    /// `destination.address` / `destination.port`.
+    /// `destination.address` / `destination.port`: the downstream's local end.
     pub destination_address: Option<SocketAddr>,
+    /// `request.size`: body bytes received from the downstream (a TCP connection's bytes).
+    pub request_size: Option<u64>,
+    /// `response.size`: body bytes sent to the downstream.
+    pub response_size: Option<u64>,
 }
 
 /// A compiled filter.
@@ -86,7 +97,13 @@ impl Filter {
         ctx.add_variable_from_value("response", response(attrs));
         ctx.add_variable_from_value(
             "connection",
-            map(vec![("mtls", attrs.mtls.map(Value::Bool))]),
+            map(vec![
+                ("mtls", attrs.mtls.map(Value::Bool)),
+                (
+                    "requested_server_name",
+                    Some(text(attrs.requested_server_name.unwrap_or_default())),
+                ),
+            ]),
         );
         ctx.add_variable_from_value(
             "upstream",
@@ -107,8 +124,9 @@ impl Filter {
         ] {
             ctx.add_variable_from_value(
                 name,
+                // Envoy (`PeerWrapper`): the address with its port, as `upstream.address`.
                 map(vec![
-                    ("address", addr.map(|a| text(a.ip().to_string()))),
+                    ("address", addr.map(|a| text(a.to_string()))),
                     ("port", addr.map(|a| Value::Int(a.port().into()))),
                 ]),
             );
@@ -165,12 +183,18 @@ fn request(a: &RequestAttrs<'_>) -> Value {
         ("protocol", a.protocol.map(text)),
         ("headers", headers),
         ("duration", a.duration.and_then(duration)),
+        ("size", a.request_size.map(int)),
     ])
+}
+
+fn int(n: u64) -> Value {
+    Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 fn response(a: &RequestAttrs<'_>) -> Value {
     map(vec![
         ("code", a.response_code.map(|c| Value::Int(c.into()))),
         ("duration", a.duration.and_then(duration)),
+        ("size", a.response_size.map(int)),
     ])
 }
