@@ -386,7 +386,7 @@ fn tracing(
 pub const ZIPKIN_PATH: &str = "/api/v2/spans";
 
 /// `[<namespace>/]<hostname>` → the hostname.
-fn service_host(service: &str) -> &str {
+pub(super) fn service_host(service: &str) -> &str {
     service.rsplit_once('/').map_or(service, |(_, h)| h)
 }
 

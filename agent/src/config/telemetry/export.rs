@@ -23,7 +23,7 @@ impl TracingSettings {
                 Some(h) => Provider::OtlpHttp {
                     url: format!(
                         "http://{}:{}{}",
-                        o.service,
+                        super::service_host(&o.service),
                         o.port,
                         if h.path.is_empty() {
                             trace::OTLP_HTTP_DEFAULT_PATH
@@ -33,7 +33,7 @@ impl TracingSettings {
                     ),
                 },
                 None => Provider::OtlpGrpc {
-                    endpoint: format!("http://{}:{}", o.service, o.port),
+                    endpoint: format!("http://{}:{}", super::service_host(&o.service), o.port),
                 },
             },
         };

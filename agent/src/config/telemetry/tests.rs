@@ -161,7 +161,7 @@ fn extension_providers_merge_with_the_builtin_ones() {
 extensionProviders:
 - name: otel
   opentelemetry:
-    service: otel-collector.observability.svc.cluster.local
+    service: observability/otel-collector.observability.svc.cluster.local
     port: 4318
     http:
       path: /v1/traces
@@ -196,6 +196,13 @@ defaultProviders:
     );
     let t = resolve(&m, &[], "istio-system", "default", &BTreeMap::new());
     let tracing = t.server.tracing.expect("otel");
+    // Istio's `[<namespace>/]<hostname>`: the collector is the hostname.
+    assert_eq!(
+        tracing.export.provider,
+        crate::trace::Provider::OtlpHttp {
+            url: "http://otel-collector.observability.svc.cluster.local:4318/v1/traces".into()
+        }
+    );
     let TraceExporter::OpenTelemetry(o) = tracing.exporter else {
         panic!("expected OpenTelemetry");
     };
