@@ -126,7 +126,16 @@ async fn stream(
             .map(ServiceRef),
         flags: "-",
         mtls: true,
-    };
+        tags: None,
+    }
+    .tagged(
+        &snap
+            .telemetry_of(&format!("{}/{}", pod.namespace, pod.name))
+            .server
+            .metrics,
+        (peer.0, dst.0),
+        pi.secrets.trust_domain(),
+    );
     let l7_labels = labels.clone();
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, Some(&identity)) {

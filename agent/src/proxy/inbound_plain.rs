@@ -65,7 +65,16 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
             .map(ServiceRef),
         flags: "-",
         mtls: false,
-    };
+        tags: None,
+    }
+    .tagged(
+        &snap
+            .telemetry_of(&format!("{}/{}", pod.namespace, pod.name))
+            .server
+            .metrics,
+        (peer.0, dst.0),
+        pi.secrets.trust_domain(),
+    );
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0));
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, None) {
         // Closed before the app is reached (a reset: the client sees a refusal).

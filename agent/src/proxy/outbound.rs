@@ -216,7 +216,12 @@ async fn tcp(
         service: None,
         flags: "-",
         mtls: false,
+        tags: None,
     };
+    // The source workload's metric settings, for the tag overrides of its connections.
+    let pod_key = format!("{}/{}", pod.namespace, pod.name);
+    let metrics = &snap.telemetry_of(&pod_key).client.metrics;
+    let downstream = (pod.app_address(peer.0, dst.0), dst.0);
     let conn = L4Conn {
         peer: peer.0,
         dst: dst.0,
@@ -258,7 +263,8 @@ async fn tcp(
             let labels = TcpLabels {
                 service: service.map(ServiceRef),
                 ..labels
-            };
+            }
+            .tagged(metrics, downstream, pi.secrets.trust_domain());
             let result = ConnectionResult::open(
                 &pi.telemetry,
                 labels,
@@ -289,7 +295,8 @@ async fn tcp(
                 destination,
                 mtls,
                 ..labels
-            };
+            }
+            .tagged(metrics, downstream, pi.secrets.trust_domain());
             let mut result = ConnectionResult::open(
                 &pi.telemetry,
                 labels,
