@@ -1,0 +1,165 @@
+//! The Telemetry API's metric `tagOverrides` (issue 13) through real agents: a Telemetry that
+//! REMOVEs `request_protocol` and UPSERTs `request_host: request.host` on REQUEST_COUNT for the
+//! CLIENT side changes the source's `istio_requests_total` series only; the destination's keep
+//! Istio's standard labels.
+
+mod l7support;
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ambit::harness::{ClusterYaml, SvcPort, World};
+use l7support::{metric, sa, start_agents, Conn, HttpApp, NS};
+use support::{in_pod, SETTLE};
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 17, 40);
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - route: [{destination: {host: web}}]
+"#;
+
+/// The Istio task's tag overrides ("Customizing Istio Metrics with Telemetry API"), on the
+/// client side.
+const TAGS: &str = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_COUNT, mode: CLIENT}
+      tagOverrides:
+        request_protocol: {operation: REMOVE}
+        request_host: {value: request.host}
+"#;
+
+/// The labels of each `family` series whose labels include `with`.
+fn series(m: &str, family: &str, with: &[(&str, &str)]) -> Vec<BTreeMap<String, String>> {
+    m.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{family}{{")))
+        .filter_map(|l| l.rsplit_once("} ").map(|(labels, _)| labels))
+        .map(|labels| {
+            labels
+                .split("\",")
+                .filter_map(|kv| kv.split_once("=\""))
+                .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|l| {
+            with.iter()
+                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect()
+}
+
+#[test]
+fn tag_overrides_change_the_client_sides_request_count() {
+    support::raise_fd_limit();
+    let world = World::new("l7-tags");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world
+        .pod("sleep")
+        .node(&n1)
+        .namespace(NS)
+        .label("app", "sleep")
+        .spawn();
+    let server = world
+        .pod("web")
+        .node(&n2)
+        .namespace(NS)
+        .label("app", "web")
+        .spawn();
+    let _web = HttpApp::start(&server, 8080);
+    let yaml = ClusterYaml::new()
+        .ambient(NS)
+        .pods([&client, &server])
+        .service(
+            "web",
+            NS,
+            WEB,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&server],
+            true,
+        );
+    let agents = start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        &format!("{TAGS}---\n{ROUTES}"),
+        &[],
+    );
+    in_pod(&client, || async {
+        let conn = Conn::h1(sa(WEB, 80)).await;
+        for i in 0..4 {
+            let r = conn.get("web", &format!("/tags/{i}"), &[]).await;
+            assert_eq!(r.status, 200);
+        }
+    });
+    let to_web = [
+        ("destination_workload", "web"),
+        ("source_workload", "sleep"),
+    ];
+    agents[0].wait_for_metrics("the source's counter", SETTLE, |m| {
+        metric(
+            m,
+            "istio_requests_total",
+            &[("reporter", "source"), to_web[0]],
+        ) == 4
+    });
+    agents[1].wait_for_metrics("the destination's counter", SETTLE, |m| {
+        metric(
+            m,
+            "istio_requests_total",
+            &[("reporter", "destination"), to_web[0]],
+        ) == 4
+    });
+
+    let (_, m) = agents[0].http_get("/metrics");
+    let source = series(&m, "istio_requests_total", &[("reporter", "source")]);
+    assert_eq!(source.len(), 1, "one series for the four requests: {m}");
+    let s = &source[0];
+    assert_eq!(
+        s.get("request_host").map(String::as_str),
+        Some("web"),
+        "{m}"
+    );
+    assert!(!s.contains_key("request_protocol"), "removed: {m}");
+    assert_eq!(s.get("response_code").map(String::as_str), Some("200"));
+    assert_eq!(
+        s.get("destination_workload").map(String::as_str),
+        Some("web")
+    );
+    // Only REQUEST_COUNT was overridden: the source's histograms keep the standard labels.
+    let hist = series(
+        &m,
+        "istio_request_duration_milliseconds_count",
+        &[("reporter", "source")],
+    );
+    assert_eq!(hist.len(), 1, "{m}");
+    assert_eq!(
+        hist[0].get("request_protocol").map(String::as_str),
+        Some("http")
+    );
+    assert!(!hist[0].contains_key("request_host"), "{m}");
+
+    let (_, m) = agents[1].http_get("/metrics");
+    let dest = series(&m, "istio_requests_total", &[("reporter", "destination")]);
+    assert_eq!(dest.len(), 1, "{m}");
+    assert_eq!(
+        dest[0].get("request_protocol").map(String::as_str),
+        Some("http"),
+        "{m}"
+    );
+    assert!(!dest[0].contains_key("request_host"), "CLIENT only: {m}");
+    for (k, v) in to_web {
+        assert_eq!(dest[0].get(k).map(String::as_str), Some(v), "{m}");
+    }
+}
