@@ -62,6 +62,33 @@ fn series(m: &str, family: &str, with: &[(&str, &str)]) -> Vec<BTreeMap<String, 
         .collect()
 }
 
+/// The scrape parses as Prometheus' text format, series with their differing label sets and
+/// all (Debian's `promtool`, from the `prometheus` package tests/prometheus.rs runs).
+fn promtool_parses(m: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(m.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!said.contains("error"), "promtool: {said}\n{m}");
+}
+
 #[test]
 fn tag_overrides_change_the_client_sides_request_count() {
     support::raise_fd_limit();
@@ -151,6 +178,7 @@ fn tag_overrides_change_the_client_sides_request_count() {
         Some("http")
     );
     assert!(!hist[0].contains_key("request_host"), "{m}");
+    promtool_parses(&m);
 
     let (_, m) = agents[1].http_get("/metrics");
     let dest = series(&m, "istio_requests_total", &[("reporter", "destination")]);
