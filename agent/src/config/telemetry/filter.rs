@@ -228,7 +228,16 @@ fn request(a: &RequestAttrs<'_>) -> Value {
         }
         Value::Map(m.into())
     });
+    // Envoy's request attributes read from headers.
+    let header = |name: &str| {
+        a.headers
+            .and_then(|h| h.get(name))
+            .map(|v| text(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+    };
     map(vec![
+        ("id", header("x-request-id")),
+        ("useragent", header("user-agent")),
+        ("referer", header("referer")),
         ("method", a.method.map(text)),
         ("path", a.path.map(text)),
         ("url_path", url_path.map(text)),

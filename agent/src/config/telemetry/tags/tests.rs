@@ -71,6 +71,7 @@ const SLEEP: Principals<'static> = Principals {
 fn attrs() -> (http::HeaderMap, RequestAttrs<'static>) {
     let mut h = http::HeaderMap::new();
     h.insert("x-user", "jason".parse().expect("value"));
+    h.insert("user-agent", "curl/8".parse().expect("value"));
     let a = RequestAttrs {
         method: Some("GET"),
         path: Some("/ratings/1"),
@@ -197,6 +198,7 @@ fn expressions_evaluate_per_request_as_istio_prints_them() {
         ("g_int", Some("destination.port")),
         ("h_bool", Some("connection.mtls")),
         ("i_code", Some("response.code >= 400")),
+        ("j_agent", Some("request.useragent")),
     ]);
     let (h, mut a) = attrs();
     a.headers = Some(&h);
@@ -217,6 +219,7 @@ fn expressions_evaluate_per_request_as_istio_prints_them() {
             ("g_int", "9080"),
             ("h_bool", "true"),
             ("i_code", "false"),
+            ("j_agent", "curl/8"),
         ])
     );
     // Another request, other values: a different series.
@@ -316,4 +319,24 @@ fn bad_tag_overrides_are_rejected_with_their_field() {
         let fields = rejected_fields(&format!("{head}{tags}"));
         assert_eq!(fields, [field], "{tags}");
     }
+}
+
+#[test]
+fn equal_plans_of_two_snapshots_key_the_same_series() {
+    use std::hash::BuildHasher;
+    // Every snapshot resolves the settings again; a series must not split because of it.
+    let tags = [
+        ("request_host", Some("request.host")),
+        ("request_protocol", None),
+    ];
+    let (a, b) = (plan(&tags), plan(&tags));
+    assert!(!Arc::ptr_eq(&a, &b));
+    let (_, attrs) = attrs();
+    let (x, y) = (a.evaluate(&attrs, SLEEP), b.evaluate(&attrs, SLEEP));
+    assert_eq!(x, y);
+    let s = std::collections::hash_map::RandomState::new();
+    assert_eq!(s.hash_one(&x), s.hash_one(&y));
+    // A different plan with the same values is another series.
+    let c = plan(&[("request_host", Some("request.host"))]);
+    assert_ne!(x, c.evaluate(&attrs, SLEEP));
 }
