@@ -226,11 +226,7 @@ async fn tcp(
         peer: peer.0,
         dst: dst.0,
         namespace: &pod.namespace,
-        source: snap
-            .state
-            .workloads
-            .get(format!("{}/{}", pod.namespace, pod.name).as_str())
-            .map(|w| &**w),
+        source: snap.state.workloads.get(pod_key.as_str()).map(|w| &**w),
         sni,
     };
     let routed = route(&snap, pi.secrets.trust_domain(), &pi.balancers, &conn).and_then(
