@@ -7,6 +7,7 @@
 mod export;
 pub mod filter;
 pub mod format;
+pub mod tags;
 
 #[cfg(test)]
 mod tests;
@@ -23,7 +24,8 @@ use super::mesh::{
     AccessLogEncoding, MeshConfig, OpenTelemetryProvider, ProviderKind, ENVOY_PROVIDER,
     PROMETHEUS_PROVIDER,
 };
-pub use filter::{Filter, FilterError, RequestAttrs};
+pub use filter::{Filter, FilterError, Principals, RequestAttrs};
+pub use tags::{SeriesTags, TagPlan};
 
 pub type TelemetryObject = IstioObject<Telemetry>;
 
@@ -59,6 +61,7 @@ impl SideTelemetry {
     /// a connection skips looking them up (`Snapshot::tcp_telemetry`).
     pub fn shapes_tcp(&self) -> bool {
         self.access_log.enabled()
+            || self.metrics.tags.is_some()
             || ![
                 IstioMetric::TcpOpenedConnections,
                 IstioMetric::TcpClosedConnections,
@@ -141,6 +144,9 @@ pub struct MetricSettings {
     /// Per metric (`REQUEST_COUNT`, … or a custom metric's name): disabled, and tag changes.
     pub overrides: BTreeMap<String, MetricOverride>,
     pub reporting_interval: Option<Duration>,
+    /// The `tags` of `overrides` for the eight metrics ambit exports, compiled; None when there
+    /// are none (the usual case: a request then pays for this check only).
+    pub tags: Option<Arc<TagPlan>>,
 }
 
 impl Default for MetricSettings {
@@ -149,6 +155,7 @@ impl Default for MetricSettings {
             enabled: true,
             overrides: BTreeMap::new(),
             reporting_interval: None,
+            tags: None,
         }
     }
 }
@@ -606,5 +613,6 @@ fn metrics(mesh: &MeshConfig, applied: &[&Telemetry], side: WorkloadMode) -> Met
     if all_disabled {
         out.enabled = false;
     }
+    out.tags = TagPlan::build(&out.overrides);
     out
 }

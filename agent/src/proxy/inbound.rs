@@ -126,12 +126,18 @@ async fn stream(
             .map(ServiceRef),
         flags: "-",
         mtls: true,
+        tags: None,
     };
+    // The HTTP requests of the stream (destination-side L7) carry their own tags.
     let l7_labels = labels.clone();
     let key = format!("{}/{}", pod.namespace, pod.name);
     // The destination workload's SERVER settings (Telemetry API), looked up only when some
     // workload of this node has settings that change TCP connections.
     let settings = snap.tcp_telemetry.then(|| snap.telemetry_of(&key));
+    let labels = match settings {
+        Some(s) => labels.tagged(&s.server.metrics, (peer.0, dst.0), pi.secrets.trust_domain()),
+        None => labels,
+    };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
     if result.logs() {
         result.set_cluster(inbound_cluster(dst));

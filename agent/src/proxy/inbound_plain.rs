@@ -65,11 +65,16 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
             .map(ServiceRef),
         flags: "-",
         mtls: false,
+        tags: None,
     };
     // The destination workload's SERVER settings, as over HBONE.
     let settings = snap
         .tcp_telemetry
         .then(|| snap.telemetry_of(&format!("{}/{}", pod.namespace, pod.name)));
+    let labels = match settings {
+        Some(s) => labels.tagged(&s.server.metrics, (peer.0, dst.0), pi.secrets.trust_domain()),
+        None => labels,
+    };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
     if result.logs() {
         result.set_cluster(super::inbound::inbound_cluster(dst));

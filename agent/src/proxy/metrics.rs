@@ -37,6 +37,7 @@ use super::copy::{Outcome, Side};
 use super::error::Error;
 use crate::config::istio::telemetry::IstioMetric;
 use crate::config::telemetry::{EffectiveTelemetry, MetricSettings, SideTelemetry};
+use crate::config::telemetry::{Principals, RequestAttrs, SeriesTags};
 use crate::identity::Identity;
 use crate::state::{IstioLabels, Service, UNKNOWN};
 
@@ -99,6 +100,51 @@ pub struct TcpLabels {
     pub flags: &'static str,
     /// `connection_security_policy`: `mutual_tls` over HBONE, `none` in plaintext.
     pub mtls: bool,
+    /// The Telemetry API's tag overrides of the local workload's side, evaluated for this
+    /// connection (or, in a request's labels, for that request); None without overrides.
+    pub tags: Option<SeriesTags>,
+}
+
+impl TcpLabels {
+    /// These labels with the tag overrides of `metrics` (the local workload's settings for its
+    /// side) evaluated over the connection as it opens. Without overrides this is an `Option`
+    /// check and nothing else.
+    pub fn tagged(
+        mut self,
+        metrics: &MetricSettings,
+        downstream: (SocketAddr, SocketAddr),
+        trust_domain: &str,
+    ) -> Self {
+        if let Some(plan) = &metrics.tags {
+            let source = principal(&self.source, trust_domain);
+            let destination = principal(&self.destination, trust_domain);
+            self.tags = Some(plan.evaluate(
+                &RequestAttrs {
+                    source_address: Some(downstream.0),
+                    destination_address: Some(downstream.1),
+                    mtls: Some(self.mtls),
+                    ..RequestAttrs::default()
+                },
+                Principals {
+                    source: source.as_deref(),
+                    destination: destination.as_deref(),
+                },
+            ));
+        }
+        self
+    }
+}
+
+/// A peer's SPIFFE id, as the `*_principal` labels show it; None when not proven.
+pub(crate) fn principal(peer: &Peer, trust_domain: &str) -> Option<String> {
+    match peer {
+        Peer::Workload(w) => Some(format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            w.namespace, w.service_account
+        )),
+        Peer::Identity(id) => Some(id.to_string()),
+        Peer::Address(_) | Peer::Unknown => None,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -491,18 +537,11 @@ pub(crate) fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
     let mut out = Vec::with_capacity(24);
     out.push(("reporter", l.reporter.as_str().to_string()));
     for (side, peer) in [("source", &l.source), ("destination", &l.destination)] {
-        let (w, principal): (Option<&IstioLabels>, Option<String>) = match peer {
-            Peer::Workload(w) => (
-                Some(w),
-                Some(format!(
-                    "spiffe://{trust_domain}/ns/{}/sa/{}",
-                    w.namespace, w.service_account
-                )),
-            ),
-            Peer::Address(w) => (Some(w), None),
-            Peer::Identity(id) => (None, Some(id.to_string())),
-            Peer::Unknown => (None, None),
+        let w: Option<&IstioLabels> = match peer {
+            Peer::Workload(w) | Peer::Address(w) => Some(w),
+            Peer::Identity(_) | Peer::Unknown => None,
         };
+        let principal = principal(peer, trust_domain);
         let identity_ns = match peer {
             Peer::Identity(id) => Some(id.namespace.clone()),
             _ => None,
@@ -580,12 +619,13 @@ pub(crate) fn label_values(l: &TcpLabels, trust_domain: &str) -> Labels {
 
 impl Collector for TcpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let series: Vec<(Labels, [u64; 4], TcpRecorded)> = {
+        let series: Vec<(Labels, Option<SeriesTags>, [u64; 4], TcpRecorded)> = {
             let map = self.series.0.lock().unwrap_or_else(PoisonError::into_inner);
             map.iter()
                 .map(|(l, c)| {
                     (
                         label_values(l, &self.trust_domain),
+                        l.tags.clone(),
                         [
                             c.opened.load(Ordering::Relaxed),
                             c.closed.load(Ordering::Relaxed),
@@ -599,18 +639,22 @@ impl Collector for TcpCollector {
         };
         let families = [
             (
+                IstioMetric::TcpOpenedConnections,
                 "istio_tcp_connections_opened",
                 "The total number of TCP connections opened",
             ),
             (
+                IstioMetric::TcpClosedConnections,
                 "istio_tcp_connections_closed",
                 "The total number of TCP connections closed",
             ),
             (
+                IstioMetric::TcpSentBytes,
                 "istio_tcp_sent_bytes",
                 "The size of total bytes sent during response in case of a TCP connection",
             ),
             (
+                IstioMetric::TcpReceivedBytes,
                 "istio_tcp_received_bytes",
                 "The size of total bytes received during request in case of a TCP connection",
             ),
@@ -621,19 +665,58 @@ impl Collector for TcpCollector {
             TcpRecorded::SENT,
             TcpRecorded::RECEIVED,
         ];
-        for (i, (name, help)) in families.into_iter().enumerate() {
+        for (i, (metric, name, help)) in families.into_iter().enumerate() {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             // A family a Telemetry override kept every connection of the series out of is not
             // shown for it (a zero that was never counted would read as "nothing happened").
-            let shown = series.iter().filter(|s| s.2.has(bits[i]));
-            for (labels, values, _) in shown {
+            let shown = series.iter().filter(|s| s.3.has(bits[i]));
+            let merged = merge(
+                shown.map(|(labels, tags, values, _)| {
+                    (final_labels(metric, labels, tags), values[i])
+                }),
+                |a, b| *a += b,
+            );
+            for (labels, value) in merged {
                 let set: Vec<(&str, Value<'_>)> =
                     labels.iter().map(|(k, v)| (*k, Value(v))).collect();
-                ConstCounter::new(values[i]).encode(family.encode_family(&LabelSet(&set))?)?;
+                ConstCounter::new(value).encode(family.encode_family(&LabelSet(&set))?)?;
             }
         }
         Ok(())
     }
+}
+
+/// One series' labels for `metric`: its standard labels with its tag overrides applied.
+pub(crate) fn final_labels<'a>(
+    metric: IstioMetric,
+    labels: &'a Labels,
+    tags: &'a Option<SeriesTags>,
+) -> Vec<(&'a str, &'a str)> {
+    let standard: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match tags {
+        None => standard,
+        Some(t) => t.apply(metric, &standard),
+    }
+}
+
+/// Series whose labels came out equal (a tag override REMOVEd the only label they differed in)
+/// as one, their values added; in first-seen order.
+pub(crate) fn merge<'a, D>(
+    series: impl Iterator<Item = (Vec<(&'a str, &'a str)>, D)>,
+    add: impl Fn(&mut D, D),
+) -> Vec<(Vec<(&'a str, &'a str)>, D)> {
+    let mut out: Vec<(Vec<(&str, &str)>, D)> = Vec::new();
+    let mut at: HashMap<Vec<(&str, &str)>, usize, foldhash::fast::RandomState> = HashMap::default();
+    for (labels, value) in series {
+        match at.get(&labels) {
+            Some(&i) => add(&mut out[i].1, value),
+            None => {
+                at.insert(labels.clone(), out.len());
+                out.push((labels, value));
+            }
+        }
+    }
+    out
 }
 
 /// A list of (name, value) pairs as a label set.
@@ -647,3 +730,6 @@ impl EncodeLabelSet for LabelSet<'_> {
         self.0.encode(encoder)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -219,11 +219,18 @@ async fn tcp(
         service: None,
         flags: "-",
         mtls: false,
+        tags: None,
     };
     let key = format!("{}/{}", pod.namespace, pod.name);
     // The source workload's CLIENT settings (Telemetry API), looked up only when some workload
-    // of this node has settings that change TCP connections.
+    // of this node has settings that change TCP connections (an access log, a metric turned
+    // off, tag overrides).
     let settings = snap.tcp_telemetry.then(|| snap.telemetry_of(&key));
+    let downstream = (pod.app_address(peer.0, dst.0), dst.0);
+    let tagged = |labels: TcpLabels| match settings {
+        Some(s) => labels.tagged(&s.client.metrics, downstream, pi.secrets.trust_domain()),
+        None => labels,
+    };
     let conn = L4Conn {
         peer: peer.0,
         dst: dst.0,
@@ -261,11 +268,11 @@ async fn tcp(
             };
             let mut result = ConnectionResult::open(
                 &pi.telemetry,
-                TcpLabels {
+                tagged(TcpLabels {
                     service: service.clone().map(ServiceRef),
                     ..labels
-                },
-                (pod.app_address(peer.0, dst.0), dst.0),
+                }),
+                downstream,
                 settings,
             );
             if result.logs() {
@@ -296,16 +303,16 @@ async fn tcp(
                     false,
                 ),
             };
-            let labels = TcpLabels {
+            let labels = tagged(TcpLabels {
                 service: service.clone().map(ServiceRef),
                 destination,
                 mtls,
                 ..labels
-            };
+            });
             let mut result = ConnectionResult::open(
                 &pi.telemetry,
                 labels,
-                (pod.app_address(peer.0, dst.0), dst.0),
+                downstream,
                 settings,
             );
             if result.logs() {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::common::{istio_enum, opt_duration, PolicyTargetReference, Report, WorkloadSelector};
 use super::FieldError;
 use crate::config::telemetry::filter::Filter;
+use crate::config::telemetry::tags::valid_label_name;
 
 istio_enum! {
     /// Which side of a request a setting applies to.
@@ -345,11 +346,30 @@ impl Metrics {
             let at = format!("{field}.overrides[{i}]");
             for (name, t) in &o.tag_overrides {
                 let path = format!("{at}.tagOverrides.{name}");
+                if name.is_empty() {
+                    r.err(path.clone(), "tagOverrides.name may not be empty");
+                } else if !valid_label_name(name) {
+                    // The tag becomes a Prometheus label, whose names Prometheus restricts.
+                    r.err(
+                        path.clone(),
+                        format!(
+                            "tag name {name:?} is not a valid Prometheus label name \
+                             ([a-zA-Z_][a-zA-Z0-9_]*, not starting with \"__\")"
+                        ),
+                    );
+                }
                 match (t.operation, t.value.as_deref().unwrap_or_default()) {
                     (TagOperation::Upsert, "") => r.err(
                         format!("{path}.value"),
                         "tagOverrides.value must be set when operation is UPSERT",
                     ),
+                    (TagOperation::Upsert, v) => {
+                        // Istio's stats filter compiles it; one that does not parse would
+                        // silently drop the tag, so it is refused here.
+                        if let Err(e) = Filter::compile(v) {
+                            r.err(format!("{path}.value"), e.to_string());
+                        }
+                    }
                     (TagOperation::Remove, v) if !v.is_empty() => r.err(
                         format!("{path}.value"),
                         "tagOverrides.value may only be set when operation is UPSERT",

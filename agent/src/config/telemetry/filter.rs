@@ -1,6 +1,8 @@
-//! Access-log filters: Istio's Telemetry `accessLogging.filter.expression`, a CEL expression over
-//! Envoy's attributes (`response.code >= 400`), compiled with cel-rust. Evaluated as Envoy's CEL
-//! access-log filter does: an error or a non-bool result means "do not log", silently.
+//! CEL expressions over Envoy's attributes, compiled with cel-rust: Istio's Telemetry
+//! `accessLogging.filter.expression` (`response.code >= 400`), evaluated as Envoy's CEL access-log
+//! filter does (an error or a non-bool result means "do not log", silently), and the values of
+//! `metrics.overrides[].tagOverrides` (`request.host`, `string(destination.port)`), printed to a
+//! string as Istio's stats filter does.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,6 +58,75 @@ pub struct RequestAttrs<'a> {
     pub response_size: Option<u64>,
 }
 
+/// The proven identities of a request's two ends, for the metric tags' expressions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Principals<'a> {
+    /// `source.principal`: the downstream's SPIFFE id (Istio's attribute vocabulary; Envoy's
+    /// `connection.uri_san_peer_certificate` holds the same where the connection is mTLS).
+    pub source: Option<&'a str>,
+    /// `destination.principal`: the server's SPIFFE id.
+    pub destination: Option<&'a str>,
+}
+
+/// The attributes of one request as CEL variables, built once and shared by every expression
+/// evaluated for that request.
+pub struct Activation(Context<'static, 'static>);
+
+impl Activation {
+    pub fn new(attrs: &RequestAttrs<'_>, principals: Principals<'_>) -> Activation {
+        let mut ctx = Context::default();
+        ctx.add_variable_from_value("request", request(attrs));
+        ctx.add_variable_from_value("response", response(attrs));
+        let peer_san = match attrs.mtls {
+            Some(true) => principals.source.map(text),
+            _ => None,
+        };
+        ctx.add_variable_from_value(
+            "connection",
+            map(vec![
+                ("mtls", attrs.mtls.map(Value::Bool)),
+                ("uri_san_peer_certificate", peer_san),
+                (
+                    "requested_server_name",
+                    Some(text(attrs.requested_server_name.unwrap_or_default())),
+                ),
+            ]),
+        );
+        ctx.add_variable_from_value(
+            "upstream",
+            map(vec![
+                (
+                    "address",
+                    attrs.upstream_address.map(|a| text(a.to_string())),
+                ),
+                (
+                    "port",
+                    attrs.upstream_address.map(|a| Value::Int(a.port().into())),
+                ),
+            ]),
+        );
+        for (name, addr, principal) in [
+            ("source", attrs.source_address, principals.source),
+            (
+                "destination",
+                attrs.destination_address,
+                principals.destination,
+            ),
+        ] {
+            ctx.add_variable_from_value(
+                name,
+                // Envoy (`PeerWrapper`): the address with its port, as `upstream.address`.
+                map(vec![
+                    ("address", addr.map(|a| text(a.to_string()))),
+                    ("port", addr.map(|a| Value::Int(a.port().into()))),
+                    ("principal", principal.map(text)),
+                ]),
+            );
+        }
+        Activation(ctx)
+    }
+}
+
 /// A compiled filter.
 #[derive(Debug)]
 pub struct Filter {
@@ -92,54 +163,53 @@ impl Filter {
     /// The expression's value: `Err` with why it could not be evaluated (an attribute absent, a
     /// type mismatch), or with the type it gave when that was not a bool.
     pub fn evaluate(&self, attrs: &RequestAttrs<'_>) -> Result<bool, String> {
-        let mut ctx = Context::default();
-        ctx.add_variable_from_value("request", request(attrs));
-        ctx.add_variable_from_value("response", response(attrs));
-        ctx.add_variable_from_value(
-            "connection",
-            map(vec![
-                ("mtls", attrs.mtls.map(Value::Bool)),
-                (
-                    "requested_server_name",
-                    Some(text(attrs.requested_server_name.unwrap_or_default())),
-                ),
-            ]),
-        );
-        ctx.add_variable_from_value(
-            "upstream",
-            map(vec![
-                (
-                    "address",
-                    attrs.upstream_address.map(|a| text(a.to_string())),
-                ),
-                (
-                    "port",
-                    attrs.upstream_address.map(|a| Value::Int(a.port().into())),
-                ),
-            ]),
-        );
-        for (name, addr) in [
-            ("source", attrs.source_address),
-            ("destination", attrs.destination_address),
-        ] {
-            ctx.add_variable_from_value(
-                name,
-                // Envoy (`PeerWrapper`): the address with its port, as `upstream.address`.
-                map(vec![
-                    ("address", addr.map(|a| text(a.to_string()))),
-                    ("port", addr.map(|a| Value::Int(a.port().into()))),
-                ]),
-            );
-        }
-        match self.program.execute(&ctx) {
-            Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!(
+        match self.value(&Activation::new(attrs, Principals::default()))? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!(
                 "the expression gave a {:?}, not a bool",
                 other.type_of()
             )),
-            Err(e) => Err(e.to_string()),
         }
     }
+
+    /// The expression's value over `activation`, or why it could not be evaluated.
+    pub fn value(&self, activation: &Activation) -> Result<Value, String> {
+        self.program
+            .execute(&activation.0)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The expression's value as a metric tag value: Istio's stats filter prints it with Envoy's
+    /// CEL `print`, and a value that cannot be evaluated is `unknown`.
+    pub fn tag_value(&self, activation: &Activation) -> String {
+        self.value(activation)
+            .ok()
+            .and_then(|v| print(&v))
+            .unwrap_or_else(|| UNKNOWN_TAG.to_string())
+    }
+}
+
+/// Istio's value for a tag it cannot compute (`context_->unknown_` in its stats filter).
+pub const UNKNOWN_TAG: &str = "unknown";
+
+/// A CEL value as text, as Envoy's `Filters::Common::Expr::print` writes the scalar types; None
+/// for a list, map or other value that has no text form here (the tag is then `unknown`).
+pub fn print(v: &Value) -> Option<String> {
+    Some(match v {
+        Value::String(s) => s.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Null => "null".to_string(),
+        Value::Duration(d) => match d.to_std() {
+            Ok(d) => format!("{}s", d.as_secs_f64()),
+            Err(_) => return None,
+        },
+        Value::Timestamp(t) => t.to_rfc3339(),
+        _ => return None,
+    })
 }
 
 fn text(s: impl Into<String>) -> Value {
@@ -174,7 +244,16 @@ fn request(a: &RequestAttrs<'_>) -> Value {
         }
         Value::Map(m.into())
     });
+    // Envoy's request attributes read from headers.
+    let header = |name: &str| {
+        a.headers
+            .and_then(|h| h.get(name))
+            .map(|v| text(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+    };
     map(vec![
+        ("id", header("x-request-id")),
+        ("useragent", header("user-agent")),
+        ("referer", header("referer")),
         ("method", a.method.map(text)),
         ("path", a.path.map(text)),
         ("url_path", url_path.map(text)),

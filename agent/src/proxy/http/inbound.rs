@@ -384,7 +384,7 @@ impl Served {
                 begun.carry(req.headers_mut());
             }
         }
-        result.settings = Some(telemetry);
+        result.set_settings(telemetry, &req);
         drop(snap);
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

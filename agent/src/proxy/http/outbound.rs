@@ -157,7 +157,7 @@ impl HttpConn {
                 begun.carry(req.headers_mut());
             }
         }
-        result.settings = Some(telemetry);
+        result.set_settings(telemetry, &req);
         let forward = match decided {
             Ok(f) => f,
             Err(local) => return self.local_reply(result, *local, None),
@@ -346,6 +346,7 @@ impl HttpConn {
                 service: addressed,
                 flags: "-",
                 mtls: false,
+                tags: None,
             },
             protocol: if grpc { "grpc" } else { "http" },
             response_code: 0,

@@ -27,6 +27,7 @@ fn labels(reporter: Reporter) -> TcpLabels {
         service: None,
         flags: "-",
         mtls: true,
+        tags: None,
     }
 }
 

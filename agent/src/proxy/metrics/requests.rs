@@ -1,7 +1,9 @@
 //! Istio's standard request metrics: `istio_requests_total`,
 //! `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes`, with
 //! the TCP metrics' labels plus `request_protocol` (`http`/`grpc`), `response_code` and
-//! `grpc_response_status`, recorded once per request when its response has ended.
+//! `grpc_response_status`, recorded once per request when its response has ended. The Telemetry
+//! API's tag overrides are evaluated per request (over the request as it arrived and its
+//! response) and applied per family when the series are written.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,9 +15,14 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 
-use super::{label_values, LabelSet, Labels, Peer, TcpLabels, Telemetry, Value};
+use super::{
+    final_labels, label_values, merge, principal, LabelSet, Labels, Peer, TcpLabels, Telemetry,
+    Value,
+};
 use crate::config::istio::telemetry::IstioMetric;
-use crate::config::telemetry::{EffectiveTelemetry, MetricSettings};
+use crate::config::telemetry::{
+    EffectiveTelemetry, MetricSettings, Principals, RequestAttrs, SeriesTags,
+};
 use crate::proxy::access_log::{write_sinks, Entry, RequestFields, SinkLine};
 use crate::proxy::spans::RequestSpan;
 use crate::state::IstioLabels;
@@ -230,8 +237,10 @@ fn request_labels(l: &RequestLabels, trust_domain: &str) -> Labels {
     out
 }
 
+/// One series as read for a scrape: labels, tags, count, duration, request and response sizes.
 type Snapshot = (
     Labels,
+    Option<SeriesTags>,
     u64,
     ([u64; 19], f64, u64),
     ([u64; 10], f64, u64),
@@ -246,6 +255,7 @@ impl Collector for RequestCollector {
                 .map(|(l, c)| {
                     (
                         request_labels(l, &self.trust_domain),
+                        l.conn.tags.clone(),
                         c.total.load(Ordering::Relaxed),
                         c.duration.snapshot(),
                         c.request_bytes.snapshot(),
@@ -263,44 +273,68 @@ impl Collector for RequestCollector {
             MetricType::Counter,
         )?;
         // A family a Telemetry override turned off for a series stays at zero: not shown.
-        for (labels, n, ..) in series.iter().filter(|s| s.1 > 0) {
+        let counts = merge(
+            series.iter().filter(|s| s.2 > 0).map(|s| {
+                let labels = final_labels(IstioMetric::RequestCount, &s.0, &s.1);
+                (labels, s.2)
+            }),
+            |a, b| *a += b,
+        );
+        for (labels, n) in counts {
             let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
-            ConstCounter::new(*n).encode(total.encode_family(&LabelSet(&set))?)?;
+            ConstCounter::new(n).encode(total.encode_family(&LabelSet(&set))?)?;
         }
         histogram(
             &mut encoder,
             "istio_request_duration_milliseconds",
             "Request duration in milliseconds",
             &DURATION_BUCKETS,
-            series.iter().filter(|s| s.2 .2 > 0).map(|s| (&s.0, s.2)),
+            series.iter().filter(|s| s.3 .2 > 0).map(|s| {
+                let labels = final_labels(IstioMetric::RequestDuration, &s.0, &s.1);
+                (labels, s.3)
+            }),
         )?;
         histogram(
             &mut encoder,
             "istio_request_bytes",
             "Request body sizes in bytes",
             &SIZE_BUCKETS,
-            series.iter().filter(|s| s.3 .2 > 0).map(|s| (&s.0, s.3)),
+            series.iter().filter(|s| s.4 .2 > 0).map(|s| {
+                let labels = final_labels(IstioMetric::RequestSize, &s.0, &s.1);
+                (labels, s.4)
+            }),
         )?;
         histogram(
             &mut encoder,
             "istio_response_bytes",
             "Response body sizes in bytes",
             &SIZE_BUCKETS,
-            series.iter().filter(|s| s.4 .2 > 0).map(|s| (&s.0, s.4)),
+            series.iter().filter(|s| s.5 .2 > 0).map(|s| {
+                let labels = final_labels(IstioMetric::ResponseSize, &s.0, &s.1);
+                (labels, s.5)
+            }),
         )
     }
 }
 
-/// One histogram family, written through prometheus-client's histogram encoder.
+/// One histogram family, written through prometheus-client's histogram encoder; series whose
+/// labels came out equal are added up first.
 fn histogram<'a, const N: usize>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     bounds: &[f64; N],
-    series: impl Iterator<Item = (&'a Labels, ([u64; N], f64, u64))>,
+    series: impl Iterator<Item = (Vec<(&'a str, &'a str)>, ([u64; N], f64, u64))>,
 ) -> Result<(), fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    for (labels, (cumulative, sum, count)) in series {
+    let merged = merge(series, |a, b| {
+        for (x, y) in a.0.iter_mut().zip(b.0) {
+            *x += y;
+        }
+        a.1 += b.1;
+        a.2 += b.2;
+    });
+    for (labels, (cumulative, sum, count)) in merged {
         let set: Vec<(&str, Value<'_>)> = labels.iter().map(|(k, v)| (*k, Value(v))).collect();
         let buckets: Vec<(f64, u64)> = bounds
             .iter()
@@ -320,6 +354,17 @@ fn histogram<'a, const N: usize>(
             )?;
     }
     Ok(())
+}
+
+/// The request as it arrived, kept for the tag overrides' expressions (only for a workload side
+/// that has them).
+#[derive(Debug)]
+struct ArrivedRequest {
+    method: String,
+    path: String,
+    host: String,
+    protocol: &'static str,
+    headers: http::HeaderMap,
 }
 
 /// One request's telemetry, recorded once when its response has ended ([`RequestResult::finish`]):
@@ -346,6 +391,8 @@ pub struct RequestResult {
     /// The workload's observability settings (mesh config, Telemetry API): its access-log sinks
     /// and which metrics it records, for this request's side.
     pub settings: Option<Arc<EffectiveTelemetry>>,
+    /// The request's attributes for its side's tag overrides; None without overrides.
+    arrived: Option<Box<ArrivedRequest>>,
 }
 
 impl fmt::Debug for RequestResult {
@@ -379,7 +426,74 @@ impl RequestResult {
             span: None,
             cluster_name: None,
             settings: None,
+            arrived: None,
         }
+    }
+
+    /// Sets the workload's settings; when its side has metric tag overrides, keeps what their
+    /// expressions may read of `req` (otherwise nothing is copied).
+    pub fn set_settings<B>(&mut self, settings: Arc<EffectiveTelemetry>, req: &http::Request<B>) {
+        let side = match self.labels.conn.reporter {
+            super::Reporter::Source => &settings.client,
+            super::Reporter::Destination => &settings.server,
+        };
+        if side.metrics.tags.is_some() {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+                .unwrap_or_default();
+            self.arrived = Some(Box::new(ArrivedRequest {
+                method: req.method().to_string(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+                host: host.to_string(),
+                protocol: match req.version() {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                headers: req.headers().clone(),
+            }));
+        }
+        self.settings = Some(settings);
+    }
+
+    /// The tag overrides of `metrics`, evaluated over this request and its response.
+    fn tags(&self, metrics: &MetricSettings, duration: std::time::Duration) -> Option<SeriesTags> {
+        let plan = metrics.tags.as_ref()?;
+        let td = &self.telemetry.trust_domain;
+        let source = principal(&self.labels.conn.source, td);
+        let destination = principal(&self.labels.conn.destination, td);
+        let a = self.arrived.as_deref();
+        let code = self.labels.response_code;
+        Some(plan.evaluate(
+            &RequestAttrs {
+                method: a.map(|a| a.method.as_str()),
+                path: a.map(|a| a.path.as_str()),
+                host: a.map(|a| a.host.as_str()),
+                scheme: a.map(|_| "http"),
+                protocol: a.map(|a| a.protocol),
+                headers: a.map(|a| &a.headers),
+                response_code: (code != 0).then_some(code),
+                duration: Some(duration),
+                mtls: Some(self.labels.conn.mtls),
+                upstream_address: self.upstream,
+                source_address: Some(self.downstream.0),
+                destination_address: Some(self.downstream.1),
+                requested_server_name: None,
+                // Envoy's `request.size`/`response.size`: body bytes.
+                request_size: Some(self.request_body.load(Ordering::Relaxed)),
+                response_size: Some(self.response_body),
+            },
+            Principals {
+                source: source.as_deref(),
+                destination: destination.as_deref(),
+            },
+        ))
     }
 
     /// Where the request body's bytes are counted as they are sent.
@@ -441,6 +555,8 @@ impl RequestResult {
                 super::Reporter::Destination => &t.server,
             });
         let recorded = side.map_or(Recorded::ALL, |s| Recorded::of(&s.metrics));
+        // The connection's tags (copied with its labels at the destination) are not the request's.
+        self.labels.conn.tags = side.and_then(|s| self.tags(&s.metrics, duration));
         self.telemetry.requests.record(
             &self.labels,
             recorded,
