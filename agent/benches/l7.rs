@@ -417,7 +417,11 @@ fn main() {
             let n = (rate as f64 * seconds).ceil() as u64;
             n.div_ceil(rate_conns as u64) * rate_conns as u64
         };
-        let uri = bench.paths.iter().find(|p| p.way == Way::L7).map(|p| p.uri.clone());
+        let uri = bench
+            .paths
+            .iter()
+            .find(|p| p.way == Way::L7)
+            .map(|p| p.uri.clone());
         let settings = variants::Settings {
             runs: cfg.runs,
             conns: cfg.conns,
@@ -447,7 +451,10 @@ fn main() {
         println!("load avg: {} (end)", first_line("/proc/loadavg"));
         println!("total time: {:.0} s", started.elapsed().as_secs_f64());
         let mut json = common::json::header("l7-observe");
-        common::json::merge(&mut json, serde_json::json!({"config": cfg.json(), "variants": out}));
+        common::json::merge(
+            &mut json,
+            serde_json::json!({"config": cfg.json(), "variants": out}),
+        );
         common::json::write_if_asked(&json);
         return;
     }

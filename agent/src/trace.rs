@@ -27,7 +27,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use context::{extract, inject, Extracted, SpanId, TraceContext, TraceId};
-pub use export::{TraceMetrics, Tracer, Tracers};
+pub use export::{TraceMetrics, Tracer, TracerSlot, Tracers};
 pub use sampling::{decide, Decision, DecisionReason};
 pub use span::{
     operation_name, CustomTag, CustomTagValue, RequestInfo, ResponseInfo, Span, SpanBuilder,

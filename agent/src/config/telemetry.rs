@@ -87,6 +87,8 @@ pub struct TracingSettings {
     pub max_path_tag_length: u32,
     /// The same, as the span exporter takes it (made once per snapshot, not per request).
     pub export: crate::trace::TraceSettings,
+    /// Its tracer, once a request of the side was sampled.
+    pub tracer: crate::trace::TracerSlot,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -307,6 +309,7 @@ fn tracing(
                     report_spans: true,
                     max_path_tag_length: mesh_tracing.max_path_tag_length,
                     export: export::placeholder(),
+                    tracer: Default::default(),
                 }
                 .with_export(),
             ),
@@ -355,6 +358,7 @@ fn tracing(
                     report_spans: !disabled,
                     max_path_tag_length: mesh_tracing.max_path_tag_length,
                     export: export::placeholder(),
+                    tracer: Default::default(),
                 }
                 .with_export(),
             ),
@@ -384,6 +388,7 @@ fn tracing(
             report_spans: !disabled,
             max_path_tag_length: mesh_tracing.max_path_tag_length,
             export: export::placeholder(),
+            tracer: Default::default(),
         }
         .with_export(),
     )

@@ -135,7 +135,11 @@ async fn stream(
     // workload of this node has settings that change TCP connections.
     let settings = snap.tcp_telemetry.then(|| snap.telemetry_of(&key));
     let labels = match settings {
-        Some(s) => labels.tagged(&s.server.metrics, (peer.0, dst.0), pi.secrets.trust_domain()),
+        Some(s) => labels.tagged(
+            &s.server.metrics,
+            (peer.0, dst.0),
+            pi.secrets.trust_domain(),
+        ),
         None => labels,
     };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);

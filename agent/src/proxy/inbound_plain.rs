@@ -72,7 +72,11 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         .tcp_telemetry
         .then(|| snap.telemetry_of(&format!("{}/{}", pod.namespace, pod.name)));
     let labels = match settings {
-        Some(s) => labels.tagged(&s.server.metrics, (peer.0, dst.0), pi.secrets.trust_domain()),
+        Some(s) => labels.tagged(
+            &s.server.metrics,
+            (peer.0, dst.0),
+            pi.secrets.trust_domain(),
+        ),
         None => labels,
     };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);

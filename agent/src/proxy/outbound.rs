@@ -309,12 +309,7 @@ async fn tcp(
                 mtls,
                 ..labels
             });
-            let mut result = ConnectionResult::open(
-                &pi.telemetry,
-                labels,
-                downstream,
-                settings,
-            );
+            let mut result = ConnectionResult::open(&pi.telemetry, labels, downstream, settings);
             if result.logs() {
                 // Envoy names the cluster it forwarded to; a destination no Service or entry
                 // covers goes through `PassthroughCluster`.

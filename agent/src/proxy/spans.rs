@@ -66,7 +66,7 @@ pub fn begin(
     let decision = trace::decide(&incoming, tracing.sampling_percent);
     let builder = SpanBuilder::start(kind, String::new(), &incoming, decision);
     let tracer = if builder.sampled() && tracing.report_spans {
-        match pi.tracers.get(&tracing.export) {
+        match tracing.tracer.get(&pi.tracers, &tracing.export) {
             Ok(t) => Some(t),
             Err(e) => {
                 debug!(error = %e, "no tracer for the provider: span not reported");
@@ -111,7 +111,9 @@ impl Begun {
             version: s.version,
             peer: s.peer,
         };
-        let who = pod.trace_workload.get_or_init(|| Arc::new(workload(pi, pod)));
+        let who = pod
+            .trace_workload
+            .get_or_init(|| Arc::new(workload(pi, pod)));
         self.builder
             .record_request(&info, who, &tracing.export.tags);
         trace::inject(self.builder.context(), headers);

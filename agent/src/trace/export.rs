@@ -5,7 +5,7 @@
 //! timeout) and its spans are dropped and counted, never retried into an unbounded backlog.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -138,6 +138,43 @@ impl Tracer {
 impl Drop for Tracer {
     fn drop(&mut self) {
         self.queue.close();
+    }
+}
+
+/// A workload's tracer, kept with the settings that name it (made once per snapshot), so a
+/// sampled request does not look it up in [`Tracers`] (a lock and a hash per request, which
+/// two data-plane threads contended for). A cache, not a setting: every slot compares equal.
+#[derive(Clone, Default)]
+pub struct TracerSlot(Arc<OnceLock<Arc<Tracer>>>);
+
+impl TracerSlot {
+    /// The tracer for `settings`, from `tracers` on first use.
+    pub fn get(
+        &self,
+        tracers: &Tracers,
+        settings: &TraceSettings,
+    ) -> Result<Arc<Tracer>, TraceError> {
+        if let Some(t) = self.0.get() {
+            return Ok(t.clone());
+        }
+        let t = tracers.get(settings)?;
+        Ok(self.0.get_or_init(|| t).clone())
+    }
+}
+
+impl PartialEq for TracerSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for TracerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "TracerSlot(started)"
+        } else {
+            "TracerSlot(empty)"
+        })
     }
 }
 

@@ -32,7 +32,7 @@ pub(super) struct SpanQueue {
 impl SpanQueue {
     pub(super) fn new(capacity: usize, batch: usize) -> SpanQueue {
         SpanQueue {
-            spans: Mutex::new(Vec::new()),
+            spans: Mutex::new(Vec::with_capacity(batch.min(capacity).max(1))),
             capacity,
             batch: batch.min(capacity).max(1),
             notify: Notify::new(),
@@ -61,10 +61,15 @@ impl SpanQueue {
         Ok(())
     }
 
-    /// Everything queued so far.
+    /// Everything queued so far. The buffer left in its place has room for a batch, so the
+    /// data path's pushes (under the lock) do not grow it and move spans around.
     pub(super) fn take(&self) -> Vec<Span> {
-        let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
-        std::mem::take(&mut *spans)
+        let lock = || self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        if lock().is_empty() {
+            return Vec::new();
+        }
+        let fresh = Vec::with_capacity(self.batch);
+        std::mem::replace(&mut *lock(), fresh)
     }
 
     /// Waits until a batch is full or the queue is closed.

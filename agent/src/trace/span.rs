@@ -205,8 +205,7 @@ impl Span {
                 ("istio.cluster_id", &w.cluster_id),
             ];
             let n = if self.istio_tags { istio.len() } else { 0 };
-            std::iter::once(("node_id", w.node_id.as_str()))
-                .chain(istio.into_iter().take(n))
+            std::iter::once(("node_id", w.node_id.as_str())).chain(istio.into_iter().take(n))
         });
         workload.chain(self.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
     }
