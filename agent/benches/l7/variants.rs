@@ -52,8 +52,8 @@ impl Variant {
     /// The issue 13 bound on the added CPU per request, when it has one.
     fn bound(self) -> Option<f64> {
         match self {
-            Variant::Tracing(p) if p == 1.0 => Some(0.03),
-            Variant::Tracing(p) if p == 100.0 => Some(0.20),
+            Variant::Tracing(1.0) => Some(0.03),
+            Variant::Tracing(100.0) => Some(0.20),
             _ => None,
         }
     }
