@@ -58,6 +58,8 @@ pub enum TargetError {
         authority: SocketAddr,
         reached: IpAddr,
     },
+    #[error("the listener's address {local} is not one of the pod's (its addresses changed)")]
+    NotThePod { local: SocketAddr },
     #[error("no service or workload for hostname: {host}")]
     NoHostname { host: String },
     #[error("requested service {host}:{port} found, but cannot resolve port")]
@@ -73,7 +75,8 @@ impl TargetError {
             TargetError::NotConnect { .. }
             | TargetError::NoAuthority
             | TargetError::InvalidAuthority { .. }
-            | TargetError::OtherAddress { .. } => StatusCode::BAD_REQUEST,
+            | TargetError::OtherAddress { .. }
+            | TargetError::NotThePod { .. } => StatusCode::BAD_REQUEST,
             TargetError::NoHostname { .. }
             | TargetError::NoPortForService { .. }
             | TargetError::SelfCall { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -87,6 +90,7 @@ impl TargetError {
             TargetError::NoAuthority => "no_authority",
             TargetError::InvalidAuthority { .. } => "invalid_authority",
             TargetError::OtherAddress { .. } => "other_address",
+            TargetError::NotThePod { .. } => "not_the_pod",
             TargetError::NoHostname { .. } => "no_hostname",
             TargetError::NoPortForService { .. } => "no_port_for_service",
             TargetError::SelfCall { .. } => "self_call",
@@ -128,10 +132,7 @@ pub fn resolve<B>(
     if !pod.ips.iter().any(|ip| canonical(*ip) == reached) {
         // The listener is the pod's own; a local address that is not the pod's is a race with
         // a change of its addresses.
-        return Err(TargetError::OtherAddress {
-            authority: pod.local,
-            reached,
-        });
+        return Err(TargetError::NotThePod { local: pod.local });
     }
     let (port, service) = match authority.as_str().parse::<SocketAddr>() {
         Ok(addr) => {

@@ -180,4 +180,5 @@ fn malformed_requests_get_400() {
     let e = resolve(&connect("10.0.0.5:8080"), reached(&other), &snapshot())
         .expect_err("not the pod's address");
     assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e.metric_label(), "not_the_pod", "{e}");
 }
