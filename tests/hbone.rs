@@ -364,8 +364,10 @@ fn pool_multiplexes_and_opens_a_second_connection_at_the_101st_stream() {
 }
 
 /// Acceptance 3 and 4 at the server: a client from another CA is refused at the handshake; a
-/// non-CONNECT request and an `:authority` naming another IP get 400; an unreachable app gets
-/// 503; a good request gets 200. A server presenting the wrong identity is refused by the client.
+/// non-CONNECT request and an `:authority` naming another IP get 400; an unreachable app, a
+/// hostname no Service has and each of the proxy's own ports get 503 (ztunnel's answers); a good
+/// request gets 200, by address or by Service hostname. A server presenting the wrong identity
+/// is refused by the client. Failed handshakes do not each write a line at INFO or above.
 #[test]
 fn hbone_server_checks_certificates_and_requests() {
     let world = World::new("hb-server");
@@ -384,7 +386,15 @@ fn hbone_server_checks_certificates_and_requests() {
     let yaml = ClusterYaml::new()
         .ambient("mesh")
         .plain("plain")
-        .pods([&outsider, &client, &server, &other]);
+        .pods([&outsider, &client, &server, &other])
+        .service(
+            "beta",
+            "mesh",
+            std::net::Ipv4Addr::new(10, 96, 7, 7),
+            &[ambit::harness::SvcPort::unnamed(80, 8080)],
+            &[&server],
+            true,
+        );
     let (a1, a2) = two_agents(
         &world,
         (&n1, &n2),
@@ -410,14 +420,31 @@ fn hbone_server_checks_certificates_and_requests() {
             .status(http::Method::CONNECT, &sa(server.ip4(), 9).to_string())
             .await;
         let ok = c.status(http::Method::CONNECT, &app.to_string()).await;
-        (get, elsewhere, not_ip, closed, ok)
+        let mut own = Vec::new();
+        for port in [15001, 15006, 15008, 15020, 15021, 15000] {
+            let target = sa(server.ip4(), port).to_string();
+            own.push((port, c.status(http::Method::CONNECT, &target).await));
+        }
+        let by_name = c
+            .status(http::Method::CONNECT, "beta.mesh.svc.cluster.local:80")
+            .await;
+        (get, elsewhere, not_ip, closed, ok, own, by_name)
     });
     assert_eq!(statuses.0, Ok(400), "GET is not CONNECT");
     assert_eq!(statuses.1, Ok(400), ":authority of another pod");
-    assert_eq!(statuses.2, Ok(400), ":authority that is not ip:port");
+    assert_eq!(statuses.2, Ok(503), ":authority a hostname no Service has");
     assert_eq!(statuses.3, Ok(503), "nothing listens on the app port");
     assert_eq!(statuses.4, Ok(200), "a good CONNECT");
-    assert_eq!(a2.counter("proxy.hbone_inbound_bad_request"), 3);
+    for (port, status) in &statuses.5 {
+        assert_eq!(*status, Ok(503), "CONNECT to the proxy's own port {port}");
+    }
+    assert_eq!(
+        statuses.6,
+        Ok(200),
+        "a Service hostname: port 80 maps to the app's 8080"
+    );
+    assert_eq!(a2.counter("proxy.hbone_inbound_bad_request"), 2);
+    assert_eq!(a2.counter("proxy.hbone_inbound_unavailable"), 7);
 
     // The server presents mesh/beta; a client expecting another identity refuses it.
     let wrong = in_pod(&outsider, || async {
@@ -449,6 +476,58 @@ fn hbone_server_checks_certificates_and_requests() {
         s["proxy"]["hbone_tls_refused"] == 2
     });
 
+    // Any client can fail handshakes as often as it likes: each is logged at debug level, and
+    // at most one line per interval says how many failed (rustls's own warnings stay out too).
+    let log_before = std::fs::read_to_string(a2.log_path())
+        .unwrap_or_default()
+        .len();
+    let burst = Instant::now();
+    const FAILURES: u64 = 60;
+    in_pod(&outsider, || async {
+        // A TLS record carrying a Finished message where a ClientHello must be, plain text,
+        // and a client that leaves at once.
+        let mut wrong_message = vec![0x16, 0x03, 0x01, 0x00, 0x24, 0x14, 0x00, 0x00, 0x20];
+        wrong_message.extend_from_slice(&[0u8; 32]);
+        for i in 0..FAILURES {
+            let mut s = TcpStream::connect(hbone).await.expect("connect to 15008");
+            match i % 3 {
+                0 => drop(s.write_all(&wrong_message).await),
+                1 => drop(s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await),
+                _ => {}
+            }
+            let _ = s.shutdown().await;
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        }
+    });
+    a2.wait_for("every failed handshake counted", SETTLE, |s| {
+        s["proxy"]["hbone_tls_refused"] == 2 + FAILURES
+    });
+    let took = burst.elapsed();
+    let log = std::fs::read_to_string(a2.log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .get(log_before..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            [" INFO ", " WARN ", " ERROR "]
+                .iter()
+                .any(|lvl| l.contains(lvl))
+        })
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("handshake") || l.contains("rustls") || l.contains("hbone client")
+        })
+        .collect();
+    // One line per started report interval at most (60 s, `server::REPORT_INTERVAL`).
+    let allowed = 1 + (took.as_secs() / 60) as usize;
+    assert!(
+        lines.len() <= allowed,
+        "{FAILURES} failed handshakes wrote {} lines at INFO or above (at most {allowed}):\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+
     // The mesh client's agent refuses a server whose identity is not the one the cluster says:
     // node 1 is told the server runs as mesh/alpha, node 2 (the truth) says mesh/beta.
     let lying = ClusterYaml::new()
@@ -463,7 +542,7 @@ fn hbone_server_checks_certificates_and_requests() {
     });
     // The app records a connection when it closes: the good CONNECT above closed with its
     // client, at a moment of its own. Count it before counting what the refused tunnel adds.
-    wait_until("the app recorded the good CONNECT", || srv.count() == 1);
+    wait_until("the app recorded the good CONNECTs", || srv.count() == 2);
     let before = srv.count();
     let r = in_pod(&client, || whoami(app));
     assert!(

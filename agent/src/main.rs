@@ -286,6 +286,12 @@ fn main() -> ExitCode {
     if !filter.contains("kube_client") {
         filter.push_str(",kube_client::client::builder=off");
     }
+    // rustls warns of each peer's protocol errors (a Finished where a ClientHello must be): any
+    // client can cause as many as it likes, and the proxy reports failed handshakes itself, at
+    // most once a minute (`proxy::hbone::server::report_refused`).
+    if !filter.contains("rustls") {
+        filter.push_str(",rustls=error");
+    }
     let env_filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
         filter = default_level.to_string();
         default_level.into()

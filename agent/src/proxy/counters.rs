@@ -78,6 +78,11 @@ counters! {
     hbone_tls_refused,
     /// HBONE requests answered 400.
     hbone_inbound_bad_request,
+    /// HBONE requests answered 503 for their target (a hostname no Service has, a Service port
+    /// that maps to no pod port, one of the proxy's own ports), before the app is dialled.
+    hbone_inbound_unavailable,
+    /// HBONE connections closed (GOAWAY ENHANCE_YOUR_CALM) for flooding control frames.
+    hbone_control_flood,
     /// Inbound connections or streams denied by policy.
     inbound_denied,
     /// Relays that ended with both sides closed cleanly.

@@ -1,7 +1,9 @@
 //! Inbound over HBONE: port 15008 in each enrolled pod (sk_lookup never steers it). Each CONNECT
-//! stream is one tunnelled connection to the app. Answers as ztunnel's: 400 for anything but a
-//! CONNECT to this pod, 401 when policy denies, 503 when the app cannot be reached, 200 and the
-//! tunnel otherwise. Also the inbound policy check both inbound stages share.
+//! stream is one tunnelled connection to the app. Answers as ztunnel's: 400 or 503 when the
+//! CONNECT has no target (`hbone::target`: not a CONNECT, another pod's address, an unknown
+//! hostname, one of the proxy's own ports), 401 when policy denies, 503 when the app cannot be
+//! reached, 200 (with the pod's `baggage`) and the tunnel otherwise. Also the inbound policy
+//! check both inbound stages share.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +11,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, StatusCode};
+use http::{Request, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::addr::{canonical, OrigDst, PeerAddr};
 use super::hbone::server::{self, answer};
+use super::hbone::target::{self, Reached, TargetError};
 use super::hbone::Stream;
 use super::http::inbound::{self as inbound_http, Carried, InboundHttp};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
@@ -89,10 +92,17 @@ async fn connection(
         stream(pi.clone(), pod.clone(), identity, peer, local, req, respond)
     })
     .await;
-    if let Err(e) = served {
-        Counters::inc(&pi.counters.hbone_tls_refused);
-        // One line per failed handshake would let any client fill the log: debug.
-        debug!(pod = %pod.name, %peer, error = %e, "HBONE client refused");
+    match served {
+        Ok(server::Ended::Closed) => {}
+        Ok(server::Ended::Flooded) => {
+            Counters::inc(&pi.counters.hbone_control_flood);
+            server::report_flood(&pod.name, peer.0);
+        }
+        Err(e) => {
+            Counters::inc(&pi.counters.hbone_tls_refused);
+            // Any client can fail a handshake: one line per failure would let it fill the log.
+            server::report_refused(&pod.name, &e);
+        }
     }
 }
 
@@ -107,22 +117,27 @@ async fn stream(
     mut respond: SendResponse<Bytes>,
 ) {
     Counters::inc(&pi.counters.hbone_inbound_streams);
-    let dst = match target(&req, &pod, local) {
-        Ok(dst) => dst,
-        Err(reason) => {
-            Counters::inc(&pi.counters.hbone_inbound_bad_request);
-            info!(pod = %pod.name, %peer, %identity, method = %req.method(), uri = %req.uri(), reason, "HBONE request refused (400)");
-            return answer(&mut respond, StatusCode::BAD_REQUEST);
-        }
-    };
     let snap = pi.snapshot.load_full();
+    let reached = Reached {
+        namespace: &pod.namespace,
+        name: &pod.name,
+        ips: &pod.ips,
+        local,
+    };
+    let (dst, named_service) = match target::resolve(&req, reached, &snap) {
+        Ok(t) => (t.dst, t.service),
+        Err(e) => return refuse(&pi, &pod, peer, &identity, &req, e, &mut respond),
+    };
     let labels = TcpLabels {
         reporter: Reporter::Destination,
         source: verified_source(&snap, peer, &identity),
         destination: Peer::Workload(pod.istio.clone()),
-        service: snap
-            .local_service(&pod.namespace, &pod.name, dst.0.port())
-            .cloned()
+        // The Service the client named, else the one that selects the pod on that port.
+        service: named_service
+            .or_else(|| {
+                snap.local_service(&pod.namespace, &pod.name, dst.0.port())
+                    .cloned()
+            })
             .map(ServiceRef),
         flags: "-",
         mtls: true,
@@ -168,10 +183,7 @@ async fn stream(
             return result.finish(Err(e));
         }
     };
-    let ok = http::Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .unwrap_or_default();
+    let ok = established(&pod);
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
@@ -246,26 +258,39 @@ async fn relay_after(tunnel: Stream, first: Bytes, mut app: TcpStream) -> copy::
     outcome
 }
 
-/// The tunnel's target: a CONNECT whose `:authority` is `ip:port` of the pod the client reached.
-fn target(
-    req: &Request<h2::RecvStream>,
+/// The 200 that opens a tunnel. As ztunnel's, it carries the destination workload's `baggage`
+/// (ztunnel's `ENABLE_RESPONSE_BAGGAGE`, on by default); its refusals carry none.
+fn established(pod: &PodContext) -> http::Response<()> {
+    let mut ok = http::Response::new(());
+    if let Some(baggage) = &pod.baggage {
+        ok.headers_mut().insert(
+            http::header::HeaderName::from_static("baggage"),
+            baggage.clone(),
+        );
+    }
+    ok
+}
+
+/// Answers a CONNECT that has no target (`hbone::target`). ztunnel logs each at WARN (its
+/// "connection failed" early-deny line), before any access log or metric; as there, only a
+/// client holding a certificate of the mesh can cause one.
+fn refuse(
+    pi: &ProxyInputs,
     pod: &PodContext,
-    local: SocketAddr,
-) -> Result<OrigDst, &'static str> {
-    if req.method() != Method::CONNECT {
-        return Err("not a CONNECT request");
+    peer: PeerAddr,
+    identity: &Identity,
+    req: &Request<h2::RecvStream>,
+    e: TargetError,
+    respond: &mut SendResponse<Bytes>,
+) {
+    let status = e.status();
+    if status == StatusCode::BAD_REQUEST {
+        Counters::inc(&pi.counters.hbone_inbound_bad_request);
+    } else {
+        Counters::inc(&pi.counters.hbone_inbound_unavailable);
     }
-    let Some(authority) = req.uri().authority() else {
-        return Err("CONNECT without :authority");
-    };
-    let Ok(dst) = authority.as_str().parse::<SocketAddr>() else {
-        return Err(":authority is not ip:port");
-    };
-    let reached = canonical(local.ip());
-    if canonical(dst.ip()) != reached || !pod.ips.iter().any(|ip| canonical(*ip) == reached) {
-        return Err(":authority names another address than the pod the client connected to");
-    }
-    Ok(OrigDst(SocketAddr::new(reached, dst.port())))
+    warn!(pod = %pod.name, namespace = %pod.namespace, src.addr = %peer, %identity, method = %req.method(), uri = %req.uri(), status = status.as_u16(), reason = e.metric_label(), error = %e, "HBONE request refused");
+    answer(respond, status);
 }
 
 /// The source of an HBONE stream for the metrics: the workload at the peer's address if it runs

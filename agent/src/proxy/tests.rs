@@ -16,6 +16,7 @@ mod web;
 mod world;
 
 mod close;
+mod hbone_hygiene;
 mod hbone_server;
 mod http_behaviour;
 mod http_grpc;

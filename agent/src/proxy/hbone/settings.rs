@@ -13,6 +13,22 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// A client that has not finished the TLS handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest header list the server accepts (ztunnel's server: 64 KiB; h2's default is
+/// 16 MiB). A CONNECT carries a handful of short headers.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// Streams a client may open and reset before the server accepts them, before GOAWAY
+/// ENHANCE_YOUR_CALM (h2's default, the "rapid reset" bound, CVE-2023-44487), written here so a
+/// change of the crate's default does not loosen it unseen.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams the server may reset for the client's protocol errors, before GOAWAY
+/// ENHANCE_YOUR_CALM (h2's default, the "MadeYouReset" bound).
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// How long a connection closed for flooding may take to flush its GOAWAY.
+pub const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
 /// rustls reads at most one record (≤ 16 KiB, often 4 KiB) per read from its transport; a read
 /// buffer in front of the socket turns those into one large read, saving most of the syscalls of
 /// a bulk transfer.

@@ -91,6 +91,28 @@ impl Mesh {
         server: &Pod,
         expected: &Identity,
     ) -> Result<HboneClient, String> {
+        let (tls, lease) = self.hbone_tls(id, from, server, expected).await?;
+        let (sender, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(HboneClient {
+            sender,
+            _lease: lease,
+        })
+    }
+
+    /// The TLS connection of an HBONE client (see [`Mesh::hbone_client_expecting`]), for a test
+    /// that writes its HTTP/2 frames itself. The lease keeps the client's certificate.
+    pub async fn hbone_tls(
+        &self,
+        id: &Identity,
+        from: IpAddr,
+        server: &Pod,
+        expected: &Identity,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, CertLease), String> {
         let (manager, lease) = self.secrets(id).await;
         let cfg = crate::tls::client_config(manager.clone(), id.clone(), expected.clone());
         let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -103,16 +125,7 @@ impl Mesh {
             .connect(crate::tls::server_name(dst.ip()), tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-        let (sender, conn) = h2::client::handshake(tls)
-            .await
-            .map_err(|e| format!("HTTP/2: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(HboneClient {
-            sender,
-            _lease: lease,
-        })
+        Ok((tls, lease))
     }
 }
 
@@ -158,6 +171,16 @@ impl HboneClient {
         method: http::Method,
         authority: &str,
     ) -> Result<(u16, Option<Stream>), String> {
+        let (head, stream) = self.response(method, authority).await?;
+        Ok((head.status.as_u16(), stream))
+    }
+
+    /// As [`HboneClient::request`], with the whole response head.
+    pub async fn response(
+        &mut self,
+        method: http::Method,
+        authority: &str,
+    ) -> Result<(http::response::Parts, Option<Stream>), String> {
         let connect = method == http::Method::CONNECT;
         let req = http::Request::builder()
             .method(method)
@@ -177,9 +200,9 @@ impl HboneClient {
         let resp = within("the HBONE server's answer", resp)
             .await
             .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let stream = (connect && status == 200).then(|| Stream::new(send, resp.into_body()));
-        Ok((status, stream))
+        let (head, body) = resp.into_parts();
+        let stream = (connect && head.status == 200).then(|| Stream::new(send, body));
+        Ok((head, stream))
     }
 
     pub async fn status(&mut self, method: http::Method, authority: &str) -> Result<u16, String> {

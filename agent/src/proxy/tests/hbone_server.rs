@@ -1,9 +1,11 @@
 //! The HBONE server (15008) as a raw HBONE client sees it: ztunnel's answers (400 for anything
-//! but a CONNECT to this pod, 401 when policy denies, 503 when the app cannot be reached, 200 and
-//! the tunnel otherwise), and the server's identity checked by the client.
+//! but a CONNECT to this pod, 401 when policy denies, 503 when the app cannot be reached, when
+//! the target is one of the proxy's own ports or a hostname no Service has, 200 and the tunnel
+//! otherwise), a Service hostname as the target, the `baggage` of the 200, and the server's
+//! identity checked by the client.
 
 use http::Method;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::fixture::*;
 use crate::identity::Identity;
@@ -44,15 +46,16 @@ async fn hbone_server_answers_400_401_503_and_200() {
     );
     assert_eq!(
         c.status(Method::CONNECT, "example.com:8080").await,
-        Ok(400),
-        "an authority that is not ip:port"
+        Ok(503),
+        "a hostname no Service has (ztunnel: no service or workload for hostname)"
     );
     assert_eq!(
         c.status(Method::CONNECT, &server.addr(9).to_string()).await,
         Ok(503),
         "nothing listens on the port"
     );
-    assert_eq!(n2.count(|c| &c.hbone_inbound_bad_request), 3);
+    assert_eq!(n2.count(|c| &c.hbone_inbound_bad_request), 2);
+    assert_eq!(n2.count(|c| &c.hbone_inbound_unavailable), 1);
     assert_eq!(n2.count(|c| &c.inbound_connect_failed), 1);
     assert!(app.peers().is_empty(), "no refused request reached the app");
 
@@ -146,4 +149,137 @@ async fn a_server_with_another_identity_is_refused_by_the_client() {
     })
     .await;
     assert_eq!(n2.count(|c| &c.hbone_inbound_streams), 0);
+}
+
+/// ztunnel's `illegal_ports`: a CONNECT to one of the proxy's own ports is a call to itself (a
+/// tunnel in a tunnel for 15008), refused with 503 before anything is dialled, even where
+/// something listens on that port.
+#[tokio::test]
+async fn a_connect_to_each_of_the_proxys_own_ports_gets_503() {
+    let mut world = World::new();
+    let server = world.pod("server").node("n2").sa("beta").add();
+    let outside = world.outside_ip();
+    let mesh = world.start().await;
+    let n2 = mesh.node("n2");
+    // Something listens on every own port of the pod's address: the proxy itself (15008, and
+    // 15001/15006 where this tier runs those stages), else an app.
+    let mut apps = Vec::new();
+    for port in crate::proxy::hbone::target::OWN_PORTS {
+        if tokio::net::TcpListener::bind(server.addr(port))
+            .await
+            .is_ok()
+        {
+            apps.push(mesh.whoami(server.addr(port)).await);
+        }
+    }
+    let sleep = Identity::new("cluster.local", "mesh", "sleep");
+    let mut c = mesh
+        .hbone_client(&sleep, outside, &server)
+        .await
+        .unwrap_or_else(|e| panic!("a client of the mesh's CA connects: {e}"));
+    for port in [15001, 15006, 15008, 15020, 15021, 15000] {
+        let target = server.addr(port).to_string();
+        assert_eq!(
+            c.status(Method::CONNECT, &target).await,
+            Ok(503),
+            "CONNECT {target}"
+        );
+    }
+    assert_eq!(n2.count(|c| &c.hbone_inbound_unavailable), 6);
+    assert_eq!(
+        n2.count(|c| &c.inbound_connect_failed),
+        0,
+        "refused before dialling"
+    );
+    for app in &apps {
+        assert!(app.peers().is_empty(), "no tunnel reached an own port");
+    }
+    // The connection is still good for a real target.
+    let _app = mesh.whoami(server.addr(8080)).await;
+    assert_eq!(
+        c.status(Method::CONNECT, &server.addr(8080).to_string())
+            .await,
+        Ok(200)
+    );
+}
+
+/// A Service hostname as the `:authority` (as gateways and waypoints send it): the Service port
+/// maps to its target port on the pod the client reached, the 200 carries that pod's `baggage`
+/// (as ztunnel's), and the stream is reported against the Service named.
+#[tokio::test]
+async fn a_service_hostname_reaches_the_pod_on_its_target_port_with_baggage() {
+    let mut world = World::new();
+    let one = world.pod("web-1").node("n2").app("web").sa("web").add();
+    let two = world.pod("web-2").node("n2").app("web").sa("web").add();
+    world
+        .service("web")
+        .port(80, 8080)
+        .backends(&[&one, &two])
+        .add();
+    let outside = world.outside_ip();
+    let mesh = world.start().await;
+    let _apps = (
+        mesh.whoami(one.addr(8080)).await,
+        mesh.whoami(two.addr(8080)).await,
+    );
+    let n2 = mesh.node("n2");
+    let sleep = Identity::new("cluster.local", "mesh", "sleep");
+    let mut c = mesh
+        .hbone_client(&sleep, outside, &two)
+        .await
+        .unwrap_or_else(|e| panic!("a client of the mesh's CA connects: {e}"));
+
+    let (head, stream) = c
+        .response(Method::CONNECT, "web.mesh.svc.cluster.local:80")
+        .await
+        .unwrap_or_else(|e| panic!("CONNECT web: {e}"));
+    assert_eq!(head.status, 200, "{head:?}");
+    let pod = n2.pods.get("mesh/web-2").expect("web-2 enrolled on n2");
+    let want = pod.baggage.as_ref().expect("the pod's baggage");
+    assert_eq!(head.headers.get("baggage"), Some(want), "{head:?}");
+    let baggage = want.to_str().expect("ASCII");
+    assert!(
+        baggage.contains("k8s.namespace.name=mesh") && baggage.contains("k8s.pod.name=web-2"),
+        "{baggage}"
+    );
+    let mut io = BufReader::new(stream.expect("the tunnel").into_io());
+    let mut greeting = String::new();
+    within("the greeting", io.read_line(&mut greeting))
+        .await
+        .expect("read the greeting");
+    assert!(
+        greeting.starts_with(&format!("{} sees {}:", two.addr(8080), two.ip)),
+        "the reached pod, on the target port: {greeting}"
+    );
+    // A clean close (FIN both ways), so the stream is counted as such.
+    io.get_mut().shutdown().await.expect("FIN");
+    let mut rest = Vec::new();
+    within("the app's FIN", io.read_to_end(&mut rest))
+        .await
+        .expect("read to the end");
+    n2.wait_metric(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_workload", "web-2"),
+            ("destination_service", "web.mesh.svc.cluster.local"),
+            ("response_flags", "-"),
+        ],
+        1,
+    )
+    .await;
+
+    // Hostnames that cannot be served: 503, as ztunnel answers; refusals carry no baggage.
+    for authority in [
+        "nothere.mesh.svc.cluster.local:80",
+        "web.mesh.svc.cluster.local:81",
+    ] {
+        let (head, _) = c
+            .response(Method::CONNECT, authority)
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+        assert_eq!(head.status, 503, "{authority}");
+        assert!(head.headers.get("baggage").is_none(), "{authority}");
+    }
+    assert_eq!(n2.count(|c| &c.hbone_inbound_unavailable), 2);
 }
