@@ -124,7 +124,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, pod: usize, counts: Coun
                     &h1
                 };
                 c.fetch_add(1, Ordering::Relaxed);
-                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(&BODY)))) }
+                async move {
+                    // A request body (the spans a tracing agent posts to the collector pod) is
+                    // read to its end, as a collector would, so the connection stays reusable.
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(&BODY))))
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
