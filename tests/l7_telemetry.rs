@@ -526,18 +526,24 @@ spec:
     for a in &agents {
         write_istio(a, &format!("{mesh}---\n{ALOG_ROUTES}"));
     }
+    // Applied once a 200 is logged at both ends again; each round's 500 (logged under either
+    // config) shows when both agents have written what the round will give.
     let round = std::cell::Cell::new(0);
     settled(
         || {
             round.set(round.get() + 1);
-            let path = format!("/known/back{}", round.get());
-            let p = path.clone();
+            let (ok, bad) = (
+                format!("/known/back{}", round.get()),
+                format!("/status/500?back={}", round.get()),
+            );
+            let (o, b) = (ok.clone(), bad.clone());
             in_pod(&client, || async move {
                 let conn = Conn::h1(sa(WEB, 80)).await;
-                assert_eq!(conn.get("web", &p, &[]).await.status, 200);
+                assert_eq!(conn.get("web", &o, &[]).await.status, 200);
+                assert_eq!(conn.get("web", &b, &[]).await.status, 500);
             });
-            settled(lines, |_| with(&path) >= 2);
-            with(&path)
+            settled(lines, |_| with(&bad) >= 2);
+            with(&ok)
         },
         |n| *n == 2,
     );
