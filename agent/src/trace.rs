@@ -51,6 +51,8 @@ pub enum TraceError {
         value: String,
         reason: String,
     },
+    #[error("tracing provider: header {name:?} cannot be sent: {reason}")]
+    BadHeader { name: String, reason: String },
     #[error("tracing: field {field}: {value} is outside 0..=100")]
     BadPercent { field: &'static str, value: f64 },
     #[error("tracing: field {field} must be greater than zero")]
@@ -90,9 +92,10 @@ impl TraceError {
             TraceError::Timeout { .. } => "export_timeout",
             TraceError::Rejected { .. } => "export_rejected",
             TraceError::Encode { .. } => "encode_failed",
-            TraceError::BadUrl { .. } | TraceError::BadPercent { .. } | TraceError::Zero { .. } => {
-                "config"
-            }
+            TraceError::BadUrl { .. }
+            | TraceError::BadHeader { .. }
+            | TraceError::BadPercent { .. }
+            | TraceError::Zero { .. } => "config",
         }
     }
 }
@@ -102,18 +105,34 @@ impl TraceError {
 pub enum Provider {
     /// Zipkin v2 JSON, `POST {url}` (e.g. `http://jaeger-collector.observability:9411/api/v2/spans`).
     Zipkin { url: String },
-    /// OTLP over gRPC, `TraceService/Export` at `endpoint` (e.g. `http://otel-collector:4317`).
-    OtlpGrpc { endpoint: String },
-    /// OTLP over HTTP, protobuf body, `POST {url}` (e.g. `http://otel-collector:4318/v1/traces`).
-    OtlpHttp { url: String },
+    /// OTLP over gRPC, `TraceService/Export` at `endpoint` (e.g. `http://otel-collector:4317`),
+    /// with Istio's `grpc.initialMetadata` on every call.
+    OtlpGrpc {
+        endpoint: String,
+        headers: Vec<(String, String)>,
+    },
+    /// OTLP over HTTP, protobuf body, `POST {url}` (e.g. `http://otel-collector:4318/v1/traces`),
+    /// with Istio's `http.headers` on every request.
+    OtlpHttp {
+        url: String,
+        headers: Vec<(String, String)>,
+    },
 }
 
 impl Provider {
     /// The collector address as configured, for logs and errors.
     pub fn endpoint(&self) -> &str {
         match self {
-            Provider::Zipkin { url } | Provider::OtlpHttp { url } => url,
-            Provider::OtlpGrpc { endpoint } => endpoint,
+            Provider::Zipkin { url } | Provider::OtlpHttp { url, .. } => url,
+            Provider::OtlpGrpc { endpoint, .. } => endpoint,
+        }
+    }
+
+    /// The headers (gRPC metadata) sent with every export.
+    pub fn headers(&self) -> &[(String, String)] {
+        match self {
+            Provider::Zipkin { .. } => &[],
+            Provider::OtlpHttp { headers, .. } | Provider::OtlpGrpc { headers, .. } => headers,
         }
     }
 

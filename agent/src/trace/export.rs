@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -105,6 +105,7 @@ impl Tracer {
         let queue = Arc::new(SpanQueue::new(batch.queue_capacity, batch.max_batch));
         let exporter = Exporter {
             target,
+            headers: headers(provider)?,
             batch: batch.clone(),
             metrics: metrics.clone(),
             last_warn: None,
@@ -251,9 +252,12 @@ pub(super) enum Target {
 pub(super) fn check_provider(provider: &Provider) -> Result<Target, TraceError> {
     let (field, raw, default_path) = match provider {
         Provider::Zipkin { url } => ("zipkin.url", url, Some(ZIPKIN_DEFAULT_PATH)),
-        Provider::OtlpHttp { url } => ("opentelemetry.http.url", url, Some(OTLP_HTTP_DEFAULT_PATH)),
-        Provider::OtlpGrpc { endpoint } => ("opentelemetry.grpc.endpoint", endpoint, None),
+        Provider::OtlpHttp { url, .. } => {
+            ("opentelemetry.http.url", url, Some(OTLP_HTTP_DEFAULT_PATH))
+        }
+        Provider::OtlpGrpc { endpoint, .. } => ("opentelemetry.grpc.endpoint", endpoint, None),
     };
+    headers(provider)?;
     let bad = |reason: &str| TraceError::BadUrl {
         field,
         value: raw.clone(),
@@ -287,9 +291,26 @@ pub(super) fn check_provider(provider: &Provider) -> Result<Target, TraceError> 
     })
 }
 
+/// The provider's headers as sent (gRPC: as the call's metadata); a name or value HTTP cannot
+/// carry fails at config time.
+pub(super) fn headers(provider: &Provider) -> Result<HeaderMap, TraceError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in provider.headers() {
+        let bad = |reason: String| TraceError::BadHeader {
+            name: name.clone(),
+            reason,
+        };
+        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let v = HeaderValue::from_str(value).map_err(|e| bad(e.to_string()))?;
+        map.append(n, v);
+    }
+    Ok(map)
+}
+
 /// The export task's state.
 struct Exporter {
     target: Target,
+    headers: HeaderMap,
     batch: BatchSettings,
     metrics: TraceMetrics,
     last_warn: Option<Instant>,
@@ -439,6 +460,7 @@ impl Exporter {
                 let mut req = Request::new(Full::new(Bytes::from(body)));
                 *req.method_mut() = Method::POST;
                 *req.uri_mut() = uri.clone();
+                req.headers_mut().extend(self.headers.clone());
                 req.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 let resp = client.request(req).await.map_err(|e| failed(Box::new(e)))?;
@@ -456,7 +478,11 @@ impl Exporter {
             }
             Transport::Grpc { client } => {
                 let resp = client
-                    .export(tonic::Request::new(otlp::encode(spans)))
+                    .export(tonic::Request::from_parts(
+                        tonic::metadata::MetadataMap::from_headers(self.headers.clone()),
+                        tonic::Extensions::default(),
+                        otlp::encode(spans),
+                    ))
                     .await
                     .map_err(|status| failed(Box::new(status)))?;
                 // A partial success names spans the collector refused; they are not exported.

@@ -218,8 +218,15 @@ async fn chain_to_otlp_grpc() {
     let collector = collectors::otlp_grpc().await;
     let provider = Provider::OtlpGrpc {
         endpoint: format!("http://{}", collector.addr),
+        headers: vec![("x-tenant".into(), "blue".into())],
     };
     chain(provider, &collector, &B3_AND_W3C).await;
+    // Istio's `grpc.initialMetadata` is on every call.
+    let seen = collector.store.header_values("x-tenant");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|v| v == "blue"),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +235,15 @@ async fn chain_to_otlp_http() {
     // No path: OTLP/HTTP's default `/v1/traces` applies.
     let provider = Provider::OtlpHttp {
         url: format!("http://{}", collector.addr),
+        headers: vec![("Authorization".into(), "Bearer t0ken".into())],
     };
     chain(provider, &collector, &B3_AND_W3C).await;
+    // Istio's `http.headers` is on every request.
+    let seen = collector.store.header_values("authorization");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|v| v == "Bearer t0ken"),
+        "{seen:?}"
+    );
 }
 
 /// 1,000 fresh traces at 50 %: 50 % ± 7 % are sampled, and each sampled trace arrives whole
@@ -341,9 +355,11 @@ async fn dead_collector_drops_and_counts() {
         Provider::zipkin_address(&format!("127.0.0.1:{port}")),
         Provider::OtlpHttp {
             url: format!("http://127.0.0.1:{port}/v1/traces"),
+            headers: vec![],
         },
         Provider::OtlpGrpc {
             endpoint: format!("http://127.0.0.1:{port}"),
+            headers: vec![],
         },
     ] {
         let (tracer, metrics) = tracer(provider.clone(), &fast_batch());
@@ -460,6 +476,7 @@ async fn tracers_share_one_per_provider() {
     let zipkin = TraceSettings::new(Provider::zipkin_address("127.0.0.1:9411"));
     let otlp = TraceSettings::new(Provider::OtlpGrpc {
         endpoint: "http://127.0.0.1:4317".into(),
+        headers: vec![],
     });
     let one = tracers.get(&zipkin).expect("zipkin");
     let again = tracers.get(&TraceSettings {
@@ -486,12 +503,14 @@ fn bad_settings_name_the_field() {
         (
             TraceSettings::new(Provider::OtlpHttp {
                 url: "not a url".into(),
+                headers: vec![],
             }),
             "opentelemetry.http.url",
         ),
         (
             TraceSettings::new(Provider::OtlpGrpc {
                 endpoint: "otel:4317".into(),
+                headers: vec![],
             }),
             "opentelemetry.grpc.endpoint",
         ),

@@ -21,6 +21,7 @@ impl TracingSettings {
             TraceExporter::OpenTelemetry(o) => match &o.http {
                 // Istio: with `http`, OTLP over HTTP at `path` (default `/v1/traces`); else gRPC.
                 Some(h) => Provider::OtlpHttp {
+                    headers: collector_headers(&h.headers),
                     url: format!(
                         "http://{}:{}{}",
                         super::service_host(&o.service),
@@ -33,6 +34,11 @@ impl TracingSettings {
                     ),
                 },
                 None => Provider::OtlpGrpc {
+                    headers: o
+                        .grpc
+                        .as_ref()
+                        .map(|g| collector_headers(&g.initial_metadata))
+                        .unwrap_or_default(),
                     endpoint: format!("http://{}:{}", super::service_host(&o.service), o.port),
                 },
             },
@@ -65,8 +71,38 @@ impl TracingSettings {
                 },
                 istio_tags: true,
             },
-            batch: Default::default(),
+            batch: trace::BatchSettings {
+                // Istio's `http.timeout` / `grpc.timeout`: how long one export may take.
+                request_timeout: match &self.exporter {
+                    TraceExporter::OpenTelemetry(o) => o
+                        .http
+                        .as_ref()
+                        .and_then(|h| h.timeout)
+                        .or_else(|| o.grpc.as_ref().and_then(|g| g.timeout)),
+                    TraceExporter::Zipkin { .. } => None,
+                }
+                .filter(|t| !t.is_zero())
+                .unwrap_or(trace::BatchSettings::default().request_timeout),
+                ..Default::default()
+            },
         };
         self
     }
+}
+
+/// Istio's collector headers: a literal `value`, or the value of the agent's environment
+/// variable `envName` (read when the config is applied; a header whose variable is unset is not
+/// sent).
+fn collector_headers(headers: &[crate::config::mesh::HttpHeader]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|h| {
+            let value = match (&h.value, &h.env_name) {
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(var)) => std::env::var(var).ok(),
+                (None, None) => None,
+            }?;
+            Some((h.name.clone(), value))
+        })
+        .collect()
 }

@@ -200,7 +200,8 @@ defaultProviders:
     assert_eq!(
         tracing.export.provider,
         crate::trace::Provider::OtlpHttp {
-            url: "http://otel-collector.observability.svc.cluster.local:4318/v1/traces".into()
+            url: "http://otel-collector.observability.svc.cluster.local:4318/v1/traces".into(),
+            headers: vec![("x-token".into(), "abc".into())],
         }
     );
     let TraceExporter::OpenTelemetry(o) = tracing.exporter else {

@@ -48,6 +48,8 @@ pub struct Store {
     spans: Mutex<Vec<Received>>,
     /// Batches that did not follow the schema: a test fails on the first `wait_for`.
     errors: Mutex<Vec<String>>,
+    /// Each export's headers (gRPC: its metadata).
+    headers: Mutex<Vec<http::HeaderMap>>,
     changed: Notify,
 }
 
@@ -60,6 +62,25 @@ impl Store {
     fn error(&self, e: String) {
         self.errors.lock().expect("store").push(e);
         self.changed.notify_waiters();
+    }
+
+    fn saw(&self, headers: http::HeaderMap) {
+        self.headers.lock().expect("store").push(headers);
+    }
+
+    /// The values of header `name` on the exports so far.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .lock()
+            .expect("store")
+            .iter()
+            .flat_map(|h| {
+                h.get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn spans(&self) -> Vec<Received> {
@@ -247,6 +268,7 @@ async fn http_collector(path: &'static str, ok: StatusCode, decode: Decode) -> C
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let store = store.clone();
                     async move {
+                        store.saw(req.headers().clone());
                         let wrong_path =
                             req.uri().path() != path || req.method() != http::Method::POST;
                         let body = req.into_body().collect().await.map(|b| b.to_bytes());
@@ -313,6 +335,7 @@ impl TraceService for GrpcSink {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.saw(request.metadata().clone().into_headers());
         self.0.push(from_otlp(request.into_inner()));
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
