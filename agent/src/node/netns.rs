@@ -7,6 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -21,6 +22,8 @@ pub struct NetnsWorker {
     path: PathBuf,
     netns: File,
     jobs: mpsc::Sender<Job>,
+    /// The pod's netns brings replies to transparent sockets back (`transparent::install` ran).
+    transparent: AtomicBool,
 }
 
 impl NetnsWorker {
@@ -71,6 +74,7 @@ impl NetnsWorker {
             path: path.to_path_buf(),
             netns,
             jobs,
+            transparent: AtomicBool::new(false),
         })
     }
 
@@ -118,6 +122,12 @@ impl NetnsWorker {
         let std_stream = self.run_async(move || new_upstream(dst, bind)).await??;
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
+
+    /// Whether sockets to the app may carry the client's address (set once the pod's routing is
+    /// in place, cleared before it is removed).
+    pub fn set_transparent(&self, on: bool) {
+        self.transparent.store(on, Ordering::Release);
+    }
 }
 
 /// The proxy makes its sockets in a pod through this.
@@ -130,6 +140,26 @@ impl crate::proxy::SocketFactory for NetnsWorker {
         Box<dyn std::future::Future<Output = io::Result<tokio::net::TcpSocket>> + Send + '_>,
     > {
         Box::pin(self.upstream_socket(dst, bind))
+    }
+
+    fn app_upstream(
+        &self,
+        dst: SocketAddr,
+        client: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = io::Result<Option<tokio::net::TcpSocket>>> + Send + '_,
+        >,
+    > {
+        Box::pin(async move {
+            if !self.transparent.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            let std_stream = self
+                .run_async(move || new_app_upstream(dst, client))
+                .await??;
+            Ok(Some(tokio::net::TcpSocket::from_std_stream(std_stream)))
+        })
     }
 }
 
@@ -148,6 +178,49 @@ fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::T
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
     Ok(s.into())
+}
+
+/// A socket to the pod's app bound to the client's address, which is not the pod's: it may bind
+/// it (IP_TRANSPARENT; the SOL_IP option also serves IPv6 sockets, the kernel keeps one flag for
+/// both) and carries the mark the pod's rule routes back over lo.
+///
+/// A non-zero `client` port is a connection to the same app port from that very address and
+/// port already in this netns (plaintext inbound: the accepted socket the proxy relays). A port
+/// picked at connect time could be that one, and the SYN would then match the accepted socket;
+/// so the port is picked at bind and a clash is picked again.
+fn new_app_upstream(dst: SocketAddr, client: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let make = || -> io::Result<Socket> {
+        let s = Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        s.set_ip_transparent(true)?;
+        s.set_mark(ambit_common::TRANSPARENT_MARK)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    };
+    if client.port() == 0 {
+        let s = make()?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        s.bind(&SocketAddr::new(client.ip(), 0).into())?;
+        return Ok(s.into());
+    }
+    for _ in 0..4 {
+        let s = make()?;
+        // As connect's own choice would, ports may be shared while the 4-tuples differ.
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(client.ip(), 0).into())?;
+        let port = s.local_addr()?.as_socket().map_or(0, |a| a.port());
+        if port != client.port() {
+            return Ok(s.into());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no source port for {client} other than its own"),
+    ))
 }
 
 /// A listening socket in the current netns (call on the worker).

@@ -149,7 +149,7 @@ async fn stream(
         dst: dst.0,
         original_dst: Some(dst.0),
     });
-    let app = match connect::app(&pod, dst.0).await {
+    let app = match connect::app(&pod, dst.0, SocketAddr::new(peer.0.ip(), 0)).await {
         Ok(app) => app,
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);

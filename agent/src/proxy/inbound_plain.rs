@@ -80,7 +80,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         return result.finish(Err(e));
     }
     result.set_upstream(dst.0);
-    match connect::app(&pod, dst.0).await {
+    match connect::app(&pod, dst.0, peer.0).await {
         Ok(app) => {
             let outcome = copy::bidirectional(stream, app).await;
             super::outbound::finish(&pi, &outcome);
