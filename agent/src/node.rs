@@ -273,11 +273,16 @@ impl Node {
         spec: &PodSpec,
         worker: &NetnsWorker,
     ) -> Option<transparent::Held> {
-        self.draining.retain(|d| !d.held.is_gone());
-        if let Some(d) = self.draining.iter().find(|d| d.netns == spec.netns_path) {
-            if let Some(setup) = d.held.take() {
-                worker.set_transparent(true);
-                return Some(transparent::Held::new(setup));
+        self.draining.retain(|d| !d.held.is_settled());
+        if let Some(i) = self
+            .draining
+            .iter()
+            .position(|d| d.netns == spec.netns_path)
+        {
+            let d = self.draining.swap_remove(i);
+            if d.held.adopt() {
+                worker.set_transparent(d.held.present());
+                return Some(d.held);
             }
         }
         let v4 = spec.ips.iter().any(IpAddr::is_ipv4);
@@ -309,8 +314,9 @@ impl Node {
             });
         match installed {
             Ok(setup) => {
-                worker.set_transparent(true);
-                Some(transparent::Held::new(setup))
+                let held = transparent::Held::new(setup);
+                worker.set_transparent(held.present());
+                Some(held)
             }
             Err(e) => {
                 warn!(pod = %key, error = %e, "the app will see connections from its own pod address, not the client's");
@@ -319,14 +325,14 @@ impl Node {
         }
     }
 
-    /// New app connections of an unenrolled pod come from its own address; the routing stays
-    /// while the proxy still relays connections that need it (they are not cut by unenrolment),
-    /// and goes with the last of them, or at once when the agent stops.
+    /// The routing of an unenrolled pod stays while the proxy still relays connections that need
+    /// it (they are not cut by unenrolment, and an HBONE connection accepted before goes on
+    /// serving streams), and goes after the last of them, or at once when the agent stops.
     fn release_transparent(&mut self, key: &str, pod: &EnrolledPod, now: bool) {
-        pod.worker.set_transparent(false);
         let Some(held) = pod.transparent.clone() else {
             return;
         };
+        held.release();
         if now {
             return remove_now(key, &held, &pod.worker);
         }

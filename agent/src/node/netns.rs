@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, OnceLock};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -22,8 +22,9 @@ pub struct NetnsWorker {
     path: PathBuf,
     netns: File,
     jobs: mpsc::Sender<Job>,
-    /// The pod's netns brings replies to transparent sockets back (`transparent::install` ran).
-    transparent: AtomicBool,
+    /// Whether the pod's netns brings replies to transparent sockets back
+    /// (`transparent::Held::present`); unset where it was not set up.
+    transparent: OnceLock<Arc<AtomicBool>>,
 }
 
 impl NetnsWorker {
@@ -74,7 +75,7 @@ impl NetnsWorker {
             path: path.to_path_buf(),
             netns,
             jobs,
-            transparent: AtomicBool::new(false),
+            transparent: OnceLock::new(),
         })
     }
 
@@ -123,10 +124,10 @@ impl NetnsWorker {
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
 
-    /// Whether sockets to the app may carry the client's address (set once the pod's routing is
-    /// in place, cleared before it is removed).
-    pub fn set_transparent(&self, on: bool) {
-        self.transparent.store(on, Ordering::Release);
+    /// Sockets to the app may carry the client's address while `present` holds (set once the
+    /// pod's routing is in place, cleared before it is removed).
+    pub fn set_transparent(&self, present: Arc<AtomicBool>) {
+        let _ = self.transparent.set(present);
     }
 }
 
@@ -152,7 +153,8 @@ impl crate::proxy::SocketFactory for NetnsWorker {
         >,
     > {
         Box::pin(async move {
-            if !self.transparent.load(Ordering::Acquire) {
+            let present = self.transparent.get();
+            if !present.is_some_and(|p| p.load(Ordering::Acquire)) {
                 return Ok(None);
             }
             let std_stream = self

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,26 +74,82 @@ struct FamilySetup {
     made_copy: bool,
 }
 
-/// A pod's routing as the node holds it, taken by whichever ends it first: the drain after
-/// unenrolment, a re-enrolment of the same netns (which adopts it), or the agent's shutdown.
+/// A pod's routing as the node holds it. Enrolments of the pod's netns use it (a re-enrolment
+/// adopts it from the last); once none does, the drain removes it after the last connection that
+/// needs it; the agent's shutdown removes it at once. Every proxy stage of the netns, old or new,
+/// reads `present` before dialling the app transparently: an HBONE connection accepted before an
+/// unenrolment serves its new streams with that enrolment's stages.
 #[derive(Debug, Clone)]
-pub struct Held(Arc<Mutex<Option<Setup>>>);
+pub struct Held {
+    state: Arc<Mutex<State>>,
+    present: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct State {
+    setup: Option<Setup>,
+    /// An enrolment uses it: no drain may remove it.
+    enrolled: bool,
+}
 
 impl Held {
     pub fn new(setup: Setup) -> Held {
-        Held(Arc::new(Mutex::new(Some(setup))))
+        Held {
+            state: Arc::new(Mutex::new(State {
+                setup: Some(setup),
+                enrolled: true,
+            })),
+            present: Arc::new(AtomicBool::new(true)),
+        }
     }
 
+    /// True while the routing is in place: transparent dials are safe.
+    pub fn present(&self) -> Arc<AtomicBool> {
+        self.present.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A re-enrolment takes it over, if it is still there.
+    pub fn adopt(&self) -> bool {
+        let mut s = self.lock();
+        s.enrolled = s.setup.is_some();
+        s.enrolled
+    }
+
+    /// The enrolment using it ended.
+    pub fn release(&self) {
+        self.lock().enrolled = false;
+    }
+
+    /// Removed (or to be removed by the caller) whatever uses it.
     pub fn take(&self) -> Option<Setup> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let mut s = self.lock();
+        self.present.store(false, Ordering::Release);
+        s.setup.take()
     }
 
-    pub fn is_gone(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    /// For the drain: only while no enrolment uses it.
+    fn take_released(&self) -> Option<Setup> {
+        let mut s = self.lock();
+        if s.enrolled {
+            return None;
+        }
+        self.present.store(false, Ordering::Release);
+        s.setup.take()
+    }
+
+    /// Gone, or in use again: nothing left to drain.
+    pub fn is_settled(&self) -> bool {
+        let s = self.lock();
+        s.setup.is_none() || s.enrolled
     }
 }
 
-/// How often a drain looks for the proxy's connections in an unenrolled pod's netns.
+/// How often a drain looks for the proxy's connections in an unenrolled pod's netns. The
+/// routing goes after two looks in a row find none (a dial between socket and SYN is not listed).
 const DRAIN_POLL: Duration = Duration::from_secs(1);
 
 /// After a pod's unenrolment, on a thread of its own: waits until the proxy has no transparent
@@ -105,14 +162,27 @@ pub fn drain(
     worker: Arc<NetnsWorker>,
 ) -> io::Result<()> {
     let name: String = format!("drain-{pod}").chars().take(15).collect();
-    std::thread::Builder::new().name(name).spawn(move || loop {
-        if held.is_gone() {
-            return;
-        }
-        let ips = pod_ips.clone();
-        match worker.run(move || transparent_sockets(&ips)) {
-            Ok(Ok(0)) => {
-                if let Some(setup) = held.take() {
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut idle_looks = 0;
+        loop {
+            if held.is_settled() {
+                return;
+            }
+            let ips = pod_ips.clone();
+            match worker.run(move || transparent_sockets(&ips)) {
+                Ok(Ok(0)) => idle_looks += 1,
+                Ok(Ok(_)) => idle_looks = 0,
+                Ok(Err(e)) => {
+                    tracing::warn!(%pod, error = %e, "cannot list the pod's connections; its transparent routing stays");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%pod, error = %e, "pod netns worker gone");
+                    return;
+                }
+            }
+            if idle_looks >= 2 {
+                if let Some(setup) = held.take_released() {
                     match worker.run(move || setup.remove()) {
                         Ok(Ok(())) => tracing::debug!(%pod, "transparent routing removed"),
                         Ok(Err(e)) => {
@@ -123,17 +193,8 @@ pub fn drain(
                 }
                 return;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(%pod, error = %e, "cannot list the pod's connections; its transparent routing stays");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(%pod, error = %e, "pod netns worker gone");
-                return;
-            }
+            std::thread::sleep(DRAIN_POLL);
         }
-        std::thread::sleep(DRAIN_POLL);
     })?;
     Ok(())
 }

@@ -92,6 +92,7 @@ pub async fn app(
             return socket.connect(dst).await.map_err(err);
         }
     }
+    tracing::debug!(pod = %pod.name, %dst, %client, "app dialled from the pod's own address");
     let bind = pod.ip_like(dst.ip()).or(Some(dst.ip()));
     connect(pod, dst, bind).await
 }
