@@ -220,3 +220,57 @@ fn a_pod_without_the_routing_falls_back() {
     );
     assert_eq!(a2.counter("proxy.inbound_accepted"), 0, "no re-capture");
 }
+
+/// More short connections from one client pod to one app port than the ephemeral port range
+/// holds (28,232 by default), the client closing first: each leaves a TIME_WAIT on the proxy's
+/// side of the app connection (client IP → app), which the next connects reuse (the socket is
+/// bound to lo, so tcp_tw_reuse=2 counts it as loopback). Every connection succeeds.
+#[test]
+fn short_connections_past_the_port_range_all_succeed() {
+    support::raise_fd_limit();
+    let world = World::new("tp-tw");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let echo4 = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[echo4], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let _a1 = agent(&world, &n1, &yaml, &[&client]);
+    let a2 = agent(&world, &n2, &yaml, &[&server]);
+    const WORKERS: usize = 32;
+    const EACH: usize = 1_000;
+    let started = std::time::Instant::now();
+    let failures: Vec<String> = in_pod(&client, || async move {
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut failed = Vec::new();
+                    for _ in 0..EACH {
+                        if let Err(e) = whoami(echo4).await {
+                            failed.push(e.to_string());
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("worker"));
+        }
+        all
+    });
+    eprintln!(
+        "measured: {} connections in {:?}",
+        WORKERS * EACH,
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed, first: {:?}\n{}",
+        failures.len(),
+        WORKERS * EACH,
+        failures.first(),
+        a2.log_tail()
+    );
+}

@@ -199,6 +199,11 @@ fn new_app_upstream(dst: SocketAddr, client: SocketAddr) -> io::Result<std::net:
         )?;
         s.set_ip_transparent(true)?;
         s.set_mark(ambit_common::TRANSPARENT_MARK)?;
+        // Its packets go over lo anyway (the mark's route); bound there, its TIME_WAITs count as
+        // loopback ones, which the default tcp_tw_reuse=2 lets a new connect reuse: short
+        // connections from one client to one app port are then not capped by ~28k TIME_WAITs on
+        // the proxy's side.
+        s.bind_device(Some(b"lo"))?;
         s.set_nodelay(true)?;
         Ok(s)
     };
