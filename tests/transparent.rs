@@ -45,10 +45,22 @@ fn rules(netns: Option<&str>) -> String {
     out
 }
 
+/// The sysctls the setup sets: tcp_fwmark_accept, fwmark_reflect (IPv4, IPv6).
 fn fwmark_accept(pod: &Pod) -> String {
-    pod.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").expect("sysctl"))
-        .trim()
-        .to_string()
+    pod.run(|| {
+        [
+            "/proc/sys/net/ipv4/tcp_fwmark_accept",
+            "/proc/sys/net/ipv4/fwmark_reflect",
+            "/proc/sys/net/ipv6/fwmark_reflect",
+        ]
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .expect("sysctl")
+                .trim()
+                .to_string()
+        })
+        .join(" ")
+    })
 }
 
 /// HBONE between nodes: the app sees the client pod's IPv4 and IPv6 address; 256 MiB echo
@@ -75,7 +87,7 @@ fn hbone_across_nodes_the_app_sees_the_client() {
         pod_before,
         "routing set up"
     );
-    assert_eq!(fwmark_accept(&server), "1", "set at enrolment");
+    assert_eq!(fwmark_accept(&server), "1 1 1", "set at enrolment");
 
     for (dst, want) in [
         (echo4, IpAddr::from(client.ip4())),
@@ -175,6 +187,29 @@ fn plaintext_inbound_the_app_sees_the_client() {
     assert_eq!(
         s["proxy"]["inbound_accepted"], 3,
         "one steer per client connection: the proxy's own is not steered again"
+    );
+
+    // No app on the port: the client's connection is reset (the proxy accepted it before trying
+    // the app, as ztunnel does), and the server's agent says why.
+    let closed = sa(server.ip4(), 9999);
+    assert!(
+        in_pod(&plain, || whoami(closed)).is_err(),
+        "nothing answers"
+    );
+    let line = settled(
+        || {
+            std::fs::read_to_string(a2.log_path())
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("app unreachable") && l.contains(&closed.to_string()))
+                .map(str::to_string)
+        },
+        Option::is_some,
+    );
+    let line = line.unwrap_or_else(|| panic!("no log line for {closed}\n{}", a2.log_tail()));
+    assert!(
+        line.contains("WARN") && line.contains(&plain.ip4().to_string()),
+        "{line}"
     );
 }
 

@@ -31,7 +31,13 @@ use super::netns::NetnsWorker;
 /// (`"false"` or `"off"`): no routing is set up in its netns.
 pub const ORIGINAL_SOURCE_ANNOTATION: &str = "ambit.dev/original-source";
 
+/// The app's accepted socket takes the SYN's mark (`inet_request_mark`; per netns, IPv6 too).
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// Replies the kernel makes without a socket (the RST for a port nobody listens on) take the
+/// mark of what they answer; else the RST to the proxy's SYN would leave by eth0 for the client's
+/// address, and the proxy's connect would hang instead of being refused.
+const FWMARK_REFLECT_V4: &str = "/proc/sys/net/ipv4/fwmark_reflect";
+const FWMARK_REFLECT_V6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
 /// The kernel's rule for the local table, and where it is moved so ours comes first (see
 /// `install`).
 const RT_TABLE_LOCAL: u32 = 255;
@@ -61,8 +67,8 @@ pub enum TransparentError {
 #[derive(Debug, Default)]
 pub struct Setup {
     families: Vec<FamilySetup>,
-    /// `tcp_fwmark_accept` was 0 and was set to 1.
-    set_fwmark_accept: bool,
+    /// Sysctls that were 0 and were set to 1.
+    sysctls: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -279,11 +285,18 @@ pub fn install(v4: bool, v6: bool) -> Result<Setup, TransparentError> {
             }
         }
     }
-    match enable_fwmark_accept() {
-        Ok(set) => setup.set_fwmark_accept = set,
-        Err(e) => {
-            let _ = setup.undo(&nl);
-            return Err(e);
+    let mut sysctls = vec![FWMARK_ACCEPT, FWMARK_REFLECT_V4];
+    if v6 {
+        sysctls.push(FWMARK_REFLECT_V6);
+    }
+    for path in sysctls {
+        match enable(path) {
+            Ok(true) => setup.sysctls.push(path),
+            Ok(false) => {}
+            Err(e) => {
+                let _ = setup.undo(&nl);
+                return Err(e);
+            }
         }
     }
     Ok(setup)
@@ -316,12 +329,10 @@ impl Setup {
             }
             keep(nl.route(false, our_route(f.family), 0));
         }
-        if self.set_fwmark_accept {
+        for path in &self.sysctls {
             keep(
-                std::fs::write(FWMARK_ACCEPT, "0").map_err(|source| TransparentError::Sysctl {
-                    path: FWMARK_ACCEPT,
-                    source,
-                }),
+                std::fs::write(path, "0")
+                    .map_err(|source| TransparentError::Sysctl { path, source }),
             );
         }
         first_error.map_or(Ok(()), Err)
@@ -379,17 +390,14 @@ fn install_family(nl: &Netlink, family: AddressFamily) -> Result<FamilySetup, Tr
     }
 }
 
-/// Sets `tcp_fwmark_accept` (per netns; it covers IPv6 too); true if it was 0.
-fn enable_fwmark_accept() -> Result<bool, TransparentError> {
-    let err = |source| TransparentError::Sysctl {
-        path: FWMARK_ACCEPT,
-        source,
-    };
-    let now = std::fs::read_to_string(FWMARK_ACCEPT).map_err(err)?;
+/// Sets a per-netns boolean sysctl to 1; true if it was 0.
+fn enable(path: &'static str) -> Result<bool, TransparentError> {
+    let err = |source| TransparentError::Sysctl { path, source };
+    let now = std::fs::read_to_string(path).map_err(err)?;
     if now.trim() == "1" {
         return Ok(false);
     }
-    std::fs::write(FWMARK_ACCEPT, "1").map_err(err)?;
+    std::fs::write(path, "1").map_err(err)?;
     Ok(true)
 }
 

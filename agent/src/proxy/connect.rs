@@ -97,6 +97,30 @@ pub async fn app(
     connect(pod, dst, bind).await
 }
 
+/// Logs a failed connect to the app: the client only sees its connection reset (it was accepted
+/// by the proxy before the app was tried, as with ztunnel), so the server side says why. One line
+/// a second at most, node-wide, naming how many were left out, so a refusing app cannot flood the
+/// log.
+pub fn log_app_unreachable(pod: &PodContext, dst: SocketAddr, client: SocketAddr, error: &Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT_SECOND: AtomicU64 = AtomicU64::new(0);
+    static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let next = NEXT_SECOND.load(Ordering::Relaxed);
+    if now < next
+        || NEXT_SECOND
+            .compare_exchange(next, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        LEFT_OUT.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let left_out = LEFT_OUT.swap(0, Ordering::Relaxed);
+    tracing::warn!(pod = %pod.name, namespace = %pod.namespace, %dst, %client, %error, also_failed_since_last_line = left_out, "app unreachable: the client's connection is reset");
+}
+
 async fn connect(
     pod: &PodContext,
     dst: SocketAddr,

@@ -153,7 +153,7 @@ async fn stream(
         Ok(app) => app,
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);
-            debug!(pod = %pod.name, %dst, error = %e, "app unreachable (503)");
+            connect::log_app_unreachable(&pod, dst.0, peer.0, &e);
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return result.finish(Err(e));
         }

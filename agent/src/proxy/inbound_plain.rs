@@ -88,7 +88,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         }
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);
-            debug!(pod = %pod.name, %dst, error = %e, "app unreachable");
+            connect::log_app_unreachable(&pod, dst.0, peer.0, &e);
             reset(stream);
             result.finish(Err(e));
         }
