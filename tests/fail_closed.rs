@@ -146,13 +146,17 @@ fn a_restart_while_the_config_is_unreadable_keeps_adopted_pods_closed_and_does_n
     std::fs::rename(&away, &dir).expect("restore the config");
     agent.wait_enrolled(&[&client, &server]);
     agent.wait_for("ready", PATIENCE, |s| s["ready"] == true);
+    let streams = agent.counter("proxy.hbone_inbound_streams");
     let (peer, local, _) = in_pod(&client, || whoami(echo))
         .unwrap_or_else(|e| panic!("after the source returned: {e}\n{}", agent.log_tail()));
     assert_eq!(
         (peer.ip(), local),
-        (IpAddr::from(server.ip4()), echo),
-        "through both proxies"
+        (IpAddr::from(client.ip4()), echo),
+        "the app sees the client"
     );
+    agent.wait_for("through both proxies", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
     assert_eq!(attached_links(&maps), links, "no link replaced or added");
     let flaps: Vec<String> = log_since(&agent, mark)
         .into_iter()
@@ -204,8 +208,16 @@ fn a_pod_whose_netns_appears_late_is_enrolled_without_a_config_change() {
         status["generation"].as_u64().unwrap_or(0) > generation,
         "enrolled by a retry"
     );
+    let streams = agent.counter("proxy.hbone_inbound_streams");
     let (peer, _, _) = in_pod(&client, || whoami(echo)).expect("captured");
-    assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "through the proxies");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(client.ip4()),
+        "the app sees the client"
+    );
+    agent.wait_for("through the proxies", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
     agent.wait_for("the problem cleared", PATIENCE, |s| {
         s["config_errors"].as_array().is_some_and(Vec::is_empty)
     });
@@ -245,12 +257,16 @@ fn a_terminating_pod_stays_enrolled_until_its_sandbox_exits() {
         pods.contains("mesh/server"),
         "still enrolled while its sandbox runs: {pods}"
     );
+    let streams = agent.counter("proxy.hbone_inbound_streams");
     let (peer, _, _) = in_pod(&client, || whoami(echo)).expect("traffic during shutdown");
     assert_eq!(
         peer.ip(),
-        IpAddr::from(server.ip4()),
-        "still meshed during shutdown"
+        IpAddr::from(client.ip4()),
+        "the app sees the client"
     );
+    agent.wait_for("still meshed during shutdown", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
 
     // The sandbox exits: unenrolled, with no config change.
     std::fs::remove_file(&sandbox).expect("sandbox gone");

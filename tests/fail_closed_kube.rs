@@ -125,9 +125,13 @@ fn a_restart_while_the_api_server_is_down_keeps_adopted_pods_closed_and_does_not
     fake.up();
     agent.wait_enrolled(&[&client, &server]);
     agent.wait_for("ready", PATIENCE, |s| s["ready"] == true);
+    let streams = agent.counter("proxy.hbone_inbound_streams");
     let (peer, local, _) = in_pod(&client, || whoami(echo))
         .unwrap_or_else(|e| panic!("after the API returned: {e}\n{}", agent.log_tail()));
-    assert_eq!((peer.ip(), local), (IpAddr::from(server.ip4()), echo));
+    assert_eq!((peer.ip(), local), (IpAddr::from(client.ip4()), echo));
+    agent.wait_for("through the proxies", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
     assert_eq!(attached_links(&maps), links, "no link replaced or added");
     let log = log_since(&agent, mark);
     let flaps: Vec<&String> = log
@@ -210,9 +214,17 @@ fn while_policies_cannot_be_listed_every_client_is_refused_then_policy_applies()
         .fail_discovery("security.istio.io/v1", false)
         .expect("repair discovery");
     a2.wait_for("node 2 ready", PATIENCE, |s| s["ready"] == true);
+    let streams = a2.counter("proxy.hbone_inbound_streams");
     let (peer, _, _) = in_pod(&good, || whoami(echo))
         .unwrap_or_else(|e| panic!("the allowed client: {e}\n{}", a2.log_tail()));
-    assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "through the proxies");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(good.ip4()),
+        "the app sees the client"
+    );
+    a2.wait_for("through the proxies", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
     assert!(
         in_pod(&bad, || whoami(echo)).is_err(),
         "the denied client stays refused"
@@ -350,8 +362,16 @@ fn a_gracefully_deleted_pod_stays_enrolled_until_its_sandbox_exits() {
     });
     let pods = agent.fresh_status()["pods"].to_string();
     assert!(pods.contains("mesh/server"), "still enrolled: {pods}");
+    let streams = agent.counter("proxy.hbone_inbound_streams");
     let (peer, _, _) = in_pod(&client, || whoami(echo)).expect("traffic during shutdown");
-    assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "still meshed");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(client.ip4()),
+        "the app sees the client"
+    );
+    agent.wait_for("still meshed", PATIENCE, |s| {
+        s["proxy"]["hbone_inbound_streams"].as_u64() > Some(streams)
+    });
 
     // The containers exit: no process of the pod is left.
     server_sandbox.kill();

@@ -420,7 +420,11 @@ async fn agent_enrols_live_pods_and_captures_their_traffic() {
         let dst = echo_addr(&s);
         let (peer, local, _) = support::in_pod(&c, || support::whoami(dst))
             .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
-        assert_eq!((peer.ip(), local), (std::net::IpAddr::from(s.ip4()), dst));
+        // The app sees the client; the stream counter shows it went through the proxies.
+        assert_eq!((peer.ip(), local), (std::net::IpAddr::from(c.ip4()), dst));
+        agent.wait_for("through the proxies", PATIENCE, |st| {
+            st["proxy"]["hbone_inbound_streams"].as_u64() > Some(0)
+        });
     })
     .await;
 }

@@ -74,10 +74,17 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     agent.start(&world);
     agent.wait_enrolled(&[&client, &server]);
 
-    // A connection established while enrolled goes through both proxies (the app sees its own pod
-    // IP as peer: the inbound proxy).
+    // A connection established while enrolled goes through both proxies (the app sees the
+    // client's address, as Istio's data plane delivers it).
     let (mut through_proxy, peer) = open(&client, echo);
-    assert_eq!(peer.ip(), IpAddr::from(server.ip4()), "captured connection");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::from(client.ip4()),
+        "the app sees the client"
+    );
+    agent.wait_for("captured connection", SETTLE, |s| {
+        s["proxy"]["outbound_accepted"] == 1 && s["proxy"]["hbone_inbound_streams"] == 1
+    });
     let captured_before = agent.counter("proxy.outbound_accepted");
 
     // Live enrolment latency (printed, not asserted: machines are shared and noisy). The test agent
@@ -152,9 +159,14 @@ fn unenrol_restores_direct_traffic_and_leaves_no_residue() {
     let (_, peer) = open(&client, echo);
     assert_eq!(
         peer.ip(),
-        IpAddr::from(server.ip4()),
-        "captured again after re-enrolment"
+        IpAddr::from(client.ip4()),
+        "the app sees the client (server {})\n{}",
+        server.ip4(),
+        agent.log_tail()
     );
+    agent.wait_for("captured again after re-enrolment", SETTLE, |s| {
+        s["proxy"]["hbone_inbound_streams"] == 2
+    });
     assert_eq!(
         agent.counter("proxy.outbound_accepted"),
         captured_before + 1
@@ -253,8 +265,9 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
 
     agent.kill();
     // Connections the kill cut are recorded by the app as they close, which may be at any time
-    // from now on; they all came from the inbound proxy (the pod's own IP). With the agent down
-    // nothing else may reach the app, so anything else recorded from here on went around it.
+    // from now on; they all came from the inbound proxy (its mark on the app's socket). With the
+    // agent down nothing else may reach the app, so anything else recorded from here on went
+    // around it.
     let served = srv.count();
     // During the gap: every new connection is refused, outbound and inbound; none reaches the app.
     for i in 0..50 {
@@ -283,7 +296,7 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
     std::thread::sleep(Duration::from_millis(100));
     let around: Vec<_> = srv.seen()[served..]
         .iter()
-        .filter(|s| s.peer.ip() != IpAddr::from(server.ip4()))
+        .filter(|s| s.mark != ambit_common::TRANSPARENT_MARK)
         .cloned()
         .collect();
     assert!(
@@ -304,8 +317,19 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
         .unwrap_or_else(|e| panic!("after restart: {e}\n{}", agent.log_tail()));
     assert_eq!(
         (peer.ip(), local),
-        (IpAddr::from(server.ip4()), echo),
-        "served through the proxies again"
+        (IpAddr::from(client.ip4()), echo),
+        "served again, the app seeing the client"
+    );
+    // Recorded as the connection closes.
+    let last = settled(
+        || srv.seen().into_iter().find(|s| s.peer == peer),
+        Option::is_some,
+    )
+    .expect("recorded");
+    assert_eq!(
+        last.mark,
+        ambit_common::TRANSPARENT_MARK,
+        "through the proxies again"
     );
     in_pod(&outsider, || whoami(echo)).expect("inbound after restart");
     assert_eq!(
@@ -325,13 +349,13 @@ fn agent_crash_fails_closed_and_restart_adopts_the_pins() {
     hammer.join().expect("hammer");
     let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
     assert!(ok > 0 && refused > 0, "the client connected before/after and was refused during the gap: ok={ok} refused={refused}");
-    // Every connection the app ever saw came through the inbound proxy (peer = the pod's own IP),
-    // never straight from the client around the mesh.
+    // Every connection the app ever saw came through the inbound proxy (its mark on the app's
+    // socket), never straight from the client around the mesh.
     std::thread::sleep(Duration::from_millis(200));
     let bypassed: Vec<_> = srv
         .seen()
         .into_iter()
-        .filter(|s| s.peer.ip() != IpAddr::from(server.ip4()))
+        .filter(|s| s.mark != ambit_common::TRANSPARENT_MARK)
         .collect();
     assert!(
         bypassed.is_empty(),
@@ -383,8 +407,8 @@ fn two_agents_serve_two_nodes() {
             in_pod(&client, || whoami(dst)).unwrap_or_else(|e| panic!("{dst}: {e}"));
         assert_eq!((local, our_peer), (dst, dst));
         assert!(
-            peer.ip() == IpAddr::from(server.ip4()) || peer.ip() == IpAddr::from(server.ip6()),
-            "inbound proxied on n2: {peer}"
+            peer.ip() == IpAddr::from(client.ip4()) || peer.ip() == IpAddr::from(client.ip6()),
+            "the app on n2 sees the client: {peer}"
         );
     }
     // Both pods are in the mesh: node 1 tunnels over HBONE, node 2 terminates it (no plaintext

@@ -124,11 +124,11 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     println!("traffic (each server reports the peer and local address it saw):");
     let ip_of = |ip: IpAddr| -> &str {
         if ip == IpAddr::from(server.ip4()) || ip == IpAddr::from(server.ip6()) {
-            "server's own IP: delivered by ambit's inbound proxy inside the server pod (HBONE from a meshed client, 15006 from a plaintext one)"
+            "server's own IP: its inbound proxy could not preserve the source (see the agent's log)"
         } else if ip == IpAddr::from(node.gateway4()) {
             "node's address: exempt from inbound capture (kubelet probes)"
         } else {
-            "caller's own IP: source preserved, and no inbound proxy in a non-enrolled pod"
+            "caller's own IP: source preserved (by the server pod's inbound proxy when it is enrolled: HBONE from a meshed client, 15006 from a plaintext one)"
         }
     };
     let cases: [(&str, Option<&Pod>, SocketAddr); 5] = [

@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod netns;
+pub mod transparent;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -49,6 +50,12 @@ pub enum NodeError {
         #[source]
         source: EbpfError,
     },
+    #[error("pod {pod}: client-address routing: {source}")]
+    Transparent {
+        pod: String,
+        #[source]
+        source: transparent::TransparentError,
+    },
     #[error("pod {pod} has no IP address")]
     NoIp { pod: String },
 }
@@ -82,6 +89,17 @@ struct EnrolledPod {
     tasks: Vec<JoinHandle<()>>,
     /// Keeps the service account's certificate while the pod is enrolled.
     _cert: CertLease,
+    worker: Arc<NetnsWorker>,
+    /// The pod's routing for transparent app connections; None when it could not be set up.
+    transparent: Option<transparent::Held>,
+}
+
+/// An unenrolled pod's routing, kept while the proxy still relays connections there.
+struct Draining {
+    netns: PathBuf,
+    held: transparent::Held,
+    /// The old worker: runs the drain's looks, and the removal at shutdown.
+    worker: Arc<NetnsWorker>,
 }
 
 /// Status of one enrolled pod, for the status file.
@@ -100,6 +118,7 @@ pub struct Node {
     /// The data-plane workers' runtimes (at least one); every stage runs on each.
     workers: Vec<Handle>,
     pods: BTreeMap<String, EnrolledPod>,
+    draining: Vec<Draining>,
 }
 
 impl Node {
@@ -113,6 +132,7 @@ impl Node {
             pi,
             workers,
             pods: BTreeMap::new(),
+            draining: Vec::new(),
         }
     }
 
@@ -227,7 +247,8 @@ impl Node {
             self.capture.unenrol(cookie);
             return Err(NodeError::Capture { pod: key, source });
         }
-        info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, "enrolled");
+        let transparent = self.install_transparent(&key, &spec, &worker);
+        info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, transparent = transparent.is_some(), "enrolled");
         self.pods.insert(
             key,
             EnrolledPod {
@@ -235,9 +256,96 @@ impl Node {
                 ctx,
                 tasks,
                 _cert: cert,
+                worker,
+                transparent,
             },
         );
         Ok(())
+    }
+
+    /// Lets the pod's app see its clients' addresses (last, after the stages: connections that
+    /// come before it are dialled from the pod's own address, as is every connection of a pod
+    /// where it fails, which is logged once and not retried). A re-enrolled netns whose routing
+    /// is still in place (connections from the last enrolment) adopts it.
+    fn install_transparent(
+        &mut self,
+        key: &str,
+        spec: &PodSpec,
+        worker: &NetnsWorker,
+    ) -> Option<transparent::Held> {
+        self.draining.retain(|d| !d.held.is_settled());
+        if let Some(i) = self
+            .draining
+            .iter()
+            .position(|d| d.netns == spec.netns_path)
+        {
+            let d = self.draining.swap_remove(i);
+            if d.held.adopt() {
+                worker.set_transparent(d.held.present());
+                return Some(d.held);
+            }
+        }
+        let v4 = spec.ips.iter().any(IpAddr::is_ipv4);
+        let v6 = spec.ips.iter().any(IpAddr::is_ipv6);
+        let turned_off = self
+            .pi
+            .snapshot
+            .load_full()
+            .state
+            .workloads
+            .get(&crate::state::key(&spec.namespace, &spec.name))
+            .and_then(|w| w.annotations.get(transparent::ORIGINAL_SOURCE_ANNOTATION))
+            .filter(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "off"))
+            .cloned();
+        let installed = match turned_off {
+            Some(value) => Ok(Err(transparent::TransparentError::TurnedOff { value })),
+            None => worker.run(move || transparent::install(v4, v6)),
+        };
+        let installed = installed
+            .map_err(|source| NodeError::Netns {
+                path: spec.netns_path.clone(),
+                source,
+            })
+            .and_then(|r| {
+                r.map_err(|source| NodeError::Transparent {
+                    pod: key.to_string(),
+                    source,
+                })
+            });
+        match installed {
+            Ok(setup) => {
+                let held = transparent::Held::new(setup);
+                worker.set_transparent(held.present());
+                Some(held)
+            }
+            Err(e) => {
+                warn!(pod = %key, error = %e, "the app will see connections from its own pod address, not the client's");
+                None
+            }
+        }
+    }
+
+    /// The routing of an unenrolled pod stays while the proxy still relays connections that need
+    /// it (they are not cut by unenrolment, and an HBONE connection accepted before goes on
+    /// serving streams), and goes after the last of them, or at once when the agent stops.
+    fn release_transparent(&mut self, key: &str, pod: &EnrolledPod, now: bool) {
+        let Some(held) = pod.transparent.clone() else {
+            return;
+        };
+        held.release();
+        if now {
+            return remove_now(key, &held, &pod.worker);
+        }
+        let ips = pod.spec.ips.clone();
+        if let Err(e) = transparent::drain(held.clone(), key.to_string(), ips, pod.worker.clone()) {
+            warn!(pod = %key, error = %e, "no drain thread; removing the transparent routing now");
+            return remove_now(key, &held, &pod.worker);
+        }
+        self.draining.push(Draining {
+            netns: pod.spec.netns_path.clone(),
+            held,
+            worker: pod.worker.clone(),
+        });
     }
 
     fn pod_context(&self, spec: &PodSpec, cookie: u64, worker: Arc<NetnsWorker>) -> PodContext {
@@ -354,6 +462,11 @@ impl Node {
     }
 
     pub fn unenrol(&mut self, key: &str) {
+        self.unenrol_as(key, false);
+    }
+
+    /// `stopping`: the agent is exiting, and every connection with it.
+    fn unenrol_as(&mut self, key: &str, stopping: bool) {
         let Some(pod) = self.pods.remove(key) else {
             return;
         };
@@ -361,17 +474,33 @@ impl Node {
         self.capture.unenrol(pod.ctx.netns_cookie);
         // Aborting the accept loops closes the listeners; relays already running keep their sockets
         // and finish on their own, so established connections are not cut.
-        for t in pod.tasks {
+        for t in &pod.tasks {
             t.abort();
         }
+        self.release_transparent(key, &pod, stopping);
         info!(pod = %key, "unenrolled");
     }
 
+    /// At the agent's exit: every pod, and every routing still draining, goes now.
     pub fn unenrol_all(&mut self) {
         let keys: Vec<String> = self.pods.keys().cloned().collect();
         for k in keys {
-            self.unenrol(&k);
+            self.unenrol_as(&k, true);
         }
+        for d in std::mem::take(&mut self.draining) {
+            remove_now(&d.netns.display().to_string(), &d.held, &d.worker);
+        }
+    }
+}
+
+fn remove_now(key: &str, held: &transparent::Held, worker: &NetnsWorker) {
+    let Some(setup) = held.take() else {
+        return;
+    };
+    match worker.run(move || setup.remove()) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(pod = %key, error = %e, "removing the transparent routing"),
+        Err(e) => debug!(pod = %key, error = %e, "pod netns gone before its routing was removed"),
     }
 }
 

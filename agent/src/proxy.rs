@@ -54,6 +54,19 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug {
         dst: SocketAddr,
         bind: Option<IpAddr>,
     ) -> Pin<Box<dyn Future<Output = io::Result<tokio::net::TcpSocket>> + Send + '_>>;
+
+    /// A socket to the pod's own app at `dst` whose source is the client's address `client`
+    /// (IP_TRANSPARENT), or None where the pod has no transparent setup: the caller then dials
+    /// from the pod's own address. A non-zero `client` port is a connection from it to `dst`
+    /// already in the pod's netns (plaintext inbound), whose 4-tuple must not be reused.
+    fn app_upstream(
+        &self,
+        dst: SocketAddr,
+        client: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Option<tokio::net::TcpSocket>>> + Send + '_>> {
+        let _ = (dst, client);
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }
 
 /// Where a captured connection was going: the eBPF original-destination map in the agent

@@ -13,7 +13,7 @@ mod programs {
         enrolled::{self, PodNetns},
         excluded_in_ports, excluded_out_ports, exempt_sources, fast_path, inbound_listeners,
         orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey, AF_INET6, HBONE_PORT,
-        OUTBOUND_PORT, PROXY_MARK,
+        LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
     };
     use aya_ebpf::{
         bindings::{
@@ -515,11 +515,12 @@ mod programs {
     fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
         let l = ctx.lookup;
         // SAFETY: sk_lookup context fields.
-        let (protocol, family, local_port) = unsafe {
+        let (protocol, family, local_port, ingress_ifindex) = unsafe {
             (
                 read_volatile(addr_of!((*l).protocol)),
                 read_volatile(addr_of!((*l).family)),
                 read_volatile(addr_of!((*l).local_port)),
+                read_volatile(addr_of!((*l).ingress_ifindex)),
             )
         };
         if protocol != IPPROTO_TCP {
@@ -553,6 +554,13 @@ mod programs {
         // device owning the address, not lo. A SYN spoofed from outside with this source cannot
         // complete a handshake, since the SYN-ACK goes to the pod itself.)
         if remote == local {
+            return Ok(SK_PASS);
+        }
+        // The proxy reaching the app from the client's address (TRANSPARENT_MARK): the pod's rule
+        // routes it by its table, whose only route is `local default dev lo`, so the kernel reports
+        // lo; every other SYN for a pod address reports the device owning the address (above), and
+        // one from outside its real interface.
+        if ingress_ifindex == LOOPBACK_IFINDEX {
             return Ok(SK_PASS);
         }
         if EXEMPT_SRC.get_ptr(&remote).is_some() {

@@ -30,6 +30,9 @@ pub struct Seen {
     pub received: u64,
     /// Reading ended with an error (a reset) rather than EOF.
     pub reset: bool,
+    /// The accepted socket's SO_MARK: `TRANSPARENT_MARK` when ambit's inbound proxy dialled it
+    /// (the socket takes its SYN's mark), 0 for a connection straight from its client.
+    pub mark: u32,
 }
 
 /// A server's thread: dropping it sends the stop signal and joins the thread.
@@ -142,6 +145,7 @@ async fn serve_one(
     seen: Arc<Mutex<Vec<Seen>>>,
 ) {
     let local = stream.local_addr().expect("local addr");
+    let mark = socket2::SockRef::from(&stream).mark().unwrap_or(0);
     let mut received = 0u64;
     let mut reset = false;
     match mode {
@@ -199,6 +203,7 @@ async fn serve_one(
         local,
         received,
         reset,
+        mark,
     });
 }
 

@@ -7,7 +7,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -21,6 +22,9 @@ pub struct NetnsWorker {
     path: PathBuf,
     netns: File,
     jobs: mpsc::Sender<Job>,
+    /// Whether the pod's netns brings replies to transparent sockets back
+    /// (`transparent::Held::present`); unset where it was not set up.
+    transparent: OnceLock<Arc<AtomicBool>>,
 }
 
 impl NetnsWorker {
@@ -71,6 +75,7 @@ impl NetnsWorker {
             path: path.to_path_buf(),
             netns,
             jobs,
+            transparent: OnceLock::new(),
         })
     }
 
@@ -118,6 +123,12 @@ impl NetnsWorker {
         let std_stream = self.run_async(move || new_upstream(dst, bind)).await??;
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
+
+    /// Sockets to the app may carry the client's address while `present` holds (set once the
+    /// pod's routing is in place, cleared before it is removed).
+    pub fn set_transparent(&self, present: Arc<AtomicBool>) {
+        let _ = self.transparent.set(present);
+    }
 }
 
 /// The proxy makes its sockets in a pod through this.
@@ -130,6 +141,27 @@ impl crate::proxy::SocketFactory for NetnsWorker {
         Box<dyn std::future::Future<Output = io::Result<tokio::net::TcpSocket>> + Send + '_>,
     > {
         Box::pin(self.upstream_socket(dst, bind))
+    }
+
+    fn app_upstream(
+        &self,
+        dst: SocketAddr,
+        client: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = io::Result<Option<tokio::net::TcpSocket>>> + Send + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let present = self.transparent.get();
+            if !present.is_some_and(|p| p.load(Ordering::Acquire)) {
+                return Ok(None);
+            }
+            let std_stream = self
+                .run_async(move || new_app_upstream(dst, client))
+                .await??;
+            Ok(Some(tokio::net::TcpSocket::from_std_stream(std_stream)))
+        })
     }
 }
 
@@ -148,6 +180,54 @@ fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::T
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
     Ok(s.into())
+}
+
+/// A socket to the pod's app bound to the client's address, which is not the pod's: it may bind
+/// it (IP_TRANSPARENT; the SOL_IP option also serves IPv6 sockets, the kernel keeps one flag for
+/// both) and carries the mark the pod's rule routes back over lo.
+///
+/// A non-zero `client` port is a connection to the same app port from that very address and
+/// port already in this netns (plaintext inbound: the accepted socket the proxy relays). A port
+/// picked at connect time could be that one, and the SYN would then match the accepted socket;
+/// so the port is picked at bind and a clash is picked again.
+fn new_app_upstream(dst: SocketAddr, client: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let make = || -> io::Result<Socket> {
+        let s = Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        s.set_ip_transparent(true)?;
+        s.set_mark(ambit_common::TRANSPARENT_MARK)?;
+        // Its packets go over lo anyway (the mark's route); bound there, its TIME_WAITs count as
+        // loopback ones, which the default tcp_tw_reuse=2 lets a new connect reuse: short
+        // connections from one client to one app port are then not capped by ~28k TIME_WAITs on
+        // the proxy's side.
+        s.bind_device(Some(b"lo"))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    };
+    if client.port() == 0 {
+        let s = make()?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        s.bind(&SocketAddr::new(client.ip(), 0).into())?;
+        return Ok(s.into());
+    }
+    for _ in 0..4 {
+        let s = make()?;
+        // As connect's own choice would, ports may be shared while the 4-tuples differ.
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(client.ip(), 0).into())?;
+        let port = s.local_addr()?.as_socket().map_or(0, |a| a.port());
+        if port != client.port() {
+            return Ok(s.into());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no source port for {client} other than its own"),
+    ))
 }
 
 /// A listening socket in the current netns (call on the worker).

@@ -1,11 +1,13 @@
 //! Connections the proxy makes in a pod: to a destination outside the mesh (source: the pod's own
-//! address, as the app's direct connection would have had) and to the pod's own app.
+//! address, as the app's direct connection would have had) and to the pod's own app (source: the
+//! client's address).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::addr::canonical;
 use super::{Error, PodContext};
 
 /// Connects from inside the pod to `dst` (outside the mesh); the kernel picks the source address.
@@ -71,11 +73,52 @@ impl Keepalive {
     }
 }
 
-/// Connects to the app at `dst` from inside the pod, from the pod's own IP: sk_lookup never
-/// steers a connection whose source is the pod itself, so this is not captured again.
-pub async fn app(pod: &PodContext, dst: SocketAddr) -> Result<TcpStream, Error> {
+/// Connects to the app at `dst` from inside the pod, from the client's address as Istio's data
+/// plane does (ztunnel binds the downstream peer's IP with port 0, and dials plainly when that is
+/// the destination itself). sk_lookup skips it by the route it takes (TRANSPARENT_MARK). A pod
+/// without that setup is dialled from its own IP, which sk_lookup never steers either.
+///
+/// `client`'s port is 0 unless the client's own connection to `dst` is in the pod (plaintext
+/// inbound): see [`super::SocketFactory::app_upstream`].
+pub async fn app(
+    pod: &PodContext,
+    dst: SocketAddr,
+    client: SocketAddr,
+) -> Result<TcpStream, Error> {
+    let client = SocketAddr::new(canonical(client.ip()), client.port());
+    if client.ip() != dst.ip() && client.is_ipv4() == dst.is_ipv4() {
+        let err = |source| Error::Connect { dst, source };
+        if let Some(socket) = pod.sockets.app_upstream(dst, client).await.map_err(err)? {
+            return socket.connect(dst).await.map_err(err);
+        }
+    }
+    tracing::debug!(pod = %pod.name, %dst, %client, "app dialled from the pod's own address");
     let bind = pod.ip_like(dst.ip()).or(Some(dst.ip()));
     connect(pod, dst, bind).await
+}
+
+/// Logs a failed connect to the app: the client only sees its connection reset (it was accepted
+/// by the proxy before the app was tried, as with ztunnel), so the server side says why. One line
+/// a second at most, node-wide, naming how many were left out, so a refusing app cannot flood the
+/// log.
+pub fn log_app_unreachable(pod: &PodContext, dst: SocketAddr, client: SocketAddr, error: &Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT_SECOND: AtomicU64 = AtomicU64::new(0);
+    static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let next = NEXT_SECOND.load(Ordering::Relaxed);
+    if now < next
+        || NEXT_SECOND
+            .compare_exchange(next, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        LEFT_OUT.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let left_out = LEFT_OUT.swap(0, Ordering::Relaxed);
+    tracing::warn!(pod = %pod.name, namespace = %pod.namespace, %dst, %client, %error, also_failed_since_last_line = left_out, "app unreachable: the client's connection is reset");
 }
 
 async fn connect(

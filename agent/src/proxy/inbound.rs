@@ -174,11 +174,11 @@ async fn stream(
         dst: dst.0,
         original_dst: Some(dst.0),
     });
-    let app = match connect::app(&pod, dst.0).await {
+    let app = match connect::app(&pod, dst.0, SocketAddr::new(peer.0.ip(), 0)).await {
         Ok(app) => app,
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);
-            debug!(pod = %pod.name, %dst, error = %e, "app unreachable (503)");
+            connect::log_app_unreachable(&pod, dst.0, peer.0, &e);
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return result.finish(Err(e));
         }

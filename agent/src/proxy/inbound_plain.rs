@@ -89,7 +89,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         return result.finish(Err(e));
     }
     result.set_upstream(dst.0);
-    match connect::app(&pod, dst.0).await {
+    match connect::app(&pod, dst.0, peer.0).await {
         Ok(app) => {
             let outcome = copy::bidirectional(stream, app).await;
             super::outbound::finish(&pi, &outcome);
@@ -97,7 +97,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
         }
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);
-            debug!(pod = %pod.name, %dst, error = %e, "app unreachable");
+            connect::log_app_unreachable(&pod, dst.0, peer.0, &e);
             reset(stream);
             result.finish(Err(e));
         }

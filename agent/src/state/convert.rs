@@ -34,11 +34,12 @@ pub struct Converted {
 }
 
 /// The annotations a workload keeps.
-const KEPT_ANNOTATIONS: [&str; 4] = [
+const KEPT_ANNOTATIONS: [&str; 5] = [
     NETNS_ANNOTATION,
     EXCLUDE_OUTBOUND_PORTS,
     EXCLUDE_INBOUND_PORTS,
     "ambit.dev/destination-l7",
+    "ambit.dev/original-source",
 ];
 
 pub fn convert(obj: &Object, domain: &str) -> Result<Converted, Vec<ObjectError>> {

@@ -15,6 +15,17 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// SO_MARK carried by every socket the proxy creates; capture skips it (Istio uses the same mark).
 pub const PROXY_MARK: u32 = 0x539;
+/// SO_MARK of the proxy's sockets to a pod's own app that carry the client's address as their
+/// source (IP_TRANSPARENT). In an enrolled pod's netns a policy-routing rule sends packets with
+/// this mark to `TRANSPARENT_ROUTE_TABLE` (everything is local, over lo), and the app's accepted
+/// socket inherits it from the SYN (`tcp_fwmark_accept`), so its replies to the client's address
+/// come back to the proxy. Distinct from `PROXY_MARK`, whose sockets leave the pod.
+pub const TRANSPARENT_MARK: u32 = 0x53a;
+/// Routing table (in each enrolled pod's netns) holding `local default dev lo` for
+/// `TRANSPARENT_MARK`.
+pub const TRANSPARENT_ROUTE_TABLE: u32 = 0x539;
+/// ifindex of the loopback device in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Directory under the bpffs root that holds this ABI's pins. Bump when any layout changes
 /// incompatibly: aya reuses an existing pinned map without checking its layout.

@@ -443,7 +443,9 @@ impl Served {
             Some(sender) if !sender.is_closed() => sender,
             _ => {
                 let c = &self.conn;
-                let stream = crate::proxy::connect::app(&c.pod, c.dst).await?;
+                let stream =
+                    crate::proxy::connect::app(&c.pod, c.dst, SocketAddr::new(c.peer.ip(), 0))
+                        .await?;
                 handshake(stream, self.h2).await?
             }
         };
@@ -454,7 +456,9 @@ impl Served {
                     // its connection task next runs): the request has not been sent; a new
                     // connection takes it.
                     let c = &self.conn;
-                    let stream = crate::proxy::connect::app(&c.pod, c.dst).await?;
+                    let stream =
+                        crate::proxy::connect::app(&c.pod, c.dst, SocketAddr::new(c.peer.ip(), 0))
+                            .await?;
                     *sender = handshake_h1(stream).await?;
                     sender.ready().await?;
                 }
