@@ -317,8 +317,9 @@ fn main() {
         threads: 2,
         alpn: &cfg.haproxy_alpn,
     });
-    // The server node's agent connects to the app from the pod's own address.
-    let inbound: Vec<IpAddr> = web.iter().map(|p| p.ip4().into()).collect();
+    // The server node's agent connects to the app from the client's address (transparent
+    // upstream, issue 14), as Istio's data plane does.
+    let inbound: Vec<IpAddr> = vec![client_mesh.ip4().into(); web.len()];
     let all_paths = [
         PathSetup {
             way: Way::Direct,
