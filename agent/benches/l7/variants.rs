@@ -22,6 +22,9 @@ pub enum Variant {
     Tracing(f64),
     /// `accessLogFile` at both ends, TEXT.
     AccessLog,
+    /// Tracing off, but the client sends the five headers a traced hop carries (B3 and W3C,
+    /// the same sizes): what the bytes alone cost, apart from the code that writes them.
+    Headers,
 }
 
 impl Variant {
@@ -30,13 +33,14 @@ impl Variant {
             .map(|v| match v.trim() {
                 "off" => Ok(Variant::Off),
                 "log" => Ok(Variant::AccessLog),
+                "hdr" => Ok(Variant::Headers),
                 t if t.starts_with('t') => t[1..]
                     .parse::<f64>()
                     .ok()
                     .filter(|p| (0.0..=100.0).contains(p))
                     .map(Variant::Tracing)
                     .ok_or_else(|| format!("bad variant {t:?}: t<percent 0..100>")),
-                other => Err(format!("bad variant {other:?}: off, t<percent> or log")),
+                other => Err(format!("bad variant {other:?}: off, t<percent>, log or hdr")),
             })
             .collect()
     }
@@ -46,6 +50,7 @@ impl Variant {
             Variant::Off => "off".into(),
             Variant::Tracing(p) => format!("tracing {p} %"),
             Variant::AccessLog => "access log".into(),
+            Variant::Headers => "trace-size headers".into(),
         }
     }
 
@@ -63,7 +68,7 @@ impl Variant {
         let mut mesh = String::new();
         let mut telemetry = String::new();
         match self {
-            Variant::Off => mesh.push_str("    enableTracing: false\n"),
+            Variant::Off | Variant::Headers => mesh.push_str("    enableTracing: false\n"),
             Variant::Tracing(p) => {
                 mesh.push_str(&format!(
                     "    enableTracing: true\n    defaultConfig:\n      tracing:\n        sampling: {p}\n        zipkin:\n          address: {collector}\n"
@@ -83,6 +88,15 @@ impl Variant {
         )
     }
 }
+
+/// The headers of a traced hop, with ids of their real lengths (`Variant::Headers`).
+const TRACE_SIZED: [&str; 5] = [
+    "x-b3-traceid: 463ac35c9f6413ad48485a3953bb6124",
+    "x-b3-spanid: a2fb4a1d1a96d312",
+    "x-b3-parentspanid: 0020000000000001",
+    "x-b3-sampled: 0",
+    "traceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-00",
+];
 
 /// Writes `yaml` as `mesh.yaml` of both agents (atomically: a hidden file renamed over it) and
 /// waits until both have taken a snapshot after it (nothing to wait for when it is unchanged).
@@ -153,18 +167,23 @@ pub fn run(
             for k in 0..n {
                 let r = &mut results[(k + round) % n];
                 apply(bench, &r.variant.mesh_yaml(collector, access_log));
+                let mut headers = vec![s.header.clone()];
+                if r.variant == Variant::Headers {
+                    headers.extend(TRACE_SIZED.iter().map(|h| h.to_string()));
+                }
                 let load = Load {
                     uri: bench.paths[c].uri.clone(),
                     conns: s.conns,
                     requests,
                     h2,
                     rps_per_conn: None,
-                    headers: vec![s.header.clone()],
+                    headers: headers.clone(),
                     threads: 1,
                 };
                 let timeout = Duration::from_secs_f64((s.seconds * 20.0).max(120.0));
                 let t = bench.run(c, &load, false, 0.0, bench.v2_share, timeout);
-                let rate = (s.rate_load)(h2, round == 0);
+                let mut rate = (s.rate_load)(h2, round == 0);
+                rate.headers = headers;
                 let timeout = Duration::from_secs(300);
                 let l = bench.run(c, &rate, true, s.rate_skip, bench.v2_share, timeout);
                 eprintln!(
