@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use context::{extract, inject, Extracted, SpanId, TraceContext, TraceId};
+pub use context::{
+    extract, inject, inject_as, Extracted, Propagation, SpanId, TraceContext, TraceId,
+};
 pub use export::{TraceMetrics, Tracer, TracerSlot, Tracers};
 pub use sampling::{decide, Decision, DecisionReason};
 pub use span::{
@@ -198,12 +200,19 @@ pub struct TraceSettings {
     pub provider: Provider,
     pub tags: TagSettings,
     pub batch: BatchSettings,
+    /// The headers written for the next hop.
+    pub propagation: Propagation,
 }
 
 impl TraceSettings {
     pub fn new(provider: Provider) -> TraceSettings {
         TraceSettings {
             sampling_percent: DEFAULT_SAMPLING_PERCENT,
+            // Envoy's tracers: Zipkin writes B3, OpenTelemetry writes W3C.
+            propagation: match provider {
+                Provider::Zipkin { .. } => Propagation::B3,
+                _ => Propagation::W3c,
+            },
             provider,
             tags: TagSettings::default(),
             batch: BatchSettings::default(),

@@ -40,7 +40,9 @@ impl Variant {
                     .filter(|p| (0.0..=100.0).contains(p))
                     .map(Variant::Tracing)
                     .ok_or_else(|| format!("bad variant {t:?}: t<percent 0..100>")),
-                other => Err(format!("bad variant {other:?}: off, t<percent>, log or hdr")),
+                other => Err(format!(
+                    "bad variant {other:?}: off, t<percent>, log or hdr"
+                )),
             })
             .collect()
     }

@@ -228,6 +228,18 @@ pub struct ZipkinProvider {
     pub enable_64bit_trace_id: bool,
     /// Empty: Istio's default, `/api/v2/spans`.
     pub path: String,
+    /// Which headers the tracer writes: B3 (Istio's default) or B3 and W3C.
+    pub trace_context_option: TraceContextOption,
+}
+
+/// Istio's `ZipkinTracingProvider.TraceContextOption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TraceContextOption {
+    #[default]
+    #[serde(rename = "USE_B3")]
+    UseB3,
+    #[serde(rename = "USE_B3_WITH_W3C_PROPAGATION")]
+    UseB3WithW3cPropagation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]

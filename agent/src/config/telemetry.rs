@@ -99,6 +99,8 @@ pub enum TraceExporter {
         endpoint: String,
         path: String,
         max_tag_length: u32,
+        /// `traceContextOption: USE_B3_WITH_W3C_PROPAGATION`: `traceparent` written too.
+        w3c: bool,
     },
     OpenTelemetry(OpenTelemetryProvider),
 }
@@ -303,6 +305,7 @@ fn tracing(
                         endpoint: a.to_string(),
                         path: ZIPKIN_PATH.into(),
                         max_tag_length: 0,
+                        w3c: false,
                     },
                     sampling_percent: mesh.default_sampling(),
                     custom_tags: mesh_tracing.custom_tags.clone(),
@@ -352,6 +355,7 @@ fn tracing(
                         endpoint: a.to_string(),
                         path: ZIPKIN_PATH.into(),
                         max_tag_length: 0,
+                        w3c: false,
                     },
                     sampling_percent: sampling.unwrap_or_else(|| mesh.default_sampling()),
                     custom_tags: tags.cloned().unwrap_or(mesh_tracing.custom_tags.clone()),
@@ -374,6 +378,8 @@ fn tracing(
                 z.path.clone()
             },
             max_tag_length: z.max_tag_length,
+            w3c: z.trace_context_option
+                == crate::config::mesh::TraceContextOption::UseB3WithW3cPropagation,
         },
         ProviderKind::OpenTelemetry(o) => TraceExporter::OpenTelemetry(o.clone()),
         // Not a tracing provider ambit can export to.

@@ -86,8 +86,8 @@ impl Begun {
     }
 
     /// Writes the context into `headers` for the next hop; nothing is reported.
-    pub fn carry(self, headers: &mut HeaderMap) {
-        trace::inject(self.builder.context(), headers);
+    pub fn carry(self, tracing: &TracingSettings, headers: &mut HeaderMap) {
+        trace::inject_as(self.builder.context(), headers, tracing.export.propagation);
     }
 
     /// Names the span, records the request's tags and writes the context into `headers`; the
@@ -116,7 +116,7 @@ impl Begun {
             .get_or_init(|| Arc::new(workload(pi, pod)));
         self.builder
             .record_request(&info, who, &tracing.export.tags);
-        trace::inject(self.builder.context(), headers);
+        trace::inject_as(self.builder.context(), headers, tracing.export.propagation);
         Some(Box::new(RequestSpan {
             builder: self.builder,
             tracer,

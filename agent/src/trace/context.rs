@@ -1,8 +1,9 @@
-//! Trace-context propagation over HTTP headers, as Envoy's Zipkin tracer does it with
-//! `trace_context_option: USE_B3_WITH_W3C_PROPAGATION` (the option Istio exposes on its Zipkin
-//! provider): extract B3 first (single `b3` header, then the `x-b3-*` headers), fall back to W3C
-//! `traceparent`; inject the B3 multi-header form and `traceparent` both. A malformed header
-//! counts as absent; nothing here panics on input.
+//! Trace-context propagation over HTTP headers: extract B3 first (single `b3` header, then the
+//! `x-b3-*` headers), fall back to W3C `traceparent`; inject in the provider's format
+//! ([`Propagation`]): Envoy's Zipkin tracer writes the B3 multi-header form (Istio's default
+//! `traceContextOption: USE_B3`), both B3 and `traceparent` with `USE_B3_WITH_W3C_PROPAGATION`,
+//! and its OpenTelemetry tracer writes `traceparent`. A malformed header counts as absent; nothing
+//! here panics on input.
 
 use std::fmt;
 
@@ -157,6 +158,28 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
 /// A `b3` single header, when the request had one, is rewritten too: left stale, the next hop
 /// would read it first and parent its span on the wrong one.
 pub fn inject(ctx: &TraceContext, headers: &mut HeaderMap) {
+    inject_as(ctx, headers, Propagation::B3AndW3c)
+}
+
+/// The headers a hop writes for the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Propagation {
+    /// `x-b3-*` (Envoy's Zipkin tracer, Istio's default `USE_B3`).
+    #[default]
+    B3,
+    /// `x-b3-*` and `traceparent` (`USE_B3_WITH_W3C_PROPAGATION`).
+    B3AndW3c,
+    /// `traceparent` (Envoy's OpenTelemetry tracer).
+    W3c,
+}
+
+/// [`inject`] in `format`. A format the request already carried is rewritten too whatever
+/// `format` says: left stale, the next hop (which reads B3 first) would parent its span on the
+/// wrong one. Only the headers a hop must write are added, so an untraced app's requests grow
+/// by as little as the format allows (every byte is carried over the node link and parsed twice).
+pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagation) {
+    let b3 = format != Propagation::W3c || headers.contains_key(X_B3_TRACEID);
+    let w3c = format != Propagation::B3 || headers.contains_key(TRACEPARENT);
     let sampled = ctx.sampled.unwrap_or(false) || ctx.debug;
     // Written into stack buffers: each header value is one copy, no formatting machinery (this
     // runs for every request, sampled or not).
@@ -167,30 +190,34 @@ pub fn inject(ctx: &TraceContext, headers: &mut HeaderMap) {
     trace.u64(ctx.trace_id.low);
     let mut span = Hex::new();
     span.u64(ctx.span_id.0);
-    headers.insert(X_B3_TRACEID, trace.value());
-    headers.insert(X_B3_SPANID, span.value());
-    match ctx.parent_span_id {
-        Some(parent) => {
-            let mut p = Hex::new();
-            p.u64(parent.0);
-            headers.insert(X_B3_PARENTSPANID, p.value());
+    if b3 {
+        headers.insert(X_B3_TRACEID, trace.value());
+        headers.insert(X_B3_SPANID, span.value());
+        match ctx.parent_span_id {
+            Some(parent) => {
+                let mut p = Hex::new();
+                p.u64(parent.0);
+                headers.insert(X_B3_PARENTSPANID, p.value());
+            }
+            None => {
+                headers.remove(X_B3_PARENTSPANID);
+            }
         }
-        None => {
-            headers.remove(X_B3_PARENTSPANID);
-        }
+        headers.insert(
+            X_B3_SAMPLED,
+            HeaderValue::from_static(if sampled { "1" } else { "0" }),
+        );
     }
-    headers.insert(
-        X_B3_SAMPLED,
-        HeaderValue::from_static(if sampled { "1" } else { "0" }),
-    );
-    let mut tp = Hex::new();
-    tp.raw(b"00-");
-    tp.u64(ctx.trace_id.high);
-    tp.u64(ctx.trace_id.low);
-    tp.raw(b"-");
-    tp.u64(ctx.span_id.0);
-    tp.raw(if sampled { b"-01" } else { b"-00" });
-    headers.insert(TRACEPARENT, tp.value());
+    if w3c {
+        let mut tp = Hex::new();
+        tp.raw(b"00-");
+        tp.u64(ctx.trace_id.high);
+        tp.u64(ctx.trace_id.low);
+        tp.raw(b"-");
+        tp.u64(ctx.span_id.0);
+        tp.raw(if sampled { b"-01" } else { b"-00" });
+        headers.insert(TRACEPARENT, tp.value());
+    }
     if headers.contains_key(&B3) {
         let mut single = Hex::new();
         single.raw(trace.as_bytes());
@@ -617,5 +644,47 @@ mod tests {
         assert_eq!(h["b3"], format!("{T128}-{S}-0-{P}").as_str());
         assert_eq!(h["x-b3-sampled"], "0");
         assert!(h["traceparent"].to_str().expect("ascii").ends_with("-00"));
+    }
+
+    #[test]
+    fn each_format_writes_its_headers_and_rewrites_what_the_request_carried() {
+        let ctx = TraceContext {
+            trace_id: TraceId::parse(T64).expect("id"),
+            span_id: SpanId(0xa2fb4a1d1a96d312),
+            parent_span_id: None,
+            sampled: Some(false),
+            debug: false,
+        };
+        let names = |h: &HeaderMap| {
+            let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            n.sort_unstable();
+            n.join(",")
+        };
+        // A bare request gets only its format's headers.
+        let mut h = HeaderMap::new();
+        inject_as(&ctx, &mut h, Propagation::B3);
+        assert_eq!(names(&h), "x-b3-sampled,x-b3-spanid,x-b3-traceid");
+        let mut h = HeaderMap::new();
+        inject_as(&ctx, &mut h, Propagation::W3c);
+        assert_eq!(names(&h), "traceparent");
+        let mut h = HeaderMap::new();
+        inject_as(&ctx, &mut h, Propagation::B3AndW3c);
+        assert_eq!(
+            names(&h),
+            "traceparent,x-b3-sampled,x-b3-spanid,x-b3-traceid"
+        );
+        // The other format, when it came in, is rewritten rather than left stale.
+        let stale = "00-11111111111111111111111111111111-2222222222222222-01";
+        let mut h = headers(&[("traceparent", stale)]);
+        inject_as(&ctx, &mut h, Propagation::B3);
+        assert_eq!(h["x-b3-spanid"], S);
+        assert!(h["traceparent"].to_str().expect("ascii").contains(S));
+        let mut h = headers(&[
+            ("x-b3-traceid", "1111111111111111"),
+            ("x-b3-spanid", "2222222222222222"),
+        ]);
+        inject_as(&ctx, &mut h, Propagation::W3c);
+        assert_eq!(h["x-b3-spanid"], S);
+        assert!(h["traceparent"].to_str().expect("ascii").contains(S));
     }
 }

@@ -71,6 +71,11 @@ impl TracingSettings {
                 },
                 istio_tags: true,
             },
+            propagation: match &self.exporter {
+                TraceExporter::Zipkin { w3c: true, .. } => trace::Propagation::B3AndW3c,
+                TraceExporter::Zipkin { .. } => trace::Propagation::B3,
+                TraceExporter::OpenTelemetry(_) => trace::Propagation::W3c,
+            },
             batch: trace::BatchSettings {
                 // Istio's `http.timeout` / `grpc.timeout`: how long one export may take.
                 request_timeout: match &self.exporter {

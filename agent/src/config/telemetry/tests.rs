@@ -74,8 +74,11 @@ fn the_install_guide_mesh_config_means_zipkin_at_one_percent() {
             endpoint: "jaeger-collector.observability:9411".into(),
             path: "/api/v2/spans".into(),
             max_tag_length: 0,
+            w3c: false,
         }
     );
+    // Envoy's Zipkin tracer as Istio configures it by default: B3 headers only.
+    assert_eq!(tracing.export.propagation, crate::trace::Propagation::B3);
     assert!(tracing.report_spans);
     assert_eq!(t.client.tracing.map(|c| c.sampling_percent), Some(1.0));
 }
@@ -180,6 +183,7 @@ extensionProviders:
     service: jaeger.observability.svc.cluster.local
     port: 9411
     maxTagLength: 64
+    traceContextOption: USE_B3_WITH_W3C_PROPAGATION
 defaultProviders:
   tracing: [otel]
   accessLogging: [envoy]
@@ -196,6 +200,7 @@ defaultProviders:
     );
     let t = resolve(&m, &[], "istio-system", "default", &BTreeMap::new());
     let tracing = t.server.tracing.expect("otel");
+    assert_eq!(tracing.export.propagation, crate::trace::Propagation::W3c);
     // Istio's `[<namespace>/]<hostname>`: the collector is the hostname.
     assert_eq!(
         tracing.export.provider,

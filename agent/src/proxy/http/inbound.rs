@@ -381,7 +381,7 @@ impl Served {
                     req.headers_mut(),
                 );
             } else {
-                begun.carry(req.headers_mut());
+                begun.carry(tracing, req.headers_mut());
             }
         }
         result.set_settings(telemetry, &req);

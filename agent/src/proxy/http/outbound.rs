@@ -154,7 +154,7 @@ impl HttpConn {
                     req.headers_mut(),
                 );
             } else {
-                begun.carry(req.headers_mut());
+                begun.carry(tracing, req.headers_mut());
             }
         }
         result.set_settings(telemetry, &req);
