@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, SvcPort, World};
-use l7support::{metric, sa, start_agents, Conn, HttpApp, NS};
+use l7support::scenes::{sleep_and_web, SleepAndWeb};
+use l7support::{metric, sa, start_agents, Conn, NS};
 use support::{in_pod, Mode, Server, SETTLE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -91,33 +92,15 @@ fn promtool_parses(m: &str) {
 
 #[test]
 fn tag_overrides_change_the_client_sides_request_count() {
-    support::raise_fd_limit();
-    let world = World::new("l7-tags");
-    let (n1, n2) = (world.node("n1"), world.node("n2"));
-    let client = world
-        .pod("sleep")
-        .node(&n1)
-        .namespace(NS)
-        .label("app", "sleep")
-        .spawn();
-    let server = world
-        .pod("web")
-        .node(&n2)
-        .namespace(NS)
-        .label("app", "web")
-        .spawn();
-    let _web = HttpApp::start(&server, 8080);
-    let yaml = ClusterYaml::new()
-        .ambient(NS)
-        .pods([&client, &server])
-        .service(
-            "web",
-            NS,
-            WEB,
-            &[SvcPort::named("http", 80, 8080)],
-            &[&server],
-            true,
-        );
+    let SleepAndWeb {
+        world,
+        n1,
+        n2,
+        client,
+        server,
+        yaml,
+        _web,
+    } = sleep_and_web("l7-tags", WEB);
     let agents = start_agents(
         &world,
         &[(&n1, &[&client]), (&n2, &[&server])],

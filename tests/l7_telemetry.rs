@@ -8,6 +8,7 @@ mod support;
 use std::net::Ipv4Addr;
 
 use ambit::harness::{ClusterYaml, SvcPort, World};
+use l7support::scenes::{sleep_and_web, SleepAndWeb};
 use l7support::{metric, sa, start_agents, write_istio, Conn, GrpcApp, HttpApp, NS};
 use support::{in_pod, settled, SETTLE};
 
@@ -346,57 +347,6 @@ fn the_destination_records_each_request_with_the_verified_source() {
     assert!(!m.contains("forged"), "a header never sets a label: {m}");
 }
 
-/// `sleep` (n1) and `web` (n2, an HTTP app on 8080) in the ambient namespace, Service `web`
-/// (`http` 80 → 8080); the agents are the test's to start.
-struct SleepAndWeb {
-    world: World,
-    n1: ambit::harness::Node,
-    n2: ambit::harness::Node,
-    client: ambit::harness::Pod,
-    server: ambit::harness::Pod,
-    yaml: ClusterYaml,
-    _web: HttpApp,
-}
-
-fn sleep_and_web(name: &str) -> SleepAndWeb {
-    support::raise_fd_limit();
-    let world = World::new(name);
-    let (n1, n2) = (world.node("n1"), world.node("n2"));
-    let client = world
-        .pod("sleep")
-        .node(&n1)
-        .namespace(NS)
-        .label("app", "sleep")
-        .spawn();
-    let server = world
-        .pod("web")
-        .node(&n2)
-        .namespace(NS)
-        .label("app", "web")
-        .spawn();
-    let _web = HttpApp::start(&server, 8080);
-    let yaml = ClusterYaml::new()
-        .ambient(NS)
-        .pods([&client, &server])
-        .service(
-            "web",
-            NS,
-            WEB,
-            &[SvcPort::named("http", 80, 8080)],
-            &[&server],
-            true,
-        );
-    SleepAndWeb {
-        world,
-        n1,
-        n2,
-        client,
-        server,
-        yaml,
-        _web,
-    }
-}
-
 const ALOG_ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -422,7 +372,7 @@ fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
         server,
         yaml,
         _web,
-    } = sleep_and_web("l7-alog");
+    } = sleep_and_web("l7-alog", WEB);
     let log = world.state_dir().join("access.log");
     let mesh = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |\n    accessLogFile: {}\n",
@@ -494,27 +444,27 @@ spec:
             &format!("{envoy_file}---\n{telemetry}---\n{ALOG_ROUTES}"),
         );
     }
-    // Applied once a 200 goes unlogged while a later 404 is: each round sends the 200 first,
-    // then a 500 from the app (logged at both ends, so it flushes both agents' writers).
+    // One round: a 200, then a 500 from the app (logged at both ends under either config, so
+    // once both agents wrote its lines they wrote whatever the round gives): the 200's and the
+    // 500's line counts. Rounds are numbered so each has paths of its own.
     let round = std::cell::Cell::new(0);
-    settled(
-        || {
-            round.set(round.get() + 1);
-            let (ok, bad) = (
-                format!("/known/f{}", round.get()),
-                format!("/status/500?r={}", round.get()),
-            );
-            let (o, b) = (ok.clone(), bad.clone());
-            in_pod(&client, || async move {
-                let conn = Conn::h1(sa(WEB, 80)).await;
-                assert_eq!(conn.get("web", &o, &[]).await.status, 200);
-                assert_eq!(conn.get("web", &b, &[]).await.status, 500);
-            });
-            settled(lines, |_| with(&bad) >= 2);
-            (with(&ok), with(&bad))
-        },
-        |(ok, bad)| *ok == 0 && *bad >= 2,
-    );
+    let logged_round = |tag: &str| {
+        round.set(round.get() + 1);
+        let (ok, bad) = (
+            format!("/known/{tag}{}", round.get()),
+            format!("/status/500?{tag}={}", round.get()),
+        );
+        let (o, b) = (ok.clone(), bad.clone());
+        in_pod(&client, || async move {
+            let conn = Conn::h1(sa(WEB, 80)).await;
+            assert_eq!(conn.get("web", &o, &[]).await.status, 200);
+            assert_eq!(conn.get("web", &b, &[]).await.status, 500);
+        });
+        settled(lines, |_| with(&bad) >= 2);
+        (with(&ok), with(&bad))
+    };
+    // Applied once a 200 goes unlogged while the 500 is.
+    settled(|| logged_round("f"), |(ok, bad)| *ok == 0 && *bad >= 2);
     let before = lines().len();
     get("/known/filtered", 200);
     get("/unknown/filtered", 404);
@@ -526,27 +476,8 @@ spec:
     for a in &agents {
         write_istio(a, &format!("{mesh}---\n{ALOG_ROUTES}"));
     }
-    // Applied once a 200 is logged at both ends again; each round's 500 (logged under either
-    // config) shows when both agents have written what the round will give.
-    let round = std::cell::Cell::new(0);
-    settled(
-        || {
-            round.set(round.get() + 1);
-            let (ok, bad) = (
-                format!("/known/back{}", round.get()),
-                format!("/status/500?back={}", round.get()),
-            );
-            let (o, b) = (ok.clone(), bad.clone());
-            in_pod(&client, || async move {
-                let conn = Conn::h1(sa(WEB, 80)).await;
-                assert_eq!(conn.get("web", &o, &[]).await.status, 200);
-                assert_eq!(conn.get("web", &b, &[]).await.status, 500);
-            });
-            settled(lines, |_| with(&bad) >= 2);
-            with(&ok)
-        },
-        |n| *n == 2,
-    );
+    // Applied once a 200 is logged at both ends again.
+    settled(|| logged_round("back"), |(ok, _)| *ok == 2);
 }
 
 /// The Telemetry API's `metrics` overrides (issue 13): `REQUEST_COUNT` disabled for the server
@@ -562,7 +493,7 @@ fn a_telemetry_override_disables_one_metric_on_one_side() {
         server,
         yaml,
         _web,
-    } = sleep_and_web("l7-metric-off");
+    } = sleep_and_web("l7-metric-off", WEB);
     let telemetry = r#"
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry

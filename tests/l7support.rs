@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::{ambit_bin, SETTLE};
 
 pub mod otlp;
+pub mod scenes;
 pub mod zipkin;
 
 /// Istio's `mesh` namespace of these tests, ambient.
