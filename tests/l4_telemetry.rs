@@ -138,8 +138,15 @@ fn tcp_connections_follow_the_telemetry_api() {
                 &[("reporter", "destination"), ("destination_workload", "db")],
             ) == want
     });
-    agents[0].wait_for_metrics("the source's closed connections", SETTLE, |m| {
+    // The closed count and the bytes are added one after the other at a connection's end:
+    // wait for the bytes asserted below, not only for their neighbour.
+    agents[0].wait_for_metrics("the source's closed connections and bytes", SETTLE, |m| {
         closed(m, "source") == CONNECTIONS as u64
+            && metric(
+                m,
+                "istio_tcp_received_bytes_total",
+                &[("reporter", "source"), ("destination_workload", "db")],
+            ) == (SENT * CONNECTIONS) as u64
     });
     let (_, m) = agents[0].http_get("/metrics");
     assert!(
