@@ -71,8 +71,12 @@ fn list(ids: &[Identity]) -> String {
     ids.join(" or ")
 }
 
+/// aws-lc-rs, not ring: its AES-GCM has AVX-512 code that ring lacks, and halved the cipher's
+/// share of a bulk HBONE transfer on this machine's CPUs (agent/benches/README.md, "TLS
+/// provider"). Its default key exchange order is ring's (X25519 first; the post-quantum hybrid
+/// offered last), so a ClientHello to ztunnel is what it was.
 fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     // AES-128-GCM first: cheaper per byte than AES-256-GCM; every suite stays offered, so a peer
     // that prefers another still gets it.
     p.cipher_suites
@@ -105,7 +109,7 @@ fn build_server(
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
+        .expect("the aws-lc-rs provider supports TLS 1.3")
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -154,7 +158,7 @@ fn build_client(
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
+        .expect("the aws-lc-rs provider supports TLS 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(certs);
