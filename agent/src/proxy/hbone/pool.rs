@@ -95,7 +95,8 @@ pub struct PoolKey {
 pub struct ConnectRequest {
     /// Original destination, `ip:port` (the `:authority`).
     pub authority: SocketAddr,
-    /// The app's address as the source sees it.
+    /// The app's address as the source sees it; port 0 when no one port is the client's (an L7
+    /// upstream connection carries the requests of many downstream connections).
     pub forwarded_for: SocketAddr,
     pub baggage: Option<http::HeaderValue>,
 }
@@ -439,6 +440,27 @@ enum SendError {
     Pool(PoolError),
 }
 
+/// RFC 7239 `for=`: the node quoted, as it has a `:` (and an IPv6 address's brackets); without a
+/// port when it is unknown (0).
+fn forwarded(node: SocketAddr) -> String {
+    match (node.port(), node.ip()) {
+        (0, std::net::IpAddr::V4(ip)) => format!("for=\"{ip}\""),
+        (0, std::net::IpAddr::V6(ip)) => format!("for=\"[{ip}]\""),
+        _ => format!("for=\"{node}\""),
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn forwarded_names_the_port_only_when_known() {
+    let v4: SocketAddr = "10.0.0.7:41000".parse().expect("addr");
+    let v6: SocketAddr = "[fd00::7]:41000".parse().expect("addr");
+    assert_eq!(forwarded(v4), "for=\"10.0.0.7:41000\"");
+    assert_eq!(forwarded(v6), "for=\"[fd00::7]:41000\"");
+    assert_eq!(forwarded(SocketAddr::new(v4.ip(), 0)), "for=\"10.0.0.7\"");
+    assert_eq!(forwarded(SocketAddr::new(v6.ip(), 0)), "for=\"[fd00::7]\"");
+}
+
 async fn send_connect(
     conn: &Conn,
     key: &PoolKey,
@@ -448,7 +470,7 @@ async fn send_connect(
     let mut request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(authority.as_str())
-        .header("forwarded", format!("for=\"{}\"", req.forwarded_for))
+        .header("forwarded", forwarded(req.forwarded_for))
         .header("traceparent", traceparent());
     if let Some(baggage) = &req.baggage {
         request = request.header("baggage", baggage.clone());
