@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -25,6 +25,79 @@ pub struct NetnsWorker {
     /// Whether the pod's netns brings replies to transparent sockets back
     /// (`transparent::Held::present`); unset where it was not set up.
     transparent: OnceLock<Arc<AtomicBool>>,
+    reserve: Arc<Reserve>,
+}
+
+/// Bare TCP sockets made ahead in the netns, so a connection's upstream socket is taken without a
+/// round trip to the netns thread (a futex wake and two context switches per connection, most of
+/// the per-connection cost that was not the kernel's own on the server side). Only `socket(2)`
+/// depends on the calling thread's netns; options and bind apply to the socket's own netns from
+/// any thread. Filled after the first use, so a pod that never dials costs nothing.
+#[derive(Debug, Default)]
+struct Reserve {
+    v4: Mutex<Vec<Socket>>,
+    v6: Mutex<Vec<Socket>>,
+    refilling: [AtomicBool; 2],
+}
+
+/// Sockets kept ready per address family once a pod dials; refilled when half are used.
+const RESERVE: usize = 16;
+
+impl Reserve {
+    fn slot(&self, domain: Domain) -> (&Mutex<Vec<Socket>>, &AtomicBool) {
+        if domain == Domain::IPV6 {
+            (&self.v6, &self.refilling[1])
+        } else {
+            (&self.v4, &self.refilling[0])
+        }
+    }
+
+    /// A ready socket and whether the reserve wants refilling.
+    fn take(&self, domain: Domain) -> (Option<Socket>, bool) {
+        let (sockets, _) = self.slot(domain);
+        let mut sockets = sockets.lock().unwrap_or_else(PoisonError::into_inner);
+        let taken = sockets.pop();
+        (taken, sockets.len() <= RESERVE / 2)
+    }
+
+    /// Runs on the netns thread: tops the reserve up to [`RESERVE`], again while sockets are
+    /// taken meanwhile, and once more if a take that found it low came after the last top-up
+    /// (it saw a fill under way and queued none).
+    fn fill(&self, domain: Domain) {
+        let (sockets, refilling) = self.slot(domain);
+        let level = || sockets.lock().unwrap_or_else(PoisonError::into_inner).len();
+        loop {
+            loop {
+                let missing = RESERVE.saturating_sub(level());
+                if missing == 0 {
+                    break;
+                }
+                let made: Vec<Socket> = (0..missing).map_while(|_| bare(domain).ok()).collect();
+                if made.is_empty() {
+                    // Out of descriptors or memory: the callers make their own until it passes.
+                    refilling.store(false, Ordering::Release);
+                    return;
+                }
+                sockets
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(made);
+            }
+            refilling.store(false, Ordering::Release);
+            if level() > RESERVE / 2 || refilling.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
+}
+
+/// A non-blocking TCP socket in the calling thread's netns.
+fn bare(domain: Domain) -> io::Result<Socket> {
+    Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
 }
 
 impl NetnsWorker {
@@ -76,6 +149,7 @@ impl NetnsWorker {
             netns,
             jobs,
             transparent: OnceLock::new(),
+            reserve: Arc::default(),
         })
     }
 
@@ -114,13 +188,31 @@ impl NetnsWorker {
             .map_err(|_| io::Error::other("netns worker stopped"))
     }
 
+    /// A bare TCP socket of `domain` in this netns: from the reserve, else made on the netns
+    /// thread (and the reserve refilled in the background either way).
+    async fn bare_socket(&self, domain: Domain) -> io::Result<Socket> {
+        let (taken, low) = self.reserve.take(domain);
+        if low && !self.reserve.slot(domain).1.swap(true, Ordering::AcqRel) {
+            let reserve = self.reserve.clone();
+            let queued = self.jobs.send(Box::new(move || reserve.fill(domain)));
+            if queued.is_err() {
+                self.reserve.slot(domain).1.store(false, Ordering::Release);
+            }
+        }
+        match taken {
+            Some(s) => Ok(s),
+            None => self.run_async(move || bare(domain)).await?,
+        }
+    }
+
     /// An unconnected, non-blocking TCP socket in this netns, marked so capture skips it.
     pub async fn upstream_socket(
         &self,
         dst: SocketAddr,
         bind: Option<IpAddr>,
     ) -> io::Result<tokio::net::TcpSocket> {
-        let std_stream = self.run_async(move || new_upstream(dst, bind)).await??;
+        let s = self.bare_socket(Domain::for_address(dst)).await?;
+        let std_stream = new_upstream(s, bind)?;
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
 
@@ -157,20 +249,25 @@ impl crate::proxy::SocketFactory for NetnsWorker {
             if !present.is_some_and(|p| p.load(Ordering::Acquire)) {
                 return Ok(None);
             }
-            let std_stream = self
-                .run_async(move || new_app_upstream(dst, client))
-                .await??;
+            let domain = Domain::for_address(dst);
+            let first = self.bare_socket(domain).await?;
+            let std_stream = if client.port() == 0 {
+                new_app_upstream(first, client)?
+            } else {
+                // Rare (plaintext inbound whose picked port clashes): each try takes a socket.
+                let mut tries = vec![first];
+                for _ in 1..APP_PORT_TRIES {
+                    tries.push(self.bare_socket(domain).await?);
+                }
+                new_app_upstream_avoiding(tries, client)?
+            };
             Ok(Some(tokio::net::TcpSocket::from_std_stream(std_stream)))
         })
     }
 }
 
-fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
-    let s = Socket::new(
-        Domain::for_address(dst),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+/// `s` (a bare socket of the pod's netns) made ready to dial out of the pod.
+fn new_upstream(s: Socket, bind: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
     s.set_mark(ambit_common::PROXY_MARK)?;
     s.set_nodelay(true)?;
     if let Some(ip) = bind {
@@ -190,32 +287,25 @@ fn new_upstream(dst: SocketAddr, bind: Option<IpAddr>) -> io::Result<std::net::T
 /// port already in this netns (plaintext inbound: the accepted socket the proxy relays). A port
 /// picked at connect time could be that one, and the SYN would then match the accepted socket;
 /// so the port is picked at bind and a clash is picked again.
-fn new_app_upstream(dst: SocketAddr, client: SocketAddr) -> io::Result<std::net::TcpStream> {
-    let make = || -> io::Result<Socket> {
-        let s = Socket::new(
-            Domain::for_address(dst),
-            Type::STREAM.nonblocking().cloexec(),
-            Some(Protocol::TCP),
-        )?;
-        s.set_ip_transparent(true)?;
-        s.set_mark(ambit_common::TRANSPARENT_MARK)?;
-        // Its packets go over lo anyway (the mark's route); bound there, its TIME_WAITs count as
-        // loopback ones, which the default tcp_tw_reuse=2 lets a new connect reuse: short
-        // connections from one client to one app port are then not capped by ~28k TIME_WAITs on
-        // the proxy's side.
-        s.bind_device(Some(b"lo"))?;
-        s.set_nodelay(true)?;
-        Ok(s)
-    };
-    if client.port() == 0 {
-        let s = make()?;
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
-            .map_err(io::Error::from)?;
-        s.bind(&SocketAddr::new(client.ip(), 0).into())?;
-        return Ok(s.into());
-    }
-    for _ in 0..4 {
-        let s = make()?;
+fn new_app_upstream(s: Socket, client: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let s = transparent_to_app(s)?;
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+        .map_err(io::Error::from)?;
+    s.bind(&SocketAddr::new(client.ip(), 0).into())?;
+    Ok(s.into())
+}
+
+/// Sockets tried for a `client` with a port (see [`new_app_upstream`]).
+const APP_PORT_TRIES: usize = 4;
+
+/// As [`new_app_upstream`], for a `client` whose own port must not be picked: one of `tries`
+/// (bare sockets) bound to a port other than it.
+fn new_app_upstream_avoiding(
+    tries: Vec<Socket>,
+    client: SocketAddr,
+) -> io::Result<std::net::TcpStream> {
+    for s in tries {
+        let s = transparent_to_app(s)?;
         // As connect's own choice would, ports may be shared while the 4-tuples differ.
         s.set_reuse_address(true)?;
         s.bind(&SocketAddr::new(client.ip(), 0).into())?;
@@ -228,6 +318,19 @@ fn new_app_upstream(dst: SocketAddr, client: SocketAddr) -> io::Result<std::net:
         io::ErrorKind::AddrInUse,
         format!("no source port for {client} other than its own"),
     ))
+}
+
+/// `s` (a bare socket of the pod's netns) allowed to bind the client's address and routed back.
+fn transparent_to_app(s: Socket) -> io::Result<Socket> {
+    s.set_ip_transparent(true)?;
+    s.set_mark(ambit_common::TRANSPARENT_MARK)?;
+    // Its packets go over lo anyway (the mark's route); bound there, its TIME_WAITs count as
+    // loopback ones, which the default tcp_tw_reuse=2 lets a new connect reuse: short
+    // connections from one client to one app port are then not capped by ~28k TIME_WAITs on
+    // the proxy's side.
+    s.bind_device(Some(b"lo"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 /// A listening socket in the current netns (call on the worker).
@@ -245,4 +348,43 @@ pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<std::net::TcpListene
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Upstream sockets keep coming past the reserve's size, and a used reserve is refilled to
+    /// its size in the background (this test's own netns stands in for a pod's; needs root).
+    #[tokio::test]
+    async fn upstream_sockets_come_from_a_reserve_that_refills() {
+        let worker = NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker");
+        let level = |w: &NetnsWorker| {
+            w.reserve
+                .v4
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+        };
+        assert_eq!(level(&worker), 0, "nothing made before the first use");
+        let dst: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..3 * RESERVE {
+            held.push(worker.upstream_socket(dst, None).await.expect("socket"));
+        }
+        assert!(held.iter().all(|s| s.nodelay().expect("nodelay")));
+        // Down to the refill mark (it may have been refilled above it meanwhile), then back up.
+        while level(&worker) > RESERVE / 2 {
+            held.push(worker.upstream_socket(dst, None).await.expect("socket"));
+        }
+        while level(&worker) < RESERVE {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(level(&worker), RESERVE, "refilled to its size, no more");
+        assert_eq!(
+            worker.reserve.v6.lock().expect("lock").len(),
+            0,
+            "IPv6 unused"
+        );
+    }
 }
