@@ -259,53 +259,130 @@ fn a_pod_without_the_routing_falls_back() {
 /// More short connections from one client pod to one app port than the ephemeral port range
 /// holds (28,232 by default), the client closing first: each leaves a TIME_WAIT on the proxy's
 /// side of the app connection (client IP → app), which the next connects reuse (the socket is
-/// bound to lo, so tcp_tw_reuse=2 counts it as loopback). Every connection succeeds.
+/// bound to lo, so tcp_tw_reuse=2 counts it as loopback). Every meshed connection succeeds.
+/// `AMBIT_TEST_SHORT_CONNS` sets the count (32,000 by default; the issue's acceptance run is
+/// 200,000) and then also runs the same load between two pods outside the mesh first, as the
+/// baseline the issue compares with (printed only: without a mesh the client's own TIME_WAITs on
+/// the pod-to-pod tuple exhaust its ports, and each failing connect scans the whole range, so
+/// the baseline takes ten times as long as the meshed run: 54 s for 32,000 here).
 #[test]
 fn short_connections_past_the_port_range_all_succeed() {
     support::raise_fd_limit();
+    let asked: Option<usize> = std::env::var("AMBIT_TEST_SHORT_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let total = asked.unwrap_or(32_000);
     let world = World::new("tp-tw");
     let (n1, n2) = (world.node("n1"), world.node("n2"));
     let client = world.pod("client").node(&n1).namespace("mesh").spawn();
     let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+    let plain_client = world.pod("pclient").node(&n1).namespace("plain").spawn();
+    let plain_server = world.pod("pserver").node(&n2).namespace("plain").spawn();
     let echo4 = sa(server.ip4(), 8080);
+    let plain4 = sa(plain_server.ip4(), 8080);
     let _srv = Server::start(&server, &[echo4], Mode::WhoamiEcho);
-    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+    let _plain = Server::start(&plain_server, &[plain4], Mode::WhoamiEcho);
+    let yaml = ClusterYaml::new().ambient("mesh").plain("plain").pods([
+        &client,
+        &server,
+        &plain_client,
+        &plain_server,
+    ]);
     let _a1 = agent(&world, &n1, &yaml, &[&client]);
     let a2 = agent(&world, &n2, &yaml, &[&server]);
+
+    if asked.is_some() {
+        let direct = storm(&plain_client, plain4, total);
+        eprintln!("measured: direct (no mesh): {}", direct.summary());
+    }
+    let meshed = storm(&client, echo4, total);
+    eprintln!("measured: through the mesh: {}", meshed.summary());
+    assert!(
+        meshed.refused.is_empty() && meshed.after_connect.is_empty(),
+        "through the mesh: {}, first refused: {:?}, first after connect: {:?}\n{}",
+        meshed.summary(),
+        meshed.refused.first(),
+        meshed.after_connect.first(),
+        a2.log_tail()
+    );
+}
+
+/// What a burst of short connections met: connects that failed, and connections that failed
+/// after their connect had succeeded (a reset or a close before the server's line).
+struct Storm {
+    total: usize,
+    elapsed: std::time::Duration,
+    refused: Vec<String>,
+    after_connect: Vec<String>,
+}
+
+impl Storm {
+    fn summary(&self) -> String {
+        format!(
+            "{} connections in {:.1} s: {} failed to connect, {} failed after connecting",
+            self.total,
+            self.elapsed.as_secs_f64(),
+            self.refused.len(),
+            self.after_connect.len()
+        )
+    }
+}
+
+/// `total` connections from `pod` to `dst` by 32 concurrent workers, each reading the server's
+/// whoami line and closing first.
+fn storm(pod: &Pod, dst: SocketAddr, total: usize) -> Storm {
+    use tokio::io::AsyncBufReadExt;
     const WORKERS: usize = 32;
-    const EACH: usize = 1_000;
     let started = std::time::Instant::now();
-    let failures: Vec<String> = in_pod(&client, || async move {
+    let (refused, after_connect) = in_pod(pod, || async move {
         let tasks: Vec<_> = (0..WORKERS)
-            .map(|_| {
+            .map(|w| {
+                let n = total / WORKERS + usize::from(w < total % WORKERS);
                 tokio::spawn(async move {
-                    let mut failed = Vec::new();
-                    for _ in 0..EACH {
-                        if let Err(e) = whoami(echo4).await {
-                            failed.push(e.to_string());
+                    let (mut refused, mut after) = (Vec::new(), Vec::new());
+                    for _ in 0..n {
+                        let timeout = std::time::Duration::from_secs(10);
+                        let stream = match tokio::time::timeout(
+                            timeout,
+                            tokio::net::TcpStream::connect(dst),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                refused.push(e.to_string());
+                                continue;
+                            }
+                            Err(_) => {
+                                refused.push("connect timed out".into());
+                                continue;
+                            }
+                        };
+                        let mut line = String::new();
+                        let mut r = tokio::io::BufReader::new(stream);
+                        match tokio::time::timeout(timeout, r.read_line(&mut line)).await {
+                            Ok(Ok(n)) if n > 0 && line.ends_with('\n') => {}
+                            Ok(Ok(_)) => after.push(format!("closed before the line: {line:?}")),
+                            Ok(Err(e)) => after.push(e.to_string()),
+                            Err(_) => after.push("no line within 10 s".into()),
                         }
                     }
-                    failed
+                    (refused, after)
                 })
             })
             .collect();
-        let mut all = Vec::new();
+        let (mut refused, mut after) = (Vec::new(), Vec::new());
         for t in tasks {
-            all.extend(t.await.expect("worker"));
+            let (r, a) = t.await.expect("worker");
+            refused.extend(r);
+            after.extend(a);
         }
-        all
+        (refused, after)
     });
-    eprintln!(
-        "measured: {} connections in {:?}",
-        WORKERS * EACH,
-        started.elapsed()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed, first: {:?}\n{}",
-        failures.len(),
-        WORKERS * EACH,
-        failures.first(),
-        a2.log_tail()
-    );
+    Storm {
+        total,
+        elapsed: started.elapsed(),
+        refused,
+        after_connect,
+    }
 }
