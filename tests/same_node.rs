@@ -28,6 +28,8 @@ struct OneNode {
     srv: Server,
     _web: HttpApp,
     agent: LocalAgent,
+    /// The agent's `--access-log`.
+    log: std::path::PathBuf,
 }
 
 fn one_node(test: &str, args: &[&str], policies: &str) -> OneNode {
@@ -58,7 +60,9 @@ fn one_node(test: &str, args: &[&str], policies: &str) -> OneNode {
             &[&server],
             true,
         );
-    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let log = world.state_dir().join("access.log");
+    let mut agent =
+        LocalAgent::new(&world, &n1, &ambit_bin()).arg(&format!("--access-log={}", log.display()));
     for a in args {
         agent = agent.arg(a);
     }
@@ -77,6 +81,7 @@ fn one_node(test: &str, args: &[&str], policies: &str) -> OneNode {
         srv,
         _web,
         agent,
+        log,
     }
 }
 
@@ -107,6 +112,15 @@ fn same_node_skips_tls_and_keeps_identity_and_telemetry() {
         IpAddr::from(m.good.ip4()),
         "the app sees the client pod's address"
     );
+    let echo6 = SocketAddr::new(m.server.ip6().into(), 8080);
+    let _srv6 = Server::start(&m.server, &[echo6], Mode::WhoamiEcho);
+    let (peer6, _, _) = in_pod(&m.good, || whoami(echo6))
+        .unwrap_or_else(|e| panic!("{echo6}: {e}\n{}", m.agent.log_tail()));
+    assert_eq!(
+        peer6.ip(),
+        IpAddr::from(m.good.ip6()),
+        "and its IPv6 address"
+    );
     const TOTAL: u64 = 4 << 20;
     let (sent, got, n) = in_pod(&m.good, || echo_transfer(m.echo, TOTAL, None));
     assert_eq!((n, sent), (TOTAL, got), "4 MiB intact both ways");
@@ -127,12 +141,12 @@ fn same_node_skips_tls_and_keeps_identity_and_telemetry() {
 
     let s = settled(
         || m.agent.fresh_status(),
-        |s| counter(s, "proxy.same_node_handoffs") == 4,
+        |s| counter(s, "proxy.same_node_handoffs") == 5,
     );
     assert_eq!(
         counter(&s, "proxy.same_node_handoffs"),
-        4,
-        "2 echo connections, 1 HTTP connection through the Service, 1 to the pod"
+        5,
+        "3 echo connections (IPv4, IPv6), 1 HTTP connection through the Service, 1 to the pod"
     );
     assert_eq!(
         counter(&s, "proxy.hbone_inbound_accepted"),
@@ -183,6 +197,35 @@ fn same_node_skips_tls_and_keeps_identity_and_telemetry() {
         2,
         "both HTTP requests served at the destination:\n{metrics}"
     );
+
+    // The access log has both ends of the first connection: the source's, and the
+    // destination's from the client pod's address and principal, mutual TLS.
+    let client = IpAddr::from(m.good.ip4());
+    let from_client = |l: &serde_json::Value, reporter: &str| {
+        l["reporter"] == reporter
+            && l["protocol"] == "tcp"
+            && l["source_principal"] == GOOD
+            && l["connection_security_policy"] == "mutual_tls"
+            && l["upstream_host"] == m.echo.to_string()
+            && l["downstream_remote_address"]
+                .as_str()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .is_some_and(|a| a.ip() == client)
+    };
+    let lines = settled(
+        || l7support::access_log(&m.log),
+        |ls| ls.iter().any(|l| from_client(l, "destination")),
+    );
+    assert!(
+        lines.iter().any(|l| from_client(l, "destination")),
+        "the destination's line: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reporter"] == "source" && l["source_principal"] == GOOD),
+        "the source's line: {lines:#?}"
+    );
 }
 
 const ALLOW_GOOD: &str = "apiVersion: security.istio.io/v1
@@ -219,6 +262,23 @@ fn same_node_client_is_authorized_by_its_principal() {
     assert_eq!(counter(&s, "proxy.same_node_handoffs"), 2);
     assert_eq!(counter(&s, "proxy.hbone_inbound_accepted"), 0);
     assert_eq!(counter(&s, "pool.connections_opened"), 0);
+
+    // Through the Service (source-side L7): the refused connection is the client proxy's, and
+    // the app's request gets the 503 a refused tunnel gives, after Istio's default retries
+    // (2) were refused as well: 3 more denials.
+    let web = SocketAddr::new(WEB_VIP.into(), 80);
+    let status = |pod: &Pod| {
+        in_pod(pod, || async {
+            let conn = Conn::h1(web).await;
+            conn.get("web", "/", &[]).await.status
+        })
+    };
+    assert_eq!(status(&m.good), 200, "the allowed principal");
+    assert_eq!(status(&m.bad), 503, "a denied principal");
+    m.agent
+        .wait_for("the request's denials counted", SETTLE, |s| {
+            s["proxy"]["inbound_denied"] == 4 && s["proxy"]["http_retries_exhausted"] == 1
+        });
     let metrics = settled(
         || scrape(&m.agent),
         |t| {
@@ -226,7 +286,7 @@ fn same_node_client_is_authorized_by_its_principal() {
                 t,
                 "ambit_policy_denials_total",
                 &[("workload", "mesh/server")],
-            ) == 1
+            ) == 4
         },
     );
     assert_eq!(
@@ -235,7 +295,7 @@ fn same_node_client_is_authorized_by_its_principal() {
             "ambit_policy_denials_total",
             &[("policy", "mesh/allow-good"), ("workload", "mesh/server")]
         ),
-        1,
+        4,
         "the denial is the policy's:\n{metrics}"
     );
 }
