@@ -70,10 +70,16 @@ impl LocalPods {
 
     /// `pod`'s inbound stage runs on this node (`pi` is the proxy both belong to).
     pub fn insert(&self, pi: &Arc<ProxyInputs>, pod: Arc<PodContext>) {
+        if self.enabled {
+            let _ = self.inputs.set(Arc::downgrade(pi));
+        }
+        self.add(pod);
+    }
+
+    fn add(&self, pod: Arc<PodContext>) {
         if !self.enabled {
             return;
         }
-        let _ = self.inputs.set(Arc::downgrade(pi));
         self.pods.rcu(|pods| {
             let mut pods = HashMap::clone(pods);
             for ip in &pod.ips {
@@ -338,3 +344,6 @@ impl Downstream for Pipe {
 
     fn abort(self) {}
 }
+
+#[cfg(test)]
+mod tests;
