@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use ambit_common::HBONE_PORT;
 use arc_swap::ArcSwap;
@@ -113,7 +114,9 @@ impl LocalPods {
 
 /// Carries the captured connection `stream` of `src`'s app (at `client`, the app's own address)
 /// to `endpoint` in `dst`, a pod of this node: decided as an HBONE stream would be, then relayed
-/// from the client's socket to the app's. A refusal resets `stream`, as a refused tunnel does.
+/// from the client's socket to the app's. A refusal resets `stream`, as a refused tunnel does,
+/// and so does a decision (the app's connect) longer than `connect_timeout`, which bounds the
+/// tunnel's opening over HBONE.
 pub(super) async fn handoff(
     pi: &Arc<ProxyInputs>,
     src: &PodContext,
@@ -121,21 +124,23 @@ pub(super) async fn handoff(
     stream: TcpStream,
     client: SocketAddr,
     endpoint: SocketAddr,
+    connect_timeout: Duration,
 ) -> Result<copy::Outcome, Error> {
-    match decide(pi, src, &dst, PeerAddr(client), endpoint).await {
-        Ok(admitted) => {
+    let deciding = decide(pi, src, &dst, PeerAddr(client), endpoint);
+    let failed = match tokio::time::timeout(connect_timeout, deciding).await {
+        Ok(Ok(admitted)) => {
             debug!(src = %src.name, dst = %dst.name, %client, %endpoint, "same-node connection handed over");
-            Ok(inbound::carry(admitted, stream).await)
+            return Ok(inbound::carry(admitted, stream).await);
         }
-        Err(source) => {
-            Counters::inc(&pi.counters.outbound_hbone_failed);
-            reset(stream);
-            Err(Error::Tunnel {
-                dst: endpoint,
-                source: Box::new(source),
-            })
-        }
-    }
+        Ok(Err(source)) => Error::Tunnel {
+            dst: endpoint,
+            source: Box::new(source),
+        },
+        Err(_) => super::connect::timed_out(endpoint, connect_timeout),
+    };
+    Counters::inc(&pi.counters.outbound_hbone_failed);
+    reset(stream);
+    Err(failed)
 }
 
 /// For the HTTP client of `src` (source-side L7): a byte stream to `endpoint` in `dst`, a pod of

@@ -644,7 +644,8 @@ async fn hbone(
 ) -> Result<copy::Outcome, Error> {
     if let Some(local) = pi.local.serving(dst.ip()) {
         let client = pod.app_address(peer.0, dst);
-        return super::local::handoff(pi, pod, local, stream, client, dst).await;
+        let timeout = tcp.connect_timeout;
+        return super::local::handoff(pi, pod, local, stream, client, dst, timeout).await;
     }
     let Some(src_ip) = pod.ip_like(dst.ip()) else {
         Counters::inc(&pi.counters.outbound_hbone_failed);
