@@ -102,6 +102,8 @@ pub struct AgentConfig {
     pub protocol_detection_timeout: Duration,
     /// See `--destination-l7`.
     pub destination_l7: bool,
+    /// See `--same-node-shortcut`.
+    pub same_node_shortcut: bool,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -162,6 +164,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         destination_l7: cfg.destination_l7,
         tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
         connections: crate::admin::connections::Connections::new(),
+        local: crate::proxy::local::LocalPods::new(cfg.same_node_shortcut),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));

@@ -157,6 +157,12 @@ struct RunArgs {
     /// `ambit.dev/destination-l7: "false"`.
     #[arg(long, env = "AMBIT_DESTINATION_L7", default_value = "on", value_parser = ["on", "off"])]
     destination_l7: String,
+    /// A meshed connection between two pods of this node is handed from the client's outbound to
+    /// the server's inbound in-process (identity, policy, telemetry and destination-side L7 as
+    /// over HBONE, without TLS), as ztunnel's same-node fast path does; `false` sends it over
+    /// HBONE through the node's own network.
+    #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
+    same_node_shortcut: bool,
 }
 
 impl RunArgs {
@@ -232,6 +238,7 @@ impl RunArgs {
             },
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
+            same_node_shortcut: self.same_node_shortcut,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

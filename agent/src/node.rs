@@ -248,6 +248,8 @@ impl Node {
             return Err(NodeError::Capture { pod: key, source });
         }
         let transparent = self.install_transparent(&key, &spec, &worker);
+        // Its stages run: pods of this node may hand it their connections in-process.
+        self.pi.local.insert(&self.pi, ctx.clone());
         info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, transparent = transparent.is_some(), "enrolled");
         self.pods.insert(
             key,
@@ -470,8 +472,10 @@ impl Node {
         let Some(pod) = self.pods.remove(key) else {
             return;
         };
-        // Capture off first, so no new connection is sent to listeners about to close.
+        // Capture off first, so no new connection is sent to listeners about to close, nor handed
+        // over in-process.
         self.capture.unenrol(pod.ctx.netns_cookie);
+        self.pi.local.remove(&pod.ctx);
         // Aborting the accept loops closes the listeners; relays already running keep their sockets
         // and finish on their own, so established connections are not cut.
         for t in &pod.tasks {

@@ -2,7 +2,9 @@
 //! shared [`ProxyInputs`] and the pod it serves, with `run(self)`:
 //! - `outbound`: connections an enrolled pod's app makes (captured to 15001);
 //! - `inbound`: HBONE (15008), mTLS CONNECT streams from other meshed pods;
-//! - `inbound_plain`: plaintext connections to the pod (steered to 15006).
+//! - `inbound_plain`: plaintext connections to the pod (steered to 15006);
+//! - `local`: a meshed connection to a pod of this node, handed from outbound to inbound
+//!   in-process.
 //!
 //! What they share: `accept` (the one accept loop), `copy` (the one bidirectional copy),
 //! `connect` (sockets in the pod through [`SocketFactory`]), `hbone` (client pool, server, stream),
@@ -22,6 +24,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod inbound_plain;
+pub mod local;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
@@ -104,6 +107,8 @@ pub struct ProxyInputs {
     pub tracers: crate::trace::Tracers,
     /// The live connections, for the admin endpoint's `/debug/connections`.
     pub connections: crate::admin::connections::Connections,
+    /// The pods of this node a meshed connection is handed to in-process (same-node shortcut).
+    pub local: local::LocalPods,
 }
 
 /// One enrolled pod, as the stages see it.

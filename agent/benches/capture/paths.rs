@@ -328,6 +328,8 @@ impl Ambit {
                 Default::default(),
             ),
             connections: ambit::admin::connections::Connections::new(),
+            // Stages started by hand register no pod: nothing is handed over in-process.
+            local: ambit::proxy::local::LocalPods::new(false),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

@@ -36,7 +36,8 @@ counters! {
     inbound_accepted,
     /// Inbound connections whose connect to the pod failed.
     inbound_connect_failed,
-    /// Outbound connections to enrolled workloads, sent over HBONE.
+    /// Outbound connections to enrolled workloads, sent over HBONE (or, to a pod of this node,
+    /// handed to its inbound stage in-process: `same_node_handoffs`).
     outbound_hbone,
     /// Outbound connections to destinations outside the mesh, sent in plaintext.
     outbound_plaintext,
@@ -46,7 +47,7 @@ counters! {
     outbound_incomplete_view,
     /// Outbound TCP connections refused by the cluster's `connectionPool.tcp.maxConnections` (flag `UO`).
     outbound_overflow,
-    /// Outbound HBONE tunnels that could not be opened.
+    /// Outbound HBONE tunnels that could not be opened (same-node handoffs refused included).
     outbound_hbone_failed,
     /// Outbound connections served at L7 (HTTP routed per request).
     outbound_http,
@@ -72,8 +73,12 @@ counters! {
     http_mirror_failed,
     /// HBONE (15008) connections accepted.
     hbone_inbound_accepted,
-    /// HBONE CONNECT streams received.
+    /// HBONE CONNECT streams received, and same-node connections handed to the inbound stage
+    /// in-process (those also in `same_node_handoffs`).
     hbone_inbound_streams,
+    /// Connections between two pods of this node handed from the outbound to the inbound stage
+    /// in-process, without TLS (`--same-node-shortcut`).
+    same_node_handoffs,
     /// HBONE TLS handshakes that failed (bad or missing client certificate, or the client refused ours).
     hbone_tls_refused,
     /// HBONE requests answered 400.

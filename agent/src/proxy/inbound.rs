@@ -4,6 +4,10 @@
 //! hostname, one of the proxy's own ports), 401 when policy denies, 503 when the app cannot be
 //! reached, 200 (with the pod's `baggage`) and the tunnel otherwise. Also the inbound policy
 //! check both inbound stages share.
+//!
+//! A stream's work is in two parts that `proxy::local` shares for a client pod on this node:
+//! [`admit`] decides (labels, policy, the app's connection) and [`carry`] moves the bytes, over
+//! any [`Downstream`] (the CONNECT stream here).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,12 +22,14 @@ use tracing::{debug, info, warn};
 
 use super::addr::{canonical, OrigDst, PeerAddr};
 use super::hbone::server::{self, answer};
-use super::hbone::target::{self, Reached, TargetError};
+use super::hbone::target::{self, Reached, Target, TargetError};
 use super::hbone::Stream;
-use super::http::inbound::{self as inbound_http, Carried, InboundHttp};
+use super::http::inbound::{self as inbound_http, Carried, Downstream, InboundHttp};
 use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::{connect, copy, Counters, Error, PodContext, ProxyInputs};
-use crate::admin::connections::{ConnectionInfo, Direction, Protocol as LiveProtocol};
+use crate::admin::connections::{
+    ConnectionGuard, ConnectionInfo, Direction, Protocol as LiveProtocol,
+};
 use crate::identity::Identity;
 use crate::policy::{evaluate, ConnAttrs, Verdict};
 use crate::snapshot::Snapshot;
@@ -116,7 +122,6 @@ async fn stream(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    Counters::inc(&pi.counters.hbone_inbound_streams);
     let snap = pi.snapshot.load_full();
     let reached = Reached {
         namespace: &pod.namespace,
@@ -124,16 +129,76 @@ async fn stream(
         ips: &pod.ips,
         local,
     };
-    let (dst, named_service) = match target::resolve(&req, reached, &snap) {
-        Ok(t) => (t.dst, t.service),
-        Err(e) => return refuse(&pi, &pod, peer, &identity, &req, e, &mut respond),
+    let target = match target::resolve(&req, reached, &snap) {
+        Ok(t) => t,
+        Err(e) => {
+            Counters::inc(&pi.counters.hbone_inbound_streams);
+            let status = refused(&pi, &pod, peer, &identity, req.method(), req.uri(), &e);
+            return answer(&mut respond, status);
+        }
     };
+    let admitted = match admit(&pi, &pod, &snap, &identity, peer, target).await {
+        Ok(a) => a,
+        Err(status) => return answer(&mut respond, status),
+    };
+    drop(snap);
+    let ok = established(&pod);
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name, dst = %admitted.dst, error = %e, "client went away before the tunnel opened");
+            return admitted.abandon();
+        }
+    };
+    debug!(pod = %pod.name, %peer, %identity, dst = %admitted.dst, "HBONE tunnel open");
+    let outcome = carry(admitted, Stream::new(send, req.into_body())).await;
+    super::outbound::finish(&pi, &outcome);
+}
+
+/// A connection the inbound stage let through: its telemetry open (reporter destination), its
+/// place in the live connections, and the app's connection made; [`carry`] relays or serves it.
+pub(super) struct Admitted {
+    result: ConnectionResult,
+    app: TcpStream,
+    dst: OrigDst,
+    /// Destination-side L7, when the port is looked at for HTTP.
+    http: Option<InboundHttp>,
+    pi: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    _live: ConnectionGuard,
+}
+
+impl Admitted {
+    /// The client went away before its connection was carried.
+    pub(super) fn abandon(self) {
+        super::reset(self.app);
+        self.result.finish(Err(Error::DownstreamReset));
+    }
+}
+
+/// The part of an inbound connection that decides, whatever carries it (an HBONE stream, or a
+/// client pod on this node handed over in-process, `proxy::local`): telemetry labels with the
+/// verified source, AuthorizationPolicy, then the app's connection from the client's address.
+/// A refusal is recorded here and comes back as the status an HBONE client is answered (401
+/// denied, 503 app unreachable).
+pub(super) async fn admit(
+    pi: &Arc<ProxyInputs>,
+    pod: &Arc<PodContext>,
+    snap: &Snapshot,
+    identity: &Identity,
+    peer: PeerAddr,
+    target: Target,
+) -> Result<Admitted, StatusCode> {
+    // Counted for every connection that reaches the app's side, tunnelled or handed over.
+    Counters::inc(&pi.counters.hbone_inbound_streams);
+    let dst = target.dst;
     let labels = TcpLabels {
         reporter: Reporter::Destination,
-        source: verified_source(&snap, peer, &identity),
+        source: verified_source(snap, peer, identity),
         destination: Peer::Workload(pod.istio.clone()),
         // The Service the client named, else the one that selects the pod on that port.
-        service: named_service
+        service: target
+            .service
             .or_else(|| {
                 snap.local_service(&pod.namespace, &pod.name, dst.0.port())
                     .cloned()
@@ -161,12 +226,12 @@ async fn stream(
     if result.logs() {
         result.set_cluster(inbound_cluster(dst));
     }
-    if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, Some(&identity)) {
-        answer(&mut respond, StatusCode::UNAUTHORIZED);
-        return result.finish(Err(e));
+    if let Err(e) = authorize(pi, snap, pod, peer, dst, Some(identity)) {
+        result.finish(Err(e));
+        return Err(StatusCode::UNAUTHORIZED);
     }
     result.set_upstream(dst.0);
-    let _live = pi.connections.register(ConnectionInfo {
+    let live = pi.connections.register(ConnectionInfo {
         workload: key.clone(),
         direction: Direction::Inbound,
         protocol: LiveProtocol::Hbone,
@@ -174,64 +239,75 @@ async fn stream(
         dst: dst.0,
         original_dst: Some(dst.0),
     });
-    let app = match connect::app(&pod, dst.0, SocketAddr::new(peer.0.ip(), 0)).await {
+    let app = match connect::app(pod, dst.0, SocketAddr::new(peer.0.ip(), 0)).await {
         Ok(app) => app,
         Err(e) => {
             Counters::inc(&pi.counters.inbound_connect_failed);
-            connect::log_app_unreachable(&pod, dst.0, peer.0, &e);
-            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            return result.finish(Err(e));
+            connect::log_app_unreachable(pod, dst.0, peer.0, &e);
+            result.finish(Err(e));
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let ok = established(&pod);
-    let send = match respond.send_response(ok, false) {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(pod = %pod.name, %dst, error = %e, "client went away before the tunnel opened");
-            super::reset(app);
-            return result.finish(Err(Error::DownstreamReset));
-        }
-    };
-    debug!(pod = %pod.name, %peer, %identity, %dst, "HBONE tunnel open");
-    let tunnel = Stream::new(send, req.into_body());
-    let outcome = if inbound_http::wanted(&pi, &snap, &pod, dst.0.port()) {
-        drop(snap);
-        match inbound_http::classify(tunnel, &app, pi.protocol_detection_timeout).await {
+    let http = inbound_http::wanted(pi, snap, pod, dst.0.port()).then(|| InboundHttp {
+        pi: pi.clone(),
+        pod: pod.clone(),
+        labels: l7_labels,
+        peer: peer.0,
+        dst: dst.0,
+        pod_key: key,
+    });
+    Ok(Admitted {
+        result,
+        app,
+        dst,
+        http,
+        pi: pi.clone(),
+        pod: pod.clone(),
+        _live: live,
+    })
+}
+
+/// The part that carries an admitted connection from the client's end `down` to the app:
+/// destination-side L7 when the port is looked at for HTTP and the bytes are HTTP, else a relay.
+/// Records the connection's end and returns how it went (the caller counts the relay).
+pub(super) async fn carry<D: Downstream>(admitted: Admitted, down: D) -> copy::Outcome {
+    let Admitted {
+        mut result,
+        app,
+        dst,
+        http,
+        pi,
+        pod,
+        _live,
+    } = admitted;
+    let outcome = match http {
+        Some(conn) => match inbound_http::classify(down, &app, pi.protocol_detection_timeout).await
+        {
             Carried::Http { io, h2 } => {
                 // Its requests are logged one by one (Envoy's HTTP connection manager writes
                 // no connection line).
                 result.served_as_http();
-                let conn = InboundHttp {
-                    pi: pi.clone(),
-                    pod: pod.clone(),
-                    labels: l7_labels,
-                    peer: peer.0,
-                    dst: dst.0,
-                    pod_key: key,
-                };
                 inbound_http::serve(conn, io, app, h2).await
             }
             Carried::Opaque { tunnel, first } => relay_after(tunnel, first, app).await,
             Carried::AppFailed {
-                mut tunnel,
+                tunnel,
                 read,
                 error,
             } => {
-                // RFC 9113 §8.5, as the relay does when the app's connection fails.
                 debug!(pod = %pod.name, %dst, %error, "app connection failed");
-                tunnel.send.send_reset(h2::Reason::CONNECT_ERROR);
+                tunnel.abort();
                 copy::Outcome {
                     a_to_b: read as u64,
                     b_to_a: 0,
                     failed: Some(copy::Side::B),
                 }
             }
-        }
-    } else {
-        copy::bidirectional(tunnel, app).await
+        },
+        None => copy::bidirectional(down, app).await,
     };
-    super::outbound::finish(&pi, &outcome);
     result.finish(Ok(outcome));
+    outcome
 }
 
 /// Istio's inbound cluster name for a connection to the app's `dst` port.
@@ -240,7 +316,11 @@ pub(super) fn inbound_cluster(dst: OrigDst) -> String {
 }
 
 /// Relays the stream as bytes, `first` (already read from it) to the app first.
-async fn relay_after(tunnel: Stream, first: Bytes, mut app: TcpStream) -> copy::Outcome {
+async fn relay_after<D: copy::Duplex>(
+    tunnel: D,
+    first: Bytes,
+    mut app: TcpStream,
+) -> copy::Outcome {
     use tokio::io::AsyncWriteExt;
     if !first.is_empty() {
         if let Err(e) = app.write_all(&first).await {
@@ -271,26 +351,26 @@ fn established(pod: &PodContext) -> http::Response<()> {
     ok
 }
 
-/// Answers a CONNECT that has no target (`hbone::target`). ztunnel logs each at WARN (its
-/// "connection failed" early-deny line), before any access log or metric; as there, only a
-/// client holding a certificate of the mesh can cause one.
-fn refuse(
+/// Records a CONNECT that has no target (`hbone::target`) and returns its answer. ztunnel logs
+/// each at WARN (its "connection failed" early-deny line), before any access log or metric; as
+/// there, only a client holding a certificate of the mesh (or a pod of this node) can cause one.
+pub(super) fn refused(
     pi: &ProxyInputs,
     pod: &PodContext,
     peer: PeerAddr,
     identity: &Identity,
-    req: &Request<h2::RecvStream>,
-    e: TargetError,
-    respond: &mut SendResponse<Bytes>,
-) {
+    method: &http::Method,
+    uri: &http::Uri,
+    e: &TargetError,
+) -> StatusCode {
     let status = e.status();
     if status == StatusCode::BAD_REQUEST {
         Counters::inc(&pi.counters.hbone_inbound_bad_request);
     } else {
         Counters::inc(&pi.counters.hbone_inbound_unavailable);
     }
-    warn!(pod = %pod.name, namespace = %pod.namespace, src.addr = %peer, %identity, method = %req.method(), uri = %req.uri(), status = status.as_u16(), reason = e.metric_label(), error = %e, "HBONE request refused");
-    answer(respond, status);
+    warn!(pod = %pod.name, namespace = %pod.namespace, src.addr = %peer, %identity, %method, %uri, status = status.as_u16(), reason = e.metric_label(), error = %e, "HBONE request refused");
+    status
 }
 
 /// The source of an HBONE stream for the metrics: the workload at the peer's address if it runs

@@ -631,8 +631,10 @@ async fn plaintext(
     Ok(copy::bidirectional(stream, upstream).await)
 }
 
+/// To an enrolled workload: handed to its inbound stage in-process when it is a pod of this node
+/// (`local`), else over an HBONE tunnel.
 async fn hbone(
-    pi: &ProxyInputs,
+    pi: &Arc<ProxyInputs>,
     pod: &PodContext,
     stream: TcpStream,
     peer: PeerAddr,
@@ -640,6 +642,11 @@ async fn hbone(
     identity: Identity,
     tcp: &TcpPool,
 ) -> Result<copy::Outcome, Error> {
+    if let Some(local) = pi.local.serving(dst.ip()) {
+        let client = pod.app_address(peer.0, dst);
+        let timeout = tcp.connect_timeout;
+        return super::local::handoff(pi, pod, local, stream, client, dst, timeout).await;
+    }
     let Some(src_ip) = pod.ip_like(dst.ip()) else {
         Counters::inc(&pi.counters.outbound_hbone_failed);
         reset(stream);

@@ -720,9 +720,7 @@ impl Upstreams {
         let endpoint = key.endpoint;
         let connecting = async {
             Ok::<_, UpstreamError>(match &key.tunnel {
-                Some(identity) => {
-                    Io::Hbone(tunnel(pi, pod, endpoint, identity.clone()).await?.into_io())
-                }
+                Some(identity) => io::meshed(pi, pod, endpoint, identity.clone()).await?,
                 None => Io::Tcp(
                     connect::direct_with(pod, endpoint, up.settings.keepalive)
                         .await

@@ -10,8 +10,12 @@
 //! the protocol detection timeout: the stream is then relayed as bytes, as it always was. The app
 //! is spoken to in the client's HTTP version (Istio's inbound clusters use the downstream
 //! protocol), over the one connection made for the stream.
+//!
+//! The client's end is a [`Downstream`]: an HBONE stream, or, for a client pod on this node
+//! (`proxy::local`), the client's own socket or an in-process pipe.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,7 +38,7 @@ use super::client::Body;
 use super::headers::{self, LocalReply};
 use super::outbound::{authority, is_grpc, join_upgraded, log_fields, Held, MAX_HEADER_BYTES};
 use super::target;
-use crate::proxy::copy::{Outcome, Side};
+use crate::proxy::copy::{Duplex, Outcome, Side};
 use crate::proxy::hbone::{H2Stream, Stream};
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::TcpLabels;
@@ -81,15 +85,46 @@ pub fn wanted(pi: &ProxyInputs, snap: &Snapshot, pod: &PodContext, port: u16) ->
     })
 }
 
+/// The client's end of an inbound connection, as destination-side L7 needs it on top of a relay
+/// end: its first bytes (to classify them), then `AsyncRead + AsyncWrite` for an HTTP server.
+pub trait Downstream: Duplex + Sized + Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// The next bytes the client sent (their window released); None at its end or on an error.
+    fn next_bytes(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
+    /// The same bytes as `AsyncRead + AsyncWrite`, `first` (already taken) read first.
+    fn into_io_after(self, first: Bytes) -> Self::Io;
+    /// Ends it as a failed connection does, after the app's connection failed.
+    fn abort(self);
+}
+
+impl Downstream for Stream {
+    type Io = H2Stream;
+
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        let chunk = self.recv.data().await?.ok()?;
+        let _ = self.recv.flow_control().release_capacity(chunk.len());
+        Some(chunk)
+    }
+
+    fn into_io_after(self, first: Bytes) -> H2Stream {
+        Stream::into_io_after(self, first)
+    }
+
+    fn abort(mut self) {
+        // RFC 9113 §8.5, as the relay does when the app's connection fails.
+        self.send.send_reset(h2::Reason::CONNECT_ERROR);
+    }
+}
+
 /// What an inbound stream turned out to carry.
-pub enum Carried {
+pub enum Carried<D: Downstream> {
     /// HTTP/1.x, or HTTP/2 (`h2`) with prior knowledge; `io` reads the first bytes again.
-    Http { io: H2Stream, h2: bool },
+    Http { io: D::Io, h2: bool },
     /// Anything else: relay it, `first` (already read from the stream) first.
-    Opaque { tunnel: Stream, first: Bytes },
+    Opaque { tunnel: D, first: Bytes },
     /// The app's connection failed (reset) while the client had sent `read` bytes.
     AppFailed {
-        tunnel: Stream,
+        tunnel: D,
         read: usize,
         error: std::io::Error,
     },
@@ -97,7 +132,11 @@ pub enum Carried {
 
 /// Reads the stream's first bytes until they prove HTTP or not, unless the app speaks first or
 /// `timeout` passes.
-pub async fn classify(mut tunnel: Stream, app: &TcpStream, timeout: Duration) -> Carried {
+pub async fn classify<D: Downstream>(
+    mut tunnel: D,
+    app: &TcpStream,
+    timeout: Duration,
+) -> Carried<D> {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut first = BytesMut::new();
@@ -105,7 +144,7 @@ pub async fn classify(mut tunnel: Stream, app: &TcpStream, timeout: Duration) ->
     loop {
         let chunk = tokio::select! {
             biased;
-            chunk = tunnel.recv.data() => chunk,
+            chunk = tunnel.next_bytes() => chunk,
             _ = app.readable(), if watch_app => {
                 // An HTTP/2 server (gRPC) sends its SETTINGS at once: that is not a server-first
                 // protocol, the client's preface is on its way.
@@ -127,11 +166,10 @@ pub async fn classify(mut tunnel: Stream, app: &TcpStream, timeout: Duration) ->
             }
             _ = &mut deadline => break,
         };
-        let Some(Ok(chunk)) = chunk else {
+        let Some(chunk) = chunk else {
             // The stream ended (or failed) first: the relay sees the same end.
             break;
         };
-        let _ = tunnel.recv.flow_control().release_capacity(chunk.len());
         first.extend_from_slice(&chunk);
         match protocol::decide(&first) {
             None => continue,
@@ -171,7 +209,7 @@ pub struct InboundHttp {
     pub pod: Arc<PodContext>,
     /// The stream's labels (reporter destination, verified source, this pod, the Service).
     pub labels: TcpLabels,
-    /// The HBONE peer.
+    /// The client: the HBONE peer, or the client pod's address on this node.
     pub peer: SocketAddr,
     /// The app's address.
     pub dst: SocketAddr,
@@ -200,7 +238,10 @@ impl Sender {
 
 /// Serves the stream's HTTP until either end closes; the bytes each way on the stream, for the
 /// stream's TCP metrics.
-pub async fn serve(conn: InboundHttp, io: H2Stream, app: TcpStream, h2: bool) -> Outcome {
+pub async fn serve<I>(conn: InboundHttp, io: I, app: TcpStream, h2: bool) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let counts = Arc::new(Counts::default());
     let io = CountedIo {
         inner: io,
@@ -491,12 +532,12 @@ impl Counts {
 }
 
 /// The stream, counting its bytes for the TCP metrics.
-struct CountedIo {
-    inner: H2Stream,
+struct CountedIo<I> {
+    inner: I,
     counts: Arc<Counts>,
 }
 
-impl AsyncRead for CountedIo {
+impl<I: AsyncRead + Unpin> AsyncRead for CountedIo<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -510,7 +551,7 @@ impl AsyncRead for CountedIo {
     }
 }
 
-impl AsyncWrite for CountedIo {
+impl<I: AsyncWrite + Unpin> AsyncWrite for CountedIo<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -149,6 +149,8 @@ impl Node {
                 Default::default(),
             ),
             connections: crate::admin::connections::Connections::new(),
+            // These nodes are apart: nothing is handed over in-process.
+            local: crate::proxy::local::LocalPods::new(false),
         });
         pi.breakers.register(&mut registry);
         pi.tracers.metrics().register(&mut registry);

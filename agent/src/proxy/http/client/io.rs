@@ -14,6 +14,8 @@ use crate::proxy::{PodContext, ProxyInputs};
 pub(super) enum Io {
     Hbone(crate::proxy::hbone::H2Stream),
     Tcp(tokio::net::TcpStream),
+    /// To a pod of this node, whose inbound stage reads the other end (`proxy::local`).
+    Local(tokio::io::DuplexStream),
 }
 
 impl tokio::io::AsyncRead for Io {
@@ -25,6 +27,7 @@ impl tokio::io::AsyncRead for Io {
         match self.get_mut() {
             Io::Hbone(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Local(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -38,6 +41,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Hbone(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Local(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -45,6 +49,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Hbone(s) => Pin::new(s).poll_flush(cx),
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Local(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -52,6 +57,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Hbone(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Local(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -63,6 +69,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Hbone(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Local(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -70,8 +77,32 @@ impl tokio::io::AsyncWrite for Io {
         match self {
             Io::Hbone(s) => s.is_write_vectored(),
             Io::Tcp(s) => s.is_write_vectored(),
+            Io::Local(s) => s.is_write_vectored(),
         }
     }
+}
+
+/// The byte stream from `pod` to `endpoint` (a workload running as `identity`): in-process to a
+/// pod of this node (`proxy::local`), else an HBONE stream.
+pub(super) async fn meshed(
+    pi: &ProxyInputs,
+    pod: &PodContext,
+    endpoint: SocketAddr,
+    identity: Identity,
+) -> Result<Io, UpstreamError> {
+    if let Some(local) = pi.local.serving(endpoint.ip()) {
+        if let Some(piped) = crate::proxy::local::pipe(pi, pod, local, endpoint).await {
+            return piped
+                .map(Io::Local)
+                .map_err(|source| UpstreamError::Tunnel {
+                    endpoint,
+                    source: Box::new(source),
+                });
+        }
+    }
+    Ok(Io::Hbone(
+        tunnel(pi, pod, endpoint, identity).await?.into_io(),
+    ))
 }
 
 /// Opens an HBONE stream from `pod` to `endpoint` (a workload running as `identity`).
