@@ -203,6 +203,9 @@ pub struct KernelStats {
     pub orig_dst_missing: u64,
     pub fast_path_sockets: u64,
     pub fast_path_redirects: u64,
+    /// Connection directions that moved to loopback TCP: they reached the redirect limit
+    /// (`fast_path_sent::LIMIT`), or their peer was missing.
+    pub fast_path_to_tcp: u64,
 }
 
 /// The loaded, attached capture programs and their maps.
@@ -564,6 +567,7 @@ impl Capture {
             orig_dst_missing: get(stats::ORIG_DST_MISSING),
             fast_path_sockets: get(stats::FAST_PATH_SOCKETS),
             fast_path_redirects: get(stats::FAST_PATH_REDIRECTS),
+            fast_path_to_tcp: get(stats::FAST_PATH_TO_TCP),
         }
     }
 

@@ -105,9 +105,9 @@ struct RunArgs {
     /// Remove all capture state on exit instead of leaving it pinned (fail closed).
     #[arg(long)]
     uninstall_on_exit: bool,
-    /// sk_msg fast path on the app <-> proxy loopback hop. Off by default: it measured faster
-    /// (agent/benches/README.md) but stalls a transfer whose consumer is slower than the app (seen
-    /// through HBONE after ~3 GB); `--fast-path=true` turns it on.
+    /// sk_msg fast path on the app <-> proxy loopback hop: each direction of a connection skips
+    /// loopback TCP for its first 4 MiB. Off until the bench shows it helps
+    /// (agent/benches/README.md); `--fast-path=true` turns it on.
     #[arg(long, env = "AMBIT_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     fast_path: bool,
     /// Data-plane worker threads.

@@ -11,13 +11,14 @@ mod programs {
     use ambit_common::{
         config::{self, Config},
         enrolled::{self, PodNetns},
-        excluded_in_ports, excluded_out_ports, exempt_sources, fast_path, inbound_listeners,
-        orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey, AF_INET6, HBONE_PORT,
-        LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
+        excluded_in_ports, excluded_out_ports, exempt_sources, fast_path,
+        fast_path_sent::{self, Sent},
+        inbound_listeners, orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey,
+        AF_INET6, HBONE_PORT, LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
     };
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+            bpf_sock_addr, BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
             BPF_TCP_CLOSE,
         },
@@ -57,6 +58,9 @@ mod programs {
     static EXEMPT_SRC: HashMap<IpKey, u32> = HashMap::pinned(exempt_sources::MAX_ENTRIES, 0);
     #[map(name = "AMBIT_FAST_PATH")]
     static FAST_PATH: SockHash<orig_dst::ConnKey> = SockHash::pinned(fast_path::MAX_ENTRIES, 0);
+    #[map(name = "AMBIT_FP_SENT")]
+    static FAST_PATH_SENT: LruHashMap<orig_dst::ConnKey, Sent> =
+        LruHashMap::pinned(fast_path_sent::MAX_ENTRIES, 0);
     #[map(name = "AMBIT_CONFIG")]
     static CONFIG: Array<Config> = Array::pinned(1, 0);
     #[map(name = "AMBIT_STATS")]
@@ -387,7 +391,11 @@ mod programs {
                 stats::ORIG_DST_MISSING
             });
             if fast_path_on() {
-                // The app's end of the loopback hop, keyed (netns, its local, its remote).
+                // The app's end of the loopback hop, keyed (netns, its local, its remote). Both
+                // directions' counts start afresh (a reused address pair leaves none behind);
+                // the proxy's end is not established yet, so it keeps what this one sends first.
+                let _ = FAST_PATH_SENT.insert(&key, &Sent::default(), BPF_ANY as u64);
+                let _ = FAST_PATH_SENT.insert(&swapped(&key), &Sent::default(), BPF_ANY as u64);
                 let mut key = key;
                 // SAFETY: `ops` is this program's context.
                 if FAST_PATH
@@ -435,6 +443,9 @@ mod programs {
                     port: u16::from_be((ctx.remote_port() >> 16) as u16) as u32,
                 },
             };
+            // The app's end created this end's count when it was established, and may already
+            // have sent to it: keep it.
+            let _ = FAST_PATH_SENT.insert(&key, &Sent::default(), BPF_NOEXIST as u64);
             // SAFETY: `ops` is this program's context.
             if FAST_PATH
                 .update(&mut key, unsafe { &mut *ops }, BPF_NOEXIST as u64)
@@ -450,6 +461,16 @@ mod programs {
         Ok(())
     }
 
+    /// The key of the other end of a connection keyed `key`.
+    #[inline(always)]
+    fn swapped(key: &orig_dst::ConnKey) -> orig_dst::ConnKey {
+        orig_dst::ConnKey {
+            netns_cookie: key.netns_cookie,
+            src: key.dst,
+            dst: key.src,
+        }
+    }
+
     #[inline(always)]
     fn fast_path_on() -> bool {
         CONFIG
@@ -459,15 +480,24 @@ mod programs {
 
     // ---------------------------------------------------------------- fast path: sk_msg
 
-    /// On the app ↔ proxy loopback hop, hands each message straight to the peer socket's receive
-    /// queue, skipping the loopback TCP stack. A missing peer (closed, or not in the map) passes
-    /// the message on normally: never SK_DROP, which would lose data.
+    /// On the app ↔ proxy loopback hop, hands a connection's first messages in each direction
+    /// straight to the peer socket's receive queue, skipping the loopback TCP stack.
+    ///
+    /// The kernel queues a redirected message on the peer without any limit but the machine's
+    /// TCP memory (`tcp_mem`), and once that is reached the writer's send fails (ENOMEM) or waits
+    /// for a wakeup that never comes (its own TCP send queue is empty, so no ACK frees it): a
+    /// writer faster than its reader used to queue gigabytes and then stall for good. So a
+    /// direction is redirected only for its first `LIMIT` bytes; from the first message that
+    /// does not fit on, it goes through loopback TCP for good, whose flow control blocks and
+    /// wakes the writer as usual (TCP data queued behind redirected data is read after it, so
+    /// nothing is reordered). A peer that is missing (closed, or not in the map) also sends the
+    /// direction to TCP: never SK_DROP, which would lose data.
     #[sk_msg]
     pub fn ambit_sk_msg(ctx: SkMsgContext) -> u32 {
         let md = ctx.msg;
         // Unconditional reads, for the same verifier reason as in sk_lookup.
         // SAFETY: sk_msg context fields.
-        let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        let (family, l4, r4, l6, r6, lport, rport, size) = unsafe {
             (
                 read_volatile(addr_of!((*md).family)),
                 read_volatile(addr_of!((*md).local_ip4)),
@@ -476,6 +506,7 @@ mod programs {
                 read_ip6(addr_of!((*md).remote_ip6)),
                 read_volatile(addr_of!((*md).local_port)),
                 read_volatile(addr_of!((*md).remote_port)),
+                read_volatile(addr_of!((*md).size)),
             )
         };
         let (local, remote) = if family == AF_INET6 as u32 {
@@ -497,8 +528,38 @@ mod programs {
                 port: lport,
             },
         };
-        if FAST_PATH.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        // No count: the peer was never put in the fast path (or its count was evicted): TCP.
+        let Some(sent) = FAST_PATH_SENT.get_ptr_mut(&peer) else {
+            return SK_PASS;
+        };
+        // Verdicts on one socket run under its lock, one at a time, and only this socket sends
+        // to the peer: this program is the entry's only writer. Aligned 8-byte accesses.
+        // SAFETY: a map value stays valid for the program's run (RCU).
+        let (redirected, flags) = unsafe {
+            (
+                addr_of_mut!((*sent).redirected),
+                addr_of_mut!((*sent).flags),
+            )
+        };
+        // SAFETY: as above.
+        let (so_far, tcp) = unsafe {
+            (
+                read_volatile(redirected),
+                read_volatile(flags) & fast_path_sent::FLAG_TCP != 0,
+            )
+        };
+        let size = size as u64;
+        if !tcp
+            && so_far + size <= fast_path_sent::LIMIT
+            && FAST_PATH.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64
+        {
+            // SAFETY: as above.
+            unsafe { write_volatile(redirected, so_far + size) };
             count(stats::FAST_PATH_REDIRECTS);
+        } else if !tcp {
+            // SAFETY: as above.
+            unsafe { write_volatile(flags, fast_path_sent::FLAG_TCP) };
+            count(stats::FAST_PATH_TO_TCP);
         }
         SK_PASS
     }

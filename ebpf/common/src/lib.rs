@@ -218,6 +218,9 @@ pub mod stats {
     pub const ORIG_DST_MISSING: u32 = 5;
     pub const FAST_PATH_SOCKETS: u32 = 6;
     pub const FAST_PATH_REDIRECTS: u32 = 7;
+    /// Connection directions that moved to loopback TCP (redirect limit reached, or the peer
+    /// was missing).
+    pub const FAST_PATH_TO_TCP: u32 = 8;
     pub const MAX_ENTRIES: u32 = 16;
 }
 
@@ -227,6 +230,35 @@ pub mod stats {
 pub mod fast_path {
     pub const MAP: &str = "AMBIT_FAST_PATH";
     pub const MAX_ENTRIES: u32 = 65_536;
+}
+
+/// `FAST_PATH_SENT` (LRU hash): for each receiving socket of the fast path, keyed like
+/// `FAST_PATH` by its own (netns, local, remote), what its peer's sk_msg has redirected to it.
+///
+/// The kernel queues a redirected message on the receiver (`bpf_tcp_ingress`) without looking at
+/// its receive buffer, and nothing wakes a writer the machine's TCP memory limit stopped (its own
+/// send queue is empty, so no ACK comes): a writer faster than its reader queued without bound
+/// and then failed (ENOMEM) or stalled for good. So each direction of a connection is redirected
+/// for its first [`fast_path_sent::LIMIT`] bytes only, and from the first message that does not
+/// fit on, for good, goes through loopback TCP, whose flow control blocks and wakes the writer.
+/// Never back: a redirected message could overtake one still in TCP.
+pub mod fast_path_sent {
+    pub const MAP: &str = "AMBIT_FP_SENT";
+    /// Two entries per connection (one per direction).
+    pub const MAX_ENTRIES: u32 = super::fast_path::MAX_ENTRIES * 2;
+    /// Bytes a direction may redirect: the default `tcp_wmem` maximum, what one loopback TCP
+    /// connection buffers on its send side, so the fast path never holds more than TCP would.
+    pub const LIMIT: u64 = 4 << 20;
+    /// Set once the direction has moved to TCP (limit reached, or the peer was missing).
+    pub const FLAG_TCP: u64 = 1;
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Sent {
+        /// Bytes redirected to this socket.
+        pub redirected: u64,
+        pub flags: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<Sent>() == 16);
 }
 
 /// `CONFIG` (Array, one entry): switches read by the programs.
@@ -256,4 +288,5 @@ mod user {
     unsafe impl aya::Pod for super::excluded_out_ports::Key {}
     unsafe impl aya::Pod for super::pod_ips::PodIp {}
     unsafe impl aya::Pod for super::excluded_in_ports::Key {}
+    unsafe impl aya::Pod for super::fast_path_sent::Sent {}
 }
