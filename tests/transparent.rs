@@ -127,31 +127,56 @@ fn hbone_across_nodes_the_app_sees_the_client() {
     a1.stop();
 }
 
-/// Client and server on one node (one agent): the app sees the client pod's addresses.
+/// Client and server on one node (one agent): the app sees the client pod's addresses, through
+/// the in-process same-node handoff (the default) and over HBONE with it turned off.
 #[test]
 fn hbone_on_one_node_the_app_sees_the_client() {
-    let world = World::new("tp-same");
-    let n1 = world.node("n1");
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
-    let (echo4, echo6) = (sa(server.ip4(), 8080), sa(server.ip6(), 8080));
-    let _srv = Server::start(&server, &[echo4, echo6], Mode::WhoamiEcho);
-    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
-    let a = agent(&world, &n1, &yaml, &[&client, &server]);
-    for (dst, want) in [
-        (echo4, IpAddr::from(client.ip4())),
-        (echo6, client.ip6().into()),
+    for (variant, args) in [
+        ("handoff", &[][..]),
+        ("hbone", &["--same-node-shortcut=false"][..]),
     ] {
-        let (peer, _, _) = in_pod(&client, || whoami(dst))
-            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", a.log_tail()));
-        assert_eq!(peer.ip(), want, "the app sees the client pod's address");
+        let world = World::new(&format!("tp-same-{variant}"));
+        let n1 = world.node("n1");
+        let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+        let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+        let (echo4, echo6) = (sa(server.ip4(), 8080), sa(server.ip6(), 8080));
+        let _srv = Server::start(&server, &[echo4, echo6], Mode::WhoamiEcho);
+        let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+        let mut a = LocalAgent::new(&world, &n1, &ambit_bin());
+        for arg in args {
+            a = a.arg(arg);
+        }
+        yaml.write(&a.config_dir());
+        a.start(&world);
+        a.wait_enrolled(&[&client, &server]);
+        for (dst, want) in [
+            (echo4, IpAddr::from(client.ip4())),
+            (echo6, client.ip6().into()),
+        ] {
+            let (peer, _, _) = in_pod(&client, || whoami(dst))
+                .unwrap_or_else(|e| panic!("{variant} {dst}: {e}\n{}", a.log_tail()));
+            assert_eq!(
+                peer.ip(),
+                want,
+                "{variant}: the app sees the client pod's address"
+            );
+        }
+        let (sent, got, n) = in_pod(&client, || echo_transfer(echo6, 16 << 20, None));
+        assert_eq!((n, sent), (16 << 20, got), "{variant}: intact both ways");
+        let s = a.wait_for("3 streams", SETTLE, |s| {
+            s["proxy"]["hbone_inbound_streams"] == 3
+        });
+        assert_eq!(
+            s["proxy"]["inbound_accepted"], 0,
+            "{variant}: no re-capture"
+        );
+        let handoffs = s["proxy"]["same_node_handoffs"].as_u64();
+        let tls = s["proxy"]["hbone_inbound_accepted"].as_u64();
+        match variant {
+            "handoff" => assert_eq!((handoffs, tls), (Some(3), Some(0)), "in process"),
+            _ => assert!(handoffs == Some(0) && tls >= Some(1), "over HBONE: {s}"),
+        }
     }
-    let (sent, got, n) = in_pod(&client, || echo_transfer(echo6, 16 << 20, None));
-    assert_eq!((n, sent), (16 << 20, got), "intact both ways");
-    let s = a.wait_for("2 streams", SETTLE, |s| {
-        s["proxy"]["hbone_inbound_streams"] == 3
-    });
-    assert_eq!(s["proxy"]["inbound_accepted"], 0, "no re-capture");
 }
 
 /// A pod outside the mesh reaches a meshed pod in plaintext (15006): the app sees its address.
