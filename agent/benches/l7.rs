@@ -13,18 +13,12 @@
 mod cluster;
 #[path = "common/mod.rs"]
 mod common;
-#[path = "l7/h2load.rs"]
-mod h2load;
 #[path = "l7/haproxy.rs"]
 mod haproxy;
 #[path = "l7/measure.rs"]
 mod measure;
 #[path = "l7/report.rs"]
 mod report;
-#[path = "l7/server.rs"]
-mod server;
-#[path = "l7/tools.rs"]
-mod tools;
 #[path = "l7/variants.rs"]
 mod variants;
 
@@ -34,6 +28,9 @@ use std::time::{Duration, Instant};
 use ambit::harness::{ClusterYaml, LocalAgent, Pod, World};
 use common::agents::{self, AMBIT_BIN};
 use common::machine::{env_or, first_line, print_machine, raise_fd_limit, require_root};
+// Shared with the hbone bench; the modules below name them `crate::h2load`, `crate::server`.
+use common::http_server as server;
+use common::{h2load, tools};
 use h2load::Load;
 use measure::{Bench, PathSetup, Sample, Way};
 use report::{PathResults, ProtoResults, Shape};

@@ -57,6 +57,9 @@ counters! {
         pub http_local_replies,
         /// Every failure counter summed: connect and tunnel failures, refusals, resets.
         pub failures,
+        /// Relays that ended in a reset (also in `failures`): a client that closes with a
+        /// response in flight (h2load at the end of a timed run) makes one.
+        pub relays_reset,
     }
 }
 
@@ -99,8 +102,20 @@ impl Counters {
             http_requests: s["proxy"]["http_requests"].as_u64().unwrap_or(0),
             http_local_replies: s["proxy"]["http_local_replies"].as_u64().unwrap_or(0),
             failures,
+            relays_reset: get("proxy.relays_reset"),
         }
     }
+}
+
+/// The sum over every label set of a counter in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 /// The counters of every agent, each from a status written after this call began (two writes

@@ -71,3 +71,13 @@ fn own_cpu_seconds() -> f64 {
     let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     s(u.user_time()) + s(u.system_time())
 }
+
+/// CPU seconds of this process's reaped children (h2load), for the noise indicator.
+pub fn children_cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else {
+        return 0.0;
+    };
+    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    s(u.user_time()) + s(u.system_time())
+}

@@ -6,7 +6,10 @@
 pub mod agents;
 pub mod counters;
 pub mod cpu;
+pub mod h2load;
+pub mod http_server;
 pub mod json;
 pub mod machine;
 pub mod stats;
+pub mod tools;
 pub mod workload;

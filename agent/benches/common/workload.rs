@@ -20,7 +20,7 @@ pub enum Kind {
     Echo,
     /// Reads until EOF, writes the byte count (u64 LE), then waits for the client's FIN.
     Sink,
-    /// Echoes whatever arrives until EOF (the latency test's ping-pong).
+    /// Echoes whatever arrives until EOF (the latency test's ping-pong, messages up to 4 KiB).
     PingPong,
 }
 
@@ -140,7 +140,7 @@ async fn sink(mut s: TcpStream, chunk: usize) -> io::Result<()> {
 
 async fn ping_pong(mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf).await? {
             0 => return Ok(()),
@@ -274,23 +274,60 @@ pub async fn throughput(dst: SocketAddr, bytes: u64, chunk: usize) -> io::Result
         .map_err(|_| io::Error::other(format!("{dst}: transfer exceeded {TRANSFER_TIMEOUT:?}")))?
 }
 
+/// `bytes` one way to a sink port over `streams` connections at once (each `bytes / streams`, the
+/// first also the remainder), `chunk` bytes per write; returns the time from the first connect to
+/// the last server's count, as iperf3 `-P` reports its sum.
+pub async fn throughput_streams(
+    dst: SocketAddr,
+    bytes: u64,
+    streams: usize,
+    chunk: usize,
+) -> io::Result<Duration> {
+    let streams = streams.max(1) as u64;
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..streams {
+        let share = bytes / streams + if i == 0 { bytes % streams } else { 0 };
+        set.spawn(throughput(dst, share, chunk));
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| io::Error::other(format!("stream task: {e}")))??;
+    }
+    Ok(start.elapsed())
+}
+
 /// One long-lived connection: `warmup` untimed round trips of 1 byte, then `n` timed ones.
 /// Returns the timed round trips in ns (unsorted).
 pub async fn ping_pong_latency(dst: SocketAddr, warmup: usize, n: usize) -> io::Result<Vec<u32>> {
+    ping_pong_latency_sized(dst, warmup, n, 1).await
+}
+
+/// As [`ping_pong_latency`], with messages of `size` bytes (1..=4096): each round trip writes
+/// `size` bytes and reads the `size` bytes echoed. The bytes never start like HTTP (a proxy that
+/// sniffs the protocol relays them as bytes).
+pub async fn ping_pong_latency_sized(
+    dst: SocketAddr,
+    warmup: usize,
+    n: usize,
+    size: usize,
+) -> io::Result<Vec<u32>> {
+    let size = size.clamp(1, 4096);
     let work = async {
         let mut s = TcpStream::connect(dst).await?;
         s.set_nodelay(true)?;
         let mut out = Vec::with_capacity(n);
-        let mut b = [0u8; 1];
+        let mut msg = vec![0u8; size];
+        let mut b = vec![0u8; size];
         for i in 0..warmup + n {
             let byte = (i % 251) as u8;
+            msg.fill(byte);
             let t = Instant::now();
-            s.write_all(&[byte]).await?;
+            s.write_all(&msg).await?;
             s.read_exact(&mut b).await?;
             let rtt = t.elapsed();
-            if b[0] != byte {
+            if b != msg {
                 return Err(io::Error::other(format!(
-                    "ping {i}: sent {byte:#x}, got {:#x}",
+                    "ping {i}: sent {size} x {byte:#x}, got back other bytes (first {:#x})",
                     b[0]
                 )));
             }

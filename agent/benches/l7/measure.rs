@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use ambit::harness::{LocalAgent, Pod};
 
-use crate::common::agents::{self, Counters};
-use crate::common::cpu::Meter;
+use crate::common::agents::{self, metric_sum, Counters};
+use crate::common::cpu::{children_cpu_seconds, Meter};
 use crate::common::stats::percentile;
 use crate::h2load::{self, Load};
 use crate::haproxy::Haproxy;
@@ -156,17 +156,6 @@ impl Metrics {
 /// Whether an agent exported the request counter as [`REQUESTS_DOUBLED`].
 pub static DOUBLED_NAME_SEEN: AtomicBool = AtomicBool::new(false);
 
-/// The sum over every label set of a counter in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
 /// The agents' view before or after a run.
 struct View {
     counters: Vec<Counters>,
@@ -210,16 +199,6 @@ impl RssSampler {
             .and_then(|t| t.join().ok())
             .unwrap_or_default()
     }
-}
-
-/// CPU seconds of this process's reaped children (h2load), for the noise indicator.
-fn children_cpu_seconds() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else {
-        return 0.0;
-    };
-    let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    s(u.user_time()) + s(u.system_time())
 }
 
 impl Bench {

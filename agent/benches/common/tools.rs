@@ -1,4 +1,4 @@
-//! The Debian tools the bench drives (`h2load` from nghttp2-client, `haproxy`): found on PATH, or
+//! The Debian tools the benches drive (`h2load` from nghttp2-client, `haproxy`): found on PATH, or
 //! installed with apt-get on first use, as `cargo xtask` installs its own.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ pub fn ensure(binary: &str, package: &str) -> PathBuf {
         eprintln!("error: {binary} not found; install it with `apt-get install -y {package}`");
         std::process::exit(1);
     }
-    eprintln!("[l7 bench] {binary} not found: installing Debian package {package} (first use)");
+    eprintln!("[bench] {binary} not found: installing Debian package {package} (first use)");
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends", package])

@@ -1,6 +1,7 @@
 //! One `h2load` run in a client pod (in its cgroup and netns, so an enrolled pod's connections are
 //! captured as an app's are), and what it printed: rate, request counts, status codes, the
-//! protocol it spoke, and (with a log file) every request's time.
+//! protocol it spoke, and (with a log file) every request's time. A run is either a number of
+//! requests ([`Load`], the l7 bench) or a duration ([`TimedLoad`], the hbone bench).
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -56,22 +57,79 @@ impl Outcome {
             && self.status_2xx == load.requests
             && self.failed + self.errored + self.timeout == 0
             && self.protocol == want_proto;
-        (!ok).then(|| {
-            format!(
-                "h2load: {} done, {} succeeded, {} 2xx, {} failed, {} errored, {} timeout of {} \
-                 requests; protocol {:?} (want {want_proto}); output:\n{}",
-                self.done,
-                self.succeeded,
-                self.status_2xx,
-                self.failed,
-                self.errored,
-                self.timeout,
-                load.requests,
-                self.protocol,
-                indent(&self.output)
-            )
-        })
+        (!ok).then(|| self.describe(&load.requests.to_string(), want_proto))
     }
+
+    /// Anything that says a timed run was not only good requests over the protocol asked for.
+    pub fn timed_problem(&self, load: &TimedLoad) -> Option<String> {
+        let want_proto = if load.h2 { "h2c" } else { "http/1.1" };
+        let ok = self.done > 0
+            && self.succeeded == self.done
+            && self.status_2xx == self.done
+            && self.failed + self.errored + self.timeout == 0
+            && self.protocol == want_proto;
+        (!ok).then(|| self.describe("timed", want_proto))
+    }
+
+    fn describe(&self, of: &str, want_proto: &str) -> String {
+        format!(
+            "h2load: {} done, {} succeeded, {} 2xx, {} failed, {} errored, {} timeout of {of} \
+             requests; protocol {:?} (want {want_proto}); output:\n{}",
+            self.done,
+            self.succeeded,
+            self.status_2xx,
+            self.failed,
+            self.errored,
+            self.timeout,
+            self.protocol,
+            indent(&self.output)
+        )
+    }
+}
+
+/// A load of a fixed duration (h2load `-D`): `conns` connections, one request in flight on each,
+/// as fast as they go. Connections are made and used during `warmup_s` first (`--warm-up-time`);
+/// requests/s and the counts are of the timed `seconds` only.
+#[derive(Debug, Clone)]
+pub struct TimedLoad {
+    pub uri: String,
+    pub conns: usize,
+    pub seconds: f64,
+    pub warmup_s: f64,
+    /// HTTP/2 prior knowledge; HTTP/1.1 keep-alive (`--h1`) otherwise.
+    pub h2: bool,
+    /// h2load threads (`-t`).
+    pub threads: usize,
+}
+
+/// h2load's durations: whole milliseconds (it takes no fractional seconds).
+fn millis(seconds: f64) -> String {
+    format!("{}ms", (seconds * 1e3).round().max(1.0) as u64)
+}
+
+/// Runs `load` from `pod`, killing h2load if it has not finished within `timeout`.
+pub fn run_timed(
+    bin: &Path,
+    pod: &Pod,
+    load: &TimedLoad,
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    let mut cmd = pod.command(bin);
+    cmd.arg("-D")
+        .arg(millis(load.seconds))
+        .arg("-c")
+        .arg(load.conns.to_string())
+        .args(["-m", "1"])
+        .arg("-t")
+        .arg(load.threads.to_string());
+    if load.warmup_s > 0.0 {
+        cmd.arg(format!("--warm-up-time={}", millis(load.warmup_s)));
+    }
+    if !load.h2 {
+        cmd.arg("--h1");
+    }
+    cmd.arg(&load.uri);
+    execute(pod, cmd, None, timeout)
 }
 
 fn indent(text: &str) -> String {
@@ -112,8 +170,18 @@ pub fn run(
         let _ = std::fs::remove_file(log);
         cmd.arg(format!("--log-file={}", log.display()));
     }
-    cmd.arg(&load.uri)
-        .stdin(Stdio::null())
+    cmd.arg(&load.uri);
+    execute(pod, cmd, log, timeout)
+}
+
+/// Runs h2load as `cmd` says, and reads what it printed (and its log, if it wrote one).
+fn execute(
+    pod: &Pod,
+    mut cmd: std::process::Command,
+    log: Option<&Path>,
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = pod.spawn(&mut cmd);
