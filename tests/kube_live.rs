@@ -34,6 +34,7 @@ async fn client() -> Client {
     let path = std::env::var_os(ENV).unwrap_or_else(|| {
         panic!("{ENV} is not set: it must name the kubeconfig of the API server to test against")
     });
+    ambit::tls::install_process_default();
     let kubeconfig = Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.to_string_lossy()));
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())

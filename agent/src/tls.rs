@@ -71,6 +71,15 @@ fn list(ids: &[Identity]) -> String {
     ids.join(" or ")
 }
 
+/// The process-wide rustls provider, for the clients that take it rather than a config of ours
+/// (kube's). Both of rustls' providers are compiled in (HBONE uses aws-lc-rs through
+/// [`provider`]), so rustls cannot pick one by itself and would panic: kube keeps ring, as
+/// before. Idempotent; call before building a kube client or config.
+pub fn install_process_default() {
+    // Err only when one is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// aws-lc-rs, not ring: its AES-GCM has AVX-512 code that ring lacks, and halved the cipher's
 /// share of a bulk HBONE transfer on this machine's CPUs (agent/benches/README.md, "TLS
 /// provider"). Its default key exchange order is ring's (X25519 first; the post-quantum hybrid

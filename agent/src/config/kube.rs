@@ -301,6 +301,7 @@ impl KubeSource {
     /// A source with the in-cluster service account, or KUBECONFIG / `~/.kube/config` outside a
     /// cluster (`kube::Client::try_default`).
     pub async fn from_env(events: mpsc::Sender<SourceEvent>) -> Result<Self, KubeError> {
+        crate::tls::install_process_default();
         let mut config =
             ::kube::Config::infer()
                 .await

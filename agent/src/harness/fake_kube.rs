@@ -239,6 +239,7 @@ current-context: fake
             .url()
             .parse()
             .unwrap_or_else(|e| panic!("fake API server url {}: {e}", self.url()));
+        crate::tls::install_process_default();
         kube::Client::try_from(kube::Config::new(url))
             .unwrap_or_else(|e| panic!("kube client of {}: {}", self.url(), chain(&e)))
     }

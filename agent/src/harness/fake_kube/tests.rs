@@ -317,6 +317,7 @@ async fn a_client_from_the_written_kubeconfig_lists_pods() {
     fake.apply(pod("a", "10.0.0.1")).expect("apply");
     let path = temp_path("kubeconfig");
     fake.kubeconfig(&path).expect("write kubeconfig");
+    crate::tls::install_process_default();
     let kubeconfig = Kubeconfig::read_from(&path).expect("read kubeconfig");
     let _ = std::fs::remove_file(&path);
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
