@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// jemalloc, not glibc malloc: after load, glibc kept the memory of every closed connection (the
+/// agent's RSS grew with each cycle of 9,000 connections and never came down), while jemalloc's
+/// background thread hands pages freed for 10 s (its `dirty_decay_ms`) back to the kernel.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for bad configuration (sysexits EX_USAGE), as STYLE.md asks.
 const EXIT_CONFIG: u8 = 64;
 

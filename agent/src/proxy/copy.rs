@@ -12,7 +12,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -138,21 +138,39 @@ pub struct TcpWrite(OwnedWriteHalf);
 
 impl ReadHalf for TcpRead {
     async fn read(&mut self) -> io::Result<Option<Bytes>> {
-        // The previous chunk was written and dropped, so this reuses its memory.
-        self.buf.reserve(self.size);
-        let n = self.half.read_buf(&mut self.buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if n >= self.size && self.size < LARGE_BUF {
-            self.full_reads += 1;
-            if self.full_reads >= FULL_READS_TO_GROW {
-                self.size = LARGE_BUF;
+        loop {
+            // The buffer is taken only once there is something to read: a connection waiting
+            // for its peer holds none.
+            self.half.readable().await?;
+            // The previous chunk was written and dropped, so this reuses its memory.
+            self.buf.reserve(self.size);
+            let n = match self.half.try_read_buf(&mut self.buf) {
+                Ok(n) => n,
+                // Readiness was stale: wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(None);
             }
-        } else {
-            self.full_reads = 0;
+            let full = n >= self.size;
+            if full && self.size < LARGE_BUF {
+                self.full_reads += 1;
+                if self.full_reads >= FULL_READS_TO_GROW {
+                    self.size = LARGE_BUF;
+                }
+            } else if !full {
+                self.full_reads = 0;
+            }
+            return Ok(Some(if n >= INITIAL_BUF {
+                // Streaming: more is likely waiting, keep the buffer for it.
+                self.buf.split().freeze()
+            } else {
+                // A small read: the chunk takes the memory with it, freed once written, so a
+                // connection that waits between small messages holds no buffer.
+                std::mem::take(&mut self.buf).freeze()
+            }));
         }
-        Ok(Some(self.buf.split().freeze()))
     }
 }
 

@@ -6,10 +6,12 @@
 //! - `flood`: the server's bound on control frames (SETTINGS, PING, RST_STREAM);
 //! - `stream`: one CONNECT stream, as an end of a relay and as `AsyncRead + AsyncWrite`;
 //! - `target`: where a CONNECT goes (ip:port or a Service hostname), as ztunnel decides it;
-//! - `settings`: windows, frame and stream limits, keepalive, shared by both sides.
+//! - `settings`: windows, frame and stream limits, keepalive, shared by both sides;
+//! - `read_buffer`: the read buffer below rustls, held only while there is something in it.
 
 pub mod flood;
 pub mod pool;
+pub mod read_buffer;
 pub mod server;
 pub mod settings;
 pub mod stream;

@@ -31,12 +31,12 @@ pub const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// rustls reads at most one record (≤ 16 KiB, often 4 KiB) per read from its transport; a read
 /// buffer in front of the socket turns those into one large read, saving most of the syscalls of
-/// a bulk transfer.
-pub type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
+/// a bulk transfer. It holds memory only while it holds bytes (`read_buffer`).
+pub type Buffered = super::read_buffer::ReadBuffer;
 pub const READ_BUFFER: usize = 64 * 1024;
 
 pub fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+    super::read_buffer::ReadBuffer::new(tcp, READ_BUFFER)
 }
 
 /// TCP keepalive for HBONE connections (both ends): a peer node that vanishes without a FIN is

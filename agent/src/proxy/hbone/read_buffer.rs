@@ -1,0 +1,171 @@
+//! The read buffer in front of an HBONE connection's socket, below rustls: rustls reads at most
+//! one record per read from its transport, and the buffer turns a burst of records into one
+//! `read` system call.
+//!
+//! Unlike `tokio::io::BufReader` it holds memory only while there is something in it: the buffer
+//! is taken once the socket is readable, and given back when it has been drained by a read that
+//! did not fill it (the peer had no more to send). A bulk transfer, whose reads fill it, keeps
+//! reusing one; a connection that waits (a client that never starts its TLS handshake, a pooled
+//! connection between requests) holds none. (`BufReader` allocates and zeroes its whole buffer at
+//! once: 64 KiB for each accepted connection, stalled handshakes included.)
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+#[derive(Debug)]
+pub struct ReadBuffer {
+    tcp: TcpStream,
+    /// What was read and not yet handed on (empty, without capacity, between bursts).
+    buf: BytesMut,
+    capacity: usize,
+    /// The last read filled the buffer: more is likely waiting, keep the memory.
+    streaming: bool,
+}
+
+impl ReadBuffer {
+    pub fn new(tcp: TcpStream, capacity: usize) -> Self {
+        ReadBuffer {
+            tcp,
+            buf: BytesMut::new(),
+            capacity,
+            streaming: false,
+        }
+    }
+
+    /// Reads from the socket into the buffer once it is readable; `Ok(0)` at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            self.buf.reserve(self.capacity);
+            match self.tcp.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    self.streaming = n >= self.capacity;
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was stale: poll again, which registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for ReadBuffer {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.buf.is_empty() {
+            // A read as large as the buffer gains nothing from it.
+            if out.remaining() >= this.capacity {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            if ready!(this.poll_fill(cx))? == 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        if this.buf.is_empty() && !this.streaming {
+            // Drained, and the peer had sent no more: nothing to keep the memory for.
+            this.buf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadBuffer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::ReadBuffer;
+
+    async fn pair(capacity: usize) -> (ReadBuffer, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        (ReadBuffer::new(s, capacity), c)
+    }
+
+    #[tokio::test]
+    async fn holds_no_memory_while_waiting_and_gives_it_back_once_drained() {
+        let (mut r, mut peer) = pair(64 * 1024).await;
+        assert_eq!(r.buf.capacity(), 0, "nothing before the first read");
+        peer.write_all(b"hello world").await.expect("write");
+        let mut small = [0u8; 5];
+        r.read_exact(&mut small).await.expect("read");
+        assert_eq!(&small, b"hello");
+        assert!(r.buf.capacity() > 0, "the rest is held");
+        let mut rest = [0u8; 6];
+        r.read_exact(&mut rest).await.expect("read");
+        assert_eq!(&rest, b" world");
+        assert_eq!(r.buf.capacity(), 0, "drained: given back");
+        drop(peer);
+        let mut end = Vec::new();
+        r.read_to_end(&mut end).await.expect("eof");
+        assert!(end.is_empty());
+    }
+
+    #[tokio::test]
+    async fn passes_every_byte_through_in_order() {
+        let (mut r, mut peer) = pair(4096).await;
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            peer.write_all(&sent).await.expect("write");
+        });
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1000];
+        loop {
+            let n = r.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        writer.await.expect("writer");
+        assert_eq!(got, data);
+    }
+}
