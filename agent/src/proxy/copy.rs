@@ -136,16 +136,33 @@ pub struct TcpRead {
 
 pub struct TcpWrite(OwnedWriteHalf);
 
+thread_local! {
+    /// Where a TCP end that is not streaming reads: a connection waiting between small messages
+    /// then holds no buffer of its own, and a small message costs an allocation of its own size
+    /// (a copy of at most 16 KiB) rather than one of a whole buffer per read. (Taking a fresh
+    /// 16 KiB buffer per small read cost 10 % of the connection rate and 6 % of the echo latency
+    /// with jemalloc, and an owned buffer kept between reads is 16 KiB per idle side.)
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; INITIAL_BUF].into_boxed_slice());
+}
+
 impl ReadHalf for TcpRead {
     async fn read(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            // The buffer is taken only once there is something to read: a connection waiting
-            // for its peer holds none.
             self.half.readable().await?;
-            // The previous chunk was written and dropped, so this reuses its memory.
-            self.buf.reserve(self.size);
-            let n = match self.half.try_read_buf(&mut self.buf) {
-                Ok(n) => n,
+            let read = if self.full_reads > 0 {
+                // Streaming: read into the connection's own buffer, which grows; the previous
+                // chunk was written and dropped, so this reuses its memory.
+                self.buf.reserve(self.size);
+                self.half.try_read_buf(&mut self.buf).map(|n| (n, None))
+            } else {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let n = self.half.try_read(scratch)?;
+                    Ok((n, Some(Bytes::copy_from_slice(&scratch[..n]))))
+                })
+            };
+            let (n, small) = match read {
+                Ok(r) => r,
                 // Readiness was stale: wait again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -154,21 +171,20 @@ impl ReadHalf for TcpRead {
                 return Ok(None);
             }
             let full = n >= self.size;
-            if full && self.size < LARGE_BUF {
+            if full {
                 self.full_reads += 1;
-                if self.full_reads >= FULL_READS_TO_GROW {
+                if self.full_reads >= FULL_READS_TO_GROW && self.size < LARGE_BUF {
                     self.size = LARGE_BUF;
                 }
-            } else if !full {
+            } else if self.full_reads > 0 {
+                // The burst is over: the buffer goes with this chunk (freed once written).
                 self.full_reads = 0;
+                self.size = INITIAL_BUF;
+                return Ok(Some(std::mem::take(&mut self.buf).freeze()));
             }
-            return Ok(Some(if n >= INITIAL_BUF {
-                // Streaming: more is likely waiting, keep the buffer for it.
-                self.buf.split().freeze()
-            } else {
-                // A small read: the chunk takes the memory with it, freed once written, so a
-                // connection that waits between small messages holds no buffer.
-                std::mem::take(&mut self.buf).freeze()
+            return Ok(Some(match small {
+                Some(chunk) => chunk,
+                None => self.buf.split().freeze(),
             }));
         }
     }
