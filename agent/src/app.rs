@@ -165,6 +165,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
         connections: crate::admin::connections::Connections::new(),
         local: crate::proxy::local::LocalPods::new(cfg.same_node_shortcut),
+        own_ports: crate::proxy::hbone::target::own_ports(
+            cfg.metrics_addr.into_iter().chain(cfg.admin_addr),
+        ),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
     let metrics = Arc::new(agent_metrics(&pi, &source));

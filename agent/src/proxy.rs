@@ -109,6 +109,8 @@ pub struct ProxyInputs {
     pub connections: crate::admin::connections::Connections,
     /// The pods of this node a meshed connection is handed to in-process (same-node shortcut).
     pub local: local::LocalPods,
+    /// Ports no HBONE CONNECT may target (`hbone::target::own_ports`).
+    pub own_ports: std::sync::Arc<[u16]>,
 }
 
 /// One enrolled pod, as the stages see it.

@@ -330,6 +330,7 @@ impl Ambit {
             connections: ambit::admin::connections::Connections::new(),
             // Stages started by hand register no pod: nothing is handed over in-process.
             local: ambit::proxy::local::LocalPods::new(false),
+            own_ports: ambit::proxy::hbone::target::own_ports([]),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

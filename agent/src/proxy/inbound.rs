@@ -128,6 +128,7 @@ async fn stream(
         name: &pod.name,
         ips: &pod.ips,
         local,
+        own: &pi.own_ports,
     };
     let target = match target::resolve(&req, reached, &snap) {
         Ok(t) => t,

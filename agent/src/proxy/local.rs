@@ -199,6 +199,7 @@ async fn decide(
         name: &dst.name,
         ips: &dst.ips,
         local: hbone,
+        own: &pi.own_ports,
     };
     let snap = pi.snapshot.load_full();
     let status = match target::resolve(&req, reached, &snap) {

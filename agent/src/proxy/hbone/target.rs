@@ -106,6 +106,21 @@ pub struct Reached<'a> {
     pub ips: &'a [IpAddr],
     /// The accepted socket's local address.
     pub local: SocketAddr,
+    /// The proxy's own ports ([`own_ports`]), which no CONNECT may target.
+    pub own: &'a [u16],
+}
+
+/// The ports no CONNECT may target on this agent: [`OWN_PORTS`] (Istio reserves them whatever
+/// the agent's flags say) and the ports of the agent's metrics and admin addresses as configured
+/// (`--metrics-addr`, `--admin-addr`), as ztunnel refuses its own configured ports.
+pub fn own_ports(configured: impl IntoIterator<Item = std::net::SocketAddr>) -> Arc<[u16]> {
+    let mut ports: Vec<u16> = OWN_PORTS.to_vec();
+    for addr in configured {
+        if addr.port() != 0 && !ports.contains(&addr.port()) {
+            ports.push(addr.port());
+        }
+    }
+    ports.into()
 }
 
 /// Where the tunnel goes: the app's address in the pod, and the Service the client named when it
@@ -157,7 +172,7 @@ pub fn resolve<B>(
             (target, Some(service))
         }
     };
-    if OWN_PORTS.contains(&port) {
+    if pod.own.contains(&port) {
         return Err(TargetError::SelfCall { port });
     }
     Ok(Target {

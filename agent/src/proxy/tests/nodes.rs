@@ -151,6 +151,7 @@ impl Node {
             connections: crate::admin::connections::Connections::new(),
             // These nodes are apart: nothing is handed over in-process.
             local: crate::proxy::local::LocalPods::new(false),
+            own_ports: crate::proxy::hbone::target::own_ports([]),
         });
         pi.breakers.register(&mut registry);
         pi.tracers.metrics().register(&mut registry);

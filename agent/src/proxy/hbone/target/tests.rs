@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, StatusCode};
 
-use super::{resolve, Reached, TargetError, OWN_PORTS};
+use super::{own_ports, resolve, Reached, TargetError, OWN_PORTS};
 use crate::snapshot::Snapshot;
 use crate::state::{key, Service, ServicePort, State, TargetPort, Workload};
 
@@ -86,6 +86,7 @@ fn reached(ips: &[IpAddr]) -> Reached<'_> {
         name: "web",
         ips,
         local: SocketAddr::new(pod_ip(), 15008),
+        own: &OWN_PORTS,
     }
 }
 
@@ -121,6 +122,33 @@ fn each_own_port_is_refused_with_503_as_a_self_call() {
     for own in [15001, 15006, 15008, 15000, 15020, 15021] {
         assert!(OWN_PORTS.contains(&own), "{own} is one of the proxy's");
     }
+}
+
+/// Metrics and admin ports configured away from the defaults are refused too, and the defaults
+/// stay refused (Istio reserves them); an app port stays open.
+#[test]
+fn configured_metrics_and_admin_ports_are_refused_as_well() {
+    let own = own_ports([
+        "0.0.0.0:9091".parse().expect("addr"),
+        "127.0.0.1:9901".parse().expect("addr"),
+    ]);
+    let ips = [pod_ip()];
+    let mut reached = reached(&ips);
+    reached.own = &own;
+    for port in [9091, 9901, 15020, 15000, 15008] {
+        let e = resolve(&connect(&format!("10.0.0.5:{port}")), reached, &snapshot());
+        assert!(
+            matches!(e, Err(TargetError::SelfCall { port: p }) if p == port),
+            "port {port}: {e:?}"
+        );
+    }
+    let ok = resolve(&connect("10.0.0.5:8080"), reached, &snapshot()).expect("app port");
+    assert_eq!(ok.dst.0.port(), 8080);
+    assert_eq!(own.len(), OWN_PORTS.len() + 2, "no duplicates: {own:?}");
+    assert_eq!(
+        own_ports(["0.0.0.0:15020".parse().expect("addr")]).len(),
+        OWN_PORTS.len()
+    );
 }
 
 #[test]
