@@ -137,6 +137,44 @@ fn sink(
     }
 }
 
+/// A client pod on n1 and a server pod on n2, each node's agent with the fast path on. Fields
+/// drop in order: the agents stop before the world is torn down.
+struct Mesh {
+    a1: LocalAgent,
+    a2: LocalAgent,
+    client: Pod,
+    server: Pod,
+    world: World,
+}
+
+impl Mesh {
+    fn start(name: &str) -> Mesh {
+        support::raise_fd_limit();
+        let world = World::new(name);
+        let (n1, n2) = (world.node("n1"), world.node("n2"));
+        let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+        let server = world.pod("server").node(&n2).namespace("mesh").spawn();
+        let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
+        let mk = |n| {
+            let a = LocalAgent::new(&world, n, &ambit_bin()).arg("--fast-path=true");
+            yaml.write(&a.config_dir());
+            a
+        };
+        let (mut a1, mut a2) = (mk(&n1), mk(&n2));
+        a1.start(&world);
+        a2.start(&world);
+        a1.wait_enrolled(&[&client]);
+        a2.wait_enrolled(&[&server]);
+        Mesh {
+            a1,
+            a2,
+            client,
+            server,
+            world,
+        }
+    }
+}
+
 /// What the machine's TCP stack and the client pod's sockets look like, for a failure message.
 fn diagnostics(client: &Pod, a1: &LocalAgent) -> String {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
@@ -160,22 +198,13 @@ fn diagnostics(client: &Pod, a1: &LocalAgent) -> String {
 /// again (every queue empty, the app in `epoll_wait`).
 #[test]
 fn fast_path_long_transfer_to_a_slow_consumer_completes() {
-    support::raise_fd_limit();
-    let world = World::new("fp-slow");
-    let (n1, n2) = (world.node("n1"), world.node("n2"));
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
-    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
-    let mk = |n| {
-        let a = LocalAgent::new(&world, n, &ambit_bin()).arg("--fast-path=true");
-        yaml.write(&a.config_dir());
-        a
-    };
-    let (mut a1, mut a2) = (mk(&n1), mk(&n2));
-    a1.start(&world);
-    a2.start(&world);
-    a1.wait_enrolled(&[&client]);
-    a2.wait_enrolled(&[&server]);
+    let Mesh {
+        world: _world,
+        client,
+        server,
+        a1,
+        a2: _a2,
+    } = Mesh::start("fp-slow");
 
     let dst = sa(server.ip4(), 8080);
     let total = total();
@@ -279,22 +308,13 @@ fn read_stream(s: &mut std::net::TcpStream, base: &[u8], first: u64, n: u64, wha
 #[test]
 fn fast_path_moves_to_tcp_past_its_limit_without_reordering() {
     use std::io::{Read, Write};
-    support::raise_fd_limit();
-    let world = World::new("fp-limit");
-    let (n1, n2) = (world.node("n1"), world.node("n2"));
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
-    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
-    let mk = |n| {
-        let a = LocalAgent::new(&world, n, &ambit_bin()).arg("--fast-path=true");
-        yaml.write(&a.config_dir());
-        a
-    };
-    let (mut a1, mut a2) = (mk(&n1), mk(&n2));
-    a1.start(&world);
-    a2.start(&world);
-    a1.wait_enrolled(&[&client]);
-    a2.wait_enrolled(&[&server]);
+    let Mesh {
+        world: _world,
+        client,
+        server,
+        a1,
+        a2: _a2,
+    } = Mesh::start("fp-limit");
 
     // First burst: the redirect limit and a MiB more; second: one MiB.
     const FIRST: u64 = ambit_common::fast_path_sent::LIMIT + (1 << 20);

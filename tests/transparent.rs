@@ -163,8 +163,14 @@ fn hbone_on_one_node_the_app_sees_the_client() {
         }
         let (sent, got, n) = in_pod(&client, || echo_transfer(echo6, 16 << 20, None));
         assert_eq!((n, sent), (16 << 20, got), "{variant}: intact both ways");
+        // Waits for every counter asserted below, not only for the streams.
         let s = a.wait_for("3 streams", SETTLE, |s| {
-            s["proxy"]["hbone_inbound_streams"] == 3
+            let p = &s["proxy"];
+            p["hbone_inbound_streams"] == 3
+                && match variant {
+                    "handoff" => p["same_node_handoffs"] == 3,
+                    _ => p["hbone_inbound_accepted"].as_u64() >= Some(1),
+                }
         });
         assert_eq!(
             s["proxy"]["inbound_accepted"], 0,
