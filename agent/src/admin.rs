@@ -1,5 +1,6 @@
 //! The admin endpoint: `/metrics` (OpenMetrics text, prometheus-client), `/healthz/ready` and
-//! `/healthz/live` on one listener (`--metrics-addr`). It runs on the control runtime, so a scrape
+//! `/healthz/live` on one listener (`--metrics-addr`), and `/healthz/ready` alone on Istio's health
+//! port 15021 (`--readiness-addr`), where ztunnel serves it. It runs on the control runtime, so a scrape
 //! never takes a data-plane thread; the data path keeps plain atomics that collectors read at
 //! scrape time. The debug endpoint (15000: `/config_dump`, `/logging`, `/debug/connections`) is
 //! [`debug`].
@@ -42,6 +43,11 @@ use problems::{Problem, ProblemSeries};
 /// Istio's ztunnel serves its stats on this port.
 pub const DEFAULT_PORT: u16 = 15020;
 
+/// Istio's health port: ztunnel serves `/healthz/ready` here (its DaemonSet's readiness probe).
+pub const READINESS_PORT: u16 = 15021;
+
+const READY_PATH: &str = "/healthz/ready";
+
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -61,6 +67,12 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 pub enum AdminError {
     #[error("binding the metrics endpoint --metrics-addr {addr}")]
     Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the readiness endpoint --readiness-addr {addr}")]
+    BindReadiness {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -232,9 +244,32 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
+/// Binds the readiness listener (`--readiness-addr`); the error names the address.
+pub async fn bind_readiness(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::BindReadiness { addr, source })
+}
+
 /// Serves until the runtime stops. Each connection is its own task; its errors are logged at debug.
 pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>) {
     serve_with(listener, "admin", move |req| respond(req, &metrics)).await
+}
+
+/// Serves `/healthz/ready` alone (Istio's health port), answered as on the metrics listener.
+pub async fn serve_readiness(listener: TcpListener, metrics: Arc<AgentMetrics>) {
+    serve_with(listener, "readiness", move |req| {
+        respond_readiness(req, &metrics)
+    })
+    .await
+}
+
+/// The readiness listener's answer: `/healthz/ready` as [`respond`] gives it, 404 for anything else.
+pub fn respond_readiness<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Bytes>> {
+    if req.uri().path() != READY_PATH {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    respond(req, metrics)
 }
 
 /// The accept loop of a localhost admin listener (`what` names it in logs): HTTP/1.1, each
@@ -278,7 +313,7 @@ pub fn respond<B>(req: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Byt
         STATS_PROMETHEUS => "/metrics",
         path => path,
     };
-    if !matches!(path, "/metrics" | "/healthz/ready" | "/healthz/live") {
+    if !matches!(path, "/metrics" | READY_PATH | "/healthz/live") {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if req.method() != Method::GET {

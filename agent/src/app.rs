@@ -92,6 +92,8 @@ pub struct AgentConfig {
     pub pool: PoolConfig,
     /// `/metrics` and `/healthz/*`, in the netns the agent runs in; None = no admin endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz/ready` alone (Istio's health port, where ztunnel serves it); None = off.
+    pub readiness_addr: Option<SocketAddr>,
     /// The debug endpoint (`/config_dump`, `/logging`, `/debug/connections`); None = off.
     pub admin_addr: Option<SocketAddr>,
     /// The log filter's reload handle (`/logging`); None = the filter cannot change.
@@ -119,6 +121,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     // port stops the agent with nothing to undo.
     let admin_listener = match cfg.metrics_addr {
         Some(addr) => Some(control_rt.block_on(crate::admin::bind(addr))?),
+        None => None,
+    };
+    let readiness_listener = match cfg.readiness_addr {
+        Some(addr) => Some(control_rt.block_on(crate::admin::bind_readiness(addr))?),
         None => None,
     };
     let debug_listener = match cfg.admin_addr {
@@ -166,7 +172,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         connections: crate::admin::connections::Connections::new(),
         local: crate::proxy::local::LocalPods::new(cfg.same_node_shortcut),
         own_ports: crate::proxy::hbone::target::own_ports(
-            cfg.metrics_addr.into_iter().chain(cfg.admin_addr),
+            cfg.metrics_addr
+                .into_iter()
+                .chain(cfg.admin_addr)
+                .chain(cfg.readiness_addr),
         ),
     });
     let node = Node::new(capture, pi.clone(), data_plane.handles());
@@ -174,6 +183,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
         control_rt.spawn(crate::admin::serve(listener, metrics.clone()));
+    }
+    if let Some(listener) = readiness_listener {
+        info!(addr = ?listener.local_addr().ok(), "serving /healthz/ready");
+        control_rt.spawn(crate::admin::serve_readiness(listener, metrics.clone()));
     }
     if let Some(listener) = debug_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /config_dump, /logging and /debug/connections");

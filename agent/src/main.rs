@@ -142,6 +142,10 @@ struct RunArgs {
     /// empty disables it. 15020 is Istio's ztunnel stats port.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: String,
+    /// Address serving `/healthz/ready` alone, in the node's netns; `off` or empty disables it.
+    /// 15021 is Istio's health port, where ztunnel serves its readiness.
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    readiness_addr: String,
     /// Address of the debug endpoint (`/config_dump`, `/logging`, `/debug/connections`; what
     /// `ambit zc` reads), in the node's netns; `off` or empty disables it. Localhost only by
     /// default, as ztunnel's 15000.
@@ -209,6 +213,14 @@ impl RunArgs {
                 format!("--metrics-addr (AMBIT_METRICS_ADDR) {a:?}: {e} (want ip:port, or `off`)")
             })?),
         };
+        let readiness_addr = match self.readiness_addr.trim() {
+            "" | "off" => None,
+            a => Some(a.parse().map_err(|e| {
+                format!(
+                    "--readiness-addr (AMBIT_READINESS_ADDR) {a:?}: {e} (want ip:port, or `off`)"
+                )
+            })?),
+        };
         let admin_addr = match self.admin_addr.trim() {
             "" | "off" => None,
             a => Some(a.parse().map_err(|e| {
@@ -231,6 +243,7 @@ impl RunArgs {
             uninstall_on_exit: self.uninstall_on_exit,
             data_plane_threads: self.workers,
             metrics_addr,
+            readiness_addr,
             admin_addr,
             log: None,
             trust_domain: self.trust_domain,

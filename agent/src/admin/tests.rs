@@ -274,6 +274,27 @@ async fn readiness_says_why_not_and_flips_once_set() {
     assert_eq!(get(&m).status(), StatusCode::OK, "after the first config");
 }
 
+#[tokio::test]
+async fn readiness_port_serves_only_readiness_and_follows_the_same_state() {
+    let (_, m) = metrics_with_proxy();
+    let get = |m: &AgentMetrics, path: &str| respond_readiness(&request(Method::GET, path), m);
+    m.set_readiness(Err("waiting for the first complete list of Pod".into()));
+    let resp = get(&m, "/healthz/ready");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body_of(resp).await,
+        "not ready: waiting for the first complete list of Pod\n"
+    );
+    m.set_readiness(Ok(()));
+    assert_eq!(get(&m, "/healthz/ready").status(), StatusCode::OK);
+    // Metrics and liveness stay on the metrics port: a probe of 15021 sees nothing else.
+    for path in ["/metrics", "/stats/prometheus", "/healthz/live", "/"] {
+        assert_eq!(get(&m, path).status(), StatusCode::NOT_FOUND, "GET {path}");
+    }
+    let post = respond_readiness(&request(Method::POST, "/healthz/ready"), &m);
+    assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
 #[test]
 fn liveness_fails_only_when_the_control_loop_stops_coming_round() {
     let (_, m) = metrics_with_proxy();

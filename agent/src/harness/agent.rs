@@ -357,6 +357,7 @@ impl LocalAgent {
             cmd.arg("--node-netns")
                 .arg(self.node.netns_path())
                 .arg("--metrics-addr=off")
+                .arg("--readiness-addr=off")
                 .arg("--admin-addr=off");
         } else {
             cmd.arg("--host-netns").arg(self.node.netns_path());

@@ -23,8 +23,8 @@ use crate::proxy::addr::{canonical, OrigDst};
 use crate::snapshot::Snapshot;
 use crate::state::{Service, TargetPort};
 
-/// Istio's health (readiness) port. The agent serves readiness on its stats port, but Istio
-/// reserves 15021 for its proxies, and applications must not use it.
+/// Istio's health (readiness) port, where the agent serves `/healthz/ready` as ztunnel does
+/// (`--readiness-addr`); Istio reserves it for its proxies, and applications must not use it.
 pub const ISTIO_HEALTH_PORT: u16 = 15021;
 
 /// The ports of the proxy itself, which no CONNECT may target. ztunnel refuses its 15001, 15006
@@ -112,7 +112,7 @@ pub struct Reached<'a> {
 
 /// The ports no CONNECT may target on this agent: [`OWN_PORTS`] (Istio reserves them whatever
 /// the agent's flags say) and the ports of the agent's metrics and admin addresses as configured
-/// (`--metrics-addr`, `--admin-addr`), as ztunnel refuses its own configured ports.
+/// (`--metrics-addr`, `--readiness-addr`, `--admin-addr`), as ztunnel refuses its own configured ports.
 pub fn own_ports(configured: impl IntoIterator<Item = std::net::SocketAddr>) -> Arc<[u16]> {
     let mut ports: Vec<u16> = OWN_PORTS.to_vec();
     for addr in configured {
