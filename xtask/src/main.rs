@@ -2,6 +2,7 @@
 
 mod bench_compare;
 mod deploy;
+mod image;
 
 use std::{
     env,
@@ -56,6 +57,27 @@ enum Task {
         /// The kustomization directory [default: deploy/].
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Build the static binaries and the agent's OCI image, as a tarball `ctr image import` takes.
+    ///
+    /// Every binary target of the workspace (except xtask's) is built in release mode, fully
+    /// static (`-C target-feature=+crt-static` for the host's target), checked to need no loader
+    /// and no shared library, and put under /usr/local/bin of an image with no base layer, whose
+    /// entrypoint is `ambit`. Assembled with umoci; reproducible (SOURCE_DATE_EPOCH, else the last
+    /// commit's time). Method and size: deploy/README.md.
+    Image {
+        /// A binary target to include (repeatable) [default: every one in the workspace].
+        #[arg(long = "bin", value_name = "NAME")]
+        bins: Vec<String>,
+        /// The image tarball (OCI image layout) [default: target/image/ambit-image.tar].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The image's name and tag, as `ctr image import` records it.
+        #[arg(long, default_value = image::DEFAULT_REFERENCE)]
+        reference: String,
+        /// Only build the static binaries and copy them into DIR (the Dockerfile's build stage).
+        #[arg(long, value_name = "DIR")]
+        binaries_only: Option<PathBuf>,
     },
     /// Compare the capture and hbone benches of a base revision with the current tree. Needs root.
     ///
@@ -117,6 +139,17 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => test(args),
         Task::CheckDeploy { dir } => deploy::check(&dir.unwrap_or_else(deploy::default_dir)),
         Task::Demo { args } => demo(args),
+        Task::Image {
+            bins,
+            out,
+            reference,
+            binaries_only,
+        } => image::run(image::Options {
+            bins,
+            out,
+            reference,
+            binaries_only,
+        }),
         Task::BenchCompare {
             base,
             bench,
@@ -158,7 +191,10 @@ fn parse(argv: Vec<OsString>) -> Task {
         Task::Test { args } => *args = passed.collect(),
         // `ambit demo` gets no `--` of its own: `cargo xtask demo -- --help` asks it for help.
         Task::Demo { args } => *args = passed.skip_while(|arg| arg == "--").collect(),
-        Task::BuildEbpf { .. } | Task::CheckDeploy { .. } | Task::BenchCompare { .. } => {}
+        Task::BuildEbpf { .. }
+        | Task::CheckDeploy { .. }
+        | Task::Image { .. }
+        | Task::BenchCompare { .. } => {}
     }
     task
 }
