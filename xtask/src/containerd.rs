@@ -77,6 +77,8 @@ pub struct Containerd {
     daemon: Option<Child>,
     /// Host bridges the CNI chain made; deleted on drop.
     bridges: Mutex<Vec<String>>,
+    /// The cgroup (as runc names it, `/<name>`) every container's cgroup is made under.
+    cgroup_parent: String,
 }
 
 impl Containerd {
@@ -92,7 +94,16 @@ impl Containerd {
             socket,
             daemon: None,
             bridges: Mutex::new(Vec::new()),
+            cgroup_parent: String::new(),
         };
+        harness.cgroup_parent = format!(
+            "/{}",
+            harness
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
         for sub in [
             "root",
             "state",
@@ -215,6 +226,20 @@ disabled_plugins = [
     /// The harness's temporary directory (removed on drop).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The cgroup every container of this harness runs under (`ctr run --cgroup <it>/<id>`), as
+    /// a directory of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified/...` on hybrid hosts, where
+    /// runc joins it too), created if missing: attach cgroup programs here to see every container's
+    /// processes from their first instruction. Removed on drop.
+    pub fn cgroup_v2_dir(&self) -> Result<PathBuf> {
+        let root = cgroup_mounts()
+            .into_iter()
+            .find_map(|(point, v2)| v2.then_some(point))
+            .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/self/mountinfo"))?;
+        let dir = root.join(self.cgroup_parent.trim_start_matches('/'));
+        fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        Ok(dir)
     }
 
     /// The daemon's gRPC socket.
@@ -382,6 +407,7 @@ impl Drop for Containerd {
             }
         }
         unmount_below(&self.dir);
+        remove_cgroups(&self.cgroup_parent);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -416,6 +442,43 @@ fn kill_shims(socket: &Path) {
         if is_shim && cmdline.split(|b| *b == 0).any(|arg| arg == needle) {
             let _ = quiet(Command::new("kill").arg("-KILL").arg(pid.to_string()));
         }
+    }
+}
+
+/// Every cgroup hierarchy mounted: (mount point, is cgroup v2).
+fn cgroup_mounts() -> Vec<(PathBuf, bool)> {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let point = line.split(' ').nth(4)?;
+            let fstype = line.split(" - ").nth(1)?.split(' ').next()?;
+            match fstype {
+                "cgroup2" => Some((PathBuf::from(point), true)),
+                "cgroup" => Some((PathBuf::from(point), false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Removes `parent` (and the container cgroups runc left in it) from every hierarchy.
+fn remove_cgroups(parent: &str) {
+    if parent.trim_matches('/').is_empty() {
+        return;
+    }
+    for (point, _) in cgroup_mounts() {
+        let dir = point.join(parent.trim_start_matches('/'));
+        if let Ok(children) = fs::read_dir(&dir) {
+            for child in children.flatten() {
+                if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(child.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&dir);
     }
 }
 
@@ -471,7 +534,7 @@ impl<'a> ContainerSpec<'a> {
         self
     }
 
-    /// Starts `ctr run --rm [--cni] <image> <id> <args>` in the foreground, as a child of the
+    /// Starts `ctr run --rm --cgroup <parent>/<id> [--cni] <image> <id> <args>` in the foreground, as a child of the
     /// test, in a private mount namespace where the harness's CNI directories are the node's.
     /// Returns at once: wait for what the test needs with [`Container`]'s methods.
     pub fn start(self) -> Result<Container<'a>> {
@@ -503,7 +566,8 @@ impl<'a> ContainerSpec<'a> {
             .arg(harness.cni_cache_dir())
             .arg(ctr.get_program())
             .args(ctr.get_args())
-            .args(["run", "--rm"]);
+            .args(["run", "--rm", "--cgroup"])
+            .arg(format!("{}/{}", harness.cgroup_parent, self.id));
         if self.cni {
             command.arg("--cni");
         }
