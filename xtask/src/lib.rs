@@ -2,6 +2,7 @@
 //! (agent/build.rs calls [`ebpf::build_ebpf`]); the `xtask` binary adds `cargo xtask test|demo|build-ebpf`.
 
 pub mod cmd;
+pub mod containerd;
 pub mod ebpf;
 pub mod toolchain;
 

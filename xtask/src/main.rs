@@ -18,7 +18,19 @@ use xtask::{cmd, ebpf, toolchain, workspace_root};
 
 /// Debian packages the tests and the demo drive (`ip netns`, iptables, the Prometheus that
 /// scrapes the agents in tests/prometheus.rs) or that help inspect them.
-const DEBIAN_TOOLS: [&str; 5] = ["bpftool", "tcpdump", "iptables", "iproute2", "prometheus"];
+const DEBIAN_TOOLS: [&str; 10] = [
+    "bpftool",
+    "tcpdump",
+    "iptables",
+    "iproute2",
+    "prometheus",
+    // The containerd harness (xtask::containerd) and the CNI tests.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "umoci",
+];
 
 #[derive(Parser)]
 #[command(
