@@ -341,6 +341,7 @@ disabled_plugins = [
             cni: false,
             args: Vec::new(),
             labels: Vec::new(),
+            options: Vec::new(),
         }
     }
 
@@ -508,6 +509,7 @@ pub struct ContainerSpec<'a> {
     cni: bool,
     args: Vec<String>,
     labels: Vec<String>,
+    options: Vec<String>,
 }
 
 impl<'a> ContainerSpec<'a> {
@@ -525,6 +527,17 @@ impl<'a> ContainerSpec<'a> {
         S: Into<String>,
     {
         self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// More `ctr run` flags, before the image: how a pod spec would run it (`--mount`,
+    /// `--cap-add`/`--cap-drop`, `--with-ns`, `--read-only`, `--seccomp`, `--env`).
+    pub fn options<I, S>(mut self, options: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.options.extend(options.into_iter().map(Into::into));
         self
     }
 
@@ -574,6 +587,7 @@ impl<'a> ContainerSpec<'a> {
         for label in &self.labels {
             command.arg("--label").arg(label);
         }
+        command.args(&self.options);
         command.arg(&self.image).arg(&self.id).args(&self.args);
         let description = cmd::describe(&command);
         let child = command
