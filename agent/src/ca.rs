@@ -35,7 +35,7 @@ pub use signer::Signer;
 /// Istio: the longest workload certificate the CA signs (`MAX_WORKLOAD_CERT_TTL`, 90 days).
 pub const DEFAULT_MAX_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 60 * 60);
 /// Istio's default trusted node account is ztunnel's; ambit's agent runs as this one.
-pub const DEFAULT_AGENT_ACCOUNT: &str = "ambit-system/ambit";
+pub const DEFAULT_AGENT_ACCOUNT: &str = "ambit-system/ambit-agent";
 /// The ConfigMap holding the trust bundle (the roots, no key), as Istio's `istio-ca-root-cert`.
 pub const DEFAULT_BUNDLE_CONFIGMAP: &str = "ambit-system/ambit-ca-root-cert";
 /// The key of the bundle in that ConfigMap (Istio's name).

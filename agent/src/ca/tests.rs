@@ -24,7 +24,7 @@ use crate::identity::{
 };
 
 const AGENT_NS: &str = "ambit-system";
-const AGENT_SA: &str = "ambit";
+const AGENT_SA: &str = "ambit-agent";
 
 /// The API server's side of the mock: pods with one global resource version and their events,
 /// the tokens TokenReview knows, and what was written.
