@@ -43,7 +43,7 @@ pub const BUNDLE_KEY: &str = "root-cert.pem";
 
 #[derive(Debug, Error)]
 pub enum CaError {
-    #[error("CA root: {0}")]
+    #[error("CA root")]
     Root(#[source] IdentityError),
     #[error("CA root directory {dir}: {missing} is missing (create a root with `ambit ca-init --dir {dir}` and mount it as the CA's Secret)")]
     NoRoot { dir: PathBuf, missing: PathBuf },
@@ -53,19 +53,19 @@ pub enum CaError {
     BundleConfigMap { value: String },
     #[error("--max-cert-ttl {max:?} is shorter than --default-cert-ttl {default:?}")]
     Ttl { max: Duration, default: Duration },
-    #[error("listen on {addr}: {source}")]
+    #[error("listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the runtime: {0}")]
+    #[error("starting the runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("Kubernetes client: {0}")]
+    #[error("Kubernetes client")]
     Kube(#[source] kube::Error),
-    #[error("serving certificate: {0}")]
+    #[error("serving certificate")]
     ServingCert(#[source] IdentityError),
-    #[error("TLS: {0}")]
+    #[error("TLS configuration")]
     Tls(#[source] rustls::Error),
 }
 
@@ -128,6 +128,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), CaError> {
         .thread_name("ambit-ca")
         .build()
         .map_err(CaError::Runtime)?;
+    // The root first: a missing Secret is the likelier mistake, and needs no API server to tell.
+    Signer::load(&cfg)?;
     rt.block_on(async {
         let client = Client::try_default().await.map_err(CaError::Kube)?;
         let running = RunningCa::start(cfg, client).await?;

@@ -331,6 +331,13 @@ impl RunArgs {
                 humantime::format_duration(self.cert_ttl)
             ));
         }
+        if let Some(addr) = &self.ca_addr {
+            if !addr.starts_with("https://") {
+                return Err(format!(
+                    "--ca-addr (AMBIT_CA_ADDR) {addr:?}: must be https://host:port (the token is never sent in clear)"
+                ));
+            }
+        }
         if self.pool_max_streams == 0 {
             return Err("--pool-max-streams (AMBIT_POOL_MAX_STREAMS) must be at least 1".into());
         }

@@ -534,3 +534,88 @@ async fn issuance_latency_through_the_ca() {
     );
     assert_eq!(w.ca.authority.metrics().issued.get(), 200);
 }
+
+/// Two agents (node-1 with `web`, node-2 with `db`) that got their certificates from the CA
+/// complete the mesh's mutual TLS (the handshake HBONE runs), each seeing the other's identity;
+/// a peer verifying against another root refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_the_ca_carry_mtls_between_two_agents() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let w = world().await;
+    w.api
+        .token("agent-2", AGENT_NS, "ambit-n2", AGENT_SA, &["istio-ca"]);
+    let (web, db) = (id("shop", "web"), id("shop", "db"));
+    let node1 =
+        crate::identity::tests::manager(Arc::new(w.client("agent-1")), Duration::from_secs(3600));
+    let node2 =
+        crate::identity::tests::manager(Arc::new(w.client("agent-2")), Duration::from_secs(3600));
+    let (_l1, _l2) = (node1.acquire(&web), node2.acquire(&db));
+    let (server_cert, client_cert) = (node2.fetch(&db).await, node1.fetch(&web).await);
+    server_cert.unwrap_or_else(|e| panic!("node-2 cert for {db}: {e}"));
+    client_cert.unwrap_or_else(|e| panic!("node-1 cert for {web}: {e}"));
+    let server = crate::tls::server_config(node2.clone(), db.clone());
+    let client = crate::tls::client_config(node1.clone(), web.clone(), db.clone());
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let server_side = async move {
+        let mut tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(s)
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        tls.write_all(b"pong").await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(crate::tls::peer_identity(tls.get_ref().1))
+    };
+    let client_side = async move {
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let mut tls = tokio_rustls::TlsConnector::from(client)
+            .connect(crate::tls::server_name(ip), c)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(crate::tls::peer_identity(tls.get_ref().1))
+    };
+    let (server_saw, client_saw) = tokio::join!(server_side, client_side);
+    assert_eq!(
+        server_saw,
+        Ok(Some(web.clone())),
+        "node-2 sees node-1's workload"
+    );
+    assert_eq!(
+        client_saw,
+        Ok(Some(db.clone())),
+        "node-1 sees node-2's workload"
+    );
+
+    // A node whose bundle holds another root refuses the CA's certificates.
+    let other = TempDir::new("ca-other");
+    let stranger = crate::identity::tests::local_ca(&other);
+    let outsider = crate::identity::tests::manager(stranger, Duration::from_secs(3600));
+    let _l3 = outsider.acquire(&web);
+    outsider
+        .fetch(&web)
+        .await
+        .unwrap_or_else(|e| panic!("outsider cert: {e}"));
+    let refusing = crate::tls::client_config(outsider, web.clone(), db.clone());
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let server = crate::tls::server_config(node2, db);
+    let accept = tokio::spawn(async move {
+        tokio_rustls::TlsAcceptor::from(server)
+            .accept(s)
+            .await
+            .map(|_| ())
+    });
+    let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let refused = tokio_rustls::TlsConnector::from(refusing)
+        .connect(crate::tls::server_name(ip), c)
+        .await;
+    assert!(
+        refused.is_err(),
+        "a peer with another root must not accept the CA's certificate"
+    );
+    accept.abort();
+}
