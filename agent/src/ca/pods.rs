@@ -58,14 +58,46 @@ impl Index {
 }
 
 /// Shared, cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PodIndex {
     inner: Arc<RwLock<Index>>,
+    /// Bumped after every change, for callers waiting for the watch to catch up.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for PodIndex {
+    fn default() -> Self {
+        PodIndex {
+            inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl PodIndex {
     pub fn new() -> PodIndex {
         PodIndex::default()
+    }
+
+    /// Whether `cond` holds now or becomes true within `wait` as the watch delivers changes: an
+    /// agent can learn of a new pod (and ask for its identity) before the CA's own watch has.
+    pub async fn within(&self, wait: Duration, cond: impl Fn(&PodIndex) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if cond(self) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return cond(self),
+            }
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     pub fn synced(&self) -> bool {
@@ -143,17 +175,20 @@ pub async fn watch(client: Client, index: PodIndex) {
                 fresh.synced = true;
                 let n = fresh.pods.len();
                 *index.write() = fresh;
+                index.changed();
                 info!(pods = n, "CA pod index synced");
                 errors = 0;
             }
             Ok(Event::Apply(pod)) => {
                 if let Some((key, e)) = entry(&pod) {
                     index.write().insert(key, e);
+                    index.changed();
                 }
             }
             Ok(Event::Delete(pod)) => {
                 if let Some((key, _)) = entry(&pod) {
                     index.write().remove(&key);
+                    index.changed();
                 }
             }
             Err(e) => {

@@ -31,6 +31,10 @@ use crate::identity::proto::{
 };
 use crate::identity::Identity;
 
+/// How long a request whose caller pod or identity the Pod watch has not shown yet waits for it:
+/// an agent may see a new pod (and ask for its certificate) a little before the CA does.
+const WATCH_CATCH_UP: Duration = Duration::from_secs(2);
+
 /// A refused request: the gRPC code, a metric label, and the message the caller gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -164,7 +168,7 @@ impl Authority {
         }
         let token = bearer_token(metadata)?;
         let caller = self.tokens.review(token).await?;
-        let identity = self.authorize(&caller, request)?;
+        let identity = self.authorize(&caller, request).await?;
         let ttl = self.ttl(request.validity_duration)?;
         let csr_der = csr_der(&request.csr)?;
         let chain = self
@@ -183,7 +187,7 @@ impl Authority {
 
     /// Node authorisation (istiod's `authenticateImpersonation`, with reasons): the caller is a
     /// node agent's pod, as it exists now, and the identity runs on that pod's node.
-    fn authorize(
+    async fn authorize(
         &self,
         caller: &Caller,
         request: &IstioCertificateRequest,
@@ -251,9 +255,11 @@ impl Authority {
                 ),
             ));
         }
+        let (node, ns, sa) = (&pod.node, &identity.namespace, &identity.service_account);
         if !self
             .pods
-            .runs_on(&pod.node, &identity.namespace, &identity.service_account)
+            .within(WATCH_CATCH_UP, |p| p.runs_on(node, ns, sa))
+            .await
         {
             return Err(Denial::denied(
                 "identity_not_on_node",

@@ -39,6 +39,8 @@ struct ApiState {
     /// token → TokenReview status.
     tokens: HashMap<String, Value>,
     configmaps: Vec<Value>,
+    /// TokenReviews answered.
+    reviews: usize,
 }
 
 impl ApiState {
@@ -124,6 +126,7 @@ impl FakeApi {
                         );
                         let mut review = body.clone();
                         review["status"] = status;
+                        s.reviews += 1;
                         send.send_response(ok(review.to_string()));
                     }
                     (&Method::GET, "/api/v1/pods") if query.contains("watch=true") => {
@@ -446,6 +449,23 @@ async fn deleted_pods_identity_is_refused_after_the_watch_sees_it() {
         "PermissionDenied",
         "no pod of shop/web runs on that node",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_watch_shows_just_after_the_request_is_allowed() {
+    let w = world().await;
+    let ca = Arc::new(w.client("agent-1"));
+    let api = id("shop", "api");
+    let asking = {
+        let (ca, api) = (ca.clone(), api.clone());
+        tokio::spawn(async move { ask(&ca, &api, Duration::from_secs(60)).await })
+    };
+    // The request has been authenticated; only then does the pod reach the CA's watch.
+    let fake = w.api.clone();
+    eventually("the CA reviewed the token", || fake.lock().reviews >= 1).await;
+    w.api.pod("shop", "api-1", "node-1", "api");
+    let result = asking.await.expect("request task");
+    result.unwrap_or_else(|e| panic!("certificate for {api}: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
