@@ -242,7 +242,7 @@ fn config(ca_dir: std::path::PathBuf, extra_roots: Vec<std::path::PathBuf>) -> S
         extra_roots,
         trust_domain: DEFAULT_TRUST_DOMAIN.into(),
         listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: None,
+        metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
         audiences: vec!["istio-ca".into()],
         agent_accounts: vec![(AGENT_NS.into(), AGENT_SA.into())],
         cluster_id: "Kubernetes".into(),
@@ -276,6 +276,20 @@ impl World {
             timeout: Duration::from_secs(10),
         })
         .unwrap_or_else(|e| panic!("RemoteCa: {e}"))
+    }
+
+    /// GET `path` from the CA's metrics port (HTTP/1.1, connection closed after).
+    async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self.ca.metrics_addr.expect("metrics port");
+        let mut conn = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.expect("read");
+        out
     }
 
     fn denied(&self, reason: &'static str) -> u64 {
@@ -392,6 +406,12 @@ async fn identity_running_only_on_another_node_is_refused() {
     );
     assert_eq!(w.denied("identity_not_on_node"), 1);
     assert_eq!(w.ca.authority.metrics().issued.get(), 0);
+    let metrics = w.http_get("/metrics").await;
+    assert!(
+        metrics.contains("ambit_ca_denied_total{reason=\"identity_not_on_node\"} 1"),
+        "{metrics}"
+    );
+    assert!(w.http_get("/ready").await.starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
