@@ -659,3 +659,29 @@ async fn certificates_from_the_ca_carry_mtls_between_two_agents() {
     );
     accept.abort();
 }
+
+/// The agent's trust bundle follows the mounted file (a ConfigMap update swaps it): a root added
+/// for a rotation is trusted without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_bundle_follows_the_mounted_file() {
+    let w = world().await;
+    let ca = w.client("agent-1");
+    let bundle = crate::identity::TrustBundle::new(Arc::new(ca));
+    assert_eq!(bundle.root_certs().len(), 1);
+    let next = TempDir::new("ca-next");
+    let next_ca = crate::identity::tests::local_ca(&next);
+    let roots_file = w.dir.path().join("root-cert.pem");
+    let mut pem = std::fs::read_to_string(&roots_file).expect("bundle file");
+    pem.push_str(&pem_encode("CERTIFICATE", next_ca.signing_root()));
+    // As the kubelet does: a new file renamed over the old name.
+    let tmp = w.dir.path().join("root-cert.pem.new");
+    std::fs::write(&tmp, pem).expect("new bundle");
+    std::fs::rename(&tmp, &roots_file).expect("swap bundle");
+    let seen = bundle.clone();
+    eventually("the agent trusts the added root", || {
+        seen.roots();
+        seen.root_certs().contains(next_ca.signing_root())
+    })
+    .await;
+    assert_eq!(bundle.root_certs().len(), 2);
+}
