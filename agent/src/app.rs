@@ -20,7 +20,7 @@ use crate::admin::{AdminError, AgentMetrics};
 use crate::config::kube::{KubeSource, KubeStats};
 use crate::config::{SourceEvent, DEFAULT_DOMAIN};
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
-use crate::identity::{CertConfig, LocalCa, SecretManager};
+use crate::identity::{CertConfig, CertificateAuthority, LocalCa, RemoteCa, SecretManager};
 use crate::node::Node;
 use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::hbone::{Pool, PoolConfig};
@@ -86,8 +86,12 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// Istio's root namespace: its PeerAuthentication/AuthorizationPolicy apply mesh-wide.
     pub root_namespace: String,
-    /// The local CA's directory (root certificate and key; created on first start).
+    /// The local CA's directory (root certificate and key; created on first start). Unused when
+    /// `remote_ca` is set.
     pub ca_dir: PathBuf,
+    /// Cluster mode's CA (`ambit ca serve` or istiod): certificates come from it and the node
+    /// holds no root key; None = the local CA in `ca_dir`.
+    pub remote_ca: Option<crate::identity::RemoteCaConfig>,
     pub cert_ttl: Duration,
     pub pool: PoolConfig,
     /// `/metrics` and `/healthz/*`, in the netns the agent runs in; None = no admin endpoint.
@@ -141,13 +145,24 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     };
     capture.set_exempt_sources(&exempt)?;
     info!(node = %cfg.node, pin_dir = %cfg.capture.pin_dir().display(), cgroup = %cfg.capture.cgroup.display(), exempt = ?exempt, adopted = capture.enrolled_cookies().len(), "capture installed");
-    let ca = LocalCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain).map_err(AppError::Identity)?;
-    info!(ca = %ca.root_cert_path().display(), trust_domain = %cfg.trust_domain, "local CA ready");
+    let ca: Arc<dyn CertificateAuthority> = match &cfg.remote_ca {
+        Some(remote) => {
+            let ca = RemoteCa::new(remote.clone()).map_err(AppError::Identity)?;
+            info!(ca = %remote.addr, roots = %remote.roots_file.display(), trust_domain = %cfg.trust_domain, "remote CA");
+            Arc::new(ca)
+        }
+        None => {
+            let ca = LocalCa::load_or_create(&cfg.ca_dir, &cfg.trust_domain)
+                .map_err(AppError::Identity)?;
+            info!(ca = %ca.root_cert_path().display(), trust_domain = %cfg.trust_domain, "local CA ready");
+            Arc::new(ca)
+        }
+    };
     // Certificates are fetched and rotated on the control runtime.
     let secrets = {
         let _in_control = control_rt.enter();
         SecretManager::new(
-            Arc::new(ca),
+            ca,
             CertConfig {
                 trust_domain: cfg.trust_domain.clone(),
                 ttl: cfg.cert_ttl,

@@ -3,6 +3,8 @@
 
 mod ca;
 mod manager;
+pub mod proto;
+mod remote;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -20,6 +22,7 @@ pub use manager::{
     CertConfig, CertLease, CertState, CertStats, SecretManager, TrustBundle, WorkloadCert,
     ROOTS_REFRESH_INTERVAL,
 };
+pub use remote::{read_bundle, RemoteCa, RemoteCaConfig, DEFAULT_CA_ADDR, DEFAULT_TOKEN_AUDIENCE};
 
 /// Istio: the default trust domain of a mesh.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -56,6 +59,12 @@ pub enum IdentityError {
     FetchFailed { identity: Identity, reason: String },
     #[error("certificate issued for {identity} is unusable: {reason}")]
     BadCertificate { identity: Identity, reason: String },
+    #[error("CA address {addr:?}: {reason}")]
+    CaAddr { addr: String, reason: String },
+    #[error("connecting to the CA at {addr}: {reason}")]
+    CaConnect { addr: String, reason: String },
+    #[error("trust bundle {path}: {reason}")]
+    TrustBundle { path: PathBuf, reason: String },
     #[error("private key for {identity}: {source}")]
     Key {
         identity: Identity,
@@ -79,6 +88,9 @@ impl IdentityError {
             IdentityError::FetchFailed { .. } => "fetch_failed",
             IdentityError::BadCertificate { .. } => "bad_certificate",
             IdentityError::Key { .. } => "key",
+            IdentityError::CaAddr { .. } => "ca_addr",
+            IdentityError::CaConnect { .. } => "ca_connect",
+            IdentityError::TrustBundle { .. } => "trust_bundle",
         }
     }
 }

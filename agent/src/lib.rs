@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod config;
 pub mod demo;
 pub mod dns;

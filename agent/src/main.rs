@@ -61,12 +61,120 @@ enum Cmd {
         #[arg(long, default_value = ambit::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// The in-cluster CA (`ambit ca serve`).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Build a small local world (network namespaces as pods), run the agent on it, send traffic,
     /// and print what was captured and relayed.
     Demo(ambit::demo::DemoArgs),
     /// Print what a running agent holds (its `/config_dump` and `/debug/connections`) as tables,
     /// the way `istioctl ztunnel-config` does.
     Zc(ambit::zc::ZcArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Serve Istio's certificate service (gRPC on TLS) to node agents: TokenReview authn, node
+    /// authorisation from a Pod watch, signing with the root in --ca-dir.
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct CaServeArgs {
+    /// Directory with `root-cert.pem` and `root-key.pem` (the CA's Secret; made by `ca-init`).
+    #[arg(long, env = "AMBIT_CA_DIR", default_value = "/etc/ambit/ca")]
+    ca_dir: PathBuf,
+    /// PEM file of a further root to publish in the trust bundle without signing with it (root
+    /// rotation: the next root before the switch, the previous one after). Repeatable.
+    #[arg(
+        long = "extra-root",
+        env = "AMBIT_CA_EXTRA_ROOTS",
+        value_delimiter = ','
+    )]
+    extra_roots: Vec<PathBuf>,
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = ambit::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// gRPC (TLS) address; 15012 is istiod's.
+    #[arg(long, env = "AMBIT_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// `/metrics` and `/ready` (plain HTTP); `off` disables. 15014 is istiod's monitoring port.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    metrics_addr: String,
+    /// Audience a caller's token must have. Repeatable.
+    #[arg(long = "token-audience", env = "AMBIT_CA_TOKEN_AUDIENCES", value_delimiter = ',', default_value = ambit::identity::DEFAULT_TOKEN_AUDIENCE)]
+    token_audiences: Vec<String>,
+    /// `namespace/service-account` of node agents, which may ask for the identities of pods on
+    /// their node (Istio's CA_TRUSTED_NODE_ACCOUNTS). Repeatable.
+    #[arg(long = "agent-account", env = "AMBIT_CA_AGENT_ACCOUNTS", value_delimiter = ',', default_value = ambit::ca::DEFAULT_AGENT_ACCOUNT)]
+    agent_accounts: Vec<String>,
+    /// The cluster this CA serves (Istio's `clusterid` metadata).
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit::identity::proto::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
+    /// Lifetime of a certificate whose request names none.
+    #[arg(long, env = "AMBIT_CA_DEFAULT_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    default_cert_ttl: Duration,
+    /// Longer requests are refused (Istio: 90 days).
+    #[arg(long, env = "AMBIT_CA_MAX_CERT_TTL", default_value = "90days", value_parser = humantime::parse_duration)]
+    max_cert_ttl: Duration,
+    /// Names (or IPs) of the CA's serving certificate: what agents dial. Repeatable.
+    #[arg(
+        long = "tls-name",
+        env = "AMBIT_CA_TLS_NAMES",
+        value_delimiter = ',',
+        default_value = "ambit-ca,ambit-ca.ambit-system,ambit-ca.ambit-system.svc,ambit-ca.ambit-system.svc.cluster.local"
+    )]
+    tls_names: Vec<String>,
+    /// `namespace/name` of the ConfigMap the trust bundle is written to (key `root-cert.pem`),
+    /// which agents mount; empty = none.
+    #[arg(long, env = "AMBIT_CA_BUNDLE_CONFIGMAP", default_value = ambit::ca::DEFAULT_BUNDLE_CONFIGMAP)]
+    bundle_configmap: String,
+}
+
+impl CaServeArgs {
+    fn into_config(self) -> Result<ambit::ca::ServeConfig, String> {
+        let metrics_addr = match self.metrics_addr.trim() {
+            "" | "off" => None,
+            a => Some(a.parse().map_err(|e| {
+                format!("--metrics-addr (AMBIT_METRICS_ADDR) {a:?}: {e} (want ip:port, or `off`)")
+            })?),
+        };
+        let agent_accounts = self
+            .agent_accounts
+            .iter()
+            .map(|a| {
+                ambit::ca::parse_namespaced(a).ok_or_else(|| {
+                    format!("--agent-account (AMBIT_CA_AGENT_ACCOUNTS) {a:?}: want <namespace>/<service-account>")
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let bundle_configmap = match self.bundle_configmap.trim() {
+            "" => None,
+            v => Some(ambit::ca::parse_namespaced(v).ok_or_else(|| {
+                format!("--bundle-configmap (AMBIT_CA_BUNDLE_CONFIGMAP) {v:?}: want <namespace>/<name>, or empty")
+            })?),
+        };
+        if self.tls_names.is_empty() {
+            return Err("--tls-name (AMBIT_CA_TLS_NAMES) needs at least one name".into());
+        }
+        let cfg = ambit::ca::ServeConfig {
+            ca_dir: self.ca_dir,
+            extra_roots: self.extra_roots,
+            trust_domain: self.trust_domain,
+            listen: self.listen,
+            metrics_addr,
+            audiences: self.token_audiences,
+            agent_accounts,
+            cluster_id: self.cluster_id,
+            default_cert_ttl: self.default_cert_ttl,
+            max_cert_ttl: self.max_cert_ttl,
+            tls_names: self.tls_names,
+            bundle_configmap,
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
 }
 
 #[derive(clap::Args)]
@@ -129,6 +237,29 @@ struct RunArgs {
     /// node of a mesh must share the same root.
     #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
     ca_dir: PathBuf,
+    /// Cluster mode: get certificates from this CA (`ambit ca serve`, or istiod) instead of a
+    /// local root, e.g. https://ambit-ca.ambit-system.svc:15012. The node then holds no root key.
+    #[arg(long, env = "AMBIT_CA_ADDR")]
+    ca_addr: Option<String>,
+    /// The CA's trust bundle (root certificates, no key), e.g. the mounted ConfigMap
+    /// `ambit-ca-root-cert`; verifies the CA and every peer. Re-read when it changes.
+    #[arg(
+        long,
+        env = "AMBIT_CA_ROOTS",
+        default_value = "/var/run/secrets/ambit/ca/root-cert.pem"
+    )]
+    ca_roots: PathBuf,
+    /// Projected ServiceAccount token presented to the CA (its audience is set where it is
+    /// projected; Istio's is `istio-ca`). Re-read for every request.
+    #[arg(
+        long,
+        env = "AMBIT_CA_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    ca_token: PathBuf,
+    /// Sent to the CA as Istio's `clusterid` metadata.
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = ambit::identity::proto::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
     /// Workload certificate lifetime (rotated at half of it), e.g. `24h`, `10s`.
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
@@ -204,6 +335,13 @@ impl RunArgs {
                 humantime::format_duration(self.cert_ttl)
             ));
         }
+        if let Some(addr) = &self.ca_addr {
+            if !addr.starts_with("https://") {
+                return Err(format!(
+                    "--ca-addr (AMBIT_CA_ADDR) {addr:?}: must be https://host:port (the token is never sent in clear)"
+                ));
+            }
+        }
         if self.pool_max_streams == 0 {
             return Err("--pool-max-streams (AMBIT_POOL_MAX_STREAMS) must be at least 1".into());
         }
@@ -249,6 +387,13 @@ impl RunArgs {
             trust_domain: self.trust_domain,
             root_namespace: self.root_namespace,
             ca_dir: self.ca_dir,
+            remote_ca: self.ca_addr.map(|addr| ambit::identity::RemoteCaConfig {
+                addr,
+                roots_file: self.ca_roots,
+                token_file: self.ca_token,
+                cluster_id: self.cluster_id,
+                timeout: Duration::from_secs(10),
+            }),
             cert_ttl: self.cert_ttl,
             access_log: match self.access_log.trim() {
                 "" | "off" => None,
@@ -374,6 +519,19 @@ fn main() -> ExitCode {
             ambit::identity::LocalCa::load_or_create(&dir, &trust_domain)
                 .map_err(anyhow::Error::from)
                 .map(|ca| println!("root CA: {}", ca.root_cert_path().display()))
+        }
+        Cmd::Ca {
+            cmd: CaCmd::Serve(args),
+        } => {
+            let cfg = match (*args).into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ambit: bad configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tracing::info!(config = ?cfg, "starting the CA");
+            ambit::ca::serve(cfg).map_err(anyhow::Error::from)
         }
         Cmd::Demo(args) => ambit::demo::run(args).map_err(anyhow::Error::from),
         Cmd::Zc(args) => ambit::zc::run(args).map_err(anyhow::Error::from),

@@ -227,20 +227,23 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         .expect("ca-init ends");
     assert!(made.status.success(), "ca-init: {made:?}");
 
-    // The DaemonSet's arguments, with test values for the node's: local mode, this test's pins and
-    // cgroup, and this process's netns as the node's (through the host PID namespace, as the
-    // DaemonSet's /proc/1/ns/net; PID 1 may be out of reach in a test sandbox).
+    // The DaemonSet's arguments, with test values for the node's: local mode (files, and the local
+    // CA instead of the in-cluster one, which needs an API server), this test's pins and cgroup,
+    // and this process's netns as the node's (through the host PID namespace, as the DaemonSet's
+    // /proc/1/ns/net; PID 1 may be out of reach in a test sandbox).
     let args: Vec<String> = strings(&agent["args"])
         .into_iter()
-        .map(|arg| {
+        .filter_map(|arg| {
             let (flag, _) = arg.split_once('=').unwrap_or((&arg, ""));
             match flag {
-                "--kube" => "--config=/etc/ambit/config".to_owned(),
-                "--node" => "--node=node-1".to_owned(),
-                "--bpffs" => format!("--bpffs={}", host.pins.display()),
-                "--cgroup" => format!("--cgroup={}", cgroup_in_container.display()),
-                "--node-netns" => format!("--node-netns=/proc/{me}/ns/net"),
-                _ => arg,
+                "--kube" => Some("--config=/etc/ambit/config".to_owned()),
+                "--node" => Some("--node=node-1".to_owned()),
+                "--bpffs" => Some(format!("--bpffs={}", host.pins.display())),
+                "--cgroup" => Some(format!("--cgroup={}", cgroup_in_container.display())),
+                "--node-netns" => Some(format!("--node-netns=/proc/{me}/ns/net")),
+                "--ca-addr" => Some("--ca-dir=/etc/ambit/ca".to_owned()),
+                "--ca-roots" | "--ca-token" => None,
+                _ => Some(arg),
             }
         })
         .collect();

@@ -37,6 +37,7 @@ pub struct LocalCa {
     dir: PathBuf,
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
+    signing_root: CertificateDer<'static>,
     roots: Mutex<RootsCache>,
 }
 
@@ -147,16 +148,19 @@ impl LocalCa {
                 path: cert_path.clone(),
                 reason: format!("no certificate matches the key in {}", key_path.display()),
             })?;
-        let issuer =
-            Issuer::from_ca_cert_der(signing_root, key).map_err(|source| IdentityError::Rcgen {
+        let signing_root = signing_root.clone();
+        let issuer = Issuer::from_ca_cert_der(&signing_root, key).map_err(|source| {
+            IdentityError::Rcgen {
                 what: "local CA root certificate",
                 source,
-            })?;
+            }
+        })?;
         let stamp = fs::metadata(&cert_path).ok().map(|md| FileStamp::of(&md));
         Ok(LocalCa {
             dir: dir.to_owned(),
             trust_domain: trust_domain.to_owned(),
             issuer,
+            signing_root,
             roots: Mutex::new(RootsCache { stamp, roots }),
         })
     }
@@ -171,6 +175,11 @@ impl LocalCa {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The root certificate workload certificates are signed with (the one matching the key).
+    pub fn signing_root(&self) -> &CertificateDer<'static> {
+        &self.signing_root
     }
 
     /// Signs `params` for `public_key` with the root key as given, without any of the checks
