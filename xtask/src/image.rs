@@ -253,6 +253,7 @@ fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
         .current_dir(workspace_root())
         .args(["build", "--release", "--target", triple]);
     let mut packages: Vec<&str> = bins.iter().map(|b| b.package.as_str()).collect();
+    packages.sort_unstable();
     packages.dedup();
     for package in packages {
         build.args(["--package", package]);
