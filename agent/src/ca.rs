@@ -53,6 +53,14 @@ pub enum CaError {
     BundleConfigMap { value: String },
     #[error("--max-cert-ttl {max:?} is shorter than --default-cert-ttl {default:?}")]
     Ttl { max: Duration, default: Duration },
+    #[error("--default-cert-ttl {0:?}: want at least one second")]
+    DefaultTtl(Duration),
+    #[error("--token-audience {value:?}: want a non-empty audience (Istio's default is `istio-ca`); without one any token the API server accepts would do")]
+    Audience { value: String },
+    #[error("--agent-account: want at least one <namespace>/<service-account>; without one no agent may ask")]
+    NoAgentAccount,
+    #[error("--tls-name {value:?}: want a DNS name or an IP address agents dial")]
+    TlsName { value: String },
     #[error("listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -100,7 +108,31 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Refuses what would make the CA serve without a check it promises: a token audience, a
+    /// node-agent account, a serving name, a usable certificate lifetime.
     pub fn validate(&self) -> Result<(), CaError> {
+        if self.audiences.is_empty() {
+            return Err(CaError::Audience {
+                value: String::new(),
+            });
+        }
+        if let Some(a) = self.audiences.iter().find(|a| a.trim().is_empty()) {
+            return Err(CaError::Audience { value: a.clone() });
+        }
+        if self.agent_accounts.is_empty() {
+            return Err(CaError::NoAgentAccount);
+        }
+        if let Some(n) = self.tls_names.iter().find(|n| n.trim().is_empty()) {
+            return Err(CaError::TlsName { value: n.clone() });
+        }
+        if self.tls_names.is_empty() {
+            return Err(CaError::TlsName {
+                value: String::new(),
+            });
+        }
+        if self.default_cert_ttl < Duration::from_secs(1) {
+            return Err(CaError::DefaultTtl(self.default_cert_ttl));
+        }
         if self.max_cert_ttl < self.default_cert_ttl {
             return Err(CaError::Ttl {
                 max: self.max_cert_ttl,

@@ -155,7 +155,13 @@ impl Authority {
     ) -> Result<(Caller, Identity, IstioCertificateResponse), Denial> {
         // Istio: an absent cluster ID means the CA's own cluster.
         if let Some(id) = metadata.get(CLUSTER_ID_HEADER) {
-            let id = id.to_str().unwrap_or_default();
+            // Fail closed: a value that is not text names no cluster, least of all ours.
+            let id = id.to_str().map_err(|_| {
+                Denial::unauthenticated(
+                    "unknown_cluster",
+                    format!("the {CLUSTER_ID_HEADER} metadata is not ASCII text"),
+                )
+            })?;
             if !id.is_empty() && id != self.cluster_id {
                 return Err(Denial::unauthenticated(
                     "unknown_cluster",

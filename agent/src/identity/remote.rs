@@ -154,9 +154,14 @@ impl RemoteCa {
             .parse()
             .map_err(|_| failed("the ServiceAccount token is not a valid header value".into()))?;
         md.insert("authorization", bearer);
-        if let Ok(v) = self.cfg.cluster_id.parse() {
-            md.insert(CLUSTER_ID_HEADER, v);
-        }
+        // An unsendable cluster ID is an error, not a request the CA would take for its own.
+        let cluster = self.cfg.cluster_id.parse().map_err(|_| {
+            failed(format!(
+                "cluster ID {:?} (--cluster-id) is not a valid {CLUSTER_ID_HEADER} metadata value",
+                self.cfg.cluster_id
+            ))
+        })?;
+        md.insert(CLUSTER_ID_HEADER, cluster);
         let mut grpc = tonic::client::Grpc::new(self.channel()?);
         grpc.ready()
             .await
