@@ -23,6 +23,8 @@ use crate::identity::{
     DEFAULT_TRUST_DOMAIN,
 };
 
+mod refusals;
+
 const AGENT_NS: &str = "ambit-system";
 const AGENT_SA: &str = "ambit-agent";
 
@@ -256,6 +258,11 @@ fn config(ca_dir: std::path::PathBuf, extra_roots: Vec<std::path::PathBuf>) -> S
 impl World {
     /// The agent's client of the CA, presenting `token`, trusting the published bundle.
     fn client(&self, token: &str) -> RemoteCa {
+        self.client_of(token, "Kubernetes")
+    }
+
+    /// As [`World::client`], sending `cluster_id` as Istio's `clusterid`.
+    fn client_of(&self, token: &str, cluster_id: &str) -> RemoteCa {
         std::fs::create_dir_all(self.dir.path()).expect("agent dir");
         let token_file = self.dir.path().join(format!("token-{token}"));
         std::fs::write(&token_file, token).expect("token file");
@@ -272,7 +279,7 @@ impl World {
             addr: format!("https://{}", self.ca.grpc_addr),
             roots_file,
             token_file,
-            cluster_id: "Kubernetes".into(),
+            cluster_id: cluster_id.into(),
             timeout: Duration::from_secs(10),
         })
         .unwrap_or_else(|e| panic!("RemoteCa: {e}"))
