@@ -1,10 +1,12 @@
 //! The containerd harness itself: a busybox container built in the test, started by a private
 //! containerd with `ctr run --cni` through the bridge + host-local + loopback chain, has the
-//! address host-local gave it, reaches the bridge's gateway, and leaves no container behind.
+//! address host-local gave it on a network reserved for this harness, reaches the bridge's
+//! gateway, and leaves no container behind; the dropped harness leaves no process, bridge,
+//! cgroup or directory.
 //! Needs root and the Debian packages containerd, runc, containernetworking-plugins,
 //! busybox-static and umoci.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use xtask::containerd::{busybox_image, Containerd};
 
@@ -17,16 +19,18 @@ fn busybox_container_gets_its_address_from_the_bridge_chain() {
     let image = ctrd
         .import(&tarball, "ambit.test/busybox")
         .expect("import the image");
-    // A subnet and bridge of this test only (other tests may run bridges of their own).
-    ctrd.write_bridge_network(
-        "10-test.conflist",
-        "1.0.0",
-        "test",
-        "abtest0",
-        "10.231.7.0/24",
-        &[],
-    )
-    .expect("write the network config");
+    // A subnet and bridge of this harness only: other tests, here or in another checkout's
+    // run, have bridges of their own.
+    let net = ctrd.reserve_network().expect("reserve a network");
+    let other = ctrd.reserve_network().expect("reserve a second network");
+    assert_ne!(
+        net.subnet(),
+        other.subnet(),
+        "two reservations, two subnets"
+    );
+    assert_ne!(net.bridge, other.bridge, "two reservations, two bridges");
+    ctrd.write_reserved_network("10-test.conflist", "1.0.0", "test", &net, &[])
+        .expect("write the network config");
 
     let mut container = ctrd
         .container("c1", &image)
@@ -41,16 +45,16 @@ fn busybox_container_gets_its_address_from_the_bridge_chain() {
 
     // host-local hands out the first address after the gateway (.1, the bridge's).
     let ip = container.ipv4().expect("container address");
-    assert_eq!(ip, Ipv4Addr::new(10, 231, 7, 2), "address of eth0");
+    assert_eq!(ip, net.host(2), "address of eth0");
     let route = container
         .exec(&["ip", "-4", "route", "show", "default"])
         .expect("routes");
     assert!(
-        route.contains("via 10.231.7.1"),
+        route.contains(&format!("via {}", net.host(1))),
         "default route via the bridge gateway, got {route:?}"
     );
     container
-        .exec(&["ping", "-c", "1", "-W", "5", "10.231.7.1"])
+        .exec(&["ping", "-c", "1", "-W", "5", &net.host(1).to_string()])
         .expect("the container reaches its gateway");
 
     let exit = container.stop().expect("stop the container");
@@ -71,4 +75,36 @@ fn busybox_container_gets_its_address_from_the_bridge_chain() {
         .filter(|name| name.parse::<Ipv4Addr>().is_ok())
         .collect::<Vec<_>>();
     assert_eq!(leases, Vec::<String>::new(), "leases after DEL");
+
+    // Dropping the harness leaves nothing on the host: no daemon or shim on its socket, no
+    // bridge, no cgroup, no directory.
+    let dir = ctrd.dir().to_owned();
+    let socket = ctrd.socket().to_owned();
+    let cgroup = ctrd.cgroup_v2_dir().expect("the harness's cgroup");
+    drop(ctrd);
+    assert!(!dir.exists(), "{} left", dir.display());
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+    let bridge = std::process::Command::new("ip")
+        .args(["link", "show", &net.bridge])
+        .output()
+        .expect("ip link show");
+    assert!(!bridge.status.success(), "bridge {} left", net.bridge);
+    assert_eq!(
+        processes_naming(&socket),
+        Vec::<String>::new(),
+        "processes left"
+    );
+}
+
+/// The command lines of the processes that have `path` as an argument.
+fn processes_naming(path: &Path) -> Vec<String> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == needle))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .collect()
 }

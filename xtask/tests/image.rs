@@ -277,15 +277,9 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         "--env".to_owned(),
         "AMBIT_LOG=info".to_owned(),
     ]);
-    ctrd.write_bridge_network(
-        "10-image.conflist",
-        "1.0.0",
-        "imagetest",
-        "abimg0",
-        "10.231.9.0/24",
-        &[],
-    )
-    .expect("pod network");
+    let net = ctrd.reserve_network().expect("a network of this test");
+    ctrd.write_reserved_network("10-image.conflist", "1.0.0", "imagetest", &net, &[])
+        .expect("pod network");
 
     let mut container = ctrd
         .container("agent", &image)
