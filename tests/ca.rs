@@ -34,6 +34,8 @@ struct ApiState {
     parked: Vec<(u64, oneshot::Sender<String>)>,
     tokens: HashMap<String, Value>,
     bundle: Option<String>,
+    /// Every request the CA made: method, path, query.
+    requests: Vec<(Method, String, String)>,
 }
 
 impl ApiState {
@@ -101,6 +103,11 @@ async fn answer(state: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let query = parts.uri.query().unwrap_or_default().to_owned();
+    lock(&state).requests.push((
+        parts.method.clone(),
+        parts.uri.path().to_owned(),
+        query.clone(),
+    ));
     let text = match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let token = body["spec"]["token"].as_str().unwrap_or_default();
@@ -385,4 +392,216 @@ async fn agent_gets_certificates_from_the_ca_process() {
         text.contains("ambit_ca_denied_total{reason=\"identity_not_on_node\"} 1"),
         "{text}"
     );
+
+    // deploy/ca.yaml grants exactly what the CA asked the API server for.
+    let requests = lock(&state).requests.clone();
+    let asked: Vec<Attributes> = requests
+        .iter()
+        .flat_map(|(method, path, query)| Attributes::of(method, path, query))
+        .collect();
+    let (cluster_rules, namespace_rules) = ca_rbac();
+    let allowed = |a: &Attributes| {
+        cluster_rules.iter().any(|r| r.allows(a))
+            || (a.namespace.as_deref() == Some(CA_NAMESPACE)
+                && namespace_rules.iter().any(|r| r.allows(a)))
+    };
+    for a in &asked {
+        assert!(allowed(a), "deploy/ca.yaml does not allow the CA's {a:?}");
+    }
+    for rule in cluster_rules.iter().chain(&namespace_rules) {
+        for grant in rule.grants() {
+            assert!(
+                asked.iter().any(|a| rule.allows(a) && grant.covers(a)),
+                "deploy/ca.yaml grants {grant:?}, which the CA never uses"
+            );
+        }
+    }
+}
+
+/// The CA's namespace, ServiceAccount and the name of its ClusterRole and Role.
+const CA_NAMESPACE: &str = "ambit-system";
+const CA_ROLE: &str = "ambit-ca";
+
+/// One request as Kubernetes' RBAC authoriser sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attributes {
+    group: String,
+    resource: String,
+    namespace: Option<String>,
+    verb: &'static str,
+    name: Option<String>,
+}
+
+impl Attributes {
+    /// What the authoriser is asked for `method path?query`: a server-side apply (PATCH) may
+    /// create the object, which the API server authorises as `create` of that name as well.
+    fn of(method: &Method, path: &str, query: &str) -> Vec<Attributes> {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", _version, rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => panic!("the CA asked for {method} {path}, not a resource"),
+        };
+        let (namespace, resource, name) = match rest {
+            [resource] => (None, *resource, None),
+            [resource, name] => (None, *resource, Some(*name)),
+            ["namespaces", ns, resource] => (Some(*ns), *resource, None),
+            ["namespaces", ns, resource, name] => (Some(*ns), *resource, Some(*name)),
+            other => panic!("{method} {path}: unexpected resource path {other:?}"),
+        };
+        let watch = query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let verbs: &[&'static str] = match (method.as_str(), name, watch) {
+            ("POST", None, _) => &["create"],
+            ("GET", None, true) => &["watch"],
+            ("GET", None, false) => &["list"],
+            ("GET", Some(_), _) => &["get"],
+            ("PATCH", Some(_), _) => &["patch", "create"],
+            ("PUT", Some(_), _) => &["update"],
+            ("DELETE", Some(_), _) => &["delete"],
+            _ => panic!("{method} {path}: not a request the authoriser knows"),
+        };
+        verbs
+            .iter()
+            .map(|verb| Attributes {
+                group: group.to_owned(),
+                resource: resource.to_owned(),
+                namespace: namespace.map(str::to_owned),
+                verb,
+                name: name.map(str::to_owned),
+            })
+            .collect()
+    }
+}
+
+/// A rule of the CA's ClusterRole or Role.
+#[derive(Debug)]
+struct Rule {
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    resource_names: Vec<String>,
+}
+
+/// One (group, resource, verb, name) a rule grants.
+#[derive(Debug)]
+struct Grant {
+    group: String,
+    resource: String,
+    verb: String,
+    name: Option<String>,
+}
+
+impl Grant {
+    fn covers(&self, a: &Attributes) -> bool {
+        self.group == a.group
+            && self.resource == a.resource
+            && self.verb == a.verb
+            && (self.name.is_none() || self.name == a.name)
+    }
+}
+
+impl Rule {
+    fn of(rule: &Value) -> Rule {
+        let strings = |field: &str| -> Vec<String> {
+            rule[field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    let s = v.as_str().unwrap_or_else(|| panic!("{field} holds {v}"));
+                    assert_ne!(s, "*", "deploy/ca.yaml: a wildcard in {rule}");
+                    s.to_owned()
+                })
+                .collect()
+        };
+        Rule {
+            api_groups: strings("apiGroups"),
+            resources: strings("resources"),
+            verbs: strings("verbs"),
+            resource_names: strings("resourceNames"),
+        }
+    }
+
+    /// Kubernetes' `RuleAllows`.
+    fn allows(&self, a: &Attributes) -> bool {
+        self.api_groups.contains(&a.group)
+            && self.resources.contains(&a.resource)
+            && self.verbs.iter().any(|v| v == a.verb)
+            && (self.resource_names.is_empty()
+                || a.name
+                    .as_ref()
+                    .is_some_and(|n| self.resource_names.contains(n)))
+    }
+
+    fn grants(&self) -> Vec<Grant> {
+        let names: Vec<Option<String>> = if self.resource_names.is_empty() {
+            vec![None]
+        } else {
+            self.resource_names.iter().cloned().map(Some).collect()
+        };
+        let mut out = Vec::new();
+        for group in &self.api_groups {
+            for resource in &self.resources {
+                for verb in &self.verbs {
+                    for name in &names {
+                        out.push(Grant {
+                            group: group.clone(),
+                            resource: resource.clone(),
+                            verb: verb.clone(),
+                            name: name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The rules of deploy/ca.yaml's ClusterRole and Role `ambit-ca`, after checking that their
+/// bindings give them to the ServiceAccount the Deployment runs as.
+fn ca_rbac() -> (Vec<Rule>, Vec<Rule>) {
+    use serde::Deserialize as _;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/ca.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect();
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == CA_ROLE)
+            .unwrap_or_else(|| panic!("{}: no {kind} {CA_ROLE}", path.display()))
+    };
+    assert_eq!(
+        find("Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+        CA_ROLE
+    );
+    for (binding, role) in [
+        ("ClusterRoleBinding", "ClusterRole"),
+        ("RoleBinding", "Role"),
+    ] {
+        let b = find(binding);
+        assert_eq!(b["roleRef"]["kind"], role, "{b}");
+        assert_eq!(b["roleRef"]["name"], CA_ROLE, "{b}");
+        assert!(
+            b["subjects"].as_array().is_some_and(|s| s
+                .iter()
+                .any(|s| s["kind"] == "ServiceAccount"
+                    && s["name"] == CA_ROLE
+                    && s["namespace"] == CA_NAMESPACE)),
+            "{b}"
+        );
+    }
+    assert_eq!(find("Role")["metadata"]["namespace"], CA_NAMESPACE);
+    let rules = |kind: &str| -> Vec<Rule> {
+        find(kind)["rules"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{kind} {CA_ROLE} has no rules"))
+            .iter()
+            .map(Rule::of)
+            .collect()
+    };
+    (rules("ClusterRole"), rules("Role"))
 }
