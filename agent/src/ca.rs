@@ -246,7 +246,13 @@ impl RunningCa {
     }
 }
 
-/// Writes the trust bundle into its ConfigMap (server-side apply), retrying until it works.
+/// How often the bundle is applied again once published, so that a ConfigMap deleted or edited
+/// by hand comes back (as Istio's namespace controller restores `istio-ca-root-cert`). An apply
+/// of unchanged content writes nothing.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps the trust bundle in its ConfigMap (server-side apply), retrying with backoff on
+/// failure, until the task is dropped.
 async fn publish_bundle(client: Client, namespace: String, name: String, pem: String) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let cm = serde_json::json!({
@@ -256,15 +262,23 @@ async fn publish_bundle(client: Client, namespace: String, name: String, pem: St
         "data": { BUNDLE_KEY: pem },
     });
     let params = PatchParams::apply("ambit-ca").force();
+    let configmap = format!("{namespace}/{name}");
     let mut backoff = Duration::from_millis(500);
+    let mut written: Option<String> = None;
     loop {
         match api.patch(&name, &params, &Patch::Apply(&cm)).await {
-            Ok(_) => {
-                info!(configmap = %format!("{namespace}/{name}"), "trust bundle published");
-                return;
+            Ok(applied) => {
+                // A new resource version: created, or restored after a change by someone else.
+                let version = applied.metadata.resource_version;
+                if version.is_none() || version != written {
+                    info!(configmap = %configmap, "trust bundle published");
+                    written = version;
+                }
+                backoff = Duration::from_millis(500);
+                tokio::time::sleep(REPUBLISH_EVERY).await;
             }
             Err(e) => {
-                warn!(configmap = %format!("{namespace}/{name}"), error = %e, retry_in = ?backoff, "cannot publish the trust bundle");
+                warn!(configmap = %configmap, error = %e, retry_in = ?backoff, "cannot publish the trust bundle");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

@@ -23,6 +23,7 @@ use crate::identity::{
     DEFAULT_TRUST_DOMAIN,
 };
 
+mod bundle;
 mod refusals;
 
 const AGENT_NS: &str = "ambit-system";
