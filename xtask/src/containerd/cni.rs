@@ -6,6 +6,7 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -15,8 +16,9 @@ use super::daemon::Containerd;
 /// Where reservations live: one file per /24, holding the owner's pid, shared by every harness
 /// on the host.
 const RESERVATIONS_DIR: &str = "ambit-test-networks";
-/// The /24s handed out: 10.231.0.0/24 up to 10.238.255.0/24.
-const FIRST_SECOND_OCTET: u8 = 231;
+/// The /24s handed out: 10.232.0.0/24 up to 10.239.255.0/24 (tests with fixed networks have
+/// used 10.231.x).
+const FIRST_SECOND_OCTET: u8 = 232;
 const SLOTS: u32 = 8 * 256;
 
 /// A bridge network reserved for one harness: its /24 and bridge name are used by no other
@@ -31,7 +33,7 @@ pub struct ReservedNetwork {
 
 impl ReservedNetwork {
     fn of_slot(slot: u32) -> ReservedNetwork {
-        // slot < SLOTS: the second octet stays within 231..=238.
+        // slot < SLOTS: the second octet stays within 232..=239.
         let second = FIRST_SECOND_OCTET + (slot / 256) as u8;
         ReservedNetwork {
             bridge: format!("ambit{slot}"),
@@ -68,7 +70,8 @@ fn stale(file: &Path) -> bool {
 impl Containerd {
     /// Reserves a /24 and a bridge name no other live harness on the host holds (a file created
     /// exclusively per /24 under the temp dir, released when this harness is dropped; one whose
-    /// owner died is taken over). Write its config with [`Containerd::write_bridge_network`].
+    /// owner died is taken over), skipping any /24 the host already routes (a network some test
+    /// made with fixed names). Write its config with [`Containerd::write_reserved_network`].
     pub fn reserve_network(&self) -> Result<ReservedNetwork> {
         let dir = std::env::temp_dir().join(RESERVATIONS_DIR);
         fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -81,8 +84,21 @@ impl Containerd {
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b)))
             % SLOTS;
         let me = std::process::id().to_string();
+        // A network some test made with fixed names (no reservation) shows as a route.
+        let routes = Command::new("ip")
+            .args(["-4", "route", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
         for i in 0..SLOTS {
             let slot = (start + i) % SLOTS;
+            let subnet = ReservedNetwork::of_slot(slot).subnet();
+            if routes
+                .lines()
+                .any(|r| r.split_whitespace().next() == Some(&subnet))
+            {
+                continue;
+            }
             let file = dir.join(slot.to_string());
             let created = fs::OpenOptions::new()
                 .write(true)
