@@ -54,6 +54,8 @@ pub enum AppError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Cni(#[from] crate::node::cni::CniError),
 }
 
 /// Where the cluster's objects come from.
@@ -104,6 +106,8 @@ pub struct AgentConfig {
     pub destination_l7: bool,
     /// See `--same-node-shortcut`.
     pub same_node_shortcut: bool,
+    /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
+    pub cni_dir: Option<PathBuf>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -125,6 +129,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         Some(addr) => Some(control_rt.block_on(debug::bind(addr))?),
         None => None,
     };
+    let cni_listener = cfg
+        .cni_dir
+        .as_deref()
+        .map(crate::node::cni::bind)
+        .transpose()?;
     // A cluster source must have credentials before anything is installed on the node.
     let source = start_source(&cfg, &control_rt)?;
 
@@ -181,9 +190,26 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 
-    let mut control = Control::new(&cfg, node, pi, store, metrics, source);
+    let cni = match (cni_listener, &cfg.cni_dir) {
+        (Some(listener), Some(dir)) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            info!(socket = %ambit_cni::proto::socket_path(dir).display(), "serving the CNI plugin");
+            control_rt.spawn(crate::node::cni::serve(listener, tx));
+            Some((rx, dir.clone()))
+        }
+        _ => None,
+    };
+    let mut control = Control::new(&cfg, node, pi, store, metrics, source, cni);
     control_rt.block_on(control.run());
     let mut node = control.into_node();
+    if let Some(dir) = &cfg.cni_dir {
+        // The plugin now finds nobody listening and decides from the node state, which stays
+        // (fail closed for meshed pods) unless the agent is uninstalled.
+        let _ = std::fs::remove_file(ambit_cni::proto::socket_path(dir));
+        if cfg.uninstall_on_exit {
+            let _ = std::fs::remove_file(ambit_cni::proto::node_state_path(dir));
+        }
+    }
 
     if cfg.uninstall_on_exit {
         node.unenrol_all();

@@ -169,6 +169,11 @@ struct RunArgs {
     /// HBONE through the node's own network.
     #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_shortcut: bool,
+    /// Serve the `ambit-cni` plugin: its socket (`cni.sock`) and the node state it reads while the
+    /// agent is down (`cni-node.json`) live in this directory, the plugin's `runDir`
+    /// (default /var/run/ambit). Unset: no plugin is served.
+    #[arg(long, env = "AMBIT_CNI_DIR")]
+    cni_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -245,6 +250,7 @@ impl RunArgs {
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
+            cni_dir: self.cni_dir,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

@@ -155,33 +155,38 @@ pub fn desired_pods(state: &State, node: &str, resolver: &dyn NetnsResolver) -> 
         if w.terminating {
             out.terminating += 1;
         }
-        // Bad values were reported when the pod was read; here they just exclude nothing.
-        let ports = |a: &str| {
-            parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or(""))
-                .unwrap_or_default()
-        };
-        out.pods.push(PodSpec {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            ips: w
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip: &IpAddr| !ip.is_unspecified())
-                .collect(),
-            netns_path,
-            excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
-            excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
-            service_account: if w.service_account.is_empty() {
-                "default".into()
-            } else {
-                w.service_account.clone()
-            },
-            baggage: baggage(w),
-            istio: w.istio.clone(),
-        });
+        out.pods.push(pod_spec(w, netns_path));
     }
     out
+}
+
+/// What enrolling `w` in the netns at `netns_path` means (its addresses are its own, as the
+/// source reports them).
+pub fn pod_spec(w: &Workload, netns_path: PathBuf) -> PodSpec {
+    // Bad values were reported when the pod was read; here they just exclude nothing.
+    let ports = |a: &str| {
+        parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or("")).unwrap_or_default()
+    };
+    PodSpec {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        ips: w
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip: &IpAddr| !ip.is_unspecified())
+            .collect(),
+        netns_path,
+        excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
+        excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account.clone()
+        },
+        baggage: baggage(w),
+        istio: w.istio.clone(),
+    }
 }
 
 /// The `baggage` header of the pod's tunnels (W3C baggage, the keys ztunnel sends): namespace,
