@@ -333,28 +333,33 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
     let world = World::new("cni-ctrd");
     let n1 = world.node("n1");
     let run_dir = cni_dir(&world);
-    ctrd.install_cni_plugin(&cni_bin(), "ambit-cni")
-        .expect("install the plugin");
     // The bridge name and subnet are this test's own (10.232.<pid % 200>.0/24).
     let k = (std::process::id() % 200) as u8;
     let subnet = format!("10.232.{k}.0/24");
     let gateway = Ipv4Addr::new(10, 232, k, 1);
     let ip = |n: u8| Ipv4Addr::new(10, 232, k, n);
-    let ambit = json!({"type": "ambit-cni", "runDir": run_dir}).to_string();
-    ctrd.write_bridge_network(
-        "10-ambit.conflist",
-        "1.0.0",
-        "ambit-test",
-        &format!("abcni{k}"),
-        &subnet,
-        &[&ambit],
-    )
-    .expect("network config");
+    // The node's primary CNI only: the agent installs ambit-cni into it.
+    let conflist = ctrd
+        .write_bridge_network(
+            "10-ambit.conflist",
+            "1.0.0",
+            "ambit-test",
+            &format!("abcni{k}"),
+            &subnet,
+            &[],
+        )
+        .expect("network config");
 
     let mut agent = LocalAgent::new(&world, &n1, &ambit_bin())
         .in_root_netns()
         .arg("--cni-dir")
-        .arg(run_dir.to_str().expect("utf8"));
+        .arg(run_dir.to_str().expect("utf8"))
+        .arg("--cni-conf-dir")
+        .arg(ctrd.cni_conf_dir().to_str().expect("utf8"))
+        .arg("--cni-bin-dir")
+        .arg(ctrd.cni_bin_dir().to_str().expect("utf8"))
+        .arg("--cni-plugin")
+        .arg(cni_bin().to_str().expect("utf8"));
     ClusterYaml::new()
         .ambient("mesh")
         .plain("plain")
@@ -365,6 +370,29 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
         .write(&agent.config_dir());
     agent.start(&world);
     agent.wait_for("a complete view", SETTLE, |s| s["ready"] == true);
+    let chain = || -> Vec<String> {
+        let text = std::fs::read(&conflist).unwrap_or_default();
+        let config: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
+        config["plugins"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|p| p["type"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let installed = settled(chain, |c| c.len() == 3);
+    assert_eq!(
+        installed,
+        vec!["bridge", "loopback", "ambit-cni"],
+        "the agent added itself to the node's chain\n{}",
+        agent.log_tail()
+    );
+    assert!(
+        ctrd.cni_bin_dir().join("ambit-cni").is_file(),
+        "binary installed"
+    );
     let server = LineServer::start();
     // The app's very first action is a connection, as soon as its process starts.
     let connect_first = |tag: &str| {
@@ -469,6 +497,19 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
         "the held container never ran"
     );
     alone.stop().expect("stop");
+    // Uninstall takes it out of the chain (the agent did not on a plain stop: pods stay held).
+    assert_eq!(chain(), vec!["bridge", "loopback", "ambit-cni"]);
+    let out = Command::new(ambit_bin())
+        .arg("cni-uninstall")
+        .arg("--cni-conf-dir")
+        .arg(ctrd.cni_conf_dir())
+        .arg("--cni-bin-dir")
+        .arg(ctrd.cni_bin_dir())
+        .output()
+        .expect("ambit cni-uninstall");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(chain(), vec!["bridge", "loopback"]);
+    assert!(!ctrd.cni_bin_dir().join("ambit-cni").exists());
     let left = ctrd.containers().expect("containers");
     assert!(left.is_empty(), "containers left: {left:?}");
 }

@@ -108,6 +108,9 @@ pub struct AgentConfig {
     pub same_node_shortcut: bool,
     /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
     pub cni_dir: Option<PathBuf>,
+    /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
+    /// None = installed by someone else.
+    pub cni_install: Option<crate::node::cni_install::InstallConfig>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -195,6 +198,14 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             info!(socket = %ambit_cni::proto::socket_path(dir).display(), "serving the CNI plugin");
             control_rt.spawn(crate::node::cni::serve(listener, tx));
+            if let Some(install) = cfg.cni_install.clone() {
+                // Only once the node state is written: from then on the plugin can let
+                // non-ambient pods start even while the agent is down.
+                let state = ambit_cni::proto::node_state_path(dir);
+                control_rt.spawn(crate::node::cni_install::watch(install, move || {
+                    state.exists()
+                }));
+            }
             Some((rx, dir.clone()))
         }
         _ => None,
@@ -207,6 +218,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         // (fail closed for meshed pods) unless the agent is uninstalled.
         let _ = std::fs::remove_file(ambit_cni::proto::socket_path(dir));
         if cfg.uninstall_on_exit {
+            if let Some(install) = &cfg.cni_install {
+                match crate::node::cni_install::uninstall(install) {
+                    Ok(()) => info!("ambit-cni removed from the node's CNI config"),
+                    Err(e) => warn!(error = %e, "removing ambit-cni from the node's CNI config"),
+                }
+            }
             let _ = std::fs::remove_file(ambit_cni::proto::node_state_path(dir));
         }
     }

@@ -3,6 +3,7 @@
 //! and the pod's entries in the capture maps. Unenrolment removes all of it.
 
 pub mod cni;
+pub mod cni_install;
 pub mod discovery;
 pub mod netns;
 pub mod transparent;
