@@ -119,6 +119,11 @@ fn run_with(command: Command, env: &Env, conf: &NetConf) -> Result<Option<Value>
             )),
         },
         Command::Version => Ok(Some(crate::spec::version_output(b""))),
+        // Ready whether or not the agent is up: without it ADD still decides, holding the pods
+        // that may be meshed (a failing STATUS would hold every pod of the node instead).
+        Command::Status => Ok(None),
+        // Nothing of a pod outlives its DEL in the plugin; the agent keeps its own state.
+        Command::Gc => Ok(None),
     }
 }
 

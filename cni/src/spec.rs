@@ -1,4 +1,5 @@
-//! The CNI specification's side (spec 1.0.0 and 0.4.0; 0.3.x results read the same): the
+//! The CNI specification's side (spec 1.0.0 and 0.4.0; 0.3.x results read the same; 1.1.0's
+//! STATUS and GC are answered): the
 //! environment a runtime sets, the network config on stdin, the error object, and the addresses
 //! in a previous plugin's result.
 
@@ -12,7 +13,7 @@ use thiserror::Error;
 
 /// The versions this plugin speaks (VERSION's answer). 0.3.x results have the same `ips` and
 /// `interfaces` as 0.4.0.
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// CNI's well-known error codes (spec "Error" section).
 pub mod code {
@@ -63,6 +64,10 @@ pub enum Command {
     Del,
     Check,
     Version,
+    /// 1.1.0: is the plugin ready for ADDs?
+    Status,
+    /// 1.1.0: release what belongs to no attachment the runtime still has.
+    Gc,
 }
 
 /// The runtime's environment variables (spec "Parameters").
@@ -99,12 +104,14 @@ impl Env {
             Some("DEL") => Ok(Command::Del),
             Some("CHECK") => Ok(Command::Check),
             Some("VERSION") => Ok(Command::Version),
+            Some("STATUS") => Ok(Command::Status),
+            Some("GC") => Ok(Command::Gc),
             Some(other) => Err(CniError::new(
                 code::INVALID_ENV,
                 "unsupported CNI_COMMAND",
                 format!(
-                    "CNI_COMMAND={other:?}: ambit-cni supports ADD, DEL, CHECK and VERSION \
-                     (spec {})",
+                    "CNI_COMMAND={other:?}: ambit-cni supports ADD, DEL, CHECK, VERSION, \
+                     STATUS and GC (spec {})",
                     SUPPORTED_VERSIONS.join(", ")
                 ),
             )),
@@ -119,7 +126,7 @@ impl Env {
     /// Checks the variables `command` requires (CNI_NETNS may be empty on DEL).
     pub fn require(&self, command: Command) -> Result<(), CniError> {
         let mut missing = Vec::new();
-        if command != Command::Version {
+        if matches!(command, Command::Add | Command::Del | Command::Check) {
             if self.container_id.is_empty() {
                 missing.push("CNI_CONTAINERID");
             }
@@ -349,7 +356,7 @@ mod tests {
         let e = env.require(Command::Add).unwrap_err();
         assert!(e.details.contains("CNI_NETNS"), "{e}");
         assert!(env.require(Command::Version).is_ok());
-        let e = Env::from_vars([("CNI_COMMAND".to_string(), "GC".to_string())])
+        let e = Env::from_vars([("CNI_COMMAND".to_string(), "REPAIR".to_string())])
             .command()
             .unwrap_err();
         assert_eq!(e.code, code::INVALID_ENV);
