@@ -5,11 +5,10 @@
 //! whose path contains the pod UID (`pod<uid>` with cgroupfs, `pod<uid_with_underscores>` with the
 //! systemd driver), so `/proc/<pid>/cgroup` leads to the pod and `/proc/<pid>/ns/net` to its netns.
 //! The lowest matching pid is the sandbox (pause) process, which lives as long as the pod.
-//! Race: a pod's first packets, before the agent has seen it, are not captured. Istio closes that
-//! gap with a CNI plugin that holds pod start until enrolment; ambit will do the same (a CNI
-//! plugin reporting the netns on ADD), and until then the window is one watch event plus one
-//! enrolment (milliseconds), during which the pod's connections are plain. A pod whose sandbox
-//! is not there yet is retried by the control loop, not left until the next config change.
+//! Pods started after the agent are reported by the CNI plugin on ADD (`node::cni`), which holds
+//! the pod until it is enrolled; what discovery finds here is then overridden. Discovery stays for
+//! pods that started before the agent (or without the plugin installed). A pod whose sandbox is
+//! not there yet is retried by the control loop, not left until the next config change.
 //!
 //! A terminating pod (deletionTimestamp set) stays enrolled while its sandbox runs, as ztunnel
 //! keeps it until its containers have exited: its traffic while shutting down stays meshed.
