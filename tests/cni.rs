@@ -513,3 +513,53 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
     let left = ctrd.containers().expect("containers");
     assert!(left.is_empty(), "containers left: {left:?}");
 }
+
+/// Issue 15's benchmark, not a timed test (run by hand: `cargo test -p ambit-agent --test cni
+/// -- --ignored --nocapture add_latency`): how long ADD takes to return, for 100 starts of an
+/// ambient pod (enrolled before ADD returns) and of a non-ambient one (the plugin's own cost).
+#[test]
+#[ignore]
+fn add_latency() {
+    let world = World::new("cni-bench");
+    let n1 = world.node("n1");
+    let meshed = world.pod("meshed").node(&n1).namespace("mesh").spawn();
+    let plain = world.pod("plain").node(&n1).namespace("plain").spawn();
+    let run_dir = cni_dir(&world);
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin())
+        .arg("--cni-dir")
+        .arg(run_dir.to_str().expect("utf8"));
+    let nowhere = Path::new("/nonexistent/ambit-cni-test");
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&meshed, &plain])
+        .netns_at(&meshed, nowhere)
+        .netns_at(&plain, nowhere)
+        .write(&agent.config_dir());
+    agent.start(&world);
+    agent.wait_for("a complete view", SETTLE, |s| s["ready"] == true);
+    for pod in [&meshed, &plain] {
+        let mut took = Vec::new();
+        for _ in 0..100 {
+            let t = std::time::Instant::now();
+            let add = exec_plugin("ADD", pod.netns_path(), pod, &run_dir);
+            took.push(t.elapsed());
+            assert!(add.ok, "{add:?}");
+            let del = exec_plugin("DEL", Path::new(""), pod, &run_dir);
+            assert!(del.ok, "{del:?}");
+            // A real start has a fresh netns: wait (untimed) until the last one's listeners
+            // have closed.
+            let left = settled(|| proxy_listeners(pod), |l| l.is_empty());
+            assert!(left.is_empty(), "{left:?}");
+        }
+        took.sort();
+        eprintln!(
+            "measured: ADD of {}/{} (100 starts): p50 {:?}, p99 {:?}, max {:?}",
+            pod.namespace(),
+            pod.name(),
+            took[49],
+            took[98],
+            took[99]
+        );
+    }
+}

@@ -38,6 +38,9 @@ struct PendingAdd {
     req: PodRequest,
     reply: oneshot::Sender<Answer>,
     since: Instant,
+    /// Why its enrolment failed last (retried until [`POD_WAIT`]: a listener of the netns's
+    /// previous enrolment may still be closing).
+    failed: Option<String>,
 }
 
 impl CniLoop {
@@ -103,10 +106,15 @@ impl Control {
                         req,
                         reply,
                         since: Instant::now(),
+                        failed: None,
                     });
                 }
-                // Whatever the source has queued first: the pod may be in it.
-                self.tick();
+                // Enrolled at once when the pod is known; otherwise whatever the source has
+                // queued may hold it.
+                self.cni_progress();
+                if self.cni.as_ref().is_some_and(|c| !c.pending.is_empty()) {
+                    self.tick();
+                }
                 return;
             }
             Request::Del(req) => self.cni_del(&req),
@@ -173,7 +181,7 @@ impl Control {
         }
         self.reconcile();
         let enrolled = self.node.pods();
-        for (key, add) in enrolling {
+        for (key, mut add) in enrolling {
             let netns = Path::new(&add.req.netns);
             if enrolled.iter().any(|p| p.pod == key && p.netns == netns) {
                 info!(pod = %key, netns = %netns.display(), took = ?add.since.elapsed(), "CNI ADD: enrolled");
@@ -183,25 +191,22 @@ impl Control {
             let problem = self.enrol_problems.iter().find(|p| {
                 matches!(&p.key, ProblemKey::Pod { namespace, name } if key == format!("{namespace}/{name}"))
             });
-            match problem {
-                Some(p) => {
-                    let _ = add.reply.send(Answer::Failed {
-                        message: p.message.clone(),
-                    });
-                }
-                // Not enrolled yet (the view is not complete enough to replace an enrolment of
-                // an older sandbox): checked again on the next tick.
-                None if add.since.elapsed() < POD_WAIT => {
-                    if let Some(cni) = self.cni.as_mut() {
-                        cni.pending.push(add);
-                    }
-                }
-                None => {
-                    let _ = add.reply.send(Answer::Failed {
-                        message: format!("pod {key} was not enrolled within {POD_WAIT:?}"),
-                    });
-                }
+            if let Some(p) = problem {
+                add.failed = Some(p.message.clone());
             }
+            if add.since.elapsed() < POD_WAIT {
+                // Retried on the next tick (the control loop's backoff reconciles again).
+                if let Some(cni) = self.cni.as_mut() {
+                    cni.pending.push(add);
+                }
+                continue;
+            }
+            let message = add
+                .failed
+                .take()
+                .unwrap_or_else(|| format!("pod {key} was not enrolled within {POD_WAIT:?}"));
+            warn!(pod = %key, "CNI ADD refused: {message}");
+            let _ = add.reply.send(Answer::Failed { message });
         }
     }
 
