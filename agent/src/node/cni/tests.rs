@@ -191,3 +191,53 @@ fn node_state_lists_namespaces_and_this_nodes_pods() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_socket_answers_each_request_line_and_refuses_garbage() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    let dir = std::env::temp_dir().join(format!("ambit-cni-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let listener = bind(&dir).expect("bind");
+    // A stale socket file is replaced, not an error.
+    drop(listener);
+    let listener = bind(&dir).expect("bind over a stale socket");
+    let (tx, mut rx) = mpsc::channel::<CniCall>(4);
+    tokio::spawn(serve(listener, tx));
+    tokio::spawn(async move {
+        while let Some(call) = rx.recv().await {
+            let pod = match &call.request {
+                Request::Add(r) | Request::Del(r) | Request::Check(r) => r.describe(),
+            };
+            let _ = call.reply.send(Answer::Enrolled { pod });
+        }
+    });
+    let ask = |line: Vec<u8>| {
+        let path = proto::socket_path(&dir);
+        async move {
+            let mut s = UnixStream::connect(path).await.expect("connect");
+            s.write_all(&line).await.expect("write");
+            let mut answer = String::new();
+            BufReader::new(s)
+                .read_line(&mut answer)
+                .await
+                .expect("answer");
+            serde_json::from_str::<Answer>(&answer).expect("answer JSON")
+        }
+    };
+    let garbage = ask(b"{not json\n".to_vec()).await;
+    assert!(
+        matches!(&garbage, Answer::Failed { message } if message.contains("bad request")),
+        "{garbage:?}"
+    );
+    let mut line =
+        serde_json::to_vec(&Request::Add(req(Some(("mesh", "web")), &[], "c1"))).unwrap();
+    line.push(b'\n');
+    assert_eq!(
+        ask(line).await,
+        Answer::Enrolled {
+            pod: "pod mesh/web".into()
+        }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
