@@ -505,9 +505,15 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
         .arg(ctrd.cni_conf_dir())
         .arg("--cni-bin-dir")
         .arg(ctrd.cni_bin_dir())
+        .arg("--cni-dir")
+        .arg(&run_dir)
         .output()
         .expect("ambit cni-uninstall");
     assert!(out.status.success(), "{out:?}");
+    assert!(
+        !ambit_cni::proto::node_state_path(&run_dir).exists(),
+        "node state removed"
+    );
     assert_eq!(chain(), vec!["bridge", "loopback"]);
     assert!(!ctrd.cni_bin_dir().join("ambit-cni").exists());
     let left = ctrd.containers().expect("containers");

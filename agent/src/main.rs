@@ -48,12 +48,14 @@ enum Cmd {
         bpffs: PathBuf,
     },
     /// Remove `ambit-cni` from the node's CNI config and bin dir (what `run --cni-conf-dir`
-    /// installed), e.g. after `kubectl delete -k deploy/`.
+    /// installed) and the agent's node state for it, e.g. after `kubectl delete -k deploy/`.
     CniUninstall {
         #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
         #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
         cni_bin_dir: PathBuf,
+        #[arg(long, env = "AMBIT_CNI_DIR", default_value = ambit_cni::proto::DEFAULT_RUN_DIR)]
+        cni_dir: PathBuf,
     },
     /// Mount bpffs at PATH unless it already is one, then exit (the DaemonSet's init container:
     /// pins must live in the host's bpffs to survive agent restarts).
@@ -417,14 +419,23 @@ fn main() -> ExitCode {
         Cmd::CniUninstall {
             cni_conf_dir,
             cni_bin_dir,
+            cni_dir,
         } => ambit::node::cni_install::uninstall(&ambit::node::cni_install::InstallConfig {
             conf_dir: cni_conf_dir.clone(),
             bin_dir: cni_bin_dir,
             plugin: PathBuf::new(),
-            run_dir: PathBuf::new(),
+            run_dir: cni_dir.clone(),
         })
         .map_err(anyhow::Error::from)
-        .map(|()| println!("ambit-cni removed from {}", cni_conf_dir.display())),
+        .map(|()| {
+            for file in [
+                ambit_cni::proto::node_state_path(&cni_dir),
+                ambit_cni::proto::socket_path(&cni_dir),
+            ] {
+                let _ = std::fs::remove_file(file);
+            }
+            println!("ambit-cni removed from {}", cni_conf_dir.display())
+        }),
         Cmd::Uninstall { bpffs } => ambit::ebpf::uninstall(&bpffs)
             .map_err(anyhow::Error::from)
             .map(|()| {
