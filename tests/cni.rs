@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use ambit::harness::{ClusterYaml, LocalAgent, Pod, World, STATE_DIR};
+use ambit::harness::{ClusterYaml, FakeKube, LocalAgent, Pod, World, STATE_DIR};
 use serde_json::{json, Value};
 use support::{ambit_bin, proxy_listeners, settled, settled_status, Mode, Server, SETTLE};
 use xtask::containerd::{busybox_image, Containerd};
@@ -268,6 +268,81 @@ fn an_add_waits_for_a_pod_the_source_has_not_shown_yet() {
     assert!(
         proxy_listeners(&early).is_empty(),
         "a pod without ADD stays where discovery leaves it"
+    );
+}
+
+#[test]
+fn in_kube_mode_the_add_brings_the_address_and_a_del_outlasts_the_proc_scan() {
+    let world = World::new("cni-kube");
+    let n1 = world.node("n1");
+    let web = world.pod("web").node(&n1).namespace("mesh").spawn();
+    let db = world.pod("db").node(&n1).namespace("plain").spawn();
+    let echo = SocketAddr::new(db.ip4().into(), 8080);
+    let _srv = Server::start(&db, &[echo], Mode::WhoamiEcho);
+    // The API server has `web` scheduled but no address for it yet: the kubelet reports it only
+    // after CNI ADD has returned.
+    let pending = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: mesh, uid: {uid}}}\n\
+         spec: {{nodeName: n1}}\nstatus: {{phase: Pending}}",
+        uid = web.uid()
+    );
+    let yaml = ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pod(&db)
+        .raw(&pending);
+    let fake = FakeKube::start(Some(n1.netns_path()));
+    fake.apply_yaml(&yaml.render())
+        .expect("seed the API server");
+    let agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let kubeconfig = agent.config_dir().join("kubeconfig");
+    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
+    let run_dir = cni_dir(&world);
+    let mut agent = agent
+        .kube(&kubeconfig)
+        .arg("--cni-dir")
+        .arg(run_dir.to_str().expect("utf8"));
+    agent.start(&world);
+    agent.wait_for("a complete view", SETTLE, |s| s["ready"] == true);
+    // The sandbox process runs (the /proc scan could find it by UID), as it does by CNI ADD.
+    let _sandbox = web.start_sandbox();
+
+    let add = exec_plugin("ADD", web.netns_path(), &web, &run_dir);
+    assert!(add.ok, "{add:?}\n{}", agent.log_tail());
+    assert_eq!(
+        proxy_listeners(&web).keys().copied().collect::<Vec<_>>(),
+        vec![15001, 15006, 15008],
+        "enrolled with the ADD's addresses before the API server has any"
+    );
+    let status = agent.wait_for("enrolled", SETTLE, |s| !enrolled(s).is_empty());
+    assert_eq!(
+        status["pods"][0]["netns"],
+        json!(web.netns_path()),
+        "in the netns the runtime named, not one found under /proc"
+    );
+    web.run(move || TcpStream::connect_timeout(&echo, SETTLE))
+        .expect("connect from web");
+    agent.wait_for("captured", SETTLE, |s| s["proxy"]["outbound_accepted"] == 1);
+
+    // DEL while a process of the sandbox still runs: the pod stays out (no re-enrolment through
+    // the /proc scan), over several reconciles.
+    let del = exec_plugin("DEL", Path::new(""), &web, &run_dir);
+    assert!(del.ok, "{del:?}");
+    let status = settled_status(&agent, no_residue);
+    assert!(no_residue(&status), "after DEL: {status}");
+    let gen = status["generation"].as_u64().unwrap_or(0);
+    // Something for the agent to reconcile: the pod's address arrives.
+    fake.apply_yaml(&pending.replace(
+        "status: {phase: Pending}",
+        &format!("status: {{phase: Running, podIP: \"{}\"}}", web.ip4()),
+    ))
+    .expect("pod address");
+    let later = agent.wait_for("a reconcile after the DEL", SETTLE, |s| {
+        s["generation"].as_u64().unwrap_or(0) > gen
+    });
+    assert!(
+        enrolled(&later).is_empty() && proxy_listeners(&web).is_empty(),
+        "a deleted sandbox is not enrolled again: {later}"
     );
 }
 
