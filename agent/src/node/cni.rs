@@ -287,10 +287,7 @@ impl CniPods {
             key.split_once('/')
                 .is_some_and(|(n, m)| n == ns && m == name)
         };
-        for key in self.added.keys().chain(self.deleted.iter()) {
-            desired.pods.retain(|p| !is(&p.namespace, &p.name, key));
-            desired.waiting.retain(|(ns, name, _)| !is(ns, name, key));
-        }
+        let mut specs = Vec::new();
         for w in state.enrolled_on(node) {
             let key = format!("{}/{}", w.namespace, w.name);
             let Some(added) = self.added.get(&key) else {
@@ -301,14 +298,21 @@ impl CniPods {
                 .as_ref()
                 .is_some_and(|uid| !w.uid.is_empty() && *uid != w.uid)
             {
+                // An ADD of an older pod of this name: the current one is discovery's.
                 continue;
             }
             let mut spec = pod_spec(&w, added.netns.clone());
             if !added.ips.is_empty() {
                 spec.ips = added.ips.clone();
             }
-            desired.pods.push(spec);
+            specs.push((key, spec));
         }
+        let replaced = specs.iter().map(|(k, _)| k);
+        for key in self.deleted.iter().chain(replaced) {
+            desired.pods.retain(|p| !is(&p.namespace, &p.name, key));
+            desired.waiting.retain(|(ns, name, _)| !is(ns, name, key));
+        }
+        desired.pods.extend(specs.into_iter().map(|(_, spec)| spec));
     }
 }
 

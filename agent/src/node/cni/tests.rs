@@ -241,3 +241,23 @@ async fn the_socket_answers_each_request_line_and_refuses_garbage() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_add_of_an_older_pod_of_the_same_name_leaves_the_current_one_to_discovery() {
+    let s = state();
+    let dir = std::env::temp_dir().join(format!("ambit-cni-netns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web"), b"").unwrap();
+    let resolver = AnnotatedNetns { dir: dir.clone() };
+    let mut older = req(Some(("mesh", "web")), &["10.8.0.99"], "c-old");
+    older.pod.as_mut().unwrap().uid = Some("u-older".into());
+    let mut pods = CniPods::default();
+    pods.add("mesh/web", &older);
+    let mut desired = desired_pods(&s, "n1", &resolver);
+    pods.apply(&s, "n1", &mut desired);
+    let _ = std::fs::remove_dir_all(&dir);
+    let web: Vec<_> = desired.pods.iter().filter(|p| p.name == "web").collect();
+    assert_eq!(web.len(), 1, "{desired:?}");
+    assert_eq!(web[0].netns_path, dir.join("web"), "discovery's netns");
+    assert_eq!(web[0].ips, vec!["10.8.0.2".parse::<IpAddr>().unwrap()]);
+}
