@@ -54,6 +54,8 @@ pub enum AppError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Cni(#[from] crate::node::cni::CniError),
 }
 
 /// Where the cluster's objects come from.
@@ -110,6 +112,11 @@ pub struct AgentConfig {
     pub destination_l7: bool,
     /// See `--same-node-shortcut`.
     pub same_node_shortcut: bool,
+    /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
+    pub cni_dir: Option<PathBuf>,
+    /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
+    /// None = installed by someone else.
+    pub cni_install: Option<crate::node::cni_install::InstallConfig>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -135,6 +142,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         Some(addr) => Some(control_rt.block_on(debug::bind(addr))?),
         None => None,
     };
+    let cni_listener = cfg
+        .cni_dir
+        .as_deref()
+        .map(crate::node::cni::bind)
+        .transpose()?;
     // A cluster source must have credentials before anything is installed on the node.
     let source = start_source(&cfg, &control_rt)?;
 
@@ -209,9 +221,40 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 
-    let mut control = Control::new(&cfg, node, pi, store, metrics, source);
+    let cni = match (cni_listener, &cfg.cni_dir) {
+        (Some(listener), Some(dir)) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            info!(socket = %ambit_cni::proto::socket_path(dir).display(), "serving the CNI plugin");
+            control_rt.spawn(crate::node::cni::serve(listener, tx));
+            if let Some(install) = cfg.cni_install.clone() {
+                // Only once the node state is written: from then on the plugin can let
+                // non-ambient pods start even while the agent is down.
+                let state = ambit_cni::proto::node_state_path(dir);
+                control_rt.spawn(crate::node::cni_install::watch(install, move || {
+                    state.exists()
+                }));
+            }
+            Some((rx, dir.clone()))
+        }
+        _ => None,
+    };
+    let mut control = Control::new(&cfg, node, pi, store, metrics, source, cni);
     control_rt.block_on(control.run());
     let mut node = control.into_node();
+    if let Some(dir) = &cfg.cni_dir {
+        // The plugin now finds nobody listening and decides from the node state, which stays
+        // (fail closed for meshed pods) unless the agent is uninstalled.
+        let _ = std::fs::remove_file(ambit_cni::proto::socket_path(dir));
+        if cfg.uninstall_on_exit {
+            if let Some(install) = &cfg.cni_install {
+                match crate::node::cni_install::uninstall(install) {
+                    Ok(()) => info!("ambit-cni removed from the node's CNI config"),
+                    Err(e) => warn!(error = %e, "removing ambit-cni from the node's CNI config"),
+                }
+            }
+            let _ = std::fs::remove_file(ambit_cni::proto::node_state_path(dir));
+        }
+    }
 
     if cfg.uninstall_on_exit {
         node.unenrol_all();

@@ -2,6 +2,8 @@
 //! listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), the proxy stages serving them,
 //! and the pod's entries in the capture maps. Unenrolment removes all of it.
 
+pub mod cni;
+pub mod cni_install;
 pub mod discovery;
 pub mod netns;
 pub mod transparent;

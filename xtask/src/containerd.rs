@@ -20,7 +20,6 @@
 
 use std::{
     fs,
-    io::Read as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -34,6 +33,12 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::cmd;
+
+mod container;
+mod image;
+
+pub use container::{Container, ContainerSpec, Exit};
+pub use image::{bridge_conflist, busybox_image};
 
 /// The containerd namespace every container of the harness lives in.
 pub const NAMESPACE: &str = "ambit-test";
@@ -374,13 +379,18 @@ disabled_plugins = [
             return;
         };
         for id in listed.lines().map(str::trim).filter(|id| !id.is_empty()) {
-            let _ = quiet(
-                self.ctr()
-                    .args(["tasks", "kill", "--signal", "SIGKILL", id]),
-            );
-            let _ = quiet(self.ctr().args(["tasks", "delete", "--force", id]));
-            let _ = quiet(self.ctr().args(["containers", "delete", id]));
+            self.remove(id);
         }
+    }
+
+    /// Kills and deletes one container's task and the container; errors are ignored.
+    fn remove(&self, id: &str) {
+        let _ = quiet(
+            self.ctr()
+                .args(["tasks", "kill", "--signal", "SIGKILL", id]),
+        );
+        let _ = quiet(self.ctr().args(["tasks", "delete", "--force", id]));
+        let _ = quiet(self.ctr().args(["containers", "delete", id]));
     }
 }
 
@@ -499,379 +509,4 @@ fn unmount_below(dir: &Path) {
     for point in points {
         let _ = quiet(Command::new("umount").arg("--lazy").arg(&point));
     }
-}
-
-/// A container about to be run; see [`Containerd::container`].
-pub struct ContainerSpec<'a> {
-    harness: &'a Containerd,
-    id: String,
-    image: String,
-    cni: bool,
-    args: Vec<String>,
-    labels: Vec<String>,
-    options: Vec<String>,
-}
-
-impl<'a> ContainerSpec<'a> {
-    /// Runs the container with `ctr run --cni`: ctr runs the chain in [`Containerd::cni_conf_dir`]
-    /// (ADD before the process starts, DEL when it has exited).
-    pub fn cni(mut self) -> Self {
-        self.cni = true;
-        self
-    }
-
-    /// The process to run (the image has no default command).
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.args = args.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// More `ctr run` flags, before the image: how a pod spec would run it (`--mount`,
-    /// `--cap-add`/`--cap-drop`, `--with-ns`, `--read-only`, `--seccomp`, `--env`).
-    pub fn options<I, S>(mut self, options: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.options.extend(options.into_iter().map(Into::into));
-        self
-    }
-
-    /// A containerd label on the container (`ctr run --label key=value`).
-    pub fn label(mut self, key: &str, value: &str) -> Self {
-        self.labels.push(format!("{key}={value}"));
-        self
-    }
-
-    /// Starts `ctr run --rm --cgroup <parent>/<id> [--cni] <image> <id> <args>` in the foreground, as a child of the
-    /// test, in a private mount namespace where the harness's CNI directories are the node's.
-    /// Returns at once: wait for what the test needs with [`Container`]'s methods.
-    pub fn start(self) -> Result<Container<'a>> {
-        let harness = self.harness;
-        for path in [CNI_CONF_PATH, CNI_BIN_PATHS[0], CNI_CACHE_PATH] {
-            fs::create_dir_all(path)
-                .with_context(|| format!("failed to create the mount point {path}"))?;
-        }
-        let out_path = harness.dir.join(format!("{}.stdout", self.id));
-        let err_path = harness.dir.join(format!("{}.stderr", self.id));
-        let stdout = fs::File::create(&out_path)
-            .with_context(|| format!("failed to create {}", out_path.display()))?;
-        let stderr = fs::File::create(&err_path)
-            .with_context(|| format!("failed to create {}", err_path.display()))?;
-        // unshare execs sh, which execs ctr: the child's pid is ctr's.
-        let script = format!(
-            "set -e; mount --bind \"$1\" {CNI_CONF_PATH}; mount --bind \"$2\" {}; \
-             mount --bind \"$2\" {}; mount --bind \"$3\" {CNI_CACHE_PATH}; shift 3; exec \"$@\"",
-            CNI_BIN_PATHS[0], CNI_BIN_PATHS[1]
-        );
-        let ctr = harness.ctr();
-        let mut command = Command::new("unshare");
-        command
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(script)
-            .arg("sh")
-            .arg(harness.cni_conf_dir())
-            .arg(harness.cni_bin_dir())
-            .arg(harness.cni_cache_dir())
-            .arg(ctr.get_program())
-            .args(ctr.get_args())
-            .args(["run", "--rm", "--cgroup"])
-            .arg(format!("{}/{}", harness.cgroup_parent, self.id));
-        if self.cni {
-            command.arg("--cni");
-        }
-        for label in &self.labels {
-            command.arg("--label").arg(label);
-        }
-        command.args(&self.options);
-        command.arg(&self.image).arg(&self.id).args(&self.args);
-        let description = cmd::describe(&command);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("failed to start `{description}`"))?;
-        Ok(Container {
-            harness,
-            id: self.id,
-            ctr: Some(child),
-            out_path,
-            err_path,
-        })
-    }
-}
-
-/// A container run by a foreground `ctr run`. Dropping it kills the task and waits for ctr,
-/// which runs CNI DEL and removes the container.
-pub struct Container<'a> {
-    harness: &'a Containerd,
-    id: String,
-    ctr: Option<Child>,
-    out_path: PathBuf,
-    err_path: PathBuf,
-}
-
-/// How a container's `ctr run` ended.
-#[derive(Debug)]
-pub struct Exit {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Container<'_> {
-    /// The container id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// What the container (and ctr) printed so far.
-    pub fn stdout(&self) -> String {
-        read_lossy(&self.out_path)
-    }
-
-    /// What ctr printed on stderr so far (CNI errors land here).
-    pub fn stderr(&self) -> String {
-        read_lossy(&self.err_path)
-    }
-
-    /// Waits until the task is running (after CNI ADD returned) and returns its pid; fails if
-    /// `ctr run` ends first, with what it printed.
-    pub fn wait_running(&mut self, timeout: Duration) -> Result<u32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((pid, status)) = self.harness.task_status(&self.id)? {
-                if status == "RUNNING" {
-                    return Ok(pid);
-                }
-            }
-            if let Some(status) = self.try_exit()? {
-                bail!(
-                    "container {} ended before running ({status}); ctr said: {}",
-                    self.id,
-                    self.stderr().trim()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "container {} not running within {timeout:?}; ctr said: {}",
-                    self.id,
-                    self.stderr().trim()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
-        match self.ctr.as_mut() {
-            Some(child) => child.try_wait().context("failed to poll ctr"),
-            None => Err(anyhow!("container {} was already waited for", self.id)),
-        }
-    }
-
-    /// Waits until stdout contains `needle` and returns stdout; fails on timeout or if ctr ends
-    /// without printing it.
-    pub fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.stdout();
-            if out.contains(needle) {
-                return Ok(out);
-            }
-            if let Some(status) = self.try_exit()? {
-                let out = self.stdout();
-                if out.contains(needle) {
-                    return Ok(out);
-                }
-                bail!(
-                    "container {} ended ({status}) without printing {needle:?}; stdout: {out:?}; \
-                     ctr said: {}",
-                    self.id,
-                    self.stderr().trim()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "container {} did not print {needle:?} within {timeout:?}; stdout: {out:?}; \
-                     ctr said: {}",
-                    self.id,
-                    self.stderr().trim()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Runs a command in the running container (`ctr tasks exec`) and returns its stdout.
-    pub fn exec(&self, args: &[&str]) -> Result<String> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let exec_id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        cmd::output(
-            self.harness
-                .ctr()
-                .args(["tasks", "exec", "--exec-id", &exec_id, &self.id])
-                .args(args),
-        )
-    }
-
-    /// The IPv4 address of the container's `eth0`, as the container sees it.
-    pub fn ipv4(&self) -> Result<std::net::Ipv4Addr> {
-        let out = self.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
-        // `2: eth0    inet 10.0.0.2/24 brd ... scope global eth0`
-        let cidr = out
-            .split_whitespace()
-            .skip_while(|word| *word != "inet")
-            .nth(1)
-            .ok_or_else(|| anyhow!("no IPv4 address on eth0 of {}: {out:?}", self.id))?;
-        let addr = cidr.split('/').next().unwrap_or(cidr);
-        addr.parse()
-            .with_context(|| format!("bad address {addr:?} on eth0 of {}", self.id))
-    }
-
-    /// Waits for `ctr run` to end (the process exited, or the start failed) within `timeout`.
-    pub fn wait(mut self, timeout: Duration) -> Result<Exit> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit()? {
-                self.ctr = None;
-                return Ok(Exit {
-                    status,
-                    stdout: self.stdout(),
-                    stderr: self.stderr(),
-                });
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "ctr run of {} did not end within {timeout:?}; ctr said: {}",
-                    self.id,
-                    self.stderr().trim()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the task and waits for `ctr run` to end: it runs CNI DEL, then removes the task and
-    /// the container.
-    pub fn stop(self) -> Result<Exit> {
-        let _ = quiet(
-            self.harness
-                .ctr()
-                .args(["tasks", "kill", "--signal", "SIGKILL", &self.id]),
-        );
-        self.wait(START_TIMEOUT)
-    }
-}
-
-impl Drop for Container<'_> {
-    fn drop(&mut self) {
-        let Some(mut child) = self.ctr.take() else {
-            return;
-        };
-        let _ = quiet(
-            self.harness
-                .ctr()
-                .args(["tasks", "kill", "--signal", "SIGKILL", &self.id]),
-        );
-        let deadline = Instant::now() + START_TIMEOUT;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-fn read_lossy(path: &Path) -> String {
-    let mut bytes = Vec::new();
-    if let Ok(mut file) = fs::File::open(path) {
-        let _ = file.read_to_end(&mut bytes);
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// Builds a tiny OCI image with umoci: busybox-static's `/bin/busybox` and a symlink per applet
-/// in `/bin`, `PATH=/bin`, no default command. Returns the OCI layout tarball written into `dir`
-/// (import it with [`Containerd::import`]).
-pub fn busybox_image(dir: &Path) -> Result<PathBuf> {
-    let layout = dir.join("busybox-layout");
-    let staging = dir.join("busybox-rootfs");
-    let tarball = dir.join("busybox.oci.tar");
-    let _ = fs::remove_dir_all(&layout);
-    let _ = fs::remove_dir_all(&staging);
-    let bin = staging.join("bin");
-    fs::create_dir_all(&bin).with_context(|| format!("failed to create {}", bin.display()))?;
-    let busybox = Path::new("/bin/busybox");
-    fs::copy(busybox, bin.join("busybox"))
-        .context("failed to copy /bin/busybox (is the Debian package busybox-static installed?)")?;
-    let applets = cmd::output(Command::new(busybox).arg("--list"))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet))
-                .with_context(|| format!("failed to link applet {applet}"))?;
-        }
-    }
-    let image = format!("{}:latest", layout.display());
-    cmd::output(
-        Command::new("umoci")
-            .arg("init")
-            .arg("--layout")
-            .arg(&layout),
-    )
-    .context("umoci init failed (is the Debian package umoci installed?)")?;
-    cmd::output(Command::new("umoci").args(["new", "--image", &image]))?;
-    cmd::output(
-        Command::new("umoci")
-            .args(["insert", "--image", &image])
-            .arg(&bin)
-            .arg("/bin"),
-    )?;
-    cmd::output(Command::new("umoci").args([
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "PATH=/bin",
-    ]))?;
-    cmd::output(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&layout)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("."),
-    )?;
-    Ok(tarball)
-}
-
-/// A conflist for `ctr run --cni`: `bridge` (with `host-local` IPAM on `subnet`, the bridge the
-/// gateway, a default route) then `loopback`, then the `extra` plugin objects (raw JSON) in
-/// order. `cni_version` is e.g. `1.0.0` or `0.4.0`. host-local keeps its leases under the
-/// harness's cache dir (its default /var/lib/cni/networks, mounted over).
-pub fn bridge_conflist(
-    cni_version: &str,
-    network: &str,
-    bridge: &str,
-    subnet: &str,
-    extra: &[&str],
-) -> String {
-    let mut plugins = vec![
-        format!(
-            r#"{{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
-      "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{subnet}"}}]],
-                "routes": [{{"dst": "0.0.0.0/0"}}]}}}}"#
-        ),
-        r#"{"type": "loopback"}"#.to_owned(),
-    ];
-    plugins.extend(extra.iter().map(|p| (*p).to_owned()));
-    format!(
-        "{{\n  \"cniVersion\": \"{cni_version}\",\n  \"name\": \"{network}\",\n  \"plugins\": [\n    {}\n  ]\n}}\n",
-        plugins.join(",\n    ")
-    )
 }
