@@ -5,6 +5,7 @@
 mod control;
 mod data_plane;
 pub mod debug;
+pub mod handover;
 mod status;
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +22,7 @@ use crate::config::kube::{KubeSource, KubeStats};
 use crate::config::{SourceEvent, DEFAULT_DOMAIN};
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
 use crate::identity::{CertConfig, LocalCa, SecretManager};
+use crate::node::adopt::{Offer, Role, Taken};
 use crate::node::Node;
 use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::hbone::{Pool, PoolConfig};
@@ -29,6 +31,7 @@ use crate::proxy::{Counters, ProxyInputs};
 use crate::state::store::Store;
 use control::{Control, Source};
 use data_plane::DataPlane;
+use handover::Successor;
 
 pub use status::Status;
 
@@ -104,6 +107,11 @@ pub struct AgentConfig {
     pub destination_l7: bool,
     /// See `--same-node-shortcut`.
     pub same_node_shortcut: bool,
+    /// See `--handover-socket`; None = no handover (a new agent binds listeners of its own once
+    /// the old one has exited).
+    pub handover_socket: Option<PathBuf>,
+    /// See `--drain-grace`.
+    pub drain_grace: Duration,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -115,14 +123,30 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     }
     let data_plane = DataPlane::start(cfg.data_plane_threads).map_err(AppError::Runtime)?;
     let control_rt = control_runtime()?;
+    // A running agent's listeners, if one serves the handover socket (an upgrade); it serves on
+    // until we confirm, once we have a complete view (`Node::prune_adopted`).
+    let offer = Offer::default();
+    let (successor, mut taken) = start_handover(&cfg, &offer);
     // Bound here: after entering the node's netns, and before anything is installed, so a taken
     // port stops the agent with nothing to undo.
     let admin_listener = match cfg.metrics_addr {
-        Some(addr) => Some(control_rt.block_on(crate::admin::bind(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Admin,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
     let debug_listener = match cfg.admin_addr {
-        Some(addr) => Some(control_rt.block_on(debug::bind(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Debug,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
     // A cluster source must have credentials before anything is installed on the node.
@@ -168,8 +192,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         own_ports: crate::proxy::hbone::target::own_ports(
             cfg.metrics_addr.into_iter().chain(cfg.admin_addr),
         ),
+        drain: Default::default(),
     });
-    let node = Node::new(capture, pi.clone(), data_plane.handles());
+    let node = Node::new(capture, pi.clone(), data_plane.handles()).with_handover(offer, taken);
     let metrics = Arc::new(agent_metrics(&pi, &source));
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
@@ -181,11 +206,19 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 
-    let mut control = Control::new(&cfg, node, pi, store, metrics, source);
+    let mut control = Control::new(&cfg, node, pi.clone(), store, metrics, source);
+    if let Some(s) = &successor {
+        control.stop_on(s.took_over());
+    }
     control_rt.block_on(control.run());
     let mut node = control.into_node();
+    let handed_over = successor.as_ref().is_some_and(|s| s.handed_over());
+    control_rt.block_on(drain(&pi, cfg.drain_grace));
 
-    if cfg.uninstall_on_exit {
+    if handed_over {
+        // Capture, pins and listeners are the successor's now: nothing here is undone.
+        info!("exiting; a successor agent serves this node");
+    } else if cfg.uninstall_on_exit {
         node.unenrol_all();
         if let Err(e) = crate::ebpf::uninstall(&cfg.capture.bpffs_root) {
             warn!(error = %e, "uninstall failed");
@@ -194,9 +227,109 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     } else {
         info!("exiting; capture stays pinned and refuses connections until an agent is back");
     }
+    if let (false, Some(s)) = (handed_over, &successor) {
+        s.remove_socket();
+    }
     drop(data_plane);
     Ok(())
 }
+
+/// Takes the listeners of the agent serving the handover socket, if any (errors are logged: the
+/// agent then starts afresh, its listeners bound once the old agent has exited), and prepares
+/// ours for a successor: listening now, or once we have taken over.
+fn start_handover(cfg: &AgentConfig, offer: &Offer) -> (Option<Arc<Successor>>, Taken) {
+    let Some(path) = &cfg.handover_socket else {
+        return (None, Taken::default());
+    };
+    let id = handover::Identity {
+        path: path.clone(),
+        node: cfg.node.clone(),
+        pin_dir: cfg.capture.pin_dir(),
+    };
+    let successor = Successor::new(id.clone(), offer.clone());
+    let listen = {
+        let s = successor.clone();
+        move || {
+            if let Err(e) = s.listen() {
+                warn!(error = %e, "no successor agent can take over from this one");
+            }
+        }
+    };
+    let received = handover::take(&id).unwrap_or_else(|e| {
+        warn!(error = %e, "taking over from the running agent failed; starting afresh");
+        None
+    });
+    let Some(received) = received else {
+        listen();
+        return (Some(successor), Taken::default());
+    };
+    info!(listeners = received.listeners.len(), socket = %path.display(), "took the running agent's listeners");
+    let confirm = received.confirm;
+    let taken = Taken::new(
+        received.listeners,
+        Box::new(move |_| {
+            match confirm.send() {
+                Ok(()) => info!("told the previous agent to stop accepting"),
+                Err(e) => {
+                    warn!(error = %e, "the previous agent could not be told to stop accepting; it drains when it is stopped")
+                }
+            }
+            listen();
+        }),
+    );
+    (Some(successor), taken)
+}
+
+/// The agent's own listener for `role` on `addr`: the previous agent's if it handed it over,
+/// else bound here; offered to a successor either way.
+fn own_listener(
+    rt: &Runtime,
+    taken: &mut Taken,
+    role: Role,
+    addr: SocketAddr,
+    offer: &Offer,
+) -> Result<tokio::net::TcpListener, AppError> {
+    let _in_rt = rt.enter();
+    let handed = taken.own(role, addr).and_then(|fd| {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true).ok()?;
+        tokio::net::TcpListener::from_std(l).ok()
+    });
+    let listener = match handed {
+        Some(l) => l,
+        None if role == Role::Admin => rt.block_on(crate::admin::bind(addr))?,
+        None => rt.block_on(debug::bind(addr))?,
+    };
+    match crate::node::adopt::describe(None, None, role, &listener, addr) {
+        Ok(h) => offer.set(&format!("agent {role:?}"), vec![h]),
+        Err(e) => warn!(?role, error = %e, "this listener cannot be handed to a successor"),
+    }
+    Ok(listener)
+}
+
+/// Stops accepting (every listener), sends GOAWAY on HBONE connections, and waits for the
+/// established connections to end, for at most `grace`; those still open then are closed when
+/// the data plane stops.
+async fn drain(pi: &ProxyInputs, grace: Duration) {
+    pi.drain.start();
+    pi.pool.drain();
+    let open = crate::proxy::worker::open_connections;
+    info!(connections = open(), grace = ?grace, "draining");
+    let deadline = tokio::time::Instant::now() + grace;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    match open() {
+        0 => info!("drained: every connection ended"),
+        n => warn!(
+            connections = n,
+            "drain grace period over: closing the connections still open"
+        ),
+    }
+}
+
+/// How often the drain looks at the connection count.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// `ambit check`: every problem in the files at `path`, as the agent would report them (file
 /// errors, then object errors with their file and document), without touching the node.

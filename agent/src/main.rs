@@ -169,6 +169,20 @@ struct RunArgs {
     /// HBONE through the node's own network.
     #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_shortcut: bool,
+    /// Unix socket where a new agent process on this node takes the listeners of the running one
+    /// over (an upgrade without refused connections); in a cluster a hostPath shared by the old
+    /// and the new agent pod. `off` or empty: no handover.
+    #[arg(
+        long,
+        env = "AMBIT_HANDOVER_SOCKET",
+        default_value = "/var/run/ambit/handover.sock"
+    )]
+    handover_socket: String,
+    /// How long a stopping agent (SIGTERM, or a successor took over) lets established connections
+    /// finish before it closes them. Istio's default (ProxyConfig terminationDrainDuration, and
+    /// ztunnel's drain) is 5s; keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "AMBIT_DRAIN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
 }
 
 impl RunArgs {
@@ -245,6 +259,11 @@ impl RunArgs {
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
+            handover_socket: match self.handover_socket.trim() {
+                "" | "off" => None,
+                path => Some(path.into()),
+            },
+            drain_grace: self.drain_grace,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

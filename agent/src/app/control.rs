@@ -124,6 +124,8 @@ pub(super) struct Control {
     /// Adopted pins of pods no longer there have been removed (once, at the first complete view).
     pruned: bool,
     map_sizes: MapSizes,
+    /// Notified when a successor agent has taken over: the loop ends as on SIGTERM.
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Control {
@@ -165,14 +167,20 @@ impl Control {
             seq: 0,
             pruned: false,
             map_sizes: MapSizes::default(),
+            stop: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Ends the loop when `stop` is notified.
+    pub(super) fn stop_on(&mut self, stop: Arc<tokio::sync::Notify>) {
+        self.stop = stop;
     }
 
     pub(super) fn into_node(self) -> Node {
         self.node
     }
 
-    /// Runs until SIGTERM or SIGINT.
+    /// Runs until SIGTERM or SIGINT, or a successor took over.
     pub(super) async fn run(&mut self) {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -188,6 +196,7 @@ impl Control {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = self.stop.notified() => break,
                 _ = ticker.tick() => {}
                 _ = sleep_until(retry_at) => {}
                 _ = dns_changed(self.dns.as_ref()) => {}

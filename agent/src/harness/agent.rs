@@ -334,10 +334,29 @@ impl LocalAgent {
         &self.bpffs
     }
 
+    /// Where a successor takes this agent's listeners over (one per agent: a test's agents must
+    /// never take over from another's).
+    pub fn handover_socket(&self) -> PathBuf {
+        self.dir.join("handover.sock")
+    }
+
     /// Starts the agent (again, after `kill`/`stop`). The world tracks the process for teardown.
     pub fn start(&mut self, world: &World) {
         assert!(self.process.is_none(), "agent already running");
         let _ = std::fs::remove_file(self.status_path());
+        self.process = Some(world.spawn(&mut self.command()));
+    }
+
+    /// Upgrades the running agent: starts a new agent process next to it, which takes its
+    /// listeners over through the handover socket; the old one then drains and exits on its own.
+    /// Returns the old process (to wait for its exit).
+    pub fn upgrade(&mut self, world: &World) -> Process {
+        let old = self.process.take().expect("an agent to upgrade");
+        self.process = Some(world.spawn(&mut self.command()));
+        old
+    }
+
+    fn command(&self) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -382,7 +401,14 @@ impl LocalAgent {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}")))
             .stderr(log);
-        self.process = Some(world.spawn(&mut cmd));
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--handover-socket"))
+        {
+            cmd.arg("--handover-socket").arg(self.handover_socket());
+        }
+        cmd
     }
 
     /// The last status the agent wrote, if any.
