@@ -194,7 +194,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         ),
         drain: Default::default(),
     });
-    let node = Node::new(capture, pi.clone(), data_plane.handles()).with_handover(offer, taken);
+    let node =
+        Node::new(capture, pi.clone(), data_plane.handles()).with_handover(offer.clone(), taken);
     let metrics = Arc::new(agent_metrics(&pi, &source));
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
@@ -213,6 +214,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     control_rt.block_on(control.run());
     let mut node = control.into_node();
     let handed_over = successor.as_ref().is_some_and(|s| s.handed_over());
+    offer.clear();
     control_rt.block_on(drain(&pi, cfg.drain_grace));
 
     if handed_over {

@@ -91,6 +91,12 @@ impl Offer {
         self.lock().remove(owner);
     }
 
+    /// Offers nothing more (the agent is stopping): the offer's descriptors must not keep a
+    /// listener open, or the kernel would go on completing handshakes nobody accepts.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// Every listener offered now, each a new descriptor (the offer keeps its own).
     pub fn snapshot(&self) -> io::Result<Vec<Handed>> {
         self.lock().values().flatten().map(Handed::dup).collect()

@@ -115,6 +115,16 @@ struct Conn {
     wake: Notify,
 }
 
+impl Conn {
+    /// No new stream; the connection is polled until its streams have ended, then closes.
+    fn wind_down(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
+        self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.wake.notify_one();
+    }
+}
+
 #[derive(Default)]
 struct Entry {
     conns: Vec<Arc<Conn>>,
@@ -288,17 +298,14 @@ impl Pool {
         let entries =
             std::mem::take(&mut *self.0.entries.lock().unwrap_or_else(|e| e.into_inner()));
         for conn in entries.into_values().flat_map(|e| e.conns) {
-            conn.draining.store(true, Ordering::Release);
-            conn.closed.store(true, Ordering::Release);
-            conn.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
-            conn.wake.notify_one();
+            conn.wind_down();
         }
     }
 
-    /// Takes `conn` out of the pool (it is failing); streams on it finish on their own.
+    /// Takes `conn` out of the pool (it failed, or the peer sent GOAWAY); streams on it finish on
+    /// their own: a peer that drains still serves them.
     fn retire(&self, key: &PoolKey, conn: &Arc<Conn>) {
-        conn.closed.store(true, Ordering::Release);
-        conn.wake.notify_one();
+        conn.wind_down();
         let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get_mut(key) {
             e.conns.retain(|c| !Arc::ptr_eq(c, conn));
@@ -518,7 +525,9 @@ async fn send_connect(
         .send_request(request, false)
         .map_err(SendError::Connection)?;
     let response = response.await.map_err(|e| {
-        if e.is_reset() {
+        // REFUSED_STREAM: the peer did not process it (RFC 9113 §8.7), e.g. it arrived after the
+        // peer's last GOAWAY: safe to send again on another connection.
+        if e.is_reset() && e.reason() != Some(h2::Reason::REFUSED_STREAM) {
             SendError::Pool(PoolError::H2 {
                 dst: key.dst,
                 source: e,
