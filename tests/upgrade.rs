@@ -387,3 +387,63 @@ fn past_the_grace_period_an_open_connection_is_closed_cleanly() {
     let mut buf = [0u8; 1];
     assert_eq!(open.read(&mut buf).expect("EOF, not a reset"), 0);
 }
+
+#[test]
+fn a_successor_that_goes_away_before_taking_over_leaves_the_old_agent_serving() {
+    let (world, client, dst, _srv, a1, _a2) = two_nodes("upgrade-abort", GRACE);
+    let late = world.pod("late").node("n1").namespace("mesh").spawn();
+    let capture = ambit::ebpf::CaptureConfig {
+        bpffs_root: a1.bpffs().to_path_buf(),
+        cgroup: "/".into(),
+        fast_path: false,
+    };
+    let me = ambit::app::handover::Identity {
+        path: a1.handover_socket(),
+        node: "n1".into(),
+        pin_dir: capture.pin_dir(),
+    };
+    // This test plays a successor that takes the listeners and never confirms.
+    let taken = ambit::app::handover::take(&me)
+        .expect("take")
+        .expect("the agent serves the handover socket");
+    let outbound = taken
+        .listeners
+        .iter()
+        .filter(|h| h.what.pod.as_deref() == Some("mesh/client"))
+        .count();
+    assert_eq!(
+        outbound, 6,
+        "client's 15001/15006/15008, IPv4 and IPv6: {:?}",
+        taken.listeners
+    );
+
+    // Meanwhile the old agent leaves its pods as they are: a new one is not enrolled...
+    let generation = a1.fresh_status()["generation"].as_u64().unwrap_or(0);
+    ClusterYaml::new()
+        .ambient("mesh")
+        .pods([&client, &late])
+        .write(&a1.config_dir());
+    let s = a1.wait_for("the new config reconciled", SETTLE, |s| {
+        s["generation"].as_u64() > Some(generation)
+    });
+    let pods: Vec<&str> = s["pods"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["pod"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        pods,
+        ["mesh/client"],
+        "no pod enrolled while a successor holds the listeners"
+    );
+    // ...and it still serves.
+    let mut open = held(&client, dst);
+    echoes(&mut open).expect("echo while a successor holds the listeners");
+
+    // The successor goes away: the old agent serves on, and applies what it held back.
+    drop(taken);
+    a1.wait_enrolled(&[&client, &late]);
+    echoes(&mut open).expect("echo after");
+    let mut again = held(&client, dst);
+    echoes(&mut again).expect("a new connection after");
+    assert_eq!(log_count(&a1, "the successor took over"), 0);
+}

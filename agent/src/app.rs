@@ -22,7 +22,7 @@ use crate::config::kube::{KubeSource, KubeStats};
 use crate::config::{SourceEvent, DEFAULT_DOMAIN};
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
 use crate::identity::{CertConfig, LocalCa, SecretManager};
-use crate::node::adopt::{Offer, Role, Taken};
+use crate::node::adopt::{NetnsId, Offer, Role, Taken};
 use crate::node::Node;
 use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::hbone::{Pool, PoolConfig};
@@ -209,7 +209,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
 
     let mut control = Control::new(&cfg, node, pi.clone(), store, metrics, source);
     if let Some(s) = &successor {
-        control.stop_on(s.took_over());
+        control.stop_on(s.took_over(), s.handing());
     }
     control_rt.block_on(control.run());
     let mut node = control.into_node();
@@ -292,17 +292,20 @@ fn own_listener(
     offer: &Offer,
 ) -> Result<tokio::net::TcpListener, AppError> {
     let _in_rt = rt.enter();
-    let handed = taken.own(role, addr).and_then(|fd| {
-        let l = std::net::TcpListener::from(fd);
-        l.set_nonblocking(true).ok()?;
-        tokio::net::TcpListener::from_std(l).ok()
-    });
+    let netns = NetnsId::current().ok();
+    let handed = netns
+        .and_then(|ns| taken.own(role, addr, ns))
+        .and_then(|fd| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).ok()?;
+            tokio::net::TcpListener::from_std(l).ok()
+        });
     let listener = match handed {
         Some(l) => l,
         None if role == Role::Admin => rt.block_on(crate::admin::bind(addr))?,
         None => rt.block_on(debug::bind(addr))?,
     };
-    match crate::node::adopt::describe(None, None, role, &listener, addr) {
+    match crate::node::adopt::describe(None, netns, role, &listener, addr) {
         Ok(h) => offer.set(&format!("agent {role:?}"), vec![h]),
         Err(e) => warn!(?role, error = %e, "this listener cannot be handed to a successor"),
     }

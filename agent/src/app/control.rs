@@ -126,6 +126,8 @@ pub(super) struct Control {
     map_sizes: MapSizes,
     /// Notified when a successor agent has taken over: the loop ends as on SIGTERM.
     stop: Arc<tokio::sync::Notify>,
+    /// Set while a successor is taking over: pods are neither enrolled nor unenrolled.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
@@ -168,12 +170,18 @@ impl Control {
             pruned: false,
             map_sizes: MapSizes::default(),
             stop: Arc::new(tokio::sync::Notify::new()),
+            paused: Default::default(),
         }
     }
 
-    /// Ends the loop when `stop` is notified.
-    pub(super) fn stop_on(&mut self, stop: Arc<tokio::sync::Notify>) {
+    /// Ends the loop when `stop` is notified, and leaves pods as they are while `paused`.
+    pub(super) fn stop_on(
+        &mut self,
+        stop: Arc<tokio::sync::Notify>,
+        paused: Arc<std::sync::atomic::AtomicBool>,
+    ) {
         self.stop = stop;
+        self.paused = paused;
     }
 
     pub(super) fn into_node(self) -> Node {
@@ -276,6 +284,13 @@ impl Control {
         if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
             // Which pods to enrol is not known yet: touch nothing.
             self.retry = Retry::default();
+            return;
+        }
+        if self.paused.load(std::sync::atomic::Ordering::Acquire) {
+            // A successor holds these pods' listeners: a pod enrolled now would be missing from
+            // what it took, one unenrolled would be served by it alone. Its own view decides;
+            // if it goes away instead, what changed meanwhile is applied on a retry.
+            self.retry.schedule(true, false);
             return;
         }
         let desired = desired_pods(&state, &self.node_name, self.resolver.as_ref());

@@ -210,6 +210,9 @@ pub struct Successor {
     offer: Offer,
     took_over: Arc<Notify>,
     handed_over: AtomicBool,
+    /// Set while a successor holds our listeners and has not confirmed: this agent then enrols
+    /// and unenrols no pod, so the two agents' sets of listeners stay the same.
+    handing: Arc<AtomicBool>,
     /// The inode of the socket file we bound: removed at exit only if it is still ours.
     bound: Mutex<Option<u64>>,
 }
@@ -221,6 +224,7 @@ impl Successor {
             offer,
             took_over: Arc::new(Notify::new()),
             handed_over: AtomicBool::new(false),
+            handing: Arc::new(AtomicBool::new(false)),
             bound: Mutex::new(None),
         })
     }
@@ -228,6 +232,11 @@ impl Successor {
     /// Notified (once) when a successor has taken over.
     pub fn took_over(&self) -> Arc<Notify> {
         self.took_over.clone()
+    }
+
+    /// True while a successor is taking over (see the field).
+    pub fn handing(&self) -> Arc<AtomicBool> {
+        self.handing.clone()
     }
 
     pub fn handed_over(&self) -> bool {
@@ -285,7 +294,9 @@ impl Successor {
                     return;
                 }
             };
-            match self.hand_over(conn.as_fd()) {
+            let handed = self.hand_over(conn.as_fd());
+            self.handing.store(false, Ordering::Release);
+            match handed {
                 Ok(()) => {
                     self.handed_over.store(true, Ordering::Release);
                     self.took_over.notify_one();
@@ -348,6 +359,8 @@ impl Successor {
             );
             return Err(HandoverError::Refused { reason });
         }
+        // From the snapshot on, pods stay as they are here until the successor confirms or goes.
+        self.handing.store(true, Ordering::Release);
         let offered = self
             .offer
             .snapshot()

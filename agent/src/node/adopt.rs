@@ -25,6 +25,11 @@ pub struct NetnsId {
 }
 
 impl NetnsId {
+    /// The netns the calling thread is in.
+    pub fn current() -> io::Result<NetnsId> {
+        NetnsId::of(&File::open("/proc/thread-self/ns/net")?)
+    }
+
     pub fn of(netns: &File) -> io::Result<NetnsId> {
         let m = netns.metadata()?;
         Ok(NetnsId {
@@ -145,12 +150,16 @@ impl Taken {
         }
     }
 
-    /// The agent's own listener for `role` on `addr`, if one was handed over.
-    pub fn own(&mut self, role: Role, addr: SocketAddr) -> Option<OwnedFd> {
-        let i = self
-            .pending
-            .iter()
-            .position(|h| h.what.pod.is_none() && h.what.role == role && h.what.addr == addr)?;
+    /// The agent's own listener for `role` on `addr` in `netns` (the one this agent runs in), if
+    /// one was handed over. In a cluster each agent pod has a netns of its own: the old pod's
+    /// listener is not ours to serve, and it goes with the old pod.
+    pub fn own(&mut self, role: Role, addr: SocketAddr, netns: NetnsId) -> Option<OwnedFd> {
+        let i = self.pending.iter().position(|h| {
+            h.what.pod.is_none()
+                && h.what.role == role
+                && h.what.addr == addr
+                && h.what.netns == Some(netns)
+        })?;
         self.adopted += 1;
         Some(self.pending.swap_remove(i).fd)
     }
