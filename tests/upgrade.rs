@@ -5,15 +5,16 @@
 //! new connections fail closed at once, established ones finish (or are closed cleanly past the
 //! grace period).
 
+mod l7support;
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use ambit::harness::{ClusterYaml, LocalAgent, Pod, Process, World};
+use ambit::harness::{ClusterYaml, LocalAgent, Pod, Process, SvcPort, World};
 use support::{ambit_bin, pattern, raise_fd_limit, wait_until, Fnv, Mode, Server, SETTLE};
 
 /// The client's rate of new connections.
@@ -446,4 +447,147 @@ fn a_successor_that_goes_away_before_taking_over_leaves_the_old_agent_serving() 
     let mut again = held(&client, dst);
     echoes(&mut again).expect("a new connection after");
     assert_eq!(log_count(&a1, "the successor took over"), 0);
+}
+
+/// The Service the keep-alive client calls (HTTP: served at L7 on both sides).
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 15, 10);
+
+/// What the keep-alive client saw.
+#[derive(Default)]
+struct KeepAlive {
+    ok: AtomicU64,
+    /// Responses that said `Connection: close` (a draining agent ending keep-alive).
+    closed_by_proxy: AtomicU64,
+    /// Requests sent again on a new connection because the idle one they went on was closed
+    /// (HTTP/1.1's keep-alive race, which clients retry).
+    resent: AtomicU64,
+    failed: Mutex<Vec<String>>,
+    stop: AtomicBool,
+}
+
+/// Sends GETs back to back on one HTTP/1.1 keep-alive connection, opening a new one when the
+/// proxy ends it, as an HTTP client does.
+async fn keep_alive_client(k: &KeepAlive) {
+    use l7support::{get, Conn};
+    let dst = l7support::sa(WEB, 80);
+    let mut conn = Conn::h1(dst).await;
+    let mut i = 0u64;
+    while !k.stop.load(Ordering::SeqCst) {
+        i += 1;
+        let path = format!("/ka/{i}");
+        let reply = match conn.send("web", get(&path, &[])).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                k.resent.fetch_add(1, Ordering::SeqCst);
+                conn = Conn::h1(dst).await;
+                conn.send("web", get(&path, &[])).await
+            }
+        };
+        match reply {
+            Ok(r) if r.status == 200 => {
+                k.ok.fetch_add(1, Ordering::SeqCst);
+                if r.header("connection").as_deref() == Some("close") {
+                    k.closed_by_proxy.fetch_add(1, Ordering::SeqCst);
+                    conn = Conn::h1(dst).await;
+                }
+            }
+            Ok(r) => k
+                .failed
+                .lock()
+                .unwrap()
+                .push(format!("{path}: {} {}", r.status, r.text())),
+            Err(e) => k.failed.lock().unwrap().push(format!("{path}: {e}")),
+        }
+    }
+}
+
+#[test]
+fn keep_alive_http_moves_to_the_new_agent_without_a_failed_request() {
+    raise_fd_limit();
+    let world = World::new("upgrade-l7");
+    let (n1, n2) = (world.node("n1"), world.node("n2"));
+    let ns = l7support::NS;
+    let client = world
+        .pod("client")
+        .node(&n1)
+        .namespace(ns)
+        .label("app", "client")
+        .spawn();
+    let server = world
+        .pod("server")
+        .node(&n2)
+        .namespace(ns)
+        .label("app", "server")
+        .spawn();
+    let yaml = ClusterYaml::new()
+        .ambient(ns)
+        .pods([&client, &server])
+        .service(
+            "web",
+            ns,
+            WEB,
+            &[SvcPort::named("http", 80, 8080)],
+            &[&server],
+            true,
+        );
+    let mut agents = l7support::start_agents(
+        &world,
+        &[(&n1, &[&client]), (&n2, &[&server])],
+        &yaml,
+        "",
+        &[GRACE.to_string()],
+    );
+    let _web = l7support::HttpApp::start(&server, 8080);
+    let k = KeepAlive::default();
+    let more = |n: u64| {
+        let from = k.ok.load(Ordering::SeqCst);
+        wait_until(&format!("{n} more requests"), || {
+            k.ok.load(Ordering::SeqCst) >= from + n
+        });
+    };
+    std::thread::scope(|s| {
+        let requests = s.spawn(|| client.run_async(|| keep_alive_client(&k)));
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = Stop(&k.stop);
+        for (agent, node) in agents.iter_mut().zip(["client's node", "server's node"]) {
+            more(50);
+            let drained = log_count(agent, "drained: every connection ended");
+            let old = agent.upgrade(&world);
+            // Keep-alive ended after a response, the old agent is left with nothing to serve:
+            // it exits drained, long before the grace period.
+            let exited = old.wait_timeout(SETTLE).expect("wait").unwrap_or_else(|| {
+                panic!(
+                    "{node}: a keep-alive connection held the old agent\n{}",
+                    agent.log_tail()
+                )
+            });
+            assert!(exited.success(), "{node}: exit {exited:?}");
+            assert!(
+                log_count(agent, "drained: every connection ended") > drained,
+                "{node}"
+            );
+            more(50);
+        }
+        k.stop.store(true, Ordering::SeqCst);
+        requests.join().expect("client");
+    });
+    let failed = k.failed.lock().unwrap();
+    println!(
+        "keep-alive across two upgrades: {} requests ok, {} failed; keep-alive ended by the \
+         draining proxy {} times, {} requests resent on a new connection (idle one closed)",
+        k.ok.load(Ordering::SeqCst),
+        failed.len(),
+        k.closed_by_proxy.load(Ordering::SeqCst),
+        k.resent.load(Ordering::SeqCst),
+    );
+    assert!(
+        failed.is_empty(),
+        "failed requests: {:?}",
+        &failed[..failed.len().min(10)]
+    );
 }
