@@ -17,6 +17,13 @@
 //! stop this one), old → new `listeners` batches (descriptors in the batch's order, at most
 //! [`MAX_FDS`] each, the last one marked), new → old `took_over`. Only a peer with our own uid
 //! is answered, and the socket file is 0600.
+//!
+//! Limits: an agent without this socket (older than the handover) cannot hand over, so the first
+//! upgrade to it still refuses new connections until the old agent has exited. Established
+//! connections end with the old agent's drain: L4 relays and HBONE streams finish (or are closed
+//! at the grace period); HTTP connections served at L7 end after their response in flight, and
+//! an HTTP/1.1 connection from another node's agent that the drain closes while idle can meet a
+//! request sent at that instant, which then fails (HTTP/1.1's keep-alive race; HTTP/2 has GOAWAY).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
