@@ -301,16 +301,19 @@ impl Successor {
                     return;
                 }
             };
-            let handed = self.hand_over(conn.as_fd());
-            self.handing.store(false, Ordering::Release);
-            match handed {
+            match self.hand_over(conn.as_fd()) {
                 Ok(()) => {
+                    // Pods stay paused: they are the successor's from here on, and this agent's
+                    // control loop may tick once more before it sees the notification.
                     self.handed_over.store(true, Ordering::Release);
                     self.took_over.notify_one();
                     // The socket file is the successor's now; ours closes here.
                     return;
                 }
-                Err(e) => warn!(error = %e, "a successor did not take over; serving on"),
+                Err(e) => {
+                    self.handing.store(false, Ordering::Release);
+                    warn!(error = %e, "a successor did not take over; serving on");
+                }
             }
         }
     }
