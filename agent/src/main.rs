@@ -321,6 +321,20 @@ struct RunArgs {
     cni_dir: Option<PathBuf>,
     #[command(flatten)]
     cni_install: CniInstallArgs,
+    /// Unix socket where a new agent process on this node takes the listeners of the running one
+    /// over (an upgrade without refused connections); in a cluster a hostPath shared by the old
+    /// and the new agent pod. `off` or empty: no handover.
+    #[arg(
+        long,
+        env = "AMBIT_HANDOVER_SOCKET",
+        default_value = "/var/run/ambit/handover.sock"
+    )]
+    handover_socket: String,
+    /// How long a stopping agent (SIGTERM, or a successor took over) lets established connections
+    /// finish before it closes them. Istio's default (ProxyConfig terminationDrainDuration, and
+    /// ztunnel's drain) is 5s; keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "AMBIT_DRAIN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
 }
 
 /// Where the node's CNI files are, for installing `ambit-cni` into them.
@@ -467,6 +481,11 @@ impl RunArgs {
             same_node_shortcut: self.same_node_shortcut,
             cni_install: self.cni_install.into_config(self.cni_dir.as_deref())?,
             cni_dir: self.cni_dir,
+            handover_socket: match self.handover_socket.trim() {
+                "" | "off" => None,
+                path => Some(path.into()),
+            },
+            drain_grace: self.drain_grace,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,

@@ -128,6 +128,10 @@ pub(super) struct Control {
     map_sizes: MapSizes,
     /// The CNI plugin's calls and what they reported; None without `--cni-dir`.
     cni: Option<cni::CniLoop>,
+    /// Notified when a successor agent has taken over: the loop ends as on SIGTERM.
+    stop: Arc<tokio::sync::Notify>,
+    /// Set while a successor is taking over: pods are neither enrolled nor unenrolled.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
@@ -171,14 +175,26 @@ impl Control {
             pruned: false,
             map_sizes: MapSizes::default(),
             cni: cni.map(|(calls, run_dir)| cni::CniLoop::new(calls, &run_dir)),
+            stop: Arc::new(tokio::sync::Notify::new()),
+            paused: Default::default(),
         }
+    }
+
+    /// Ends the loop when `stop` is notified, and leaves pods as they are while `paused`.
+    pub(super) fn stop_on(
+        &mut self,
+        stop: Arc<tokio::sync::Notify>,
+        paused: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        self.stop = stop;
+        self.paused = paused;
     }
 
     pub(super) fn into_node(self) -> Node {
         self.node
     }
 
-    /// Runs until SIGTERM or SIGINT.
+    /// Runs until SIGTERM or SIGINT, or a successor took over.
     pub(super) async fn run(&mut self) {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -195,6 +211,7 @@ impl Control {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = self.stop.notified() => break,
                 _ = ticker.tick() => {}
                 _ = sleep_until(retry_at) => {}
                 _ = dns_changed(self.dns.as_ref()) => {}
@@ -280,6 +297,13 @@ impl Control {
         if !(state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace)) {
             // Which pods to enrol is not known yet: touch nothing.
             self.retry = Retry::default();
+            return;
+        }
+        if self.paused.load(std::sync::atomic::Ordering::Acquire) {
+            // A successor holds these pods' listeners: a pod enrolled now would be missing from
+            // what it took, one unenrolled would be served by it alone. Its own view decides;
+            // if it goes away instead, what changed meanwhile is applied on a retry.
+            self.retry.schedule(true, false);
             return;
         }
         let mut desired = desired_pods(&state, &self.node_name, self.resolver.as_ref());
