@@ -5,6 +5,7 @@
 mod control;
 mod data_plane;
 pub mod debug;
+pub mod handover;
 mod status;
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +22,7 @@ use crate::config::kube::{KubeSource, KubeStats};
 use crate::config::{SourceEvent, DEFAULT_DOMAIN};
 use crate::ebpf::{Capture, CaptureConfig, EbpfError};
 use crate::identity::{CertConfig, CertificateAuthority, LocalCa, RemoteCa, SecretManager};
+use crate::node::adopt::{NetnsId, Offer, Role, Taken};
 use crate::node::Node;
 use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::hbone::{Pool, PoolConfig};
@@ -29,6 +31,7 @@ use crate::proxy::{Counters, ProxyInputs};
 use crate::state::store::Store;
 use control::{Control, Source};
 use data_plane::DataPlane;
+use handover::Successor;
 
 pub use status::Status;
 
@@ -54,6 +57,8 @@ pub enum AppError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Cni(#[from] crate::node::cni::CniError),
 }
 
 /// Where the cluster's objects come from.
@@ -110,6 +115,16 @@ pub struct AgentConfig {
     pub destination_l7: bool,
     /// See `--same-node-shortcut`.
     pub same_node_shortcut: bool,
+    /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
+    pub cni_dir: Option<PathBuf>,
+    /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
+    /// None = installed by someone else.
+    pub cni_install: Option<crate::node::cni_install::InstallConfig>,
+    /// See `--handover-socket`; None = no handover (a new agent binds listeners of its own once
+    /// the old one has exited).
+    pub handover_socket: Option<PathBuf>,
+    /// See `--drain-grace`.
+    pub drain_grace: Duration,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -121,20 +136,47 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     }
     let data_plane = DataPlane::start(cfg.data_plane_threads).map_err(AppError::Runtime)?;
     let control_rt = control_runtime()?;
+    // A running agent's listeners, if one serves the handover socket (an upgrade); it serves on
+    // until we confirm, once we have a complete view (`Node::prune_adopted`).
+    let offer = Offer::default();
+    let (successor, mut taken) = start_handover(&cfg, &offer);
     // Bound here: after entering the node's netns, and before anything is installed, so a taken
     // port stops the agent with nothing to undo.
     let admin_listener = match cfg.metrics_addr {
-        Some(addr) => Some(control_rt.block_on(crate::admin::bind(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Admin,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
     let readiness_listener = match cfg.readiness_addr {
-        Some(addr) => Some(control_rt.block_on(crate::admin::bind_readiness(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Readiness,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
     let debug_listener = match cfg.admin_addr {
-        Some(addr) => Some(control_rt.block_on(debug::bind(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Debug,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
+    let cni_listener = cfg
+        .cni_dir
+        .as_deref()
+        .map(crate::node::cni::bind)
+        .transpose()?;
     // A cluster source must have credentials before anything is installed on the node.
     let source = start_source(&cfg, &control_rt)?;
 
@@ -192,8 +234,10 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
                 .chain(cfg.admin_addr)
                 .chain(cfg.readiness_addr),
         ),
+        drain: Default::default(),
     });
-    let node = Node::new(capture, pi.clone(), data_plane.handles());
+    let node =
+        Node::new(capture, pi.clone(), data_plane.handles()).with_handover(offer.clone(), taken);
     let metrics = Arc::new(agent_metrics(&pi, &source));
     if let Some(listener) = admin_listener {
         info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz/ready and /healthz/live");
@@ -209,11 +253,58 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         control_rt.spawn(crate::admin::debug::serve(listener, Arc::new(admin)));
     }
 
-    let mut control = Control::new(&cfg, node, pi, store, metrics, source);
+    let cni = match (cni_listener, &cfg.cni_dir) {
+        (Some(listener), Some(dir)) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            info!(socket = %ambit_cni::proto::socket_path(dir).display(), "serving the CNI plugin");
+            control_rt.spawn(crate::node::cni::serve(listener, tx));
+            if let Some(install) = cfg.cni_install.clone() {
+                // Only once the node state is written: from then on the plugin can let
+                // non-ambient pods start even while the agent is down.
+                let state = ambit_cni::proto::node_state_path(dir);
+                control_rt.spawn(crate::node::cni_install::watch(install, move || {
+                    state.exists()
+                }));
+            }
+            Some((rx, dir.clone()))
+        }
+        _ => None,
+    };
+    let mut control = Control::new(&cfg, node, pi.clone(), store, metrics, source, cni);
+    if let Some(s) = &successor {
+        control.stop_on(s.took_over(), s.handing());
+    }
     control_rt.block_on(control.run());
     let mut node = control.into_node();
+    let handed_over = successor.as_ref().is_some_and(|s| s.handed_over());
+    offer.clear();
+    control_rt.block_on(drain(&pi, cfg.drain_grace));
+    match &cfg.cni_dir {
+        // The successor bound its own socket at that path when it started: it stays.
+        Some(_) if handed_over => {}
+        Some(dir) => {
+            // The plugin now finds nobody listening and decides from the node state, which stays
+            // (fail closed for meshed pods) unless the agent is uninstalled.
+            let _ = std::fs::remove_file(ambit_cni::proto::socket_path(dir));
+            if cfg.uninstall_on_exit {
+                if let Some(install) = &cfg.cni_install {
+                    match crate::node::cni_install::uninstall(install) {
+                        Ok(()) => info!("ambit-cni removed from the node's CNI config"),
+                        Err(e) => {
+                            warn!(error = %e, "removing ambit-cni from the node's CNI config")
+                        }
+                    }
+                }
+                let _ = std::fs::remove_file(ambit_cni::proto::node_state_path(dir));
+            }
+        }
+        None => {}
+    }
 
-    if cfg.uninstall_on_exit {
+    if handed_over {
+        // Capture, pins and listeners are the successor's now: nothing here is undone.
+        info!("exiting; a successor agent serves this node");
+    } else if cfg.uninstall_on_exit {
         node.unenrol_all();
         if let Err(e) = crate::ebpf::uninstall(&cfg.capture.bpffs_root) {
             warn!(error = %e, "uninstall failed");
@@ -222,9 +313,115 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
     } else {
         info!("exiting; capture stays pinned and refuses connections until an agent is back");
     }
+    if let (false, Some(s)) = (handed_over, &successor) {
+        s.remove_socket();
+    }
     drop(data_plane);
     Ok(())
 }
+
+/// Takes the listeners of the agent serving the handover socket, if any (errors are logged: the
+/// agent then starts afresh, its listeners bound once the old agent has exited), and prepares
+/// ours for a successor: listening now, or once we have taken over.
+fn start_handover(cfg: &AgentConfig, offer: &Offer) -> (Option<Arc<Successor>>, Taken) {
+    let Some(path) = &cfg.handover_socket else {
+        return (None, Taken::default());
+    };
+    let id = handover::Identity {
+        path: path.clone(),
+        node: cfg.node.clone(),
+        pin_dir: cfg.capture.pin_dir(),
+    };
+    let successor = Successor::new(id.clone(), offer.clone());
+    let listen = {
+        let s = successor.clone();
+        move || {
+            if let Err(e) = s.listen() {
+                warn!(error = %e, "no successor agent can take over from this one");
+            }
+        }
+    };
+    let received = handover::take(&id).unwrap_or_else(|e| {
+        warn!(error = %e, "taking over from the running agent failed; starting afresh");
+        None
+    });
+    let Some(received) = received else {
+        listen();
+        return (Some(successor), Taken::default());
+    };
+    info!(listeners = received.listeners.len(), socket = %path.display(), "took the running agent's listeners");
+    let confirm = received.confirm;
+    let taken = Taken::new(
+        received.listeners,
+        Box::new(move |_| {
+            match confirm.send() {
+                Ok(()) => info!("told the previous agent to stop accepting"),
+                Err(e) => {
+                    warn!(error = %e, "the previous agent could not be told to stop accepting; it drains when it is stopped")
+                }
+            }
+            listen();
+        }),
+    );
+    (Some(successor), taken)
+}
+
+/// The agent's own listener for `role` on `addr`: the previous agent's if it handed it over,
+/// else bound here; offered to a successor either way.
+fn own_listener(
+    rt: &Runtime,
+    taken: &mut Taken,
+    role: Role,
+    addr: SocketAddr,
+    offer: &Offer,
+) -> Result<tokio::net::TcpListener, AppError> {
+    let _in_rt = rt.enter();
+    let netns = NetnsId::current().ok();
+    let handed = netns
+        .and_then(|ns| taken.own(role, addr, ns))
+        .and_then(|fd| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).ok()?;
+            tokio::net::TcpListener::from_std(l).ok()
+        });
+    let listener = match handed {
+        Some(l) => l,
+        None => match role {
+            Role::Admin => rt.block_on(crate::admin::bind(addr))?,
+            Role::Readiness => rt.block_on(crate::admin::bind_readiness(addr))?,
+            _ => rt.block_on(debug::bind(addr))?,
+        },
+    };
+    match crate::node::adopt::describe(None, netns, role, &listener, addr) {
+        Ok(h) => offer.set(&format!("agent {role:?}"), vec![h]),
+        Err(e) => warn!(?role, error = %e, "this listener cannot be handed to a successor"),
+    }
+    Ok(listener)
+}
+
+/// Stops accepting (every listener), sends GOAWAY on HBONE connections, and waits for the
+/// established connections to end, for at most `grace`; those still open then are closed when
+/// the data plane stops.
+async fn drain(pi: &ProxyInputs, grace: Duration) {
+    pi.drain.start();
+    pi.pool.drain();
+    let open = crate::proxy::worker::open_connections;
+    info!(connections = open(), grace = ?grace, "draining");
+    let deadline = tokio::time::Instant::now() + grace;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    match open() {
+        0 => info!("drained: every connection ended"),
+        n => warn!(
+            connections = n,
+            "drain grace period over: closing the connections still open"
+        ),
+    }
+}
+
+/// How often the drain looks at the connection count.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// `ambit check`: every problem in the files at `path`, as the agent would report them (file
 /// errors, then object errors with their file and document), without touching the node.

@@ -47,6 +47,16 @@ enum Cmd {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
         bpffs: PathBuf,
     },
+    /// Remove `ambit-cni` from the node's CNI config and bin dir (what `run --cni-conf-dir`
+    /// installed) and the agent's node state for it, e.g. after `kubectl delete -k deploy/`.
+    CniUninstall {
+        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        #[arg(long, env = "AMBIT_CNI_DIR", default_value = ambit_cni::proto::DEFAULT_RUN_DIR)]
+        cni_dir: PathBuf,
+    },
     /// Mount bpffs at PATH unless it already is one, then exit (the DaemonSet's init container:
     /// pins must live in the host's bpffs to survive agent restarts).
     MountBpffs {
@@ -304,6 +314,72 @@ struct RunArgs {
     /// HBONE through the node's own network.
     #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_shortcut: bool,
+    /// Serve the `ambit-cni` plugin: its socket (`cni.sock`) and the node state it reads while the
+    /// agent is down (`cni-node.json`) live in this directory, the plugin's `runDir`
+    /// (default /var/run/ambit). Unset: no plugin is served.
+    #[arg(long, env = "AMBIT_CNI_DIR")]
+    cni_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cni_install: CniInstallArgs,
+    /// Unix socket where a new agent process on this node takes the listeners of the running one
+    /// over (an upgrade without refused connections); in a cluster a hostPath shared by the old
+    /// and the new agent pod. `off` or empty: no handover.
+    #[arg(
+        long,
+        env = "AMBIT_HANDOVER_SOCKET",
+        default_value = "/var/run/ambit/handover.sock"
+    )]
+    handover_socket: String,
+    /// How long a stopping agent (SIGTERM, or a successor took over) lets established connections
+    /// finish before it closes them. Istio's default (ProxyConfig terminationDrainDuration, and
+    /// ztunnel's drain) is 5s; keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "AMBIT_DRAIN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+}
+
+/// Where the node's CNI files are, for installing `ambit-cni` into them.
+#[derive(clap::Args)]
+struct CniInstallArgs {
+    /// The node's CNI network config dir (mounted, e.g. /host/etc/cni/net.d): `ambit-cni` is
+    /// added to its primary config and kept there (needs --cni-dir). Unset: not installed.
+    #[arg(long, env = "AMBIT_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin dir (mounted, e.g. /host/opt/cni/bin) the binary is copied into.
+    #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The `ambit-cni` binary to install [default: `ambit-cni` next to this `ambit`].
+    #[arg(long, env = "AMBIT_CNI_PLUGIN")]
+    cni_plugin: Option<PathBuf>,
+}
+
+impl CniInstallArgs {
+    fn into_config(
+        self,
+        run_dir: Option<&std::path::Path>,
+    ) -> Result<Option<ambit::node::cni_install::InstallConfig>, String> {
+        let Some(conf_dir) = self.cni_conf_dir else {
+            return Ok(None);
+        };
+        let run_dir = run_dir.ok_or("--cni-conf-dir (AMBIT_CNI_CONF_DIR) needs --cni-dir (AMBIT_CNI_DIR): the plugin must have an agent to ask")?;
+        let plugin = match self.cni_plugin {
+            Some(p) => p,
+            None => std::env::current_exe()
+                .map_err(|e| format!("--cni-plugin (AMBIT_CNI_PLUGIN) unset and this binary's path is unknown: {e}"))?
+                .with_file_name(ambit::node::cni_install::PLUGIN_TYPE),
+        };
+        if !plugin.is_file() {
+            return Err(format!(
+                "--cni-plugin (AMBIT_CNI_PLUGIN) {}: no such file",
+                plugin.display()
+            ));
+        }
+        Ok(Some(ambit::node::cni_install::InstallConfig {
+            conf_dir,
+            bin_dir: self.cni_bin_dir,
+            plugin,
+            run_dir: run_dir.to_path_buf(),
+        }))
+    }
 }
 
 impl RunArgs {
@@ -403,6 +479,13 @@ impl RunArgs {
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
+            cni_install: self.cni_install.into_config(self.cni_dir.as_deref())?,
+            cni_dir: self.cni_dir,
+            handover_socket: match self.handover_socket.trim() {
+                "" | "off" => None,
+                path => Some(path.into()),
+            },
+            drain_grace: self.drain_grace,
             pool: ambit::proxy::hbone::PoolConfig {
                 max_streams: self.pool_max_streams,
                 idle_timeout: self.pool_idle_timeout,
@@ -510,6 +593,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         Cmd::MountBpffs { path } => mount_bpffs(&path),
+        Cmd::CniUninstall {
+            cni_conf_dir,
+            cni_bin_dir,
+            cni_dir,
+        } => ambit::node::cni_install::uninstall(&ambit::node::cni_install::InstallConfig {
+            conf_dir: cni_conf_dir.clone(),
+            bin_dir: cni_bin_dir,
+            plugin: PathBuf::new(),
+            run_dir: cni_dir.clone(),
+        })
+        .map_err(anyhow::Error::from)
+        .map(|()| {
+            for file in [
+                ambit_cni::proto::node_state_path(&cni_dir),
+                ambit_cni::proto::socket_path(&cni_dir),
+            ] {
+                let _ = std::fs::remove_file(file);
+            }
+            println!("ambit-cni removed from {}", cni_conf_dir.display())
+        }),
         Cmd::Uninstall { bpffs } => ambit::ebpf::uninstall(&bpffs)
             .map_err(anyhow::Error::from)
             .map(|()| {

@@ -2,6 +2,9 @@
 //! listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), the proxy stages serving them,
 //! and the pod's entries in the capture maps. Unenrolment removes all of it.
 
+pub mod adopt;
+pub mod cni;
+pub mod cni_install;
 pub mod discovery;
 pub mod netns;
 pub mod transparent;
@@ -119,6 +122,10 @@ pub struct Node {
     workers: Vec<Handle>,
     pods: BTreeMap<String, EnrolledPod>,
     draining: Vec<Draining>,
+    /// The enrolled pods' listeners, for a successor agent (upgrade).
+    offer: adopt::Offer,
+    /// Listeners a predecessor handed over, until their pods are enrolled.
+    taken: adopt::Taken,
 }
 
 impl Node {
@@ -133,7 +140,17 @@ impl Node {
             workers,
             pods: BTreeMap::new(),
             draining: Vec::new(),
+            offer: adopt::Offer::default(),
+            taken: adopt::Taken::default(),
         }
+    }
+
+    /// Offers every enrolled pod's listeners in `offer` (for a successor), and serves pods with
+    /// the listeners in `taken` (from a predecessor) instead of new ones.
+    pub fn with_handover(mut self, offer: adopt::Offer, taken: adopt::Taken) -> Self {
+        self.offer = offer;
+        self.taken = taken;
+        self
     }
 
     pub fn capture(&self) -> &Capture {
@@ -191,8 +208,10 @@ impl Node {
         errors
     }
 
-    /// Removes capture state left by a previous agent for netns no longer enrolled.
+    /// Removes capture state left by a previous agent for netns no longer enrolled, and closes
+    /// listeners a predecessor handed over that no pod claimed (which tells it to stop accepting).
     pub fn prune_adopted(&mut self) {
+        self.taken.finish();
         let keep: Vec<u64> = self.pods.values().map(|p| p.ctx.netns_cookie).collect();
         for cookie in self.capture.enrolled_cookies() {
             if !keep.contains(&cookie) {
@@ -214,7 +233,21 @@ impl Node {
             return Err(NodeError::NoIp { pod: key });
         }
         let worker = Arc::new(NetnsWorker::spawn(&spec.netns_path)?);
-        let listeners = Listeners::make(&spec, &worker)?;
+        let netns_id =
+            adopt::NetnsId::of(worker.netns_file()).map_err(|source| NodeError::Netns {
+                path: spec.netns_path.clone(),
+                source,
+            })?;
+        let listeners = match Listeners::adopt(&spec, netns_id, &mut self.taken) {
+            Some(adopted) => adopted,
+            None => Listeners::make(&spec, &worker)?,
+        };
+        let offered = listeners
+            .describe(&key, netns_id)
+            .map_err(|source| NodeError::Netns {
+                path: spec.netns_path.clone(),
+                source,
+            })?;
         let cookie =
             crate::ebpf::netns_cookie(listeners.outbound[0].as_fd()).map_err(|source| {
                 NodeError::Netns {
@@ -248,6 +281,7 @@ impl Node {
             return Err(NodeError::Capture { pod: key, source });
         }
         let transparent = self.install_transparent(&key, &spec, &worker);
+        self.offer.set(&key, offered);
         // Its stages run: pods of this node may hand it their connections in-process.
         self.pi.local.insert(&self.pi, ctx.clone());
         info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, transparent = transparent.is_some(), "enrolled");
@@ -472,6 +506,7 @@ impl Node {
         let Some(pod) = self.pods.remove(key) else {
             return;
         };
+        self.offer.remove(key);
         // Capture off first, so no new connection is sent to listeners about to close, nor handed
         // over in-process.
         self.capture.unenrol(pod.ctx.netns_cookie);
@@ -518,10 +553,9 @@ struct Listeners {
 impl Listeners {
     /// Makes the pod's listeners on its netns worker.
     fn make(spec: &PodSpec, worker: &NetnsWorker) -> Result<Listeners, NodeError> {
-        let has_v4 = spec.ips.iter().any(IpAddr::is_ipv4);
-        let has_v6 = spec.ips.iter().any(IpAddr::is_ipv6);
+        let planned = planned(spec);
         worker
-            .run(move || make_listeners(has_v4, has_v6))
+            .run(move || make_listeners(&planned))
             .map_err(|source| NodeError::Netns {
                 path: spec.netns_path.clone(),
                 source,
@@ -532,57 +566,112 @@ impl Listeners {
                 source,
             })
     }
+
+    /// The pod's listeners as a predecessor agent handed them over, if it handed all of them.
+    fn adopt(spec: &PodSpec, netns: adopt::NetnsId, taken: &mut adopt::Taken) -> Option<Listeners> {
+        let handed = taken.pod(&spec.key(), netns, &planned(spec))?;
+        Some(Listeners::from_parts(handed.into_iter().map(
+            |(role, _, fd)| {
+                let l = std::net::TcpListener::from(fd);
+                (role, l)
+            },
+        )))
+    }
+
+    fn from_parts(parts: impl IntoIterator<Item = (adopt::Role, std::net::TcpListener)>) -> Self {
+        let mut l = Listeners {
+            outbound: Vec::new(),
+            inbound: Vec::new(),
+            hbone: Vec::new(),
+        };
+        for (role, listener) in parts {
+            match role {
+                adopt::Role::Outbound => l.outbound.push(listener),
+                adopt::Role::Inbound => {
+                    let v4 = listener.local_addr().is_ok_and(|a| a.is_ipv4());
+                    l.inbound.push((v4, listener));
+                }
+                adopt::Role::Hbone => l.hbone.push(listener),
+                adopt::Role::Admin | adopt::Role::Debug | adopt::Role::Readiness => {}
+            }
+        }
+        // The IPv4 outbound listener goes first: its netns cookie identifies the pod.
+        l.outbound
+            .sort_by_key(|o| o.local_addr().map_or(true, |a| a.is_ipv6()));
+        l.inbound.sort_by_key(|(v4, _)| !*v4);
+        l.hbone
+            .sort_by_key(|o| o.local_addr().map_or(true, |a| a.is_ipv6()));
+        l
+    }
+
+    /// Every listener with a new descriptor of it, for the offer to a successor.
+    fn describe(&self, key: &str, netns: adopt::NetnsId) -> io::Result<Vec<adopt::Handed>> {
+        let roles = self
+            .outbound
+            .iter()
+            .map(|l| (adopt::Role::Outbound, l))
+            .chain(self.inbound.iter().map(|(_, l)| (adopt::Role::Inbound, l)))
+            .chain(self.hbone.iter().map(|l| (adopt::Role::Hbone, l)));
+        roles
+            .map(|(role, l)| adopt::describe(Some(key), Some(netns), role, l, l.local_addr()?))
+            .collect()
+    }
 }
 
-/// Runs on the pod's netns worker. Outbound and inbound listen on loopback only: they are reached
-/// through capture, never directly from outside the pod.
-fn make_listeners(v4: bool, v6: bool) -> Result<Listeners, (SocketAddr, io::Error)> {
-    let listen =
-        |addr: SocketAddr, v6only: bool| netns::listen(addr, v6only).map_err(|e| (addr, e));
-    let mut l = Listeners {
-        outbound: Vec::new(),
-        inbound: Vec::new(),
-        hbone: Vec::new(),
-    };
-    // The IPv4 outbound listener always exists: dual-stack sockets connecting to IPv4-mapped
-    // addresses are sent there, and its netns cookie identifies the pod.
-    l.outbound.push(listen(
+/// The listeners a pod gets. Outbound and inbound listen on loopback only: they are reached
+/// through capture, never directly from outside the pod. The IPv4 outbound listener always
+/// exists: dual-stack sockets connecting to IPv4-mapped addresses are sent there, and its netns
+/// cookie identifies the pod.
+fn planned(spec: &PodSpec) -> Vec<(adopt::Role, SocketAddr)> {
+    use adopt::Role;
+    let v4 = spec.ips.iter().any(IpAddr::is_ipv4);
+    let v6 = spec.ips.iter().any(IpAddr::is_ipv6);
+    let mut p = vec![(
+        Role::Outbound,
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-        false,
-    )?);
+    )];
     if v6 {
-        l.outbound.push(listen(
+        p.push((
+            Role::Outbound,
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
-            true,
-        )?);
+        ));
     }
     if v4 {
-        l.inbound.push((
-            true,
-            listen(
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT),
-                false,
-            )?,
+        p.push((
+            Role::Inbound,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT),
         ));
-        l.hbone.push(listen(
+        p.push((
+            Role::Hbone,
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT),
-            false,
-        )?);
+        ));
     }
     if v6 {
-        l.inbound.push((
-            false,
-            listen(
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), INBOUND_PORT),
-                true,
-            )?,
+        p.push((
+            Role::Inbound,
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), INBOUND_PORT),
         ));
-        l.hbone.push(listen(
+        p.push((
+            Role::Hbone,
             SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), HBONE_PORT),
-            true,
-        )?);
+        ));
     }
-    Ok(l)
+    p
+}
+
+/// Runs on the pod's netns worker. IPv6 listeners are IPv6-only (the IPv4 ones serve IPv4).
+fn make_listeners(
+    planned: &[(adopt::Role, SocketAddr)],
+) -> Result<Listeners, (SocketAddr, io::Error)> {
+    let made = planned
+        .iter()
+        .map(|(role, addr)| {
+            netns::listen(*addr, addr.is_ipv6())
+                .map(|l| (*role, l))
+                .map_err(|e| (*addr, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Listeners::from_parts(made))
 }
 
 /// The eBPF original-destination map is where the outbound stage learns where a captured

@@ -19,6 +19,7 @@ pub mod addr;
 pub mod connect;
 pub mod copy;
 pub mod counters;
+pub mod drain;
 pub mod error;
 pub mod hbone;
 pub mod http;
@@ -111,6 +112,8 @@ pub struct ProxyInputs {
     pub local: local::LocalPods,
     /// Ports no HBONE CONNECT may target (`hbone::target::own_ports`).
     pub own_ports: std::sync::Arc<[u16]>,
+    /// Set when the agent stops: accept loops stop, HBONE connections get GOAWAY.
+    pub drain: drain::Drain,
 }
 
 /// One enrolled pod, as the stages see it.

@@ -166,6 +166,49 @@ fn leased_ip(ctrd: &Containerd, network: &str) -> Option<Ipv4Addr> {
         .find_map(|e| e.file_name().to_string_lossy().parse().ok())
 }
 
+/// A primary CNI's config, as a node has before the agent chains itself in.
+const PRIMARY_CONFLIST: &str = r#"{"cniVersion":"1.0.0","name":"primary","plugins":[{"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.244.7.0/24"}}]}"#;
+
+/// The node's CNI config and bin dirs and the agent's run dir, in the test's directory.
+struct NodeCni {
+    conf: PathBuf,
+    bin: PathBuf,
+    run: PathBuf,
+}
+
+impl NodeCni {
+    fn new(dir: &Path) -> NodeCni {
+        let cni = NodeCni {
+            conf: dir.join("node-cni-conf"),
+            bin: dir.join("node-cni-bin"),
+            run: dir.join("node-run-ambit"),
+        };
+        for d in [&cni.conf, &cni.bin, &cni.run] {
+            fs::create_dir_all(d).expect("node CNI dir");
+        }
+        fs::write(cni.conflist(), PRIMARY_CONFLIST).expect("primary conflist");
+        cni
+    }
+
+    fn conflist(&self) -> PathBuf {
+        self.conf.join("10-primary.conflist")
+    }
+
+    /// (host dir, where the DaemonSet mounts it)
+    fn mounts(&self) -> Vec<(PathBuf, &'static str)> {
+        vec![
+            (self.conf.clone(), "/host/etc/cni/net.d"),
+            (self.bin.clone(), "/host/opt/cni/bin"),
+            (self.run.clone(), "/var/run/ambit"),
+        ]
+    }
+
+    fn installed(&self) -> bool {
+        self.bin.join("ambit-cni").is_file()
+            && fs::read_to_string(self.conflist()).is_ok_and(|c| c.contains("\"ambit-cni\""))
+    }
+}
+
 #[test]
 fn the_image_runs_as_the_daemonset_runs_it() {
     let ctrd = Containerd::start().expect("start containerd");
@@ -271,6 +314,15 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     ));
     options.extend(mount(&ca, "/etc/ambit/ca", "ro"));
     options.extend(mount(&config, "/etc/ambit/config", "ro"));
+    // The node's CNI directories and the plugin's socket directory, as the DaemonSet's hostPaths:
+    // a primary CNI's conflist for the agent to chain ambit-cni into.
+    let node_cni = NodeCni::new(ctrd.dir());
+    options.extend(
+        node_cni
+            .mounts()
+            .into_iter()
+            .flat_map(|(src, dst)| mount(&src, dst, "rw")),
+    );
     options.extend([
         "--with-ns".to_owned(),
         format!("pid:/proc/{me}/ns/pid"),
@@ -318,6 +370,22 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         );
     }
     assert!(host.pins.is_dir(), "pins under {}", host.pins.display());
+    // The agent installed the CNI plugin from its own image: the static ambit-cni in the node's
+    // bin dir, and an entry in the primary CNI's conflist.
+    let deadline = Instant::now() + WAIT;
+    while !node_cni.installed() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        node_cni.installed(),
+        "ambit-cni installed: bin {:?}, conflist {}\nagent: {}",
+        fs::read_dir(&node_cni.bin).map(|d| d
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()),
+        fs::read_to_string(node_cni.conflist()).unwrap_or_default(),
+        container.stderr()
+    );
 
     // `kubectl delete`: SIGTERM, and the agent exits by itself, leaving capture pinned.
     let killed = ctrd
@@ -344,6 +412,45 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         .wait(WAIT)
         .expect("uninstall ends");
     assert!(uninstalled.status.success(), "uninstall: {uninstalled:?}");
+    let cni_uninstalled = ctrd
+        .container("cni-uninstall", &image)
+        .options(
+            node_cni
+                .mounts()
+                .into_iter()
+                .flat_map(|(src, dst)| mount(&src, dst, "rw")),
+        )
+        .args(
+            [
+                "ambit",
+                "cni-uninstall",
+                "--cni-conf-dir=/host/etc/cni/net.d",
+                "--cni-bin-dir=/host/opt/cni/bin",
+                "--cni-dir=/var/run/ambit",
+            ]
+            .map(str::to_owned),
+        )
+        .start()
+        .expect("run cni-uninstall")
+        .wait(WAIT)
+        .expect("cni-uninstall ends");
+    assert!(
+        cni_uninstalled.status.success(),
+        "cni-uninstall: {cni_uninstalled:?}"
+    );
+    assert!(
+        !node_cni.bin.join("ambit-cni").exists(),
+        "ambit-cni left in the node's bin dir"
+    );
+    let conflist: Value = serde_json::from_str(
+        &fs::read_to_string(node_cni.conflist()).expect("the primary conflist stays"),
+    )
+    .expect("the conflist is JSON");
+    assert_eq!(
+        conflist,
+        serde_json::from_str::<Value>(PRIMARY_CONFLIST).expect("JSON"),
+        "the primary CNI's conflist as it was"
+    );
     assert!(!host.pins.exists(), "pins left in {}", host.pins.display());
     let deadline = Instant::now() + WAIT;
     while !attached(&host.cgroup).is_empty() && Instant::now() < deadline {

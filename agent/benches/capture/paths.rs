@@ -331,6 +331,7 @@ impl Ambit {
             // Stages started by hand register no pod: nothing is handed over in-process.
             local: ambit::proxy::local::LocalPods::new(false),
             own_ports: ambit::proxy::hbone::target::own_ports([]),
+            drain: Default::default(),
         });
         // Built before enrolment, so a failing enrolment still unpins on drop.
         let mut ambit = Ambit {

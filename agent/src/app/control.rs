@@ -10,6 +10,8 @@
 //! - pods whose netns cannot be found yet, or whose enrolment failed, are retried with a backoff,
 //!   and terminating pods are rechecked until their sandbox exits, independent of config changes.
 
+mod cni;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,6 +126,12 @@ pub(super) struct Control {
     /// Adopted pins of pods no longer there have been removed (once, at the first complete view).
     pruned: bool,
     map_sizes: MapSizes,
+    /// The CNI plugin's calls and what they reported; None without `--cni-dir`.
+    cni: Option<cni::CniLoop>,
+    /// Notified when a successor agent has taken over: the loop ends as on SIGTERM.
+    stop: Arc<tokio::sync::Notify>,
+    /// Set while a successor is taking over: pods are neither enrolled nor unenrolled.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
@@ -134,6 +142,7 @@ impl Control {
         store: Store,
         metrics: Arc<AgentMetrics>,
         source: Source,
+        cni: Option<(Receiver<crate::node::cni::CniCall>, PathBuf)>,
     ) -> Self {
         let resolver: Box<dyn NetnsResolver> = match &cfg.source {
             ConfigSource::Files(_) => Box::new(AnnotatedNetns {
@@ -165,14 +174,27 @@ impl Control {
             seq: 0,
             pruned: false,
             map_sizes: MapSizes::default(),
+            cni: cni.map(|(calls, run_dir)| cni::CniLoop::new(calls, &run_dir)),
+            stop: Arc::new(tokio::sync::Notify::new()),
+            paused: Default::default(),
         }
+    }
+
+    /// Ends the loop when `stop` is notified, and leaves pods as they are while `paused`.
+    pub(super) fn stop_on(
+        &mut self,
+        stop: Arc<tokio::sync::Notify>,
+        paused: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        self.stop = stop;
+        self.paused = paused;
     }
 
     pub(super) fn into_node(self) -> Node {
         self.node
     }
 
-    /// Runs until SIGTERM or SIGINT.
+    /// Runs until SIGTERM or SIGINT, or a successor took over.
     pub(super) async fn run(&mut self) {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -185,12 +207,19 @@ impl Control {
         let mut ticker = tokio::time::interval(self.poll_interval);
         loop {
             let retry_at = self.retry.at;
+            let cni_wake = self.cni.as_ref().and_then(cni::CniLoop::wake_at);
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = self.stop.notified() => break,
                 _ = ticker.tick() => {}
                 _ = sleep_until(retry_at) => {}
                 _ = dns_changed(self.dns.as_ref()) => {}
+                _ = sleep_until(cni_wake) => {}
+                Some(call) = cni::next_call(self.cni.as_mut()) => {
+                    self.cni_call(call);
+                    continue;
+                }
                 Some(event) = next_event(&mut self.source) => {
                     self.store.apply(event);
                     // Apply whatever else is queued before reconciling once.
@@ -216,6 +245,7 @@ impl Control {
             self.reconcile();
         }
         self.report();
+        self.cni_progress();
     }
 
     /// Applies the latest state to this node: the snapshot first (a pod enrolled below must find
@@ -269,7 +299,18 @@ impl Control {
             self.retry = Retry::default();
             return;
         }
-        let desired = desired_pods(&state, &self.node_name, self.resolver.as_ref());
+        if self.paused.load(std::sync::atomic::Ordering::Acquire) {
+            // A successor holds these pods' listeners: a pod enrolled now would be missing from
+            // what it took, one unenrolled would be served by it alone. Its own view decides;
+            // if it goes away instead, what changed meanwhile is applied on a retry.
+            self.retry.schedule(true, false);
+            return;
+        }
+        let mut desired = desired_pods(&state, &self.node_name, self.resolver.as_ref());
+        if let Some(cni) = self.cni.as_mut() {
+            cni.apply(&state, &self.node_name, &mut desired);
+            cni.publish(&state, &self.node_name);
+        }
         let complete = state.is_complete();
         let errors = self.node.reconcile(&desired.pods, complete);
         let mut problems: Vec<Problem> = errors

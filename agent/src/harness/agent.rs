@@ -269,6 +269,8 @@ pub struct LocalAgent {
     /// Run in the test's own netns (where a real API server on loopback is reachable) with the
     /// node's addresses read from the node's netns, instead of inside the node's netns.
     root_netns: bool,
+    /// Upgrades so far: each agent process writes a status file of its own.
+    upgrades: u32,
 }
 
 impl LocalAgent {
@@ -295,6 +297,7 @@ impl LocalAgent {
             extra_args: Vec::new(),
             kubeconfig: None,
             root_netns: false,
+            upgrades: 0,
         }
     }
 
@@ -324,8 +327,12 @@ impl LocalAgent {
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.parent().unwrap_or(&self.dir).join("ca")
     }
+    /// The running agent's status file (after an upgrade, the new process's).
     pub fn status_path(&self) -> PathBuf {
-        self.dir.join("status.json")
+        match self.upgrades {
+            0 => self.dir.join("status.json"),
+            n => self.dir.join(format!("status-{n}.json")),
+        }
     }
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -334,10 +341,37 @@ impl LocalAgent {
         &self.bpffs
     }
 
+    /// Where a successor takes this agent's listeners over (one per agent: a test's agents must
+    /// never take over from another's).
+    pub fn handover_socket(&self) -> PathBuf {
+        self.dir.join("handover.sock")
+    }
+
     /// Starts the agent (again, after `kill`/`stop`). The world tracks the process for teardown.
     pub fn start(&mut self, world: &World) {
         assert!(self.process.is_none(), "agent already running");
         let _ = std::fs::remove_file(self.status_path());
+        self.process = Some(world.spawn(&mut self.command()));
+    }
+
+    /// Upgrades the running agent: starts a new agent process next to it, which takes its
+    /// listeners over through the handover socket; the old one then drains and exits on its own.
+    /// Returns the old process (to wait for its exit).
+    pub fn upgrade(&mut self, world: &World) -> Process {
+        let old = self.process.take().expect("an agent to upgrade");
+        self.upgrades += 1;
+        self.process = Some(world.spawn(&mut self.command()));
+        old
+    }
+
+    /// SIGTERM without waiting: returns the process, which drains and exits on its own.
+    pub fn terminate(&mut self) -> Process {
+        let p = self.process.take().expect("an agent to stop");
+        let _ = p.signal(Signal::SIGTERM);
+        p
+    }
+
+    fn command(&self) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -383,7 +417,14 @@ impl LocalAgent {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}")))
             .stderr(log);
-        self.process = Some(world.spawn(&mut cmd));
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--handover-socket"))
+        {
+            cmd.arg("--handover-socket").arg(self.handover_socket());
+        }
+        cmd
     }
 
     /// The last status the agent wrote, if any.

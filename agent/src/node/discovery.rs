@@ -5,11 +5,10 @@
 //! whose path contains the pod UID (`pod<uid>` with cgroupfs, `pod<uid_with_underscores>` with the
 //! systemd driver), so `/proc/<pid>/cgroup` leads to the pod and `/proc/<pid>/ns/net` to its netns.
 //! The lowest matching pid is the sandbox (pause) process, which lives as long as the pod.
-//! Race: a pod's first packets, before the agent has seen it, are not captured. Istio closes that
-//! gap with a CNI plugin that holds pod start until enrolment; ambit will do the same (a CNI
-//! plugin reporting the netns on ADD), and until then the window is one watch event plus one
-//! enrolment (milliseconds), during which the pod's connections are plain. A pod whose sandbox
-//! is not there yet is retried by the control loop, not left until the next config change.
+//! Pods started after the agent are reported by the CNI plugin on ADD (`node::cni`), which holds
+//! the pod until it is enrolled; what discovery finds here is then overridden. Discovery stays for
+//! pods that started before the agent (or without the plugin installed). A pod whose sandbox is
+//! not there yet is retried by the control loop, not left until the next config change.
 //!
 //! A terminating pod (deletionTimestamp set) stays enrolled while its sandbox runs, as ztunnel
 //! keeps it until its containers have exited: its traffic while shutting down stays meshed.
@@ -155,33 +154,38 @@ pub fn desired_pods(state: &State, node: &str, resolver: &dyn NetnsResolver) -> 
         if w.terminating {
             out.terminating += 1;
         }
-        // Bad values were reported when the pod was read; here they just exclude nothing.
-        let ports = |a: &str| {
-            parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or(""))
-                .unwrap_or_default()
-        };
-        out.pods.push(PodSpec {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            ips: w
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip: &IpAddr| !ip.is_unspecified())
-                .collect(),
-            netns_path,
-            excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
-            excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
-            service_account: if w.service_account.is_empty() {
-                "default".into()
-            } else {
-                w.service_account.clone()
-            },
-            baggage: baggage(w),
-            istio: w.istio.clone(),
-        });
+        out.pods.push(pod_spec(w, netns_path));
     }
     out
+}
+
+/// What enrolling `w` in the netns at `netns_path` means (its addresses are its own, as the
+/// source reports them).
+pub fn pod_spec(w: &Workload, netns_path: PathBuf) -> PodSpec {
+    // Bad values were reported when the pod was read; here they just exclude nothing.
+    let ports = |a: &str| {
+        parse_port_list(w.annotations.get(a).map(String::as_str).unwrap_or("")).unwrap_or_default()
+    };
+    PodSpec {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        ips: w
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip: &IpAddr| !ip.is_unspecified())
+            .collect(),
+        netns_path,
+        excluded_outbound_ports: ports(EXCLUDE_OUTBOUND_PORTS),
+        excluded_inbound_ports: ports(EXCLUDE_INBOUND_PORTS),
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account.clone()
+        },
+        baggage: baggage(w),
+        istio: w.istio.clone(),
+    }
 }
 
 /// The `baggage` header of the pod's tunnels (W3C baggage, the keys ztunnel sends): namespace,

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::drain::Drain;
 use super::worker;
 
 /// How many more connections than the least loaded worker a worker must serve before it hands
@@ -68,10 +69,15 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
-/// Accepts until the task running it is aborted (unenrolment closes the listener that way).
+/// Accepts until the task running it is aborted (unenrolment closes the listener that way) or the
+/// drain starts. Draining, the loop closes its descriptor of the listener (the socket itself lives
+/// on while another descriptor holds it: the other workers', or a successor agent's, which then
+/// accepts what queues in the backlog) and still serves what the listener's other loops hand it,
+/// until every loop of the listener has stopped: a connection in a handoff is never dropped.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handoff: Handoff,
+    drain: &Drain,
     stage: &'static str,
     pod: &str,
     affinity: u64,
@@ -82,8 +88,11 @@ pub async fn serve<F, Fut>(
 {
     let Handoff { to, mut inbox } = handoff;
     let mut failing = false;
+    let draining = drain.started();
+    tokio::pin!(draining);
     loop {
         tokio::select! {
+            () = &mut draining => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     failing = false;
@@ -94,12 +103,7 @@ pub async fn serve<F, Fut>(
                         },
                         None => stream,
                     };
-                    let load = worker::Load::start();
-                    let fut = handle(stream, peer);
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(load);
-                    });
+                    start(&mut handle, stream, peer);
                 }
                 Err(e) => {
                     if failing {
@@ -113,17 +117,38 @@ pub async fn serve<F, Fut>(
             },
             Some((std, peer)) = inbox.recv() => match TcpStream::from_std(std) {
                 Ok(stream) => {
-                    let load = worker::Load::start();
-                    let fut = handle(stream, peer);
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(load);
-                    });
+                    start(&mut handle, stream, peer);
                 }
                 Err(e) => warn!(stage, pod, error = %e, "a connection handed over could not be registered"),
             },
         }
     }
+    debug!(stage, pod, "draining: no longer accepting");
+    drop(listener);
+    // Each loop drops its senders as it stops; the inbox ends when the last of them has.
+    drop(to);
+    while let Some((std, peer)) = inbox.recv().await {
+        match TcpStream::from_std(std) {
+            Ok(stream) => start(&mut handle, stream, peer),
+            Err(e) => {
+                warn!(stage, pod, error = %e, "a connection handed over could not be registered")
+            }
+        }
+    }
+}
+
+/// Serves one connection on a task of its own, counted in this worker's load until it ends.
+fn start<F, Fut>(handle: &mut F, stream: TcpStream, peer: SocketAddr)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let load = worker::Load::start();
+    let fut = handle(stream, peer);
+    tokio::spawn(async move {
+        fut.await;
+        drop(load);
+    });
 }
 
 /// Sends the connection to another worker; gives it back when it cannot be sent.

@@ -63,9 +63,11 @@ impl Inbound {
             handoff,
         } = self;
         let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        let drain = pi.drain.clone();
         super::accept::serve(
             listener,
             handoff,
+            &drain,
             "inbound",
             &name,
             affinity,
@@ -94,9 +96,15 @@ async fn connection(
     let Ok(local) = tcp.local_addr() else {
         return;
     };
-    let served = server::serve(&acceptor, tcp, peer.0, |identity, req, respond| {
-        stream(pi.clone(), pod.clone(), identity, peer, local, req, respond)
-    })
+    let served = server::serve(
+        &acceptor,
+        &pi.drain,
+        tcp,
+        peer.0,
+        |identity, req, respond| {
+            stream(pi.clone(), pod.clone(), identity, peer, local, req, respond)
+        },
+    )
     .await;
     match served {
         Ok(server::Ended::Closed) => {}

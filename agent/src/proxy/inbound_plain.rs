@@ -30,9 +30,11 @@ impl InboundPlain {
             handoff,
         } = self;
         let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        let drain = pi.drain.clone();
         super::accept::serve(
             listener,
             handoff,
+            &drain,
             "inbound_plain",
             &name,
             affinity,

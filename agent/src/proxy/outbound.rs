@@ -54,9 +54,11 @@ impl Outbound {
             handoff,
         } = self;
         let (name, affinity) = (pod.name.clone(), pod.netns_cookie);
+        let drain = pi.drain.clone();
         super::accept::serve(
             listener,
             handoff,
+            &drain,
             "outbound",
             &name,
             affinity,

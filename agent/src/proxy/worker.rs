@@ -73,6 +73,13 @@ impl Drop for Load {
     }
 }
 
+/// Connections all workers serve now (0 without a data plane).
+pub fn open_connections() -> usize {
+    LOADS
+        .get()
+        .map_or(0, |l| l.iter().map(|n| n.load(Ordering::Relaxed)).sum())
+}
+
 /// The worker this thread is (0 outside the data plane's worker threads).
 pub fn current() -> usize {
     WORKER.with(Cell::get)

@@ -325,13 +325,18 @@ disabled_plugins = [
             return;
         };
         for id in listed.lines().map(str::trim).filter(|id| !id.is_empty()) {
-            let _ = quiet(
-                self.ctr()
-                    .args(["tasks", "kill", "--signal", "SIGKILL", id]),
-            );
-            let _ = quiet(self.ctr().args(["tasks", "delete", "--force", id]));
-            let _ = quiet(self.ctr().args(["containers", "delete", id]));
+            self.remove(id);
         }
+    }
+
+    /// Kills and deletes one container's task and the container; errors are ignored.
+    pub(super) fn remove(&self, id: &str) {
+        let _ = quiet(
+            self.ctr()
+                .args(["tasks", "kill", "--signal", "SIGKILL", id]),
+        );
+        let _ = quiet(self.ctr().args(["tasks", "delete", "--force", id]));
+        let _ = quiet(self.ctr().args(["containers", "delete", id]));
     }
 }
 

@@ -251,12 +251,19 @@ impl Container<'_> {
             .with_context(|| format!("bad address {addr:?} on eth0 of {}", self.id))
     }
 
-    /// Waits for `ctr run` to end (the process exited, or the start failed) within `timeout`.
+    /// Waits for `ctr run` to end (the process exited, or the start failed) within `timeout`;
+    /// the container is gone afterwards.
     pub fn wait(mut self, timeout: Duration) -> Result<Exit> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit()? {
                 self.ctr = None;
+                // ctr 1.6 leaves a container whose start failed (CNI ADD refused) behind with
+                // its created task, after running CNI DEL: remove it, as the kubelet removes a
+                // failed sandbox.
+                if self.harness.containers()?.contains(&self.id) {
+                    self.harness.remove(&self.id);
+                }
                 return Ok(Exit {
                     status,
                     stdout: self.stdout(),

@@ -103,12 +103,26 @@ pub struct ConnectRequest {
 
 struct Conn {
     id: u64,
-    sender: SendRequest<Bytes>,
+    /// Taken out when the pool drains: with no handle left, h2 sends GOAWAY once the last stream
+    /// has ended and closes the connection.
+    sender: Mutex<Option<SendRequest<Bytes>>>,
+    /// Set with `closed` by a drain: the connection is still polled until its streams end.
+    draining: AtomicBool,
     /// Streams open on this connection; changed under the pool lock when taken.
     active: AtomicU64,
     idle_since: Mutex<Instant>,
     closed: AtomicBool,
     wake: Notify,
+}
+
+impl Conn {
+    /// No new stream; the connection is polled until its streams have ended, then closes.
+    fn wind_down(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
+        self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.wake.notify_one();
+    }
 }
 
 #[derive(Default)]
@@ -278,10 +292,20 @@ impl Pool {
         Some(conn.clone())
     }
 
-    /// Takes `conn` out of the pool (it is failing); streams on it finish on their own.
+    /// The agent is stopping: every pooled connection takes no new stream, and closes with GOAWAY
+    /// once its last stream has ended. Streams opened later go on new connections.
+    pub fn drain(&self) {
+        let entries =
+            std::mem::take(&mut *self.0.entries.lock().unwrap_or_else(|e| e.into_inner()));
+        for conn in entries.into_values().flat_map(|e| e.conns) {
+            conn.wind_down();
+        }
+    }
+
+    /// Takes `conn` out of the pool (it failed, or the peer sent GOAWAY); streams on it finish on
+    /// their own: a peer that drains still serves them.
     fn retire(&self, key: &PoolKey, conn: &Arc<Conn>) {
-        conn.closed.store(true, Ordering::Release);
-        conn.wake.notify_one();
+        conn.wind_down();
         let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get_mut(key) {
             e.conns.retain(|c| !Arc::ptr_eq(c, conn));
@@ -355,7 +379,8 @@ impl Pool {
             })?;
         let conn = Arc::new(Conn {
             id: self.0.next_id.fetch_add(1, Ordering::Relaxed),
-            sender,
+            sender: Mutex::new(Some(sender)),
+            draining: AtomicBool::new(false),
             active: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),
@@ -398,6 +423,13 @@ async fn drive(
             }
             _ = conn.wake.notified() => {}
             _ = idle => {}
+        }
+        if conn.draining.load(Ordering::Acquire) {
+            // Polled to its end: h2 closes it (GOAWAY NO_ERROR) after the last stream.
+            if let Err(e) = (&mut connection).await {
+                debug!(conn = conn.id, error = %e, "drained HBONE connection ended");
+            }
+            break;
         }
         if conn.closed.load(Ordering::Acquire) {
             break;
@@ -481,17 +513,21 @@ async fn send_connect(
             message: e.to_string(),
         })
     })?;
-    let mut sender = conn
+    let sender = conn
         .sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
         .clone()
-        .ready()
-        .await
-        .map_err(SendError::Connection)?;
+        // Drained meanwhile: like a GOAWAY, another connection may work.
+        .ok_or(SendError::Connection(h2::Reason::REFUSED_STREAM.into()))?;
+    let mut sender = sender.ready().await.map_err(SendError::Connection)?;
     let (response, send) = sender
         .send_request(request, false)
         .map_err(SendError::Connection)?;
     let response = response.await.map_err(|e| {
-        if e.is_reset() {
+        // REFUSED_STREAM: the peer did not process it (RFC 9113 §8.7), e.g. it arrived after the
+        // peer's last GOAWAY: safe to send again on another connection.
+        if e.is_reset() && e.reason() != Some(h2::Reason::REFUSED_STREAM) {
             SendError::Pool(PoolError::H2 {
                 dst: key.dst,
                 source: e,

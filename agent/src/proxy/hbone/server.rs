@@ -25,6 +25,7 @@ use super::settings::{
     MAX_PENDING_ACCEPT_RESETS, STREAM_WINDOW,
 };
 use crate::identity::Identity;
+use crate::proxy::drain::Drain;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -55,9 +56,11 @@ pub enum Ended {
 
 /// Serves one accepted connection until it ends, calling `on_request` on a task of its own for
 /// each request. Errors before the first request are returned; a connection that ends later is
-/// not an error.
+/// not an error. When `drain` starts, the client is sent GOAWAY (gracefully: streams it opened
+/// before it saw it are still served) and the connection closes once its streams have ended.
 pub async fn serve<F, Fut>(
     acceptor: &TlsAcceptor,
+    drain: &Drain,
     tcp: TcpStream,
     peer: SocketAddr,
     mut on_request: F,
@@ -89,8 +92,17 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|source| ServeError::H2 { peer, source })?;
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let mut going_away = false;
     loop {
         tokio::select! {
+            () = &mut draining, if !going_away => {
+                // h2: GOAWAY with the highest stream id, a PING, then GOAWAY with the last stream
+                // taken once the PING comes back (RFC 9113 §6.8's graceful shutdown).
+                conn.graceful_shutdown();
+                going_away = true;
+            }
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     tokio::spawn(on_request(identity.clone(), req, respond));

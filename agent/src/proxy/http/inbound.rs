@@ -255,6 +255,7 @@ where
             return counts.outcome(Some(Side::B));
         }
     };
+    let drain = conn.pi.drain.clone();
     let conn = Arc::new(Served {
         conn,
         app: tokio::sync::Mutex::new(Some(app)),
@@ -271,19 +272,35 @@ where
         })
     };
     let io = TokioIo::new(io);
+    // Draining: the client's pooled connection over this stream ends after the response in
+    // flight (HTTP/1) or with GOAWAY (HTTP/2), so its next request goes on a new stream.
     let served = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .serve_connection(io, service)
-            .await
+            .serve_connection(io, service);
+        tokio::pin!(c);
+        tokio::select! {
+            out = &mut c => out,
+            () = drain.started() => {
+                c.as_mut().graceful_shutdown();
+                c.await
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let c = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .max_buf_size(MAX_HEADER_BYTES)
             .serve_connection(io, service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        tokio::pin!(c);
+        tokio::select! {
+            out = &mut c => out,
+            () = drain.started() => {
+                c.as_mut().graceful_shutdown();
+                c.await
+            }
+        }
     };
     match served {
         Ok(()) => counts.outcome(None),

@@ -84,10 +84,18 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    // Draining, a keep-alive connection is closed after its response in flight: the app's next
+    // request opens a new connection, which the successor agent (or nobody) accepts.
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(served);
+    let served = tokio::select! {
+        out = &mut served => out,
+        () = conn.pi.drain.started() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = served {
         debug!(pod = %conn.pod.name, dst = %conn.dst, error = %e, "HTTP connection ended");
     }
 }

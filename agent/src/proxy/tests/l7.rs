@@ -122,6 +122,7 @@ async fn http1_is_served_from_the_server_side_of_a_connect_stream() {
         let (tcp, peer) = listener.accept().await.expect("accept");
         server::serve(
             &acceptor,
+            &Default::default(),
             tcp,
             peer,
             |identity, req, mut respond| async move {

@@ -152,6 +152,7 @@ impl Node {
             // These nodes are apart: nothing is handed over in-process.
             local: crate::proxy::local::LocalPods::new(false),
             own_ports: crate::proxy::hbone::target::own_ports([]),
+            drain: Default::default(),
         });
         pi.breakers.register(&mut registry);
         pi.tracers.metrics().register(&mut registry);

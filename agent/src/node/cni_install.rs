@@ -1,0 +1,329 @@
+//! Installs `ambit-cni` on the node, as istio-cni's installer does for a chained plugin: the
+//! binary into the CNI bin dir, and an `ambit-cni` entry at the end of the primary network
+//! config's plugin list. The primary config is the one the runtime uses: the lexicographically
+//! first `*.conf`, `*.conflist` or `*.json` in the conf dir that loads (kubelet's and libcni's
+//! rule); a single-plugin `.conf` becomes a `.conflist` holding it. The entry is kept there while
+//! the primary CNI rewrites its file ([`watch`]) and removed on [`uninstall`].
+//!
+//! Every write is a temp file renamed over the target, so the runtime never reads half a file.
+//! Converting `x.conf` writes `x.conflist` first and then removes `x.conf`: for that moment the
+//! runtime still picks the old, valid `x.conf` (istio-cni instead writes the list into `x.conf`
+//! and renames it, a moment in which `x.conf` is a list the runtime cannot load).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// The plugin's `type` (its binary's name in the bin dir).
+pub const PLUGIN_TYPE: &str = "ambit-cni";
+
+/// How often [`watch`] looks at the conf dir.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    #[error("CNI conf dir {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("CNI network config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("CNI network config {path}: not valid JSON: {source}")]
+    BadJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("CNI network config {path}: field {field}: {why}")]
+    BadField {
+        path: PathBuf,
+        field: String,
+        why: String,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("installing the plugin binary {from} as {to}: {source}")]
+    Binary {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no CNI network config in {dir} yet (waiting for the primary CNI to write one)")]
+    NoPrimary { dir: PathBuf },
+}
+
+/// Where to install.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    /// The node's CNI network config dir (`/etc/cni/net.d`, mounted).
+    pub conf_dir: PathBuf,
+    /// The node's CNI plugin dir (`/opt/cni/bin`, mounted).
+    pub bin_dir: PathBuf,
+    /// The `ambit-cni` binary to copy there.
+    pub plugin: PathBuf,
+    /// The agent's CNI run dir, written into the entry (`runDir`).
+    pub run_dir: PathBuf,
+}
+
+impl InstallConfig {
+    /// Our entry in the plugin list.
+    pub fn entry(&self) -> Value {
+        serde_json::json!({"type": PLUGIN_TYPE, "runDir": self.run_dir})
+    }
+}
+
+/// The network config file the runtime uses: the first (by name) that loads as a config with at
+/// least one plugin. None when there is none yet.
+pub fn primary_file(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| InstallError::ReadDir {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "conf" || e == "conflist" || e == "json")
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        // The runtime skips a file it cannot load; so do we (the next one is the primary).
+        match read_config(&file).and_then(|v| plugins_of(&file, &v).map(|p| p.len())) {
+            Ok(n) if n > 0 => return Ok(Some(file)),
+            Ok(_) => {
+                warn!(file = %file.display(), "CNI network config without plugins: skipped, as the runtime skips it")
+            }
+            Err(e) => warn!(error = %e, "skipped, as the runtime skips it"),
+        }
+    }
+    Ok(None)
+}
+
+fn read_config(path: &Path) -> Result<Value, InstallError> {
+    let text = std::fs::read(path).map_err(|source| InstallError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| InstallError::BadJson {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The plugin list of a config: `plugins` of a list, or the single network of a `.conf`.
+fn plugins_of(path: &Path, config: &Value) -> Result<Vec<Value>, InstallError> {
+    let bad = |field: &str, why: &str| InstallError::BadField {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        why: why.to_string(),
+    };
+    let Some(obj) = config.as_object() else {
+        return Err(bad("(top level)", "not an object"));
+    };
+    match obj.get("plugins") {
+        Some(Value::Array(plugins)) => {
+            for (i, p) in plugins.iter().enumerate() {
+                if !p.get("type").is_some_and(Value::is_string) {
+                    return Err(bad(
+                        &format!("plugins[{i}].type"),
+                        "missing or not a string",
+                    ));
+                }
+            }
+            Ok(plugins.clone())
+        }
+        Some(_) => Err(bad("plugins", "not a list")),
+        None => match obj.get("type") {
+            Some(Value::String(_)) => Ok(vec![config.clone()]),
+            _ => Err(bad("type", "a single network config needs a type")),
+        },
+    }
+}
+
+/// The config with our entry as the last plugin (replacing any earlier one), as a conflist.
+/// `config` is the file's parsed content; `path` names it in errors.
+pub fn insert(path: &Path, config: &Value, entry: &Value) -> Result<Value, InstallError> {
+    let mut plugins: Vec<Value> = plugins_of(path, config)?
+        .into_iter()
+        .filter(|p| !is_ours(p))
+        .collect();
+    let mut out = match config.get("plugins") {
+        Some(_) => config.clone(),
+        // A single network: the list takes its name and version, the network moves into it.
+        None => {
+            let mut single = config.as_object().cloned().unwrap_or_default();
+            let mut list = Map::new();
+            for key in ["cniVersion", "name"] {
+                if let Some(v) = single.remove(key) {
+                    list.insert(key.to_string(), v);
+                }
+            }
+            plugins = vec![Value::Object(single)];
+            Value::Object(list)
+        }
+    };
+    plugins.push(entry.clone());
+    out["plugins"] = Value::Array(plugins);
+    Ok(out)
+}
+
+/// The config without our entry; None when it has none.
+pub fn remove(path: &Path, config: &Value) -> Result<Option<Value>, InstallError> {
+    let plugins = plugins_of(path, config)?;
+    if !plugins.iter().any(is_ours) || config.get("plugins").is_none() {
+        return Ok(None);
+    }
+    let mut out = config.clone();
+    out["plugins"] = Value::Array(plugins.into_iter().filter(|p| !is_ours(p)).collect());
+    Ok(Some(out))
+}
+
+fn is_ours(plugin: &Value) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
+}
+
+/// Writes `value` to `path` through a temp file in the same dir and a rename.
+fn write_atomic(path: &Path, value: &Value) -> Result<(), InstallError> {
+    let err = |source| InstallError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A dot name the runtime ignores (no .conf/.conflist/.json suffix).
+    let tmp = path.with_file_name(format!(".{name}.ambit-tmp"));
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| err(io::Error::other(e)))?;
+    text.push(b'\n');
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Copies the plugin binary into the bin dir (temp file + rename: a runtime executing the old
+/// one keeps it) unless the same bytes are there.
+pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
+    let to = cfg.bin_dir.join(PLUGIN_TYPE);
+    let err = |source| InstallError::Binary {
+        from: cfg.plugin.clone(),
+        to: to.clone(),
+        source,
+    };
+    let new = std::fs::read(&cfg.plugin).map_err(err)?;
+    if std::fs::read(&to).is_ok_and(|old| old == new) {
+        return Ok(false);
+    }
+    let tmp = cfg.bin_dir.join(format!(".{PLUGIN_TYPE}.ambit-tmp"));
+    std::fs::write(&tmp, &new).map_err(err)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    std::fs::rename(&tmp, &to).map_err(err)?;
+    Ok(true)
+}
+
+/// One pass: the binary in place, our entry in the primary config. Returns the primary config
+/// file when something was written.
+pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
+    install_binary(cfg)?;
+    let Some(file) = primary_file(&cfg.conf_dir)? else {
+        return Err(InstallError::NoPrimary {
+            dir: cfg.conf_dir.clone(),
+        });
+    };
+    let config = read_config(&file)?;
+    let wanted = insert(&file, &config, &cfg.entry())?;
+    let is_list = file.extension().is_some_and(|e| e == "conflist");
+    if is_list && wanted == config {
+        return Ok(None);
+    }
+    let target = if is_list {
+        file.clone()
+    } else {
+        file.with_extension("conflist")
+    };
+    write_atomic(&target, &wanted)?;
+    if target != file {
+        std::fs::remove_file(&file).map_err(|source| InstallError::Write {
+            path: file.clone(),
+            source,
+        })?;
+    }
+    Ok(Some(target))
+}
+
+/// Removes our entry from every config in the conf dir, and the binary.
+pub fn uninstall(cfg: &InstallConfig) -> Result<(), InstallError> {
+    let entries = std::fs::read_dir(&cfg.conf_dir).map_err(|source| InstallError::ReadDir {
+        path: cfg.conf_dir.clone(),
+        source,
+    })?;
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if path.extension().is_none_or(|e| e != "conflist") {
+            continue;
+        }
+        // A file we cannot read is not ours to fix; the others are still cleaned.
+        let Ok(config) = read_config(&path) else {
+            continue;
+        };
+        if let Some(cleaned) = remove(&path, &config)? {
+            write_atomic(&path, &cleaned)?;
+            info!(file = %path.display(), "removed ambit-cni from the CNI config");
+        }
+    }
+    match std::fs::remove_file(cfg.bin_dir.join(PLUGIN_TYPE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(InstallError::Write {
+            path: cfg.bin_dir.join(PLUGIN_TYPE),
+            source,
+        }),
+    }
+}
+
+/// Keeps the plugin installed: once `ready` holds (the agent has written its node state, so the
+/// plugin can decide for non-ambient pods), then again whenever the primary CNI writes its
+/// config or a new one appears. Problems are logged once each until they clear.
+pub async fn watch(cfg: InstallConfig, ready: impl Fn() -> bool) {
+    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+    let mut last_error: Option<String> = None;
+    loop {
+        ticker.tick().await;
+        if !ready() {
+            continue;
+        }
+        match install_once(&cfg) {
+            Ok(Some(file)) => {
+                info!(file = %file.display(), bin_dir = %cfg.bin_dir.display(), "ambit-cni installed in the node's CNI config");
+                last_error = None;
+            }
+            Ok(None) => last_error = None,
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    warn!(error = %msg, "cannot install ambit-cni yet; new pods are not held until enrolled");
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

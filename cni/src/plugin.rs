@@ -1,0 +1,224 @@
+//! The plugin's commands. ADD asks the node agent and returns only after its answer: an ambient
+//! pod is then enrolled (its listeners and capture entries exist), so the app's first connect is
+//! captured. A pod the agent says is not meshed starts at once.
+//!
+//! Without an agent to ask (socket missing or refusing), the agent's node state file decides: a
+//! pod it knows is not meshed (its own entry, else its namespace's label) starts; any other pod
+//! fails ADD with "try again later" (code 11), which the kubelet retries, so no meshed pod ever
+//! starts unmeshed. Istio's plugin asks the API server instead; the agent's file is the node's
+//! view of the same objects and needs no credentials on the node. A namespace labelled ambient
+//! while the agent is down is not in that view: its pods start unmeshed and the agent enrols
+//! them (found under /proc) when it is back, as before this plugin existed.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::proto::{self, Answer, NodeState, Offline, PodName, PodRequest, Request};
+use crate::spec::{code, CniError, Command, Env, NetConf};
+
+/// How long ADD waits for the agent unless the config says (`timeoutSeconds`): above the agent's
+/// own bound for a pod its source has not seen yet.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one invocation: `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing, an
+/// error is printed as CNI's error object with a non-zero exit.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let command = env.command()?;
+    if command == Command::Version {
+        return Ok(Some(crate::spec::version_output(stdin)));
+    }
+    let conf = NetConf::parse(stdin).map_err(|e| match asked_version(stdin) {
+        Some(v) => e.in_version(&v),
+        None => e,
+    })?;
+    let version = conf.cni_version.clone();
+    run_with(command, env, &conf).map_err(|e| e.in_version(&version))
+}
+
+fn run_with(command: Command, env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
+    env.require(command)?;
+    let req = PodRequest {
+        container_id: env.container_id.clone(),
+        netns: env.netns.clone(),
+        if_name: env.if_name.clone(),
+        pod: pod_name(env),
+        ips: conf.prev_ips()?,
+    };
+    let run_dir = conf
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_RUN_DIR));
+    let timeout = conf
+        .timeout_seconds
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let agent = Agent {
+        socket: proto::socket_path(&run_dir),
+        timeout,
+    };
+    let who = req.describe();
+    match command {
+        Command::Add => {
+            match agent.ask(&Request::Add(req.clone())) {
+                Ok(Answer::Enrolled { .. } | Answer::NotAmbient { .. }) => {}
+                Ok(Answer::Failed { message }) => {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        "the ambit agent did not enrol the pod",
+                        format!("{who}: {message}"),
+                    ))
+                }
+                Ok(other) => return Err(unexpected(&who, &other)),
+                Err(AskError::Unreachable(why)) => offline(&run_dir, &req, &why)?,
+                Err(AskError::Broken(why)) => {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        "no answer from the ambit agent",
+                        format!("{who}: {why}; the pod is held until the agent answers"),
+                    ))
+                }
+            }
+            Ok(Some(conf.result()))
+        }
+        Command::Check => match agent.ask(&Request::Check(req.clone())) {
+            Ok(Answer::Enrolled { .. } | Answer::NotAmbient { .. }) => Ok(None),
+            Ok(Answer::Failed { message }) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the pod is not enrolled as it should be",
+                format!("{who}: {message}"),
+            )),
+            Ok(other) => Err(unexpected(&who, &other)),
+            Err(AskError::Unreachable(why)) => offline(&run_dir, &req, &why).map(|()| None),
+            Err(AskError::Broken(why)) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "no answer from the ambit agent",
+                format!("{who}: {why}"),
+            )),
+        },
+        // DEL must not keep a sandbox from going away: without an agent there is nothing of the
+        // pod to remove (a restarted agent does not enrol a pod whose sandbox is gone).
+        Command::Del => match agent.ask(&Request::Del(req.clone())) {
+            Ok(Answer::Failed { message }) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the ambit agent could not unenrol the pod",
+                format!("{who}: {message}"),
+            )),
+            Ok(_) => Ok(None),
+            Err(AskError::Unreachable(why)) => {
+                eprintln!("ambit-cni: DEL of {who}: {why}; nothing to undo");
+                Ok(None)
+            }
+            Err(AskError::Broken(why)) => Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "no answer from the ambit agent",
+                format!("{who}: {why}"),
+            )),
+        },
+        Command::Version => Ok(Some(crate::spec::version_output(b""))),
+        // Ready whether or not the agent is up: without it ADD still decides, holding the pods
+        // that may be meshed (a failing STATUS would hold every pod of the node instead).
+        Command::Status => Ok(None),
+        // Nothing of a pod outlives its DEL in the plugin; the agent keeps its own state.
+        Command::Gc => Ok(None),
+    }
+}
+
+/// The config's `cniVersion` when the rest of it is unusable, for the error's version.
+fn asked_version(stdin: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(stdin).ok()?;
+    let v = v.get("cniVersion")?.as_str()?;
+    crate::spec::SUPPORTED_VERSIONS
+        .contains(&v)
+        .then(|| v.to_string())
+}
+
+/// The pod as the CRI plugin names it in `CNI_ARGS`.
+fn pod_name(env: &Env) -> Option<PodName> {
+    let get = |k: &str| env.args.get(k).filter(|v| !v.is_empty()).cloned();
+    Some(PodName {
+        namespace: get("K8S_POD_NAMESPACE")?,
+        name: get("K8S_POD_NAME")?,
+        uid: get("K8S_POD_UID"),
+    })
+}
+
+/// The decision without the agent: Ok if the pod is known not to be meshed.
+fn offline(run_dir: &Path, req: &PodRequest, unreachable: &str) -> Result<(), CniError> {
+    let who = req.describe();
+    let path = proto::node_state_path(run_dir);
+    let decision = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<NodeState>(&bytes) {
+            Ok(state) => state.decide(req.pod.as_ref(), &req.ips),
+            Err(e) => Offline::Unknown(format!("{} is unreadable: {e}", path.display())),
+        },
+        Err(e) => Offline::Unknown(format!("no node state at {}: {e}", path.display())),
+    };
+    match decision {
+        Offline::NotAmbient(why) => {
+            eprintln!("ambit-cni: {who}: {unreachable}; {why}: starting it unmeshed");
+            Ok(())
+        }
+        Offline::Ambient(why) | Offline::Unknown(why) => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the ambit node agent is unreachable",
+            format!(
+                "{who}: {unreachable}; {why}; a pod that may be meshed does not start without \
+                 the agent (the runtime retries)"
+            ),
+        )),
+    }
+}
+
+fn unexpected(who: &str, answer: &Answer) -> CniError {
+    CniError::new(
+        code::IO_FAILURE,
+        "unexpected answer from the ambit agent",
+        format!("{who}: {answer:?}"),
+    )
+}
+
+/// Why the agent gave no answer.
+enum AskError {
+    /// Nobody listens: the agent is not running.
+    Unreachable(String),
+    /// Connected, then no (valid) answer in time.
+    Broken(String),
+}
+
+struct Agent {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Agent {
+    fn ask(&self, req: &Request) -> Result<Answer, AskError> {
+        let sock = self.socket.display();
+        let stream = UnixStream::connect(&self.socket).map_err(|e| {
+            AskError::Unreachable(format!("cannot reach the ambit agent at {sock}: {e}"))
+        })?;
+        let broken = |what: String| AskError::Broken(format!("agent at {sock}: {what}"));
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| broken(e.to_string()))?;
+        proto::write_line(&stream, req).map_err(|e| broken(e.to_string()))?;
+        proto::read_line(BufReader::new(&stream)).map_err(|e| match e {
+            proto::ProtoError::Read(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                broken(format!("no answer within {:?}", self.timeout))
+            }
+            e => broken(e.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

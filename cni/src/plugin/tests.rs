@@ -1,0 +1,178 @@
+use std::io::BufReader;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+
+use super::*;
+use crate::proto::{NodePod, NodeState};
+
+/// A run dir of its own, removed on drop.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ambit-cni-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        RunDir(dir)
+    }
+
+    /// A fake agent answering one request with `answer`; returns what it was asked.
+    fn agent(&self, answer: Answer) -> JoinHandle<Request> {
+        let listener = UnixListener::bind(proto::socket_path(&self.0)).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let req: Request = proto::read_line(BufReader::new(&stream)).unwrap();
+            proto::write_line(&stream, &answer).unwrap();
+            req
+        })
+    }
+
+    fn conf(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "type": "ambit-cni",
+            "runDir": self.0,
+            "timeoutSeconds": 5,
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
+                "ips": [{"address": "10.9.0.4/24", "interface": 0}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn state(&self, state: &NodeState) {
+        std::fs::write(
+            proto::node_state_path(&self.0),
+            serde_json::to_vec(state).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn env(command: &str, ns: &str) -> Env {
+    Env::from_vars(
+        [
+            ("CNI_COMMAND", command.to_string()),
+            ("CNI_CONTAINERID", "abc123".into()),
+            ("CNI_NETNS", "/var/run/netns/x".into()),
+            ("CNI_IFNAME", "eth0".into()),
+            (
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web;K8S_POD_UID=u1"),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    )
+}
+
+#[test]
+fn add_asks_the_agent_and_passes_the_previous_result_through() {
+    let dir = RunDir::new();
+    let agent = dir.agent(Answer::Enrolled {
+        pod: "mesh/web".into(),
+    });
+    let out = run(&env("ADD", "mesh"), &dir.conf())
+        .expect("ADD")
+        .expect("a result");
+    assert_eq!(out["ips"][0]["address"], "10.9.0.4/24", "{out}");
+    assert_eq!(out["cniVersion"], "1.0.0");
+    let Request::Add(req) = agent.join().unwrap() else {
+        panic!("not an ADD")
+    };
+    assert_eq!(
+        req.pod,
+        Some(PodName {
+            namespace: "mesh".into(),
+            name: "web".into(),
+            uid: Some("u1".into())
+        })
+    );
+    assert_eq!(
+        req.ips,
+        vec!["10.9.0.4".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(req.netns, "/var/run/netns/x");
+}
+
+#[test]
+fn add_fails_when_the_agent_refuses() {
+    let dir = RunDir::new();
+    let _agent = dir.agent(Answer::Failed {
+        message: "pod mesh/web is not known to the agent after 10s".into(),
+    });
+    let e = run(&env("ADD", "mesh"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER);
+    assert!(e.details.contains("not known to the agent"), "{e}");
+}
+
+#[test]
+fn without_the_agent_only_pods_known_not_to_be_meshed_start() {
+    let dir = RunDir::new();
+    // No state file: nothing is known.
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    assert!(e.details.contains("pod plain/web"), "{e}");
+    dir.state(&NodeState {
+        node: "n1".into(),
+        namespaces: [("mesh".to_string(), true), ("plain".to_string(), false)].into(),
+        pods: vec![NodePod {
+            namespace: "mesh".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+            ips: vec![],
+            ambient: true,
+        }],
+    });
+    let out = run(&env("ADD", "plain"), &dir.conf()).expect("non-ambient pod starts");
+    assert!(out.is_some());
+    let e = run(&env("ADD", "mesh"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER);
+    assert!(
+        e.msg.contains("unreachable") && e.details.contains("mesh/web"),
+        "{e}"
+    );
+    let e = run(&env("ADD", "other"), &dir.conf()).unwrap_err();
+    assert!(e.details.contains("namespace other is not known"), "{e}");
+    // DEL and an unknown pod's CHECK without an agent.
+    assert_eq!(run(&env("DEL", "mesh"), &dir.conf()).expect("DEL"), None);
+    assert!(run(&env("CHECK", "plain"), &dir.conf()).is_ok());
+}
+
+#[test]
+fn version_and_bad_input_answer_in_cni_terms() {
+    let out = run(&env("VERSION", ""), br#"{"cniVersion":"0.4.0"}"#)
+        .unwrap()
+        .unwrap();
+    assert_eq!(out["cniVersion"], "0.4.0");
+    assert!(out["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("1.0.0")));
+    let e = run(&env("ADD", "mesh"), b"{").unwrap_err();
+    assert_eq!(e.code, code::DECODE);
+    let e = run(
+        &env("ADD", "mesh"),
+        br#"{"cniVersion":"0.4.0","name":"n","timeoutSeconds":0}"#,
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.code, e.cni_version.as_str()),
+        (code::INVALID_CONFIG, "0.4.0")
+    );
+}
