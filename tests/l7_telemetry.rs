@@ -406,7 +406,14 @@ fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
     get("/known/1", 200);
     get("/unknown/1", 404);
     // The 200 at both ends (source and destination), the 404 (no route) at the source only.
-    let all = settled(lines, |_| with("/known/1") >= 2 && with("/unknown/1") >= 1);
+    // Waited for and asserted on the same read of the file (both agents append to it).
+    let count = |all: &[String], path: &str| {
+        let needle = format!("\"GET {path} HTTP/1.1\"");
+        all.iter().filter(|l| l.contains(&needle)).count()
+    };
+    let all = settled(lines, |all| {
+        count(all, "/known/1") >= 2 && count(all, "/unknown/1") >= 1
+    });
     let ok: Vec<&String> = all.iter().filter(|l| l.contains("/known/1")).collect();
     assert_eq!(ok.len(), 2, "{all:#?}");
     for l in &ok {
@@ -417,7 +424,7 @@ fn access_logs_follow_the_mesh_config_and_a_telemetry_filter() {
             "{l}"
         );
     }
-    assert_eq!(with("/unknown/1"), 1, "{all:#?}");
+    assert_eq!(count(&all, "/unknown/1"), 1, "{all:#?}");
     assert!(
         all.iter()
             .any(|l| l.contains("\"GET /unknown/1 HTTP/1.1\" 404 NR route_not_found")),
