@@ -97,11 +97,39 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, calls: mpsc::Send
     }
 }
 
+/// How long a connection may take to send its request line (the plugin sends it at once).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn answer(stream: UnixStream, calls: mpsc::Sender<CniCall>) {
+    // The socket file is 0600, but its dir is a hostPath: a process of another uid that reaches
+    // the socket (a changed mode, a pod with the dir mounted) is still not heard, since a DEL
+    // would take a pod out of the mesh.
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(proto::MAX_LINE + 1);
-    let answer = match reader.read_until(b'\n', &mut line).await {
+    let read = async {
+        match peer {
+            Ok(uid) if uid == me => {}
+            Ok(uid) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("peer uid {uid} is not the agent's ({me})"),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no request line within {REQUEST_TIMEOUT:?}"),
+                ))
+            })
+    };
+    let answer = match read.await {
         Err(e) => Answer::Failed {
             message: format!("reading the request: {e}"),
         },
@@ -353,13 +381,13 @@ pub fn node_state(state: &State, node: &str) -> NodeState {
 /// Writes the node state (temp file + rename: the plugin never reads half of it).
 pub fn write_node_state(run_dir: &Path, now: &NodeState) -> Result<(), CniError> {
     let path = proto::node_state_path(run_dir);
-    let tmp = run_dir.join(format!(".{}.tmp", proto::NODE_STATE_NAME));
+    let tmp = super::cni_install::temp_name(&path, proto::NODE_STATE_NAME);
     let err = |source| CniError::NodeState {
         path: path.clone(),
         source,
     };
     let json = serde_json::to_vec_pretty(now).map_err(|e| err(io::Error::other(e)))?;
-    std::fs::write(&tmp, json).map_err(err)?;
+    super::cni_install::write_new(&tmp, &json, 0o644).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
 }
 
