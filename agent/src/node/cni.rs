@@ -74,27 +74,62 @@ pub fn bind(run_dir: &Path) -> Result<std::os::unix::net::UnixListener, CniError
     Ok(listener)
 }
 
+/// How often [`serve`] looks whether the socket file is still its own (see there).
+pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the plugin: one request line per connection, answered by the control loop through
 /// `calls`. Runs on the control runtime.
+///
+/// A successor agent (an upgrade) binds its own socket at the same path when it starts. If it
+/// goes away without taking over, this agent serves on, but the path would lead to a dead socket
+/// and every meshed pod of the node would be refused until the next restart; so whenever the
+/// nobody answers at the path (probed every [`RECLAIM_INTERVAL`]), it is bound here again. While
+/// anyone answers there (this agent, or a successor), it is left alone.
 pub async fn serve(listener: std::os::unix::net::UnixListener, calls: mpsc::Sender<CniCall>) {
-    let listener = match tokio::net::UnixListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "CNI socket: cannot register with the runtime; the plugin cannot reach the agent");
-            return;
-        }
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let Some(mut listener) = register(listener) else {
+        return;
     };
+    let mut check = tokio::time::interval(RECLAIM_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, calls.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "CNI socket: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, calls.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "CNI socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = check.tick() => {
+                let Some(path) = path.as_deref() else { continue };
+                if UnixStream::connect(path).await.is_ok() {
+                    // Served, by us or by a successor (the probe reads as an empty request).
+                    continue;
+                }
+                let Some(dir) = path.parent() else { continue };
+                match bind(dir).map(register) {
+                    Ok(Some(l)) => {
+                        warn!(socket = %path.display(), "CNI socket: the agent that replaced it is gone; serving it again");
+                        listener = l;
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "CNI socket: cannot bind it again; meshed pods are refused until it is"),
+                }
             }
         }
     }
+}
+
+fn register(listener: std::os::unix::net::UnixListener) -> Option<tokio::net::UnixListener> {
+    tokio::net::UnixListener::from_std(listener)
+        .inspect_err(|e| warn!(error = %e, "CNI socket: cannot register with the runtime; the plugin cannot reach the agent"))
+        .ok()
 }
 
 /// How long a connection may take to send its request line (the plugin sends it at once).
