@@ -32,6 +32,10 @@ use crate::proxy::{
 use crate::state::IstioLabels;
 use netns::NetnsWorker;
 
+/// How long unenrolment waits for a pod's accept loops to drop its listeners (they end at their
+/// next poll, within moments unless a data-plane worker is stuck).
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, Error)]
 pub enum NodeError {
     #[error("pod netns {path}: {source}")]
@@ -61,6 +65,8 @@ pub enum NodeError {
     },
     #[error("pod {pod} has no IP address")]
     NoIp { pod: String },
+    #[error("pod {pod}: not enrolled while a new agent is taking over this one's listeners")]
+    HandingOver { pod: String },
 }
 
 /// A pod this node should capture, as the config source describes it.
@@ -153,6 +159,11 @@ impl Node {
         self
     }
 
+    /// True while a successor is taking over: no pod is enrolled or unenrolled here.
+    pub fn handing_over(&self) -> bool {
+        self.offer.hold().is_none()
+    }
+
     pub fn capture(&self) -> &Capture {
         &self.capture
     }
@@ -232,6 +243,11 @@ impl Node {
         if spec.ips.is_empty() {
             return Err(NodeError::NoIp { pod: key });
         }
+        // Held to the end: a successor's snapshot has all of this pod or none of it.
+        let offer = self.offer.clone();
+        let Some(mut held) = offer.hold() else {
+            return Err(NodeError::HandingOver { pod: key });
+        };
         let worker = Arc::new(NetnsWorker::spawn(&spec.netns_path)?);
         let netns_id =
             adopt::NetnsId::of(worker.netns_file()).map_err(|source| NodeError::Netns {
@@ -281,7 +297,7 @@ impl Node {
             return Err(NodeError::Capture { pod: key, source });
         }
         let transparent = self.install_transparent(&key, &spec, &worker);
-        self.offer.set(&key, offered);
+        held.set(&key, offered);
         // Its stages run: pods of this node may hand it their connections in-process.
         self.pi.local.insert(&self.pi, ctx.clone());
         info!(pod = %key, ips = ?spec.ips, netns_cookie = cookie, transparent = transparent.is_some(), "enrolled");
@@ -497,27 +513,70 @@ impl Node {
         Ok((tasks, inbound_fds))
     }
 
-    pub fn unenrol(&mut self, key: &str) {
-        self.unenrol_as(key, false);
+    /// Unenrols pod `key`; false when it is not enrolled, or a successor is taking over (which
+    /// then decides: the pod stays as it handed it).
+    pub fn unenrol(&mut self, key: &str) -> bool {
+        self.unenrol_as(key, false)
     }
 
     /// `stopping`: the agent is exiting, and every connection with it.
-    fn unenrol_as(&mut self, key: &str, stopping: bool) {
-        let Some(pod) = self.pods.remove(key) else {
-            return;
+    fn unenrol_as(&mut self, key: &str, stopping: bool) -> bool {
+        let offer = self.offer.clone();
+        let Some(mut held) = offer.hold() else {
+            debug!(pod = %key, "not unenrolled: a successor is taking over");
+            return false;
         };
-        self.offer.remove(key);
+        let Some(mut pod) = self.pods.remove(key) else {
+            return false;
+        };
+        held.remove(key);
         // Capture off first, so no new connection is sent to listeners about to close, nor handed
         // over in-process.
         self.capture.unenrol(pod.ctx.netns_cookie);
         self.pi.local.remove(&pod.ctx);
         // Aborting the accept loops closes the listeners; relays already running keep their sockets
         // and finish on their own, so established connections are not cut.
-        for t in &pod.tasks {
+        let tasks = std::mem::take(&mut pod.tasks);
+        for t in &tasks {
             t.abort();
         }
+        self.wait_closed(key, tasks);
         self.release_transparent(key, &pod, stopping);
+        drop(held);
         info!(pod = %key, "unenrolled");
+        true
+    }
+
+    /// Waits (up to [`CLOSE_WAIT`]) until the aborted accept loops have ended: each owns one of
+    /// the pod's listeners, which closes only when its worker drops the loop. Without this the
+    /// netns could be enrolled again (a CNI DEL then ADD of the same sandbox) while the old
+    /// listeners still hold their ports, and fail with "address already in use"; and a DEL is
+    /// answered once the pod's listeners are gone, as the plugin is promised. The loops run on
+    /// the data-plane workers, never on the control runtime that calls this.
+    fn wait_closed(&self, key: &str, tasks: Vec<JoinHandle<()>>) {
+        if tasks.is_empty() {
+            return;
+        }
+        let (done, closed) = std::sync::mpsc::sync_channel::<()>(1);
+        self.workers[0].spawn(async move {
+            for t in tasks {
+                // Err(cancelled) once the loop (and its listener) is dropped.
+                let _ = t.await;
+            }
+            let _ = done.send(());
+        });
+        match closed.recv_timeout(CLOSE_WAIT) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => warn!(
+                pod = %key,
+                "its listeners are still open {CLOSE_WAIT:?} after unenrolment; enrolling its \
+                 netns again may fail with \"address in use\" until they close"
+            ),
+            // The data plane is stopping: its runtimes drop every loop.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                debug!(pod = %key, "data plane stopped before its listeners were seen closed")
+            }
+        }
     }
 
     /// At the agent's exit: every pod, and every routing still draining, goes now.

@@ -312,6 +312,7 @@ impl Successor {
                 }
                 Err(e) => {
                     self.handing.store(false, Ordering::Release);
+                    self.offer.thaw();
                     warn!(error = %e, "a successor did not take over; serving on");
                 }
             }

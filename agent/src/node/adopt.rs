@@ -86,30 +86,70 @@ impl Handed {
 
 /// The listeners this agent serves, by owner (a pod's key, or a name for the agent's own), for a
 /// successor to take. Each entry holds its own descriptor of the socket (cheap to clone).
+///
+/// A snapshot for a successor freezes the pods' part of it until [`Offer::thaw`]: the pods'
+/// enrolment changes while holding it ([`Offer::hold`]), so a change is either wholly in a
+/// snapshot or refused while frozen, never half of it (listeners made after the snapshot, which
+/// the successor would not get, or capture entries removed that it would go on relying on).
 #[derive(Debug, Clone, Default)]
-pub struct Offer(Arc<Mutex<BTreeMap<String, Vec<Handed>>>>);
+pub struct Offer(Arc<Mutex<Offered>>);
+
+#[derive(Debug, Default)]
+pub struct Offered {
+    listeners: BTreeMap<String, Vec<Handed>>,
+    frozen: bool,
+}
+
+/// The offer held while a pod is enrolled or unenrolled (see [`Offer::hold`]).
+pub struct Held<'o>(std::sync::MutexGuard<'o, Offered>);
+
+impl Held<'_> {
+    pub fn set(&mut self, owner: &str, listeners: Vec<Handed>) {
+        self.0.listeners.insert(owner.to_string(), listeners);
+    }
+
+    pub fn remove(&mut self, owner: &str) {
+        self.0.listeners.remove(owner);
+    }
+}
 
 impl Offer {
     pub fn set(&self, owner: &str, listeners: Vec<Handed>) {
-        self.lock().insert(owner.to_string(), listeners);
+        self.lock().listeners.insert(owner.to_string(), listeners);
     }
 
-    pub fn remove(&self, owner: &str) {
-        self.lock().remove(owner);
+    /// The offer for a change of the pods' enrolment, held until dropped; None while a successor
+    /// is taking over (frozen): no pod may be enrolled or unenrolled then.
+    pub fn hold(&self) -> Option<Held<'_>> {
+        let held = self.lock();
+        (!held.frozen).then_some(Held(held))
     }
 
     /// Offers nothing more (the agent is stopping): the offer's descriptors must not keep a
     /// listener open, or the kernel would go on completing handshakes nobody accepts.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().listeners.clear();
     }
 
-    /// Every listener offered now, each a new descriptor (the offer keeps its own).
+    /// Every listener offered now, each a new descriptor (the offer keeps its own); frozen from
+    /// here until [`Offer::thaw`].
     pub fn snapshot(&self) -> io::Result<Vec<Handed>> {
-        self.lock().values().flatten().map(Handed::dup).collect()
+        let mut offered = self.lock();
+        offered.frozen = true;
+        offered
+            .listeners
+            .values()
+            .flatten()
+            .map(Handed::dup)
+            .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<Handed>>> {
+    /// Pods may be enrolled and unenrolled again (the successor went away).
+    pub fn thaw(&self) {
+        self.lock().frozen = false;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Offered> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -255,6 +295,29 @@ mod tests {
             describe(Some(pod), Some(netns), role, &l, addr).expect("describe"),
             addr,
         )
+    }
+
+    #[test]
+    fn a_snapshot_has_every_change_made_before_it_and_refuses_changes_until_thawed() {
+        let offer = Offer::default();
+        let (a, _) = handed("mesh/a", NS, Role::Outbound);
+        offer.hold().expect("not frozen").set("mesh/a", vec![a]);
+        let snap = offer.snapshot().expect("snapshot");
+        assert_eq!(snap.len(), 1);
+        assert!(offer.hold().is_none(), "frozen by the snapshot");
+        offer.thaw();
+        let (b, _) = handed("mesh/b", NS, Role::Outbound);
+        let mut held = offer.hold().expect("thawed");
+        held.set("mesh/b", vec![b]);
+        held.remove("mesh/a");
+        drop(held);
+        let snap = offer.snapshot().expect("snapshot");
+        assert_eq!(
+            snap.iter()
+                .map(|h| h.what.pod.clone().unwrap_or_default())
+                .collect::<Vec<_>>(),
+            vec!["mesh/b".to_string()]
+        );
     }
 
     #[test]

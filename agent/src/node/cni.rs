@@ -74,34 +74,97 @@ pub fn bind(run_dir: &Path) -> Result<std::os::unix::net::UnixListener, CniError
     Ok(listener)
 }
 
+/// How often [`serve`] looks whether the socket file is still its own (see there).
+pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the plugin: one request line per connection, answered by the control loop through
 /// `calls`. Runs on the control runtime.
+///
+/// A successor agent (an upgrade) binds its own socket at the same path when it starts. If it
+/// goes away without taking over, this agent serves on, but the path would lead to a dead socket
+/// and every meshed pod of the node would be refused until the next restart; so whenever the
+/// nobody answers at the path (probed every [`RECLAIM_INTERVAL`]), it is bound here again. While
+/// anyone answers there (this agent, or a successor), it is left alone.
 pub async fn serve(listener: std::os::unix::net::UnixListener, calls: mpsc::Sender<CniCall>) {
-    let listener = match tokio::net::UnixListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "CNI socket: cannot register with the runtime; the plugin cannot reach the agent");
-            return;
-        }
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let Some(mut listener) = register(listener) else {
+        return;
     };
+    let mut check = tokio::time::interval(RECLAIM_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, calls.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "CNI socket: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, calls.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "CNI socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = check.tick() => {
+                let Some(path) = path.as_deref() else { continue };
+                if UnixStream::connect(path).await.is_ok() {
+                    // Served, by us or by a successor (the probe reads as an empty request).
+                    continue;
+                }
+                let Some(dir) = path.parent() else { continue };
+                match bind(dir).map(register) {
+                    Ok(Some(l)) => {
+                        warn!(socket = %path.display(), "CNI socket: the agent that replaced it is gone; serving it again");
+                        listener = l;
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "CNI socket: cannot bind it again; meshed pods are refused until it is"),
+                }
             }
         }
     }
 }
 
+fn register(listener: std::os::unix::net::UnixListener) -> Option<tokio::net::UnixListener> {
+    tokio::net::UnixListener::from_std(listener)
+        .inspect_err(|e| warn!(error = %e, "CNI socket: cannot register with the runtime; the plugin cannot reach the agent"))
+        .ok()
+}
+
+/// How long a connection may take to send its request line (the plugin sends it at once).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn answer(stream: UnixStream, calls: mpsc::Sender<CniCall>) {
+    // The socket file is 0600, but its dir is a hostPath: a process of another uid that reaches
+    // the socket (a changed mode, a pod with the dir mounted) is still not heard, since a DEL
+    // would take a pod out of the mesh.
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(proto::MAX_LINE + 1);
-    let answer = match reader.read_until(b'\n', &mut line).await {
+    let read = async {
+        match peer {
+            Ok(uid) if uid == me => {}
+            Ok(uid) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("peer uid {uid} is not the agent's ({me})"),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no request line within {REQUEST_TIMEOUT:?}"),
+                ))
+            })
+    };
+    let answer = match read.await {
         Err(e) => Answer::Failed {
             message: format!("reading the request: {e}"),
         },
@@ -353,13 +416,13 @@ pub fn node_state(state: &State, node: &str) -> NodeState {
 /// Writes the node state (temp file + rename: the plugin never reads half of it).
 pub fn write_node_state(run_dir: &Path, now: &NodeState) -> Result<(), CniError> {
     let path = proto::node_state_path(run_dir);
-    let tmp = run_dir.join(format!(".{}.tmp", proto::NODE_STATE_NAME));
+    let tmp = super::cni_install::temp_name(&path, proto::NODE_STATE_NAME);
     let err = |source| CniError::NodeState {
         path: path.clone(),
         source,
     };
     let json = serde_json::to_vec_pretty(now).map_err(|e| err(io::Error::other(e)))?;
-    std::fs::write(&tmp, json).map_err(err)?;
+    super::cni_install::write_new(&tmp, &json, 0o644).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
 }
 

@@ -210,11 +210,39 @@ fn write_atomic(path: &Path, value: &Value) -> Result<(), InstallError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     // A dot name the runtime ignores (no .conf/.conflist/.json suffix).
-    let tmp = path.with_file_name(format!(".{name}.ambit-tmp"));
+    let tmp = temp_name(path, &name);
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| err(io::Error::other(e)))?;
     text.push(b'\n');
-    std::fs::write(&tmp, text).map_err(err)?;
+    write_new(&tmp, &text, 0o644).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// A temp file next to `path` named after this process: two agents of a node (an upgrade's old
+/// and new one) never write the same temp file, so neither renames the other's half-written one.
+pub(crate) fn temp_name(path: &Path, name: &str) -> PathBuf {
+    path.with_file_name(format!(".{name}.ambit-tmp.{}", std::process::id()))
+}
+
+/// Writes `bytes` to a new file at `tmp` with `mode`: whatever is at `tmp` (a leftover of a
+/// crash, or a symlink planted there) is removed first, and the file is created exclusively, so
+/// the write never follows a symlink out of the dir.
+pub(crate) fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(tmp)?;
+    // The umask may have taken bits off `mode`.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Copies the plugin binary into the bin dir (temp file + rename: a runtime executing the old
@@ -230,10 +258,8 @@ pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
     if std::fs::read(&to).is_ok_and(|old| old == new) {
         return Ok(false);
     }
-    let tmp = cfg.bin_dir.join(format!(".{PLUGIN_TYPE}.ambit-tmp"));
-    std::fs::write(&tmp, &new).map_err(err)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    let tmp = temp_name(&to, PLUGIN_TYPE);
+    write_new(&tmp, &new, 0o755).map_err(err)?;
     std::fs::rename(&tmp, &to).map_err(err)?;
     Ok(true)
 }

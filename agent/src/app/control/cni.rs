@@ -38,8 +38,8 @@ struct PendingAdd {
     req: PodRequest,
     reply: oneshot::Sender<Answer>,
     since: Instant,
-    /// Why its enrolment failed last (retried until [`POD_WAIT`]: a listener of the netns's
-    /// previous enrolment may still be closing).
+    /// Why its enrolment failed last (retried until [`POD_WAIT`]: e.g. a netns its worker cannot
+    /// enter yet).
     failed: Option<String>,
 }
 
@@ -212,6 +212,17 @@ impl Control {
 
     /// Unenrols the pod now (the sandbox is going) and keeps it out until its next ADD.
     fn cni_del(&mut self, req: &PodRequest) -> Answer {
+        if self.paused.load(std::sync::atomic::Ordering::Acquire) || self.node.handing_over() {
+            // A successor holds this agent's listeners and decides from its own view: unenrolling
+            // here would remove capture entries it serves, and it would never hear of this DEL.
+            // The runtime retries the DEL, which reaches the successor's socket.
+            return Answer::Failed {
+                message: format!(
+                    "{}: the agent is handing over to a new agent; retry",
+                    req.describe()
+                ),
+            };
+        }
         let state = self.store.reader().load_full();
         let Some(key) = self
             .cni
@@ -222,8 +233,14 @@ impl Control {
         };
         self.reconcile();
         // Also while the view is incomplete (nothing is unenrolled by the reconcile then).
-        self.node.unenrol(&key);
-        info!(pod = %key, container = %req.container_id, "CNI DEL: unenrolled");
+        if self.node.unenrol(&key) {
+            info!(pod = %key, container = %req.container_id, "CNI DEL: unenrolled");
+        } else if self.node.handing_over() {
+            // A successor began taking over since the check above: the same as paused.
+            return Answer::Failed {
+                message: format!("pod {key}: the agent is handing over to a new agent; retry"),
+            };
+        }
         Answer::Removed { pod: Some(key) }
     }
 

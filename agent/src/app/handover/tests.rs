@@ -56,7 +56,7 @@ fn a_successor_receives_the_same_sockets_and_the_predecessor_learns_it_took_over
     let offer = Offer::default();
     // More than one batch's worth, so the batching is exercised.
     let ours = offered(&offer, "mesh/a", MAX_FDS + 3);
-    let successor = Successor::new(id(&d, "n1"), offer);
+    let successor = Successor::new(id(&d, "n1"), offer.clone());
     successor.listen().expect("listen");
     let took_over = successor.took_over();
 
@@ -86,6 +86,8 @@ fn a_successor_receives_the_same_sockets_and_the_predecessor_learns_it_took_over
             .expect("the predecessor is told")
     });
     assert!(successor.handed_over());
+    // Pods stay as they were handed: they are the successor's.
+    assert!(offer.hold().is_none(), "still frozen after the takeover");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -120,15 +122,28 @@ fn no_predecessor_is_none_and_a_successor_that_dies_changes_nothing() {
 
     let offer = Offer::default();
     let _ours = offered(&offer, "mesh/a", 2);
-    let successor = Successor::new(id(&d, "n1"), offer);
+    let successor = Successor::new(id(&d, "n1"), offer.clone());
     successor.listen().expect("listen over the stale file");
     let received = take(&id(&d, "n1")).expect("take").expect("a predecessor");
+    // While a successor holds the listeners, no pod is enrolled or unenrolled here.
+    assert!(offer.hold().is_none(), "frozen during the takeover");
     drop(received);
     let again = take(&id(&d, "n1"))
         .expect("take again")
         .expect("still serving");
     assert_eq!(again.listeners.len(), 2);
     assert!(!successor.handed_over());
+    drop(again);
+    // The successor went away: pods may change again (the old agent sees it when the connection
+    // ends, on its own thread).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while offer.hold().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the offer is never thawed after the successor went away"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     successor.remove_socket();
     assert!(!d.join("handover.sock").exists());
     let _ = std::fs::remove_dir_all(&d);

@@ -261,3 +261,54 @@ fn an_add_of_an_older_pod_of_the_same_name_leaves_the_current_one_to_discovery()
     assert_eq!(web[0].netns_path, dir.join("web"), "discovery's netns");
     assert_eq!(web[0].ips, vec!["10.8.0.2".parse::<IpAddr>().unwrap()]);
 }
+
+/// A successor that bound the socket and died before taking over leaves a dead socket at the
+/// path: the agent that serves on binds it again, and the plugin reaches it once more.
+#[tokio::test]
+async fn the_socket_is_bound_again_when_the_successor_that_replaced_it_is_gone() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    let dir = std::env::temp_dir().join(format!("ambit-cni-reclaim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let listener = bind(&dir).expect("bind");
+    let (tx, mut rx) = mpsc::channel::<CniCall>(4);
+    tokio::spawn(serve(listener, tx));
+    tokio::spawn(async move {
+        while let Some(call) = rx.recv().await {
+            let _ = call.reply.send(Answer::Removed { pod: None });
+        }
+    });
+    // The successor binds its own socket at the path, then dies.
+    drop(bind(&dir).expect("the successor's bind"));
+    let path = proto::socket_path(&dir);
+    let ask = || async {
+        let mut s = UnixStream::connect(&path).await.ok()?;
+        let mut line =
+            serde_json::to_vec(&Request::Del(req(Some(("mesh", "web")), &[], "c1"))).ok()?;
+        line.push(b'\n');
+        s.write_all(&line).await.ok()?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).await.ok()?;
+        serde_json::from_str::<Answer>(&answer).ok()
+    };
+    assert!(ask().await.is_none(), "the dead successor's socket refuses");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let answer = loop {
+        if let Some(a) = ask().await {
+            break a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never bound its socket again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(answer, Answer::Removed { pod: None });
+}

@@ -197,3 +197,26 @@ fn install_converts_a_conf_keeps_files_valid_and_uninstall_restores() {
         "no temp file left"
     );
 }
+
+/// A symlink planted at the temp file's name is replaced, never written through, and the binary
+/// is executable whatever the umask.
+#[test]
+fn temp_files_never_follow_a_symlink_and_the_binary_is_executable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let victim = d.0.join("victim");
+    std::fs::write(&victim, b"untouched").unwrap();
+    let to = cfg.bin_dir.join(PLUGIN_TYPE);
+    std::os::unix::fs::symlink(&victim, temp_name(&to, PLUGIN_TYPE)).unwrap();
+    assert!(install_binary(&cfg).unwrap());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+    assert_eq!(
+        std::fs::read(&to).unwrap(),
+        std::fs::read(&cfg.plugin).unwrap()
+    );
+    let meta = std::fs::symlink_metadata(&to).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    assert!(!temp_name(&to, PLUGIN_TYPE).exists());
+}
