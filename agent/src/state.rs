@@ -107,9 +107,18 @@ impl IstioLabels {
 /// Istio's value for a metric label it cannot know.
 pub const UNKNOWN: &str = "unknown";
 
+/// The annotation the sidecar injector sets on every pod it injected.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+
 impl Workload {
     pub fn key(&self) -> Key {
         key(&self.namespace, &self.name)
+    }
+
+    /// An Istio sidecar was injected (`sidecar.istio.io/status`): Istio never puts such a pod in
+    /// ambient as well.
+    pub fn has_sidecar(&self) -> bool {
+        self.annotations.contains_key(SIDECAR_STATUS_ANNOTATION)
     }
 }
 
@@ -421,16 +430,21 @@ impl State {
 
     /// Istio's enrolment rule: the namespace is labelled ambient and the pod did not opt out.
     pub fn is_enrolled(&self, w: &Workload) -> bool {
+        use crate::config::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_NONE};
         let ns_ambient = self
             .namespaces
             .get(w.namespace.as_str())
             .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == crate::config::DATAPLANE_MODE_AMBIENT);
-        let opted_out = w
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_some_and(|v| v == crate::config::DATAPLANE_MODE_NONE);
-        ns_ambient && !opted_out && !w.host_network && w.running
+            .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT);
+        // Istio: a pod labelled ambient is enrolled in any namespace; one labelled none never.
+        let pod_mode = w.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+        let pod_ambient = pod_mode == Some(DATAPLANE_MODE_AMBIENT);
+        let opted_out = pod_mode == Some(DATAPLANE_MODE_NONE);
+        (ns_ambient || pod_ambient)
+            && !opted_out
+            && !w.has_sidecar()
+            && !w.host_network
+            && w.running
     }
 
     /// Enrolled workloads scheduled on `node`.

@@ -272,9 +272,11 @@ impl CniPods {
                 crate::config::DATAPLANE_MODE_LABEL,
                 crate::config::DATAPLANE_MODE_NONE
             )
+        } else if w.has_sidecar() {
+            "it has an Istio sidecar (sidecar.istio.io/status)".to_string()
         } else {
             format!(
-                "namespace {} is not labelled {}={}",
+                "neither it nor namespace {} is labelled {}={}",
                 w.namespace,
                 crate::config::DATAPLANE_MODE_LABEL,
                 crate::config::DATAPLANE_MODE_AMBIENT

@@ -34,8 +34,9 @@ pub struct Converted {
 }
 
 /// The annotations a workload keeps.
-const KEPT_ANNOTATIONS: [&str; 5] = [
+const KEPT_ANNOTATIONS: [&str; 6] = [
     NETNS_ANNOTATION,
+    crate::state::SIDECAR_STATUS_ANNOTATION,
     EXCLUDE_OUTBOUND_PORTS,
     EXCLUDE_INBOUND_PORTS,
     "ambit.dev/destination-l7",

@@ -130,6 +130,55 @@ fn enrolment_follows_istio_rules() {
 }
 
 #[test]
+fn a_pod_label_enrols_in_any_namespace_and_a_sidecar_keeps_a_pod_out() {
+    let store = store_from(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: chosen, namespace: plain, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: n1, containers: []}
+status: {phase: Running, podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unlabelled, namespace: plain}
+spec: {nodeName: n1, containers: []}
+status: {phase: Running, podIP: 10.244.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: injected, namespace: mesh, annotations: {sidecar.istio.io/status: '{"containers":["istio-proxy"]}'}}
+spec: {nodeName: n1, containers: []}
+status: {phase: Running, podIP: 10.244.1.22}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-member, namespace: mesh}
+spec: {nodeName: n1, containers: []}
+status: {phase: Running, podIP: 10.244.1.23}
+"#,
+    );
+    assert!(store.errors().is_empty(), "{:?}", store.errors());
+    let state = store.reader().load_full();
+    let names: Vec<String> = state
+        .enrolled_on("n1")
+        .iter()
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect();
+    // Istio (istio-cni's PodRedirectionEnabled): the pod's own label enrols it wherever it runs;
+    // a pod with an injected sidecar is never also in ambient.
+    assert_eq!(names, vec!["mesh/plain-member", "plain/chosen"]);
+}
+
+#[test]
 fn lookups_by_destination() {
     let state = store_from(CLUSTER).reader().load_full();
     // Table: destination address → what it is.
