@@ -153,7 +153,13 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         None => None,
     };
     let readiness_listener = match cfg.readiness_addr {
-        Some(addr) => Some(control_rt.block_on(crate::admin::bind_readiness(addr))?),
+        Some(addr) => Some(own_listener(
+            &control_rt,
+            &mut taken,
+            Role::Readiness,
+            addr,
+            &offer,
+        )?),
         None => None,
     };
     let debug_listener = match cfg.admin_addr {
@@ -380,8 +386,11 @@ fn own_listener(
         });
     let listener = match handed {
         Some(l) => l,
-        None if role == Role::Admin => rt.block_on(crate::admin::bind(addr))?,
-        None => rt.block_on(debug::bind(addr))?,
+        None => match role {
+            Role::Admin => rt.block_on(crate::admin::bind(addr))?,
+            Role::Readiness => rt.block_on(crate::admin::bind_readiness(addr))?,
+            _ => rt.block_on(debug::bind(addr))?,
+        },
     };
     match crate::node::adopt::describe(None, netns, role, &listener, addr) {
         Ok(h) => offer.set(&format!("agent {role:?}"), vec![h]),

@@ -592,7 +592,7 @@ impl Listeners {
                     l.inbound.push((v4, listener));
                 }
                 adopt::Role::Hbone => l.hbone.push(listener),
-                adopt::Role::Admin | adopt::Role::Debug => {}
+                adopt::Role::Admin | adopt::Role::Debug | adopt::Role::Readiness => {}
             }
         }
         // The IPv4 outbound listener goes first: its netns cookie identifies the pod.

@@ -53,6 +53,8 @@ pub enum Role {
     Admin,
     /// The agent's debug endpoint.
     Debug,
+    /// The agent's `/healthz/ready` on Istio's health port (15021).
+    Readiness,
 }
 
 /// One listener as the handover message describes it.
