@@ -20,7 +20,8 @@
 //! upstream pool ([`Downstream::CLIENT_CLOSES`]: it learns of the drain from the HBONE GOAWAY, or
 //! drains itself), the connection is not closed here: requests still coming on it are served,
 //! answered with `connection: close`, and the client closes idle ones; whatever is left is closed
-//! at the end of the drain grace period. An app's own connection (a client pod's socket on this
+//! at the end of the drain grace period. For the same reason such a connection has no idle
+//! timeout here: the client's pool closes it after its own (`connectionPool.http.idleTimeout`). An app's own connection (a client pod's socket on this
 //! node) is drained as any server would: closed when idle, or after its response in flight.
 
 use std::convert::Infallible;
@@ -320,11 +321,18 @@ where
             }
         }
     } else {
-        let c = hyper::server::conn::http1::Builder::new()
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
-            .max_buf_size(MAX_HEADER_BYTES)
-            .serve_connection(io, service)
-            .with_upgrades();
+            .max_buf_size(MAX_HEADER_BYTES);
+        if keep_open {
+            // hyper's header read timeout (30s by default) also runs while a keep-alive
+            // connection waits for its next request: it would close an agent's idle connection
+            // under the request that agent sends at that instant. The agent's pool closes its
+            // idle connections itself (`connectionPool.http.idleTimeout`).
+            builder.header_read_timeout(None);
+        }
+        let c = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(c);
         tokio::select! {
             out = &mut c => out,
