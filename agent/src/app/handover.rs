@@ -26,9 +26,11 @@
 //! (another node's, inside an HBONE stream, or this one's) is not closed while idle, which would
 //! race the request that agent sends at that instant: that agent lets it go on the HBONE GOAWAY
 //! (`proxy::http::client`), and requests still coming on it are served with `connection: close`
-//! (`proxy::http::inbound`). What remains: an app's own HTTP/1.1 client on this node still has
-//! the keep-alive race as with any server that drains (clients retry an idempotent request that
-//! fails on a reused connection); an agent that does not act on GOAWAY (older than this change)
+//! (`proxy::http::inbound`); an app's connection accepted just before the drain gets its first
+//! request served (`proxy::http::outbound`). What remains: an app's own idle HTTP/1.1 keep-alive
+//! connection is closed at the drain's start as by any server that drains, so a request the app
+//! sends at that instant fails (clients retry an idempotent request that fails on a reused
+//! connection); an agent that does not act on GOAWAY (older than this change)
 //! keeps such a connection, and with it the old agent, until the grace period; and a request that
 //! fails on a reused upstream connection after it was sent is not retried unless the route's
 //! retry policy says so.
