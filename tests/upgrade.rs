@@ -551,10 +551,11 @@ fn upgrade_and_wait_drained(world: &World, agent: &mut LocalAgent, node: &str) {
     );
 }
 
-/// HTTP/1.1 keep-alive across the client node's upgrade, HTTP/2 across both. (An HTTP/1.1
-/// connection from the client's agent to the server's is not covered across the server node's
-/// upgrade: a request that agent sends on it as the draining agent closes it idle fails, see
-/// the report of issue 15.)
+/// HTTP/1.1 and HTTP/2 keep-alive across the client node's upgrade, then the server node's. On
+/// the server's node, the client's agent holds an HTTP/1.1 connection to the server's agent
+/// (inside an HBONE stream) that the draining agent must not close while idle, or a request sent
+/// at that instant fails: the client's agent lets it go on the HBONE GOAWAY instead, and the
+/// draining agent answers what still comes on it with `connection: close`.
 #[test]
 fn keep_alive_http_moves_to_the_new_agent_without_a_failed_request() {
     raise_fd_limit();
@@ -610,16 +611,17 @@ fn keep_alive_http_moves_to_the_new_agent_without_a_failed_request() {
         h2.more(50);
         upgrade_and_wait_drained(&world, &mut agents[0], "client's node");
         h1.more(50);
-        h1.stop.store(true, Ordering::SeqCst);
-        one.join().expect("HTTP/1.1 client");
         h2.more(50);
         upgrade_and_wait_drained(&world, &mut agents[1], "server's node");
+        h1.more(50);
         h2.more(50);
+        h1.stop.store(true, Ordering::SeqCst);
         h2.stop.store(true, Ordering::SeqCst);
+        one.join().expect("HTTP/1.1 client");
         two.join().expect("HTTP/2 client");
     });
     for (k, what) in [
-        (&h1, "HTTP/1.1 (client's node upgraded)"),
+        (&h1, "HTTP/1.1 (both nodes upgraded)"),
         (&h2, "HTTP/2 (both nodes upgraded)"),
     ] {
         let failed = k.failed.lock().unwrap();

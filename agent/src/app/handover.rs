@@ -21,9 +21,19 @@
 //! Limits: an agent without this socket (older than the handover) cannot hand over, so the first
 //! upgrade to it still refuses new connections until the old agent has exited. Established
 //! connections end with the old agent's drain: L4 relays and HBONE streams finish (or are closed
-//! at the grace period); HTTP connections served at L7 end after their response in flight, and
-//! an HTTP/1.1 connection from another node's agent that the drain closes while idle can meet a
-//! request sent at that instant, which then fails (HTTP/1.1's keep-alive race; HTTP/2 has GOAWAY).
+//! at the grace period). HTTP connections served at L7 end with GOAWAY (HTTP/2) or after their
+//! response in flight (an app's HTTP/1.1). An HTTP/1.1 connection from an agent's upstream pool
+//! (another node's, inside an HBONE stream, or this one's) is not closed while idle, which would
+//! race the request that agent sends at that instant: that agent lets it go on the HBONE GOAWAY
+//! (`proxy::http::client`), and requests still coming on it are served with `connection: close`
+//! (`proxy::http::inbound`); an app's connection accepted just before the drain gets its first
+//! request served (`proxy::http::outbound`). What remains: an app's own idle HTTP/1.1 keep-alive
+//! connection is closed at the drain's start as by any server that drains, so a request the app
+//! sends at that instant fails (clients retry an idempotent request that fails on a reused
+//! connection); an agent that does not act on GOAWAY (older than this change)
+//! keeps such a connection, and with it the old agent, until the grace period; and a request that
+//! fails on a reused upstream connection after it was sent is not retried unless the route's
+//! retry policy says so.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;

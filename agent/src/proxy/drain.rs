@@ -2,7 +2,10 @@
 //! every accept loop stops accepting, each HBONE connection is sent GOAWAY (server side: graceful,
 //! so streams in flight are still served; client side: no new stream, GOAWAY once the last ends),
 //! and established connections get until the grace period to finish (ztunnel's `drain` module and
-//! Envoy's drain sequence do the same).
+//! Envoy's drain sequence do the same). HTTP/1.1 has no GOAWAY: a keep-alive connection from an
+//! agent's upstream pool is closed by that pool (told by the HBONE GOAWAY, or by this drain when
+//! the pool is this agent's), not by the draining server, so no request meets a closing
+//! connection (`http::inbound`, `http::client`).
 
 use std::sync::Arc;
 

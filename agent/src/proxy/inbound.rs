@@ -296,7 +296,7 @@ pub(super) async fn carry<D: Downstream>(admitted: Admitted, down: D) -> copy::O
                 // Its requests are logged one by one (Envoy's HTTP connection manager writes
                 // no connection line).
                 result.served_as_http();
-                inbound_http::serve(conn, io, app, h2).await
+                inbound_http::serve(conn, io, app, h2, D::CLIENT_CLOSES).await
             }
             Carried::Opaque { tunnel, first } => relay_after(tunnel, first, app).await,
             Carried::AppFailed {

@@ -336,6 +336,8 @@ impl Duplex for Pipe {
 
 impl Downstream for Pipe {
     type Io = Prefixed<DuplexStream>;
+    /// This agent's own upstream pool, which lets its connections go when the agent drains.
+    const CLIENT_CLOSES: bool = true;
 
     async fn next_bytes(&mut self) -> Option<Bytes> {
         next_bytes(&mut self.0).await

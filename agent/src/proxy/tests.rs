@@ -16,6 +16,7 @@ mod web;
 mod world;
 
 mod close;
+mod drain;
 mod hbone_hygiene;
 mod hbone_server;
 mod http_behaviour;

@@ -6,11 +6,18 @@
 //! stream opens a new connection. Only one connection per key is being opened at a time, so a burst
 //! of streams shares the first connection instead of racing to open many. A connection without
 //! streams for `idle_timeout` is closed (0 = as soon as its last stream ends: no reuse).
+//!
+//! When the peer sends GOAWAY (its agent drains), the connection leaves the pool at once and
+//! every stream on it is told ([`GoingAway`]): what a stream carries (an HTTP/1.1 or HTTP/2
+//! connection of the L7 client) is then not reused, so the side that would send the next request
+//! is the one that closes, and no request meets a connection the draining peer closed.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +25,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use rustls_pki_types::ServerName;
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::debug;
 
 use super::settings::{buffered, keepalive, Buffered, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
@@ -113,6 +120,9 @@ struct Conn {
     idle_since: Mutex<Instant>,
     closed: AtomicBool,
     wake: Notify,
+    /// Set once the connection takes no new stream (the peer sent GOAWAY, it failed, or this
+    /// agent drains) or has ended: what its streams carry is not to be reused.
+    going_away: watch::Sender<bool>,
 }
 
 impl Conn {
@@ -121,7 +131,38 @@ impl Conn {
         self.draining.store(true, Ordering::Release);
         self.closed.store(true, Ordering::Release);
         self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.going_away.send_replace(true);
         self.wake.notify_one();
+    }
+}
+
+/// Tells a stream's user when the HBONE connection under it goes away: the peer sent GOAWAY (its
+/// agent drains), the connection failed, this agent drains, or it ended. Streams already open
+/// are still served; an HTTP connection carried in one should finish its request in flight and
+/// then be closed by this side rather than reused.
+#[derive(Debug, Clone)]
+pub struct GoingAway(watch::Receiver<bool>);
+
+impl GoingAway {
+    /// Whether it has gone away already.
+    pub fn now(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once it goes away (at once if it has).
+    pub async fn wait(&mut self) {
+        // An error: the connection's state is gone, so is the connection.
+        let _ = self.0.wait_for(|gone| *gone).await;
+    }
+}
+
+impl Stream {
+    /// The signal of the HBONE connection this client-side stream goes on (None on the server
+    /// side).
+    pub fn going_away(&self) -> Option<GoingAway> {
+        self.slot
+            .as_ref()
+            .map(|slot| GoingAway(slot.0.going_away.subscribe()))
     }
 }
 
@@ -305,11 +346,7 @@ impl Pool {
     /// Takes `conn` out of the pool (it failed, or the peer sent GOAWAY); streams on it finish on
     /// their own: a peer that drains still serves them.
     fn retire(&self, key: &PoolKey, conn: &Arc<Conn>) {
-        conn.wind_down();
-        let mut entries = self.0.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = entries.get_mut(key) {
-            e.conns.retain(|c| !Arc::ptr_eq(c, conn));
-        }
+        retire(&self.0, key, conn);
     }
 
     fn client_config(&self, key: &PoolKey) -> Arc<rustls::ClientConfig> {
@@ -377,6 +414,8 @@ impl Pool {
                 dst: key.dst,
                 source,
             })?;
+        // A handle of our own, never sent on, to see the peer's GOAWAY as soon as it is read.
+        let probe = sender.clone();
         let conn = Arc::new(Conn {
             id: self.0.next_id.fetch_add(1, Ordering::Relaxed),
             sender: Mutex::new(Some(sender)),
@@ -385,12 +424,14 @@ impl Pool {
             idle_since: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
+            going_away: watch::channel(false).0,
         });
         inc(&self.0.metrics.connections_opened);
         debug!(conn = conn.id, src = %key.src_id, dst = %key.dst, dst_id = %key.dst_id, "HBONE connection opened");
         tokio::spawn(drive(
             connection,
             conn.clone(),
+            probe,
             Arc::downgrade(&self.0),
             key.clone(),
         ));
@@ -398,14 +439,37 @@ impl Pool {
     }
 }
 
-/// Polls the connection, and closes it once idle for the pool's timeout.
+/// Takes `conn` out of `inner`'s pool and winds it down.
+fn retire(inner: &Inner, key: &PoolKey, conn: &Arc<Conn>) {
+    conn.wind_down();
+    let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = entries.get_mut(key) {
+        e.conns.retain(|c| !Arc::ptr_eq(c, conn));
+    }
+}
+
+/// Whether the peer sent GOAWAY (or the connection failed): h2 then refuses new streams, which
+/// `probe` (a handle never sent on) shows without waiting.
+fn peer_going_away(probe: &mut SendRequest<Bytes>) -> Option<h2::Error> {
+    match probe.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Err(e)) => Some(e),
+        _ => None,
+    }
+}
+
+/// Polls the connection, and closes it once idle for the pool's timeout. After each poll it
+/// looks whether the peer sent GOAWAY: the connection then leaves the pool and its streams are
+/// told ([`GoingAway`]).
 async fn drive(
     connection: h2::client::Connection<tokio_rustls::client::TlsStream<Buffered>>,
     conn: Arc<Conn>,
+    probe: SendRequest<Bytes>,
     pool: Weak<Inner>,
     key: PoolKey,
 ) {
     tokio::pin!(connection);
+    // Dropped once the connection winds down: h2 closes it only when no handle is left.
+    let mut probe = Some(probe);
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let idle = async {
@@ -414,17 +478,39 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            res = &mut connection => {
-                if let Err(e) = res {
-                    debug!(conn = conn.id, error = %e, "HBONE connection ended");
+        let mut went_away = None;
+        let polled = std::future::poll_fn(|cx| {
+            let polled = connection.as_mut().poll(cx);
+            if polled.is_pending() {
+                if let Some(e) = probe.as_mut().and_then(peer_going_away) {
+                    went_away = Some(e);
+                    return Poll::Ready(Ok(false));
                 }
-                break;
             }
+            polled.map(|r| r.map(|()| true))
+        });
+        tokio::select! {
+            res = polled => match res {
+                Ok(false) => {}
+                Ok(true) => break,
+                Err(e) => {
+                    debug!(conn = conn.id, error = %e, "HBONE connection ended");
+                    break;
+                }
+            },
             _ = conn.wake.notified() => {}
             _ = idle => {}
         }
+        if let Some(e) = went_away {
+            debug!(conn = conn.id, dst = %key.dst, error = %e, "HBONE peer going away: no new stream on this connection");
+            drop(probe.take());
+            match pool.upgrade() {
+                Some(inner) => retire(&inner, &key, &conn),
+                None => conn.wind_down(),
+            }
+        }
         if conn.draining.load(Ordering::Acquire) {
+            drop(probe.take());
             // Polled to its end: h2 closes it (GOAWAY NO_ERROR) after the last stream.
             if let Err(e) = (&mut connection).await {
                 debug!(conn = conn.id, error = %e, "drained HBONE connection ended");
@@ -452,6 +538,7 @@ async fn drive(
         }
     }
     conn.closed.store(true, Ordering::Release);
+    conn.going_away.send_replace(true);
     if let Some(inner) = pool.upgrade() {
         {
             let mut entries = inner.entries.lock().unwrap_or_else(|e| e.into_inner());

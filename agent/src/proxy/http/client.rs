@@ -10,11 +10,15 @@
 //! in which there are no active requests", default 1 hour, `0s` never), and at most
 //! [`MAX_IDLE_HTTP1`] idle HTTP/1.1 connections are kept per key; a background sweep (one task per
 //! pool, started with its first connection) closes them when no request comes to do it.
+//!
+//! A connection is not reused once the HBONE connection under it goes away (the peer's GOAWAY),
+//! nor once this agent drains: its request in flight finishes, then this side closes it, so no
+//! request meets an HTTP/1.1 connection the draining peer closed (`ending`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,7 @@ use tracing::debug;
 
 use super::breaker::{Breaker, Limited, Slot};
 use crate::identity::Identity;
+use crate::proxy::hbone::pool::GoingAway;
 use crate::proxy::hbone::PoolError;
 use crate::proxy::{connect, PodContext, ProxyInputs};
 
@@ -130,9 +135,6 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// concurrent clients).
 pub const MAX_IDLE_HTTP1: usize = 256;
 
-/// The longest pause of the sweep (it wakes sooner for shorter idle timeouts).
-const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
 /// The pool's settings for one request's cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
@@ -197,6 +199,8 @@ struct ConnState {
     slot: Mutex<Option<Slot>>,
     /// The cluster's breaker, told when the connection becomes free.
     breaker: Option<Arc<Breaker>>,
+    /// Not to be reused: the HBONE connection under it went away, or the pool let it go.
+    going_away: AtomicBool,
 }
 
 impl ConnState {
@@ -208,7 +212,12 @@ impl ConnState {
             created: Instant::now(),
             slot: Mutex::new(None),
             breaker,
+            going_away: AtomicBool::new(false),
         })
+    }
+
+    fn going_away(&self) -> bool {
+        self.going_away.load(Ordering::Acquire)
     }
 
     fn lease(self: &Arc<Self>, request: Option<Slot>) -> Lease {
@@ -288,9 +297,11 @@ impl H2Slot {
                 .map_or(0, |c| c.state.active.load(Ordering::Acquire))
     }
 
-    /// Still worth waiting on or sending on: not opened yet, or open.
+    /// Still worth waiting on or sending on: not opened yet, or open and not going away.
     fn usable(&self) -> bool {
-        self.0.get().is_none_or(|c| !c.sender.is_closed())
+        self.0
+            .get()
+            .is_none_or(|c| !c.sender.is_closed() && !c.state.going_away())
     }
 }
 
@@ -322,7 +333,10 @@ impl Entry {
             max_age.is_some_and(|d| now.saturating_duration_since(state.created) >= d)
         };
         self.http1.retain(|c| {
-            !c.sender.is_closed() && !c.state.idle_longer_than(timeout, now) && !too_old(&c.state)
+            !c.sender.is_closed()
+                && !c.state.going_away()
+                && !c.state.idle_longer_than(timeout, now)
+                && !too_old(&c.state)
         });
         let idle = |c: &Conn<http1::SendRequest<Body>>| {
             c.sender.is_ready() && c.state.active.load(Ordering::Acquire) == 0
@@ -350,6 +364,7 @@ impl Entry {
         self.http2.retain(|slot| match slot.0.get() {
             Some(c) => {
                 !(c.sender.is_closed()
+                    || c.state.going_away()
                     || c.state.idle_longer_than(timeout, now)
                     || too_old(&c.state))
             }
@@ -370,6 +385,8 @@ struct Inner {
     /// Wakes the sweep when a key with a shorter idle timeout than its pause appears.
     wake: Arc<tokio::sync::Notify>,
     opened: AtomicU64,
+    /// Connections let go because the HBONE connection under them went away.
+    let_go: AtomicU64,
 }
 
 /// The node's upstream HTTP connections (cheap to clone).
@@ -408,6 +425,7 @@ impl Upstreams {
             key,
             settings,
             limited,
+            reuse: !pi.drain.is_draining(),
         };
         loop {
             // The request's place under `http2MaxRequests`, held by its lease.
@@ -449,10 +467,15 @@ impl Upstreams {
             .limited
             .map_or(0, |l| l.limits.max_requests_per_connection);
         // Back in the pool at once: it is free again (`is_ready`) once its response has been
-        // read. One that served `maxRequestsPerConnection` is not: dropping its sender closes it
-        // after this response.
-        if !conn.state.spent(max) {
-            self.with_entry(key, settings, up.limited, |e| e.http1.push(conn));
+        // read. One that served `maxRequestsPerConnection` is not, nor one going away (looked
+        // at under the pool's lock, which letting it go takes too): dropping its sender closes
+        // it after this response.
+        if !conn.state.spent(max) && up.reuse {
+            self.with_entry(key, settings, up.limited, |e| {
+                if !conn.state.going_away() {
+                    e.http1.push(conn);
+                }
+            });
         }
         Ok(sent.await.map(|resp| (resp, lease)))
     }
@@ -465,7 +488,7 @@ impl Upstreams {
         up: &Up<'_>,
     ) -> Result<Conn<http1::SendRequest<Body>>, UpstreamError> {
         let Some(limited) = up.limited else {
-            if let Some(c) = self.checkout_http1(up.key, up.settings, None) {
+            if let Some(c) = self.checkout_http1(up, None) {
                 return Ok(c);
             }
             return self.open_http1(up, None).await;
@@ -473,7 +496,7 @@ impl Upstreams {
         let mut pending = None;
         loop {
             let freed = limited.freed();
-            if let Some(c) = self.checkout_http1(up.key, up.settings, Some(limited)) {
+            if let Some(c) = self.checkout_http1(up, Some(limited)) {
                 return Ok(c);
             }
             if let Some(slot) = limited.connection() {
@@ -497,7 +520,7 @@ impl Upstreams {
         up: &Up<'_>,
         slot: Option<Slot>,
     ) -> Result<Conn<http1::SendRequest<Body>>, UpstreamError> {
-        let io = self.connect(up).await?;
+        let (io, going_away) = self.connect(up).await?;
         let endpoint = up.key.endpoint;
         let (sender, driver) = http1::Builder::new()
             .handshake::<_, Body>(TokioIo::new(io))
@@ -505,8 +528,16 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
         let breaker = up.limited.map(|l| l.breaker.clone());
         let ended = breaker.clone();
+        // The connection counts under `maxConnections` while it is pooled or serving: its slot
+        // goes with its state, when it left the pool (closed, idle, going away, or
+        // `maxRequestsPerConnection` spent) and its last response has been read.
+        let state = ConnState::new(breaker);
+        *state.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
+        let let_go = ending::let_go_on(&self.inner, up.key, &state);
         tokio::spawn(async move {
-            if let Err(e) = driver.with_upgrades().await {
+            if let Err(e) =
+                ending::drive(Box::pin(driver.with_upgrades()), going_away, let_go).await
+            {
                 debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
             }
             // Requests waiting for a connection look again (this one may be pruned now).
@@ -514,11 +545,6 @@ impl Upstreams {
                 Limited::notify_free(&b);
             }
         });
-        // The connection counts under `maxConnections` while it is pooled or serving: its slot
-        // goes with its state, when it left the pool (closed, idle, or `maxRequestsPerConnection`
-        // spent) and its last response has been read.
-        let state = ConnState::new(breaker);
-        *state.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
         Ok(Conn { sender, state })
     }
 
@@ -592,23 +618,22 @@ impl Upstreams {
                     })?),
                     None => None,
                 };
-                let io = self.connect(up).await?;
+                let (io, going_away) = self.connect(up).await?;
                 let endpoint = key.endpoint;
                 let (sender, driver) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake::<_, Body>(TokioIo::new(io))
                     .await
                     .map_err(|source| UpstreamError::Handshake { endpoint, source })?;
+                let state = ConnState::new(up.limited.map(|l| l.breaker.clone()));
+                let let_go = ending::let_go_on(&self.inner, key, &state);
                 tokio::spawn(async move {
                     let _cx = cx;
-                    if let Err(e) = driver.await {
+                    if let Err(e) = ending::drive(Box::pin(driver), going_away, let_go).await {
                         debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
                     }
                 });
-                Ok::<_, UpstreamError>(Conn {
-                    sender,
-                    state: ConnState::new(up.limited.map(|l| l.breaker.clone())),
-                })
+                Ok::<_, UpstreamError>(Conn { sender, state })
             })
             .await?;
         // Multiplexed: every request sends on a clone of the one sender.
@@ -618,14 +643,17 @@ impl Upstreams {
         Ok(sender.try_send_request(req).await.map(|resp| (resp, lease)))
     }
 
-    /// A free HTTP/1.1 connection for `key`, after pruning the key's connections.
+    /// A free HTTP/1.1 connection for the request's key, after pruning the key's connections
+    /// (none while this agent drains: it reuses no connection).
     fn checkout_http1(
         &self,
-        key: &UpstreamKey,
-        settings: PoolSettings,
+        up: &Up<'_>,
         limited: Option<&Limited>,
     ) -> Option<Conn<http1::SendRequest<Body>>> {
-        self.with_entry(key, settings, limited, |e| {
+        if !up.reuse {
+            return None;
+        }
+        self.with_entry(up.key, up.settings, limited, |e| {
             // Pruning looks at every connection of the key: at most every PRUNE_EVERY on the
             // request path (the sweep does the rest), or when too many are kept.
             let now = Instant::now();
@@ -636,7 +664,10 @@ impl Upstreams {
                 e.prune(now);
                 e.pruned = Some(now);
             }
-            let i = e.http1.iter().position(|c| c.sender.is_ready())?;
+            let i = e
+                .http1
+                .iter()
+                .position(|c| c.sender.is_ready() && !c.state.going_away())?;
             Some(e.http1.swap_remove(i))
         })
     }
@@ -674,7 +705,7 @@ impl Upstreams {
         let every = self.inner.sweep_every_ms.load(Ordering::Acquire);
         if settings
             .idle_timeout
-            .is_some_and(|t| every > 0 && sweep_interval(t).as_millis() < u128::from(every))
+            .is_some_and(|t| every > 0 && ending::sweep_interval(t).as_millis() < u128::from(every))
         {
             self.inner.wake.notify_one();
         }
@@ -705,26 +736,38 @@ impl Upstreams {
         self.inner.opened.load(Ordering::Relaxed)
     }
 
+    /// Upstream connections let go since the start because the HBONE connection under them
+    /// went away (the peer's GOAWAY).
+    pub fn let_go(&self) -> u64 {
+        self.inner.let_go.load(Ordering::Relaxed)
+    }
+
     /// Closes what is idle past its timeout now (the background sweep does it on its own).
     pub fn sweep(&self) {
-        sweep(&self.inner);
+        ending::sweep(&self.inner);
     }
 
     /// The upstream connection of one request: an HBONE stream or a TCP connection. Starts the
     /// sweep with the pool's first connection.
-    async fn connect(&self, up: &Up<'_>) -> Result<Io, UpstreamError> {
+    async fn connect(&self, up: &Up<'_>) -> Result<(Io, Option<GoingAway>), UpstreamError> {
         if !self.inner.sweeping.swap(true, Ordering::AcqRel) {
-            tokio::spawn(sweeper(Arc::downgrade(&self.inner)));
+            tokio::spawn(ending::sweeper(
+                Arc::downgrade(&self.inner),
+                up.pi.drain.clone(),
+            ));
         }
         let (pi, pod, key) = (up.pi, up.pod, up.key);
         let endpoint = key.endpoint;
         let connecting = async {
             Ok::<_, UpstreamError>(match &key.tunnel {
                 Some(identity) => io::meshed(pi, pod, endpoint, identity.clone()).await?,
-                None => Io::Tcp(
-                    connect::direct_with(pod, endpoint, up.settings.keepalive)
-                        .await
-                        .map_err(|source| UpstreamError::Connect { endpoint, source })?,
+                None => (
+                    Io::Tcp(
+                        connect::direct_with(pod, endpoint, up.settings.keepalive)
+                            .await
+                            .map_err(|source| UpstreamError::Connect { endpoint, source })?,
+                    ),
+                    None,
                 ),
             })
         };
@@ -746,51 +789,15 @@ struct Up<'a> {
     key: &'a UpstreamKey,
     settings: PoolSettings,
     limited: Option<&'a Limited>,
+    /// False while this agent drains: no connection is reused.
+    reuse: bool,
 }
 
 /// What one send on one connection gave: the response, or hyper's error (with the request back
 /// when it was never sent).
 type Attempt = Result<Sent, hyper::client::conn::TrySendError<http::Request<Body>>>;
 
-/// Closes what is idle past its timeout; how long until the next look.
-fn sweep(inner: &Inner) -> Duration {
-    let now = Instant::now();
-    let mut conns = inner.conns.lock().unwrap_or_else(PoisonError::into_inner);
-    conns.retain(|_, e| e.prune(now));
-    let next = conns
-        .values()
-        .filter_map(|e| e.settings.idle_timeout)
-        .map(sweep_interval)
-        .min()
-        .unwrap_or(MAX_SWEEP_INTERVAL);
-    let ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX).max(1);
-    inner.sweep_every_ms.store(ms, Ordering::Release);
-    next
-}
-
-/// How often to look for connections idle past `timeout`: twice per timeout, so one closes at
-/// most half a timeout late.
-fn sweep_interval(timeout: Duration) -> Duration {
-    (timeout / 2).clamp(Duration::from_millis(10), MAX_SWEEP_INTERVAL)
-}
-
-/// Sweeps until the pool is dropped.
-async fn sweeper(inner: Weak<Inner>) {
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let next = sweep(&strong);
-        // Not holding the pool while asleep, so that dropping it ends the sweep.
-        let wake = strong.wake.clone();
-        drop(strong);
-        tokio::select! {
-            () = tokio::time::sleep(next) => {}
-            () = wake.notified() => {}
-        }
-    }
-}
-
+mod ending;
 mod io;
 
 pub use io::tunnel;

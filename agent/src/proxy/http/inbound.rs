@@ -13,6 +13,16 @@
 //!
 //! The client's end is a [`Downstream`]: an HBONE stream, or, for a client pod on this node
 //! (`proxy::local`), the client's own socket or an in-process pipe.
+//!
+//! Draining (an upgrade or SIGTERM), an HTTP/2 client is sent GOAWAY. An HTTP/1.1 client has no
+//! such signal: a server that closes an idle keep-alive connection can meet the request the client
+//! sends at that instant, which then fails. When the client is another agent's (or this one's)
+//! upstream pool ([`Downstream::CLIENT_CLOSES`]: it learns of the drain from the HBONE GOAWAY, or
+//! drains itself), the connection is not closed here: requests still coming on it are served,
+//! answered with `connection: close`, and the client closes idle ones; whatever is left is closed
+//! at the end of the drain grace period. For the same reason such a connection has no idle
+//! timeout here: the client's pool closes it after its own (`connectionPool.http.idleTimeout`). An app's own connection (a client pod's socket on this
+//! node) is drained as any server would: closed when idle, or after its response in flight.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -95,10 +105,15 @@ pub trait Downstream: Duplex + Sized + Send + 'static {
     fn into_io_after(self, first: Bytes) -> Self::Io;
     /// Ends it as a failed connection does, after the app's connection failed.
     fn abort(self);
+    /// The client is an agent's upstream pool, which stops reusing its HTTP/1.1 connection and
+    /// closes it when this agent drains (HBONE GOAWAY, or the same process's drain): draining,
+    /// this side then keeps the connection open rather than racing the client's next request.
+    const CLIENT_CLOSES: bool = false;
 }
 
 impl Downstream for Stream {
     type Io = H2Stream;
+    const CLIENT_CLOSES: bool = true;
 
     async fn next_bytes(&mut self) -> Option<Bytes> {
         let chunk = self.recv.data().await?.ok()?;
@@ -237,8 +252,14 @@ impl Sender {
 }
 
 /// Serves the stream's HTTP until either end closes; the bytes each way on the stream, for the
-/// stream's TCP metrics.
-pub async fn serve<I>(conn: InboundHttp, io: I, app: TcpStream, h2: bool) -> Outcome
+/// stream's TCP metrics. `client_closes`: the client's [`Downstream::CLIENT_CLOSES`].
+pub async fn serve<I>(
+    conn: InboundHttp,
+    io: I,
+    app: TcpStream,
+    h2: bool,
+    client_closes: bool,
+) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -263,17 +284,29 @@ where
         active: Arc::default(),
     });
     let in_flight = conn.active.clone();
+    // HTTP/1.1 from an agent's pool, draining: answered with `connection: close`, and closed by
+    // the client (see the module's doc).
+    let keep_open = client_closes && !h2;
     let service = {
         let conn = conn.clone();
+        let drain = drain.clone();
         hyper::service::service_fn(move |req| {
             let conn = conn.clone();
+            let drain = drain.clone();
             let request = Box::pin(async move { conn.request(req).await });
-            async move { Ok::<_, Infallible>(request.await) }
+            async move {
+                let mut resp = request.await;
+                if keep_open && drain.is_draining() {
+                    close_after(&mut resp);
+                }
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     let io = TokioIo::new(io);
-    // Draining: the client's pooled connection over this stream ends after the response in
-    // flight (HTTP/1) or with GOAWAY (HTTP/2), so its next request goes on a new stream.
+    // Draining: the client's pooled connection over this stream ends with GOAWAY (HTTP/2), after
+    // the response in flight (an app's HTTP/1.1), or when the client (an agent's pool) closes it,
+    // so its next request goes on a new stream.
     let served = if h2 {
         let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -288,15 +321,22 @@ where
             }
         }
     } else {
-        let c = hyper::server::conn::http1::Builder::new()
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
-            .max_buf_size(MAX_HEADER_BYTES)
-            .serve_connection(io, service)
-            .with_upgrades();
+            .max_buf_size(MAX_HEADER_BYTES);
+        if keep_open {
+            // hyper's header read timeout (30s by default) also runs while a keep-alive
+            // connection waits for its next request: it would close an agent's idle connection
+            // under the request that agent sends at that instant. The agent's pool closes its
+            // idle connections itself (`connectionPool.http.idleTimeout`).
+            builder.header_read_timeout(None);
+        }
+        let c = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(c);
         tokio::select! {
             out = &mut c => out,
-            () = drain.started() => {
+            () = drain.started(), if !keep_open => {
                 c.as_mut().graceful_shutdown();
                 c.await
             }
@@ -311,6 +351,17 @@ where
             debug!(%dst, error = %e, "inbound HTTP stream ended");
             counts.outcome(Some(Side::A))
         }
+    }
+}
+
+/// Ends an HTTP/1.1 connection after this response (hyper's server closes it once written), unless
+/// the response switches protocols.
+fn close_after(resp: &mut Response<ProxyBody>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
     }
 }
 

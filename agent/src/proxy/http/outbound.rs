@@ -11,7 +11,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -65,9 +67,12 @@ pub struct HttpConn {
 /// Serves the connection until the app closes it.
 pub async fn serve(conn: HttpConn, stream: TcpStream) {
     let conn = Arc::new(conn);
+    let first = Arc::new(FirstRequest::default());
     let service = {
         let conn = conn.clone();
+        let first = first.clone();
         hyper::service::service_fn(move |req| {
+            first.came();
             let conn = conn.clone();
             // Boxed: hyper's HTTP/2 server spawns each stream's future, and a spawn moves the
             // future by value; the request's state machine is kilobytes, its box one pointer.
@@ -85,18 +90,61 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     // Draining, a keep-alive connection is closed after its response in flight: the app's next
-    // request opens a new connection, which the successor agent (or nobody) accepts.
+    // request opens a new connection, which the successor agent (or nobody) accepts. An HTTP/1.x
+    // connection accepted just before the drain that has not had its first request yet gets it
+    // first, answered with `connection: close`: the app opened it to send one (perhaps already on
+    // its way), and closing it as idle would fail that request. HTTP/2 (prior knowledge) is sent
+    // GOAWAY at once, which loses no request.
+    let wait_first = !matches!(conn.protocol, Protocol::Http2 | Protocol::Grpc);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(served);
     let served = tokio::select! {
         out = &mut served => out,
         () = conn.pi.drain.started() => {
-            served.as_mut().graceful_shutdown();
-            served.await
+            let first_or_not = async {
+                if wait_first {
+                    // As long as hyper's header read timeout would wait for it.
+                    let _ = tokio::time::timeout(FIRST_REQUEST_WAIT, first.wait()).await;
+                }
+            };
+            tokio::select! {
+                out = &mut served => out,
+                () = first_or_not => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            }
         }
     };
     if let Err(e) = served {
         debug!(pod = %conn.pod.name, dst = %conn.dst, error = %e, "HTTP connection ended");
+    }
+}
+
+/// How long a draining proxy waits for a new connection's first request: hyper's header read
+/// timeout (30s), after which an HTTP/1.x server gives up on a request anyway.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether a connection has had its first request.
+#[derive(Default)]
+struct FirstRequest {
+    came: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn came(&self) {
+        if !self.came.swap(true, Ordering::AcqRel) {
+            // Stores a permit when nobody waits yet.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once the first request has come (at once if it has).
+    async fn wait(&self) {
+        if !self.came.load(Ordering::Acquire) {
+            self.notify.notified().await;
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use super::UpstreamError;
 use crate::identity::Identity;
+use crate::proxy::hbone::pool::GoingAway;
 use crate::proxy::hbone::{ConnectRequest, PoolKey};
 use crate::proxy::{PodContext, ProxyInputs};
 
@@ -83,26 +84,27 @@ impl tokio::io::AsyncWrite for Io {
 }
 
 /// The byte stream from `pod` to `endpoint` (a workload running as `identity`): in-process to a
-/// pod of this node (`proxy::local`), else an HBONE stream.
+/// pod of this node (`proxy::local`), else an HBONE stream, with its HBONE connection's
+/// [`GoingAway`] signal.
 pub(super) async fn meshed(
     pi: &ProxyInputs,
     pod: &PodContext,
     endpoint: SocketAddr,
     identity: Identity,
-) -> Result<Io, UpstreamError> {
+) -> Result<(Io, Option<GoingAway>), UpstreamError> {
     if let Some(local) = pi.local.serving(endpoint.ip()) {
         if let Some(piped) = crate::proxy::local::pipe(pi, pod, local, endpoint).await {
-            return piped
-                .map(Io::Local)
-                .map_err(|source| UpstreamError::Tunnel {
+            return piped.map(|pipe| (Io::Local(pipe), None)).map_err(|source| {
+                UpstreamError::Tunnel {
                     endpoint,
                     source: Box::new(source),
-                });
+                }
+            });
         }
     }
-    Ok(Io::Hbone(
-        tunnel(pi, pod, endpoint, identity).await?.into_io(),
-    ))
+    let stream = tunnel(pi, pod, endpoint, identity).await?;
+    let going_away = stream.going_away();
+    Ok((Io::Hbone(stream.into_io()), going_away))
 }
 
 /// Opens an HBONE stream from `pod` to `endpoint` (a workload running as `identity`).
