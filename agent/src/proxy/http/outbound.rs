@@ -81,9 +81,14 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header read timeout (30s by default) also runs while a keep-alive connection waits
+    // for its next request, so an app's idle connection would be closed after 30s, racing the
+    // request the app sends at that instant. Envoy (Istio's sidecar and waypoint) keeps it for its
+    // idle timeout, one hour by default, with no request-headers timeout.
     builder
         .http1()
         .timer(TokioTimer::new())
+        .header_read_timeout(APP_IDLE_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
@@ -103,7 +108,7 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
         () = conn.pi.drain.started() => {
             let first_or_not = async {
                 if wait_first {
-                    // As long as hyper's header read timeout would wait for it.
+                    // At most FIRST_REQUEST_WAIT, then it is closed as idle.
                     let _ = tokio::time::timeout(FIRST_REQUEST_WAIT, first.wait()).await;
                 }
             };
@@ -121,8 +126,12 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
     }
 }
 
-/// How long a draining proxy waits for a new connection's first request: hyper's header read
-/// timeout (30s), after which an HTTP/1.x server gives up on a request anyway.
+/// How long an app's keep-alive HTTP/1.x connection may wait idle for its next request (Envoy's
+/// `common_http_protocol_options.idle_timeout` default).
+const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// How long a draining proxy waits for a new connection's first request (hyper's default header
+/// read timeout, 30s): well inside the pod's termination grace.
 const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether a connection has had its first request.
