@@ -591,7 +591,7 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
 /// -- --ignored --nocapture add_latency`): how long ADD takes to return, for 100 starts of an
 /// ambient pod (enrolled before ADD returns) and of a non-ambient one (the plugin's own cost).
 #[test]
-#[ignore]
+#[ignore = "a measurement (issue 15 benchmark): pod start latency added by the plugin, printed, never asserted"]
 fn add_latency() {
     let world = World::new("cni-bench");
     let n1 = world.node("n1");
