@@ -24,6 +24,10 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 /// Ceiling for waits: generous, because other jobs may hold both cores; never a timing assertion.
+mod rbac_rules;
+
+use rbac_rules::{Attributes, Rule};
+
 const PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
@@ -397,7 +401,7 @@ async fn agent_gets_certificates_from_the_ca_process() {
     let requests = lock(&state).requests.clone();
     let asked: Vec<Attributes> = requests
         .iter()
-        .flat_map(|(method, path, query)| Attributes::of(method, path, query))
+        .flat_map(|(method, path, query)| attributes_of(method, path, query))
         .collect();
     let (cluster_rules, namespace_rules) = ca_rbac();
     let allowed = |a: &Attributes| {
@@ -409,7 +413,7 @@ async fn agent_gets_certificates_from_the_ca_process() {
         assert!(allowed(a), "deploy/ca.yaml does not allow the CA's {a:?}");
     }
     for rule in cluster_rules.iter().chain(&namespace_rules) {
-        for grant in rule.grants() {
+        for grant in grants(rule) {
             assert!(
                 asked.iter().any(|a| rule.allows(a) && grant.covers(a)),
                 "deploy/ca.yaml grants {grant:?}, which the CA never uses"
@@ -422,66 +426,45 @@ async fn agent_gets_certificates_from_the_ca_process() {
 const CA_NAMESPACE: &str = "ambit-system";
 const CA_ROLE: &str = "ambit-ca";
 
-/// One request as Kubernetes' RBAC authoriser sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Attributes {
-    group: String,
-    resource: String,
-    namespace: Option<String>,
-    verb: &'static str,
-    name: Option<String>,
-}
-
-impl Attributes {
-    /// What the authoriser is asked for `method path?query`: a server-side apply (PATCH) may
-    /// create the object, which the API server authorises as `create` of that name as well.
-    fn of(method: &Method, path: &str, query: &str) -> Vec<Attributes> {
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let (group, rest) = match parts.as_slice() {
-            ["api", _version, rest @ ..] => ("", rest),
-            ["apis", group, _version, rest @ ..] => (*group, rest),
-            _ => panic!("the CA asked for {method} {path}, not a resource"),
-        };
-        let (namespace, resource, name) = match rest {
-            [resource] => (None, *resource, None),
-            [resource, name] => (None, *resource, Some(*name)),
-            ["namespaces", ns, resource] => (Some(*ns), *resource, None),
-            ["namespaces", ns, resource, name] => (Some(*ns), *resource, Some(*name)),
-            other => panic!("{method} {path}: unexpected resource path {other:?}"),
-        };
-        let watch = query
-            .split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1");
-        let verbs: &[&'static str] = match (method.as_str(), name, watch) {
-            ("POST", None, _) => &["create"],
-            ("GET", None, true) => &["watch"],
-            ("GET", None, false) => &["list"],
-            ("GET", Some(_), _) => &["get"],
-            ("PATCH", Some(_), _) => &["patch", "create"],
-            ("PUT", Some(_), _) => &["update"],
-            ("DELETE", Some(_), _) => &["delete"],
-            _ => panic!("{method} {path}: not a request the authoriser knows"),
-        };
-        verbs
-            .iter()
-            .map(|verb| Attributes {
-                group: group.to_owned(),
-                resource: resource.to_owned(),
-                namespace: namespace.map(str::to_owned),
-                verb,
-                name: name.map(str::to_owned),
-            })
-            .collect()
-    }
-}
-
-/// A rule of the CA's ClusterRole or Role.
-#[derive(Debug)]
-struct Rule {
-    api_groups: Vec<String>,
-    resources: Vec<String>,
-    verbs: Vec<String>,
-    resource_names: Vec<String>,
+/// What the authoriser is asked for `method path?query`: a server-side apply (PATCH) may
+/// create the object, which the API server authorises as `create` of that name as well.
+fn attributes_of(method: &Method, path: &str, query: &str) -> Vec<Attributes> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("the CA asked for {method} {path}, not a resource"),
+    };
+    let (namespace, resource, name) = match rest {
+        [resource] => (None, *resource, None),
+        [resource, name] => (None, *resource, Some(*name)),
+        ["namespaces", ns, resource] => (Some(*ns), *resource, None),
+        ["namespaces", ns, resource, name] => (Some(*ns), *resource, Some(*name)),
+        other => panic!("{method} {path}: unexpected resource path {other:?}"),
+    };
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verbs: &[&'static str] = match (method.as_str(), name, watch) {
+        ("POST", None, _) => &["create"],
+        ("GET", None, true) => &["watch"],
+        ("GET", None, false) => &["list"],
+        ("GET", Some(_), _) => &["get"],
+        ("PATCH", Some(_), _) => &["patch", "create"],
+        ("PUT", Some(_), _) => &["update"],
+        ("DELETE", Some(_), _) => &["delete"],
+        _ => panic!("{method} {path}: not a request the authoriser knows"),
+    };
+    verbs
+        .iter()
+        .map(|verb| Attributes {
+            group: group.to_owned(),
+            resource: resource.to_owned(),
+            namespace: namespace.map(str::to_owned),
+            verb,
+            name: name.map(str::to_owned),
+        })
+        .collect()
 }
 
 /// One (group, resource, verb, name) a rule grants.
@@ -502,62 +485,29 @@ impl Grant {
     }
 }
 
-impl Rule {
-    fn of(rule: &Value) -> Rule {
-        let strings = |field: &str| -> Vec<String> {
-            rule[field]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| {
-                    let s = v.as_str().unwrap_or_else(|| panic!("{field} holds {v}"));
-                    assert_ne!(s, "*", "deploy/ca.yaml: a wildcard in {rule}");
-                    s.to_owned()
-                })
-                .collect()
-        };
-        Rule {
-            api_groups: strings("apiGroups"),
-            resources: strings("resources"),
-            verbs: strings("verbs"),
-            resource_names: strings("resourceNames"),
-        }
-    }
-
-    /// Kubernetes' `RuleAllows`.
-    fn allows(&self, a: &Attributes) -> bool {
-        self.api_groups.contains(&a.group)
-            && self.resources.contains(&a.resource)
-            && self.verbs.iter().any(|v| v == a.verb)
-            && (self.resource_names.is_empty()
-                || a.name
-                    .as_ref()
-                    .is_some_and(|n| self.resource_names.contains(n)))
-    }
-
-    fn grants(&self) -> Vec<Grant> {
-        let names: Vec<Option<String>> = if self.resource_names.is_empty() {
-            vec![None]
-        } else {
-            self.resource_names.iter().cloned().map(Some).collect()
-        };
-        let mut out = Vec::new();
-        for group in &self.api_groups {
-            for resource in &self.resources {
-                for verb in &self.verbs {
-                    for name in &names {
-                        out.push(Grant {
-                            group: group.clone(),
-                            resource: resource.clone(),
-                            verb: verb.clone(),
-                            name: name.clone(),
-                        });
-                    }
+/// Every (group, resource, verb, name) `rule` grants.
+fn grants(rule: &Rule) -> Vec<Grant> {
+    let names: Vec<Option<String>> = if rule.resource_names.is_empty() {
+        vec![None]
+    } else {
+        rule.resource_names.iter().cloned().map(Some).collect()
+    };
+    let mut out = Vec::new();
+    for group in &rule.api_groups {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                for name in &names {
+                    out.push(Grant {
+                        group: group.clone(),
+                        resource: resource.clone(),
+                        verb: verb.clone(),
+                        name: name.clone(),
+                    });
                 }
             }
         }
-        out
     }
+    out
 }
 
 /// The rules of deploy/ca.yaml's ClusterRole and Role `ambit-ca`, after checking that their
@@ -600,7 +550,7 @@ fn ca_rbac() -> (Vec<Rule>, Vec<Rule>) {
             .as_array()
             .unwrap_or_else(|| panic!("{kind} {CA_ROLE} has no rules"))
             .iter()
-            .map(Rule::of)
+            .map(|r| Rule::of(r, &format!("deploy/ca.yaml {kind} {CA_ROLE}")))
             .collect()
     };
     (rules("ClusterRole"), rules("Role"))

@@ -16,73 +16,14 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 /// Fails a test that would otherwise hang; never needed for it to pass.
+mod rbac_rules;
+
+use rbac_rules::{Attributes, Rule};
+
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The ServiceAccount the DaemonSet runs as, and its ClusterRole.
 const ROLE: &str = "ambit-agent";
-
-/// One resource request as the authoriser sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Attributes {
-    group: String,
-    resource: String,
-    namespace: Option<String>,
-    verb: &'static str,
-    /// The `metadata.name` a field selector pins the request to, if any.
-    name: Option<String>,
-}
-
-/// A rule of the ClusterRole.
-#[derive(Debug)]
-struct Rule {
-    api_groups: Vec<String>,
-    resources: Vec<String>,
-    verbs: Vec<String>,
-    resource_names: Vec<String>,
-}
-
-impl Rule {
-    fn strings(rule: &Value, field: &str) -> Vec<String> {
-        rule[field]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| {
-                v.as_str()
-                    .unwrap_or_else(|| panic!("ClusterRole {ROLE}: {field} holds {v}"))
-                    .to_owned()
-            })
-            .collect()
-    }
-
-    fn of(rule: &Value) -> Rule {
-        let r = Rule {
-            api_groups: Rule::strings(rule, "apiGroups"),
-            resources: Rule::strings(rule, "resources"),
-            verbs: Rule::strings(rule, "verbs"),
-            resource_names: Rule::strings(rule, "resourceNames"),
-        };
-        for wide in [&r.api_groups, &r.resources, &r.verbs] {
-            assert!(
-                !wide.iter().any(|s| s == "*"),
-                "ClusterRole {ROLE}: a wildcard in {rule}"
-            );
-        }
-        r
-    }
-
-    /// Kubernetes' RBAC rule match (`RuleAllows`): list and watch may be limited by name only
-    /// through a `metadata.name` field selector.
-    fn allows(&self, a: &Attributes) -> bool {
-        self.api_groups.contains(&a.group)
-            && self.resources.contains(&a.resource)
-            && self.verbs.iter().any(|v| v == a.verb)
-            && (self.resource_names.is_empty()
-                || a.name
-                    .as_ref()
-                    .is_some_and(|n| self.resource_names.contains(n)))
-    }
-}
 
 fn deploy_file(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -118,7 +59,7 @@ fn cluster_role_rules() -> Vec<Rule> {
         .as_array()
         .unwrap_or_else(|| panic!("ClusterRole {ROLE} has no rules"))
         .iter()
-        .map(Rule::of)
+        .map(|r| Rule::of(r, &format!("ClusterRole {ROLE}")))
         .collect()
 }
 
