@@ -229,22 +229,7 @@ fn upgrade_under_load(
 #[test]
 fn an_upgrade_on_either_node_refuses_no_connection_and_keeps_a_long_transfer() {
     raise_fd_limit();
-    let world = World::new("upgrade-load");
-    let n1 = world.node("n1");
-    let n2 = world.node("n2");
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n2).namespace("mesh").spawn();
-    let dst = SocketAddr::new(server.ip4().into(), 8080);
-    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
-    let yaml = ClusterYaml::new().ambient("mesh").pods([&client, &server]);
-    let mut a1 = LocalAgent::new(&world, &n1, &ambit_bin()).arg(GRACE);
-    let mut a2 = LocalAgent::new(&world, &n2, &ambit_bin()).arg(GRACE);
-    yaml.write(&a1.config_dir());
-    yaml.write(&a2.config_dir());
-    a1.start(&world);
-    a2.start(&world);
-    a1.wait_enrolled(&[&client]);
-    a2.wait_enrolled(&[&server]);
+    let (world, client, dst, _srv, mut a1, mut a2) = two_nodes("upgrade-load", GRACE);
 
     let flood = Flood::default();
     let (on_client, on_server) = std::thread::scope(|s| {
