@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ambit::identity::{cert_uri_sans, CertificateAuthority, Identity, RemoteCa, RemoteCaConfig};
 use bytes::Bytes;
@@ -17,9 +17,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -237,34 +236,10 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T
     }
 }
 
-fn csr_for(identity: &Identity) -> Vec<u8> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(
-        identity.to_string().try_into().expect("IA5 URI"),
-    )];
-    params.serialize_request(&key).expect("CSR").der().to_vec()
-}
+use ambit::harness::pki::csr_for;
 
 fn verify(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> Result<(), webpki::Error> {
-    let anchor = webpki::anchor_from_trusted_cert(root)?;
-    let cert = webpki::EndEntityCert::try_from(leaf)?;
-    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-    let now = UnixTime::since_unix_epoch(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default(),
-    );
-    cert.verify_for_usage(
-        algs.all,
-        std::slice::from_ref(&anchor),
-        &[],
-        now,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
+    ambit::harness::pki::verify(leaf, root, &[webpki::KeyUsage::client_auth()])
 }
 
 fn start_ca(dir: &Path, api: SocketAddr, grpc: u16, metrics: u16) -> CaProcess {

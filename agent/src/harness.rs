@@ -17,6 +17,7 @@ mod cgroup;
 mod cmd;
 pub mod fake_kube;
 mod netns;
+pub mod pki;
 mod process;
 mod sweep;
 mod topology;

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use kube::client::Body;
 use kube::Client;
 use rcgen::{CertificateParams, KeyPair, SanType};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tower_test::mock::SendResponse;
 
@@ -309,14 +309,7 @@ fn id(ns: &str, sa: &str) -> Identity {
     Identity::new(DEFAULT_TRUST_DOMAIN, ns, sa)
 }
 
-fn csr_for(identity: &Identity) -> Vec<u8> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(
-        identity.to_string().try_into().expect("IA5 URI"),
-    )];
-    params.serialize_request(&key).expect("CSR").der().to_vec()
-}
+use crate::harness::pki::csr_for;
 
 async fn ask(
     ca: &RemoteCa,
@@ -341,29 +334,14 @@ fn assert_refused(result: Result<Vec<CertificateDer<'static>>, String>, code: &s
 
 /// Verifies `leaf` chains to `root` for client and server use, as peers do.
 fn verify(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> Result<(), webpki::Error> {
-    let anchor = webpki::anchor_from_trusted_cert(root)?;
-    let cert = webpki::EndEntityCert::try_from(leaf)?;
-    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-    let now = UnixTime::since_unix_epoch(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default(),
-    );
-    for usage in [
-        webpki::KeyUsage::client_auth(),
-        webpki::KeyUsage::server_auth(),
-    ] {
-        cert.verify_for_usage(
-            algs.all,
-            std::slice::from_ref(&anchor),
-            &[],
-            now,
-            usage,
-            None,
-            None,
-        )?;
-    }
-    Ok(())
+    crate::harness::pki::verify(
+        leaf,
+        root,
+        &[
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
