@@ -460,6 +460,13 @@ fn containerd_runs_the_chain_and_the_first_connection_is_captured() {
         ctrd.cni_bin_dir().join("ambit-cni").is_file(),
         "binary installed"
     );
+    let text = std::fs::read(&conflist).expect("conflist");
+    let config: Value = serde_json::from_slice(&text).expect("JSON");
+    assert_eq!(
+        config["plugins"][2],
+        json!({"type": "ambit-cni", "runDir": run_dir, "excludeNamespaces": ["kube-system"]}),
+        "the entry: the run dir, and istio-cni's default exclusion"
+    );
     let server = LineServer::start();
     // The app's very first action is a connection, as soon as its process starts.
     let connect_first = |tag: &str| {

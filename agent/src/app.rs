@@ -120,6 +120,9 @@ pub struct AgentConfig {
     /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
     /// None = installed by someone else.
     pub cni_install: Option<crate::node::cni_install::InstallConfig>,
+    /// Where the plugin's API credentials come from (in a cluster); None = the plugin decides
+    /// from the node state alone while the agent is down.
+    pub cni_kube: Option<crate::node::cni_kube::Source>,
     /// See `--handover-socket`; None = no handover (a new agent binds listeners of its own once
     /// the old one has exited).
     pub handover_socket: Option<PathBuf>,
@@ -266,6 +269,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
                     state.exists()
                 }));
             }
+            if let Some(source) = cfg.cni_kube.clone() {
+                control_rt.spawn(crate::node::cni_kube::keep(source, dir.clone()));
+            }
             Some((rx, dir.clone()))
         }
         _ => None,
@@ -296,6 +302,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
                     }
                 }
                 let _ = std::fs::remove_file(ambit_cni::proto::node_state_path(dir));
+                crate::node::cni_kube::remove(dir);
             }
         }
         None => {}

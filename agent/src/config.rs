@@ -13,10 +13,9 @@ pub use object::{
     parse, Kind, Object, ObjectError, ObjectRef, Parsed, PolicyScope, Rejected, SourceEvent,
 };
 
-/// Istio: a namespace with this label is in ambient mode; a pod with value `none` opts out.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
-pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
-pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Istio: a namespace with this label is in ambient mode; a pod with value `none` opts out (the
+/// rule itself is `ambit_cni::enrolment`, shared with the CNI plugin).
+pub use ambit_cni::enrolment::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 /// Local mode: the pod's network namespace path (a real cluster finds it under /proc instead).
 pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
 /// Istio's per-pod port exclusions (comma-separated ports).

@@ -350,6 +350,17 @@ struct CniInstallArgs {
     /// The `ambit-cni` binary to install [default: `ambit-cni` next to this `ambit`].
     #[arg(long, env = "AMBIT_CNI_PLUGIN")]
     cni_plugin: Option<PathBuf>,
+    /// Namespaces whose pods the plugin lets start while the agent is down, without a decision
+    /// (comma-separated; istio-cni's `excludeNamespaces`). The agent's own namespace
+    /// (`POD_NAMESPACE`) is always added: the agent's pod, and the CA's, must start for anything
+    /// else on the node to start after a reboot. With the agent up, the agent decides for them.
+    #[arg(
+        long,
+        env = "AMBIT_CNI_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    cni_exclude_namespaces: Vec<String>,
 }
 
 impl CniInstallArgs {
@@ -373,11 +384,23 @@ impl CniInstallArgs {
                 plugin.display()
             ));
         }
+        let mut exclude_namespaces: Vec<String> = self
+            .cni_exclude_namespaces
+            .into_iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if let Ok(own) = std::env::var("POD_NAMESPACE") {
+            if !own.is_empty() && !exclude_namespaces.contains(&own) {
+                exclude_namespaces.push(own);
+            }
+        }
         Ok(Some(ambit::node::cni_install::InstallConfig {
             conf_dir,
             bin_dir: self.cni_bin_dir,
             plugin,
             run_dir: run_dir.to_path_buf(),
+            exclude_namespaces,
         }))
     }
 }
@@ -479,6 +502,13 @@ impl RunArgs {
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
+            // In a cluster the plugin gets the agent's API credentials for the pods the node
+            // state cannot decide while the agent is down.
+            cni_kube: if self.kube && self.cni_dir.is_some() {
+                ambit::node::cni_kube::Source::in_cluster()
+            } else {
+                None
+            },
             cni_install: self.cni_install.into_config(self.cni_dir.as_deref())?,
             cni_dir: self.cni_dir,
             handover_socket: match self.handover_socket.trim() {
@@ -602,12 +632,14 @@ fn main() -> ExitCode {
             bin_dir: cni_bin_dir,
             plugin: PathBuf::new(),
             run_dir: cni_dir.clone(),
+            exclude_namespaces: Vec::new(),
         })
         .map_err(anyhow::Error::from)
         .map(|()| {
             for file in [
                 ambit_cni::proto::node_state_path(&cni_dir),
                 ambit_cni::proto::socket_path(&cni_dir),
+                ambit_cni::kube::kube_access_path(&cni_dir),
             ] {
                 let _ = std::fs::remove_file(file);
             }

@@ -5,6 +5,7 @@
 pub mod adopt;
 pub mod cni;
 pub mod cni_install;
+pub mod cni_kube;
 pub mod discovery;
 pub mod netns;
 pub mod transparent;

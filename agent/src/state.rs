@@ -108,7 +108,7 @@ impl IstioLabels {
 pub const UNKNOWN: &str = "unknown";
 
 /// The annotation the sidecar injector sets on every pod it injected.
-pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+pub use ambit_cni::enrolment::SIDECAR_STATUS_ANNOTATION;
 
 impl Workload {
     pub fn key(&self) -> Key {
@@ -430,21 +430,18 @@ impl State {
 
     /// Istio's enrolment rule: the namespace is labelled ambient and the pod did not opt out.
     pub fn is_enrolled(&self, w: &Workload) -> bool {
-        use crate::config::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_NONE};
-        let ns_ambient = self
-            .namespaces
-            .get(w.namespace.as_str())
-            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT);
-        // Istio: a pod labelled ambient is enrolled in any namespace; one labelled none never.
-        let pod_mode = w.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-        let pod_ambient = pod_mode == Some(DATAPLANE_MODE_AMBIENT);
-        let opted_out = pod_mode == Some(DATAPLANE_MODE_NONE);
-        (ns_ambient || pod_ambient)
-            && !opted_out
-            && !w.has_sidecar()
-            && !w.host_network
-            && w.running
+        // Istio's rule, shared with the CNI plugin's own decision while the agent is down.
+        let rule = ambit_cni::enrolment::Enrolment {
+            namespace_mode: self
+                .namespaces
+                .get(w.namespace.as_str())
+                .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
+                .map(String::as_str),
+            pod_mode: w.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
+            has_sidecar: w.has_sidecar(),
+            host_network: w.host_network,
+        };
+        rule.meshed() && w.running
     }
 
     /// Enrolled workloads scheduled on `node`.

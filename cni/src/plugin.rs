@@ -2,13 +2,15 @@
 //! pod is then enrolled (its listeners and capture entries exist), so the app's first connect is
 //! captured. A pod the agent says is not meshed starts at once.
 //!
-//! Without an agent to ask (socket missing or refusing), the agent's node state file decides: a
-//! pod it knows is not meshed (its own entry, else its namespace's label) starts; any other pod
-//! fails ADD with "try again later" (code 11), which the kubelet retries, so no meshed pod ever
-//! starts unmeshed. Istio's plugin asks the API server instead; the agent's file is the node's
-//! view of the same objects and needs no credentials on the node. A namespace labelled ambient
-//! while the agent is down is not in that view: its pods start unmeshed and the agent enrols
-//! them (found under /proc) when it is back, as before this plugin existed.
+//! Without an agent to ask (socket missing or refusing), the plugin decides itself, failing
+//! closed ([`decide_offline`]): a pod of an `excludeNamespaces` namespace starts (the agent's own
+//! and kube-system: after a node reboot the agent's pod goes through this chain too); a pod the
+//! agent's node state file knows is decided as the agent decided; a pod it never saw is looked up
+//! in the API server with the credentials the agent leaves (its own `istio.io/dataplane-mode`
+//! label may enrol it in any namespace, as Istio's plugin finds by asking the API server); without
+//! those credentials (local mode) its namespace's label in the node state decides. Any pod that
+//! may be meshed fails ADD with "try again later" (code 11), which the kubelet retries, so no
+//! meshed pod starts unmeshed; so does a pod the API server cannot answer for.
 
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
@@ -17,12 +19,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::kube;
 use crate::proto::{self, Answer, NodeState, Offline, PodName, PodRequest, Request};
 use crate::spec::{code, CniError, Command, Env, NetConf};
 
 /// How long ADD waits for the agent unless the config says (`timeoutSeconds`): above the agent's
 /// own bound for a pod its source has not seen yet.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long each API server request of an offline decision may take.
+const KUBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs one invocation: `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing, an
 /// error is printed as CNI's error object with a non-zero exit.
@@ -73,7 +79,7 @@ fn run_with(command: Command, env: &Env, conf: &NetConf) -> Result<Option<Value>
                     ))
                 }
                 Ok(other) => return Err(unexpected(&who, &other)),
-                Err(AskError::Unreachable(why)) => offline(&run_dir, &req, &why)?,
+                Err(AskError::Unreachable(why)) => offline(conf, &run_dir, &req, &why)?,
                 Err(AskError::Broken(why)) => {
                     return Err(CniError::new(
                         code::TRY_AGAIN_LATER,
@@ -92,7 +98,7 @@ fn run_with(command: Command, env: &Env, conf: &NetConf) -> Result<Option<Value>
                 format!("{who}: {message}"),
             )),
             Ok(other) => Err(unexpected(&who, &other)),
-            Err(AskError::Unreachable(why)) => offline(&run_dir, &req, &why).map(|()| None),
+            Err(AskError::Unreachable(why)) => offline(conf, &run_dir, &req, &why).map(|()| None),
             Err(AskError::Broken(why)) => Err(CniError::new(
                 code::TRY_AGAIN_LATER,
                 "no answer from the ambit agent",
@@ -147,16 +153,14 @@ fn pod_name(env: &Env) -> Option<PodName> {
 }
 
 /// The decision without the agent: Ok if the pod is known not to be meshed.
-fn offline(run_dir: &Path, req: &PodRequest, unreachable: &str) -> Result<(), CniError> {
+fn offline(
+    conf: &NetConf,
+    run_dir: &Path,
+    req: &PodRequest,
+    unreachable: &str,
+) -> Result<(), CniError> {
     let who = req.describe();
-    let path = proto::node_state_path(run_dir);
-    let decision = match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice::<NodeState>(&bytes) {
-            Ok(state) => state.decide(req.pod.as_ref(), &req.ips),
-            Err(e) => Offline::Unknown(format!("{} is unreadable: {e}", path.display())),
-        },
-        Err(e) => Offline::Unknown(format!("no node state at {}: {e}", path.display())),
-    };
+    let decision = decide_offline(conf, run_dir, req);
     match decision {
         Offline::NotAmbient(why) => {
             eprintln!("ambit-cni: {who}: {unreachable}; {why}: starting it unmeshed");
@@ -170,6 +174,56 @@ fn offline(run_dir: &Path, req: &PodRequest, unreachable: &str) -> Result<(), Cn
                  the agent (the runtime retries)"
             ),
         )),
+    }
+}
+
+/// In order: an excluded namespace starts; the agent's last view of the pod decides; a pod it
+/// never saw is looked up in the API server when the agent left credentials (its own label may
+/// enrol it); without credentials (local mode) its namespace's label in the agent's view decides.
+fn decide_offline(conf: &NetConf, run_dir: &Path, req: &PodRequest) -> Offline {
+    if let Some(pod) = &req.pod {
+        if conf.exclude_namespaces.contains(&pod.namespace) {
+            return Offline::NotAmbient(format!(
+                "namespace {} is in excludeNamespaces",
+                pod.namespace
+            ));
+        }
+    }
+    let path = proto::node_state_path(run_dir);
+    let state = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<NodeState>(&bytes) {
+            Ok(state) => Some(state),
+            Err(e) => return Offline::Unknown(format!("{} is unreadable: {e}", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Offline::Unknown(format!("{} is unreadable: {e}", path.display())),
+    };
+    if let Some(known) = state
+        .as_ref()
+        .and_then(|s| s.decide_known(req.pod.as_ref(), &req.ips))
+    {
+        return known;
+    }
+    let access = match kube::read_access(run_dir) {
+        Ok(access) => access,
+        Err(e) => return Offline::Unknown(e.to_string()),
+    };
+    match (access, &req.pod) {
+        (Some(access), Some(pod)) => match kube::lookup(&access, pod, KUBE_TIMEOUT) {
+            Ok(facts) if facts.meshed() => Offline::Ambient(format!(
+                "the API server shows pod {}/{} in the ambient mesh",
+                pod.namespace, pod.name
+            )),
+            Ok(_) => Offline::NotAmbient(format!(
+                "the API server shows pod {}/{} outside the ambient mesh",
+                pod.namespace, pod.name
+            )),
+            Err(e) => Offline::Unknown(format!("cannot look the pod up: {e}")),
+        },
+        _ => match state {
+            Some(state) => state.decide(req.pod.as_ref(), &req.ips),
+            None => Offline::Unknown(format!("no node state at {}", path.display())),
+        },
     }
 }
 

@@ -185,24 +185,8 @@ impl NodeState {
     /// Whether the pod is meshed, from this (possibly stale) view: its own entry (by name, else by
     /// IP), else its namespace's label. Anything else is unknown.
     pub fn decide(&self, pod: Option<&PodName>, ips: &[IpAddr]) -> Offline {
-        let entry = self.pods.iter().find(|p| match pod {
-            Some(want) => {
-                p.namespace == want.namespace
-                    && p.name == want.name
-                    && want
-                        .uid
-                        .as_ref()
-                        .is_none_or(|u| p.uid.is_empty() || *u == p.uid)
-            }
-            None => p.ips.iter().any(|ip| ips.contains(ip)),
-        });
-        if let Some(p) = entry {
-            let name = format!("pod {}/{}", p.namespace, p.name);
-            return if p.ambient {
-                Offline::Ambient(format!("{name} is enrolled in the mesh"))
-            } else {
-                Offline::NotAmbient(format!("{name} is not in the mesh"))
-            };
+        if let Some(known) = self.decide_known(pod, ips) {
+            return known;
         }
         let Some(pod) = pod else {
             return Offline::Unknown(
@@ -221,6 +205,28 @@ impl NodeState {
                 pod.namespace
             )),
         }
+    }
+
+    /// The agent's decision for a pod it has seen (by name, else by IP); None for any other.
+    pub fn decide_known(&self, pod: Option<&PodName>, ips: &[IpAddr]) -> Option<Offline> {
+        let entry = self.pods.iter().find(|p| match pod {
+            Some(want) => {
+                p.namespace == want.namespace
+                    && p.name == want.name
+                    && want
+                        .uid
+                        .as_ref()
+                        .is_none_or(|u| p.uid.is_empty() || *u == p.uid)
+            }
+            None => p.ips.iter().any(|ip| ips.contains(ip)),
+        });
+        let p = entry?;
+        let name = format!("pod {}/{}", p.namespace, p.name);
+        Some(if p.ambient {
+            Offline::Ambient(format!("{name} is enrolled in the mesh"))
+        } else {
+            Offline::NotAmbient(format!("{name} is not in the mesh"))
+        })
     }
 }
 

@@ -170,6 +170,11 @@ pub struct NetConf {
     /// The agent's run dir: its socket and node state file (default `/var/run/ambit`).
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
+    /// Namespaces whose pods start while the agent is down without a decision (the agent's own,
+    /// and kube-system, as istio-cni's `excludeNamespaces`): the agent itself, and what it needs
+    /// to start, never waits for the agent. With the agent up, the agent decides for them too.
+    #[serde(default)]
+    pub exclude_namespaces: Vec<String>,
     /// How long ADD waits for the agent's answer, in seconds (default 30).
     #[serde(default)]
     pub timeout_seconds: Option<u64>,

@@ -328,6 +328,9 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         format!("pid:/proc/{me}/ns/pid"),
         "--env".to_owned(),
         "AMBIT_LOG=info".to_owned(),
+        // The DaemonSet's downward-API value.
+        "--env".to_owned(),
+        "POD_NAMESPACE=ambit-system".to_owned(),
     ]);
     let net = ctrd.reserve_network().expect("a network of this test");
     ctrd.write_reserved_network("10-image.conflist", "1.0.0", "imagetest", &net, &[])
@@ -385,6 +388,20 @@ fn the_image_runs_as_the_daemonset_runs_it() {
             .collect::<Vec<_>>()),
         fs::read_to_string(node_cni.conflist()).unwrap_or_default(),
         container.stderr()
+    );
+    // Its entry lets the agent's own namespace (and kube-system, as istio-cni) start while no
+    // agent is up: after a reboot the agent's pod itself goes through this chain.
+    let conflist: serde_json::Value =
+        serde_json::from_slice(&fs::read(node_cni.conflist()).expect("conflist")).expect("JSON");
+    let entry = conflist["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["type"] == "ambit-cni"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        entry["excludeNamespaces"],
+        serde_json::json!(["kube-system", "ambit-system"]),
+        "{conflist}"
     );
 
     // `kubectl delete`: SIGTERM, and the agent exits by itself, leaving capture pinned.

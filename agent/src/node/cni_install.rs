@@ -78,12 +78,18 @@ pub struct InstallConfig {
     pub plugin: PathBuf,
     /// The agent's CNI run dir, written into the entry (`runDir`).
     pub run_dir: PathBuf,
+    /// Namespaces whose pods start while the agent is down (`excludeNamespaces`; empty: none).
+    pub exclude_namespaces: Vec<String>,
 }
 
 impl InstallConfig {
     /// Our entry in the plugin list.
     pub fn entry(&self) -> Value {
-        serde_json::json!({"type": PLUGIN_TYPE, "runDir": self.run_dir})
+        let mut entry = serde_json::json!({"type": PLUGIN_TYPE, "runDir": self.run_dir});
+        if !self.exclude_namespaces.is_empty() {
+            entry["excludeNamespaces"] = serde_json::json!(self.exclude_namespaces);
+        }
+        entry
     }
 }
 

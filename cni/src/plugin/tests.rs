@@ -4,8 +4,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 
+use serde_json::json;
+
 use super::*;
+use crate::kube::KubeAccess;
 use crate::proto::{NodePod, NodeState};
+
+mod fake_api;
+use fake_api::FakeApi;
 
 /// A run dir of its own, removed on drop.
 struct RunDir(PathBuf);
@@ -48,6 +54,22 @@ impl RunDir {
             }
         }))
         .unwrap()
+    }
+
+    /// The config with `excludeNamespaces`.
+    fn conf_excluding(&self, namespaces: &[&str]) -> Vec<u8> {
+        let mut conf: Value = serde_json::from_slice(&self.conf()).unwrap();
+        conf["excludeNamespaces"] = json!(namespaces);
+        serde_json::to_vec(&conf).unwrap()
+    }
+
+    /// The credentials the agent leaves for the plugin.
+    fn kube(&self, access: &KubeAccess) {
+        std::fs::write(
+            kube::kube_access_path(&self.0),
+            serde_json::to_vec(access).unwrap(),
+        )
+        .unwrap();
     }
 
     fn state(&self, state: &NodeState) {
@@ -175,4 +197,148 @@ fn version_and_bad_input_answer_in_cni_terms() {
         (e.code, e.cni_version.as_str()),
         (code::INVALID_CONFIG, "0.4.0")
     );
+}
+
+/// The agent's view: "plain" is not ambient, and it has never seen pod plain/web.
+fn plain_namespace_state() -> NodeState {
+    NodeState {
+        node: "n1".into(),
+        namespaces: [("plain".to_string(), false)].into(),
+        pods: vec![],
+    }
+}
+
+fn pod(labels: Value) -> Value {
+    json!({
+        "metadata": {"namespace": "plain", "name": "web", "uid": "u1", "labels": labels},
+        "spec": {}
+    })
+}
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"metadata": {"name": name, "labels": labels}})
+}
+
+#[test]
+fn without_the_agent_a_pod_labelled_ambient_in_a_plain_namespace_is_held() {
+    let dir = RunDir::new();
+    dir.state(&plain_namespace_state());
+    let api = FakeApi::start(
+        vec![pod(json!({"istio.io/dataplane-mode": "ambient"}))],
+        vec![namespace("plain", json!({}))],
+    );
+    dir.kube(&api.access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    assert!(
+        e.details
+            .contains("the API server shows pod plain/web in the ambient mesh"),
+        "{e}"
+    );
+    let seen = api.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("/api/v1/namespaces/plain/pods?fieldSelector=metadata.name%3Dweb")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn without_the_agent_the_api_servers_labels_decide_for_a_pod_the_agent_never_saw() {
+    let dir = RunDir::new();
+    dir.state(&plain_namespace_state());
+    // The namespace was labelled ambient after the agent last wrote its view.
+    let api = FakeApi::start(
+        vec![pod(json!({"app": "web"}))],
+        vec![namespace(
+            "plain",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        )],
+    );
+    dir.kube(&api.access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert!(e.details.contains("in the ambient mesh"), "{e}");
+
+    let dir = RunDir::new();
+    dir.state(&plain_namespace_state());
+    let api = FakeApi::start(
+        vec![pod(json!({"app": "web"}))],
+        vec![namespace("plain", json!({}))],
+    );
+    dir.kube(&api.access);
+    let out = run(&env("ADD", "plain"), &dir.conf()).expect("a plain pod starts");
+    assert!(out.is_some());
+    // Opted out in an ambient namespace.
+    let api = FakeApi::start(
+        vec![pod(json!({"istio.io/dataplane-mode": "none"}))],
+        vec![namespace(
+            "plain",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        )],
+    );
+    dir.kube(&api.access);
+    assert!(run(&env("ADD", "plain"), &dir.conf()).is_ok());
+}
+
+#[test]
+fn without_the_agent_an_api_server_that_cannot_answer_holds_the_pod() {
+    let dir = RunDir::new();
+    dir.state(&plain_namespace_state());
+    // A wrong token: 401.
+    let api = FakeApi::start(vec![pod(json!({}))], vec![namespace("plain", json!({}))]);
+    let mut access = api.access.clone();
+    access.token = "stolen".into();
+    dir.kube(&access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER);
+    assert!(e.details.contains("HTTP 401"), "{e}");
+    // A certificate from another CA.
+    let other = FakeApi::start(vec![], vec![]);
+    let mut access = api.access.clone();
+    access.ca_cert = other.access.ca_cert.clone();
+    dir.kube(&access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert!(e.details.contains("cannot look the pod up"), "{e}");
+    // Another pod of that name (the runtime starts uid u1).
+    let api = FakeApi::start(
+        vec![json!({"metadata": {"namespace": "plain", "name": "web", "uid": "u9"}})],
+        vec![namespace("plain", json!({}))],
+    );
+    dir.kube(&api.access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert!(e.details.contains("uid u9"), "{e}");
+    // Nobody listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut access = api.access.clone();
+    access.server = format!("https://127.0.0.1:{port}");
+    dir.kube(&access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    // Bad credentials file.
+    std::fs::write(kube::kube_access_path(&dir.0), b"{").unwrap();
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert!(e.details.contains("cni-kube.json"), "{e}");
+}
+
+#[test]
+fn without_the_agent_or_its_files_only_excluded_namespaces_start() {
+    // A node just rebooted: the run dir (a tmpfs) is empty, the CNI config still chains
+    // ambit-cni. The agent's own pod must start, or nothing on the node ever does.
+    let dir = RunDir::new();
+    let conf = dir.conf_excluding(&["ambit-system", "kube-system"]);
+    let ambit = |ns: &str| {
+        let mut e = env("ADD", ns);
+        e.args.insert("K8S_POD_NAME".into(), "ambit-agent-x".into());
+        e
+    };
+    let out = run(&ambit("ambit-system"), &conf).expect("the agent's own pod starts");
+    assert!(out.is_some());
+    assert!(run(&env("ADD", "kube-system"), &conf).is_ok());
+    let e = run(&env("ADD", "plain"), &conf).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    assert!(e.details.contains("no node state"), "{e}");
 }

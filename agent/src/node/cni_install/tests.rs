@@ -29,6 +29,7 @@ impl Dirs {
             bin_dir: self.0.join("bin"),
             plugin: self.0.join("ambit-cni.src"),
             run_dir: PathBuf::from("/var/run/ambit"),
+            exclude_namespaces: vec!["ambit-system".into()],
         }
     }
 
