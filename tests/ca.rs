@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ambit::harness::pki::csr_for;
 use ambit::identity::{cert_uri_sans, CertificateAuthority, Identity, RemoteCa, RemoteCaConfig};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -235,8 +236,6 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-use ambit::harness::pki::csr_for;
 
 fn verify(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> Result<(), webpki::Error> {
     ambit::harness::pki::verify(leaf, root, &[webpki::KeyUsage::client_auth()])

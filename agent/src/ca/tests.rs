@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tower_test::mock::SendResponse;
 
 use super::*;
+use crate::harness::pki::csr_for;
 use crate::identity::proto::pem_encode;
 use crate::identity::tests::{eventually, TempDir};
 use crate::identity::{
@@ -308,8 +309,6 @@ impl World {
 fn id(ns: &str, sa: &str) -> Identity {
     Identity::new(DEFAULT_TRUST_DOMAIN, ns, sa)
 }
-
-use crate::harness::pki::csr_for;
 
 async fn ask(
     ca: &RemoteCa,
