@@ -254,6 +254,9 @@ fn an_add_waits_for_a_pod_the_source_has_not_shown_yet() {
         let (late, run_dir) = (late.clone(), run_dir.clone());
         std::thread::spawn(move || exec_plugin("ADD", late.netns_path(), &late, &run_dir))
     };
+    // Only once the agent holds the ADD does the source show the pod: the ADD did wait.
+    let waiting = settled(|| agent.log().contains("CNI ADD: waiting"), |w| *w);
+    assert!(waiting, "the ADD was never held\n{}", agent.log_tail());
     without_late
         .clone()
         .pod(&late)

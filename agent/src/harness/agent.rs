@@ -564,6 +564,11 @@ impl LocalAgent {
         self.process.as_ref().map(Process::id)
     }
 
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The log's last 40 lines (`AMBIT_LOG_TAIL=<n>`: n lines).
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();

@@ -41,6 +41,8 @@ struct PendingAdd {
     /// Why its enrolment failed last (retried until [`POD_WAIT`]: e.g. a netns its worker cannot
     /// enter yet).
     failed: Option<String>,
+    /// Its wait for the config source is logged (once).
+    announced: bool,
 }
 
 impl CniLoop {
@@ -107,6 +109,7 @@ impl Control {
                         reply,
                         since: Instant::now(),
                         failed: None,
+                        announced: false,
                     });
                 }
                 // Enrolled at once when the pod is known; otherwise whatever the source has
@@ -135,7 +138,7 @@ impl Control {
         let listed = state.synced.contains(&Kind::Pod) && state.synced.contains(&Kind::Namespace);
         let mut waiting = Vec::new();
         let mut enrolling = Vec::new();
-        for add in std::mem::take(&mut cni.pending) {
+        for mut add in std::mem::take(&mut cni.pending) {
             let who = add.req.describe();
             let found = if listed {
                 CniPods::find(&state, &add.req)
@@ -144,6 +147,10 @@ impl Control {
             };
             let Some(w) = found else {
                 if add.since.elapsed() < POD_WAIT {
+                    if !add.announced {
+                        info!(container = %add.req.container_id, "CNI ADD: waiting up to {POD_WAIT:?} for the config source to show {who}");
+                        add.announced = true;
+                    }
                     waiting.push(add);
                 } else {
                     let why = if listed {
