@@ -417,3 +417,54 @@ async fn reinsert_latency() {
         took[took.len() - 1]
     );
 }
+
+/// Which events call for a pass, and the watch following the dir's path when the dir moves.
+#[tokio::test]
+async fn config_names_overflow_and_the_dir_moving_call_for_a_pass() {
+    let d = Dirs::new();
+    let dir = d.cfg().conf_dir;
+    let mut events = DirEvents::new(&dir).unwrap();
+    let wd = events.wd.expect("armed on an existing dir");
+    let event = |mask: AddWatchFlags, name: Option<&str>| InotifyEvent {
+        wd,
+        mask,
+        cookie: 0,
+        name: name.map(Into::into),
+    };
+    for name in ["10-calico.conflist", "10-bridge.conf", "99-x.json"] {
+        assert!(
+            events.handle(&event(AddWatchFlags::IN_MOVED_TO, Some(name))),
+            "{name}"
+        );
+    }
+    let ours = temp_name(&dir.join("10-calico.conflist"), "10-calico.conflist");
+    let ours = ours.file_name().unwrap().to_str().unwrap();
+    for name in [ours, "notes.txt", "10-calico.conflist.tmp"] {
+        assert!(
+            !events.handle(&event(AddWatchFlags::IN_CLOSE_WRITE, Some(name))),
+            "{name}"
+        );
+    }
+    assert!(
+        events.handle(&event(AddWatchFlags::IN_Q_OVERFLOW, None)),
+        "lost events: a full pass"
+    );
+    assert_eq!(events.wd, Some(wd));
+
+    // The dir moves away and another takes its path: the watch goes to the new one.
+    std::fs::rename(&dir, d.0.join("net.d.old")).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    assert!(events.handle(&event(AddWatchFlags::IN_MOVE_SELF, None)));
+    assert_eq!(events.wd, None, "the moved dir is not watched any more");
+    assert!(
+        !events.handle(&event(AddWatchFlags::IN_CLOSE_WRITE, Some("10-a.conflist"))),
+        "an event of the dropped watch"
+    );
+    events.arm();
+    assert!(events.wd.is_some_and(|new| new != wd));
+    std::fs::write(dir.join("10-a.conflist"), CALICO).unwrap();
+    tokio::time::timeout(PATIENCE, events.next())
+        .await
+        .expect("an event from the dir now at the path")
+        .unwrap();
+}
