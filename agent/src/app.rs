@@ -265,9 +265,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
                 // Only once the node state is written: from then on the plugin can let
                 // non-ambient pods start even while the agent is down.
                 let state = ambit_cni::proto::node_state_path(dir);
-                control_rt.spawn(crate::node::cni_install::watch(install, move || {
-                    state.exists()
-                }));
+                control_rt.spawn(crate::node::cni_install::watch(
+                    install,
+                    crate::node::cni_install::WATCH_INTERVAL,
+                    move || state.exists(),
+                ));
             }
             if let Some(source) = cfg.cni_kube.clone() {
                 control_rt.spawn(crate::node::cni_kube::keep(source, dir.clone()));

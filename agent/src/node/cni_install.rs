@@ -11,17 +11,21 @@
 //! and renames it, a moment in which `x.conf` is a list the runtime cannot load).
 
 use std::io;
+use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use serde_json::{Map, Value};
 use thiserror::Error;
+use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 /// The plugin's `type` (its binary's name in the bin dir).
 pub const PLUGIN_TYPE: &str = "ambit-cni";
 
-/// How often [`watch`] looks at the conf dir.
+/// How often [`watch`] looks at the conf dir besides its inotify events.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Error)]
@@ -65,6 +69,14 @@ pub enum InstallError {
     },
     #[error("no CNI network config in {dir} yet (waiting for the primary CNI to write one)")]
     NoPrimary { dir: PathBuf },
+    #[error("inotify: {0}")]
+    InotifyInit(#[source] io::Error),
+    #[error("reading inotify events for the CNI conf dir {dir}: {source}")]
+    InotifyRead {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Where to install.
@@ -102,11 +114,7 @@ pub fn primary_file(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "conf" || e == "conflist" || e == "json")
-                && p.is_file()
-        })
+        .filter(|p| is_config_name(p) && p.is_file())
         .collect();
     files.sort();
     for file in files {
@@ -120,6 +128,12 @@ pub fn primary_file(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
         }
     }
     Ok(None)
+}
+
+/// A name the runtime loads as a network config (libcni's extensions).
+fn is_config_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "conf" || e == "conflist" || e == "json")
 }
 
 fn read_config(path: &Path) -> Result<Value, InstallError> {
@@ -330,17 +344,51 @@ pub fn uninstall(cfg: &InstallConfig) -> Result<(), InstallError> {
 }
 
 /// Keeps the plugin installed: once `ready` holds (the agent has written its node state, so the
-/// plugin can decide for non-ambient pods), then again whenever the primary CNI writes its
-/// config or a new one appears. Problems are logged once each until they clear.
-pub async fn watch(cfg: InstallConfig, ready: impl Fn() -> bool) {
-    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+/// plugin can decide for non-ambient pods), then again as soon as the primary CNI writes its
+/// config or a new one appears: on the conf dir's inotify events (as istio-cni re-inserts on
+/// fsnotify events), and every `poll` as a fallback (the dir may not exist yet, inotify may be
+/// unavailable, its queue may overflow). Problems are logged once each until they clear.
+pub async fn watch(cfg: InstallConfig, poll: Duration, ready: impl Fn() -> bool) {
+    watch_reporting(cfg, poll, ready, |_| {}).await
+}
+
+/// [`watch`], handing each pass's outcome to `report` (tests observe the passes with it).
+async fn watch_reporting(
+    cfg: InstallConfig,
+    poll: Duration,
+    ready: impl Fn() -> bool,
+    mut report: impl FnMut(&Result<Option<PathBuf>, InstallError>),
+) {
+    // `interval` refuses a zero period.
+    let mut ticker = tokio::time::interval(poll.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = match DirEvents::new(&cfg.conf_dir) {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(error = %e, poll = ?poll, "no inotify; polling the CNI conf dir");
+            None
+        }
+    };
     let mut last_error: Option<String> = None;
     loop {
-        ticker.tick().await;
+        // The first tick is at once: the first pass runs after the watch is armed, so no write
+        // falls between the two.
+        let woken = tokio::select! {
+            _ = ticker.tick() => Ok(()),
+            woken = next_event(&mut events) => woken,
+        };
+        if let Err(e) = woken {
+            warn!(error = %e, poll = ?poll, "inotify on the CNI conf dir failed; polling it");
+            events = None;
+        }
+        if let Some(events) = &mut events {
+            events.arm();
+        }
         if !ready() {
             continue;
         }
-        match install_once(&cfg) {
+        let outcome = install_once(&cfg);
+        match &outcome {
             Ok(Some(file)) => {
                 info!(file = %file.display(), bin_dir = %cfg.bin_dir.display(), "ambit-cni installed in the node's CNI config");
                 last_error = None;
@@ -354,6 +402,153 @@ pub async fn watch(cfg: InstallConfig, ready: impl Fn() -> bool) {
                 }
             }
         }
+        report(&outcome);
+    }
+}
+
+/// The next event calling for a pass; never, without inotify.
+async fn next_event(events: &mut Option<DirEvents>) -> Result<(), InstallError> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a writer of the conf dir does: creates, writes, renames in or out, deletes a file; and
+/// the dir itself going away (the watch then goes with it and is armed again).
+fn dir_events() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_ONLYDIR
+}
+
+/// An inotify fd as tokio's [`AsyncFd`] wants it.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl InotifyFd {
+    /// Registers the fd with the runtime, for reading.
+    // tokio 1.54 deprecates the safe constructors for the `unsafe` `register`, whose contract is
+    // that the fd stays open and the same while registered. `InotifyFd` holds it as the
+    // `OwnedFd` inside `Inotify`, which is neither closed nor replaced before the `AsyncFd` is
+    // dropped, so the safe (deprecated) constructor is sound here and no `unsafe` is needed.
+    #[allow(deprecated)]
+    fn register(inotify: Inotify) -> io::Result<AsyncFd<Self>> {
+        AsyncFd::with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE)
+    }
+}
+
+/// The conf dir's inotify watch, armed while the dir exists.
+struct DirEvents {
+    fd: AsyncFd<InotifyFd>,
+    dir: PathBuf,
+    wd: Option<WatchDescriptor>,
+    /// The last arming error, logged once.
+    arm_error: Option<String>,
+}
+
+impl DirEvents {
+    fn new(dir: &Path) -> Result<Self, InstallError> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| InstallError::InotifyInit(e.into()))?;
+        let mut events = DirEvents {
+            fd: InotifyFd::register(inotify).map_err(InstallError::InotifyInit)?,
+            dir: dir.to_path_buf(),
+            wd: None,
+            arm_error: None,
+        };
+        events.arm();
+        Ok(events)
+    }
+
+    /// Watches the dir unless already watched; a dir that does not exist yet is tried again on
+    /// the next call.
+    fn arm(&mut self) {
+        if self.wd.is_some() {
+            return;
+        }
+        match self.fd.get_ref().0.add_watch(&self.dir, dir_events()) {
+            Ok(wd) => {
+                self.wd = Some(wd);
+                self.arm_error = None;
+            }
+            // The pass says that the dir is missing.
+            Err(Errno::ENOENT) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                if self.arm_error.as_ref() != Some(&msg) {
+                    warn!(dir = %self.dir.display(), error = %msg, "cannot watch the CNI conf dir; polling it");
+                    self.arm_error = Some(msg);
+                }
+            }
+        }
+    }
+
+    /// Waits for events calling for a pass, and drains all that are queued (one pass for a
+    /// burst). Cancel-safe: events not yet read stay queued.
+    async fn next(&mut self) -> Result<(), InstallError> {
+        let err = |dir: &Path, source| InstallError::InotifyRead {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        loop {
+            let mut batch = Vec::new();
+            {
+                let mut guard = self.fd.readable().await.map_err(|e| err(&self.dir, e))?;
+                loop {
+                    match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {
+                        Ok(Ok(events)) => batch.extend(events),
+                        Ok(Err(e)) => return Err(err(&self.dir, e)),
+                        // Drained; readiness is cleared.
+                        Err(_would_block) => break,
+                    }
+                }
+            }
+            let mut pass = false;
+            for event in batch {
+                pass |= self.handle(&event);
+            }
+            if pass {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether `event` calls for a pass; notes the watch going away.
+    fn handle(&mut self, event: &InotifyEvent) -> bool {
+        // Events were lost: only a full pass is sure to see what changed.
+        if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            return true;
+        }
+        if Some(event.wd) != self.wd {
+            return false; // of a watch already dropped
+        }
+        if event.mask.intersects(
+            AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED,
+        ) {
+            // A moved dir keeps its watch: drop it, to watch what is at the path now. The kernel
+            // has dropped a deleted dir's watch already, so removing it fails: nothing to do.
+            let _ = self.fd.get_ref().0.rm_watch(event.wd);
+            self.wd = None;
+            return true;
+        }
+        // Only the files the runtime may read (as [`primary_file`] picks them), not temp files:
+        // our own write (its temp file ends `.ambit-tmp.<pid>`) makes one event, its rename
+        // onto the config, and so one more pass that finds nothing to do.
+        event
+            .name
+            .as_deref()
+            .is_some_and(|name| is_config_name(Path::new(name)))
     }
 }
 
