@@ -67,6 +67,8 @@ pub enum InstallError {
         #[source]
         source: io::Error,
     },
+    #[error("{path}: the primary CNI kept rewriting its config during {attempts} attempts to add ambit-cni; trying again on its next write")]
+    Busy { path: PathBuf, attempts: usize },
     #[error("no CNI network config in {dir} yet (waiting for the primary CNI to write one)")]
     NoPrimary { dir: PathBuf },
     #[error("inotify: {0}")]
@@ -137,14 +139,52 @@ fn is_config_name(path: &Path) -> bool {
 }
 
 fn read_config(path: &Path) -> Result<Value, InstallError> {
-    let text = std::fs::read(path).map_err(|source| InstallError::Read {
+    read_config_as_of(path).map(|(config, _)| config)
+}
+
+/// Which version of a file was read: another writer's rename changes its inode, and an in-place
+/// write its bytes (timestamps alone may not move: the kernel's file clock is coarse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    bytes: Vec<u8>,
+}
+
+impl Version {
+    /// The version at `path` now; None when there is no file (or it cannot be read).
+    fn now(path: &Path) -> Option<Self> {
+        Self::read(path).ok()
+    }
+
+    /// From one open file: the inode it is, and its bytes.
+    fn read(path: &Path) -> io::Result<Self> {
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let mut file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(Version {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            bytes,
+        })
+    }
+}
+
+/// The config and the version it was read from.
+fn read_config_as_of(path: &Path) -> Result<(Value, Version), InstallError> {
+    let version = Version::read(path).map_err(|source| InstallError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice(&text).map_err(|source| InstallError::BadJson {
-        path: path.to_path_buf(),
-        source,
-    })
+    let config =
+        serde_json::from_slice(&version.bytes).map_err(|source| InstallError::BadJson {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok((config, version))
 }
 
 /// The plugin list of a config: `plugins` of a list, or the single network of a `.conf`.
@@ -221,6 +261,16 @@ fn is_ours(plugin: &Value) -> bool {
 
 /// Writes `value` to `path` through a temp file in the same dir and a rename.
 fn write_atomic(path: &Path, value: &Value) -> Result<(), InstallError> {
+    write_atomic_if(path, value, || true).map(|_| ())
+}
+
+/// [`write_atomic`] if `still` holds once the temp file is written (just before the rename);
+/// false when it did not (the temp file is removed).
+fn write_atomic_if(
+    path: &Path,
+    value: &Value,
+    still: impl Fn() -> bool,
+) -> Result<bool, InstallError> {
     let err = |source| InstallError::Write {
         path: path.to_path_buf(),
         source,
@@ -234,7 +284,12 @@ fn write_atomic(path: &Path, value: &Value) -> Result<(), InstallError> {
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| err(io::Error::other(e)))?;
     text.push(b'\n');
     write_new(&tmp, &text, 0o644).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    if !still() {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(false);
+    }
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(true)
 }
 
 /// A temp file next to `path` named after this process: two agents of a node (an upgrade's old
@@ -286,32 +341,85 @@ pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
 
 /// One pass: the binary in place, our entry in the primary config. Returns the primary config
 /// file when something was written.
+///
+/// The primary CNI may write its file while we do: our write replaces the file only if it is
+/// still the version we read (checked just before the rename), else the pass starts over, so a
+/// newer primary config is never overwritten with our copy of the older one (istio-cni's
+/// installer renames without that check).
 pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
     install_binary(cfg)?;
-    let Some(file) = primary_file(&cfg.conf_dir)? else {
-        return Err(InstallError::NoPrimary {
-            dir: cfg.conf_dir.clone(),
-        });
-    };
-    let config = read_config(&file)?;
-    let wanted = insert(&file, &config, &cfg.entry())?;
-    let is_list = file.extension().is_some_and(|e| e == "conflist");
-    if is_list && wanted == config {
-        return Ok(None);
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        let Some(file) = primary_file(&cfg.conf_dir)? else {
+            return Err(InstallError::NoPrimary {
+                dir: cfg.conf_dir.clone(),
+            });
+        };
+        let Some(plan) = Plan::make(cfg, &file)? else {
+            return Ok(None);
+        };
+        if let Some(target) = plan.commit()? {
+            return Ok(Some(target));
+        }
     }
-    let target = if is_list {
-        file.clone()
-    } else {
-        file.with_extension("conflist")
-    };
-    write_atomic(&target, &wanted)?;
-    if target != file {
-        std::fs::remove_file(&file).map_err(|source| InstallError::Write {
-            path: file.clone(),
-            source,
-        })?;
+    Err(InstallError::Busy {
+        path: cfg.conf_dir.clone(),
+        attempts: ATTEMPTS,
+    })
+}
+
+/// One pass's write: the config with our entry, for the version of the primary file it was made
+/// from.
+struct Plan {
+    file: PathBuf,
+    read: Version,
+    target: PathBuf,
+    wanted: Value,
+}
+
+impl Plan {
+    /// None when the file already holds our entry.
+    fn make(cfg: &InstallConfig, file: &Path) -> Result<Option<Plan>, InstallError> {
+        let (config, read) = read_config_as_of(file)?;
+        let wanted = insert(file, &config, &cfg.entry())?;
+        let is_list = file.extension().is_some_and(|e| e == "conflist");
+        if is_list && wanted == config {
+            return Ok(None);
+        }
+        let target = if is_list {
+            file.to_path_buf()
+        } else {
+            file.with_extension("conflist")
+        };
+        Ok(Some(Plan {
+            file: file.to_path_buf(),
+            read,
+            target,
+            wanted,
+        }))
     }
-    Ok(Some(target))
+
+    /// Writes the target; None (nothing changed) when the primary file is no longer the version
+    /// read.
+    fn commit(self) -> Result<Option<PathBuf>, InstallError> {
+        let unchanged = || Version::now(&self.file).as_ref() == Some(&self.read);
+        if !write_atomic_if(&self.target, &self.wanted, unchanged)? {
+            return Ok(None);
+        }
+        if self.target != self.file {
+            // `x.conf` became `x.conflist`: `x.conf` goes only if it is still what we converted;
+            // else our list goes again, and the runtime keeps the primary's new `x.conf`.
+            if !unchanged() {
+                let _ = std::fs::remove_file(&self.target);
+                return Ok(None);
+            }
+            std::fs::remove_file(&self.file).map_err(|source| InstallError::Write {
+                path: self.file.clone(),
+                source,
+            })?;
+        }
+        Ok(Some(self.target))
+    }
 }
 
 /// Removes our entry from every config in the conf dir, and the binary.

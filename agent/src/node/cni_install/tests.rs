@@ -469,3 +469,52 @@ async fn config_names_overflow_and_the_dir_moving_call_for_a_pass() {
         .expect("an event from the dir now at the path")
         .unwrap();
 }
+
+#[test]
+fn a_primary_write_between_our_read_and_our_rename_is_never_overwritten() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let v1 = r#"{"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "calico", "v": 1}]}"#;
+    let v2 = r#"{"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "calico", "v": 2}]}"#;
+    d.write("10-calico.conflist", v1);
+    let file = cfg.conf_dir.join("10-calico.conflist");
+    let plan = Plan::make(&cfg, &file)
+        .unwrap()
+        .expect("our entry is missing");
+    // The primary renames its new version over the file while our pass runs.
+    rewrite_as_primary(&d, "10-calico.conflist", v2);
+    assert_eq!(plan.commit().unwrap(), None, "the pass starts over");
+    let now = d.read("10-calico.conflist");
+    assert_eq!(
+        now["plugins"][0]["v"], 2,
+        "the primary's version stays: {now}"
+    );
+    assert_eq!(
+        d.names(),
+        vec!["10-calico.conflist".to_string()],
+        "no temp file left"
+    );
+    // The next pass adds us to the new version.
+    install_once(&cfg).unwrap();
+    let now = d.read("10-calico.conflist");
+    assert_eq!(types(&now), vec!["calico", PLUGIN_TYPE]);
+    assert_eq!(now["plugins"][0]["v"], 2);
+
+    // The same for an in-place write of the same size (timestamps may not move), and for a `.conf`
+    // being converted: the primary's new `.conf` stays and our list goes.
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let c1 = r#"{"cniVersion": "1.0.0", "name": "net", "type": "bridge", "mtu": 1400}"#;
+    let c2 = r#"{"cniVersion": "1.0.0", "name": "net", "type": "bridge", "mtu": 1500}"#;
+    d.write("10-bridge.conf", c1);
+    let file = cfg.conf_dir.join("10-bridge.conf");
+    let plan = Plan::make(&cfg, &file).unwrap().expect("a conversion");
+    d.write("10-bridge.conf", c2);
+    assert_eq!(plan.commit().unwrap(), None);
+    assert_eq!(d.names(), vec!["10-bridge.conf".to_string()]);
+    assert_eq!(d.read("10-bridge.conf")["mtu"], 1500);
+    install_once(&cfg).unwrap();
+    let list = d.read("10-bridge.conflist");
+    assert_eq!(types(&list), vec!["bridge", PLUGIN_TYPE]);
+    assert_eq!(list["plugins"][0]["mtu"], 1500);
+}
