@@ -69,8 +69,10 @@ pub enum InstallError {
     },
     #[error("{path}: the primary CNI kept rewriting its config during {attempts} attempts to add ambit-cni; trying again on its next write")]
     Busy { path: PathBuf, attempts: usize },
-    #[error("no CNI network config in {dir} yet (waiting for the primary CNI to write one)")]
-    NoPrimary { dir: PathBuf },
+    #[error(
+        "no CNI network config in {dir} yet{skipped} (waiting for the primary CNI to write one)"
+    )]
+    NoPrimary { dir: PathBuf, skipped: String },
     #[error("inotify: {0}")]
     InotifyInit(#[source] io::Error),
     #[error("reading inotify events for the CNI conf dir {dir}: {source}")]
@@ -119,17 +121,31 @@ pub fn primary_file(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
         .filter(|p| is_config_name(p) && p.is_file())
         .collect();
     files.sort();
+    let mut skipped = Vec::new();
     for file in files {
-        // The runtime skips a file it cannot load; so do we (the next one is the primary).
+        // The runtime skips a file it cannot load; so do we (the next one is the primary). Debug
+        // only: a file being written in place is skipped on its create event, moments before it
+        // loads; with no primary at all the reasons are in the error.
         match read_config(&file).and_then(|v| plugins_of(&file, &v).map(|p| p.len())) {
             Ok(n) if n > 0 => return Ok(Some(file)),
-            Ok(_) => {
-                warn!(file = %file.display(), "CNI network config without plugins: skipped, as the runtime skips it")
-            }
-            Err(e) => warn!(error = %e, "skipped, as the runtime skips it"),
+            Ok(_) => skipped.push(format!("{}: no plugins", file.display())),
+            Err(e) => skipped.push(e.to_string()),
         }
     }
-    Ok(None)
+    for why in &skipped {
+        tracing::debug!("CNI network config skipped, as the runtime skips it: {why}");
+    }
+    if skipped.is_empty() {
+        Ok(None)
+    } else {
+        Err(InstallError::NoPrimary {
+            dir: dir.to_path_buf(),
+            skipped: format!(
+                " (skipped, as the runtime skips them: {})",
+                skipped.join("; ")
+            ),
+        })
+    }
 }
 
 /// A name the runtime loads as a network config (libcni's extensions).
@@ -353,6 +369,7 @@ pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError
         let Some(file) = primary_file(&cfg.conf_dir)? else {
             return Err(InstallError::NoPrimary {
                 dir: cfg.conf_dir.clone(),
+                skipped: String::new(),
             });
         };
         let Some(plan) = Plan::make(cfg, &file)? else {
