@@ -71,6 +71,8 @@ pub enum KubeError {
     },
     #[error("{what} not found in the API server")]
     NotFound { what: String },
+    #[error("CNI_ARGS {field}={value:?} is not a Kubernetes object name")]
+    BadName { field: &'static str, value: String },
     #[error(
         "pod {namespace}/{name}: the API server has uid {found}, the runtime starts uid {wanted}"
     )]
@@ -135,6 +137,8 @@ pub fn lookup(
     pod: &PodName,
     timeout: Duration,
 ) -> Result<PodFacts, KubeError> {
+    check_name("K8S_POD_NAMESPACE", &pod.namespace)?;
+    check_name("K8S_POD_NAME", &pod.name)?;
     let client = Client::new(access, timeout)?;
     let found = client.list(
         &format!("/api/v1/namespaces/{}/pods", encode(&pod.namespace)),
@@ -214,6 +218,9 @@ impl<'a> Client<'a> {
             // The node's proxy variables are not for the API server (as client-go's in-cluster
             // config, which dials KUBERNETES_SERVICE_HOST directly).
             .proxy(None)
+            // The API server answers a list itself; a redirect would send the request (if not
+            // the token, which ureq drops on redirects) elsewhere.
+            .max_redirects(0)
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
             .build()
@@ -270,6 +277,27 @@ impl<'a> Client<'a> {
             .ok_or_else(|| KubeError::NotFound {
                 what: what.to_string(),
             })
+    }
+}
+
+/// A namespace (DNS label) or pod name (DNS subdomain) as Kubernetes allows them: the runtime's
+/// arguments go into the request's path and query, so anything else (`..`, `/`, `&`, `,`) is
+/// refused before any request is made (the pod is then held, as for any lookup that fails).
+fn check_name(field: &'static str, value: &str) -> Result<(), KubeError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(KubeError::BadName {
+            field,
+            value: value.to_string(),
+        })
     }
 }
 

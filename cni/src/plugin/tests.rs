@@ -342,3 +342,24 @@ fn without_the_agent_or_its_files_only_excluded_namespaces_start() {
     assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
     assert!(e.details.contains("no node state"), "{e}");
 }
+
+#[test]
+fn without_the_agent_a_pod_name_that_is_no_kubernetes_name_is_held_without_a_request() {
+    let dir = RunDir::new();
+    dir.state(&plain_namespace_state());
+    let api = FakeApi::start(vec![pod(json!({}))], vec![namespace("plain", json!({}))]);
+    dir.kube(&api.access);
+    for ns in ["..", "plain/pods/web", "plain&x=1", "Plain"] {
+        let e = run(&env("ADD", ns), &dir.conf()).unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER, "{ns}: {e}");
+        assert!(e.details.contains("K8S_POD_NAMESPACE"), "{ns}: {e}");
+    }
+    assert!(api.seen.lock().unwrap().is_empty(), "no request was made");
+    // The same lookup with a valid name does reach the API server.
+    assert!(run(&env("ADD", "plain"), &dir.conf()).is_ok());
+    assert_eq!(
+        api.seen.lock().unwrap().len(),
+        2,
+        "the pod, then its namespace"
+    );
+}
