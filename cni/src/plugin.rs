@@ -5,10 +5,10 @@
 //! Without an agent to ask (socket missing or refusing), the plugin decides itself, failing
 //! closed ([`decide_offline`]): a pod of an `excludeNamespaces` namespace starts (the agent's own
 //! and kube-system: after a node reboot the agent's pod goes through this chain too); a pod the
-//! agent's node state file knows is decided as the agent decided; a pod it never saw is looked up
-//! in the API server with the credentials the agent leaves (its own `istio.io/dataplane-mode`
-//! label may enrol it in any namespace, as Istio's plugin finds by asking the API server); without
-//! those credentials (local mode) its namespace's label in the node state decides. Any pod that
+//! agent's node state file shows enrolled is held; any other pod is looked up in the API server
+//! with the credentials the agent leaves (its own `istio.io/dataplane-mode` label may enrol it in
+//! any namespace, and labels may have changed since the agent's last view, as Istio's plugin finds
+//! by asking the API server); without those credentials (local mode) the node state decides. Any pod that
 //! may be meshed fails ADD with "try again later" (code 11), which the kubelet retries, so no
 //! meshed pod starts unmeshed; so does a pod the API server cannot answer for.
 
@@ -177,9 +177,12 @@ fn offline(
     }
 }
 
-/// In order: an excluded namespace starts; the agent's last view of the pod decides; a pod it
-/// never saw is looked up in the API server when the agent left credentials (its own label may
-/// enrol it); without credentials (local mode) its namespace's label in the agent's view decides.
+/// In order: an excluded namespace starts; a pod the agent last saw enrolled is held; any other
+/// pod is looked up in the API server when the agent left credentials (its own label may enrol
+/// it, and its namespace may have been labelled since the agent's last view); without credentials
+/// (local mode) the agent's last view decides. A pod the agent last saw not meshed keeps that
+/// decision when the API server cannot answer (it was right when the agent went down); any other
+/// pod is then held.
 fn decide_offline(conf: &NetConf, run_dir: &Path, req: &PodRequest) -> Offline {
     if let Some(pod) = &req.pod {
         if conf.exclude_namespaces.contains(&pod.namespace) {
@@ -198,11 +201,11 @@ fn decide_offline(conf: &NetConf, run_dir: &Path, req: &PodRequest) -> Offline {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Offline::Unknown(format!("{} is unreadable: {e}", path.display())),
     };
-    if let Some(known) = state
+    let known = state
         .as_ref()
-        .and_then(|s| s.decide_known(req.pod.as_ref(), &req.ips))
-    {
-        return known;
+        .and_then(|s| s.decide_known(req.pod.as_ref(), &req.ips));
+    if let Some(ambient @ Offline::Ambient(_)) = known {
+        return ambient;
     }
     let access = match kube::read_access(run_dir) {
         Ok(access) => access,
@@ -218,11 +221,17 @@ fn decide_offline(conf: &NetConf, run_dir: &Path, req: &PodRequest) -> Offline {
                 "the API server shows pod {}/{} outside the ambient mesh",
                 pod.namespace, pod.name
             )),
-            Err(e) => Offline::Unknown(format!("cannot look the pod up: {e}")),
+            Err(e) => match known {
+                Some(Offline::NotAmbient(why)) => Offline::NotAmbient(format!(
+                    "{why} in the agent's last view (the API server cannot confirm it: {e})"
+                )),
+                _ => Offline::Unknown(format!("cannot look the pod up: {e}")),
+            },
         },
-        _ => match state {
-            Some(state) => state.decide(req.pod.as_ref(), &req.ips),
-            None => Offline::Unknown(format!("no node state at {}", path.display())),
+        _ => match (known, state) {
+            (Some(known), _) => known,
+            (None, Some(state)) => state.decide(req.pod.as_ref(), &req.ips),
+            (None, None) => Offline::Unknown(format!("no node state at {}", path.display())),
         },
     }
 }

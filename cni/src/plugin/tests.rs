@@ -343,6 +343,60 @@ fn without_the_agent_or_its_files_only_excluded_namespaces_start() {
     assert!(e.details.contains("no node state"), "{e}");
 }
 
+/// The agent's last view: pod plain/web (uid u1) in the non-ambient namespace "plain".
+fn plain_pod_known_state() -> NodeState {
+    NodeState {
+        pods: vec![NodePod {
+            namespace: "plain".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+            ips: vec![],
+            ambient: false,
+        }],
+        ..plain_namespace_state()
+    }
+}
+
+#[test]
+fn without_the_agent_a_pod_it_last_saw_unmeshed_is_held_once_its_namespace_turned_ambient() {
+    // The namespace was labelled ambient while the agent was down; the pod's sandbox is made
+    // again (a restarted sandbox keeps its pod's uid).
+    let dir = RunDir::new();
+    dir.state(&plain_pod_known_state());
+    let api = FakeApi::start(
+        vec![pod(json!({"app": "web"}))],
+        vec![namespace(
+            "plain",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        )],
+    );
+    dir.kube(&api.access);
+    let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    assert!(
+        e.details
+            .contains("the API server shows pod plain/web in the ambient mesh"),
+        "{e}"
+    );
+}
+
+#[test]
+fn without_the_agent_or_the_api_server_a_pod_it_last_saw_unmeshed_starts() {
+    let dir = RunDir::new();
+    dir.state(&plain_pod_known_state());
+    let api = FakeApi::start(vec![pod(json!({}))], vec![namespace("plain", json!({}))]);
+    let mut access = api.access.clone();
+    access.token = "revoked".into();
+    dir.kube(&access);
+    assert!(run(&env("ADD", "plain"), &dir.conf()).is_ok());
+    // Not a pod the agent saw: held.
+    let mut other = env("ADD", "plain");
+    other.args.insert("K8S_POD_UID".into(), "u2".into());
+    let e = run(&other, &dir.conf()).unwrap_err();
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    assert!(e.details.contains("HTTP 401"), "{e}");
+}
+
 #[test]
 fn without_the_agent_a_pod_name_that_is_no_kubernetes_name_is_held_without_a_request() {
     let dir = RunDir::new();
