@@ -25,8 +25,14 @@ use tracing::{info, warn};
 /// The plugin's `type` (its binary's name in the bin dir).
 pub const PLUGIN_TYPE: &str = "ambit-cni";
 
-/// How often [`watch`] looks at the conf dir besides its inotify events.
+/// How often [`watch`] looks at the conf dir while it has no inotify watch on it (the dir does not
+/// exist yet, or inotify is unavailable).
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often [`watch`] looks at the conf dir without an event while its watch is armed: a safety
+/// net only (the kernel reports lost events as an overflow, which calls for a pass itself), so a
+/// pass, which reads the plugin binary and every config, does not run twice a second for nothing.
+pub const ARMED_POLL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum InstallError {
@@ -73,6 +79,8 @@ pub enum InstallError {
         "no CNI network config in {dir} yet{skipped} (waiting for the primary CNI to write one)"
     )]
     NoPrimary { dir: PathBuf, skipped: String },
+    #[error("the install pass did not finish: {0}")]
+    Pass(String),
     #[error("inotify: {0}")]
     InotifyInit(#[source] io::Error),
     #[error("reading inotify events for the CNI conf dir {dir}: {source}")]
@@ -471,8 +479,10 @@ pub fn uninstall(cfg: &InstallConfig) -> Result<(), InstallError> {
 /// Keeps the plugin installed: once `ready` holds (the agent has written its node state, so the
 /// plugin can decide for non-ambient pods), then again as soon as the primary CNI writes its
 /// config or a new one appears: on the conf dir's inotify events (as istio-cni re-inserts on
-/// fsnotify events), and every `poll` as a fallback (the dir may not exist yet, inotify may be
-/// unavailable, its queue may overflow). Problems are logged once each until they clear.
+/// fsnotify events), and every `poll` while the dir is not watched (it may not exist yet, inotify
+/// may be unavailable); with the watch armed, every [`ARMED_POLL`] (`poll` if longer) only. Each
+/// pass runs on the blocking pool (it reads, writes and syncs files). Problems are logged once
+/// each until they clear.
 pub async fn watch(cfg: InstallConfig, poll: Duration, ready: impl Fn() -> bool) {
     watch_reporting(cfg, poll, ready, |_| {}).await
 }
@@ -495,24 +505,36 @@ async fn watch_reporting(
         }
     };
     let mut last_error: Option<String> = None;
+    let mut last_pass: Option<tokio::time::Instant> = None;
     loop {
         // The first tick is at once: the first pass runs after the watch is armed, so no write
         // falls between the two.
-        let woken = tokio::select! {
-            _ = ticker.tick() => Ok(()),
-            woken = next_event(&mut events) => woken,
+        let (woken, by_event) = tokio::select! {
+            _ = ticker.tick() => (Ok(()), false),
+            woken = next_event(&mut events) => (woken, true),
         };
         if let Err(e) = woken {
             warn!(error = %e, poll = ?poll, "inotify on the CNI conf dir failed; polling it");
             events = None;
         }
+        let was_armed = events.as_ref().is_some_and(DirEvents::armed);
         if let Some(events) = &mut events {
             events.arm();
+        }
+        // A tick while the watch was armed all along: its events call for the passes. The tick
+        // that arms it passes (what was written before the watch has no event).
+        let recent = last_pass.is_some_and(|at| at.elapsed() < ARMED_POLL.max(poll));
+        if !by_event && was_armed && recent {
+            continue;
         }
         if !ready() {
             continue;
         }
-        let outcome = install_once(&cfg);
+        last_pass = Some(tokio::time::Instant::now());
+        let pass_cfg = cfg.clone();
+        let outcome = tokio::task::spawn_blocking(move || install_once(&pass_cfg))
+            .await
+            .unwrap_or_else(|e| Err(InstallError::Pass(e.to_string())));
         match &outcome {
             Ok(Some(file)) => {
                 info!(file = %file.display(), bin_dir = %cfg.bin_dir.display(), "ambit-cni installed in the node's CNI config");
@@ -594,6 +616,11 @@ impl DirEvents {
         };
         events.arm();
         Ok(events)
+    }
+
+    /// Whether the dir is watched now.
+    fn armed(&self) -> bool {
+        self.wd.is_some()
     }
 
     /// Watches the dir unless already watched; a dir that does not exist yet is tried again on
