@@ -29,10 +29,11 @@ pub const PLUGIN_TYPE: &str = "ambit-cni";
 /// exist yet, or inotify is unavailable).
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How often [`watch`] looks at the conf dir without an event while its watch is armed: a safety
-/// net only (the kernel reports lost events as an overflow, which calls for a pass itself), so a
-/// pass, which reads the plugin binary and every config, does not run twice a second for nothing.
-pub const ARMED_POLL: Duration = Duration::from_secs(30);
+/// How often [`watch`] passes without an event while its watch is armed: the bin dir is not
+/// watched, so this bounds how long a deleted or replaced `ambit-cni` binary stays missing (every
+/// pod start fails meanwhile); lost conf dir events come as an overflow, which calls for a pass
+/// itself. Not twice a second: a pass reads the plugin binary and every config.
+pub const ARMED_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum InstallError {
