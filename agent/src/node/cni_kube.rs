@@ -28,8 +28,6 @@ pub enum CniKubeError {
     },
     #[error("{path} is empty")]
     Empty { path: PathBuf },
-    #[error("the refresh did not finish: {0}")]
-    Refresh(String),
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -117,20 +115,14 @@ pub fn remove(run_dir: &Path) {
     let _ = std::fs::remove_file(kube_access_path(run_dir));
 }
 
-/// Keeps the credentials in `run_dir` current: now, then every [`REFRESH`] (each refresh on the
-/// blocking pool: it reads and syncs files). A failure is logged once until it clears; the plugin
-/// then holds the pods it cannot decide for.
+/// Keeps the credentials in `run_dir` current: now, then every [`REFRESH`]. A failure is logged
+/// once until it clears; the plugin then holds the pods it cannot decide for.
 pub async fn keep(source: Source, run_dir: PathBuf) {
     let mut ticker = tokio::time::interval(REFRESH);
     let mut failing = false;
     loop {
         ticker.tick().await;
-        let (from, to) = (source.clone(), run_dir.clone());
-        let refreshed =
-            tokio::task::spawn_blocking(move || from.read().and_then(|a| write(&to, &a)))
-                .await
-                .unwrap_or_else(|e| Err(CniKubeError::Refresh(e.to_string())));
-        match refreshed {
+        match source.read().and_then(|access| write(&run_dir, &access)) {
             Ok(wrote) => {
                 if wrote {
                     debug!(file = %kube_access_path(&run_dir).display(), "CNI plugin's API credentials written");
