@@ -13,6 +13,7 @@
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -372,6 +373,7 @@ pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
 /// newer primary config is never overwritten with our copy of the older one (istio-cni's
 /// installer renames without that check).
 pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
+    let _one_at_a_time = PASSES.lock().unwrap_or_else(PoisonError::into_inner);
     install_binary(cfg)?;
     const ATTEMPTS: usize = 5;
     for _ in 0..ATTEMPTS {
@@ -448,8 +450,14 @@ impl Plan {
     }
 }
 
+/// Held by each pass and by [`uninstall`]: a pass of [`watch`] runs on the blocking pool, and one
+/// still running when the agent uninstalls must not put the entry back after its removal (passes
+/// start only while the control runtime runs; uninstalling is after it stopped).
+static PASSES: Mutex<()> = Mutex::new(());
+
 /// Removes our entry from every config in the conf dir, and the binary.
 pub fn uninstall(cfg: &InstallConfig) -> Result<(), InstallError> {
+    let _one_at_a_time = PASSES.lock().unwrap_or_else(PoisonError::into_inner);
     let entries = std::fs::read_dir(&cfg.conf_dir).map_err(|source| InstallError::ReadDir {
         path: cfg.conf_dir.clone(),
         source,
