@@ -292,13 +292,18 @@ fn without_the_agent_an_api_server_that_cannot_answer_holds_the_pod() {
     let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
     assert_eq!(e.code, code::TRY_AGAIN_LATER);
     assert!(e.details.contains("HTTP 401"), "{e}");
+    assert!(!e.to_string().contains("stolen"), "no token in errors: {e}");
     // A certificate from another CA.
     let other = FakeApi::start(vec![], vec![]);
     let mut access = api.access.clone();
     access.ca_cert = other.access.ca_cert.clone();
     dir.kube(&access);
     let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
-    assert!(e.details.contains("cannot look the pod up"), "{e}");
+    assert!(
+        e.details.contains("cannot look the pod up")
+            && e.details.contains("invalid peer certificate"),
+        "{e}"
+    );
     // Another pod of that name (the runtime starts uid u1).
     let api = FakeApi::start(
         vec![json!({"metadata": {"namespace": "plain", "name": "web", "uid": "u9"}})],
