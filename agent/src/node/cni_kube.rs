@@ -147,9 +147,20 @@ mod tests {
 
     use super::*;
 
+    /// A temp dir, removed on drop (also when an assertion fails).
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn credentials_are_copied_for_root_only_and_follow_the_token() {
-        let dir = std::env::temp_dir().join(format!("ambit-cni-kube-{}", std::process::id()));
+        let guard =
+            TempDir(std::env::temp_dir().join(format!("ambit-cni-kube-{}", std::process::id())));
+        let dir = guard.0.clone();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let source = Source {
@@ -164,6 +175,7 @@ mod tests {
         assert!(write(&dir, &source.read().unwrap()).unwrap());
         let got = ambit_cni::kube::read_access(&dir).unwrap().unwrap();
         assert_eq!((got.token.as_str(), got.ca_cert.as_str()), ("t1", "PEM"));
+        assert!(!format!("{got:?}").contains("t1"), "Debug shows no token");
         let mode = std::fs::metadata(kube_access_path(&dir))
             .unwrap()
             .permissions()
@@ -178,6 +190,5 @@ mod tests {
         assert!(matches!(source.read(), Err(CniKubeError::Empty { .. })));
         remove(&dir);
         assert!(ambit_cni::kube::read_access(&dir).unwrap().is_none());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
