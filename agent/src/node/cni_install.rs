@@ -383,6 +383,7 @@ pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError
                 skipped: String::new(),
             });
         };
+        let file = rewritten_single(&file).unwrap_or(file);
         let Some(plan) = Plan::make(cfg, &file)? else {
             return Ok(None);
         };
@@ -394,6 +395,25 @@ pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError
         path: cfg.conf_dir.clone(),
         attempts: ATTEMPTS,
     })
+}
+
+/// `x.json` when `file` is our `x.conflist` and the primary CNI has written its single network
+/// `x.json` again since we converted it: the runtime (and [`primary_file`]) goes on using our
+/// list, which sorts first, and would never see the primary's new config. (A new `x.conf` sorts
+/// before `x.conflist`, so it is the primary file by itself.)
+fn rewritten_single(file: &Path) -> Option<PathBuf> {
+    if file.extension()? != "conflist" {
+        return None;
+    }
+    let single = file.with_extension("json");
+    let config = read_config(&single).ok()?;
+    let is_single =
+        config.get("plugins").is_none() && !plugins_of(&single, &config).ok()?.is_empty();
+    let ours = plugins_of(file, &read_config(file).ok()?)
+        .ok()?
+        .iter()
+        .any(is_ours);
+    (is_single && ours).then_some(single)
 }
 
 /// One pass's write: the config with our entry, for the version of the primary file it was made

@@ -518,3 +518,37 @@ fn a_primary_write_between_our_read_and_our_rename_is_never_overwritten() {
     assert_eq!(types(&list), vec!["bridge", PLUGIN_TYPE]);
     assert_eq!(list["plugins"][0]["mtu"], 1500);
 }
+
+#[test]
+fn a_json_network_the_primary_writes_again_replaces_our_list_made_from_it() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let j1 = r#"{"cniVersion": "1.0.0", "name": "net", "type": "bridge", "mtu": 1400}"#;
+    let j2 = r#"{"cniVersion": "1.0.0", "name": "net", "type": "bridge", "mtu": 1500}"#;
+    d.write("10-net.json", j1);
+    install_once(&cfg).unwrap();
+    assert_eq!(d.names(), vec!["10-net.conflist".to_string()]);
+    // `10-net.conflist` sorts before `10-net.json`: without the rule, the runtime would keep
+    // using our list of the old network.
+    d.write("10-net.json", j2);
+    let wrote = install_once(&cfg).unwrap();
+    assert_eq!(wrote, Some(cfg.conf_dir.join("10-net.conflist")));
+    assert_eq!(d.names(), vec!["10-net.conflist".to_string()]);
+    let list = d.read("10-net.conflist");
+    assert_eq!(types(&list), vec!["bridge", PLUGIN_TYPE]);
+    assert_eq!(list["plugins"][0]["mtu"], 1500);
+    // A list of the primary's own beside an unrelated `.json` list: not ours, left alone.
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    d.write("10-calico.conflist", CALICO);
+    d.write("10-calico.json", CALICO);
+    install_once(&cfg).unwrap();
+    assert_eq!(
+        d.names(),
+        vec![
+            "10-calico.conflist".to_string(),
+            "10-calico.json".to_string()
+        ]
+    );
+    assert_eq!(types(&d.read("10-calico.json")), vec!["calico", "portmap"]);
+}
