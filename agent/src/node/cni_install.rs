@@ -30,11 +30,10 @@ pub const PLUGIN_TYPE: &str = "ambit-cni";
 /// exist yet, or inotify is unavailable).
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How often [`watch`] passes without an event while its watch is armed: the bin dir is not
-/// watched, so this bounds how long a deleted or replaced `ambit-cni` binary stays missing (every
-/// pod start fails meanwhile); lost conf dir events come as an overflow, which calls for a pass
-/// itself. Not twice a second: a pass reads the plugin binary and every config.
-pub const ARMED_POLL: Duration = Duration::from_secs(5);
+/// How often [`watch`] passes without an event while its watches are armed: a safety net only
+/// (lost events come as an overflow, which calls for a pass itself). Not twice a second: a pass
+/// reads the plugin binary and every config.
+pub const ARMED_POLL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum InstallError {
@@ -526,7 +525,7 @@ async fn watch_reporting(
     // `interval` refuses a zero period.
     let mut ticker = tokio::time::interval(poll.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut events = match DirEvents::new(&cfg.conf_dir) {
+    let mut events = match DirEvents::new(&cfg.conf_dir, &cfg.bin_dir) {
         Ok(events) => Some(events),
         Err(e) => {
             warn!(error = %e, poll = ?poll, "no inotify; polling the CNI conf dir");
@@ -590,7 +589,7 @@ async fn next_event(events: &mut Option<DirEvents>) -> Result<(), InstallError> 
     }
 }
 
-/// What a writer of the conf dir does: creates, writes, renames in or out, deletes a file; and
+/// What a writer of the conf dir (or the bin dir) does: creates, writes, renames in or out, deletes a file; and
 /// the dir itself going away (the watch then goes with it and is armed again).
 fn dir_events() -> AddWatchFlags {
     AddWatchFlags::IN_CREATE
@@ -624,52 +623,64 @@ impl InotifyFd {
     }
 }
 
-/// The conf dir's inotify watch, armed while the dir exists.
+/// The conf dir's and the bin dir's inotify watches, each armed while its dir exists.
 struct DirEvents {
     fd: AsyncFd<InotifyFd>,
     dir: PathBuf,
     wd: Option<WatchDescriptor>,
+    /// The bin dir: `ambit-cni` deleted or replaced there calls for a pass, which puts it back.
+    bin_dir: PathBuf,
+    bin_wd: Option<WatchDescriptor>,
     /// The last arming error, logged once.
     arm_error: Option<String>,
 }
 
 impl DirEvents {
-    fn new(dir: &Path) -> Result<Self, InstallError> {
+    fn new(dir: &Path, bin_dir: &Path) -> Result<Self, InstallError> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| InstallError::InotifyInit(e.into()))?;
         let mut events = DirEvents {
             fd: InotifyFd::register(inotify).map_err(InstallError::InotifyInit)?,
             dir: dir.to_path_buf(),
             wd: None,
+            bin_dir: bin_dir.to_path_buf(),
+            bin_wd: None,
             arm_error: None,
         };
         events.arm();
         Ok(events)
     }
 
-    /// Whether the dir is watched now.
+    /// Whether both dirs are watched now.
     fn armed(&self) -> bool {
-        self.wd.is_some()
+        self.wd.is_some() && self.bin_wd.is_some()
     }
 
-    /// Watches the dir unless already watched; a dir that does not exist yet is tried again on
+    /// Watches each dir unless already watched; a dir that does not exist yet is tried again on
     /// the next call.
     fn arm(&mut self) {
-        if self.wd.is_some() {
-            return;
-        }
-        match self.fd.get_ref().0.add_watch(&self.dir, dir_events()) {
-            Ok(wd) => {
-                self.wd = Some(wd);
-                self.arm_error = None;
+        for bin in [false, true] {
+            let (dir, wd) = if bin {
+                (&self.bin_dir, &mut self.bin_wd)
+            } else {
+                (&self.dir, &mut self.wd)
+            };
+            if wd.is_some() {
+                continue;
             }
-            // The pass says that the dir is missing.
-            Err(Errno::ENOENT) => {}
-            Err(e) => {
-                let msg = e.to_string();
-                if self.arm_error.as_ref() != Some(&msg) {
-                    warn!(dir = %self.dir.display(), error = %msg, "cannot watch the CNI conf dir; polling it");
-                    self.arm_error = Some(msg);
+            match self.fd.get_ref().0.add_watch(dir, dir_events()) {
+                Ok(new) => {
+                    *wd = Some(new);
+                    self.arm_error = None;
+                }
+                // The pass says that the dir is missing.
+                Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    let msg = format!("{}: {e}", dir.display());
+                    if self.arm_error.as_ref() != Some(&msg) {
+                        warn!(error = %msg, "cannot watch a CNI dir; polling it");
+                        self.arm_error = Some(msg);
+                    }
                 }
             }
         }
@@ -711,7 +722,8 @@ impl DirEvents {
         if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
             return true;
         }
-        if Some(event.wd) != self.wd {
+        let bin = Some(event.wd) == self.bin_wd;
+        if !bin && Some(event.wd) != self.wd {
             return false; // of a watch already dropped
         }
         if event.mask.intersects(
@@ -720,16 +732,19 @@ impl DirEvents {
             // A moved dir keeps its watch: drop it, to watch what is at the path now. The kernel
             // has dropped a deleted dir's watch already, so removing it fails: nothing to do.
             let _ = self.fd.get_ref().0.rm_watch(event.wd);
-            self.wd = None;
+            *(if bin { &mut self.bin_wd } else { &mut self.wd }) = None;
             return true;
         }
-        // Only the files the runtime may read (as [`primary_file`] picks them), not temp files:
-        // our own write (its temp file ends `.ambit-tmp.<pid>`) makes one event, its rename
-        // onto the config, and so one more pass that finds nothing to do.
-        event
-            .name
-            .as_deref()
-            .is_some_and(|name| is_config_name(Path::new(name)))
+        // Only the files the runtime may read (as [`primary_file`] picks them) and our binary,
+        // not temp files: our own write (its temp file ends `.ambit-tmp.<pid>`) makes one event,
+        // its rename onto the target, and so one more pass that finds nothing to do.
+        event.name.as_deref().is_some_and(|name| {
+            if bin {
+                name == std::ffi::OsStr::new(PLUGIN_TYPE)
+            } else {
+                is_config_name(Path::new(name))
+            }
+        })
     }
 }
 

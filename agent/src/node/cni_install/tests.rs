@@ -424,7 +424,8 @@ async fn reinsert_latency() {
 async fn config_names_overflow_and_the_dir_moving_call_for_a_pass() {
     let d = Dirs::new();
     let dir = d.cfg().conf_dir;
-    let mut events = DirEvents::new(&dir).unwrap();
+    let bin_dir = d.cfg().bin_dir;
+    let mut events = DirEvents::new(&dir, &bin_dir).unwrap();
     let wd = events.wd.expect("armed on an existing dir");
     let event = |mask: AddWatchFlags, name: Option<&str>| InotifyEvent {
         wd,
@@ -446,6 +447,17 @@ async fn config_names_overflow_and_the_dir_moving_call_for_a_pass() {
             "{name}"
         );
     }
+    // In the bin dir, only our binary counts.
+    let bin_wd = events.bin_wd.expect("armed on the bin dir");
+    let in_bin = |mask: AddWatchFlags, name: &str| InotifyEvent {
+        wd: bin_wd,
+        mask,
+        cookie: 0,
+        name: Some(name.into()),
+    };
+    assert!(events.handle(&in_bin(AddWatchFlags::IN_DELETE, PLUGIN_TYPE)));
+    assert!(!events.handle(&in_bin(AddWatchFlags::IN_DELETE, "bridge")));
+    assert!(!events.handle(&in_bin(AddWatchFlags::IN_MOVED_TO, "10-calico.conflist")));
     assert!(
         events.handle(&event(AddWatchFlags::IN_Q_OVERFLOW, None)),
         "lost events: a full pass"
@@ -551,4 +563,32 @@ fn a_json_network_the_primary_writes_again_replaces_our_list_made_from_it() {
         ]
     );
     assert_eq!(types(&d.read("10-calico.json")), vec!["calico", "portmap"]);
+}
+
+#[tokio::test]
+async fn a_deleted_plugin_binary_is_back_on_its_event_not_on_the_next_poll() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let binary = cfg.bin_dir.join(PLUGIN_TYPE);
+    d.write("10-calico.conflist", CALICO);
+    let mut watching = Watching::start(cfg, NO_POLL);
+    assert_eq!(
+        watching.next("the first pass").await.0,
+        Pass::Wrote(d.cfg().conf_dir.join("10-calico.conflist"))
+    );
+    assert!(binary.is_file());
+    std::fs::remove_file(&binary).unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !binary.is_file() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ambit-cni not back in the bin dir within {PATIENCE:?} (with a {NO_POLL:?} poll, \
+             only its deletion's event brings it)"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        std::fs::read(&binary).unwrap(),
+        std::fs::read(d.0.join("ambit-cni.src")).unwrap()
+    );
 }
