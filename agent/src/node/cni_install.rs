@@ -348,7 +348,24 @@ pub(crate) fn write_new(tmp: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// Copies the plugin binary into the bin dir (temp file + rename: a runtime executing the old
 /// one keeps it) unless the same bytes are there.
 pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
+    install_binary_as(cfg, Takeover::Yes)
+}
+
+/// Whether a pass replaces another agent's binary and entry with its own. During an upgrade two
+/// agents of a node watch the same dirs for a while (the old one drains): the one that started
+/// last takes over once, at its first pass; later passes only put back what is missing, or the
+/// two would rewrite each other's version on each other's events without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    Yes,
+    OnlyMissing,
+}
+
+fn install_binary_as(cfg: &InstallConfig, takeover: Takeover) -> Result<bool, InstallError> {
     let to = cfg.bin_dir.join(PLUGIN_TYPE);
+    if takeover == Takeover::OnlyMissing && to.is_file() {
+        return Ok(false);
+    }
     let err = |source| InstallError::Binary {
         from: cfg.plugin.clone(),
         to: to.clone(),
@@ -372,8 +389,18 @@ pub fn install_binary(cfg: &InstallConfig) -> Result<bool, InstallError> {
 /// newer primary config is never overwritten with our copy of the older one (istio-cni's
 /// installer renames without that check).
 pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
+    install_as(cfg, Takeover::Yes)
+}
+
+/// [`install_once`] for a later pass of [`watch`]: puts back a missing binary or entry, and
+/// leaves another agent's in place ([`Takeover`]).
+fn install_again(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
+    install_as(cfg, Takeover::OnlyMissing)
+}
+
+fn install_as(cfg: &InstallConfig, takeover: Takeover) -> Result<Option<PathBuf>, InstallError> {
     let _one_at_a_time = PASSES.lock().unwrap_or_else(PoisonError::into_inner);
-    install_binary(cfg)?;
+    install_binary_as(cfg, takeover)?;
     const ATTEMPTS: usize = 5;
     for _ in 0..ATTEMPTS {
         let Some(file) = primary_file(&cfg.conf_dir)? else {
@@ -383,7 +410,7 @@ pub fn install_once(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError
             });
         };
         let file = rewritten_single(&file).unwrap_or(file);
-        let Some(plan) = Plan::make(cfg, &file)? else {
+        let Some(plan) = Plan::make_as(cfg, &file, takeover)? else {
             return Ok(None);
         };
         if let Some(target) = plan.commit()? {
@@ -427,7 +454,20 @@ struct Plan {
 impl Plan {
     /// None when the file already holds our entry.
     fn make(cfg: &InstallConfig, file: &Path) -> Result<Option<Plan>, InstallError> {
+        Self::make_as(cfg, file, Takeover::Yes)
+    }
+
+    /// [`Plan::make`]; also None, with [`Takeover::OnlyMissing`], when the file holds any entry
+    /// of ours (another agent's).
+    fn make_as(
+        cfg: &InstallConfig,
+        file: &Path,
+        takeover: Takeover,
+    ) -> Result<Option<Plan>, InstallError> {
         let (config, read) = read_config_as_of(file)?;
+        if takeover == Takeover::OnlyMissing && plugins_of(file, &config)?.iter().any(is_ours) {
+            return Ok(None);
+        }
         let wanted = insert(file, &config, &cfg.entry())?;
         let is_list = file.extension().is_some_and(|e| e == "conflist");
         if is_list && wanted == config {
@@ -534,6 +574,8 @@ async fn watch_reporting(
     };
     let mut last_error: Option<String> = None;
     let mut last_pass: Option<tokio::time::Instant> = None;
+    // The first pass that works takes over from another agent; later ones only put back.
+    let mut installed = false;
     loop {
         // The first tick is at once: the first pass runs after the watch is armed, so no write
         // falls between the two.
@@ -560,9 +602,15 @@ async fn watch_reporting(
         }
         last_pass = Some(tokio::time::Instant::now());
         let pass_cfg = cfg.clone();
-        let outcome = tokio::task::spawn_blocking(move || install_once(&pass_cfg))
+        let pass = if installed {
+            install_again
+        } else {
+            install_once
+        };
+        let outcome = tokio::task::spawn_blocking(move || pass(&pass_cfg))
             .await
             .unwrap_or_else(|e| Err(InstallError::Pass(e.to_string())));
+        installed |= outcome.is_ok();
         match &outcome {
             Ok(Some(file)) => {
                 info!(file = %file.display(), bin_dir = %cfg.bin_dir.display(), "ambit-cni installed in the node's CNI config");

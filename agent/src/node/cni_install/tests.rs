@@ -592,3 +592,67 @@ async fn a_deleted_plugin_binary_is_back_on_its_event_not_on_the_next_poll() {
         std::fs::read(d.0.join("ambit-cni.src")).unwrap()
     );
 }
+
+/// Another agent's binary and entry (an upgrade's new agent, while this one drains).
+fn other_agents(d: &Dirs) {
+    let cfg = d.cfg();
+    std::fs::write(cfg.bin_dir.join(PLUGIN_TYPE), b"#!/bin/sh\necho newer\n").unwrap();
+    let mut config = d.read("10-calico.conflist");
+    config["plugins"][2] = json!({"type": PLUGIN_TYPE, "runDir": "/var/run/ambit", "newer": true});
+    rewrite_as_primary(d, "10-calico.conflist", &config.to_string());
+}
+
+#[test]
+fn a_later_pass_leaves_another_agents_binary_and_entry_and_puts_back_what_is_missing() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let binary = cfg.bin_dir.join(PLUGIN_TYPE);
+    d.write("10-calico.conflist", CALICO);
+    install_once(&cfg).unwrap();
+    other_agents(&d);
+    assert_eq!(install_again(&cfg).unwrap(), None);
+    assert_eq!(std::fs::read(&binary).unwrap(), b"#!/bin/sh\necho newer\n");
+    assert_eq!(d.read("10-calico.conflist")["plugins"][2]["newer"], true);
+    // Gone: put back, ours.
+    std::fs::remove_file(&binary).unwrap();
+    rewrite_as_primary(&d, "10-calico.conflist", CALICO);
+    assert!(install_again(&cfg).unwrap().is_some());
+    assert_eq!(
+        std::fs::read(&binary).unwrap(),
+        std::fs::read(&cfg.plugin).unwrap()
+    );
+    assert_eq!(d.read("10-calico.conflist")["plugins"][2], cfg.entry());
+    // A first pass (an agent starting) takes over.
+    other_agents(&d);
+    assert!(install_once(&cfg).unwrap().is_some());
+    assert_eq!(
+        std::fs::read(&binary).unwrap(),
+        std::fs::read(&cfg.plugin).unwrap()
+    );
+    assert_eq!(d.read("10-calico.conflist")["plugins"][2], cfg.entry());
+}
+
+#[tokio::test]
+async fn the_watch_does_not_undo_another_agents_install_on_its_events() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    let file = cfg.conf_dir.join("10-calico.conflist");
+    d.write("10-calico.conflist", CALICO);
+    let mut watching = Watching::start(cfg.clone(), NO_POLL);
+    assert_eq!(
+        watching.next("the first pass").await.0,
+        Pass::Wrote(file.clone())
+    );
+    assert_eq!(watching.next("our own writes").await.0, Pass::Unchanged);
+    other_agents(&d);
+    // Their writes are events: a pass, which leaves them.
+    assert_eq!(
+        watching.next("the other agent's writes").await.0,
+        Pass::Unchanged
+    );
+    assert_eq!(
+        std::fs::read(cfg.bin_dir.join(PLUGIN_TYPE)).unwrap(),
+        b"#!/bin/sh\necho newer\n"
+    );
+    assert_eq!(d.read("10-calico.conflist")["plugins"][2]["newer"], true);
+}
