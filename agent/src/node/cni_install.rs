@@ -410,7 +410,7 @@ fn install_as(cfg: &InstallConfig, takeover: Takeover) -> Result<Option<PathBuf>
             });
         };
         let file = rewritten_single(&file).unwrap_or(file);
-        let Some(plan) = Plan::make_as(cfg, &file, takeover)? else {
+        let Some(plan) = Plan::make(cfg, &file, takeover)? else {
             return Ok(None);
         };
         if let Some(target) = plan.commit()? {
@@ -452,14 +452,9 @@ struct Plan {
 }
 
 impl Plan {
-    /// None when the file already holds our entry.
-    fn make(cfg: &InstallConfig, file: &Path) -> Result<Option<Plan>, InstallError> {
-        Self::make_as(cfg, file, Takeover::Yes)
-    }
-
-    /// [`Plan::make`]; also None, with [`Takeover::OnlyMissing`], when the file holds any entry
-    /// of ours (another agent's).
-    fn make_as(
+    /// None when the file already holds our entry; also, with [`Takeover::OnlyMissing`], when it
+    /// holds any entry of ours (another agent's).
+    fn make(
         cfg: &InstallConfig,
         file: &Path,
         takeover: Takeover,

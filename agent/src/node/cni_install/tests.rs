@@ -490,7 +490,7 @@ fn a_primary_write_between_our_read_and_our_rename_is_never_overwritten() {
     let v2 = r#"{"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "calico", "v": 2}]}"#;
     d.write("10-calico.conflist", v1);
     let file = cfg.conf_dir.join("10-calico.conflist");
-    let plan = Plan::make(&cfg, &file)
+    let plan = Plan::make(&cfg, &file, Takeover::Yes)
         .unwrap()
         .expect("our entry is missing");
     // The primary renames its new version over the file while our pass runs.
@@ -520,7 +520,9 @@ fn a_primary_write_between_our_read_and_our_rename_is_never_overwritten() {
     let c2 = r#"{"cniVersion": "1.0.0", "name": "net", "type": "bridge", "mtu": 1500}"#;
     d.write("10-bridge.conf", c1);
     let file = cfg.conf_dir.join("10-bridge.conf");
-    let plan = Plan::make(&cfg, &file).unwrap().expect("a conversion");
+    let plan = Plan::make(&cfg, &file, Takeover::Yes)
+        .unwrap()
+        .expect("a conversion");
     d.write("10-bridge.conf", c2);
     assert_eq!(plan.commit().unwrap(), None);
     assert_eq!(d.names(), vec!["10-bridge.conf".to_string()]);
