@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use nix::sys::inotify::{AddWatchFlags, InotifyEvent};
 use serde_json::json;
 
 use super::*;
