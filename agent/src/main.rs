@@ -351,7 +351,8 @@ struct CniInstallArgs {
     #[arg(long, env = "AMBIT_CNI_PLUGIN")]
     cni_plugin: Option<PathBuf>,
     /// Namespaces whose pods the plugin lets start while the agent is down, without a decision
-    /// (comma-separated; istio-cni's `excludeNamespaces`). The agent's own namespace
+    /// (comma-separated; istio-cni's `excludeNamespaces`; a value replaces the default, so keep
+    /// kube-system in it). The agent's own namespace
     /// (`POD_NAMESPACE`) is always added: the agent's pod, and the CA's, must start for anything
     /// else on the node to start after a reboot. With the agent up, the agent decides for them.
     #[arg(
@@ -401,6 +402,7 @@ impl CniInstallArgs {
             plugin,
             run_dir: run_dir.to_path_buf(),
             exclude_namespaces,
+            uninstalled: Default::default(),
         }))
     }
 }
@@ -633,6 +635,7 @@ fn main() -> ExitCode {
             plugin: PathBuf::new(),
             run_dir: cni_dir.clone(),
             exclude_namespaces: Vec::new(),
+            uninstalled: Default::default(),
         })
         .map_err(anyhow::Error::from)
         .map(|()| {

@@ -12,7 +12,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -104,6 +105,24 @@ pub struct InstallConfig {
     pub run_dir: PathBuf,
     /// Namespaces whose pods start while the agent is down (`excludeNamespaces`; empty: none).
     pub exclude_namespaces: Vec<String>,
+    /// Set by [`uninstall`], shared by every clone of this config: a pass of [`watch`] (of a clone)
+    /// still queued or running then installs nothing, so the entry never comes back after its
+    /// removal.
+    pub uninstalled: Uninstalled,
+}
+
+/// See [`InstallConfig::uninstalled`].
+#[derive(Debug, Clone, Default)]
+pub struct Uninstalled(Arc<AtomicBool>);
+
+impl Uninstalled {
+    fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 impl InstallConfig {
@@ -399,6 +418,9 @@ fn install_again(cfg: &InstallConfig) -> Result<Option<PathBuf>, InstallError> {
 
 fn install_as(cfg: &InstallConfig, takeover: Takeover) -> Result<Option<PathBuf>, InstallError> {
     let _one_at_a_time = PASSES.lock().unwrap_or_else(PoisonError::into_inner);
+    if cfg.uninstalled.is_set() {
+        return Ok(None);
+    }
     install_binary_as(cfg, takeover)?;
     const ATTEMPTS: usize = 5;
     for _ in 0..ATTEMPTS {
@@ -510,6 +532,9 @@ static PASSES: Mutex<()> = Mutex::new(());
 
 /// Removes our entry from every config in the conf dir, and the binary.
 pub fn uninstall(cfg: &InstallConfig) -> Result<(), InstallError> {
+    // Before the lock: a pass that takes it after this sees the flag and installs nothing; one
+    // holding it now finishes first, and its writes are then undone here.
+    cfg.uninstalled.set();
     let _one_at_a_time = PASSES.lock().unwrap_or_else(PoisonError::into_inner);
     let entries = std::fs::read_dir(&cfg.conf_dir).map_err(|source| InstallError::ReadDir {
         path: cfg.conf_dir.clone(),

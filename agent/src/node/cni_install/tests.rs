@@ -31,6 +31,7 @@ impl Dirs {
             plugin: self.0.join("ambit-cni.src"),
             run_dir: PathBuf::from("/var/run/ambit"),
             exclude_namespaces: vec!["ambit-system".into()],
+            uninstalled: Default::default(),
         }
     }
 
@@ -658,4 +659,22 @@ async fn the_watch_does_not_undo_another_agents_install_on_its_events() {
         b"#!/bin/sh\necho newer\n"
     );
     assert_eq!(d.read("10-calico.conflist")["plugins"][2]["newer"], true);
+}
+
+#[test]
+fn a_pass_of_the_watch_after_uninstall_installs_nothing() {
+    let d = Dirs::new();
+    let cfg = d.cfg();
+    d.write(
+        "10-calico.conflist",
+        r#"{"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "calico"}]}"#,
+    );
+    // The watch runs its passes with a clone of the agent's config.
+    let watch_cfg = cfg.clone();
+    assert!(install_once(&watch_cfg).unwrap().is_some());
+    uninstall(&cfg).unwrap();
+    // A pass queued before the uninstall runs after it: the entry stays out.
+    assert_eq!(install_once(&watch_cfg).unwrap(), None);
+    assert_eq!(types(&d.read("10-calico.conflist")), vec!["calico"]);
+    assert!(!cfg.bin_dir.join(PLUGIN_TYPE).exists());
 }
