@@ -392,3 +392,71 @@ fn one_gib_bodies_stream_both_ways_without_buffering() {
         baseline >> 20
     );
 }
+
+/// VmRSS of process `pid`, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// [`H2_CONNS`] HTTP/2 connections, each making `requests` requests in turn, each answered with a header
+/// value the connection has not seen (HPACK indexes it). Returns the client agent's RSS while
+/// the connections are still open.
+async fn unique_headers_over_h2(agent_pid: u32, requests: usize) -> u64 {
+    let conns = futures::future::join_all((0..H2_CONNS).map(|_| Conn::h2(sa(WEB, 80)))).await;
+    futures::future::join_all(conns.iter().enumerate().map(|(c, conn)| async move {
+        for i in 0..requests {
+            let r = conn.get("web", &format!("/unique/{c}x{i}"), &[]).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(r.headers.contains_key("x-unique"), "{:?}", r.headers);
+        }
+    }))
+    .await;
+    let rss = rss_of(agent_pid);
+    drop(conns);
+    rss
+}
+
+/// Forwarded response headers must not pin the upstream connection's read buffers in the app's
+/// HTTP/2 HPACK table: hyper parses HTTP/1.1 headers as slices of its read buffer, and the
+/// table keeps the values it indexes for the connection's life. The same connections are made
+/// twice, first indexing one new value each, then 300: pinned, each value in the table held an
+/// 8 KiB+ buffer (about 40 live per connection: 25 MB and more over 128 connections, and in the
+/// benchmark 0.6 MB more each second from `date` alone); unpinned, the two rounds cost the
+/// agent the same.
+#[test]
+fn http2_clients_indexing_new_header_values_do_not_pin_upstream_buffers() {
+    let Setup {
+        agents,
+        client,
+        server,
+        ..
+    } = &setup(
+        "l7-hpack-pin",
+        &[("web", WEB, SvcPort::named("http", 80, 8080))],
+    );
+    let _web = HttpApp::start(server, 8080);
+    let pid = agents[0].pid().expect("client agent running");
+    // A first round brings the agent's pools and allocator to their working size.
+    in_pod(client, || unique_headers_over_h2(pid, 20));
+    let one = in_pod(client, || unique_headers_over_h2(pid, 1));
+    let many = in_pod(client, || unique_headers_over_h2(pid, 300));
+    let growth = many.saturating_sub(one);
+    assert!(
+        growth < HPACK_GROWTH_MAX,
+        "client agent RSS with {H2_CONNS} HTTP/2 connections open: {one} bytes after one new \
+         header value each, {many} after 300 ({:.1} MB more; at most {} MB expected)",
+        growth as f64 / 1e6,
+        HPACK_GROWTH_MAX >> 20
+    );
+}
+
+const H2_CONNS: usize = 128;
+
+/// What the second round may add (the agent's own noise); pinning added three times this.
+const HPACK_GROWTH_MAX: u64 = 10 << 20;

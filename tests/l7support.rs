@@ -378,6 +378,14 @@ async fn answer(cfg: Arc<AppCfg>, req: Request<Incoming>) -> Result<Response<App
             .body(body)
             .expect("response")
     };
+    // A header value no other response has (HPACK indexes each one anew).
+    if let Some(tag) = path.strip_prefix("/unique/") {
+        let mut resp = reply(StatusCode::OK, full("unique"));
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{tag:0>48}")) {
+            resp.headers_mut().insert("x-unique", v);
+        }
+        return Ok(resp);
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: u64 = n.parse().unwrap_or(0);
         let mut resp = reply(StatusCode::OK, PatternBody::new(n).boxed());

@@ -136,8 +136,13 @@ impl HttpConn {
             self.upstream_version(req.version(), cluster.map(|c| &**c))
         };
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // The app's HTTP/2 connection indexes response headers in its HPACK table.
+        let downstream_h2 = req.version() == Version::HTTP_2;
         let (mut parts, incoming) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if version == client::Version::Http2 {
+            headers::own_values(&mut parts.headers);
+        }
         // hyper answered `Expect: 100-continue` itself when the body was first read.
         parts.headers.remove(header::EXPECT);
         if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
@@ -313,6 +318,9 @@ impl HttpConn {
         let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, switching);
+        if downstream_h2 {
+            headers::own_values(&mut parts.headers);
+        }
         if let Some(dest) = fwd.dest {
             dest.headers.response.apply(&mut parts.headers);
         }

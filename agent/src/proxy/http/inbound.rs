@@ -498,7 +498,10 @@ impl Served {
         let upgrade = req.version() != Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        if !self.h2 {
+        if self.h2 {
+            // Into the app connection's HPACK table: not slices of the tunnel's read buffers.
+            headers::own_values(&mut parts.headers);
+        } else {
             headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         }
         let body = Counted::new(body, result.request_body_counter())
@@ -535,7 +538,9 @@ impl Served {
             tokio::spawn(join_upgraded(down, up, None));
         }
         result.set_response(resp.status().as_u16(), resp.headers());
-        if !self.h2 {
+        if self.h2 {
+            headers::own_values(resp.headers_mut());
+        } else {
             headers::strip_hop_by_hop(resp.headers_mut(), upgraded);
         }
         let (parts, body) = resp.into_parts();
