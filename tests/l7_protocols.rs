@@ -16,8 +16,8 @@ use ambit::harness::{ClusterYaml, LocalAgent, Pod, SvcPort, World};
 use futures::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use l7support::{
-    hash_body, request, rss, sa, start_agents, stream_hash, Conn, GrpcApp, HttpApp, PatternBody,
-    WsApp, NS,
+    hash_body, request, rss, rss_of, sa, start_agents, stream_hash, Conn, GrpcApp, HttpApp,
+    PatternBody, WsApp, NS,
 };
 use support::{in_pod, SETTLE};
 use tokio_tungstenite::tungstenite::Message;
@@ -391,17 +391,6 @@ fn one_gib_bodies_stream_both_ways_without_buffering() {
         growth >> 20,
         baseline >> 20
     );
-}
-
-/// VmRSS of process `pid`, in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
 }
 
 /// [`H2_CONNS`] HTTP/2 connections, each making `requests` requests in turn, each answered with a header

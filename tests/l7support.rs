@@ -114,7 +114,11 @@ pub fn write_istio_in(dir: &Path, istio: &str) {
 
 /// The agent process's resident set (VmRSS), in bytes.
 pub fn rss(agent: &LocalAgent) -> u64 {
-    let pid = agent.pid().expect("agent running");
+    rss_of(agent.pid().expect("agent running"))
+}
+
+/// VmRSS of process `pid`, in bytes (for a closure that cannot hold the agent).
+pub fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     let kb: u64 = status
         .lines()

@@ -63,6 +63,17 @@ impl RunDir {
         serde_json::to_vec(&conf).unwrap()
     }
 
+    /// A fake API server holding pod plain/web with `pod_labels` and namespace plain with
+    /// `namespace_labels`, and its credentials left for the plugin.
+    fn api(&self, pod_labels: Value, namespace_labels: Value) -> FakeApi {
+        let api = FakeApi::start(
+            vec![pod(pod_labels)],
+            vec![namespace("plain", namespace_labels)],
+        );
+        self.kube(&api.access);
+        api
+    }
+
     /// The credentials the agent leaves for the plugin.
     fn kube(&self, access: &KubeAccess) {
         std::fs::write(
@@ -223,11 +234,7 @@ fn namespace(name: &str, labels: Value) -> Value {
 fn without_the_agent_a_pod_labelled_ambient_in_a_plain_namespace_is_held() {
     let dir = RunDir::new();
     dir.state(&plain_namespace_state());
-    let api = FakeApi::start(
-        vec![pod(json!({"istio.io/dataplane-mode": "ambient"}))],
-        vec![namespace("plain", json!({}))],
-    );
-    dir.kube(&api.access);
+    let api = dir.api(json!({"istio.io/dataplane-mode": "ambient"}), json!({}));
     let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
     assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
     assert!(
@@ -248,35 +255,23 @@ fn without_the_agent_the_api_servers_labels_decide_for_a_pod_the_agent_never_saw
     let dir = RunDir::new();
     dir.state(&plain_namespace_state());
     // The namespace was labelled ambient after the agent last wrote its view.
-    let api = FakeApi::start(
-        vec![pod(json!({"app": "web"}))],
-        vec![namespace(
-            "plain",
-            json!({"istio.io/dataplane-mode": "ambient"}),
-        )],
+    let _api = dir.api(
+        json!({"app": "web"}),
+        json!({"istio.io/dataplane-mode": "ambient"}),
     );
-    dir.kube(&api.access);
     let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
     assert!(e.details.contains("in the ambient mesh"), "{e}");
 
     let dir = RunDir::new();
     dir.state(&plain_namespace_state());
-    let api = FakeApi::start(
-        vec![pod(json!({"app": "web"}))],
-        vec![namespace("plain", json!({}))],
-    );
-    dir.kube(&api.access);
+    let _api = dir.api(json!({"app": "web"}), json!({}));
     let out = run(&env("ADD", "plain"), &dir.conf()).expect("a plain pod starts");
     assert!(out.is_some());
     // Opted out in an ambient namespace.
-    let api = FakeApi::start(
-        vec![pod(json!({"istio.io/dataplane-mode": "none"}))],
-        vec![namespace(
-            "plain",
-            json!({"istio.io/dataplane-mode": "ambient"}),
-        )],
+    let _api = dir.api(
+        json!({"istio.io/dataplane-mode": "none"}),
+        json!({"istio.io/dataplane-mode": "ambient"}),
     );
-    dir.kube(&api.access);
     assert!(run(&env("ADD", "plain"), &dir.conf()).is_ok());
 }
 
@@ -368,14 +363,10 @@ fn without_the_agent_a_pod_it_last_saw_unmeshed_is_held_once_its_namespace_turne
     // again (a restarted sandbox keeps its pod's uid).
     let dir = RunDir::new();
     dir.state(&plain_pod_known_state());
-    let api = FakeApi::start(
-        vec![pod(json!({"app": "web"}))],
-        vec![namespace(
-            "plain",
-            json!({"istio.io/dataplane-mode": "ambient"}),
-        )],
+    let _api = dir.api(
+        json!({"app": "web"}),
+        json!({"istio.io/dataplane-mode": "ambient"}),
     );
-    dir.kube(&api.access);
     let e = run(&env("ADD", "plain"), &dir.conf()).unwrap_err();
     assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
     assert!(
@@ -406,8 +397,7 @@ fn without_the_agent_or_the_api_server_a_pod_it_last_saw_unmeshed_starts() {
 fn without_the_agent_a_pod_name_that_is_no_kubernetes_name_is_held_without_a_request() {
     let dir = RunDir::new();
     dir.state(&plain_namespace_state());
-    let api = FakeApi::start(vec![pod(json!({}))], vec![namespace("plain", json!({}))]);
-    dir.kube(&api.access);
+    let api = dir.api(json!({}), json!({}));
     for ns in ["..", "plain/pods/web", "plain&x=1", "Plain"] {
         let e = run(&env("ADD", ns), &dir.conf()).unwrap_err();
         assert_eq!(e.code, code::TRY_AGAIN_LATER, "{ns}: {e}");
