@@ -232,6 +232,9 @@ fn add_returns_once_the_pod_is_enrolled_and_del_leaves_nothing() {
 
 #[test]
 fn an_add_waits_for_a_pod_the_source_has_not_shown_yet() {
+    // Built before the clock starts: the wait below is for the agent holding the ADD, and a
+    // first-use build of the plugin (32 s on a busy CI machine) must not be inside it.
+    cni_bin();
     let world = World::new("cni-wait");
     let n1 = world.node("n1");
     let early = world.pod("early").node(&n1).namespace("mesh").spawn();
