@@ -246,8 +246,16 @@ fn select(found: Vec<BinTarget>, asked: &[String]) -> Result<Vec<BinTarget>> {
     Ok(chosen)
 }
 
-/// Builds `bins` statically in release mode and returns their paths.
-fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
+/// The cargo build that `cargo xtask image` runs for the whole image (every binary), for
+/// `cargo xtask test` to start early: the image test then finds it built. The fat-LTO release
+/// build is mostly one single-threaded rustc, which leaves a core idle if it runs alone.
+pub fn prebuild_command() -> Result<Command> {
+    let bins = select(workspace_bins()?, &[])?;
+    Ok(build_command(&bins, &host_triple()?))
+}
+
+/// `cargo build` of `bins`, static, in release mode.
+fn build_command(bins: &[BinTarget], triple: &str) -> Command {
     let mut build = cargo();
     build
         .current_dir(workspace_root())
@@ -262,7 +270,12 @@ fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
         build.args(["--bin", &bin.name]);
     }
     build.env("CARGO_ENCODED_RUSTFLAGS", STATIC_RUSTFLAGS.join("\x1f"));
-    cmd::run(&mut build)?;
+    build
+}
+
+/// Builds `bins` statically in release mode and returns their paths.
+fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
+    cmd::run(&mut build_command(bins, triple))?;
     let dir = xtask::target_dir().join(triple).join("release");
     bins.iter()
         .map(|bin| {

@@ -220,6 +220,13 @@ fn test(args: Vec<OsString>) -> Result<()> {
     ensure_debian_tools()?;
     ensure_rustfmt_and_clippy()?;
     toolchain::ensure_toolchain()?;
+    // A full run (no filter) builds the image; its release build starts now, beside the checks
+    // and the debug build, instead of alone at the end.
+    let prebuild = if args.is_empty() {
+        Some(Prebuild::start()?)
+    } else {
+        None
+    };
     step(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(
         cargo()
@@ -235,8 +242,66 @@ fn test(args: Vec<OsString>) -> Result<()> {
     eprintln!("[xtask] running check-deploy");
     deploy::check(&deploy::default_dir())?;
     step(cargo().args(cargo_test_args(args)))?;
+    if let Some(prebuild) = prebuild {
+        prebuild.finish()?;
+    }
     eprintln!("[xtask] all checks and tests passed");
     Ok(())
+}
+
+/// The image's release build running in the background, in its own process group (cargo and its
+/// rustc jobs), its output in a log file; stopped if `test` ends before it does.
+struct Prebuild {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Prebuild {
+    fn start() -> Result<Prebuild> {
+        let dir = xtask::target_dir();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+        let log = dir.join("xtask-image-prebuild.log");
+        let out = std::fs::File::create(&log)
+            .with_context(|| format!("failed to create {}", log.display()))?;
+        let mut cmd = image::prebuild_command()?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        eprintln!(
+            "[xtask] running `{}` in the background (log: {})",
+            describe(&cmd),
+            log.display()
+        );
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start `{}`", describe(&cmd)))?;
+        Ok(Prebuild { child, log })
+    }
+
+    /// Waits for the build (the image test has usually waited for it already) and fails if it
+    /// failed: that failure is the image test's too, but its log is here.
+    fn finish(mut self) -> Result<()> {
+        let status = self.child.wait().context("waiting for the image build")?;
+        if !status.success() {
+            bail!(
+                "the image's release build failed ({status}); its output: {}",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Prebuild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let group = format!("-{}", self.child.id());
+            let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// `cargo test`'s arguments: ours, then the user's. `--no-fail-fast` so one failing test binary
