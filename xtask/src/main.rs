@@ -18,8 +18,11 @@ use xtask::{cmd, ebpf, toolchain, workspace_root};
 
 /// Debian packages the tests and the demo drive (`ip netns`, iptables, the Prometheus that
 /// scrapes the agents in tests/prometheus.rs) or that help inspect them.
-const DEBIAN_TOOLS: [&str; 10] = [
+const DEBIAN_TOOLS: [&str; 11] = [
     "bpftool",
+    // `kill`: a failed or interrupted `cargo xtask test` stops the image prebuild's process group
+    // with it, and the containerd harness its daemon.
+    "procps",
     "tcpdump",
     "iptables",
     "iproute2",
