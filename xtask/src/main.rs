@@ -10,6 +10,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, ExitCode, Stdio},
+    time::Instant,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -215,6 +216,7 @@ fn parse(argv: Vec<OsString>) -> Task {
 }
 
 fn test(args: Vec<OsString>) -> Result<()> {
+    let started = Instant::now();
     if !is_root()? {
         eprintln!(
             "[xtask] warning: not root; the tests that create namespaces and load eBPF need root"
@@ -248,7 +250,10 @@ fn test(args: Vec<OsString>) -> Result<()> {
     if let Some(prebuild) = prebuild {
         prebuild.finish()?;
     }
-    eprintln!("[xtask] all checks and tests passed");
+    eprintln!(
+        "[xtask] all checks and tests passed in {} s",
+        started.elapsed().as_secs()
+    );
     Ok(())
 }
 
@@ -292,6 +297,16 @@ impl Prebuild {
                 "the image's release build failed ({status}); its output: {}",
                 self.log.display()
             );
+        }
+        // Cargo's own timing of the build, for the run's record.
+        if let Ok(log) = std::fs::read_to_string(&self.log) {
+            if let Some(done) = log
+                .lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with("Finished"))
+            {
+                eprintln!("[xtask] the image's release build: {}", done.trim());
+            }
         }
         Ok(())
     }
@@ -350,12 +365,15 @@ fn cargo() -> Command {
 fn step(cmd: &mut Command) -> Result<()> {
     let line = describe(cmd);
     eprintln!("[xtask] running `{line}`");
+    let started = Instant::now();
     let status = cmd
         .status()
         .with_context(|| format!("failed to start `{line}`"))?;
+    let took = started.elapsed().as_secs();
     if !status.success() {
-        bail!("`{line}` failed ({status})");
+        bail!("`{line}` failed ({status}) after {took} s");
     }
+    eprintln!("[xtask] `{line}` took {took} s");
     Ok(())
 }
 
