@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
 use support::{
-    ambit_bin, attached_links, echo_transfer, in_pod, our_map_ids, wait_until, whoami, Mode,
-    Server, SETTLE,
+    ambit_bin, attached_links, cgroup_link_targets, echo_transfer, in_pod, our_map_ids, wait_until,
+    whoami, Mode, Server, SETTLE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -330,8 +330,17 @@ fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
     agent.kill();
     let links = agent.bpffs().join(ambit_common::PIN_ABI).join("links");
     for name in ["ambit_sockname4", "ambit_sockname6"] {
-        let pin = links.join(name);
-        std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("remove {}: {e}", pin.display()));
+        // Pinned as `<program>@cgroup-<id>`.
+        let prefix = format!("{name}@");
+        let pins: Vec<_> = std::fs::read_dir(&links)
+            .expect("links dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(pins.len(), 1, "one pinned link of {name}: {pins:?}");
+        std::fs::remove_file(&pins[0])
+            .unwrap_or_else(|e| panic!("remove {}: {e}", pins[0].display()));
     }
     wait_until("the getsockname links detached", || {
         attached_links(&maps).get("cgroup") == Some(&5)
@@ -353,6 +362,88 @@ fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
         d.local.ip(),
         IpAddr::from(client.ip4()),
         "getsockname() translated after the upgrade: {d:?}"
+    );
+}
+
+/// The capture programs attach where the pods are (the kubelet's `kubepods`; here the node's
+/// cgroup, which holds its pods' cgroups) and run only for processes under it. An agent upgraded
+/// from one attached at the root moves its links there, new one pinned before old one unpinned.
+#[test]
+fn programs_attach_at_the_pods_parent_cgroup_and_an_upgrade_moves_them_there() {
+    use std::os::unix::fs::MetadataExt as _;
+    let world = World::new("cap-attach");
+    let n1 = world.node("n1");
+    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+    let server = world.pod("server").node(&n1).namespace("plain").spawn();
+    let dst = sa(server.ip4(), 8080);
+    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+    let cgroup_id = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .ino()
+    };
+    let (root_id, node_id) = (cgroup_id(world.cgroup_root()), cgroup_id(n1.cgroup()));
+    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    ClusterYaml::new()
+        .ambient("mesh")
+        .plain("plain")
+        .pods([&client, &server])
+        .write(&agent.config_dir());
+    agent.set_cgroup_attach("/");
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let maps = our_map_ids(agent.bpffs());
+    assert_eq!(cgroup_link_targets(&maps), vec![root_id; 7], "at the root");
+
+    // The same node, its agent upgraded to attach at the node's cgroup.
+    let rel = n1
+        .cgroup()
+        .strip_prefix(world.cgroup_root())
+        .expect("node cgroup under the root");
+    agent.set_cgroup_attach(&format!("/{}", rel.display()));
+    let old = agent.upgrade(&world);
+    let exited = old
+        .wait_timeout(SETTLE)
+        .expect("wait")
+        .unwrap_or_else(|| panic!("the old agent did not exit\n{}", agent.log_tail()));
+    assert!(exited.success(), "old agent: {exited:?}");
+    agent.wait_enrolled(&[&client]);
+    assert_eq!(
+        cgroup_link_targets(&maps),
+        vec![node_id; 7],
+        "every link moved to the node's cgroup, none left at the root\n{}",
+        agent.log_tail()
+    );
+
+    // A process of the pod (in its cgroup, under the node's) is captured...
+    let accepted = agent.counter("proxy.outbound_accepted");
+    let out = client
+        .command("timeout")
+        .args([
+            "20",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{}/{}; head -n1 <&3", dst.ip(), dst.port()),
+        ])
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "bash in the pod: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_for("the pod process's connection captured", SETTLE, |s| {
+        s["proxy"]["outbound_accepted"].as_u64() == Some(accepted + 1)
+    });
+    // ...and a thread of this test in the pod's netns, but in the test's cgroup, is not: the
+    // programs no longer run at the root. The proxy counts an accept before it dials, so a
+    // captured connection would be counted by the time the server's line arrived.
+    let (_, local, _) = in_pod(&client, || whoami(dst)).unwrap_or_else(|e| panic!("{dst}: {e}"));
+    assert_eq!(local, dst);
+    assert_eq!(
+        agent.counter("proxy.outbound_accepted"),
+        accepted + 1,
+        "a process outside the attach cgroup must not reach the proxy"
     );
 }
 

@@ -135,8 +135,39 @@ pub fn our_map_ids(bpffs: &Path) -> Vec<u64> {
 
 /// Attached BPF links whose program uses one of `map_ids`, counted by link type ("cgroup", "netns").
 pub fn attached_links(map_ids: &[u64]) -> BTreeMap<String, usize> {
+    let ours = our_prog_ids(map_ids);
+    let mut out = BTreeMap::new();
+    for link in bpftool(&["link", "show"]).as_array().expect("link list") {
+        if ours.contains(&link["prog_id"].as_u64().unwrap_or(0)) {
+            *out.entry(link["type"].as_str().unwrap_or("?").to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// The cgroup (by id) of each attached cgroup link whose program uses one of `map_ids`, sorted.
+pub fn cgroup_link_targets(map_ids: &[u64]) -> Vec<u64> {
+    let ours = our_prog_ids(map_ids);
+    let mut out: Vec<u64> = bpftool(&["link", "show"])
+        .as_array()
+        .expect("link list")
+        .iter()
+        .filter(|l| l["type"] == "cgroup" && ours.contains(&l["prog_id"].as_u64().unwrap_or(0)))
+        .map(|l| {
+            l["cgroup_id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("cgroup link without cgroup_id: {l}"))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Loaded programs that use one of `map_ids`.
+fn our_prog_ids(map_ids: &[u64]) -> Vec<u64> {
     let progs = bpftool(&["prog", "show"]);
-    let ours: Vec<u64> = progs
+    progs
         .as_array()
         .expect("prog list")
         .iter()
@@ -147,15 +178,7 @@ pub fn attached_links(map_ids: &[u64]) -> BTreeMap<String, usize> {
             })
         })
         .filter_map(|p| p["id"].as_u64())
-        .collect();
-    let mut out = BTreeMap::new();
-    for link in bpftool(&["link", "show"]).as_array().expect("link list") {
-        if ours.contains(&link["prog_id"].as_u64().unwrap_or(0)) {
-            *out.entry(link["type"].as_str().unwrap_or("?").to_string())
-                .or_insert(0) += 1;
-        }
-    }
-    out
+        .collect()
 }
 
 fn bpftool(args: &[&str]) -> serde_json::Value {

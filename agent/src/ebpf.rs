@@ -2,6 +2,7 @@
 //! under bpffs so capture holds (fail closed) while the agent restarts, adopts what a previous agent
 //! pinned instead of attaching twice, keeps the maps in step with enrolment, and uninstalls.
 
+mod attach;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
@@ -21,6 +23,7 @@ use aya::programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 
+pub use attach::{attach_point, KUBEPODS};
 pub use sys::netns_cookie;
 
 /// The capture object, built by agent/build.rs from ebpf/ and embedded in the binary.
@@ -306,11 +309,25 @@ impl Capture {
             path: cfg.cgroup.clone(),
             source,
         })?;
+        // On cgroup v2 a cgroup's id is its directory's inode number (what `bpftool link` shows).
+        let cgroup_id = cgroup
+            .metadata()
+            .map_err(|source| EbpfError::Cgroup {
+                path: cfg.cgroup.clone(),
+                source,
+            })?
+            .ino();
         let links = pin_dir.join("links");
+        let at = AttachPoint {
+            cgroup: &cgroup,
+            id: cgroup_id,
+            links: &links,
+        };
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
-            attach_to_cgroup::<CgroupSockAddr>(&mut bpf, name, &cgroup, &links)?;
+            attach_to_cgroup::<CgroupSockAddr>(&mut bpf, name, &at)?;
         }
-        attach_to_cgroup::<SockOps>(&mut bpf, SOCKOPS_PROGRAM, &cgroup, &links)?;
+        attach_to_cgroup::<SockOps>(&mut bpf, SOCKOPS_PROGRAM, &at)?;
+        tracing::info!(cgroup = %cfg.cgroup.display(), cgroup_id, "capture programs attached");
         // Attached per pod netns (enrol) and to the fast-path map (below).
         program::<SkLookup>(&mut bpf, SK_LOOKUP_PROGRAM)?
             .load()
@@ -657,12 +674,21 @@ macro_rules! cgroup_program {
 cgroup_program!(CgroupSockAddr);
 cgroup_program!(SockOps);
 
-/// Loads `name` and attaches it to the cgroup, or adopts the link a previous agent pinned.
+/// The cgroup the programs attach to, and where their links are pinned.
+struct AttachPoint<'a> {
+    cgroup: &'a File,
+    /// The cgroup's id, part of each link's pin name.
+    id: u64,
+    links: &'a Path,
+}
+
+/// Loads `name` and attaches it to the cgroup, or adopts the link a previous agent pinned there.
+/// Links of the program pinned for another cgroup are unpinned (so detached) only after this one
+/// is attached: during the change both run, and no socket goes uncaptured in between.
 fn attach_to_cgroup<T: CgroupProgram>(
     bpf: &mut Ebpf,
     name: &'static str,
-    cgroup: &File,
-    links_dir: &Path,
+    at: &AttachPoint<'_>,
 ) -> Result<(), EbpfError>
 where
     for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -670,13 +696,21 @@ where
     let prog: &mut T = program(bpf, name)?;
     prog.load_program()
         .map_err(|e| EbpfError::program(name, e))?;
-    let pin = links_dir.join(name);
+    let current = attach::link_pin_name(name, at.id);
+    let pin = at.links.join(&current);
     if !adopt_link(
         &pin,
         prog.program_fd().map_err(|e| EbpfError::program(name, e))?,
     )? {
-        let link = prog.attach_link(name, cgroup)?;
+        let link = prog.attach_link(name, at.cgroup)?;
         pin_link(link, &pin)?;
+    }
+    for other in list_pins(at.links) {
+        if attach::is_other_link_of(&other, name, &current) {
+            let path = at.links.join(&other);
+            tracing::info!(pin = %path.display(), "unpinning a link attached to another cgroup");
+            std::fs::remove_file(&path).map_err(|source| EbpfError::Link { path, source })?;
+        }
     }
     Ok(())
 }

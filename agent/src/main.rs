@@ -201,10 +201,16 @@ struct RunArgs {
     /// bpffs directory for this agent's pins.
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
-    /// The host's cgroup v2 root to attach the capture programs to: a cgroup2 mount, or a directory
+    /// The host's cgroup v2 root (the capture programs attach under it, see --cgroup-attach): a cgroup2 mount, or a directory
     /// whose `unified/` child is one (hybrid v1/v2 hosts), told apart by filesystem type.
     #[arg(long, env = "AMBIT_CGROUP", default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
+    /// The cgroup under that root where the capture programs attach, so that only its processes
+    /// run them: `auto` is the kubelet's parent of all pods (`kubepods.slice` with the systemd
+    /// cgroup driver, `kubepods` with cgroupfs) and the root where there is none; `/` is the root;
+    /// any other value is a cgroup path under the root.
+    #[arg(long, env = "AMBIT_CGROUP_ATTACH", default_value = "auto")]
+    cgroup_attach: String,
     /// Network namespace to run in (the node's), e.g. /var/run/netns/node1.
     #[arg(long, env = "AMBIT_HOST_NETNS")]
     host_netns: Option<PathBuf>,
@@ -423,7 +429,8 @@ impl RunArgs {
                 )
             }
         };
-        let cgroup = cgroup_v2_root(&self.cgroup)?;
+        let cgroup = ambit::ebpf::attach_point(&cgroup_v2_root(&self.cgroup)?, &self.cgroup_attach)
+            .map_err(|e| format!("--cgroup-attach (AMBIT_CGROUP_ATTACH) {e}"))?;
         if !(10..=60_000).contains(&self.poll_ms) {
             return Err(format!(
                 "--poll-ms (AMBIT_POLL_MS) {}: must be 10..=60000",

@@ -105,9 +105,17 @@ struct HostPaths {
     cgroup: PathBuf,
 }
 
+impl HostPaths {
+    /// The kubelet's parent of every pod (systemd cgroup driver) in this test's cgroup "root".
+    fn kubepods(&self) -> PathBuf {
+        self.cgroup.join("kubepods.slice")
+    }
+}
+
 impl Drop for HostPaths {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.pins);
+        let _ = fs::remove_dir(self.kubepods());
         let _ = fs::remove_dir(&self.cgroup);
     }
 }
@@ -242,7 +250,7 @@ fn the_image_runs_as_the_daemonset_runs_it() {
             .expect("the harness's cgroup")
             .with_file_name(format!("ambit-image-test-{me}")),
     };
-    fs::create_dir_all(&host.cgroup).expect("capture cgroup");
+    fs::create_dir_all(host.kubepods()).expect("capture cgroup");
     let cgroup_in_container = Path::new("/host/sys/fs/cgroup").join(
         host.cgroup
             .strip_prefix("/sys/fs/cgroup")
@@ -364,14 +372,22 @@ fn the_image_runs_as_the_daemonset_runs_it() {
             container.stderr()
         ),
     }
-    let programs = attached(&host.cgroup);
+    // The DaemonSet's `--cgroup-attach` (its default, `auto`): at the kubelet's pod cgroup, so the
+    // node's own processes outside it do not run the programs.
+    let programs = attached(&host.kubepods());
     for program in ["ambit_conn4", "ambit_conn6", "ambit_sockops"] {
         assert!(
             programs.iter().any(|p| p == program),
             "{program} attached to {}: {programs:?}",
-            host.cgroup.display()
+            host.kubepods().display()
         );
     }
+    assert_eq!(
+        attached(&host.cgroup),
+        Vec::<String>::new(),
+        "nothing attached at the cgroup root {}",
+        host.cgroup.display()
+    );
     assert!(host.pins.is_dir(), "pins under {}", host.pins.display());
     // The agent installed the CNI plugin from its own image: the static ambit-cni in the node's
     // bin dir, and an entry in the primary CNI's conflist.
@@ -413,7 +429,10 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     assert!(killed.success());
     let exit = container.wait(WAIT).expect("the agent stops on SIGTERM");
     assert!(exit.status.success(), "the agent's exit: {exit:?}");
-    assert!(!attached(&host.cgroup).is_empty(), "capture stays pinned");
+    assert!(
+        !attached(&host.kubepods()).is_empty(),
+        "capture stays pinned"
+    );
 
     // `ambit uninstall`, from the same image, with the host's bpffs.
     let uninstalled = ctrd
@@ -470,11 +489,11 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     );
     assert!(!host.pins.exists(), "pins left in {}", host.pins.display());
     let deadline = Instant::now() + WAIT;
-    while !attached(&host.cgroup).is_empty() && Instant::now() < deadline {
+    while !attached(&host.kubepods()).is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        attached(&host.cgroup),
+        attached(&host.kubepods()),
         Vec::<String>::new(),
         "programs left attached"
     );

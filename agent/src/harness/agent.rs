@@ -320,6 +320,15 @@ impl LocalAgent {
         self
     }
 
+    /// `--cgroup-attach` for the next start (or upgrade). Without it the agent attaches at the
+    /// cgroup root, whatever the host has: tests run clients on threads of the test process
+    /// (`Pod::run`), which sit in the test's own cgroup, not under their pod's.
+    pub fn set_cgroup_attach(&mut self, spec: &str) {
+        self.extra_args
+            .retain(|a| !a.starts_with("--cgroup-attach"));
+        self.extra_args.push(format!("--cgroup-attach={spec}"));
+    }
+
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join("config")
     }
@@ -409,6 +418,13 @@ impl LocalAgent {
             )
             .arg("--ca-dir")
             .arg(self.ca_dir())
+            .args(
+                (!self
+                    .extra_args
+                    .iter()
+                    .any(|a| a.starts_with("--cgroup-attach")))
+                .then_some("--cgroup-attach=/"),
+            )
             .args(&self.extra_args)
             .env(
                 "AMBIT_LOG",
