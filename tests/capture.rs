@@ -447,6 +447,34 @@ fn programs_attach_at_the_pods_parent_cgroup_and_an_upgrade_moves_them_there() {
     );
 }
 
+/// A bad `--cgroup-attach` is a configuration error naming the flag (exit 64), never an attach
+/// somewhere unintended.
+#[test]
+fn a_bad_cgroup_attach_is_refused_naming_the_flag() {
+    for bad in ["../escape", "no-such-cgroup-ambit-test"] {
+        let out = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(ambit_bin())
+            .args([
+                "run",
+                "--node",
+                "n1",
+                "--config",
+                "/nonexistent-ambit-config",
+            ])
+            .args(["--cgroup-attach", bad])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run ambit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--cgroup-attach (AMBIT_CGROUP_ATTACH) {bad:?}")),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
 /// What an app sees of one connection, and what the kernel holds.
 #[derive(Debug)]
 struct Dialled {

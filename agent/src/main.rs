@@ -201,8 +201,9 @@ struct RunArgs {
     /// bpffs directory for this agent's pins.
     #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
-    /// The host's cgroup v2 root (the capture programs attach under it, see --cgroup-attach): a cgroup2 mount, or a directory
-    /// whose `unified/` child is one (hybrid v1/v2 hosts), told apart by filesystem type.
+    /// The host's cgroup v2 root, under which the capture programs attach (`--cgroup-attach`): a
+    /// cgroup2 mount, or a directory whose `unified/` child is one (hybrid v1/v2 hosts), told apart
+    /// by filesystem type.
     #[arg(long, env = "AMBIT_CGROUP", default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
     /// The cgroup under that root where the capture programs attach, so that only its processes
