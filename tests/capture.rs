@@ -309,18 +309,14 @@ fn getsockname_on_a_captured_socket_reports_the_pod_ip() {
 
 #[test]
 fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
-    let world = World::new("cap-sockname-up");
-    let n1 = world.node("n1");
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n1).namespace("plain").spawn();
-    let dst = sa(server.ip4(), 8080);
-    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
-    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
-    ClusterYaml::new()
-        .ambient("mesh")
-        .plain("plain")
-        .pods([&client, &server])
-        .write(&agent.config_dir());
+    let ClientServer {
+        mut agent,
+        client,
+        dst,
+        world,
+        _srv,
+        ..
+    } = ClientServer::new("cap-sockname-up");
     agent.start(&world);
     agent.wait_enrolled(&[&client]);
     let maps = our_map_ids(agent.bpffs());
@@ -371,24 +367,21 @@ fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
 #[test]
 fn programs_attach_at_the_pods_parent_cgroup_and_an_upgrade_moves_them_there() {
     use std::os::unix::fs::MetadataExt as _;
-    let world = World::new("cap-attach");
-    let n1 = world.node("n1");
-    let client = world.pod("client").node(&n1).namespace("mesh").spawn();
-    let server = world.pod("server").node(&n1).namespace("plain").spawn();
-    let dst = sa(server.ip4(), 8080);
-    let _srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+    let ClientServer {
+        mut agent,
+        client,
+        dst,
+        n1,
+        world,
+        _srv,
+        ..
+    } = ClientServer::new("cap-attach");
     let cgroup_id = |p: &std::path::Path| {
         std::fs::metadata(p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
             .ino()
     };
     let (root_id, node_id) = (cgroup_id(world.cgroup_root()), cgroup_id(n1.cgroup()));
-    let mut agent = LocalAgent::new(&world, &n1, &ambit_bin());
-    ClusterYaml::new()
-        .ambient("mesh")
-        .plain("plain")
-        .pods([&client, &server])
-        .write(&agent.config_dir());
     agent.set_cgroup_attach("/");
     agent.start(&world);
     agent.wait_enrolled(&[&client]);
@@ -408,6 +401,10 @@ fn programs_attach_at_the_pods_parent_cgroup_and_an_upgrade_moves_them_there() {
         .unwrap_or_else(|| panic!("the old agent did not exit\n{}", agent.log_tail()));
     assert!(exited.success(), "old agent: {exited:?}");
     agent.wait_enrolled(&[&client]);
+    // An unpinned link is released by the kernel's workqueue, not at once.
+    wait_until("the links at the root released", || {
+        cgroup_link_targets(&maps) == vec![node_id; 7]
+    });
     assert_eq!(
         cgroup_link_targets(&maps),
         vec![node_id; 7],
@@ -472,6 +469,43 @@ fn a_bad_cgroup_attach_is_refused_naming_the_flag() {
             stderr.contains(&format!("--cgroup-attach (AMBIT_CGROUP_ATTACH) {bad:?}")),
             "{bad}: {stderr}"
         );
+    }
+}
+
+/// One node with a meshed client pod, a plain server pod answering [`Mode::WhoamiEcho`] on `dst`,
+/// and the node's agent configured for both, not started. Fields drop in order: agent first,
+/// world last.
+struct ClientServer {
+    agent: LocalAgent,
+    _srv: Server,
+    dst: SocketAddr,
+    client: ambit::harness::Pod,
+    n1: ambit::harness::Node,
+    world: World,
+}
+
+impl ClientServer {
+    fn new(test: &str) -> ClientServer {
+        let world = World::new(test);
+        let n1 = world.node("n1");
+        let client = world.pod("client").node(&n1).namespace("mesh").spawn();
+        let server = world.pod("server").node(&n1).namespace("plain").spawn();
+        let dst = sa(server.ip4(), 8080);
+        let srv = Server::start(&server, &[dst], Mode::WhoamiEcho);
+        let agent = LocalAgent::new(&world, &n1, &ambit_bin());
+        ClusterYaml::new()
+            .ambient("mesh")
+            .plain("plain")
+            .pods([&client, &server])
+            .write(&agent.config_dir());
+        ClientServer {
+            agent,
+            _srv: srv,
+            dst,
+            client,
+            n1,
+            world,
+        }
     }
 }
 

@@ -327,7 +327,6 @@ impl Capture {
             attach_to_cgroup::<CgroupSockAddr>(&mut bpf, name, &at)?;
         }
         attach_to_cgroup::<SockOps>(&mut bpf, SOCKOPS_PROGRAM, &at)?;
-        tracing::info!(cgroup = %cfg.cgroup.display(), cgroup_id, "capture programs attached");
         // Attached per pod netns (enrol) and to the fast-path map (below).
         program::<SkLookup>(&mut bpf, SK_LOOKUP_PROGRAM)?
             .load()

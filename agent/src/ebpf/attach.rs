@@ -61,44 +61,14 @@ pub fn is_other_link_of(pin: &str, program: &str, current: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::tests::TempDir;
 
-    fn root(children: &[&str]) -> tempdir::Dir {
-        let dir = tempdir::Dir::new();
+    fn root(children: &[&str]) -> TempDir {
+        let dir = TempDir::new("attach");
         for c in children {
             std::fs::create_dir_all(dir.path().join(c)).expect("mkdir");
         }
         dir
-    }
-
-    mod tempdir {
-        use std::path::{Path, PathBuf};
-
-        /// A directory of its own under the system temp dir, removed on drop.
-        pub struct Dir(PathBuf);
-
-        impl Dir {
-            pub fn new() -> Dir {
-                use std::sync::atomic::{AtomicUsize, Ordering};
-                static SEQ: AtomicUsize = AtomicUsize::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "ambit-attach-{}-{}",
-                    std::process::id(),
-                    SEQ.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&p).expect("mkdir");
-                Dir(p)
-            }
-
-            pub fn path(&self) -> &Path {
-                &self.0
-            }
-        }
-
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]
