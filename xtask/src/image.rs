@@ -56,6 +56,8 @@ pub struct Options {
     pub reference: String,
     /// Copy the static binaries here and build no image (the Dockerfile's build stage).
     pub binaries_only: Option<PathBuf>,
+    /// The cargo profile to build with (`release` for the shipped image).
+    pub profile: String,
 }
 
 /// A binary target of a workspace package.
@@ -76,7 +78,7 @@ pub fn run(opts: Options) -> Result<()> {
             opts.bins.join(", ")
         );
     }
-    let built = build_static(&bins, &triple)?;
+    let built = build_static(&bins, &triple, &opts.profile)?;
     for path in &built {
         elf::check_static(path)?;
     }
@@ -246,20 +248,19 @@ fn select(found: Vec<BinTarget>, asked: &[String]) -> Result<Vec<BinTarget>> {
     Ok(chosen)
 }
 
-/// The cargo build that `cargo xtask image` runs for the whole image (every binary), for
-/// `cargo xtask test` to start early: the image test then finds it built. The fat-LTO release
-/// build is mostly one single-threaded rustc, which leaves a core idle if it runs alone.
-pub fn prebuild_command() -> Result<Command> {
+/// The cargo build that `cargo xtask image --profile <profile>` runs for the whole image (every
+/// binary), for `cargo xtask test` to start early: the image test then finds it built.
+pub fn prebuild_command(profile: &str) -> Result<Command> {
     let bins = select(workspace_bins()?, &[])?;
-    Ok(build_command(&bins, &host_triple()?))
+    Ok(build_command(&bins, &host_triple()?, profile))
 }
 
-/// `cargo build` of `bins`, static, in release mode.
-fn build_command(bins: &[BinTarget], triple: &str) -> Command {
+/// `cargo build` of `bins`, static, with `profile`.
+fn build_command(bins: &[BinTarget], triple: &str, profile: &str) -> Command {
     let mut build = cargo();
     build
         .current_dir(workspace_root())
-        .args(["build", "--release", "--target", triple]);
+        .args(["build", "--profile", profile, "--target", triple]);
     let mut packages: Vec<&str> = bins.iter().map(|b| b.package.as_str()).collect();
     packages.sort_unstable();
     packages.dedup();
@@ -273,10 +274,10 @@ fn build_command(bins: &[BinTarget], triple: &str) -> Command {
     build
 }
 
-/// Builds `bins` statically in release mode and returns their paths.
-fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
-    cmd::run(&mut build_command(bins, triple))?;
-    let dir = xtask::target_dir().join(triple).join("release");
+/// Builds `bins` statically with `profile` and returns their paths.
+fn build_static(bins: &[BinTarget], triple: &str, profile: &str) -> Result<Vec<PathBuf>> {
+    cmd::run(&mut build_command(bins, triple, profile))?;
+    let dir = xtask::target_dir().join(triple).join(profile_dir(profile));
     bins.iter()
         .map(|bin| {
             let path = dir.join(&bin.name);
@@ -289,6 +290,16 @@ fn build_static(bins: &[BinTarget], triple: &str) -> Result<Vec<PathBuf>> {
             Ok(path)
         })
         .collect()
+}
+
+/// The directory under `target/<triple>/` that cargo writes a profile's output to: `dev`'s is
+/// `debug`, every other profile's is its name.
+fn profile_dir(profile: &str) -> &str {
+    match profile {
+        "dev" | "test" => "debug",
+        "bench" => "release",
+        other => other,
+    }
 }
 
 /// The cargo that runs us, without what cargo set for the xtask run.

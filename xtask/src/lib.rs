@@ -11,6 +11,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// The cargo profile of the image `cargo xtask test` builds and runs (xtask/tests/image.rs): the
+/// release profile without LTO, in parallel codegen units, at opt-level 1 (Cargo.toml). The shipped
+/// image (`cargo xtask image`, the Dockerfile) is built with `release`.
+pub const IMAGE_TEST_PROFILE: &str = "image-test";
+
 /// The workspace root. xtask is only ever built from its path inside this workspace, so its own
 /// manifest directory finds the root both under `cargo xtask` and inside agent/build.rs.
 pub fn workspace_root() -> &'static Path {

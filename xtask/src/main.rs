@@ -94,6 +94,10 @@ enum Task {
         /// Only build the static binaries and copy them into DIR (the Dockerfile's build stage).
         #[arg(long, value_name = "DIR")]
         binaries_only: Option<PathBuf>,
+        /// The cargo profile the binaries are built with. `image-test` (Cargo.toml) is the one
+        /// `cargo xtask test` builds and runs: the same code and checks, built faster.
+        #[arg(long, default_value = "release")]
+        profile: String,
     },
     /// Compare the capture and hbone benches of a base revision with the current tree. Needs root.
     ///
@@ -160,11 +164,13 @@ fn run(task: Task) -> Result<()> {
             out,
             reference,
             binaries_only,
+            profile,
         } => image::run(image::Options {
             bins,
             out,
             reference,
             binaries_only,
+            profile,
         }),
         Task::BenchCompare {
             base,
@@ -225,8 +231,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
     ensure_debian_tools()?;
     ensure_rustfmt_and_clippy()?;
     toolchain::ensure_toolchain()?;
-    // A full run (no filter) builds the image; its release build starts now, beside the checks
-    // and the debug build, instead of alone at the end.
+    // A full run (no filter) builds the image; its build starts now, beside the checks and the
+    // debug build, instead of alone at the end.
     let prebuild = if args.is_empty() {
         Some(Prebuild::start()?)
     } else {
@@ -257,7 +263,7 @@ fn test(args: Vec<OsString>) -> Result<()> {
     Ok(())
 }
 
-/// The image's release build running in the background, in its own process group (cargo and its
+/// The image's build running in the background, in its own process group (cargo and its
 /// rustc jobs), its output in a log file; stopped if `test` ends before it does.
 struct Prebuild {
     child: std::process::Child,
@@ -272,7 +278,7 @@ impl Prebuild {
         let log = dir.join("xtask-image-prebuild.log");
         let out = std::fs::File::create(&log)
             .with_context(|| format!("failed to create {}", log.display()))?;
-        let mut cmd = image::prebuild_command()?;
+        let mut cmd = image::prebuild_command(xtask::IMAGE_TEST_PROFILE)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -294,7 +300,7 @@ impl Prebuild {
         let status = self.child.wait().context("waiting for the image build")?;
         if !status.success() {
             bail!(
-                "the image's release build failed ({status}); its output: {}",
+                "the image's build failed ({status}); its output: {}",
                 self.log.display()
             );
         }
@@ -305,7 +311,7 @@ impl Prebuild {
                 .rev()
                 .find(|l| l.trim_start().starts_with("Finished"))
             {
-                eprintln!("[xtask] the image's release build: {}", done.trim());
+                eprintln!("[xtask] the image's build: {}", done.trim());
             }
         }
         Ok(())

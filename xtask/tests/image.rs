@@ -7,8 +7,10 @@
 //! readiness probe on the DaemonSet's port, has attached its programs, stops on SIGTERM, and the
 //! image's `ambit uninstall` then leaves no pin and no program.
 //!
-//! Needs root, the Debian packages of the containerd harness, bpftool, and a release build of the
-//! workspace's binaries (the test runs `xtask image`, which builds them).
+//! Needs root, the Debian packages of the containerd harness, bpftool, and a build of the
+//! workspace's binaries with the `image-test` profile (the test runs `xtask image --profile
+//! image-test`, which builds them; `cargo xtask test` starts that build early). That profile is
+//! the release profile built faster: the same code, static linking and checks as the shipped image.
 
 use std::{
     fs,
@@ -223,6 +225,7 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     let tarball = ctrd.dir().join("ambit-image.tar");
     let built = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("image")
+        .args(["--profile", xtask::IMAGE_TEST_PROFILE])
         .arg("--out")
         .arg(&tarball)
         .current_dir(workspace())
