@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
 use support::{
-    ambit_bin, attached_links, cgroup_link_targets, echo_transfer, in_pod, our_map_ids, wait_until,
-    whoami, Mode, Server, SETTLE,
+    ambit_bin, attached_links, bpftool, cgroup_link_targets, echo_transfer, in_pod, our_map_ids,
+    wait_until, whoami, Mode, Server, SETTLE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -359,6 +359,68 @@ fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
         IpAddr::from(client.ip4()),
         "getsockname() translated after the upgrade: {d:?}"
     );
+}
+
+/// Original destinations live in socket storage (`BPF_MAP_TYPE_SK_STORAGE`), pinned like every
+/// map, so a restarted agent's programs use the same map. An agent started over the pins of a
+/// version that kept them in an LRU map keyed by socket cookie removes that map's pin, which no
+/// program uses any more.
+#[test]
+fn original_destinations_live_in_pinned_socket_storage_and_the_old_cookie_map_goes() {
+    let ClientServer {
+        mut agent,
+        client,
+        dst,
+        world,
+        _srv,
+        ..
+    } = ClientServer::new("cap-sk-storage");
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    let maps = agent.bpffs().join(ambit_common::PIN_ABI).join("maps");
+    let storage = maps.join(ambit_common::orig_dst_sk::MAP);
+    let show =
+        |pin: &std::path::Path| bpftool(&["map", "show", "pinned", pin.to_str().expect("utf8")]);
+    let before = show(&storage);
+    assert_eq!(before["type"], "sk_storage", "{before}");
+    let d = client
+        .run(move || dial(dst))
+        .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+    assert_eq!(
+        d.peer, dst,
+        "getpeername() reads the socket's storage: {d:?}"
+    );
+
+    // What an earlier version leaves pinned beside the others: its cookie-keyed LRU map.
+    agent.kill();
+    let legacy = maps.join(ambit_common::orig_dst_sk::LEGACY_COOKIE_MAP);
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&legacy)
+        .args([
+            "type", "lru_hash", "key", "8", "value", "32", "entries", "64",
+        ])
+        .args(["name", "AMBIT_ORIG_DST_C"])
+        .status()
+        .expect("bpftool map create");
+    assert!(created.success(), "bpftool map create: {created}");
+
+    agent.start(&world);
+    agent.wait_enrolled(&[&client]);
+    assert!(
+        !legacy.exists(),
+        "the earlier version's map pin is removed: {}",
+        legacy.display()
+    );
+    assert_eq!(
+        show(&storage)["id"],
+        before["id"],
+        "the restarted agent's programs use the pinned storage map"
+    );
+    let d = client
+        .run(move || dial(dst))
+        .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", agent.log_tail()));
+    assert_eq!(d.peer, dst, "getpeername() after the restart: {d:?}");
 }
 
 /// The capture programs attach where the pods are (the kubelet's `kubepods`; here the node's

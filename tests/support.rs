@@ -181,7 +181,7 @@ fn our_prog_ids(map_ids: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn bpftool(args: &[&str]) -> serde_json::Value {
+pub fn bpftool(args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new("bpftool")
         .arg("-j")
         .args(args)

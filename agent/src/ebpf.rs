@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use ambit_common::{
     config, enrolled, excluded_in_ports, excluded_out_ports, exempt_sources, fast_path,
-    inbound_listeners, orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey,
+    inbound_listeners, orig_dst, orig_dst_sk, pod_ips, stats, IpKey, SockAddrKey,
 };
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
@@ -221,7 +221,6 @@ pub struct Capture {
     excl_out: BpfHashMap<MapData, excluded_out_ports::Key, u32>,
     excl_in: BpfHashMap<MapData, excluded_in_ports::Key, u32>,
     exempt: BpfHashMap<MapData, IpKey, u32>,
-    by_cookie: BpfHashMap<MapData, u64, orig_dst_by_cookie::Value>,
     orig_dst: BpfHashMap<MapData, orig_dst::ConnKey, SockAddrKey>,
     stats: PerCpuArray<MapData, u64>,
     fast_path: SockHash<MapData, orig_dst::ConnKey>,
@@ -327,6 +326,22 @@ impl Capture {
             attach_to_cgroup::<CgroupSockAddr>(&mut bpf, name, &at)?;
         }
         attach_to_cgroup::<SockOps>(&mut bpf, SOCKOPS_PROGRAM, &at)?;
+        // The attached programs keep original destinations in socket storage (ORIG_DST_SK, which
+        // the kernel frees with each socket): the cookie-keyed map an earlier version pinned is no
+        // longer any program's, and goes with its pin.
+        let legacy = pin_dir.join("maps").join(orig_dst_sk::LEGACY_COOKIE_MAP);
+        match std::fs::remove_file(&legacy) {
+            Ok(()) => {
+                tracing::info!(pin = %legacy.display(), "removed an earlier version's map pin")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(EbpfError::Bpffs {
+                    path: legacy,
+                    source,
+                })
+            }
+        }
         // Attached per pod netns (enrol) and to the fast-path map (below).
         program::<SkLookup>(&mut bpf, SK_LOOKUP_PROGRAM)?
             .load()
@@ -380,7 +395,6 @@ impl Capture {
             excl_out: take!(excluded_out_ports::MAP),
             excl_in: take!(excluded_in_ports::MAP),
             exempt: take!(exempt_sources::MAP),
-            by_cookie: take!(orig_dst_by_cookie::MAP),
             orig_dst: take!(orig_dst::MAP),
             stats: take!(stats::MAP),
             fast_path,
@@ -520,16 +534,6 @@ impl Capture {
         for k in stale_conn {
             let _ = self.orig_dst.remove(&k);
         }
-        let stale_cookie: Vec<_> = self
-            .by_cookie
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.netns_cookie == cookie)
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale_cookie {
-            let _ = self.by_cookie.remove(&k);
-        }
     }
 
     /// Removes inbound entries for IPs of `old` that `new` (if any) does not keep.
@@ -596,7 +600,6 @@ impl Capture {
         m.insert(excluded_out_ports::MAP, self.excl_out.keys().count());
         m.insert(excluded_in_ports::MAP, self.excl_in.keys().count());
         m.insert(exempt_sources::MAP, self.exempt.keys().count());
-        m.insert(orig_dst_by_cookie::MAP, self.by_cookie.keys().count());
         m.insert(orig_dst::MAP, self.orig_dst.keys().count());
         // Live sockets of open captured connections; each leaves the map when its socket closes.
         // Unenrolment does not remove them: dropping a socket from a sockmap purges data the

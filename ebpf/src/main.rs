@@ -13,17 +13,17 @@ mod programs {
         enrolled::{self, PodNetns},
         excluded_in_ports, excluded_out_ports, exempt_sources, fast_path,
         fast_path_sent::{self, Sent},
-        inbound_listeners, orig_dst, orig_dst_by_cookie, pod_ips, stats, IpKey, SockAddrKey,
-        AF_INET6, HBONE_PORT, LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
+        inbound_listeners, orig_dst, orig_dst_sk, pod_ips, stats, IpKey, SockAddrKey, AF_INET6,
+        HBONE_PORT, LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
     };
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr, BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-            BPF_TCP_CLOSE,
+            bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, bpf_sock_addr, BPF_ANY, BPF_F_INGRESS,
+            BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         },
-        helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
-        macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+        helpers::{bpf_get_netns_cookie, bpf_sk_storage_get},
+        macros::{btf_map, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
         programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
         EbpfContext,
@@ -38,9 +38,8 @@ mod programs {
 
     #[map(name = "AMBIT_ENROLLED")]
     static ENROLLED: HashMap<u64, PodNetns> = HashMap::pinned(enrolled::MAX_ENTRIES, 0);
-    #[map(name = "AMBIT_ORIG_DST_COOKIE")]
-    static ORIG_DST_BY_COOKIE: LruHashMap<u64, orig_dst_by_cookie::Value> =
-        LruHashMap::pinned(orig_dst_by_cookie::MAX_ENTRIES, 0);
+    #[btf_map(name = "AMBIT_ORIG_DST_SK")]
+    static ORIG_DST_SK: PinnedSkStorage<orig_dst_sk::Value> = PinnedSkStorage::new();
     #[map(name = "AMBIT_ORIG_DST")]
     static ORIG_DST: LruHashMap<orig_dst::ConnKey, SockAddrKey> =
         LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
@@ -65,6 +64,68 @@ mod programs {
     static CONFIG: Array<Config> = Array::pinned(1, 0);
     #[map(name = "AMBIT_STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::MAX_ENTRIES, 0);
+
+    /// A socket-local storage map (`BPF_MAP_TYPE_SK_STORAGE`) in BTF form, pinned by name like the
+    /// other maps so that a restarted agent's programs find what the last one's stored.
+    /// aya-ebpf's `btf_maps::SkStorage` has no `pinning` field and reads only sock_addr contexts;
+    /// the fields are libbpf's (`__uint(pinning, LIBBPF_PIN_BY_NAME)`), which aya's loader reads.
+    #[repr(C)]
+    struct PinnedSkStorage<T> {
+        r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+        key: *const i32,
+        value: *const T,
+        max_entries: *const [i32; 0],
+        map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+        /// LIBBPF_PIN_BY_NAME.
+        pinning: *const [i32; 1],
+    }
+
+    // SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
+    unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+    impl<T> PinnedSkStorage<T> {
+        const fn new() -> Self {
+            PinnedSkStorage {
+                r#type: core::ptr::null(),
+                key: core::ptr::null(),
+                value: core::ptr::null(),
+                max_entries: core::ptr::null(),
+                map_flags: core::ptr::null(),
+                pinning: core::ptr::null(),
+            }
+        }
+
+        /// The storage of `sk`, created (zeroed) if `create` and it has none; None if it has none
+        /// and `create` is false, or if the kernel could not allocate it.
+        #[inline(always)]
+        fn get(&self, sk: *mut bpf_sock, create: bool) -> Option<*mut T> {
+            let flags = if create {
+                BPF_SK_STORAGE_GET_F_CREATE as u64
+            } else {
+                0
+            };
+            let map = core::ptr::from_ref(self).cast_mut().cast();
+            // SAFETY: `map` is this map's definition, which the loader relocates to the map; `sk`
+            // is a full socket taken from the program's context.
+            let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) };
+            (!p.is_null()).then_some(p.cast())
+        }
+    }
+
+    /// The socket of a cgroup sock_addr program (always set, and a full socket).
+    #[inline(always)]
+    fn addr_sk(ctx: &SockAddrContext) -> *mut bpf_sock {
+        // SAFETY: the context's `sk` field, valid for the program's run.
+        unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+    }
+
+    /// A captured socket's original destination, copied out.
+    #[inline(always)]
+    fn captured(ctx: &SockAddrContext) -> Option<orig_dst_sk::Value> {
+        let p = ORIG_DST_SK.get(addr_sk(ctx), false)?;
+        // SAFETY: the storage lives as long as the socket, which outlives this program's run.
+        Some(unsafe { *p })
+    }
 
     #[inline(always)]
     fn count(index: u32) {
@@ -134,13 +195,12 @@ mod programs {
         true
     }
 
-    /// Record the original destination under the socket cookie. Failing to record it refuses the
-    /// connect: a captured connection without a destination must not bypass the proxy.
+    /// Record the original destination in the socket's own storage. Failing to record it refuses
+    /// the connect: a captured connection without a destination must not bypass the proxy.
     #[inline(always)]
     fn record(ctx: &SockAddrContext, netns: u64, dst: IpKey, port: u16) -> Result<(), ()> {
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let value = orig_dst_by_cookie::Value {
+        let p = ORIG_DST_SK.get(addr_sk(ctx), true).ok_or(())?;
+        let value = orig_dst_sk::Value {
             netns_cookie: netns,
             dst: SockAddrKey {
                 ip: dst,
@@ -148,9 +208,10 @@ mod programs {
             },
             reserved: 0,
         };
-        ORIG_DST_BY_COOKIE
-            .insert(&cookie, &value, 0)
-            .map_err(|_| ())
+        // SAFETY: the socket's storage, valid while the socket lives. A socket that connects again
+        // (after a failed non-blocking connect) overwrites its last destination.
+        unsafe { *p = value };
+        Ok(())
     }
 
     #[cgroup_sock_addr(connect4)]
@@ -231,12 +292,10 @@ mod programs {
     /// reports the original destination, not the proxy listener.
     #[cgroup_sock_addr(getpeername4)]
     pub fn ambit_peer4(ctx: SockAddrContext) -> i32 {
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
-            // SAFETY: map value pointer valid during the program; writable ctx fields.
+        if let Some(orig) = captured(&ctx) {
+            // SAFETY: writable ctx fields.
             unsafe {
-                let orig = (*orig).dst;
+                let orig = orig.dst;
                 if orig.ip.is_v4_mapped() {
                     let sa = ctx.sock_addr;
                     write_volatile(addr_of_mut!((*sa).user_ip4), orig.ip.addr[3]);
@@ -252,12 +311,10 @@ mod programs {
 
     #[cgroup_sock_addr(getpeername6)]
     pub fn ambit_peer6(ctx: SockAddrContext) -> i32 {
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
-            // SAFETY: map value pointer valid during the program; writable ctx fields.
+        if let Some(orig) = captured(&ctx) {
+            // SAFETY: writable ctx fields.
             unsafe {
-                let orig = (*orig).dst;
+                let orig = orig.dst;
                 let sa = ctx.sock_addr;
                 let w = addr_of_mut!((*sa).user_ip6) as *mut u32;
                 write_volatile(w, orig.ip.addr[0]);
@@ -320,11 +377,8 @@ mod programs {
     /// loopback address then, which is all it really has).
     #[inline(always)]
     fn captured_local(ctx: &SockAddrContext) -> Option<IpKey> {
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // SAFETY: map value pointers valid during the program; copied out at once.
-        let entry = unsafe { *ORIG_DST_BY_COOKIE.get_ptr(&cookie)? };
-        // SAFETY: as above.
+        let entry = captured(ctx)?;
+        // SAFETY: map value pointer valid during the program; copied out at once.
         let pod = unsafe { *ENROLLED.get_ptr(&entry.netns_cookie)? };
         if entry.dst.ip.is_v4_mapped() {
             (pod.flags & enrolled::FLAG_HAS_IP4 != 0).then_some(pod.ip4)
@@ -335,9 +389,9 @@ mod programs {
 
     // ---------------------------------------------------------------- sockops
 
-    /// Moves a captured socket's original destination from its cookie to its address pair, which is
-    /// all the proxy knows after `accept()`. Runs at ACTIVE_ESTABLISHED, before the client's ACK, so
-    /// the entry exists before the proxy can accept.
+    /// Copies a captured socket's original destination from its storage to its address pair, which
+    /// is all the proxy knows after `accept()`. Runs at ACTIVE_ESTABLISHED, before the client's ACK,
+    /// so the entry exists before the proxy can accept.
     #[sock_ops]
     pub fn ambit_sockops(ctx: SockOpsContext) -> u32 {
         let _ = try_sockops(&ctx);
@@ -348,10 +402,13 @@ mod programs {
     fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         let op = ctx.op();
         if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-            // SAFETY: helper valid for sock_ops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let entry = match ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
-                // SAFETY: copy the value out before anything can remove it.
+            // SAFETY: the context's `sk` field, a full socket at ACTIVE_ESTABLISHED.
+            let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+            if sk.is_null() {
+                return Ok(());
+            }
+            let entry = match ORIG_DST_SK.get(sk, false) {
+                // SAFETY: the socket's storage, copied out.
                 Some(p) => unsafe { *p },
                 None => return Ok(()),
             };
@@ -405,9 +462,6 @@ mod programs {
                     count(stats::FAST_PATH_SOCKETS);
                 }
             }
-            // Ask for state changes so the cookie entry is dropped when the socket closes.
-            // SAFETY: helper valid for sock_ops programs on a full socket.
-            unsafe { bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
         } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
             && ctx.local_port() == OUTBOUND_PORT as u32
             && fast_path_on()
@@ -453,10 +507,6 @@ mod programs {
             {
                 count(stats::FAST_PATH_SOCKETS);
             }
-        } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-            // SAFETY: helper valid for sock_ops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
         }
         Ok(())
     }

@@ -111,16 +111,20 @@ pub mod enrolled {
     const _: () = assert!(core::mem::size_of::<PodNetns>() == 56);
 }
 
-/// `ORIG_DST_BY_COOKIE`: socket cookie → original destination, written at connect; kept for the
-/// socket's life so `getpeername()` can report it, removed by sockops when the socket closes.
-/// LRU: a refused connect never reaches sockops and would otherwise leak its entry.
-pub mod orig_dst_by_cookie {
-    pub const MAP: &str = "AMBIT_ORIG_DST_COOKIE";
-    pub const MAX_ENTRIES: u32 = 131_072;
-    /// Keyed by `u64` socket cookie. The netns cookie lets unenrolment purge a pod's entries.
+/// `ORIG_DST_SK`: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) of a captured socket's
+/// original destination, written at connect and read by `getpeername()`/`getsockname()` and by
+/// sockops. The kernel frees it with the socket: no entry outlives its socket (a refused connect
+/// included), none is evicted while its socket lives, and no state callback is needed to drop it.
+/// It replaces `AMBIT_ORIG_DST_COOKIE`, an LRU map keyed by socket cookie (the agent unpins that
+/// map where an earlier version left it).
+pub mod orig_dst_sk {
+    pub const MAP: &str = "AMBIT_ORIG_DST_SK";
+    /// The map an earlier version kept the same values in, keyed by socket cookie.
+    pub const LEGACY_COOKIE_MAP: &str = "AMBIT_ORIG_DST_COOKIE";
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
     pub struct Value {
+        /// The socket's netns (sockets never change netns), for the key sockops writes.
         pub netns_cookie: u64,
         pub dst: super::SockAddrKey,
         pub reserved: u32,
@@ -284,7 +288,7 @@ mod user {
     unsafe impl aya::Pod for super::SockAddrKey {}
     unsafe impl aya::Pod for super::enrolled::PodNetns {}
     unsafe impl aya::Pod for super::orig_dst::ConnKey {}
-    unsafe impl aya::Pod for super::orig_dst_by_cookie::Value {}
+    unsafe impl aya::Pod for super::orig_dst_sk::Value {}
     unsafe impl aya::Pod for super::excluded_out_ports::Key {}
     unsafe impl aya::Pod for super::pod_ips::PodIp {}
     unsafe impl aya::Pod for super::excluded_in_ports::Key {}
