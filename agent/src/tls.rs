@@ -122,7 +122,8 @@ fn build_server(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // Istio ztunnel: no session tickets; HBONE connections are long-lived and pooled.
+    // No session tickets: HBONE connections are long-lived and pooled, and no client resumes
+    // (ours does not, nor does ztunnel's, whose server still sends rustls's default two).
     cfg.send_tls13_tickets = 0;
     Arc::new(cfg)
 }
@@ -174,6 +175,10 @@ fn build_client(
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     // Istio ztunnel: the destination is identified by its SPIFFE id, not by a host name.
     cfg.enable_sni = false;
+    // Istio ztunnel: every connection is a full handshake whose certificate is verified against
+    // the identities expected now. A ticket from a ztunnel server (it sends two) would otherwise
+    // let a later connection to that address resume without presenting a certificate.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Arc::new(cfg)
 }
 

@@ -24,6 +24,7 @@ struct Seen {
     alpn: Option<Vec<u8>>,
     sni: Option<String>,
     version: Option<ProtocolVersion>,
+    kind: Option<rustls::HandshakeKind>,
 }
 
 fn seen(conn: &rustls::CommonState, sni: Option<&str>) -> Seen {
@@ -33,6 +34,7 @@ fn seen(conn: &rustls::CommonState, sni: Option<&str>) -> Seen {
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         sni: sni.map(str::to_owned),
         version: conn.protocol_version(),
+        kind: conn.handshake_kind(),
     }
 }
 
@@ -256,6 +258,39 @@ async fn mtls_handshake_with_matching_identities() {
     assert_eq!(server.sni, None, "the client sends no SNI");
     assert_eq!(server.version, Some(ProtocolVersion::TLSv1_3));
     assert_eq!(client.version, Some(ProtocolVersion::TLSv1_3));
+}
+
+/// As ztunnel's client: no connection resumes a TLS session, so each verifies the server's
+/// certificate against the identities expected now, even against a server that sends tickets
+/// (ztunnel's sends rustls's default two).
+#[tokio::test]
+async fn the_client_never_resumes_even_when_the_server_sends_tickets() {
+    let w = world("tls-resume", DEFAULT_CERT_TTL).await;
+    let mut ticketing = (*w.server()).clone();
+    ticketing.send_tls13_tickets = 2;
+    ticketing.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+    let ticketing = Arc::new(ticketing);
+    let kinds = |client: Arc<ClientConfig>| {
+        let server = ticketing.clone();
+        async move {
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let (_, c) = handshake(server.clone(), client.clone()).await;
+                kinds.push(c.unwrap_or_else(|e| panic!("client side: {e}")).kind);
+            }
+            kinds
+        }
+    };
+    // The control: a client with rustls's default resumption resumes the second time.
+    let mut resuming = (*w.client()).clone();
+    resuming.resumption = rustls::client::Resumption::default();
+    let full = Some(rustls::HandshakeKind::Full);
+    assert_eq!(
+        kinds(Arc::new(resuming)).await,
+        [full, Some(rustls::HandshakeKind::Resumed)],
+        "the server lets a client resume"
+    );
+    assert_eq!(kinds(w.client()).await, [full, full], "ours never resumes");
 }
 
 #[tokio::test]
