@@ -17,8 +17,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 /// Starts small so idle connections cost little; grows for bulk transfers (as ztunnel does).
-const INITIAL_BUF: usize = 16 * 1024;
-const LARGE_BUF: usize = 256 * 1024;
+/// On HBONE a chunk becomes one DATA frame (a 9-byte header, then the chunk), which TLS cuts into
+/// records of at most 16 KiB of plaintext. The sizes are ztunnel's, 64 bytes short of whole records,
+/// so a full chunk's frame fills its records: a 16 KiB chunk was a 16 KiB record and a 9-byte one,
+/// each sealed, sent and opened on its own.
+const TLS_RECORD: usize = 16 * 1024;
+const INITIAL_BUF: usize = TLS_RECORD - 64;
+const LARGE_BUF: usize = 16 * TLS_RECORD - 64;
 /// Consecutive full reads before growing the buffer.
 const FULL_READS_TO_GROW: u32 = 4;
 
