@@ -316,9 +316,7 @@ fn restart_over_pins_of_a_version_without_getsockname_attaches_it() {
         world,
         _srv,
         ..
-    } = ClientServer::new("cap-sockname-up");
-    agent.start(&world);
-    agent.wait_enrolled(&[&client]);
+    } = ClientServer::started("cap-sockname-up");
     let maps = our_map_ids(agent.bpffs());
 
     // What an agent without the getsockname programs leaves behind when it dies: every other
@@ -374,9 +372,7 @@ fn original_destinations_live_in_pinned_socket_storage_and_the_old_cookie_map_go
         world,
         _srv,
         ..
-    } = ClientServer::new("cap-sk-storage");
-    agent.start(&world);
-    agent.wait_enrolled(&[&client]);
+    } = ClientServer::started("cap-sk-storage");
     let maps = agent.bpffs().join(ambit_common::PIN_ABI).join("maps");
     let storage = maps.join(ambit_common::orig_dst_sk::MAP);
     let show =
@@ -547,6 +543,14 @@ struct ClientServer {
 }
 
 impl ClientServer {
+    /// As [`ClientServer::new`], with the agent started and the client enrolled.
+    fn started(test: &str) -> ClientServer {
+        let mut cs = ClientServer::new(test);
+        cs.agent.start(&cs.world);
+        cs.agent.wait_enrolled(&[&cs.client]);
+        cs
+    }
+
     fn new(test: &str) -> ClientServer {
         let world = World::new(test);
         let n1 = world.node("n1");
