@@ -292,8 +292,8 @@ fn build_static(bins: &[BinTarget], triple: &str, profile: &str) -> Result<Vec<P
         .collect()
 }
 
-/// The directory under `target/<triple>/` that cargo writes a profile's output to: `dev`'s is
-/// `debug`, every other profile's is its name.
+/// The directory under `target/<triple>/` that cargo writes a profile's output to: `debug` for
+/// `dev` and `test`, `release` for `bench`, and its own name for any other profile.
 fn profile_dir(profile: &str) -> &str {
     match profile {
         "dev" | "test" => "debug",
