@@ -12,9 +12,14 @@ use std::{
 };
 
 /// The cargo profile of the image `cargo xtask test` builds and runs (xtask/tests/image.rs): the
-/// release profile without LTO, in parallel codegen units, at opt-level 1 (Cargo.toml). The shipped
-/// image (`cargo xtask image`, the Dockerfile) is built with `release`.
+/// dev profile without debug info (Cargo.toml). The shipped image (`cargo xtask image`, the
+/// Dockerfile) is built with `release`.
 pub const IMAGE_TEST_PROFILE: &str = "image-test";
+
+/// What `cargo xtask test` passes `cargo test` before anything else: every package that builds for
+/// the host. A nested build that needs one of the workspace's binaries (tests/cni.rs) uses the
+/// same selection, so cargo unifies the same features and finds the binary already built.
+pub const WORKSPACE_TEST_ARGS: [&str; 4] = ["test", "--workspace", "--exclude", ebpf::PACKAGE];
 
 /// The workspace root. xtask is only ever built from its path inside this workspace, so its own
 /// manifest directory finds the root both under `cargo xtask` and inside agent/build.rs.

@@ -332,17 +332,12 @@ impl Drop for Prebuild {
 /// does not hide the others' results; it goes before the user's arguments, since everything after
 /// their `--` belongs to the test binaries.
 fn cargo_test_args(user: Vec<OsString>) -> Vec<OsString> {
-    [
-        "test",
-        "--workspace",
-        "--exclude",
-        ebpf::PACKAGE,
-        "--no-fail-fast",
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .chain(user)
-    .collect()
+    xtask::WORKSPACE_TEST_ARGS
+        .into_iter()
+        .chain(["--no-fail-fast"])
+        .map(OsString::from)
+        .chain(user)
+        .collect()
 }
 
 fn demo(args: Vec<OsString>) -> Result<()> {
