@@ -27,11 +27,18 @@ fn cni_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = xtask::cmd::nested_cargo(&cargo)
+        let mut build = xtask::cmd::nested_cargo(&cargo);
+        build
             .args(xtask::WORKSPACE_TEST_ARGS)
             .args(["--no-run", "--quiet"])
             .current_dir(xtask::workspace_root())
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // `cargo xtask test` builds with clippy as the workspace's rustc wrapper (and passes its
+        // environment on to the tests): the same build has the same wrapper.
+        if let Some(wrapper) = std::env::var_os("RUSTC_WORKSPACE_WRAPPER") {
+            build.env("RUSTC_WORKSPACE_WRAPPER", wrapper);
+        }
+        let status = build
             .status()
             .expect("run cargo test --no-run for ambit-cni");
         assert!(status.success(), "cargo test --no-run: {status}");
