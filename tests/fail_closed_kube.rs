@@ -378,3 +378,51 @@ fn a_gracefully_deleted_pod_stays_enrolled_until_its_sandbox_exits() {
     let _ = server_sandbox.wait_timeout(Duration::from_secs(5));
     agent.wait_enrolled(&[&client]);
 }
+
+/// The capture programs attach to one cgroup (`--cgroup-attach`, by default the kubelet's
+/// `kubepods`). A pod whose cgroup is elsewhere would be enrolled and never captured: its
+/// connections would bypass the mesh. Here n1's agent attaches to n2's node cgroup, so n1's pod is
+/// outside it: the agent refuses the pod and says why. Attached at n1's own cgroup, it enrols it.
+#[test]
+fn a_pod_outside_the_capture_cgroup_is_refused_rather_than_enrolled_uncaptured() {
+    let world = World::new("fck-cgroup");
+    let n1 = world.node("n1");
+    let n2 = world.node("n2");
+    let server = world.pod("server").node(&n1).namespace("mesh").spawn();
+    let _sandbox = server.start_sandbox();
+    let (_fake, mut agent) = kube_agent(
+        &world,
+        &n1,
+        &ClusterYaml::new().ambient("mesh").pod(&server),
+    );
+    let under_root = |node: &Node| {
+        let rel = node
+            .cgroup()
+            .strip_prefix(world.cgroup_root())
+            .expect("node cgroups sit under the world's cgroup root");
+        format!("/{}", rel.display())
+    };
+    agent.set_cgroup_attach(&under_root(&n2));
+    agent.start(&world);
+    let status = agent.wait_for("the pod refused, with the reason", PATIENCE, |s| {
+        s["config_errors"]
+            .to_string()
+            .contains("Pod mesh/server: cannot enrol: pod uid")
+    });
+    let errors = status["config_errors"].to_string();
+    assert!(
+        errors.contains("where the capture programs attach (--cgroup-attach)")
+            && errors.contains(&under_root(&n2)),
+        "{errors}"
+    );
+    assert_eq!(
+        status["pods"],
+        serde_json::json!([]),
+        "nothing enrolled uncaptured"
+    );
+
+    agent.stop();
+    agent.set_cgroup_attach(&under_root(&n1));
+    agent.start(&world);
+    agent.wait_enrolled(&[&server]);
+}

@@ -29,7 +29,9 @@ use crate::config::files::FileSource;
 use crate::config::kube::{KubeStats, WatchState};
 use crate::config::{Kind, ObjectRef, SourceEvent};
 use crate::dns::{Dns, DnsAnswers, SystemLookup};
-use crate::node::discovery::{desired_pods, AnnotatedNetns, NetnsResolver, ProcNetns};
+use crate::node::discovery::{
+    desired_pods, AnnotatedNetns, CaptureScope, NetnsResolver, ProcNetns,
+};
 use crate::node::Node;
 use crate::policy::PolicyNote;
 use crate::proxy::ProxyInputs;
@@ -110,6 +112,9 @@ pub(super) struct Control {
     metrics: Arc<AgentMetrics>,
     source: Source,
     resolver: Box<dyn NetnsResolver>,
+    /// In a cluster, with the capture programs attached below the cgroup root: pods outside that
+    /// cgroup are held back, not enrolled uncaptured.
+    capture_scope: Option<CaptureScope>,
     /// Problems of the last reconcile: pods that could not be enrolled, and what an operator
     /// should know about the policies as compiled.
     enrol_problems: Vec<Problem>,
@@ -144,6 +149,10 @@ impl Control {
         source: Source,
         cni: Option<(Receiver<crate::node::cni::CniCall>, PathBuf)>,
     ) -> Self {
+        let capture_scope = match &cfg.source {
+            ConfigSource::Kubernetes => CaptureScope::new(&cfg.capture.cgroup),
+            ConfigSource::Files(_) => None,
+        };
         let resolver: Box<dyn NetnsResolver> = match &cfg.source {
             ConfigSource::Files(_) => Box::new(AnnotatedNetns {
                 dir: PathBuf::from("/var/run/netns"),
@@ -163,6 +172,7 @@ impl Control {
             metrics,
             source,
             resolver,
+            capture_scope,
             enrol_problems: Vec::new(),
             policy_problems: Vec::new(),
             dns: None,
@@ -310,6 +320,17 @@ impl Control {
         if let Some(cni) = self.cni.as_mut() {
             cni.apply(&state, &self.node_name, &mut desired);
             cni.publish(&state, &self.node_name);
+        }
+        // After the CNI's overlay: a pod its ADD reported is checked too.
+        if let Some(scope) = &self.capture_scope {
+            let enrolled = self.node.pods().into_iter().map(|p| p.pod).collect();
+            scope.hold_outside(&mut desired, &enrolled, |ns, name| {
+                state
+                    .workloads
+                    .get(&crate::state::key(ns, name))
+                    .map(|w| w.uid.to_string())
+                    .filter(|u| !u.is_empty())
+            });
         }
         let complete = state.is_complete();
         let errors = self.node.reconcile(&desired.pods, complete);

@@ -13,7 +13,7 @@
 //! A terminating pod (deletionTimestamp set) stays enrolled while its sandbox runs, as ztunnel
 //! keeps it until its containers have exited: its traffic while shutting down stays meshed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -118,6 +118,109 @@ impl NetnsResolver for ProcNetns {
                 )),
             })
             .collect()
+    }
+}
+
+/// Where the capture programs attach (`--cgroup-attach`) when that is not the cgroup hierarchy's
+/// root. A pod whose cgroup is not under it would be enrolled and never captured: its connections
+/// would bypass the mesh while the agent called it meshed. Such a pod is held back instead.
+#[derive(Debug, Clone)]
+pub struct CaptureScope {
+    cgroup: PathBuf,
+}
+
+/// How deep under the capture cgroup the kubelet puts a pod's cgroup: `kubepods/pod<uid>`
+/// (Guaranteed), `kubepods/<qos>/pod<uid>` with either driver, and one level to spare.
+const POD_CGROUP_DEPTH: usize = 3;
+
+impl CaptureScope {
+    /// `None` at the hierarchy's root (the only cgroup without a `cgroup.type`): every pod is
+    /// under it, and nothing needs checking.
+    pub fn new(capture_cgroup: &Path) -> Option<CaptureScope> {
+        capture_cgroup
+            .join("cgroup.type")
+            .exists()
+            .then(|| CaptureScope {
+                cgroup: capture_cgroup.to_path_buf(),
+            })
+    }
+
+    /// Moves the pods of `desired` that are not enrolled yet (`enrolled` holds the keys of those
+    /// that are) and whose cgroup is not under the capture cgroup to `desired.waiting`, with the
+    /// reason; `uid_of(namespace, name)` is the pod's UID. An enrolled pod is never taken out
+    /// here: that would unenrol it, and a failed listing would stop capturing every pod.
+    pub fn hold_outside(
+        &self,
+        desired: &mut Desired,
+        enrolled: &HashSet<String>,
+        uid_of: impl Fn(&str, &str) -> Option<String>,
+    ) {
+        if desired.pods.iter().all(|p| enrolled.contains(&p.key())) {
+            return;
+        }
+        let under = self.pods_under();
+        let mut kept = Vec::with_capacity(desired.pods.len());
+        for pod in std::mem::take(&mut desired.pods) {
+            if enrolled.contains(&pod.key()) {
+                kept.push(pod);
+                continue;
+            }
+            let uid = uid_of(&pod.namespace, &pod.name).map(|u| u.replace('_', "-"));
+            let why = match (&under, uid) {
+                (Err(e), _) => Some(e.clone()),
+                (Ok(_), None) => Some(format!(
+                    "no pod UID to find its cgroup under {} by (--cgroup-attach)",
+                    self.cgroup.display()
+                )),
+                (Ok(uids), Some(uid)) if !uids.contains(&uid) => Some(format!(
+                    "pod uid {uid}: its cgroup is not under {}, where the capture programs \
+                     attach (--cgroup-attach): its connections would not be captured",
+                    self.cgroup.display()
+                )),
+                (Ok(_), Some(_)) => None,
+            };
+            match why {
+                Some(why) => desired.waiting.push((pod.namespace, pod.name, why)),
+                None => kept.push(pod),
+            }
+        }
+        desired.pods = kept;
+    }
+
+    /// The pod UIDs with a cgroup under the capture cgroup, by the kubelet's names for pod
+    /// cgroups (so the agent's own cgroup namespace does not matter).
+    fn pods_under(&self) -> Result<HashSet<String>, String> {
+        let mut found = HashSet::new();
+        let mut todo = vec![(self.cgroup.clone(), 0)];
+        while let Some((dir, depth)) = todo.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                // A cgroup removed mid-walk (a pod that ended) is simply not there.
+                Err(_) if depth > 0 => continue,
+                Err(e) => {
+                    return Err(format!(
+                        "cannot list {}, where the capture programs attach (--cgroup-attach): {e}",
+                        dir.display()
+                    ))
+                }
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let uid = pod_uids_in(name).next();
+                match uid {
+                    Some(uid) => {
+                        found.insert(uid);
+                    }
+                    None if depth + 1 < POD_CGROUP_DEPTH => todo.push((entry.path(), depth + 1)),
+                    None => {}
+                }
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -278,6 +381,84 @@ mod tests {
             found[2].as_ref().is_err_and(|e| e.contains("0000-none")),
             "{:?}",
             found[2]
+        );
+    }
+
+    #[test]
+    fn pods_outside_the_capture_cgroup_are_held_back_and_enrolled_ones_kept() {
+        let root = std::env::temp_dir().join(format!("ambit-capture-scope-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // The hierarchy's root (no cgroup.type) and kubepods under it, with both drivers' names.
+        let kubepods = root.join("kubepods.slice");
+        for dir in [
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1111_aaaa.slice/cri-a.scope",
+            "kubepods.slice/kubepods-pod2222_bbbb.slice",
+            "elsewhere.slice/pod3333-cccc",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("fake cgroup");
+        }
+        std::fs::write(kubepods.join("cgroup.type"), "domain\n").expect("cgroup.type");
+        let scope = CaptureScope::new(&kubepods).expect("kubepods is not the root");
+        let at_root = CaptureScope::new(&root);
+        let unlistable = CaptureScope {
+            cgroup: root.join("gone"),
+        };
+        let spec = |name: &str| {
+            let mut w = workload("");
+            w.name = name.into();
+            pod_spec(&w, PathBuf::from("/proc/1/ns/net"))
+        };
+        let uid_of = |_: &str, name: &str| match name {
+            "burstable" => Some("1111_aaaa".to_string()),
+            "guaranteed" => Some("2222-bbbb".to_string()),
+            "outside" | "adopted" => Some("3333-cccc".to_string()),
+            _ => None,
+        };
+        let desired = || Desired {
+            pods: ["burstable", "guaranteed", "outside", "adopted", "no-uid"]
+                .map(spec)
+                .to_vec(),
+            ..Desired::default()
+        };
+        // `adopted` is enrolled already: whatever its cgroup, it is not taken out (that would
+        // unenrol it).
+        let enrolled: HashSet<String> = ["shop/adopted".to_string()].into();
+        let mut checked = desired();
+        scope.hold_outside(&mut checked, &enrolled, uid_of);
+        let mut failed = desired();
+        unlistable.hold_outside(&mut failed, &enrolled, uid_of);
+        let _ = std::fs::remove_dir_all(&root);
+
+        let names = |d: &Desired| d.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&checked), ["burstable", "guaranteed", "adopted"]);
+        let why: HashMap<&str, &str> = checked
+            .waiting
+            .iter()
+            .map(|(_, name, why)| (name.as_str(), why.as_str()))
+            .collect();
+        assert!(
+            why["outside"].contains("3333-cccc")
+                && why["outside"].contains("kubepods.slice")
+                && why["outside"].contains("--cgroup-attach"),
+            "{why:?}"
+        );
+        assert!(why["no-uid"].contains("no pod UID"), "{why:?}");
+        assert!(
+            at_root.is_none(),
+            "the root covers every pod: nothing to check"
+        );
+        assert_eq!(
+            names(&failed),
+            ["adopted"],
+            "a failed listing enrols nothing new"
+        );
+        assert!(
+            failed
+                .waiting
+                .iter()
+                .all(|(_, _, why)| why.contains("cannot list")),
+            "{:?}",
+            failed.waiting
         );
     }
 }
