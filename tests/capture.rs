@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ambit::harness::{ClusterYaml, LocalAgent, World};
 use support::{
-    ambit_bin, attached_links, bpftool, cgroup_link_targets, echo_transfer, in_pod, our_map_ids,
-    wait_until, whoami, Mode, Server, SETTLE,
+    ambit_bin, attached_links, bpftool, cgroup_attach_spec, cgroup_link_targets, echo_transfer,
+    in_pod, our_map_ids, wait_until, whoami, Mode, Server, SETTLE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -447,11 +447,7 @@ fn programs_attach_at_the_pods_parent_cgroup_and_an_upgrade_moves_them_there() {
     assert_eq!(cgroup_link_targets(&maps), vec![root_id; 7], "at the root");
 
     // The same node, its agent upgraded to attach at the node's cgroup.
-    let rel = n1
-        .cgroup()
-        .strip_prefix(world.cgroup_root())
-        .expect("node cgroup under the root");
-    agent.set_cgroup_attach(&format!("/{}", rel.display()));
+    agent.set_cgroup_attach(&cgroup_attach_spec(&world, &n1));
     let old = agent.upgrade(&world);
     let exited = old
         .wait_timeout(SETTLE)

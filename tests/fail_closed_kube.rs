@@ -11,7 +11,9 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ambit::harness::{ClusterYaml, FakeKube, LocalAgent, Node, World};
-use support::{ambit_bin, attached_links, in_pod, our_map_ids, whoami, Mode, Server};
+use support::{
+    ambit_bin, attached_links, cgroup_attach_spec, in_pod, our_map_ids, whoami, Mode, Server,
+};
 
 /// Ceiling for waits: generous, because other jobs may hold both cores; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -395,14 +397,7 @@ fn a_pod_outside_the_capture_cgroup_is_refused_rather_than_enrolled_uncaptured()
         &n1,
         &ClusterYaml::new().ambient("mesh").pod(&server),
     );
-    let under_root = |node: &Node| {
-        let rel = node
-            .cgroup()
-            .strip_prefix(world.cgroup_root())
-            .expect("node cgroups sit under the world's cgroup root");
-        format!("/{}", rel.display())
-    };
-    agent.set_cgroup_attach(&under_root(&n2));
+    agent.set_cgroup_attach(&cgroup_attach_spec(&world, &n2));
     agent.start(&world);
     let status = agent.wait_for("the pod refused, with the reason", PATIENCE, |s| {
         s["config_errors"]
@@ -412,7 +407,7 @@ fn a_pod_outside_the_capture_cgroup_is_refused_rather_than_enrolled_uncaptured()
     let errors = status["config_errors"].to_string();
     assert!(
         errors.contains("where the capture programs attach (--cgroup-attach)")
-            && errors.contains(&under_root(&n2)),
+            && errors.contains(&cgroup_attach_spec(&world, &n2)),
         "{errors}"
     );
     assert_eq!(
@@ -422,7 +417,7 @@ fn a_pod_outside_the_capture_cgroup_is_refused_rather_than_enrolled_uncaptured()
     );
 
     agent.stop();
-    agent.set_cgroup_attach(&under_root(&n1));
+    agent.set_cgroup_attach(&cgroup_attach_spec(&world, &n1));
     agent.start(&world);
     agent.wait_enrolled(&[&server]);
 }

@@ -325,3 +325,12 @@ pub async fn echo_transfer(
     }
     (writer.await.expect("writer"), h.0, n)
 }
+
+/// `node`'s cgroup as `--cgroup-attach` takes it: its path under the world's cgroup root.
+pub fn cgroup_attach_spec(world: &ambit::harness::World, node: &ambit::harness::Node) -> String {
+    let rel = node
+        .cgroup()
+        .strip_prefix(world.cgroup_root())
+        .expect("node cgroups sit under the world's cgroup root");
+    format!("/{}", rel.display())
+}
