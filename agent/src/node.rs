@@ -173,6 +173,11 @@ impl Node {
         &mut self.capture
     }
 
+    /// Whether the pod of `key` (`namespace/name`) is enrolled.
+    pub fn is_enrolled(&self, key: &str) -> bool {
+        self.pods.contains_key(key)
+    }
+
     pub fn pods(&self) -> Vec<PodStatus> {
         self.pods
             .values()

@@ -323,14 +323,18 @@ impl Control {
         }
         // After the CNI's overlay: a pod its ADD reported is checked too.
         if let Some(scope) = &self.capture_scope {
-            let enrolled = self.node.pods().into_iter().map(|p| p.pod).collect();
-            scope.hold_outside(&mut desired, &enrolled, |ns, name| {
-                state
-                    .workloads
-                    .get(&crate::state::key(ns, name))
-                    .map(|w| w.uid.to_string())
-                    .filter(|u| !u.is_empty())
-            });
+            let node = &self.node;
+            scope.hold_outside(
+                &mut desired,
+                |key| node.is_enrolled(key),
+                |ns, name| {
+                    state
+                        .workloads
+                        .get(&crate::state::key(ns, name))
+                        .map(|w| w.uid.to_string())
+                        .filter(|u| !u.is_empty())
+                },
+            );
         }
         let complete = state.is_complete();
         let errors = self.node.reconcile(&desired.pods, complete);

@@ -145,23 +145,23 @@ impl CaptureScope {
             })
     }
 
-    /// Moves the pods of `desired` that are not enrolled yet (`enrolled` holds the keys of those
-    /// that are) and whose cgroup is not under the capture cgroup to `desired.waiting`, with the
+    /// Moves the pods of `desired` that are not enrolled yet (`is_enrolled(key)` tells those that
+    /// are) and whose cgroup is not under the capture cgroup to `desired.waiting`, with the
     /// reason; `uid_of(namespace, name)` is the pod's UID. An enrolled pod is never taken out
     /// here: that would unenrol it, and a failed listing would stop capturing every pod.
     pub fn hold_outside(
         &self,
         desired: &mut Desired,
-        enrolled: &HashSet<String>,
+        is_enrolled: impl Fn(&str) -> bool,
         uid_of: impl Fn(&str, &str) -> Option<String>,
     ) {
-        if desired.pods.iter().all(|p| enrolled.contains(&p.key())) {
+        if desired.pods.iter().all(|p| is_enrolled(&p.key())) {
             return;
         }
         let under = self.pods_under();
         let mut kept = Vec::with_capacity(desired.pods.len());
         for pod in std::mem::take(&mut desired.pods) {
-            if enrolled.contains(&pod.key()) {
+            if is_enrolled(&pod.key()) {
                 kept.push(pod);
                 continue;
             }
@@ -424,9 +424,9 @@ mod tests {
         // unenrol it).
         let enrolled: HashSet<String> = ["shop/adopted".to_string()].into();
         let mut checked = desired();
-        scope.hold_outside(&mut checked, &enrolled, uid_of);
+        scope.hold_outside(&mut checked, |k| enrolled.contains(k), uid_of);
         let mut failed = desired();
-        unlistable.hold_outside(&mut failed, &enrolled, uid_of);
+        unlistable.hold_outside(&mut failed, |k| enrolled.contains(k), uid_of);
         let _ = std::fs::remove_dir_all(&root);
 
         let names = |d: &Desired| d.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
