@@ -305,6 +305,10 @@ impl Capture {
             .default_map_pin_directory(pin_dir.join("maps"))
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
+        // The loader's parse of the kernel's BTF is freed by now: give its pages back at once.
+        if let Err(e) = sys::return_freed_pages() {
+            tracing::warn!(error = %e, "could not return the eBPF loader's freed memory");
+        }
 
         let cgroup = File::open(&cfg.cgroup).map_err(|source| EbpfError::Cgroup {
             path: cfg.cgroup.clone(),

@@ -1,4 +1,6 @@
-//! The few raw syscalls aya 0.14 does not expose. The only `unsafe` in userspace lives here.
+//! The few raw calls the loader needs that its crates do not expose: syscalls aya 0.14 lacks, and
+//! one allocator call that undoes what aya's loading leaves behind. The only `unsafe` in userspace
+//! lives here.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -129,4 +131,30 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// Returns the pages the allocator holds freed to the kernel now, rather than over its decay time
+/// (jemalloc's `dirty_decay_ms`, 10 s). aya's loader parses the kernel's whole BTF
+/// (`/sys/kernel/btf/vmlinux`, always, in `EbpfLoader::new`) into about 24 MB that it frees once
+/// the programs are loaded; without this the agent's RSS carries them through its first 10–20 s,
+/// which is when it enrols its pods and takes their first load (the l7 bench's first run read
+/// 45–60 MB, against 35 MB settled). Only for the agent binary, whose allocator is jemalloc
+/// (`main.rs`); with another allocator jemalloc holds nothing and there is nothing to return.
+pub fn return_freed_pages() -> io::Result<()> {
+    // `arena.<i>.purge` for MALLCTL_ARENAS_ALL (4096): every arena.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated name of a control that reads and writes nothing (null, 0).
+    let ret = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
 }
