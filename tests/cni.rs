@@ -362,6 +362,51 @@ fn in_kube_mode_the_add_brings_the_address_and_a_del_outlasts_the_proc_scan() {
     );
 }
 
+/// Fail closed at ADD: a pod whose cgroup is not under the capture programs' attach point would
+/// run with its connections never captured, so its ADD fails, with the reason, and the runtime
+/// does not start it; nothing is enrolled for it.
+#[test]
+fn in_kube_mode_an_add_for_a_pod_outside_the_capture_cgroup_fails_with_the_reason() {
+    let world = World::new("cni-outside");
+    let n1 = world.node("n1");
+    let n2 = world.node("n2");
+    let web = world.pod("web").node(&n1).namespace("mesh").spawn();
+    let fake = FakeKube::start(Some(n1.netns_path()));
+    fake.apply_yaml(&ClusterYaml::new().ambient("mesh").pod(&web).render())
+        .expect("seed the API server");
+    let agent = LocalAgent::new(&world, &n1, &ambit_bin());
+    let kubeconfig = agent.config_dir().join("kubeconfig");
+    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
+    let run_dir = cni_dir(&world);
+    let mut agent = agent
+        .kube(&kubeconfig)
+        .arg("--cni-dir")
+        .arg(run_dir.to_str().expect("utf8"));
+    // The programs attach under the other node's cgroup: web's is not below it.
+    let elsewhere = support::cgroup_attach_spec(&world, &n2);
+    agent.set_cgroup_attach(&elsewhere);
+    agent.start(&world);
+    agent.wait_for("a complete view", SETTLE, |s| s["ready"] == true);
+    let _sandbox = web.start_sandbox();
+
+    let add = exec_plugin("ADD", web.netns_path(), &web, &run_dir);
+    assert!(!add.ok, "the ADD succeeded: {add:?}\n{}", agent.log_tail());
+    assert_eq!(add.stdout["code"], 11, "CNI's try again later: {add:?}");
+    let details = add.stdout["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("pod mesh/web")
+            && details.contains("where the capture programs attach (--cgroup-attach)")
+            && details.contains(&elsewhere),
+        "the ADD's error names the pod and the reason: {add:?}"
+    );
+    let status = agent.fresh_status();
+    assert_eq!(status["pods"], json!([]), "nothing enrolled: {status}");
+    assert!(
+        proxy_listeners(&web).is_empty(),
+        "no listeners in web's netns"
+    );
+}
+
 /// A TCP server in the test's netns recording the first line of each connection.
 struct LineServer {
     port: u16,
