@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use ambit::harness::{ClusterYaml, FakeKube, LocalAgent, Pod, World, STATE_DIR};
+use ambit::harness::{ClusterYaml, FakeKube, LocalAgent, Node, Pod, World, STATE_DIR};
 use serde_json::{json, Value};
 use support::{ambit_bin, proxy_listeners, settled, settled_status, Mode, Server, SETTLE};
 use xtask::containerd::{busybox_image, Containerd};
@@ -54,6 +54,27 @@ fn cni_dir(world: &World) -> PathBuf {
     let dir = Path::new(STATE_DIR).join(world.prefix()).join("cni");
     std::fs::create_dir_all(&dir).expect("cni dir");
     dir
+}
+
+/// An agent of `node` (not started) in `--kube` mode against a fake API server seeded with
+/// `yaml`, serving CNI calls on a socket in the returned run dir.
+fn kube_cni_agent(
+    world: &World,
+    node: &Node,
+    yaml: &ClusterYaml,
+) -> (FakeKube, LocalAgent, PathBuf) {
+    let fake = FakeKube::start(Some(node.netns_path()));
+    fake.apply_yaml(&yaml.render())
+        .expect("seed the API server");
+    let agent = LocalAgent::new(world, node, &ambit_bin());
+    let kubeconfig = agent.config_dir().join("kubeconfig");
+    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
+    let run_dir = cni_dir(world);
+    let agent = agent
+        .kube(&kubeconfig)
+        .arg("--cni-dir")
+        .arg(run_dir.to_str().expect("utf8"));
+    (fake, agent, run_dir)
 }
 
 /// The outcome of one plugin execution.
@@ -307,17 +328,7 @@ fn in_kube_mode_the_add_brings_the_address_and_a_del_outlasts_the_proc_scan() {
         .plain("plain")
         .pod(&db)
         .raw(&pending);
-    let fake = FakeKube::start(Some(n1.netns_path()));
-    fake.apply_yaml(&yaml.render())
-        .expect("seed the API server");
-    let agent = LocalAgent::new(&world, &n1, &ambit_bin());
-    let kubeconfig = agent.config_dir().join("kubeconfig");
-    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
-    let run_dir = cni_dir(&world);
-    let mut agent = agent
-        .kube(&kubeconfig)
-        .arg("--cni-dir")
-        .arg(run_dir.to_str().expect("utf8"));
+    let (fake, mut agent, run_dir) = kube_cni_agent(&world, &n1, &yaml);
     agent.start(&world);
     agent.wait_for("a complete view", SETTLE, |s| s["ready"] == true);
     // The sandbox process runs (the /proc scan could find it by UID), as it does by CNI ADD.
@@ -371,17 +382,8 @@ fn in_kube_mode_an_add_for_a_pod_outside_the_capture_cgroup_fails_with_the_reaso
     let n1 = world.node("n1");
     let n2 = world.node("n2");
     let web = world.pod("web").node(&n1).namespace("mesh").spawn();
-    let fake = FakeKube::start(Some(n1.netns_path()));
-    fake.apply_yaml(&ClusterYaml::new().ambient("mesh").pod(&web).render())
-        .expect("seed the API server");
-    let agent = LocalAgent::new(&world, &n1, &ambit_bin());
-    let kubeconfig = agent.config_dir().join("kubeconfig");
-    fake.kubeconfig(&kubeconfig).expect("kubeconfig");
-    let run_dir = cni_dir(&world);
-    let mut agent = agent
-        .kube(&kubeconfig)
-        .arg("--cni-dir")
-        .arg(run_dir.to_str().expect("utf8"));
+    let yaml = ClusterYaml::new().ambient("mesh").pod(&web);
+    let (_fake, mut agent, run_dir) = kube_cni_agent(&world, &n1, &yaml);
     // The programs attach under the other node's cgroup: web's is not below it.
     let elsewhere = support::cgroup_attach_spec(&world, &n2);
     agent.set_cgroup_attach(&elsewhere);
