@@ -140,7 +140,9 @@ where
                         r.grpc_status_from(trailers);
                     }
                 }
-                if self.inner.is_end_stream() {
+                // Trailers are a body's last frame: a writer that drops them (HTTP/1.1 to a
+                // client that did not ask for them) need not poll again for the end.
+                if frame.is_trailers() || self.inner.is_end_stream() {
                     if let Some(r) = self.result.take() {
                         r.finish(None);
                     }
