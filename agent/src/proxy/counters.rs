@@ -57,6 +57,9 @@ counters! {
     http_requests,
     /// HTTP requests answered by the proxy itself (no route, no endpoint, redirect, direct response, upstream failure).
     http_local_replies,
+    /// HTTP/1.1 requests at their destination relayed as bytes, their heads parsed only to record
+    /// them (destination-side L7 with nothing to change in them: `http::passthrough`).
+    http_inbound_relayed,
     /// HTTP requests sent again under the route's retry policy (each retry counted).
     http_retries,
     /// HTTP requests whose retries ran out on a retriable result (flag `URX`).

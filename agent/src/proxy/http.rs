@@ -15,6 +15,7 @@ pub mod headers;
 pub mod inbound;
 pub mod mirror;
 pub mod outbound;
+mod passthrough;
 pub mod replay;
 pub mod retry;
 pub mod target;

@@ -250,6 +250,12 @@ pub struct Prefixed<T> {
     inner: T,
 }
 
+impl<T> Prefixed<T> {
+    pub fn new(first: Bytes, inner: T) -> Prefixed<T> {
+        Prefixed { first, inner }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -23,6 +23,7 @@ mod http_behaviour;
 mod http_grpc;
 mod http_handling;
 mod http_outlier;
+mod http_passthrough;
 mod http_resilience;
 mod http_routing;
 mod http_smoke;

@@ -47,9 +47,11 @@ use super::body::{Counted, Finishing, ProxyBody};
 use super::client::Body;
 use super::headers::{self, LocalReply};
 use super::outbound::{authority, is_grpc, join_upgraded, log_fields, Held, MAX_HEADER_BYTES};
+use super::passthrough::{self, Ended};
 use super::target;
 use crate::proxy::copy::{Duplex, Outcome, Side};
 use crate::proxy::hbone::{H2Stream, Stream};
+use crate::proxy::local::Prefixed;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::TcpLabels;
 use crate::proxy::protocol::{self, Protocol, Sniffed};
@@ -268,18 +270,31 @@ where
         inner: io,
         counts: counts.clone(),
     };
-    let dst = conn.dst;
-    let app = match handshake(app, h2).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(%dst, error = %e, "app HTTP handshake failed");
-            return counts.outcome(Some(Side::B));
+    // An agent's pool's HTTP/1.1 is relayed as bytes while its requests need only recording.
+    let (io, app) = if client_closes && !h2 {
+        match passthrough::relay(&conn, io, app).await {
+            Ended::Done(failed) => return counts.outcome(failed),
+            Ended::HandOver { io, unread, app } => (Prefixed::new(unread, io), app),
         }
+    } else {
+        (Prefixed::new(Bytes::new(), io), Some(app))
+    };
+    let dst = conn.dst;
+    let app = match app {
+        Some(app) => match handshake(app, h2).await {
+            Ok(app) => Some(app),
+            Err(e) => {
+                debug!(%dst, error = %e, "app HTTP handshake failed");
+                return counts.outcome(Some(Side::B));
+            }
+        },
+        // The app closed it: the first request makes another.
+        None => None,
     };
     let drain = conn.pi.drain.clone();
     let conn = Arc::new(Served {
         conn,
-        app: tokio::sync::Mutex::new(Some(app)),
+        app: tokio::sync::Mutex::new(app),
         h2,
         active: Arc::default(),
     });

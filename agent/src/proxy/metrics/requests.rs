@@ -502,6 +502,18 @@ impl RequestResult {
     }
 
     /// The response's status line and headers (its body is counted as it streams).
+    /// Sets the workload's settings for a request relayed as bytes: its side has no metric tag
+    /// overrides, so nothing of the request is kept.
+    pub fn set_observed_settings(&mut self, settings: Arc<EffectiveTelemetry>) {
+        self.settings = Some(settings);
+    }
+
+    /// The status and header bytes of a response relayed as bytes (never gRPC).
+    pub fn set_observed_response(&mut self, code: u16, header_bytes: u64) {
+        self.labels.response_code = code;
+        self.response_headers = header_bytes;
+    }
+
     pub fn set_response(&mut self, code: u16, headers: &http::HeaderMap) {
         self.labels.response_code = code;
         self.response_headers = header_bytes(headers);

@@ -115,7 +115,7 @@ impl Node {
         name: &str,
         snapshot: Snapshot,
         ca: Arc<LocalCa>,
-        (pool, detection_timeout): (PoolConfig, Duration),
+        (pool, detection_timeout, access_log): (PoolConfig, Duration, bool),
         world: &HashMap<String, Pod>,
     ) -> Node {
         let secrets = SecretManager::new(
@@ -126,8 +126,9 @@ impl Node {
             },
         );
         let log = LogLines::default();
-        let access_log = AccessLog::to_writer(Box::new(log.clone())).expect("access log");
-        let telemetry = Arc::new(Telemetry::new(DEFAULT_TRUST_DOMAIN, Some(access_log)));
+        let access_log =
+            access_log.then(|| AccessLog::to_writer(Box::new(log.clone())).expect("access log"));
+        let telemetry = Arc::new(Telemetry::new(DEFAULT_TRUST_DOMAIN, access_log));
         let mut registry = Registry::default();
         telemetry.register(&mut registry);
         let orig_dst = Arc::new(OrigDsts::default());

@@ -97,6 +97,7 @@ pub struct World {
     yaml: Vec<String>,
     pool: PoolConfig,
     detection_timeout: std::time::Duration,
+    access_log: bool,
 }
 
 pub struct PodBuilder<'w> {
@@ -256,6 +257,7 @@ impl World {
             yaml: Vec::new(),
             pool: PoolConfig::default(),
             detection_timeout: crate::proxy::protocol::DEFAULT_SNIFF_TIMEOUT,
+            access_log: true,
         }
     }
 
@@ -309,6 +311,12 @@ impl World {
     /// The HBONE pool's settings on every node.
     pub fn pool(&mut self, cfg: PoolConfig) -> &mut Self {
         self.pool = cfg;
+        self
+    }
+
+    /// No mesh-wide access log on any node (every node writes one unless this is called).
+    pub fn no_access_log(&mut self) -> &mut Self {
+        self.access_log = false;
         self
     }
 
@@ -389,7 +397,7 @@ status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
                 &name,
                 snapshot,
                 ca.clone(),
-                (self.pool.clone(), self.detection_timeout),
+                (self.pool.clone(), self.detection_timeout, self.access_log),
                 &by_key,
             )
             .await;

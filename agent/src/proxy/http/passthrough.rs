@@ -1,0 +1,707 @@
+//! Destination-side HTTP/1.1, observed rather than served again. When all the destination has to
+//! do with a request is record it (`istio_requests_total` and friends with
+//! `reporter="destination"`: no span, no access-log line, no metric tags read from the request),
+//! the request and its response are relayed as the bytes they are, and only their heads are
+//! parsed (`httparse`) and their bodies' framing followed (`Content-Length`, chunked, or until the
+//! app closes), for the status, the sizes and the duration. This is what the HBONE stream of an
+//! agent's pool carries in the common case; serving it with hyper's server and client instead
+//! parses and writes every head twice more, moves each request through two more tasks and cost
+//! the destination a third more CPU per request (`agent/benches/README.md`).
+//!
+//! Anything else goes to the full server (`inbound::serve`) at a request boundary, with the bytes
+//! read and not relayed: a request that upgrades, carries `Expect`, a chunked body, hop-by-hop
+//! headers other than `Connection: keep-alive|close`, or no `x-request-id`; a malformed or
+//! oversized head (hyper answers it 400 or 431); tracing, an access log or metric tags for the
+//! workload; and a drain. The app's connection goes along when it is still open.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::headers::LocalReply;
+use super::inbound::InboundHttp;
+use super::outbound::MAX_HEADER_BYTES;
+use crate::config::telemetry::EffectiveTelemetry;
+use crate::proxy::copy::Side;
+use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
+use crate::proxy::{Counters, ProxyInputs};
+
+/// Bytes asked for per read.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The most headers a head may have (hyper's default; more goes to hyper, which answers 431).
+const MAX_HEADERS: usize = 100;
+
+/// What woke an idle relay.
+enum Woke {
+    Client(std::io::Result<usize>),
+    App,
+    Drain,
+}
+
+/// How the relay ended.
+pub(super) enum Ended<I> {
+    /// The stream is done; `Some`: the end whose failure ended it.
+    Done(Option<Side>),
+    /// The next request is the full server's: the stream, what was read from it and not relayed
+    /// (the start of that request), and the app's connection if it is still open.
+    HandOver {
+        io: I,
+        unread: Bytes,
+        app: Option<TcpStream>,
+    },
+}
+
+/// Whether the requests of a workload with these settings need no more than recording.
+pub(super) fn observable(pi: &ProxyInputs, telemetry: &EffectiveTelemetry) -> bool {
+    let server = &telemetry.server;
+    server.tracing.is_none()
+        && !server.access_log.enabled()
+        && server.metrics.tags.is_none()
+        && pi.telemetry.access_log.is_none()
+}
+
+/// Relays the stream's requests to `app` and the app's responses back, recording each, until the
+/// stream ends or a request needs the full server.
+pub(super) async fn relay<I>(conn: &InboundHttp, io: I, app: TcpStream) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut down_rd, mut down_wr) = tokio::io::split(io);
+    let mut app = Some(app);
+    let mut req_buf = BytesMut::with_capacity(READ_SIZE);
+    let mut resp_buf = BytesMut::new();
+    let hand_over = |rd: ReadHalf<I>, wr: WriteHalf<I>, unread: BytesMut, app| Ended::HandOver {
+        io: rd.unsplit(wr),
+        unread: unread.freeze(),
+        app,
+    };
+    loop {
+        // Idle until the next request's head is whole, noticing the app closing meanwhile.
+        let head = loop {
+            if !req_buf.is_empty() {
+                match RequestHead::parse(&req_buf) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) if req_buf.len() <= MAX_HEADER_BYTES => {}
+                    _ => return hand_over(down_rd, down_wr, req_buf, app),
+                }
+            }
+            if conn.pi.drain.is_draining() {
+                return hand_over(down_rd, down_wr, req_buf, app);
+            }
+            req_buf.reserve(READ_SIZE);
+            let app_closing = async {
+                match &app {
+                    Some(a) => a.readable().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                read = down_rd.read_buf(&mut req_buf) => Woke::Client(read),
+                _ = app_closing => Woke::App,
+                () = conn.pi.drain.started() => Woke::Drain,
+            };
+            match woke {
+                Woke::Client(Ok(0)) if req_buf.is_empty() => {
+                    let _ = down_wr.shutdown().await;
+                    return Ended::Done(None);
+                }
+                // The client closed (or failed) within a request's head.
+                Woke::Client(Ok(0) | Err(_)) => return Ended::Done(Some(Side::A)),
+                Woke::Client(Ok(_)) => {}
+                Woke::App => {
+                    if let Some(a) = &app {
+                        match a.try_read(&mut [0u8; 1]) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            // Closed while idle (its keep-alive timeout): the next request makes
+                            // another connection, as hyper's client pool would.
+                            Ok(0) | Err(_) => app = None,
+                            // Bytes no request asked for: the app's HTTP cannot be followed.
+                            Ok(_) => return Ended::Done(Some(Side::B)),
+                        }
+                    }
+                }
+                Woke::Drain => return hand_over(down_rd, down_wr, req_buf, app),
+            }
+        };
+        let telemetry = {
+            let snap = conn.pi.snapshot.load();
+            snap.telemetry_of(&conn.pod_key).clone()
+        };
+        if !head.simple || !observable(&conn.pi, &telemetry) {
+            return hand_over(down_rd, down_wr, req_buf, app);
+        }
+        let mut stream = match app.take().filter(still_open) {
+            Some(stream) => stream,
+            None => match crate::proxy::connect::app(
+                &conn.pod,
+                conn.dst,
+                SocketAddr::new(conn.peer.ip(), 0),
+            )
+            .await
+            {
+                Ok(stream) => stream,
+                // The full server tries again, and answers 503 as it does.
+                Err(_) => return hand_over(down_rd, down_wr, req_buf, None),
+            },
+        };
+        Counters::inc(&conn.pi.counters.http_inbound_relayed);
+        let mut result = RequestResult::start(
+            &conn.pi.telemetry,
+            RequestLabels {
+                conn: conn.labels.clone(),
+                protocol: "http",
+                response_code: 0,
+                grpc_status: None,
+            },
+            (conn.peer, conn.dst),
+            head.counted_bytes,
+            None,
+        );
+        result.upstream = Some(conn.dst);
+        result.set_observed_settings(telemetry);
+        let counter = result.request_body_counter();
+        let (received, sent) = {
+            let (mut app_rd, mut app_wr) = stream.split();
+            let send = send_request(&mut down_rd, &mut app_wr, &mut req_buf, &head, counter);
+            let recv = relay_response(
+                &mut app_rd,
+                &mut down_wr,
+                &mut resp_buf,
+                head.is_head,
+                &mut result,
+            );
+            tokio::pin!(send, recv);
+            let mut sent = None;
+            let received = loop {
+                tokio::select! {
+                    s = &mut send, if sent.is_none() => sent = Some(s),
+                    r = &mut recv => break r,
+                }
+            };
+            (received, sent)
+        };
+        match (received, sent) {
+            (Ok(end), Some(Ok(()))) => {
+                result.finish(None);
+                if end.close || head.close {
+                    let _ = down_wr.shutdown().await;
+                    return Ended::Done(None);
+                }
+                app = Some(stream);
+            }
+            // The app answered before the request's body was all sent (or could be): the request
+            // is over, and the connection with it.
+            (Ok(_), _) => {
+                result.finish(None);
+                let _ = down_wr.shutdown().await;
+                return Ended::Done(None);
+            }
+            (Err(Failed::BeforeResponse), sent) => {
+                if let Some(Err(Side::A)) = sent {
+                    // The client went away mid-request.
+                    result.finish(Some("DC"));
+                    return Ended::Done(Some(Side::A));
+                }
+                debug!(dst = %conn.dst, "app failed before a response (503)");
+                let reply = LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UC",
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                );
+                result.labels.conn.flags = reply.flag;
+                let wrote = write_local_reply(&mut down_wr, reply, &mut result).await;
+                result.finish(None);
+                return Ended::Done(wrote.err());
+            }
+            (Err(Failed::Response(side)), _) => {
+                result.finish(Some(if side == Side::A { "DC" } else { "UR" }));
+                return Ended::Done(Some(side));
+            }
+        }
+    }
+}
+
+/// Whether the app's idle connection is still open: a close it sent may not have woken the idle
+/// wait yet when the next request came in the same batch of events.
+fn still_open(app: &TcpStream) -> bool {
+    use futures::FutureExt;
+    if app.readable().now_or_never().is_none() {
+        return true;
+    }
+    matches!(app.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Sends the request whose head starts `buf` to the app, and its body as it comes.
+async fn send_request<R, W>(
+    down: &mut R,
+    app: &mut W,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    counter: Arc<AtomicU64>,
+) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut body = head.body.clone();
+    let mut take = head.len;
+    loop {
+        let (used, data) = body.advance(&buf[take..]).map_err(|()| Side::A)?;
+        take += used;
+        counter.fetch_add(data, Ordering::Relaxed);
+        if take > 0 {
+            app.write_all(&buf[..take]).await.map_err(|_| Side::B)?;
+            buf.advance(take);
+            take = 0;
+        }
+        if body.done() {
+            return Ok(());
+        }
+        buf.reserve(READ_SIZE);
+        match down.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(Side::A),
+        }
+    }
+}
+
+/// How a response ended.
+struct ResponseEnd {
+    /// The connection ends with it (`Connection: close`, HTTP/1.0, a body ended by the close).
+    close: bool,
+}
+
+/// Why a response did not end.
+enum Failed {
+    /// The app closed, failed or sent what is not HTTP before any of a response was relayed.
+    BeforeResponse,
+    /// Part of the response was relayed, then this end failed.
+    Response(Side),
+}
+
+/// Relays the app's response to the request (informational ones first), recording its status
+/// and sizes.
+async fn relay_response<R, W>(
+    app: &mut R,
+    down: &mut W,
+    buf: &mut BytesMut,
+    is_head: bool,
+    result: &mut RequestResult,
+) -> Result<ResponseEnd, Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut started = false;
+    let failed = |started: bool, side: Side| {
+        if started {
+            Failed::Response(side)
+        } else {
+            Failed::BeforeResponse
+        }
+    };
+    let head = loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match ResponseHead::parse(buf, is_head) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) if buf.len() <= MAX_HEADER_BYTES => {}
+                    _ => return Err(failed(started, Side::B)),
+                }
+            }
+            buf.reserve(READ_SIZE);
+            match app.read_buf(buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(failed(started, Side::B)),
+            }
+        };
+        if head.status == 101 {
+            // Switching protocols without an upgrade asked for.
+            return Err(failed(started, Side::B));
+        }
+        if head.status >= 200 {
+            break head;
+        }
+        // 1xx: relayed as it is; the final response follows.
+        down.write_all(&buf[..head.len])
+            .await
+            .map_err(|_| Failed::Response(Side::A))?;
+        buf.advance(head.len);
+        started = true;
+    };
+    result.set_observed_response(head.status, head.counted_bytes);
+    let mut body = head.body;
+    let mut take = head.len;
+    loop {
+        let (used, data) = body
+            .advance(&buf[take..])
+            .map_err(|()| Failed::Response(Side::B))?;
+        take += used;
+        result.add_response_body(data);
+        if take > 0 {
+            down.write_all(&buf[..take])
+                .await
+                .map_err(|_| Failed::Response(Side::A))?;
+            buf.advance(take);
+            take = 0;
+        }
+        if body.done() {
+            break;
+        }
+        buf.reserve(READ_SIZE);
+        match app.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) if body == Body::UntilClose => break,
+            _ => return Err(Failed::Response(Side::B)),
+        }
+    }
+    down.flush().await.map_err(|_| Failed::Response(Side::A))?;
+    if !buf.is_empty() {
+        // Bytes after the response that no request asked for.
+        return Err(Failed::Response(Side::B));
+    }
+    Ok(ResponseEnd {
+        close: head.close || head.until_close,
+    })
+}
+
+/// Writes the proxy's own reply, closing the connection after it.
+async fn write_local_reply<W: AsyncWrite + Unpin>(
+    down: &mut W,
+    reply: LocalReply,
+    result: &mut RequestResult,
+) -> Result<(), Side> {
+    let body = reply.body.clone();
+    let mut resp = reply.into_response();
+    // Counted as the full server counts its local replies: before the framing headers.
+    result.set_observed_response(resp.status().as_u16(), header_bytes(resp.headers()));
+    result.add_response_body(body.len() as u64);
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(body.len()),
+    );
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        resp.status()
+            .canonical_reason()
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    down.write_all(&out).await.map_err(|_| Side::A)?;
+    let _ = down.shutdown().await;
+    Ok(())
+}
+
+/// A request head this relay can follow, or one it leaves to the full server (`simple` false).
+#[derive(Debug)]
+struct RequestHead {
+    /// The head's length in bytes.
+    len: usize,
+    /// What `istio_request_bytes` counts of it: method, path and query, and each header as
+    /// `name: value\r\n` (what the full server counts of the same request).
+    counted_bytes: u64,
+    body: Body,
+    is_head: bool,
+    /// `Connection: close`.
+    close: bool,
+    simple: bool,
+}
+
+impl RequestHead {
+    /// The head at the start of `buf`: None while it is incomplete; Err when it is malformed.
+    fn parse(buf: &[u8]) -> Result<Option<RequestHead>, httparse::Error> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(buf)? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let method = req.method.unwrap_or_default();
+        let path = req.path.unwrap_or_default();
+        let mut simple = req.version == Some(1)
+            && method != "CONNECT"
+            && http::uri::PathAndQuery::try_from(path).is_ok()
+            && path.starts_with('/');
+        let mut length = None;
+        let mut close = false;
+        let mut request_id = false;
+        let mut counted = (method.len() + path.len()) as u64;
+        for h in req.headers.iter() {
+            counted += (h.name.len() + h.value.len() + 4) as u64;
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                match (n, length) {
+                    (Some(n), None) => length = Some(n),
+                    _ => simple = false,
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        simple = false;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                request_id = true;
+            } else if name.eq_ignore_ascii_case("content-type") {
+                // gRPC (and gRPC-Web) is recorded with its own protocol and status.
+                simple &= !h.value.starts_with(b"application/grpc");
+            } else if [
+                "transfer-encoding",
+                "upgrade",
+                "expect",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+            {
+                simple = false;
+            }
+        }
+        Ok(Some(RequestHead {
+            len,
+            counted_bytes: counted,
+            body: match length {
+                Some(0) | None => Body::Empty,
+                Some(n) => Body::Length(n),
+            },
+            is_head: method == "HEAD",
+            close,
+            simple: simple && request_id,
+        }))
+    }
+}
+
+/// A response head.
+#[derive(Debug)]
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    /// Each header as `name: value\r\n`, as the full server counts them.
+    counted_bytes: u64,
+    body: Body,
+    close: bool,
+    /// The body ends when the app closes the connection.
+    until_close: bool,
+}
+
+impl ResponseHead {
+    /// The head at the start of `buf` (None while incomplete), the response to a HEAD request when
+    /// `to_head`. Err: malformed, or framing that cannot be followed safely.
+    fn parse(buf: &[u8], to_head: bool) -> Result<Option<ResponseHead>, ()> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(buf).map_err(|_| ())? {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => return Ok(None),
+        };
+        let status = resp.code.unwrap_or_default();
+        let mut close = resp.version == Some(0);
+        let mut length = None;
+        let mut chunked = None;
+        let mut counted = 0u64;
+        for h in resp.headers.iter() {
+            counted += (h.name.len() + h.value.len() + 4) as u64;
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(())?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(());
+                }
+                length = Some(n);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                // The last coding decides (RFC 9112 §6.3): chunked, or the body runs to the close.
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case("connection") {
+                let tokens = h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii);
+                for token in tokens {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") && resp.version == Some(0) {
+                        close = false;
+                    }
+                }
+            }
+        }
+        let no_body = to_head || status < 200 || status == 204 || status == 304;
+        let (body, until_close) = match (no_body, chunked, length) {
+            (true, _, _) => (Body::Empty, false),
+            (false, Some(true), _) => (Body::Chunked(Chunked::Size { size: 0, digits: 0 }), false),
+            (false, Some(false), _) => (Body::UntilClose, true),
+            (false, None, Some(0)) => (Body::Empty, false),
+            (false, None, Some(n)) => (Body::Length(n), false),
+            (false, None, None) => (Body::UntilClose, true),
+        };
+        Ok(Some(ResponseHead {
+            len,
+            status,
+            counted_bytes: counted,
+            body,
+            close,
+            until_close,
+        }))
+    }
+}
+
+/// Where a message's body stands.
+#[derive(Debug, Clone, PartialEq)]
+enum Body {
+    /// No body, or all of it relayed.
+    Empty,
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the sender closes the connection.
+    UntilClose,
+}
+
+/// The chunked coding's state (RFC 9112 §7.1), between any two bytes.
+#[derive(Debug, Clone, PartialEq)]
+enum Chunked {
+    /// In a chunk's size line; `digits` read so far.
+    Size {
+        size: u64,
+        digits: u8,
+    },
+    /// In a chunk extension, until the line's end.
+    Extension {
+        size: u64,
+    },
+    /// The size line's LF.
+    SizeLf {
+        size: u64,
+    },
+    /// This many data bytes of the chunk to come.
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the empty line that ends the body).
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Body {
+    fn done(&self) -> bool {
+        matches!(self, Body::Empty | Body::Chunked(Chunked::Done))
+    }
+
+    /// Follows the body over `buf`: how many bytes of `buf` belong to it, and how many of those
+    /// are data (what the metrics count; chunk framing is not). Err: not a valid chunked coding.
+    fn advance(&mut self, buf: &[u8]) -> Result<(usize, u64), ()> {
+        match self {
+            Body::Empty => Ok((0, 0)),
+            Body::UntilClose => Ok((buf.len(), buf.len() as u64)),
+            Body::Length(left) => {
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *self = Body::Empty;
+                }
+                Ok((n as usize, n))
+            }
+            Body::Chunked(state) => state.advance(buf),
+        }
+    }
+}
+
+impl Chunked {
+    fn advance(&mut self, buf: &[u8]) -> Result<(usize, u64), ()> {
+        let mut i = 0;
+        let mut data = 0u64;
+        while i < buf.len() && *self != Chunked::Done {
+            if let Chunked::Data(left) = self {
+                let n = (*left).min((buf.len() - i) as u64);
+                *left -= n;
+                i += n as usize;
+                data += n;
+                if *left == 0 {
+                    *self = Chunked::DataCr;
+                }
+                continue;
+            }
+            let b = buf[i];
+            i += 1;
+            *self = match (&*self, b) {
+                (Chunked::Size { size, digits }, b) if b.is_ascii_hexdigit() => {
+                    if *digits >= 15 {
+                        return Err(());
+                    }
+                    let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    Chunked::Size {
+                        size: size * 16 + d,
+                        digits: digits + 1,
+                    }
+                }
+                (Chunked::Size { size, digits }, b';' | b' ' | b'\t') if *digits > 0 => {
+                    Chunked::Extension { size: *size }
+                }
+                (Chunked::Size { size, digits }, b'\r') if *digits > 0 => {
+                    Chunked::SizeLf { size: *size }
+                }
+                (Chunked::Extension { size }, b'\r') => Chunked::SizeLf { size: *size },
+                (Chunked::Extension { size }, b'\n') => Chunked::after_size(*size),
+                (Chunked::Extension { size }, _) => Chunked::Extension { size: *size },
+                (Chunked::SizeLf { size }, b'\n') => Chunked::after_size(*size),
+                (Chunked::DataCr, b'\r') => Chunked::DataLf,
+                (Chunked::DataLf, b'\n') => Chunked::Size { size: 0, digits: 0 },
+                (Chunked::TrailerStart, b'\r') => Chunked::EndLf,
+                (Chunked::TrailerStart, _) => Chunked::TrailerLine,
+                (Chunked::TrailerLine, b'\r') => Chunked::TrailerLf,
+                (Chunked::TrailerLine, _) => Chunked::TrailerLine,
+                (Chunked::TrailerLf, b'\n') => Chunked::TrailerStart,
+                (Chunked::EndLf, b'\n') => Chunked::Done,
+                _ => return Err(()),
+            };
+        }
+        Ok((i, data))
+    }
+
+    fn after_size(size: u64) -> Chunked {
+        if size == 0 {
+            Chunked::TrailerStart
+        } else {
+            Chunked::Data(size)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! The relay's parsing and framing, case by case (RFC 9112 §6 and §7.1); the relay itself runs
+//! in `proxy::tests::http_passthrough`.
+
+use super::*;
+
+const CHUNKED: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
+
+/// Follows `body` over `pieces` as reads would deliver them: (bytes taken, data bytes, done).
+fn follow(mut body: Body, pieces: &[&[u8]]) -> Result<(usize, u64, bool), ()> {
+    let (mut taken, mut data) = (0, 0);
+    for piece in pieces {
+        let (used, d) = body.advance(piece)?;
+        taken += used;
+        data += d;
+        if body.done() {
+            break;
+        }
+    }
+    Ok((taken, data, body.done()))
+}
+
+fn chunked() -> Body {
+    Body::Chunked(Chunked::Size { size: 0, digits: 0 })
+}
+
+#[test]
+fn a_chunked_body_ends_after_its_trailers_wherever_the_reads_split_it() {
+    let mut whole = CHUNKED.to_vec();
+    whole.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+    for split in 0..=CHUNKED.len() {
+        let (a, b) = whole.split_at(split);
+        assert_eq!(
+            follow(chunked(), &[a, b]),
+            Ok((CHUNKED.len(), 11, true)),
+            "split at {split}"
+        );
+    }
+    let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+    assert_eq!(follow(chunked(), &bytes), Ok((CHUNKED.len(), 11, true)));
+    // Without trailers.
+    assert_eq!(
+        follow(chunked(), &[b"3\r\nabc\r\n0\r\n\r\n"]),
+        Ok((13, 3, true))
+    );
+    assert_eq!(
+        follow(chunked(), &[b"3\r\nabc\r\n0\r\n"]),
+        Ok((11, 3, false)),
+        "not done until the empty line"
+    );
+}
+
+#[test]
+fn a_malformed_chunked_body_is_an_error() {
+    for bad in [
+        &b"zz\r\n"[..],
+        b"\r\n",
+        b"3\r\nabcX\r\n",
+        b"1234567890abcdef0\r\n",
+        b"0\r\n\rX",
+    ] {
+        assert_eq!(follow(chunked(), &[bad]), Err(()), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_content_length_body_takes_exactly_its_length() {
+    assert_eq!(
+        follow(Body::Length(5), &[b"he", b"lloGET"]),
+        Ok((5, 5, true))
+    );
+    assert_eq!(follow(Body::UntilClose, &[b"abc"]), Ok((3, 3, false)));
+}
+
+fn request(head: &str) -> RequestHead {
+    RequestHead::parse(head.as_bytes())
+        .expect("well formed")
+        .expect("complete")
+}
+
+const ID: &str = "x-request-id: 1\r\n";
+
+#[test]
+fn a_plain_request_is_followed_and_counted_as_the_full_server_counts_it() {
+    let text = format!("GET /a?b=1 HTTP/1.1\r\nhost: web\r\n{ID}\r\nrest");
+    let head = request(&text);
+    assert!(head.simple);
+    assert_eq!(head.len, text.len() - "rest".len());
+    assert_eq!(head.body, Body::Empty);
+    // "GET" + "/a?b=1" + "host: web\r\n" + "x-request-id: 1\r\n"
+    assert_eq!(head.counted_bytes, 3 + 6 + (4 + 3 + 4) + (12 + 1 + 4));
+    assert!(!head.is_head && !head.close);
+
+    let head = request(&format!(
+        "POST /u HTTP/1.1\r\nContent-Length: 10\r\nConnection: keep-alive, close\r\n{ID}\r\n"
+    ));
+    assert!(head.simple && head.close);
+    assert_eq!(head.body, Body::Length(10));
+    assert!(request(&format!("HEAD / HTTP/1.1\r\n{ID}\r\n")).is_head);
+}
+
+#[test]
+fn requests_the_relay_cannot_follow_go_to_the_full_server() {
+    for (case, text) in [
+        ("no x-request-id", "GET / HTTP/1.1\r\n\r\n".to_string()),
+        ("HTTP/1.0", format!("GET / HTTP/1.0\r\n{ID}\r\n")),
+        ("CONNECT", format!("CONNECT a:1 HTTP/1.1\r\n{ID}\r\n")),
+        (
+            "absolute form",
+            format!("GET http://a/ HTTP/1.1\r\n{ID}\r\n"),
+        ),
+        (
+            "chunked",
+            format!("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n{ID}\r\n"),
+        ),
+        (
+            "two lengths",
+            format!("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n{ID}\r\n"),
+        ),
+        (
+            "bad length",
+            format!("POST / HTTP/1.1\r\ncontent-length: x\r\n{ID}\r\n"),
+        ),
+        (
+            "upgrade",
+            format!("GET / HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n{ID}\r\n"),
+        ),
+        (
+            "expect",
+            format!("POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n{ID}\r\n"),
+        ),
+        (
+            "keep-alive",
+            format!("GET / HTTP/1.1\r\nkeep-alive: timeout=5\r\n{ID}\r\n"),
+        ),
+        ("te", format!("GET / HTTP/1.1\r\nte: trailers\r\n{ID}\r\n")),
+        (
+            "grpc-web",
+            format!("POST / HTTP/1.1\r\ncontent-type: application/grpc-web\r\n{ID}\r\n"),
+        ),
+    ] {
+        assert!(!request(&text).simple, "{case}");
+    }
+    assert!(matches!(
+        RequestHead::parse(b"GET / HTTP/1.1\r\nhost"),
+        Ok(None)
+    ));
+    assert!(RequestHead::parse(b"GET / HTTP/1.1\r\nbad header\r\n\r\n").is_err());
+}
+
+fn response(head: &str, to_head: bool) -> ResponseHead {
+    ResponseHead::parse(head.as_bytes(), to_head)
+        .expect("well formed")
+        .expect("complete")
+}
+
+#[test]
+fn a_response_body_is_framed_as_rfc_9112_says() {
+    let r = response(
+        "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: b\r\n\r\nabc",
+        false,
+    );
+    assert_eq!(
+        (r.status, r.body.clone(), r.close, r.until_close),
+        (200, Body::Length(3), false, false)
+    );
+    assert_eq!(r.counted_bytes, (14 + 1 + 4) + (3 + 1 + 4));
+    // HEAD, 204 and 304 have no body whatever they say; 1xx neither.
+    assert_eq!(
+        response("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", true).body,
+        Body::Empty
+    );
+    assert_eq!(
+        response("HTTP/1.1 204 No Content\r\n\r\n", false).body,
+        Body::Empty
+    );
+    assert_eq!(
+        response(
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+            false
+        )
+        .body,
+        Body::Empty
+    );
+    assert_eq!(
+        response("HTTP/1.1 100 Continue\r\n\r\n", false).body,
+        Body::Empty
+    );
+    // Transfer-Encoding wins over Content-Length; a last coding other than chunked runs to the close.
+    assert_eq!(
+        response(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            false
+        )
+        .body,
+        chunked()
+    );
+    let r = response("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false);
+    assert!(r.body == Body::UntilClose && r.until_close);
+    let r = response("HTTP/1.1 200 OK\r\n\r\n", false);
+    assert!(r.body == Body::UntilClose && r.until_close);
+    assert!(
+        response(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
+            false
+        )
+        .close
+    );
+    assert!(response("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false).close);
+    assert!(
+        !response(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            false
+        )
+        .close
+    );
+    assert!(ResponseHead::parse(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+        false
+    )
+    .is_err());
+    assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+    assert!(ResponseHead::parse(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+}

@@ -1,0 +1,210 @@
+//! Destination-side HTTP/1.1 relayed as bytes (`http::passthrough`): an app that answers with
+//! every framing HTTP/1.1 has (chunked with extensions and trailers, HEAD, 204, an informational
+//! response first, a head split over writes, a body that ends with the connection, an app that
+//! closes while idle or without answering) behind the server's node, reached over HBONE through
+//! the client's node. Each answer arrives whole, the destination records each request with its
+//! status and sizes, and a request the relay cannot follow (a chunked body) goes to the full server
+//! with what was read of it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::fixture::*;
+
+/// Answers by path with raw bytes: see the module's doc.
+async fn raw_app(mut tcp: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let (head_len, method, path, length) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                let length = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let method = req.method.unwrap_or_default().to_string();
+                break (n, method, req.path.unwrap_or_default().to_string(), length);
+            }
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while buf.len() < head_len + length {
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_len + length);
+        let answer: &[&[u8]] = match (method.as_str(), path.as_str()) {
+            (_, "/chunked") => &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"],
+            ("HEAD", "/head") => &[b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"],
+            (_, "/nocontent") => &[b"HTTP/1.1 204 No Content\r\nx-raw: 1\r\n\r\n"],
+            (_, "/early") => &[
+                b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            (_, "/split") => &[
+                b"HTTP/1.1 200 OK\r\ncont",
+                b"ent-length: 5\r\n\r\nhel",
+                b"lo",
+            ],
+            (_, "/idle-close") => &[b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye"],
+            (_, "/eof") => &[b"HTTP/1.1 200 OK\r\n\r\nuntil-close"],
+            (_, "/drop") => return,
+            (_, "/expect") => &[b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\nmade"],
+            _ => {
+                let body = format!("{method} {path} {length}");
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = tcp.write_all(format!("{head}{body}").as_bytes()).await;
+                continue;
+            }
+        };
+        for part in answer {
+            if tcp.write_all(part).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if path == "/idle-close" || path == "/eof" {
+            // Closes after the answer, `/idle-close` without saying so.
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
+    let mut world = World::new();
+    // Nothing for the destination to do but record: no access log.
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("web").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&server])
+        .add();
+    let mesh = world.start().await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let count = closed.clone();
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            let count = count.clone();
+            tokio::spawn(async move {
+                raw_app(tcp).await;
+                count.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let req = |path: &str| get(path, &[("host", "web")]);
+
+    let r = conn.call(req("/chunked")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "hello world"));
+    let mut head = req("/head");
+    *head.method_mut() = http::Method::HEAD;
+    let r = conn.call(head).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, ""));
+    assert_eq!(r.header("content-length"), "1234");
+    let r = conn.call(req("/nocontent")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (204, ""));
+    let r = conn.call(req("/early")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    let mut upload = req("/upload");
+    *upload.method_mut() = http::Method::POST;
+    *upload.body_mut() = full("abcdefghij");
+    let r = conn.call(upload).await;
+    assert_eq!(r.text(), "POST /upload 10");
+    let r = conn.call(req("/split")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "hello"));
+    let r = conn.call(req("/idle-close")).await;
+    assert_eq!(r.text(), "bye");
+    // The app closed that connection after answering, without a word: the next request reaches
+    // it on a new one.
+    let n2 = mesh.node("n2");
+    within("the app to close its connection", async {
+        while closed.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let r = conn.call(req("/after")).await;
+    assert_eq!(r.text(), "GET /after 0");
+    let r = conn.call(req("/eof")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "until-close"));
+    let r = conn.call(req("/drop")).await;
+    assert_eq!(r.status.as_u16(), 503, "{}", r.text());
+    // Istio's default retry policy sends a 503 again (twice): each try is a request here.
+    let n1 = mesh.node("n1");
+    let retries = n1.count(|c| &c.http_retries);
+    assert_eq!(retries, 2);
+    assert_eq!(n2.count(|c| &c.http_inbound_relayed), 10 + retries);
+
+    // A request the relay leaves to the full server, with the bytes it read of it: a body of
+    // unknown length, which the source's node sends chunked.
+    let mut chunked_upload = req("/expect");
+    *chunked_upload.method_mut() = http::Method::POST;
+    let frames = [Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"12345",
+    )))];
+    *chunked_upload.body_mut() = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        futures::stream::iter(frames),
+    ));
+    let r = conn.call(chunked_upload).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (201, "made"));
+    assert_eq!(n2.count(|c| &c.http_inbound_relayed), 10 + retries);
+
+    let at = |reporter: &'static str, code: &'static str| {
+        [
+            ("reporter", reporter),
+            ("response_code", code),
+            ("destination_workload", "web"),
+        ]
+    };
+    n2.wait_metric("istio_requests_total", &at("destination", "200"), 8)
+        .await;
+    n2.wait_metric("istio_requests_total", &at("destination", "204"), 1)
+        .await;
+    n2.wait_metric("istio_requests_total", &at("destination", "503"), 3)
+        .await;
+    n2.wait_metric("istio_requests_total", &at("destination", "201"), 1)
+        .await;
+    n1.wait_metric("istio_requests_total", &at("source", "200"), 8)
+        .await;
+    let dst = n2.metrics();
+    // The 204's one header, `x-raw: 1`, as `name: value\r\n`.
+    assert_eq!(
+        dst.value("istio_response_bytes_sum", &at("destination", "204")),
+        Some(10)
+    );
+    // Each 200's headers as `name: value\r\n` and its data (chunk framing, trailers and the 103
+    // are not counted), as the full server counts them: /chunked 28 + 11, HEAD /head 22 + 0,
+    // /early 19 + 2, /upload 20 + 15, /split 19 + 5, /idle-close 19 + 3, /after 20 + 12, /eof 0 + 11.
+    assert_eq!(
+        dst.value("istio_response_bytes_sum", &at("destination", "200")),
+        Some(206),
+        "{}",
+        lines_with(&dst, "istio_response_bytes_sum")
+    );
+    let flags = [
+        ("reporter", "destination"),
+        ("response_code", "503"),
+        ("response_flags", "UC"),
+    ];
+    assert_eq!(dst.value("istio_requests_total", &flags), Some(3));
+    app.abort();
+}
