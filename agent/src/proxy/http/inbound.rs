@@ -11,6 +11,9 @@
 //! is spoken to in the client's HTTP version (Istio's inbound clusters use the downstream
 //! protocol), over the one connection made for the stream.
 //!
+//! An agent's HTTP/1.1 whose requests need only recording is relayed as bytes instead
+//! (`passthrough`), and comes here from the first request that needs more.
+//!
 //! The client's end is a [`Downstream`]: an HBONE stream, or, for a client pod on this node
 //! (`proxy::local`), the client's own socket or an in-process pipe.
 //!
@@ -272,7 +275,15 @@ where
     };
     // An agent's pool's HTTP/1.1 is relayed as bytes while its requests need only recording.
     let (io, app) = if client_closes && !h2 {
-        match passthrough::relay(&conn, io, app).await {
+        let ends = passthrough::Conn {
+            pi: &conn.pi,
+            pod: &conn.pod,
+            labels: &conn.labels,
+            peer: conn.peer,
+            dst: conn.dst,
+            pod_key: &conn.pod_key,
+        };
+        match passthrough::relay(ends, io, app).await {
             Ended::Done(failed) => return counts.outcome(failed),
             Ended::HandOver { io, unread, app } => (Prefixed::new(unread, io), app),
         }

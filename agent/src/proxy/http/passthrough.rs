@@ -25,18 +25,32 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::headers::LocalReply;
-use super::inbound::InboundHttp;
 use super::outbound::MAX_HEADER_BYTES;
 use crate::config::telemetry::EffectiveTelemetry;
 use crate::proxy::copy::Side;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
-use crate::proxy::{Counters, ProxyInputs};
+use crate::proxy::metrics::TcpLabels;
+use crate::proxy::{Counters, PodContext, ProxyInputs};
 
 /// Bytes asked for per read.
 const READ_SIZE: usize = 16 * 1024;
 
 /// The most headers a head may have (hyper's default; more goes to hyper, which answers 431).
 const MAX_HEADERS: usize = 100;
+
+/// The stream, as the relay needs it (`inbound::InboundHttp`'s parts).
+pub(super) struct Conn<'a> {
+    pub pi: &'a Arc<ProxyInputs>,
+    pub pod: &'a Arc<PodContext>,
+    /// The stream's labels (reporter destination, verified source, this pod, the Service).
+    pub labels: &'a TcpLabels,
+    /// The client.
+    pub peer: SocketAddr,
+    /// The app's address.
+    pub dst: SocketAddr,
+    /// `namespace/name` of the pod, as the snapshot keys workloads.
+    pub pod_key: &'a str,
+}
 
 /// What woke an idle relay.
 enum Woke {
@@ -69,7 +83,7 @@ pub(super) fn observable(pi: &ProxyInputs, telemetry: &EffectiveTelemetry) -> bo
 
 /// Relays the stream's requests to `app` and the app's responses back, recording each, until the
 /// stream ends or a request needs the full server.
-pub(super) async fn relay<I>(conn: &InboundHttp, io: I, app: TcpStream) -> Ended<I>
+pub(super) async fn relay<I>(conn: Conn<'_>, io: I, app: TcpStream) -> Ended<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -132,15 +146,15 @@ where
         };
         let telemetry = {
             let snap = conn.pi.snapshot.load();
-            snap.telemetry_of(&conn.pod_key).clone()
+            snap.telemetry_of(conn.pod_key).clone()
         };
-        if !head.simple || !observable(&conn.pi, &telemetry) {
+        if !head.simple || !observable(conn.pi, &telemetry) {
             return hand_over(down_rd, down_wr, req_buf, app);
         }
         let mut stream = match app.take().filter(still_open) {
             Some(stream) => stream,
             None => match crate::proxy::connect::app(
-                &conn.pod,
+                conn.pod,
                 conn.dst,
                 SocketAddr::new(conn.peer.ip(), 0),
             )
