@@ -126,6 +126,9 @@ where
                     let _ = down_wr.shutdown().await;
                     return Ended::Done(None);
                 }
+                // A pool resets the stream of a connection it lets go: between requests, that is
+                // no failure (as the full server counts it).
+                Woke::Client(Err(_)) if req_buf.is_empty() => return Ended::Done(None),
                 // The client closed (or failed) within a request's head.
                 Woke::Client(Ok(0) | Err(_)) => return Ended::Done(Some(Side::A)),
                 Woke::Client(Ok(_)) => {}

@@ -208,3 +208,40 @@ async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
     assert_eq!(dst.value("istio_requests_total", &flags), Some(3));
     app.abort();
 }
+
+/// A pool lets an idle HTTP/1.1 connection go (`connectionPool.http.idleTimeout`) by ending its
+/// HBONE stream: at the destination that is the end of a connection, not a reset.
+#[tokio::test]
+async fn a_relayed_connection_the_pool_lets_go_ends_without_a_reset() {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("web").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&server])
+        .add();
+    world.yaml(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: mesh}
+spec:
+  host: web
+  trafficPolicy: {connectionPool: {http: {idleTimeout: 200ms}}}
+"#,
+    );
+    let mesh = world.start().await;
+    let app = mesh.http_app(server.addr(8080), "web").await;
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    assert_eq!(conn.get("web", "/", &[]).await.status, 200);
+    let n2 = mesh.node("n2");
+    assert_eq!(n2.count(|c| &c.http_inbound_relayed), 1);
+    eventually("the idle connection's stream has ended", || {
+        n2.count(|c| &c.relays_completed) + n2.count(|c| &c.relays_reset) == 1
+    })
+    .await;
+    assert_eq!(n2.count(|c| &c.relays_reset), 0);
+    eventually("the app's connection is closed", || app.closed() == 1).await;
+}
