@@ -35,6 +35,10 @@ use crate::proxy::{Counters, PodContext, ProxyInputs};
 /// Bytes asked for per read.
 const READ_SIZE: usize = 16 * 1024;
 
+/// The largest response head (hyper's client's default read buffer limit, ~400 KiB: response
+/// heads carry large cookies and policies).
+const MAX_RESPONSE_HEAD_BYTES: usize = 400 * 1024;
+
 /// The most headers a head may have (hyper's default; more goes to hyper, which answers 431).
 const MAX_HEADERS: usize = 100;
 
@@ -139,8 +143,9 @@ where
                             // Closed while idle (its keep-alive timeout): the next request makes
                             // another connection, as hyper's client pool would.
                             Ok(0) | Err(_) => app = None,
-                            // Bytes no request asked for: the app's HTTP cannot be followed.
-                            Ok(_) => return Ended::Done(Some(Side::B)),
+                            // Bytes no request asked for (a 408 before closing, say): that
+                            // connection cannot be followed any more, the stream can.
+                            Ok(_) => app = None,
                         }
                     }
                 }
@@ -184,9 +189,16 @@ where
         result.upstream = Some(conn.dst);
         result.set_observed_settings(telemetry);
         let counter = result.request_body_counter();
-        let (received, sent) = {
+        let body_sent = std::sync::atomic::AtomicBool::new(false);
+        let (received, client_gone) = {
             let (mut app_rd, mut app_wr) = stream.split();
-            let send = send_request(&mut down_rd, &mut app_wr, &mut req_buf, &head, counter);
+            let send = async {
+                send_request(&mut down_rd, &mut app_wr, &mut req_buf, &head, counter).await?;
+                body_sent.store(true, Ordering::Relaxed);
+                // Watched until the response ends: a client that goes away (a reset, or the end
+                // of its stream, as hyper's server takes it) is not waited on.
+                watch_client(&mut down_rd, &mut req_buf).await
+            };
             let recv = relay_response(
                 &mut app_rd,
                 &mut down_wr,
@@ -195,37 +207,42 @@ where
                 &mut result,
             );
             tokio::pin!(send, recv);
-            let mut sent = None;
-            let received = loop {
+            let mut app_write_failed = false;
+            loop {
                 tokio::select! {
-                    s = &mut send, if sent.is_none() => sent = Some(s),
-                    r = &mut recv => break r,
+                    s = &mut send, if !app_write_failed => match s {
+                        Err(Side::A) => break (None, true),
+                        // The app stopped reading: its answer may still come.
+                        _ => app_write_failed = true,
+                    },
+                    r = &mut recv => break (Some(r), false),
                 }
-            };
-            (received, sent)
+            }
         };
-        match (received, sent) {
-            (Ok(end), Some(Ok(()))) => {
+        let Some(received) = received else {
+            debug_assert!(client_gone);
+            // The client went away mid-request: so does the app's connection.
+            result.finish(Some("DC"));
+            return Ended::Done(Some(Side::A));
+        };
+        match received {
+            Ok(end) if body_sent.load(Ordering::Relaxed) => {
                 result.finish(None);
                 if end.close || head.close {
                     let _ = down_wr.shutdown().await;
                     return Ended::Done(None);
                 }
-                app = Some(stream);
+                // Bytes after the response: that connection cannot be followed any more.
+                app = (!end.stray).then_some(stream);
             }
             // The app answered before the request's body was all sent (or could be): the request
             // is over, and the connection with it.
-            (Ok(_), _) => {
+            Ok(_) => {
                 result.finish(None);
                 let _ = down_wr.shutdown().await;
                 return Ended::Done(None);
             }
-            (Err(Failed::BeforeResponse), sent) => {
-                if let Some(Err(Side::A)) = sent {
-                    // The client went away mid-request.
-                    result.finish(Some("DC"));
-                    return Ended::Done(Some(Side::A));
-                }
+            Err(Failed::BeforeResponse) => {
                 debug!(dst = %conn.dst, "app failed before a response (503)");
                 let reply = LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -233,14 +250,30 @@ where
                     "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 );
                 result.labels.conn.flags = reply.flag;
-                let wrote = write_local_reply(&mut down_wr, reply, &mut result).await;
+                let wrote = write_local_reply(&mut down_wr, reply, head.is_head, &mut result).await;
                 result.finish(None);
                 return Ended::Done(wrote.err());
             }
-            (Err(Failed::Response(side)), _) => {
+            Err(Failed::Response(side)) => {
                 result.finish(Some(if side == Side::A { "DC" } else { "UR" }));
                 return Ended::Done(Some(side));
             }
+        }
+    }
+}
+
+/// Reads what the client sends while its request's response is on its way (a pipelined request,
+/// kept in `buf` up to a head's worth); returns only when the client goes away.
+async fn watch_client<R: AsyncRead + Unpin>(down: &mut R, buf: &mut BytesMut) -> Result<(), Side> {
+    loop {
+        if buf.len() >= MAX_HEADER_BYTES {
+            // Enough for the next request: the rest waits in the stream's flow control.
+            return std::future::pending().await;
+        }
+        buf.reserve(READ_SIZE);
+        match down.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(Side::A),
         }
     }
 }
@@ -293,6 +326,8 @@ where
 struct ResponseEnd {
     /// The connection ends with it (`Connection: close`, HTTP/1.0, a body ended by the close).
     close: bool,
+    /// The app sent bytes after it that no request asked for.
+    stray: bool,
 }
 
 /// Why a response did not end.
@@ -329,7 +364,7 @@ where
             if !buf.is_empty() {
                 match ResponseHead::parse(buf, is_head) {
                     Ok(Some(head)) => break head,
-                    Ok(None) if buf.len() <= MAX_HEADER_BYTES => {}
+                    Ok(None) if buf.len() <= MAX_RESPONSE_HEAD_BYTES => {}
                     _ => return Err(failed(started, Side::B)),
                 }
             }
@@ -380,12 +415,11 @@ where
         }
     }
     down.flush().await.map_err(|_| Failed::Response(Side::A))?;
-    if !buf.is_empty() {
-        // Bytes after the response that no request asked for.
-        return Err(Failed::Response(Side::B));
-    }
+    let stray = !buf.is_empty();
+    buf.clear();
     Ok(ResponseEnd {
         close: head.close || head.until_close,
+        stray,
     })
 }
 
@@ -393,9 +427,15 @@ where
 async fn write_local_reply<W: AsyncWrite + Unpin>(
     down: &mut W,
     reply: LocalReply,
+    to_head: bool,
     result: &mut RequestResult,
 ) -> Result<(), Side> {
-    let body = reply.body.clone();
+    let length = reply.body.len();
+    let body = if to_head {
+        Bytes::new()
+    } else {
+        reply.body.clone()
+    };
     let mut resp = reply.into_response();
     // Counted as the full server counts its local replies: before the framing headers.
     result.set_observed_response(resp.status().as_u16(), header_bytes(resp.headers()));
@@ -406,7 +446,7 @@ async fn write_local_reply<W: AsyncWrite + Unpin>(
     );
     resp.headers_mut().insert(
         http::header::CONTENT_LENGTH,
-        http::HeaderValue::from(body.len()),
+        http::HeaderValue::from(length),
     );
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -458,7 +498,10 @@ impl RequestHead {
         };
         let method = req.method.unwrap_or_default();
         let path = req.path.unwrap_or_default();
-        let mut simple = req.version == Some(1)
+        // A line ended by a bare LF reaches the app as it came, and apps differ on it: hyper
+        // reads and writes it again.
+        let mut simple = !has_bare_lf(&buf[..len])
+            && req.version == Some(1)
             && method != "CONNECT"
             && http::uri::PathAndQuery::try_from(path).is_ok()
             && path.starts_with('/');
@@ -470,10 +513,7 @@ impl RequestHead {
             counted += (h.name.len() + h.value.len() + 4) as u64;
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
-                let n = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                match (n, length) {
+                match (parse_length(h.value), length) {
                     (Some(n), None) => length = Some(n),
                     _ => simple = false,
                 }
@@ -520,6 +560,22 @@ impl RequestHead {
     }
 }
 
+/// `1*DIGIT` (RFC 9110 §8.6), between optional whitespace.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Whether a line of `head` ends with LF alone.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
 /// A response head.
 #[derive(Debug)]
 struct ResponseHead {
@@ -552,14 +608,12 @@ impl ResponseHead {
             counted += (h.name.len() + h.value.len() + 4) as u64;
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
-                let n = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(())?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(());
-                }
-                length = Some(n);
+                // Checked only if the body is framed by it (hyper's client ignores it otherwise).
+                length = match (parse_length(h.value), length) {
+                    (Some(n), None) => Some(Ok(n)),
+                    (Some(n), Some(Ok(l))) if n == l => Some(Ok(n)),
+                    _ => Some(Err(())),
+                };
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 // The last coding decides (RFC 9112 §6.3): chunked, or the body runs to the close.
                 let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
@@ -580,8 +634,9 @@ impl ResponseHead {
             (true, _, _) => (Body::Empty, false),
             (false, Some(true), _) => (Body::Chunked(Chunked::Size { size: 0, digits: 0 }), false),
             (false, Some(false), _) => (Body::UntilClose, true),
-            (false, None, Some(0)) => (Body::Empty, false),
-            (false, None, Some(n)) => (Body::Length(n), false),
+            (false, None, Some(Err(()))) => return Err(()),
+            (false, None, Some(Ok(0))) => (Body::Empty, false),
+            (false, None, Some(Ok(n))) => (Body::Length(n), false),
             (false, None, None) => (Body::UntilClose, true),
         };
         Ok(Some(ResponseHead {
@@ -678,13 +733,13 @@ impl Chunked {
             i += 1;
             *self = match (&*self, b) {
                 (Chunked::Size { size, digits }, b) if b.is_ascii_hexdigit() => {
-                    if *digits >= 15 {
-                        return Err(());
-                    }
-                    let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
                     Chunked::Size {
-                        size: size * 16 + d,
-                        digits: digits + 1,
+                        size: size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(d))
+                            .ok_or(())?,
+                        digits: digits.saturating_add(1),
                     }
                 }
                 (Chunked::Size { size, digits }, b';' | b' ' | b'\t') if *digits > 0 => {
@@ -694,7 +749,7 @@ impl Chunked {
                     Chunked::SizeLf { size: *size }
                 }
                 (Chunked::Extension { size }, b'\r') => Chunked::SizeLf { size: *size },
-                (Chunked::Extension { size }, b'\n') => Chunked::after_size(*size),
+                (Chunked::Extension { .. }, b'\n') => return Err(()),
                 (Chunked::Extension { size }, _) => Chunked::Extension { size: *size },
                 (Chunked::SizeLf { size }, b'\n') => Chunked::after_size(*size),
                 (Chunked::DataCr, b'\r') => Chunked::DataLf,

@@ -245,3 +245,74 @@ spec:
     assert_eq!(n2.count(|c| &c.relays_reset), 0);
     eventually("the app's connection is closed", || app.closed() == 1).await;
 }
+
+/// A client that goes away in the middle of its request's body is not waited on: the app's
+/// connection is closed with it (the app would otherwise wait for the rest for ever), and the
+/// request is recorded with flag DC.
+#[tokio::test]
+async fn a_request_abandoned_mid_body_closes_the_app_connection() {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("web").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&server])
+        .add();
+    let mesh = world.start().await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    // The app reads the request's head and the body's first bytes, says so, and reads on until
+    // its connection closes.
+    let (got_start, started) = tokio::sync::oneshot::channel::<()>();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let app = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await;
+        let mut seen = Vec::new();
+        let mut got_start = Some(got_start);
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = tcp.read(&mut chunk).await {
+            seen.extend_from_slice(&chunk[..n]);
+            if seen.ends_with(b"\r\n\r\nabc") {
+                if let Some(tx) = got_start.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let _ = closed_tx.send(seen);
+    });
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut upload = get("/upload", &[("host", "web"), ("content-length", "10")]);
+    *upload.method_mut() = http::Method::POST;
+    let (give_up, gave_up) = tokio::sync::oneshot::channel::<()>();
+    let first = futures::stream::iter([Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"abc",
+    )))]);
+    let then_fail = futures::stream::once(async move {
+        let _ = gave_up.await;
+        Err(std::io::Error::other("the client gives up"))
+    });
+    *upload.body_mut() = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        futures::StreamExt::chain(first, then_fail),
+    ));
+    let sent = tokio::spawn(conn.sender.send_request(upload));
+    within("the app to get the request's start", started)
+        .await
+        .expect("the app got the start");
+    let _ = give_up.send(());
+    let sent = within("the request to fail", sent).await.expect("join");
+    assert!(sent.is_err(), "{sent:?}");
+    let seen = within("the app's connection to close", closed)
+        .await
+        .expect("the app saw its close");
+    assert!(seen.ends_with(b"abc"), "{}", String::from_utf8_lossy(&seen));
+    let n2 = mesh.node("n2");
+    assert_eq!(n2.count(|c| &c.http_inbound_relayed), 1);
+    n2.wait_metric(
+        "istio_requests_total",
+        &[("reporter", "destination"), ("response_flags", "DC")],
+        1,
+    )
+    .await;
+    app.abort();
+}

@@ -37,6 +37,11 @@ fn a_chunked_body_ends_after_its_trailers_wherever_the_reads_split_it() {
     }
     let bytes: Vec<&[u8]> = whole.chunks(1).collect();
     assert_eq!(follow(chunked(), &bytes), Ok((CHUNKED.len(), 11, true)));
+    // Leading zeros are no overflow.
+    assert_eq!(
+        follow(chunked(), &[b"00000000000000000003\r\nabc\r\n0\r\n\r\n"]),
+        Ok((32, 3, true))
+    );
     // Without trailers.
     assert_eq!(
         follow(chunked(), &[b"3\r\nabc\r\n0\r\n\r\n"]),
@@ -56,6 +61,7 @@ fn a_malformed_chunked_body_is_an_error() {
         b"\r\n",
         b"3\r\nabcX\r\n",
         b"1234567890abcdef0\r\n",
+        b"3;ext\nabc\r\n",
         b"0\r\n\rX",
     ] {
         assert_eq!(follow(chunked(), &[bad]), Err(()), "{bad:?}");
@@ -133,6 +139,11 @@ fn requests_the_relay_cannot_follow_go_to_the_full_server() {
             format!("GET / HTTP/1.1\r\nkeep-alive: timeout=5\r\n{ID}\r\n"),
         ),
         ("te", format!("GET / HTTP/1.1\r\nte: trailers\r\n{ID}\r\n")),
+        (
+            "signed length",
+            format!("POST / HTTP/1.1\r\ncontent-length: +5\r\n{ID}\r\n"),
+        ),
+        ("bare LF", format!("GET / HTTP/1.1\nhost: a\n{ID}\r\n")),
         (
             "grpc-web",
             format!("POST / HTTP/1.1\r\ncontent-type: application/grpc-web\r\n{ID}\r\n"),
@@ -219,5 +230,23 @@ fn a_response_body_is_framed_as_rfc_9112_says() {
     )
     .is_err());
     assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+    assert!(ResponseHead::parse(b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n", false).is_err());
+    // A length that frames nothing is not checked (as hyper's client does not).
+    assert_eq!(
+        response(
+            "HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n",
+            false
+        )
+        .body,
+        Body::Empty
+    );
+    assert_eq!(
+        response(
+            "HTTP/1.1 200 OK\r\ncontent-length: x\r\ntransfer-encoding: chunked\r\n\r\n",
+            false
+        )
+        .body,
+        chunked()
+    );
     assert!(ResponseHead::parse(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
 }
