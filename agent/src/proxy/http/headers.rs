@@ -84,12 +84,17 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&X_REQUEST_ID) {
         return id.clone();
     }
-    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let value = HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-        .unwrap_or_else(|_| HeaderValue::from_static("-"));
+    let value = new_request_id();
     headers.insert(X_REQUEST_ID.clone(), value.clone());
     value
+}
+
+/// A new `x-request-id` value: a random UUID, as Envoy generates.
+pub fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// A reply the proxy makes itself (Envoy's local reply): `flag` is Envoy's response flag.

@@ -9,10 +9,11 @@
 //! the destination a third more CPU per request (`agent/benches/README.md`).
 //!
 //! Anything else goes to the full server (`inbound::serve`) at a request boundary, with the bytes
-//! read and not relayed: a request that upgrades, carries `Expect`, a chunked body, hop-by-hop
-//! headers other than `Connection: keep-alive|close`, or no `x-request-id`; a malformed or
-//! oversized head (hyper answers it 400 or 431); tracing, an access log or metric tags for the
-//! workload; and a drain. The app's connection goes along when it is still open.
+//! read and not relayed: a request that upgrades, carries `Expect`, a chunked body, or hop-by-hop
+//! headers other than `Connection: keep-alive|close`; a malformed or oversized head (hyper answers
+//! it 400 or 431); tracing, an access log or metric tags for the workload; and a drain. The app's
+//! connection goes along when it is still open. A request without an `x-request-id` gets one, as
+//! from the full server.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,9 @@ const READ_SIZE: usize = 16 * 1024;
 /// The largest response head (hyper's client's default read buffer limit, ~400 KiB: response
 /// heads carry large cookies and policies).
 const MAX_RESPONSE_HEAD_BYTES: usize = 400 * 1024;
+
+/// The header the relay adds to a request without one.
+const REQUEST_ID_NAME: &str = "x-request-id";
 
 /// The most headers a head may have (hyper's default; more goes to hyper, which answers 431).
 const MAX_HEADERS: usize = 100;
@@ -174,6 +178,11 @@ where
             },
         };
         Counters::inc(&conn.pi.counters.http_inbound_relayed);
+        // As the full server (and Envoy) does: a request without an id gets one on its way.
+        let request_id = (!head.request_id).then(super::headers::new_request_id);
+        let added = request_id
+            .as_ref()
+            .map_or(0, |id| (REQUEST_ID_NAME.len() + id.len() + 4) as u64);
         let mut result = RequestResult::start(
             &conn.pi.telemetry,
             RequestLabels {
@@ -183,7 +192,7 @@ where
                 grpc_status: None,
             },
             (conn.peer, conn.dst),
-            head.counted_bytes,
+            head.counted_bytes + added,
             None,
         );
         result.upstream = Some(conn.dst);
@@ -193,7 +202,8 @@ where
         let (received, client_gone) = {
             let (mut app_rd, mut app_wr) = stream.split();
             let send = async {
-                send_request(&mut down_rd, &mut app_wr, &mut req_buf, &head, counter).await?;
+                let head = (&head, request_id);
+                send_request(&mut down_rd, &mut app_wr, &mut req_buf, head, counter).await?;
                 body_sent.store(true, Ordering::Relaxed);
                 // Watched until the response ends: a client that goes away (a reset, or the end
                 // of its stream, as hyper's server takes it) is not waited on.
@@ -293,7 +303,7 @@ async fn send_request<R, W>(
     down: &mut R,
     app: &mut W,
     buf: &mut BytesMut,
-    head: &RequestHead,
+    (head, mut request_id): (&RequestHead, Option<http::HeaderValue>),
     counter: Arc<AtomicU64>,
 ) -> Result<(), Side>
 where
@@ -306,7 +316,20 @@ where
         let (used, data) = body.advance(&buf[take..]).map_err(|()| Side::A)?;
         take += used;
         counter.fetch_add(data, Ordering::Relaxed);
-        if take > 0 {
+        if let Some(id) = request_id.take() {
+            // The head ends with CRLF CRLF (bare LF goes to hyper): the header goes before the
+            // last CRLF, in the same write as the rest.
+            let mut out = Vec::with_capacity(take + REQUEST_ID_NAME.len() + id.len() + 4);
+            out.extend_from_slice(&buf[..head.len - 2]);
+            out.extend_from_slice(REQUEST_ID_NAME.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(&buf[head.len..take]);
+            app.write_all(&out).await.map_err(|_| Side::B)?;
+            buf.advance(take);
+            take = 0;
+        } else if take > 0 {
             app.write_all(&buf[..take]).await.map_err(|_| Side::B)?;
             buf.advance(take);
             take = 0;
@@ -484,6 +507,8 @@ struct RequestHead {
     is_head: bool,
     /// `Connection: close`.
     close: bool,
+    /// It has an `x-request-id` (the relay adds one otherwise, as the full server does).
+    request_id: bool,
     simple: bool,
 }
 
@@ -555,7 +580,8 @@ impl RequestHead {
             },
             is_head: method == "HEAD",
             close,
-            simple: simple && request_id,
+            request_id,
+            simple,
         }))
     }
 }

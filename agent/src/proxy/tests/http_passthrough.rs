@@ -20,7 +20,7 @@ use super::fixture::*;
 async fn raw_app(mut tcp: TcpStream) {
     let mut buf = Vec::new();
     loop {
-        let (head_len, method, path, length) = loop {
+        let (head_len, method, path, length, id) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut headers);
             if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
@@ -30,8 +30,16 @@ async fn raw_app(mut tcp: TcpStream) {
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                     .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
                     .unwrap_or(0);
+                let id = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+                    .map_or("none".into(), |h| {
+                        String::from_utf8_lossy(h.value).into_owned()
+                    });
                 let method = req.method.unwrap_or_default().to_string();
-                break (n, method, req.path.unwrap_or_default().to_string(), length);
+                let path = req.path.unwrap_or_default().to_string();
+                break (n, method, path, length, id);
             }
             let mut chunk = [0u8; 4096];
             match tcp.read(&mut chunk).await {
@@ -65,7 +73,11 @@ async fn raw_app(mut tcp: TcpStream) {
             (_, "/drop") => return,
             (_, "/expect") => &[b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\nmade"],
             _ => {
-                let body = format!("{method} {path} {length}");
+                let body = if path == "/id" {
+                    id
+                } else {
+                    format!("{method} {path} {length}")
+                };
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
                 let _ = tcp.write_all(format!("{head}{body}").as_bytes()).await;
                 continue;
@@ -314,5 +326,48 @@ async fn a_request_abandoned_mid_body_closes_the_app_connection() {
         1,
     )
     .await;
+    app.abort();
+}
+
+/// A request without an `x-request-id` (a client whose node relays it at L4: a pod address, no
+/// Service) is still relayed, and reaches the app with one, as Envoy's inbound generates it.
+#[tokio::test]
+async fn a_request_without_an_id_gets_one_on_its_way() {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("web").node("n2").app("web").add();
+    let mesh = world.start().await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(raw_app(tcp));
+        }
+    });
+    let mut tcp = mesh.connect(&client, server.addr(8080)).await;
+    tcp.write_all(b"GET /id HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .expect("request");
+    let mut got = Vec::new();
+    let text = within("the answer", async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = tcp.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                if body.len() >= 36 || body == "none" {
+                    return text;
+                }
+            }
+        }
+    })
+    .await;
+    let (head, id) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "the app saw {id:?}");
+    assert_eq!(mesh.node("n2").count(|c| &c.http_inbound_relayed), 1);
     app.abort();
 }

@@ -102,12 +102,15 @@ fn a_plain_request_is_followed_and_counted_as_the_full_server_counts_it() {
     assert!(head.simple && head.close);
     assert_eq!(head.body, Body::Length(10));
     assert!(request(&format!("HEAD / HTTP/1.1\r\n{ID}\r\n")).is_head);
+    assert!(head.request_id);
+    // Without an id it is still followed: the relay adds one.
+    let head = request("GET / HTTP/1.1\r\n\r\n");
+    assert!(head.simple && !head.request_id);
 }
 
 #[test]
 fn requests_the_relay_cannot_follow_go_to_the_full_server() {
     for (case, text) in [
-        ("no x-request-id", "GET / HTTP/1.1\r\n\r\n".to_string()),
         ("HTTP/1.0", format!("GET / HTTP/1.0\r\n{ID}\r\n")),
         ("CONNECT", format!("CONNECT a:1 HTTP/1.1\r\n{ID}\r\n")),
         (
