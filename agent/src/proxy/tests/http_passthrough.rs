@@ -96,10 +96,10 @@ async fn raw_app(mut tcp: TcpStream) {
     }
 }
 
-#[tokio::test]
-async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
+/// A client pod on n1 and `web` on n2, behind Service `web` (port 80, `http`, to 8080), with
+/// `yaml` and no access log (nothing for the destination to do but record); `web`'s address.
+async fn web_mesh(yaml: &str) -> (Mesh, Pod, Pod, SocketAddr) {
     let mut world = World::new();
-    // Nothing for the destination to do but record: no access log.
     world.no_access_log();
     let client = world.pod("client").node("n1").add();
     let server = world.pod("web").node("n2").app("web").add();
@@ -108,7 +108,20 @@ async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
         .named_port("http", 80, 8080)
         .backends(&[&server])
         .add();
-    let mesh = world.start().await;
+    if !yaml.is_empty() {
+        world.yaml(yaml);
+    }
+    (
+        world.start().await,
+        client,
+        server,
+        SocketAddr::new(vip, 80),
+    )
+}
+
+#[tokio::test]
+async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
+    let (mesh, client, server, web) = web_mesh("").await;
     let listener = mesh.listen(server.addr(8080)).await;
     let closed = Arc::new(AtomicUsize::new(0));
     let count = closed.clone();
@@ -122,7 +135,7 @@ async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
             });
         }
     });
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let req = |path: &str| get(path, &[("host", "web")]);
 
     let r = conn.call(req("/chunked")).await;
@@ -225,16 +238,7 @@ async fn every_http1_framing_is_relayed_whole_and_recorded_with_its_sizes() {
 /// HBONE stream: at the destination that is the end of a connection, not a reset.
 #[tokio::test]
 async fn a_relayed_connection_the_pool_lets_go_ends_without_a_reset() {
-    let mut world = World::new();
-    world.no_access_log();
-    let client = world.pod("client").node("n1").add();
-    let server = world.pod("web").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&server])
-        .add();
-    world.yaml(
+    let (mesh, client, server, web) = web_mesh(
         r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -243,10 +247,10 @@ spec:
   host: web
   trafficPolicy: {connectionPool: {http: {idleTimeout: 200ms}}}
 "#,
-    );
-    let mesh = world.start().await;
+    )
+    .await;
     let app = mesh.http_app(server.addr(8080), "web").await;
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     assert_eq!(conn.get("web", "/", &[]).await.status, 200);
     let n2 = mesh.node("n2");
     assert_eq!(n2.count(|c| &c.http_inbound_relayed), 1);
@@ -263,16 +267,7 @@ spec:
 /// request is recorded with flag DC.
 #[tokio::test]
 async fn a_request_abandoned_mid_body_closes_the_app_connection() {
-    let mut world = World::new();
-    world.no_access_log();
-    let client = world.pod("client").node("n1").add();
-    let server = world.pod("web").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&server])
-        .add();
-    let mesh = world.start().await;
+    let (mesh, client, server, web) = web_mesh("").await;
     let listener = mesh.listen(server.addr(8080)).await;
     // The app reads the request's head and the body's first bytes, says so, and reads on until
     // its connection closes.
@@ -293,7 +288,7 @@ async fn a_request_abandoned_mid_body_closes_the_app_connection() {
         }
         let _ = closed_tx.send(seen);
     });
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let mut upload = get("/upload", &[("host", "web"), ("content-length", "10")]);
     *upload.method_mut() = http::Method::POST;
     let (give_up, gave_up) = tokio::sync::oneshot::channel::<()>();

@@ -1,7 +1,7 @@
-//! The relay's parsing and framing, case by case (RFC 9112 §6 and §7.1); the relay itself runs
-//! in `proxy::tests::http_passthrough`.
+//! The relay's parsing and framing (`framing`), case by case (RFC 9112 §6 and §7.1); the relay
+//! itself runs in `proxy::tests::http_passthrough`.
 
-use super::*;
+use super::framing::*;
 
 const CHUNKED: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
 
