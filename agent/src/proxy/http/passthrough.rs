@@ -197,7 +197,7 @@ where
         result.set_observed_settings(telemetry);
         let counter = result.request_body_counter();
         let body_sent = std::sync::atomic::AtomicBool::new(false);
-        let (received, client_gone) = {
+        let received = {
             let (mut app_rd, mut app_wr) = stream.split();
             let send = async {
                 let head = (&head, request_id);
@@ -219,16 +219,15 @@ where
             loop {
                 tokio::select! {
                     s = &mut send, if !app_write_failed => match s {
-                        Err(Side::A) => break (None, true),
+                        Err(Side::A) => break None,
                         // The app stopped reading: its answer may still come.
                         _ => app_write_failed = true,
                     },
-                    r = &mut recv => break (Some(r), false),
+                    r = &mut recv => break Some(r),
                 }
             }
         };
         let Some(received) = received else {
-            debug_assert!(client_gone);
             // The client went away mid-request: so does the app's connection.
             result.finish(Some("DC"));
             return Ended::Done(Some(Side::A));
