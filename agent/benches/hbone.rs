@@ -273,7 +273,7 @@ fn main() {
         .collect();
     let _http = h2load
         .is_some()
-        .then(|| http_server::Servers::start(&servers, HTTP_PORT));
+        .then(|| http_server::Servers::start(&servers, &[HTTP_PORT]));
 
     println!();
     println!(

@@ -262,7 +262,7 @@ fn main() {
     // from the servers whose counts the paths check.
     let collector = pod("collector", &n1, "plain", &[("app", "jaeger")]);
     let _collector = (cfg.tracing.is_some() || !cfg.variants.is_empty())
-        .then(|| server::Servers::start(&[&collector], cluster::APP_PORT));
+        .then(|| server::Servers::start(&[&collector], &[cluster::APP_PORT]));
     let collector_addr = SocketAddr::from((collector.ip4(), cluster::APP_PORT));
     let access_log = world.state_dir().join("access.log");
     let mut observe = String::new();
@@ -300,8 +300,10 @@ fn main() {
     agents[1].wait_enrolled(&[&web[0], &web[1]]);
 
     // Server pods in `Servers` order: web-v1, web-v2, plain-v1, plain-v2.
-    let servers =
-        server::Servers::start(&[&web[0], &web[1], &plain[0], &plain[1]], cluster::APP_PORT);
+    let servers = server::Servers::start(
+        &[&web[0], &web[1], &plain[0], &plain[1]],
+        &[cluster::APP_PORT, cluster::APP_TCP_PORT],
+    );
     let app = |p: &Pod| SocketAddr::from((p.ip4(), cluster::APP_PORT));
     let haproxy = haproxy::start(&haproxy::Setup {
         bin: &haproxy_bin,

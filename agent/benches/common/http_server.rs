@@ -43,8 +43,8 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// Serves `0.0.0.0:port` in each of `pods`.
-    pub fn start(pods: &[&Pod], port: u16) -> Servers {
+    /// Serves `0.0.0.0:port` in each of `pods`, for each of `ports`.
+    pub fn start(pods: &[&Pod], ports: &[u16]) -> Servers {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("l7-server")
@@ -53,22 +53,25 @@ impl Servers {
             .unwrap_or_else(|e| panic!("server runtime: {e}"));
         let counts = Counts::default();
         for (index, pod) in pods.iter().enumerate() {
-            let listener = pod.run(move || {
-                let addr = SocketAddr::from(([0, 0, 0, 0], port));
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                s.set_reuse_address(true)?;
-                s.set_nonblocking(true)?;
-                s.bind(&addr.into())?;
-                s.listen(4096)?;
-                Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
-            });
-            let listener =
-                listener.unwrap_or_else(|e| panic!("server in {}: bind :{port}: {e}", pod.name()));
-            let counts = counts.clone();
-            let _enter = rt.enter();
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .unwrap_or_else(|e| panic!("server listener: {e}"));
-            rt.spawn(accept_loop(listener, index, counts));
+            for &port in ports {
+                let listener = pod.run(move || {
+                    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    s.set_reuse_address(true)?;
+                    s.set_nonblocking(true)?;
+                    s.bind(&addr.into())?;
+                    s.listen(4096)?;
+                    Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+                });
+                let listener = listener
+                    .unwrap_or_else(|e| panic!("server in {}: bind :{port}: {e}", pod.name()));
+                let counts = counts.clone();
+                let _enter = rt.enter();
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .unwrap_or_else(|e| panic!("server listener: {e}"));
+                rt.spawn(accept_loop(listener, index, counts));
+            }
         }
         Servers { rt, counts }
     }

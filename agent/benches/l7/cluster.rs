@@ -19,6 +19,10 @@ pub const TCP_PORT: u16 = 81;
 pub const RESILIENT_PORT: u16 = 82;
 /// Where every server pod's app listens.
 pub const APP_PORT: u16 = 8080;
+/// The same app on a second port, the target of `tcp-web` only: a pod port that two Service
+/// ports of different protocols target is a conflict (Istio's analyzer reports it), and the
+/// destination's agent would serve `tcp-web`'s streams at L7 as the `http` port's.
+pub const APP_TCP_PORT: u16 = 8081;
 
 /// The route both (c) and (d) implement.
 pub struct Split {
@@ -60,14 +64,14 @@ spec:
   selector: {{app: web}}
   ports:
   - {{name: http, port: {HTTP_PORT}, targetPort: {APP_PORT}}}
-  - {{name: tcp-web, port: {TCP_PORT}, targetPort: {APP_PORT}}}
+  - {{name: tcp-web, port: {TCP_PORT}, targetPort: {APP_TCP_PORT}}}
   - {{name: http-resilient, port: {RESILIENT_PORT}, targetPort: {APP_PORT}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: web-1, namespace: {ns}, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
-ports: [{{name: http, port: {APP_PORT}}}, {{name: tcp-web, port: {APP_PORT}}}, {{name: http-resilient, port: {APP_PORT}}}]
+ports: [{{name: http, port: {APP_PORT}}}, {{name: tcp-web, port: {APP_TCP_PORT}}}, {{name: http-resilient, port: {APP_PORT}}}]
 endpoints:
 {endpoints}---
 apiVersion: networking.istio.io/v1
