@@ -1,7 +1,8 @@
 //! Destination-side HTTP/1.1, observed rather than served again. When all the destination has to
 //! do with a request is record it (`istio_requests_total` and friends with
-//! `reporter="destination"`: no span, no access-log line, no metric tags read from the request),
-//! the request and its response are relayed as the bytes they are, and only their heads are
+//! `reporter="destination"`, and its SERVER span when tracing is on; no access-log line, no metric
+//! tags read from the request), the request and its response are relayed as the bytes they are
+//! (a traced request's head written again with the context for the next hop), and only their heads are
 //! parsed (`httparse`) and their bodies' framing followed (`Content-Length`, chunked, or until the
 //! app closes), for the status, the sizes and the duration. This is what the HBONE stream of an
 //! agent's pool carries in the common case; serving it with hyper's server and client instead
@@ -11,7 +12,7 @@
 //! Anything else goes to the full server (`inbound::serve`) at a request boundary, with the bytes
 //! read and not relayed: a request that upgrades, carries `Expect`, a chunked body, or hop-by-hop
 //! headers other than `Connection: keep-alive|close`; a malformed or oversized head (hyper answers
-//! it 400 or 431); tracing, an access log or metric tags for the workload; and a drain. The app's
+//! it 400 or 431); an access log or metric tags for the workload; and a drain. The app's
 //! connection goes along when it is still open. A request without an `x-request-id` gets one, as
 //! from the full server.
 
@@ -20,18 +21,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::headers::LocalReply;
 use super::outbound::MAX_HEADER_BYTES;
-use crate::config::telemetry::EffectiveTelemetry;
+use crate::config::telemetry::{EffectiveTelemetry, TracingSettings};
 use crate::proxy::copy::Side;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::TcpLabels;
-use crate::proxy::{Counters, PodContext, ProxyInputs};
+use crate::proxy::{spans, Counters, PodContext, ProxyInputs};
+use crate::trace::SpanKind;
 use framing::{Body, RequestHead, ResponseHead};
 
 /// Bytes asked for per read.
@@ -78,13 +80,86 @@ pub(super) enum Ended<I> {
     },
 }
 
-/// Whether the requests of a workload with these settings need no more than recording.
+/// Whether the requests of a workload with these settings need no more than recording (and
+/// their trace context carried on, a span made: see [`traced_head`]).
 pub(super) fn observable(pi: &ProxyInputs, telemetry: &EffectiveTelemetry) -> bool {
     let server = &telemetry.server;
-    server.tracing.is_none()
-        && !server.access_log.enabled()
+    !server.access_log.enabled()
         && server.metrics.tags.is_none()
         && pi.telemetry.access_log.is_none()
+}
+
+/// The head to send the app instead of the request's own, with the SERVER side's tracing done as
+/// the full server does it (`inbound::Served::request`): the trace context decided from the
+/// request's headers, a span recorded when it is reported, and the context for the next hop
+/// written in place of the caller's (B3 and/or W3C, the provider's propagation); the
+/// `x-request-id` added when there is none. None when the head's headers do not fit `http`'s
+/// types (the full server then takes the request).
+fn traced_head(
+    conn: &Conn<'_>,
+    tracing: &TracingSettings,
+    head: &[u8],
+    request_id: Option<http::HeaderValue>,
+    result: &mut RequestResult,
+) -> Option<Vec<u8>> {
+    let mut parsed = [httparse::EMPTY_HEADER; framing::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut parsed);
+    let (method, target) = match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => (req.method?, req.path?),
+        _ => return None,
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 6);
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    if let Some(id) = request_id {
+        headers.insert(REQUEST_ID_NAME, id);
+    }
+    let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &headers);
+    if begun.reported() {
+        let authority = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let host = match &conn.labels.service {
+            Some(service) => service.0.hostname.clone(),
+            None => super::target::split_authority(&authority).0.into_owned(),
+        };
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        result.cluster_name = Some(format!("inbound|{}||", conn.dst.port()));
+        result.span = begun.record(
+            conn.pi,
+            conn.pod,
+            tracing,
+            spans::Start {
+                host: &host,
+                port: conn.dst.port(),
+                method,
+                authority: &authority,
+                path,
+                version: http::Version::HTTP_11,
+                peer: Some(conn.peer.ip()),
+            },
+            &mut headers,
+        );
+    } else {
+        begun.carry(tracing, &mut headers);
+    }
+    let mut out = Vec::with_capacity(head.len() + 256);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(out)
 }
 
 /// Relays the stream's requests to `app` and the app's responses back, recording each, until the
@@ -161,6 +236,36 @@ where
         if !head.simple || !observable(conn.pi, &telemetry) {
             return hand_over(down_rd, down_wr, req_buf, app);
         }
+        // As the full server (and Envoy) does: a request without an id gets one on its way.
+        let request_id = (!head.request_id).then(super::headers::new_request_id);
+        let added = request_id
+            .as_ref()
+            .map_or(0, |id| (REQUEST_ID_NAME.len() + id.len() + 4) as u64);
+        // The request's duration starts with its head, as in the full server: a reconnect to the
+        // app is part of it.
+        let mut result = RequestResult::start(
+            &conn.pi.telemetry,
+            RequestLabels {
+                conn: conn.labels.clone(),
+                protocol: "http",
+                response_code: 0,
+                grpc_status: None,
+            },
+            (conn.peer, conn.dst),
+            head.counted_bytes + added,
+            None,
+        );
+        // What the app gets instead of the request's own head, if anything.
+        let new_head = match spans::of(&telemetry, SpanKind::Server) {
+            Some(tracing) => {
+                let head = &req_buf[..head.len];
+                match traced_head(&conn, tracing, head, request_id, &mut result) {
+                    Some(new_head) => Some(new_head),
+                    None => return hand_over(down_rd, down_wr, req_buf, app),
+                }
+            }
+            None => request_id.map(|id| with_request_id(&req_buf[..head.len], &id)),
+        };
         let mut stream = match app.take().filter(still_open) {
             Some(stream) => stream,
             None => match crate::proxy::connect::app(
@@ -176,23 +281,6 @@ where
             },
         };
         Counters::inc(&conn.pi.counters.http_inbound_relayed);
-        // As the full server (and Envoy) does: a request without an id gets one on its way.
-        let request_id = (!head.request_id).then(super::headers::new_request_id);
-        let added = request_id
-            .as_ref()
-            .map_or(0, |id| (REQUEST_ID_NAME.len() + id.len() + 4) as u64);
-        let mut result = RequestResult::start(
-            &conn.pi.telemetry,
-            RequestLabels {
-                conn: conn.labels.clone(),
-                protocol: "http",
-                response_code: 0,
-                grpc_status: None,
-            },
-            (conn.peer, conn.dst),
-            head.counted_bytes + added,
-            None,
-        );
         result.upstream = Some(conn.dst);
         result.set_observed_settings(telemetry);
         let counter = result.request_body_counter();
@@ -200,7 +288,7 @@ where
         let received = {
             let (mut app_rd, mut app_wr) = stream.split();
             let send = async {
-                let head = (&head, request_id);
+                let head = (&head, new_head);
                 send_request(&mut down_rd, &mut app_wr, &mut req_buf, head, counter).await?;
                 body_sent.store(true, Ordering::Relaxed);
                 // Watched until the response ends: a client that goes away (a reset, or the end
@@ -296,11 +384,23 @@ fn still_open(app: &TcpStream) -> bool {
 }
 
 /// Sends the request whose head starts `buf` to the app, and its body as it comes.
+/// `head` with an `x-request-id: id` line added. The head ends with CRLF CRLF (bare LF goes to
+/// hyper): the header goes before the last CRLF.
+fn with_request_id(head: &[u8], id: &http::HeaderValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + REQUEST_ID_NAME.len() + id.len() + 4);
+    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(REQUEST_ID_NAME.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
 async fn send_request<R, W>(
     down: &mut R,
     app: &mut W,
     buf: &mut BytesMut,
-    (head, mut request_id): (&RequestHead, Option<http::HeaderValue>),
+    (head, mut new_head): (&RequestHead, Option<Vec<u8>>),
     counter: Arc<AtomicU64>,
 ) -> Result<(), Side>
 where
@@ -313,15 +413,8 @@ where
         let (used, data) = body.advance(&buf[take..]).map_err(|()| Side::A)?;
         take += used;
         counter.fetch_add(data, Ordering::Relaxed);
-        if let Some(id) = request_id.take() {
-            // The head ends with CRLF CRLF (bare LF goes to hyper): the header goes before the
-            // last CRLF, in the same write as the rest.
-            let mut out = Vec::with_capacity(take + REQUEST_ID_NAME.len() + id.len() + 4);
-            out.extend_from_slice(&buf[..head.len - 2]);
-            out.extend_from_slice(REQUEST_ID_NAME.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(b"\r\n\r\n");
+        if let Some(mut out) = new_head.take() {
+            // In the same write as the body's first bytes.
             out.extend_from_slice(&buf[head.len..take]);
             app.write_all(&out).await.map_err(|_| Side::B)?;
             buf.advance(take);

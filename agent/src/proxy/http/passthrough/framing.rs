@@ -2,7 +2,7 @@
 //! their bodies (RFC 9112 §6 and §7.1), with what the metrics count of each.
 
 /// The most headers a head may have (hyper's default; more goes to hyper, which answers 431).
-const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 
 /// A request head this relay can follow, or one it leaves to the full server (`simple` false).
 #[derive(Debug)]
