@@ -54,6 +54,7 @@ async fn raw_app(mut tcp: TcpStream) {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
         buf.drain(..head_len + length);
         let answer: &[&[u8]] = match (method.as_str(), path.as_str()) {
             (_, "/chunked") => &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"],
@@ -75,6 +76,8 @@ async fn raw_app(mut tcp: TcpStream) {
             _ => {
                 let body = if path == "/id" {
                     id
+                } else if path.starts_with("/echo-head") {
+                    head
                 } else {
                     format!("{method} {path} {length}")
                 };
@@ -363,6 +366,81 @@ async fn a_request_without_an_id_gets_one_on_its_way() {
     let (head, id) = text.split_once("\r\n\r\n").expect("a head");
     assert!(head.starts_with("HTTP/1.1 200"), "{text}");
     assert!(uuid::Uuid::parse_str(id).is_ok(), "the app saw {id:?}");
+    assert_eq!(mesh.node("n2").count(|c| &c.http_inbound_relayed), 1);
+    app.abort();
+}
+
+/// The install guides' mesh config (tracing on, to a Zipkin address), sampling 0 %.
+const TRACING_MESH: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    enableTracing: true
+    defaultConfig:
+      tracing:
+        sampling: 0
+        zipkin:
+          address: 127.0.0.1:9411
+"#;
+
+/// With tracing on, the relay writes the head again with its SERVER span's context in place of
+/// the caller's, as the full server does, and every other header as it came (repeated ones in
+/// their order).
+#[tokio::test]
+async fn a_traced_request_is_relayed_with_the_server_spans_context() {
+    let (mesh, client, server, web) = web_mesh(TRACING_MESH).await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(raw_app(tcp));
+        }
+    });
+    let mut conn = mesh.h1(&client, web).await;
+    let (trace, span) = ("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312");
+    let req = get(
+        "/echo-head?q=1",
+        &[
+            ("host", "web"),
+            ("x-b3-traceid", trace),
+            ("x-b3-spanid", span),
+            ("x-b3-sampled", "0"),
+            ("x-dup", "1"),
+            ("x-custom", "v"),
+            ("x-dup", "2"),
+        ],
+    );
+    let r = conn.call(req).await;
+    assert_eq!(r.status.as_u16(), 200);
+    let head = r.text();
+    let values = |name: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| {
+                let (n, v) = l.split_once(": ")?;
+                n.eq_ignore_ascii_case(name).then(|| v.to_string())
+            })
+            .collect()
+    };
+    assert!(
+        head.starts_with("GET /echo-head?q=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert_eq!(values("x-b3-traceid"), [trace], "{head}");
+    assert_eq!(values("x-b3-sampled"), ["0"], "{head}");
+    let (parent, own) = (values("x-b3-parentspanid"), values("x-b3-spanid"));
+    assert_eq!((parent.len(), own.len()), (1, 1), "{head}");
+    // The caller's span is the parent of n1's CLIENT span, whose own is the parent of n2's
+    // SERVER span: the app sees the latter, two hops from the caller's.
+    assert_ne!(
+        parent[0], span,
+        "the destination wrote its span's context:\n{head}"
+    );
+    assert_ne!(own[0], parent[0], "{head}");
+    assert_eq!(values("x-dup"), ["1", "2"], "{head}");
+    assert_eq!(values("x-custom"), ["v"], "{head}");
+    assert_eq!(values("x-request-id").len(), 1, "{head}");
     assert_eq!(mesh.node("n2").count(|c| &c.http_inbound_relayed), 1);
     app.abort();
 }
