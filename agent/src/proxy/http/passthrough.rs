@@ -1,34 +1,34 @@
 //! Destination-side HTTP/1.1, observed rather than served again. When all the destination has to
 //! do with a request is record it (`istio_requests_total` and friends with
-//! `reporter="destination"`, and its SERVER span when tracing is on; no access-log line, no metric
-//! tags read from the request), the request and its response are relayed as the bytes they are
-//! (a traced request's head written again with the context for the next hop), and only their heads are
-//! parsed (`httparse`) and their bodies' framing followed (`Content-Length`, chunked, or until the
-//! app closes), for the status, the sizes and the duration. This is what the HBONE stream of an
-//! agent's pool carries in the common case; serving it with hyper's server and client instead
-//! parses and writes every head twice more, moves each request through two more tasks and cost
-//! the destination a third more CPU per request (`agent/benches/README.md`).
+//! `reporter="destination"`, its SERVER span when tracing is on, its access-log line when logging
+//! is: [`observe`]; no metric tags read from the request), the request and its response are
+//! relayed as the bytes they are (a traced request's head written again with the context for the
+//! next hop), and only their heads are parsed (`httparse`) and their bodies' framing followed
+//! (`Content-Length`, chunked, or until the app closes), for the status, the sizes and the
+//! duration. This is what the HBONE stream of an agent's pool carries in the common case; serving
+//! it with hyper's server and client instead parses and writes every head twice more, moves each
+//! request through two more tasks and cost the destination a third more CPU per request
+//! (`agent/benches/README.md`).
 //!
 //! Anything else goes to the full server (`inbound::serve`) at a request boundary, with the bytes
 //! read and not relayed: a request that upgrades, carries `Expect`, a chunked body, or hop-by-hop
 //! headers other than `Connection: keep-alive|close`; a malformed or oversized head (hyper answers
-//! it 400 or 431); an access log or metric tags for the workload; and a drain. The app's
-//! connection goes along when it is still open. A request without an `x-request-id` gets one, as
-//! from the full server.
+//! it 400 or 431); metric tags for the workload; and a drain. The app's connection goes along when
+//! it is still open. A request without an `x-request-id` gets one, as from the full server.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::headers::LocalReply;
 use super::outbound::MAX_HEADER_BYTES;
-use crate::config::telemetry::{EffectiveTelemetry, TracingSettings};
+use crate::config::telemetry::EffectiveTelemetry;
 use crate::proxy::copy::Side;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::TcpLabels;
@@ -80,86 +80,10 @@ pub(super) enum Ended<I> {
     },
 }
 
-/// Whether the requests of a workload with these settings need no more than recording (and
-/// their trace context carried on, a span made: see [`traced_head`]).
-pub(super) fn observable(pi: &ProxyInputs, telemetry: &EffectiveTelemetry) -> bool {
-    let server = &telemetry.server;
-    !server.access_log.enabled()
-        && server.metrics.tags.is_none()
-        && pi.telemetry.access_log.is_none()
-}
-
-/// The head to send the app instead of the request's own, with the SERVER side's tracing done as
-/// the full server does it (`inbound::Served::request`): the trace context decided from the
-/// request's headers, a span recorded when it is reported, and the context for the next hop
-/// written in place of the caller's (B3 and/or W3C, the provider's propagation); the
-/// `x-request-id` added when there is none. None when the head's headers do not fit `http`'s
-/// types (the full server then takes the request).
-fn traced_head(
-    conn: &Conn<'_>,
-    tracing: &TracingSettings,
-    head: &[u8],
-    request_id: Option<http::HeaderValue>,
-    result: &mut RequestResult,
-) -> Option<Vec<u8>> {
-    let mut parsed = [httparse::EMPTY_HEADER; framing::MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut parsed);
-    let (method, target) = match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => (req.method?, req.path?),
-        _ => return None,
-    };
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 6);
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
-    }
-    if let Some(id) = request_id {
-        headers.insert(REQUEST_ID_NAME, id);
-    }
-    let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &headers);
-    if begun.reported() {
-        let authority = headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let host = match &conn.labels.service {
-            Some(service) => service.0.hostname.clone(),
-            None => super::target::split_authority(&authority).0.into_owned(),
-        };
-        let path = target.split_once('?').map_or(target, |(p, _)| p);
-        result.cluster_name = Some(format!("inbound|{}||", conn.dst.port()));
-        result.span = begun.record(
-            conn.pi,
-            conn.pod,
-            tracing,
-            spans::Start {
-                host: &host,
-                port: conn.dst.port(),
-                method,
-                authority: &authority,
-                path,
-                version: http::Version::HTTP_11,
-                peer: Some(conn.peer.ip()),
-            },
-            &mut headers,
-        );
-    } else {
-        begun.carry(tracing, &mut headers);
-    }
-    let mut out = Vec::with_capacity(head.len() + 256);
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Some(out)
+/// Whether the requests of a workload with these settings need no more than recording (with
+/// their span and access-log line: [`observe`]): metric tags read what the full server has.
+pub(super) fn observable(telemetry: &EffectiveTelemetry) -> bool {
+    telemetry.server.metrics.tags.is_none()
 }
 
 /// Relays the stream's requests to `app` and the app's responses back, recording each, until the
@@ -233,7 +157,7 @@ where
             let snap = conn.pi.snapshot.load();
             snap.telemetry_of(conn.pod_key).clone()
         };
-        if !head.simple || !observable(conn.pi, &telemetry) {
+        if !head.simple || !observable(&telemetry) {
             return hand_over(down_rd, down_wr, req_buf, app);
         }
         // As the full server (and Envoy) does: a request without an id gets one on its way.
@@ -256,15 +180,26 @@ where
             None,
         );
         // What the app gets instead of the request's own head, if anything.
-        let new_head = match spans::of(&telemetry, SpanKind::Server) {
-            Some(tracing) => {
-                let head = &req_buf[..head.len];
-                match traced_head(&conn, tracing, head, request_id, &mut result) {
-                    Some(new_head) => Some(new_head),
-                    None => return hand_over(down_rd, down_wr, req_buf, app),
-                }
+        let tracing = spans::of(&telemetry, SpanKind::Server);
+        let logged =
+            conn.pi.telemetry.access_log.is_some() || telemetry.server.access_log.enabled();
+        let new_head = if tracing.is_some() || logged {
+            let raw = &req_buf[..head.len];
+            let Some(mut parsed) = observe::Head::parse(raw) else {
+                // Headers `http`'s types refuse: the full server answers them.
+                return hand_over(down_rd, down_wr, req_buf, app);
+            };
+            let added = request_id.is_some();
+            let id = parsed.request_id(request_id);
+            if logged {
+                result.log = Some(Box::new(parsed.log_fields(&id, conn.dst.port())));
             }
-            None => request_id.map(|id| with_request_id(&req_buf[..head.len], &id)),
+            match tracing {
+                Some(tracing) => Some(parsed.traced(&conn, tracing, &mut result)),
+                None => added.then(|| with_request_id(raw, &id)),
+            }
+        } else {
+            request_id.map(|id| with_request_id(&req_buf[..head.len], &id))
         };
         let mut stream = match app.take().filter(still_open) {
             Some(stream) => stream,
@@ -320,6 +255,12 @@ where
             result.finish(Some("DC"));
             return Ended::Done(Some(Side::A));
         };
+        if let Some(log) = result.log.as_mut() {
+            log.details = match received {
+                Err(Failed::BeforeResponse) => "upstream_reset_before_response_started",
+                _ => "via_upstream",
+            };
+        }
         match received {
             Ok(end) if body_sent.load(Ordering::Relaxed) => {
                 result.finish(None);
@@ -586,5 +527,6 @@ async fn write_local_reply<W: AsyncWrite + Unpin>(
 }
 
 mod framing;
+mod observe;
 #[cfg(test)]
 mod tests;

@@ -444,3 +444,78 @@ async fn a_traced_request_is_relayed_with_the_server_spans_context() {
     assert_eq!(mesh.node("n2").count(|c| &c.http_inbound_relayed), 1);
     app.abort();
 }
+
+/// With the mesh-wide access log on (every node's, as `accessLogFile` turns on), the relay logs
+/// each request it relays with the fields the full server logs; an app that fails before its
+/// response is logged as Envoy logs it (`UC`, `upstream_reset_before_response_started`).
+#[tokio::test]
+async fn a_logged_request_is_relayed_and_logged_at_the_destination() {
+    let mut world = World::new();
+    let client = world.pod("client").node("n1").add();
+    let server = world.pod("web").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&server])
+        .add();
+    let mesh = world.start().await;
+    let listener = mesh.listen(server.addr(8080)).await;
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(raw_app(tcp));
+        }
+    });
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let headers = |id| {
+        [
+            ("host", "web"),
+            ("x-request-id", id),
+            ("user-agent", "ua-test"),
+        ]
+    };
+    let r = conn.call(get("/logged?x=1", &headers("logged-1"))).await;
+    assert_eq!(r.text(), "GET /logged?x=1 0");
+    let n2 = mesh.node("n2");
+    let line = n2.wait_log(&[("request_id", "logged-1")]).await;
+    for (field, want) in [
+        ("reporter", "destination"),
+        ("method", "GET"),
+        ("path", "/logged?x=1"),
+        ("authority", "web"),
+        ("protocol", "HTTP/1.1"),
+        ("response_code_details", "via_upstream"),
+        ("response_flags", "-"),
+        ("upstream_cluster", "inbound|8080||"),
+        ("user_agent", "ua-test"),
+        ("connection_security_policy", "mutual_tls"),
+    ] {
+        assert_eq!(line[field], want, "{field} in {line:#}");
+    }
+    assert_eq!(line["response_code"], 200, "{line:#}");
+    assert_eq!(line["bytes_sent"], 17, "{line:#}");
+
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let r = conn.call(get("/drop", &headers("dropped"))).await;
+    assert_eq!(r.status.as_u16(), 503, "{}", r.text());
+    // Istio's default retry policy tries twice more: three requests at the destination.
+    let dropped = || -> Vec<serde_json::Value> {
+        n2.access_log()
+            .into_iter()
+            .filter(|l| l["request_id"] == "dropped")
+            .collect()
+    };
+    eventually("three logged tries", || dropped().len() >= 3).await;
+    let lines = dropped();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["response_code"], 503, "{l:#}");
+        assert_eq!(l["response_flags"], "UC", "{l:#}");
+        assert_eq!(
+            l["response_code_details"], "upstream_reset_before_response_started",
+            "{l:#}"
+        );
+    }
+    assert_eq!(n2.count(|c| &c.http_inbound_relayed), 4);
+    app.abort();
+}

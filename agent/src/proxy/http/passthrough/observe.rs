@@ -1,0 +1,140 @@
+//! What the relay does with a request's head beyond counting it, when the workload's settings ask
+//! for it, as the full server does (`inbound::Served::request`): its SERVER span (the context
+//! decided from the caller's headers, the span recorded when reported, the context for the next
+//! hop written in place of the caller's) and its access-log fields.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{Conn, REQUEST_ID_NAME};
+use crate::config::telemetry::TracingSettings;
+use crate::proxy::access_log::RequestFields;
+use crate::proxy::metrics::requests::RequestResult;
+use crate::proxy::spans;
+use crate::trace::SpanKind;
+
+/// A request head with its headers as `http`'s types.
+pub(super) struct Head<'a> {
+    method: &'a str,
+    /// The request target (origin-form: path and query).
+    target: &'a str,
+    headers: HeaderMap,
+}
+
+impl<'a> Head<'a> {
+    /// `raw`, a whole head the relay follows; None when a header does not fit `http`'s types.
+    pub(super) fn parse(raw: &'a [u8]) -> Option<Head<'a>> {
+        let mut parsed = [httparse::EMPTY_HEADER; super::framing::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut parsed);
+        let (method, target) = match req.parse(raw) {
+            Ok(httparse::Status::Complete(_)) => (req.method?, req.path?),
+            _ => return None,
+        };
+        let mut headers = HeaderMap::with_capacity(req.headers.len() + 6);
+        for h in req.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+        }
+        Some(Head {
+            method,
+            target,
+            headers,
+        })
+    }
+
+    /// The request's `x-request-id`: `added` (then set in the head), else its own.
+    pub(super) fn request_id(&mut self, added: Option<HeaderValue>) -> HeaderValue {
+        match added {
+            Some(id) => {
+                self.headers.insert(REQUEST_ID_NAME, id.clone());
+                id
+            }
+            None => self
+                .headers
+                .get(REQUEST_ID_NAME)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("-")),
+        }
+    }
+
+    fn authority(&self) -> &str {
+        self.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The access log's fields of the request (as `outbound::log_fields` makes them).
+    pub(super) fn log_fields(&self, request_id: &HeaderValue, port: u16) -> RequestFields {
+        RequestFields {
+            method: self.method.to_owned(),
+            path: self.target.to_owned(),
+            authority: self.authority().to_owned(),
+            protocol: "HTTP/1.1",
+            response_code: 0,
+            details: "-",
+            grpc_status: None,
+            request_id: request_id.to_str().unwrap_or("-").to_owned(),
+            user_agent: self
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            route_name: None,
+            upstream_cluster: Some(format!("inbound|{port}||")),
+        }
+    }
+
+    /// Does the SERVER side's tracing and returns the head to send the app: the request line and
+    /// every header as it came (repeated ones in their order), with the context for the next hop
+    /// (B3 and/or W3C, the provider's propagation) in place of the caller's.
+    pub(super) fn traced(
+        mut self,
+        conn: &Conn<'_>,
+        tracing: &TracingSettings,
+        result: &mut RequestResult,
+    ) -> Vec<u8> {
+        let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &self.headers);
+        if begun.reported() {
+            let authority = self.authority().to_owned();
+            let host = match &conn.labels.service {
+                Some(service) => service.0.hostname.clone(),
+                None => super::super::target::split_authority(&authority)
+                    .0
+                    .into_owned(),
+            };
+            let target = self.target;
+            let path = target.split_once('?').map_or(target, |(p, _)| p);
+            result.cluster_name = Some(format!("inbound|{}||", conn.dst.port()));
+            result.span = begun.record(
+                conn.pi,
+                conn.pod,
+                tracing,
+                spans::Start {
+                    host: &host,
+                    port: conn.dst.port(),
+                    method: self.method,
+                    authority: &authority,
+                    path,
+                    version: http::Version::HTTP_11,
+                    peer: Some(conn.peer.ip()),
+                },
+                &mut self.headers,
+            );
+        } else {
+            begun.carry(tracing, &mut self.headers);
+        }
+        let mut out = Vec::with_capacity(self.target.len() + 512);
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
