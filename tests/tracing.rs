@@ -233,8 +233,8 @@ fn assert_one_trace_of_four_spans(chain: &Chain) {
     chain.agents[0].wait_for_metrics("n1 counted its exported span", SETTLE, |m| {
         counter(m, "ambit_spans_exported_total") >= 1
     });
-    // The mesh has no access log: B's and C's SERVER spans above, and the context B's app passed
-    // on, came from the destinations' byte relay (`http::passthrough`), not the full server.
+    // B's and C's SERVER spans above, and the context B's app passed on, came from the
+    // destinations' byte relay (`http::passthrough`), not the full server.
     for (i, node) in [(1, "n2"), (2, "n3")] {
         chain.agents[i].wait_for_metrics(&format!("{node} relayed the request"), SETTLE, |m| {
             counter(m, "ambit_proxy_http_inbound_relayed_total") >= 1

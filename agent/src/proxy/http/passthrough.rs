@@ -252,6 +252,13 @@ where
         };
         let Some(received) = received else {
             // The client went away mid-request: so does the app's connection.
+            if let Some(log) = result.log.as_mut() {
+                // Envoy's details for a downstream gone before its response.
+                log.details = match result.labels.response_code {
+                    0 => "downstream_remote_disconnect",
+                    _ => "via_upstream",
+                };
+            }
             result.finish(Some("DC"));
             return Ended::Done(Some(Side::A));
         };
@@ -324,7 +331,6 @@ fn still_open(app: &TcpStream) -> bool {
     matches!(app.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// Sends the request whose head starts `buf` to the app, and its body as it comes.
 /// `head` with an `x-request-id: id` line added. The head ends with CRLF CRLF (bare LF goes to
 /// hyper): the header goes before the last CRLF.
 fn with_request_id(head: &[u8], id: &http::HeaderValue) -> Vec<u8> {
@@ -337,6 +343,8 @@ fn with_request_id(head: &[u8], id: &http::HeaderValue) -> Vec<u8> {
     out
 }
 
+/// Sends the request whose head starts `buf` to the app (`new_head` in place of its own, when
+/// given), and its body as it comes.
 async fn send_request<R, W>(
     down: &mut R,
     app: &mut W,

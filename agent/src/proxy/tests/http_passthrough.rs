@@ -100,7 +100,7 @@ async fn raw_app(mut tcp: TcpStream) {
 }
 
 /// A client pod on n1 and `web` on n2, behind Service `web` (port 80, `http`, to 8080), with
-/// `yaml` and no access log (nothing for the destination to do but record); `web`'s address.
+/// `yaml` and no access log; `web`'s address.
 async fn web_mesh(yaml: &str) -> (Mesh, Pod, Pod, SocketAddr) {
     let mut world = World::new();
     world.no_access_log();
@@ -386,7 +386,7 @@ data:
 "#;
 
 /// With tracing on, the relay writes the head again with its SERVER span's context in place of
-/// the caller's, as the full server does, and every other header as it came (repeated ones in
+/// the caller's, as the full server does, and every other header's values (a repeated one's in
 /// their order).
 #[tokio::test]
 async fn a_traced_request_is_relayed_with_the_server_spans_context() {

@@ -38,7 +38,9 @@ impl RequestHead {
             && req.version == Some(1)
             && method != "CONNECT"
             && http::uri::PathAndQuery::try_from(path).is_ok()
-            && path.starts_with('/');
+            && path.starts_with('/')
+            // A fragment: hyper's client drops it on its way (and `http` does not count it).
+            && !path.contains('#');
         let mut length = None;
         let mut close = false;
         let mut request_id = false;

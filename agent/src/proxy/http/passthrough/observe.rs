@@ -85,8 +85,9 @@ impl<'a> Head<'a> {
     }
 
     /// Does the SERVER side's tracing and returns the head to send the app: the request line and
-    /// every header as it came (repeated ones in their order), with the context for the next hop
-    /// (B3 and/or W3C, the provider's propagation) in place of the caller's.
+    /// the headers as hyper's client would write the same request (names in lower case, a
+    /// name's values together and in their order), with the context for the next hop (B3 and/or
+    /// W3C, the provider's propagation) in place of the caller's.
     pub(super) fn traced(
         mut self,
         conn: &Conn<'_>,

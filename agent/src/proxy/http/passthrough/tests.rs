@@ -142,6 +142,7 @@ fn requests_the_relay_cannot_follow_go_to_the_full_server() {
             format!("GET / HTTP/1.1\r\nkeep-alive: timeout=5\r\n{ID}\r\n"),
         ),
         ("te", format!("GET / HTTP/1.1\r\nte: trailers\r\n{ID}\r\n")),
+        ("fragment", format!("GET /a?x#frag HTTP/1.1\r\n{ID}\r\n")),
         (
             "signed length",
             format!("POST / HTTP/1.1\r\ncontent-length: +5\r\n{ID}\r\n"),
