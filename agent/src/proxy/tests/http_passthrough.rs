@@ -102,8 +102,15 @@ async fn raw_app(mut tcp: TcpStream) {
 /// A client pod on n1 and `web` on n2, behind Service `web` (port 80, `http`, to 8080), with
 /// `yaml` and no access log; `web`'s address.
 async fn web_mesh(yaml: &str) -> (Mesh, Pod, Pod, SocketAddr) {
+    web_mesh_logged(yaml, false).await
+}
+
+/// [`web_mesh`], with every node's access log when `logged`.
+async fn web_mesh_logged(yaml: &str, logged: bool) -> (Mesh, Pod, Pod, SocketAddr) {
     let mut world = World::new();
-    world.no_access_log();
+    if !logged {
+        world.no_access_log();
+    }
     let client = world.pod("client").node("n1").add();
     let server = world.pod("web").node("n2").app("web").add();
     let vip = world
@@ -450,15 +457,7 @@ async fn a_traced_request_is_relayed_with_the_server_spans_context() {
 /// response is logged as Envoy logs it (`UC`, `upstream_reset_before_response_started`).
 #[tokio::test]
 async fn a_logged_request_is_relayed_and_logged_at_the_destination() {
-    let mut world = World::new();
-    let client = world.pod("client").node("n1").add();
-    let server = world.pod("web").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&server])
-        .add();
-    let mesh = world.start().await;
+    let (mesh, client, server, web) = web_mesh_logged("", true).await;
     let listener = mesh.listen(server.addr(8080)).await;
     let app = tokio::spawn(async move {
         loop {
@@ -466,7 +465,7 @@ async fn a_logged_request_is_relayed_and_logged_at_the_destination() {
             tokio::spawn(raw_app(tcp));
         }
     });
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let headers = |id| {
         [
             ("host", "web"),
@@ -495,7 +494,7 @@ async fn a_logged_request_is_relayed_and_logged_at_the_destination() {
     assert_eq!(line["response_code"], 200, "{line:#}");
     assert_eq!(line["bytes_sent"], 17, "{line:#}");
 
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let r = conn.call(get("/drop", &headers("dropped"))).await;
     assert_eq!(r.status.as_u16(), 503, "{}", r.text());
     // Istio's default retry policy tries twice more: three requests at the destination.
