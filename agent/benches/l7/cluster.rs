@@ -19,9 +19,9 @@ pub const TCP_PORT: u16 = 81;
 pub const RESILIENT_PORT: u16 = 82;
 /// Where every server pod's app listens.
 pub const APP_PORT: u16 = 8080;
-/// The same app on a second port, the target of `tcp-web` only: a pod port that two Service
-/// ports of different protocols target is a conflict (Istio's analyzer reports it), and the
-/// destination's agent would serve `tcp-web`'s streams at L7 as the `http` port's.
+/// The same app on a second port, the target of `tcp-web` only: when Service ports of different
+/// protocols target one pod port, the destination's agent takes the first one's protocol, and it
+/// would serve `tcp-web`'s streams at L7 as the `http` port's.
 pub const APP_TCP_PORT: u16 = 8081;
 
 /// The route both (c) and (d) implement.
