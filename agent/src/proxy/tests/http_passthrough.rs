@@ -99,6 +99,17 @@ async fn raw_app(mut tcp: TcpStream) {
     }
 }
 
+/// [`raw_app`] on `server`'s port 8080, each connection on a task of its own.
+async fn serve_raw(mesh: &Mesh, server: &Pod) -> tokio::task::JoinHandle<()> {
+    let listener = mesh.listen(server.addr(8080)).await;
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(raw_app(tcp));
+        }
+    })
+}
+
 /// A client pod on n1 and `web` on n2, behind Service `web` (port 80, `http`, to 8080), with
 /// `yaml` and no access log; `web`'s address.
 async fn web_mesh(yaml: &str) -> (Mesh, Pod, Pod, SocketAddr) {
@@ -343,13 +354,7 @@ async fn a_request_without_an_id_gets_one_on_its_way() {
     let client = world.pod("client").node("n1").add();
     let server = world.pod("web").node("n2").app("web").add();
     let mesh = world.start().await;
-    let listener = mesh.listen(server.addr(8080)).await;
-    let app = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await;
-            tokio::spawn(raw_app(tcp));
-        }
-    });
+    let app = serve_raw(&mesh, &server).await;
     let mut tcp = mesh.connect(&client, server.addr(8080)).await;
     tcp.write_all(b"GET /id HTTP/1.1\r\nhost: web\r\n\r\n")
         .await
@@ -398,13 +403,7 @@ data:
 #[tokio::test]
 async fn a_traced_request_is_relayed_with_the_server_spans_context() {
     let (mesh, client, server, web) = web_mesh(TRACING_MESH).await;
-    let listener = mesh.listen(server.addr(8080)).await;
-    let app = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await;
-            tokio::spawn(raw_app(tcp));
-        }
-    });
+    let app = serve_raw(&mesh, &server).await;
     let mut conn = mesh.h1(&client, web).await;
     let (trace, span) = ("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312");
     let req = get(
@@ -458,13 +457,7 @@ async fn a_traced_request_is_relayed_with_the_server_spans_context() {
 #[tokio::test]
 async fn a_logged_request_is_relayed_and_logged_at_the_destination() {
     let (mesh, client, server, web) = web_mesh_logged("", true).await;
-    let listener = mesh.listen(server.addr(8080)).await;
-    let app = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await;
-            tokio::spawn(raw_app(tcp));
-        }
-    });
+    let app = serve_raw(&mesh, &server).await;
     let mut conn = mesh.h1(&client, web).await;
     let headers = |id| {
         [
