@@ -7,8 +7,10 @@
 //! - `stream`: one CONNECT stream, as an end of a relay and as `AsyncRead + AsyncWrite`;
 //! - `target`: where a CONNECT goes (ip:port or a Service hostname), as ztunnel decides it;
 //! - `settings`: windows, frame and stream limits, keepalive, shared by both sides;
-//! - `read_buffer`: the read buffer below rustls, held only while there is something in it.
+//! - `read_buffer`: the read buffer below rustls, held only while there is something in it;
+//! - `coalesce`: the write buffer between h2 and rustls, so the frames of one poll share records.
 
+pub mod coalesce;
 pub mod flood;
 pub mod pool;
 pub mod read_buffer;

@@ -28,6 +28,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tracing::debug;
 
+use super::coalesce::{coalesce, Coalesced, Flushed};
 use super::settings::{buffered, keepalive, Buffered, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use super::stream::Stream;
 use crate::identity::{Identity, SecretManager};
@@ -401,19 +402,23 @@ impl Pool {
                     source,
                 }
             })?;
-        let (sender, connection) = h2::client::Builder::new()
+        let (io, flusher) = coalesce(tls);
+        let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .initial_max_send_streams(usize::from(self.0.cfg.max_streams.max(1)))
             .max_send_buffer_size(STREAM_WINDOW as usize)
             .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|source| PoolError::H2 {
-                dst: key.dst,
-                source,
-            })?;
+            .handshake::<_, Bytes>(io);
+        let (sender, connection) =
+            flusher
+                .after(handshake)
+                .await
+                .map_err(|source| PoolError::H2 {
+                    dst: key.dst,
+                    source,
+                })?;
         // A handle of our own, never sent on, to see the peer's GOAWAY as soon as it is read.
         let probe = sender.clone();
         let conn = Arc::new(Conn {
@@ -429,7 +434,7 @@ impl Pool {
         inc(&self.0.metrics.connections_opened);
         debug!(conn = conn.id, src = %key.src_id, dst = %key.dst, dst_id = %key.dst_id, "HBONE connection opened");
         tokio::spawn(drive(
-            connection,
+            flusher.wrap(connection),
             conn.clone(),
             probe,
             Arc::downgrade(&self.0),
@@ -438,6 +443,9 @@ impl Pool {
         Ok(conn)
     }
 }
+
+/// What a pooled connection's HTTP/2 runs on, below its write buffer (`coalesce`).
+type Tls = tokio_rustls::client::TlsStream<Buffered>;
 
 /// Takes `conn` out of `inner`'s pool and winds it down.
 fn retire(inner: &Inner, key: &PoolKey, conn: &Arc<Conn>) {
@@ -461,7 +469,7 @@ fn peer_going_away(probe: &mut SendRequest<Bytes>) -> Option<h2::Error> {
 /// looks whether the peer sent GOAWAY: the connection then leaves the pool and its streams are
 /// told ([`GoingAway`]).
 async fn drive(
-    connection: h2::client::Connection<tokio_rustls::client::TlsStream<Buffered>>,
+    connection: Flushed<h2::client::Connection<Coalesced<Tls>>, Tls>,
     conn: Arc<Conn>,
     probe: SendRequest<Bytes>,
     pool: Weak<Inner>,

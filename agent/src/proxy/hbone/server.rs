@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use super::coalesce::{coalesce, Flusher};
 use super::flood::Guarded;
 use super::settings::{
     buffered, keepalive, CONNECTION_WINDOW, GOAWAY_GRACE, HANDSHAKE_TIMEOUT,
@@ -79,8 +80,9 @@ where
     let identity = crate::tls::peer_identity(tls.get_ref().1)
         .map(Arc::new)
         .ok_or(ServeError::NoIdentity { peer })?;
-    let (io, tripwire) = Guarded::new(tls);
-    let mut conn = h2::server::Builder::new()
+    let (io, flusher) = coalesce(tls);
+    let (io, tripwire) = Guarded::new(io);
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
@@ -89,7 +91,9 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, Bytes>(io);
+    let mut conn = flusher
+        .after(handshake)
         .await
         .map_err(|source| ServeError::H2 { peer, source })?;
     let draining = drain.started();
@@ -103,7 +107,7 @@ where
                 conn.graceful_shutdown();
                 going_away = true;
             }
-            next = conn.accept() => match next {
+            next = flusher.after(conn.accept()) => match next {
                 Some(Ok((req, respond))) => {
                     tokio::spawn(on_request(identity.clone(), req, respond));
                 }
@@ -114,7 +118,7 @@ where
                 None => return Ok(Ended::Closed),
             },
             () = tripwire.tripped() => {
-                close_flooded(&mut conn).await;
+                close_flooded(&mut conn, &flusher).await;
                 return Ok(Ended::Flooded);
             }
         }
@@ -123,12 +127,13 @@ where
 
 /// Sends GOAWAY ENHANCE_YOUR_CALM (what h2 sends for the floods it bounds itself) and lets the
 /// connection flush it, for at most [`GOAWAY_GRACE`]: a client that does not read is dropped.
-async fn close_flooded<T>(conn: &mut h2::server::Connection<T, Bytes>)
+async fn close_flooded<T, W>(conn: &mut h2::server::Connection<T, Bytes>, flusher: &Flusher<W>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
 {
     conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-    let drain = async { while let Some(Ok(_)) = conn.accept().await {} };
+    let drain = async { while let Some(Ok(_)) = flusher.after(conn.accept()).await {} };
     let _ = tokio::time::timeout(GOAWAY_GRACE, drain).await;
 }
 
