@@ -301,6 +301,22 @@ async fn wait_for_entry(path: &Path, why: &str) {
     }
 }
 
+/// Waits until the conf dir holds exactly `want`.
+async fn wait_for_names(d: &Dirs, want: &[&str], why: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let names = d.names();
+        if names == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{why}: the conf dir holds {names:?}, not {want:?}, after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Replaces `name` the way a primary CNI does: a temp file renamed over it, without our entry.
 fn rewrite_as_primary(d: &Dirs, name: &str, text: &str) {
     let dir = d.cfg().conf_dir;
@@ -366,7 +382,13 @@ async fn a_primary_written_later_is_picked_up_from_its_event_and_a_conf_becomes_
         types(&d.read("10-bridge.conflist")),
         vec!["bridge", "ambit-cni"]
     );
-    assert_eq!(d.names(), vec!["10-bridge.conflist".to_string()]);
+    // The .conf goes once its list is in place: waited for, not assumed.
+    wait_for_names(
+        &d,
+        &["10-bridge.conflist"],
+        "the .conf replaced by its list",
+    )
+    .await;
 }
 
 #[tokio::test]
