@@ -28,6 +28,7 @@ use thiserror::Error;
 
 pub use context::{
     extract, inject, inject_as, Extracted, Propagation, SpanId, TraceContext, TraceId,
+    CONTEXT_HEADERS, X_B3_FLAGS,
 };
 pub use export::{TraceMetrics, Tracer, TracerSlot, Tracers};
 pub use sampling::{decide, Decision, DecisionReason};

@@ -18,6 +18,18 @@ pub const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentsp
 pub const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
+/// Every header [`extract`] reads a caller's context from; [`inject_as`] writes or rewrites each
+/// of them but `x-b3-flags`.
+pub static CONTEXT_HEADERS: [HeaderName; 7] = [
+    B3,
+    X_B3_TRACEID,
+    X_B3_SPANID,
+    X_B3_PARENTSPANID,
+    X_B3_SAMPLED,
+    X_B3_FLAGS,
+    TRACEPARENT,
+];
+
 /// A 64- or 128-bit trace id (B3 allows both; W3C and OTLP always carry 128 bits, a 64-bit id is
 /// the low half with zero high bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -185,18 +185,41 @@ where
             conn.pi.telemetry.access_log.is_some() || telemetry.server.access_log.enabled();
         let new_head = if tracing.is_some() || logged {
             let raw = &req_buf[..head.len];
-            let Some(mut parsed) = observe::Head::parse(raw) else {
-                // Headers `http`'s types refuse: the full server answers them.
-                return hand_over(down_rd, down_wr, req_buf, app);
+            // The SERVER span, decided from the caller's trace headers alone.
+            let span = match tracing {
+                Some(tracing) => {
+                    let Some(ctx) = observe::context(raw) else {
+                        return hand_over(down_rd, down_wr, req_buf, app);
+                    };
+                    let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &ctx);
+                    Some((tracing, ctx, begun))
+                }
+                None => None,
             };
-            let added = request_id.is_some();
-            let id = parsed.request_id(request_id);
-            if logged {
-                result.log = Some(Box::new(parsed.log_fields(&id, conn.dst.port())));
-            }
-            match tracing {
-                Some(tracing) => Some(parsed.traced(&conn, tracing, &mut result)),
-                None => added.then(|| with_request_id(raw, &id)),
+            match span {
+                // Neither reported nor logged (most requests): the head stays as it came but for
+                // the context it carries on.
+                Some((tracing, mut ctx, begun)) if !begun.reported() && !logged => {
+                    begun.carry(tracing, &mut ctx);
+                    Some(observe::carried(raw, &ctx, request_id.as_ref()))
+                }
+                span => {
+                    let Some(mut parsed) = observe::Head::parse(raw) else {
+                        // Headers `http`'s types refuse: the full server answers them.
+                        return hand_over(down_rd, down_wr, req_buf, app);
+                    };
+                    let added = request_id.is_some();
+                    let id = parsed.request_id(request_id);
+                    if logged {
+                        result.log = Some(Box::new(parsed.log_fields(&id, conn.dst.port())));
+                    }
+                    match span {
+                        Some((tracing, _, begun)) => {
+                            Some(parsed.traced(&conn, tracing, begun, &mut result))
+                        }
+                        None => added.then(|| with_request_id(raw, &id)),
+                    }
+                }
             }
         } else {
             request_id.map(|id| with_request_id(&req_buf[..head.len], &id))

@@ -2,6 +2,11 @@
 //! for it, as the full server does (`inbound::Served::request`): its SERVER span (the context
 //! decided from the caller's headers, the span recorded when reported, the context for the next
 //! hop written in place of the caller's) and its access-log fields.
+//!
+//! A span that is not reported (99 % of requests at Istio's default 1 % sampling) needs only the
+//! caller's trace headers: [`context`] reads them from the raw head, and [`carried`] copies every
+//! other line as it came, with the next hop's context in place of the caller's. Only a reported
+//! span or an access-log line takes the head apart into `http`'s types ([`Head`]).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -9,8 +14,8 @@ use super::{Conn, REQUEST_ID_NAME};
 use crate::config::telemetry::TracingSettings;
 use crate::proxy::access_log::RequestFields;
 use crate::proxy::metrics::requests::RequestResult;
-use crate::proxy::spans;
-use crate::trace::SpanKind;
+use crate::proxy::spans::{self, Begun};
+use crate::trace::{CONTEXT_HEADERS, X_B3_FLAGS};
 
 /// A request head with its headers as `http`'s types.
 pub(super) struct Head<'a> {
@@ -92,9 +97,9 @@ impl<'a> Head<'a> {
         mut self,
         conn: &Conn<'_>,
         tracing: &TracingSettings,
+        begun: Begun,
         result: &mut RequestResult,
     ) -> Vec<u8> {
-        let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &self.headers);
         if begun.reported() {
             let authority = self.authority().to_owned();
             let host = match &conn.labels.service {
@@ -138,4 +143,64 @@ impl<'a> Head<'a> {
         out.extend_from_slice(b"\r\n");
         out
     }
+}
+
+/// The header lines of the raw head `raw` (request line and blank line left out), each without
+/// its CRLF. The relay follows only heads without bare LFs or folded lines (`framing`).
+fn header_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let body = raw.strip_suffix(b"\r\n\r\n").unwrap_or(raw);
+    body.split(|b| *b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+}
+
+/// The context header a line is, if it is one.
+fn context_header(line: &[u8]) -> Option<(&'static HeaderName, &[u8])> {
+    let colon = line.iter().position(|b| *b == b':')?;
+    let name = &line[..colon];
+    let header = CONTEXT_HEADERS
+        .iter()
+        .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))?;
+    Some((header, line[colon + 1..].trim_ascii()))
+}
+
+/// The caller's trace headers alone, from the raw head (what `spans::begin` decides on); None
+/// when one is not a valid header value (the full server answers the request then).
+pub(super) fn context(raw: &[u8]) -> Option<HeaderMap> {
+    let mut ctx = HeaderMap::new();
+    for (name, value) in header_lines(raw).filter_map(context_header) {
+        ctx.append(name.clone(), HeaderValue::from_bytes(value).ok()?);
+    }
+    Some(ctx)
+}
+
+/// The head to send the app for a request whose span is not reported: the request line and
+/// every header line as they came, in their order, but the caller's context headers, which give
+/// way to `next_hop`'s (the caller's context, [`context`], with the SERVER span's written in by
+/// `Begun::carry`, as the full server writes it); `request_id` added when given.
+pub(super) fn carried(
+    raw: &[u8],
+    next_hop: &HeaderMap,
+    request_id: Option<&HeaderValue>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 192);
+    let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+    out.extend_from_slice(&raw[..line_end + 2]);
+    for line in header_lines(raw) {
+        // `x-b3-flags` is read, never rewritten: it stays where it was.
+        if context_header(line).is_none_or(|(name, _)| *name == X_B3_FLAGS) {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let next_hop = next_hop.iter().filter(|(name, _)| **name != X_B3_FLAGS);
+    let id = request_id.map(|id| (REQUEST_ID_NAME, id));
+    for (name, value) in next_hop.map(|(n, v)| (n.as_str(), v)).chain(id) {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }

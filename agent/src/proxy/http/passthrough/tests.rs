@@ -254,3 +254,47 @@ fn a_response_body_is_framed_as_rfc_9112_says() {
     );
     assert!(ResponseHead::parse(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
 }
+
+/// An unreported span's head: every line but the caller's context as it came (case, order,
+/// repeats), `x-b3-flags` kept, the next hop's context and an added request id at the end; the
+/// context is read from the trace headers whatever their case.
+#[test]
+fn an_unreported_spans_head_keeps_every_line_but_the_context() {
+    use crate::trace::{self, Propagation, SpanId, TraceContext};
+    let raw = "GET /a?b=1 HTTP/1.1\r\nHost: web\r\nX-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\n\
+               x-dup: 1\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nx-b3-sampled: 0\r\nX-B3-Flags: 0\r\n\
+               x-dup: 2\r\nTraceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-00\r\n\r\n";
+    let mut ctx = super::observe::context(raw.as_bytes()).expect("valid");
+    let caller = trace::extract(&ctx).parent.expect("the caller's context");
+    assert_eq!(caller.span_id, SpanId(0xa2fb4a1d1a96d312));
+    assert_eq!(caller.sampled, Some(false));
+    assert_eq!(ctx.len(), 5, "only the context headers: {ctx:?}");
+    let next = TraceContext {
+        trace_id: caller.trace_id,
+        span_id: SpanId(0x0102030405060708),
+        parent_span_id: Some(caller.span_id),
+        sampled: Some(false),
+        debug: false,
+    };
+    trace::inject_as(&next, &mut ctx, Propagation::B3);
+    let id = http::HeaderValue::from_static("req-1");
+    let out = super::observe::carried(raw.as_bytes(), &ctx, Some(&id));
+    let out = String::from_utf8(out).expect("ascii");
+    let want = "GET /a?b=1 HTTP/1.1\r\nHost: web\r\nx-dup: 1\r\nX-B3-Flags: 0\r\nx-dup: 2\r\n\
+                x-b3-traceid: 463ac35c9f6413ad48485a3953bb6124\r\nx-b3-spanid: 0102030405060708\r\n\
+                x-b3-sampled: 0\r\n\
+                traceparent: 00-463ac35c9f6413ad48485a3953bb6124-0102030405060708-00\r\n\
+                x-b3-parentspanid: a2fb4a1d1a96d312\r\nx-request-id: req-1\r\n\r\n";
+    assert_eq!(out, want);
+    // Parsed again, it is the same request with the next hop's context.
+    let again = super::observe::context(out.as_bytes()).expect("valid");
+    assert_eq!(trace::extract(&again).parent, Some(next));
+
+    // A value `http` refuses: the full server answers.
+    assert!(super::observe::context(b"GET / HTTP/1.1\r\nb3: a\x01b\r\n\r\n").is_none());
+    // No context at all: nothing to read, every line kept.
+    let bare = "GET / HTTP/1.1\r\nhost: web\r\n\r\n";
+    let ctx = super::observe::context(bare.as_bytes()).expect("valid");
+    assert!(ctx.is_empty());
+    assert_eq!(super::observe::carried(bare.as_bytes(), &ctx, None), bare.as_bytes());
+}
