@@ -296,5 +296,8 @@ fn an_unreported_spans_head_keeps_every_line_but_the_context() {
     let bare = "GET / HTTP/1.1\r\nhost: web\r\n\r\n";
     let ctx = super::observe::context(bare.as_bytes()).expect("valid");
     assert!(ctx.is_empty());
-    assert_eq!(super::observe::carried(bare.as_bytes(), &ctx, None), bare.as_bytes());
+    assert_eq!(
+        super::observe::carried(bare.as_bytes(), &ctx, None),
+        bare.as_bytes()
+    );
 }
