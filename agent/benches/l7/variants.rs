@@ -232,13 +232,24 @@ fn report(proto: &str, results: &[VariantResults]) -> Value {
     let p99 = |r: &VariantResults| med(&r.rate, &|s| s.latency_us(99.0));
     let base = results.iter().find(|r| r.variant == Variant::Off);
     let (base_tput, base_rate) = (base.and_then(tput_cpu), base.and_then(rate_cpu));
+    // Each run's ratio to `off` of the same run, then their median: a slow stretch of the machine
+    // moves both sides of a ratio, where it moves only one median.
+    let per_run = |mine: &[Sample], offs: &[Sample]| {
+        median(
+            mine.iter()
+                .zip(offs)
+                .filter_map(|(m, o)| Some(both(m.cpu_per_1k())? / both(o.cpu_per_1k())?)),
+        )
+    };
+    let tput_runs = |r: &VariantResults| base.and_then(|b| per_run(&r.tput, &b.tput));
+    let rate_runs = |r: &VariantResults| base.and_then(|b| per_run(&r.rate, &b.rate));
     println!();
     println!(
         "{proto}, path (c), variants switched live on the same agents (medians of {} runs)",
         results.first().map_or(0, |r| r.tput.len())
     );
     println!(
-        "variant            CPU s/1k req @64 conns   vs off   vCPU @1000 req/s   vs off   p99 µs"
+        "variant            CPU s/1k req @64 conns   vs off  per run   vCPU @1000 req/s   vs off  per run   p99 µs"
     );
     let ratio = |v: Option<f64>, b: Option<f64>| v.zip(b).map(|(v, b)| v / b);
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
@@ -247,12 +258,14 @@ fn report(proto: &str, results: &[VariantResults]) -> Value {
         let (t, l) = (tput_cpu(r), rate_cpu(r));
         let (rt, rl) = (ratio(t, base_tput), ratio(l, base_rate));
         println!(
-            "{:<18} {:>24}   {:>6}   {:>16}   {:>6}   {:>6}",
+            "{:<18} {:>24}   {:>6}  {:>7}   {:>16}   {:>6}  {:>7}   {:>6}",
             r.variant.name(),
             fmt(t, 4),
             fmt(rt, 3),
+            fmt(tput_runs(r), 3),
             fmt(l, 3),
             fmt(rl, 3),
+            fmt(rate_runs(r), 3),
             fmt(p99(r), 0)
         );
         let verdict = r.variant.bound().map(|b| {
@@ -261,8 +274,8 @@ fn report(proto: &str, results: &[VariantResults]) -> Value {
         });
         rows.push(json!({
             "variant": r.variant.name(),
-            "cpu_s_per_1k": t, "vs_off": rt,
-            "rate_cpu_s_per_1k": l, "rate_vs_off": rl,
+            "cpu_s_per_1k": t, "vs_off": rt, "vs_off_per_run": tput_runs(r),
+            "rate_cpu_s_per_1k": l, "rate_vs_off": rl, "rate_vs_off_per_run": rate_runs(r),
             "p99_us": p99(r),
             "bound": verdict.map(|(b, _)| b), "pass": verdict.map(|(_, p)| p),
         }));
