@@ -115,6 +115,8 @@ pub struct AgentConfig {
     pub destination_l7: bool,
     /// See `--same-node-shortcut`.
     pub same_node_shortcut: bool,
+    /// See `--source-relay`.
+    pub source_relay: bool,
     /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
     pub cni_dir: Option<PathBuf>,
     /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
@@ -228,6 +230,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         breakers: Default::default(),
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         destination_l7: cfg.destination_l7,
+        source_relay: cfg.source_relay,
         tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
         connections: crate::admin::connections::Connections::new(),
         local: crate::proxy::local::LocalPods::new(cfg.same_node_shortcut),

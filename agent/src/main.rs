@@ -321,6 +321,13 @@ struct RunArgs {
     /// HBONE through the node's own network.
     #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
     same_node_shortcut: bool,
+    /// Source-side HTTP/1.1 relayed as bytes: a request whose route needs no more than a
+    /// destination, header edits and retries goes out on a pooled upstream connection as the
+    /// head the proxy writes and the bytes the upstream answers, without hyper's server and
+    /// client (the same routing, load balancing, telemetry and response flags); `false` serves
+    /// every request with them.
+    #[arg(long, env = "AMBIT_SOURCE_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    source_relay: bool,
     /// Serve the `ambit-cni` plugin: its socket (`cni.sock`) and the node state it reads while the
     /// agent is down (`cni-node.json`) live in this directory, the plugin's `runDir`
     /// (default /var/run/ambit). Unset: no plugin is served.
@@ -512,6 +519,7 @@ impl RunArgs {
             protocol_detection_timeout: self.protocol_detection_timeout,
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
+            source_relay: self.source_relay,
             // In a cluster the plugin gets the agent's API credentials for the pods the node
             // state cannot decide while the agent is down.
             cni_kube: if self.kube && self.cni_dir.is_some() {

@@ -104,6 +104,8 @@ pub struct ProxyInputs {
     /// (`reporter="destination"` request metrics), unless a pod opts out
     /// (`http::inbound::DESTINATION_L7_ANNOTATION`).
     pub destination_l7: bool,
+    /// Source-side HTTP/1.1 relayed as bytes when the route allows (`http::passthrough::source`).
+    pub source_relay: bool,
     /// One span exporter per tracing provider in use (exports run on the control runtime).
     pub tracers: crate::trace::Tracers,
     /// The live connections, for the admin endpoint's `/debug/connections`.

@@ -323,6 +323,7 @@ impl Ambit {
             breakers: Default::default(),
             protocol_detection_timeout: std::time::Duration::from_secs(5),
             destination_l7: true,
+            source_relay: true,
             tracers: ambit::trace::Tracers::new(rt.clone(), Default::default()),
             connections: ambit::admin::connections::Connections::new(),
             // Stages started by hand register no pod: nothing is handed over in-process.

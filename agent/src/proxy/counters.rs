@@ -60,6 +60,8 @@ counters! {
     /// HTTP/1.1 requests at their destination relayed as bytes, their heads parsed only to record
     /// them (destination-side L7 with nothing to change in them: `http::passthrough`).
     http_inbound_relayed,
+    /// HTTP/1.1 requests at their source routed and relayed as bytes (`http::passthrough::source`).
+    http_outbound_relayed,
     /// HTTP requests sent again under the route's retry policy (each retry counted).
     http_retries,
     /// HTTP requests whose retries ran out on a retriable result (flag `URX`).

@@ -27,6 +27,7 @@ mod http_passthrough;
 mod http_resilience;
 mod http_routing;
 mod http_smoke;
+mod http_source_relay;
 mod inbound_plain;
 mod l7;
 mod outbound;

@@ -70,6 +70,13 @@ pub enum UpstreamError {
         endpoint: SocketAddr,
         after: std::time::Duration,
     },
+    /// The upstream closed or reset its connection before a whole response head (the
+    /// source-side relay's reading of it).
+    #[error("request to {endpoint}: the upstream closed before a response")]
+    Closed { endpoint: SocketAddr },
+    /// The upstream's response head is not HTTP/1.1 the relay can follow.
+    #[error("request to {endpoint}: malformed response head")]
+    Malformed { endpoint: SocketAddr },
     /// A DestinationRule connection-pool limit was reached (Envoy's circuit breaker).
     #[error("{cluster}: connectionPool {limit} reached")]
     Overflow {
@@ -98,7 +105,8 @@ impl UpstreamError {
             | UpstreamError::Tunnel { .. }
             | UpstreamError::Handshake { .. } => "UF",
             UpstreamError::Request { source, .. } if source.is_parse() => "UPE",
-            UpstreamError::Request { .. } => "UR",
+            UpstreamError::Request { .. } | UpstreamError::Closed { .. } => "UR",
+            UpstreamError::Malformed { .. } => "UPE",
             UpstreamError::Overflow { .. } => "UO",
         }
     }
@@ -311,6 +319,8 @@ struct Entry {
     /// One connection, or more when `maxConcurrentStreams` (or `maxRequestsPerConnection`) fills
     /// one.
     http2: Vec<Arc<H2Slot>>,
+    /// Idle connections of the source-side relay (`raw`).
+    raw: Vec<RawConn>,
     settings: PoolSettings,
     /// The breaker of the cluster whose requests last used the key, if it has limits.
     breaker: Option<Arc<Breaker>>,
@@ -371,7 +381,8 @@ impl Entry {
             // Being opened: a request waits on it.
             None => Arc::strong_count(slot) > 1,
         });
-        !self.http1.is_empty() || !self.http2.is_empty()
+        self.prune_raw(now);
+        !self.http1.is_empty() || !self.http2.is_empty() || !self.raw.is_empty()
     }
 }
 
@@ -728,7 +739,10 @@ impl Upstreams {
             .conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        conns.values().map(|e| e.http1.len() + e.http2.len()).sum()
+        conns
+            .values()
+            .map(|e| e.http1.len() + e.http2.len() + e.raw.len())
+            .sum()
     }
 
     /// Upstream connections opened since the start.
@@ -799,6 +813,8 @@ type Attempt = Result<Sent, hyper::client::conn::TrySendError<http::Request<Body
 
 mod ending;
 mod io;
+mod raw;
 
 pub use io::tunnel;
 use io::Io;
+pub use raw::RawConn;

@@ -401,6 +401,19 @@ impl HttpConn {
         req: Request<client::Body>,
         result: &mut RequestResult,
     ) -> Result<Sent, UpstreamError> {
+        let tunnel = self.upstream_of(snap, cluster, endpoint, result);
+        self.send_to(cluster, endpoint, tunnel, version, req).await
+    }
+
+    /// How a try reaches `endpoint`: the identity of the HBONE tunnel to a meshed workload, None
+    /// for plain TCP. The request's destination labels and upstream follow it.
+    pub(super) fn upstream_of(
+        &self,
+        snap: &Snapshot,
+        cluster: Option<&ClusterRef<'_>>,
+        endpoint: SocketAddr,
+        result: &mut RequestResult,
+    ) -> Option<crate::identity::Identity> {
         let service = cluster.and_then(|c| c.service.clone());
         let l4 = to_workload(
             &snap.state,
@@ -409,13 +422,14 @@ impl HttpConn {
             snap.state.workload_by_ip(endpoint.ip()),
             service,
         );
-        let tunnel = match &l4 {
+        result.upstream = Some(endpoint);
+        match l4 {
             L4Route::Hbone {
                 identity, workload, ..
             } => {
                 result.labels.conn.destination = Peer::Workload(workload.istio.clone());
                 result.labels.conn.mtls = true;
-                Some(identity.clone())
+                Some(identity)
             }
             L4Route::Direct { workload, .. } => {
                 result.labels.conn.destination = workload
@@ -424,9 +438,7 @@ impl HttpConn {
                 result.labels.conn.mtls = false;
                 None
             }
-        };
-        result.upstream = Some(endpoint);
-        self.send_to(cluster, endpoint, tunnel, version, req).await
+        }
     }
 
     /// Sends on a pooled connection to `endpoint`.
@@ -456,13 +468,15 @@ impl HttpConn {
 
 /// How an upstream failure reads to the outlier detector (None: the proxy's own refusal, which
 /// says nothing of the endpoint).
-fn outcome_of(e: &UpstreamError) -> Option<Outcome> {
+pub(super) fn outcome_of(e: &UpstreamError) -> Option<Outcome> {
     Some(match e {
         UpstreamError::Connect { .. }
         | UpstreamError::Tunnel { .. }
         | UpstreamError::Handshake { .. } => Outcome::ConnectFailed,
         UpstreamError::ConnectTimeout { .. } => Outcome::Timeout,
-        UpstreamError::Request { .. } => Outcome::Reset,
+        UpstreamError::Request { .. }
+        | UpstreamError::Closed { .. }
+        | UpstreamError::Malformed { .. } => Outcome::Reset,
         UpstreamError::Overflow { .. } => return None,
     })
 }

@@ -30,6 +30,7 @@ use super::retry::add_flag;
 use super::target::{self, ClusterRef, Target};
 use crate::proxy::access_log::RequestFields;
 use crate::proxy::addr::{OrigDst, PeerAddr};
+use crate::proxy::local::Prefixed;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
 use crate::proxy::metrics::{Peer, Reporter, ServiceRef, TcpLabels};
 use crate::proxy::protocol::Protocol;
@@ -64,10 +65,34 @@ pub struct HttpConn {
     pub sniffed: bool,
 }
 
-/// Serves the connection until the app closes it.
-pub async fn serve(conn: HttpConn, stream: TcpStream) {
+/// Serves the connection until the app closes it: HTTP/1.x requests the source-side relay can
+/// follow as bytes (`passthrough::source`), and the connection from the first one it cannot on
+/// (or HTTP/2 from the start) with hyper's server.
+pub async fn serve(conn: HttpConn, mut stream: TcpStream) {
     let conn = Arc::new(conn);
+    let (unread, served) = if relays(&conn) {
+        match super::passthrough::source::relay(&conn, &mut stream).await {
+            super::passthrough::source::Ended::Done => return,
+            super::passthrough::source::Ended::HandOver { unread, served } => (unread, served),
+        }
+    } else {
+        (bytes::Bytes::new(), false)
+    };
+    serve_hyper(conn, Prefixed::new(unread, stream), served).await;
+}
+
+/// Whether the connection's requests start with the relay: HTTP/1.x (what an HTTP/2 port's
+/// client sends is HTTP/2, declared or detected), unless it is turned off.
+fn relays(conn: &HttpConn) -> bool {
+    conn.pi.source_relay && !matches!(conn.protocol, Protocol::Http2 | Protocol::Grpc)
+}
+
+/// Serves the connection with hyper's server; `served`: the relay served requests on it before.
+async fn serve_hyper(conn: Arc<HttpConn>, stream: Prefixed<TcpStream>, served: bool) {
     let first = Arc::new(FirstRequest::default());
+    if served {
+        first.came();
+    }
     let service = {
         let conn = conn.clone();
         let first = first.clone();
@@ -180,25 +205,47 @@ impl Local {
 
 impl HttpConn {
     async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        Counters::inc(&self.pi.counters.http_requests);
         let snap = self.pi.snapshot.load_full();
         let request_id = headers::request_id(req.headers_mut());
-        let grpc = is_grpc(req.headers());
         let authority = authority(&req).map(str::to_owned);
-        let telemetry = snap.telemetry_of(&self.pod_key).clone();
-        let sinks = telemetry.client.access_log.enabled();
-        let mut result =
-            self.start_result(&snap, &req, grpc, &request_id, authority.as_deref(), sinks);
-
         let decided = {
             let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
+        let result = self.open(
+            &snap,
+            &mut req,
+            &request_id,
+            authority.as_deref(),
+            decided.as_ref().ok(),
+        );
+        match decided {
+            Ok(forward) => self.forward(&snap, forward, req, result).await,
+            Err(local) => self.local_reply(result, *local, None),
+        }
+    }
+
+    /// Opens the telemetry of a request routed to `forward` (None: answered here): counts it,
+    /// starts its metrics, access-log fields and CLIENT span (the context for the next hop
+    /// written into `req`'s headers).
+    pub(super) fn open<B>(
+        &self,
+        snap: &Snapshot,
+        req: &mut Request<B>,
+        request_id: &HeaderValue,
+        authority: Option<&str>,
+        forward: Option<&Forward<'_>>,
+    ) -> RequestResult {
+        Counters::inc(&self.pi.counters.http_requests);
+        let grpc = is_grpc(req.headers());
+        let telemetry = snap.telemetry_of(&self.pod_key).clone();
+        let sinks = telemetry.client.access_log.enabled();
+        let mut result = self.start_result(snap, req, grpc, request_id, authority, sinks);
+        let cluster = forward.and_then(|f| f.cluster.as_ref());
         if let Some(tracing) = spans::of(&telemetry, SpanKind::Client) {
             let begun = spans::begin(&self.pi, tracing, SpanKind::Client, req.headers());
             if begun.reported() {
-                let cluster = decided.as_ref().ok().and_then(|f| f.cluster.as_ref());
-                let (host, _) = target::split_authority(authority.as_deref().unwrap_or(""));
+                let (host, _) = target::split_authority(authority.unwrap_or(""));
                 let host = cluster.map_or(host, |c| std::borrow::Cow::Borrowed(&*c.key.host));
                 let path = req.uri().path().to_owned();
                 let (method, version) = (req.method().clone(), req.version());
@@ -211,7 +258,7 @@ impl HttpConn {
                         host: &host,
                         port: self.dst.0.port(),
                         method: method.as_str(),
-                        authority: authority.as_deref().unwrap_or(""),
+                        authority: authority.unwrap_or(""),
                         path: &path,
                         version,
                         peer: Some(self.pod.app_address(self.peer.0, self.dst.0).ip()),
@@ -222,12 +269,8 @@ impl HttpConn {
                 begun.carry(tracing, req.headers_mut());
             }
         }
-        result.set_settings(telemetry, &req);
-        let forward = match decided {
-            Ok(f) => f,
-            Err(local) => return self.local_reply(result, *local, None),
-        };
-        if let Some(cluster) = &forward.cluster {
+        result.set_settings(telemetry, req);
+        if let Some(cluster) = cluster {
             result.labels.conn.service = cluster.service.clone().map(ServiceRef);
             if let Some(log) = result.log.as_mut() {
                 log.upstream_cluster = Some(cluster.key.to_string());
@@ -235,17 +278,17 @@ impl HttpConn {
         }
         if let Some(log) = result.log.as_mut() {
             log.route_name = forward
-                .route
+                .and_then(|f| f.route)
                 .and_then(|r| r.name.as_deref().map(str::to_owned));
         }
-        self.forward(&snap, forward, req, result).await
+        result
     }
 
     /// Routes the request: the VirtualService's route and destination, or a reply made here.
-    fn decide<'s>(
+    pub(super) fn decide<'s, B>(
         &self,
         snap: &'s Snapshot,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         authority: Option<&str>,
         source: Option<&Workload>,
     ) -> Result<Forward<'s>, Box<Local>> {
@@ -336,9 +379,9 @@ impl HttpConn {
     }
 
     /// What matching looks at.
-    fn info<'r>(
+    fn info<'r, B>(
         &'r self,
-        req: &'r Request<Incoming>,
+        req: &'r Request<B>,
         authority: &'r str,
         source: Option<&'r Workload>,
     ) -> RequestInfo<'r> {
@@ -388,10 +431,10 @@ impl HttpConn {
     }
 
     /// The request's telemetry, opened with what is known before routing.
-    fn start_result(
+    fn start_result<B>(
         &self,
         snap: &Snapshot,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         grpc: bool,
         request_id: &HeaderValue,
         authority: Option<&str>,

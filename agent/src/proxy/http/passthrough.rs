@@ -436,6 +436,22 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let head = read_response_head(app, down, buf, is_head).await?;
+    relay_response_body(app, down, buf, head, result).await
+}
+
+/// Reads the final response head to a request into the start of `buf`; informational (1xx)
+/// responses before it are relayed to `down` as they come.
+async fn read_response_head<R, W>(
+    app: &mut R,
+    down: &mut W,
+    buf: &mut BytesMut,
+    is_head: bool,
+) -> Result<ResponseHead, Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut started = false;
     let failed = |started: bool, side: Side| {
         if started {
@@ -444,7 +460,7 @@ where
             Failed::BeforeResponse
         }
     };
-    let head = loop {
+    loop {
         let head = loop {
             if !buf.is_empty() {
                 match ResponseHead::parse(buf, is_head) {
@@ -464,7 +480,7 @@ where
             return Err(failed(started, Side::B));
         }
         if head.status >= 200 {
-            break head;
+            return Ok(head);
         }
         // 1xx: relayed as it is; the final response follows.
         down.write_all(&buf[..head.len])
@@ -472,7 +488,22 @@ where
             .map_err(|_| Failed::Response(Side::A))?;
         buf.advance(head.len);
         started = true;
-    };
+    }
+}
+
+/// Relays the response whose final head starts `buf` (read by [`read_response_head`]) and its
+/// body, as its framing says, recording its status and sizes.
+async fn relay_response_body<R, W>(
+    app: &mut R,
+    down: &mut W,
+    buf: &mut BytesMut,
+    head: ResponseHead,
+    result: &mut RequestResult,
+) -> Result<ResponseEnd, Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     result.set_observed_response(head.status, head.counted_bytes);
     let mut body = head.body;
     let mut take = head.len;
@@ -515,6 +546,19 @@ async fn write_local_reply<W: AsyncWrite + Unpin>(
     to_head: bool,
     result: &mut RequestResult,
 ) -> Result<(), Side> {
+    let out = local_reply_bytes(reply, to_head, true, result);
+    down.write_all(&out).await.map_err(|_| Side::A)?;
+    let _ = down.shutdown().await;
+    Ok(())
+}
+
+/// The proxy's own reply as HTTP/1.1 (`Connection: close` when `close`), recorded in `result`.
+fn local_reply_bytes(
+    reply: LocalReply,
+    to_head: bool,
+    close: bool,
+    result: &mut RequestResult,
+) -> Vec<u8> {
     let length = reply.body.len();
     let body = if to_head {
         Bytes::new()
@@ -525,10 +569,12 @@ async fn write_local_reply<W: AsyncWrite + Unpin>(
     // Counted as the full server counts its local replies: before the framing headers.
     result.set_observed_response(resp.status().as_u16(), header_bytes(resp.headers()));
     result.add_response_body(body.len() as u64);
-    resp.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
+    if close {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     resp.headers_mut().insert(
         http::header::CONTENT_LENGTH,
         http::HeaderValue::from(length),
@@ -552,12 +598,11 @@ async fn write_local_reply<W: AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
-    down.write_all(&out).await.map_err(|_| Side::A)?;
-    let _ = down.shutdown().await;
-    Ok(())
+    out
 }
 
 mod framing;
 mod observe;
+pub(super) mod source;
 #[cfg(test)]
 mod tests;

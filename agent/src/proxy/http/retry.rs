@@ -49,7 +49,9 @@ impl TryEnd<'_> {
             UpstreamError::Request { source, .. } if refused_stream(source) => {
                 TryEnd::RefusedStream
             }
-            UpstreamError::Request { .. } => TryEnd::Reset,
+            UpstreamError::Request { .. }
+            | UpstreamError::Closed { .. }
+            | UpstreamError::Malformed { .. } => TryEnd::Reset,
             // The breaker refused it: Envoy never retries its own overflow.
             UpstreamError::Overflow { .. } => TryEnd::Reset,
         }

@@ -115,7 +115,7 @@ impl Node {
         name: &str,
         snapshot: Snapshot,
         ca: Arc<LocalCa>,
-        (pool, detection_timeout, access_log): (PoolConfig, Duration, bool),
+        (pool, detection_timeout, access_log, source_relay): (PoolConfig, Duration, bool, bool),
         world: &HashMap<String, Pod>,
     ) -> Node {
         let secrets = SecretManager::new(
@@ -145,6 +145,7 @@ impl Node {
             balancers: Default::default(),
             protocol_detection_timeout: detection_timeout,
             destination_l7: true,
+            source_relay,
             tracers: crate::trace::Tracers::new(
                 tokio::runtime::Handle::current(),
                 Default::default(),

@@ -97,6 +97,7 @@ pub struct World {
     yaml: Vec<String>,
     pool: PoolConfig,
     detection_timeout: std::time::Duration,
+    source_relay: bool,
     access_log: bool,
 }
 
@@ -258,6 +259,7 @@ impl World {
             pool: PoolConfig::default(),
             detection_timeout: crate::proxy::protocol::DEFAULT_SNIFF_TIMEOUT,
             access_log: true,
+            source_relay: true,
         }
     }
 
@@ -317,6 +319,12 @@ impl World {
     /// No mesh-wide access log on any node (every node writes one unless this is called).
     pub fn no_access_log(&mut self) -> &mut Self {
         self.access_log = false;
+        self
+    }
+
+    /// Every node serves every app request with the full server (`--source-relay=false`).
+    pub fn no_source_relay(&mut self) -> &mut Self {
+        self.source_relay = false;
         self
     }
 
@@ -397,7 +405,12 @@ status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}
                 &name,
                 snapshot,
                 ca.clone(),
-                (self.pool.clone(), self.detection_timeout, self.access_log),
+                (
+                    self.pool.clone(),
+                    self.detection_timeout,
+                    self.access_log,
+                    self.source_relay,
+                ),
                 &by_key,
             )
             .await;

@@ -12,7 +12,7 @@ use crate::proxy::hbone::{ConnectRequest, PoolKey};
 use crate::proxy::{PodContext, ProxyInputs};
 
 /// An upstream byte stream.
-pub(super) enum Io {
+pub(in crate::proxy::http) enum Io {
     Hbone(crate::proxy::hbone::H2Stream),
     Tcp(tokio::net::TcpStream),
     /// To a pod of this node, whose inbound stage reads the other end (`proxy::local`).

@@ -124,6 +124,8 @@ pub(super) struct ResponseHead {
     pub(super) close: bool,
     /// The body ends when the app closes the connection.
     pub(super) until_close: bool,
+    /// A `grpc-status` header's value (a retry policy's gRPC conditions read it).
+    pub(super) grpc_status: Option<u32>,
 }
 
 impl ResponseHead {
@@ -141,10 +143,15 @@ impl ResponseHead {
         let mut length = None;
         let mut chunked = None;
         let mut counted = 0u64;
+        let mut grpc_status = None;
         for h in resp.headers.iter() {
             counted += (h.name.len() + h.value.len() + 4) as u64;
             let name = h.name;
-            if name.eq_ignore_ascii_case("content-length") {
+            if name.eq_ignore_ascii_case("grpc-status") {
+                grpc_status = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            } else if name.eq_ignore_ascii_case("content-length") {
                 // Checked only if the body is framed by it (hyper's client ignores it otherwise).
                 length = match (parse_length(h.value), length) {
                     (Some(n), None) => Some(Ok(n)),
@@ -183,6 +190,7 @@ impl ResponseHead {
             body,
             close,
             until_close,
+            grpc_status,
         }))
     }
 }

@@ -1,0 +1,529 @@
+//! Source-side HTTP/1.1, relayed as bytes. An app's HTTP/1.1 request whose route needs no more
+//! than an endpoint of a cluster (with the route's and destination's request header edits, a
+//! rewrite, and the route's retry policy, Istio's default included) is routed as the full
+//! outbound path routes it (`outbound::HttpConn::decide`, the same load balancer, telemetry,
+//! span and access-log line), then written by this relay as the head the upstream gets, on a
+//! pooled upstream HTTP/1.1 connection (`client::RawConn`, HBONE to a meshed endpoint); the
+//! response goes back to the app as the bytes the upstream sent, its head parsed (`httparse`)
+//! and its body's framing followed for the status, the sizes and the connection's reuse.
+//!
+//! Serving the same request with hyper's server and client moves it through a task and a
+//! channel more on each way and parses and writes every head once more; at the fixed rate
+//! of the l7 bench this was most of what L7 cost over L4 at the source (`agent/benches/README.md`).
+//!
+//! Anything else goes to the full server (`outbound::serve_hyper`), with the connection, at the
+//! request that needs it (read and not relayed): a request with a body, hop-by-hop headers other
+//! than `Connection: keep-alive|close`, an upgrade, `Expect` or HTTP/1.0; a malformed or
+//! oversized head (hyper answers it 400 or 431); a reply made here (no route, a redirect, a
+//! direct response, CORS), a fault, a mirror, a timeout, a per-try timeout, response header
+//! edits, cookie affinity, connection-pool settings, an HTTP/2 upstream, or the original
+//! destination. Routing such a request twice changes nothing: nothing was counted or sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::framing::{Body, RequestHead, ResponseHead, MAX_HEADERS};
+use super::{
+    local_reply_bytes, read_response_head, relay_response_body, watch_client, Failed, READ_SIZE,
+};
+use crate::proxy::copy::Side;
+use crate::proxy::http::balance::Outcome;
+use crate::proxy::http::client::{self, PoolSettings, RawConn, UpstreamError, UpstreamKey};
+use crate::proxy::http::forward::outcome_of;
+use crate::proxy::http::headers::{self, LocalReply};
+use crate::proxy::http::outbound::{authority, Forward, HttpConn, MAX_HEADER_BYTES};
+use crate::proxy::http::retry::{self, add_flag, TryEnd, RETRIABLE_HEADER_NAMES};
+use crate::proxy::http::target::ClusterRef;
+use crate::proxy::metrics::requests::RequestResult;
+use crate::proxy::Counters;
+use crate::routing::matching;
+use crate::routing::resilience::{RetryPolicy, DEFAULT_BACKOFF, DEFAULT_RETRY};
+use crate::routing::{HashKey, LbPolicy};
+use crate::snapshot::Snapshot;
+
+/// How the relay ended.
+pub(in crate::proxy::http) enum Ended {
+    /// The connection is done (closed by either end, or after a response that closes it).
+    Done,
+    /// The next request is the full server's: what was read of it and not relayed, and whether
+    /// the relay served requests before it.
+    HandOver { unread: Bytes, served: bool },
+}
+
+/// What became of one request.
+enum Step {
+    /// Not this relay's: nothing of it was counted or sent.
+    HandOver,
+    /// Answered; the connection goes on.
+    Next,
+    /// Answered; the connection closes (the app asked, or the response ends with the close).
+    Close,
+    /// The connection failed mid-request.
+    Gone,
+}
+
+/// Relays the connection's requests until it ends or a request needs the full server.
+pub(in crate::proxy::http) async fn relay(conn: &Arc<HttpConn>, stream: &mut TcpStream) -> Ended {
+    let (mut rd, mut wr) = stream.split();
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut resp_buf = BytesMut::new();
+    let mut served = false;
+    let hand_over = |buf: BytesMut, served| Ended::HandOver {
+        unread: buf.freeze(),
+        served,
+    };
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match RequestHead::parse(&buf) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) if buf.len() <= MAX_HEADER_BYTES => {}
+                    _ => return hand_over(buf, served),
+                }
+            }
+            if conn.pi.drain.is_draining() {
+                // Idle after requests: closed, as hyper's draining server closes it. One that has
+                // had none yet gets its first request from hyper's server (`serve_hyper`).
+                if served && buf.is_empty() {
+                    let _ = wr.shutdown().await;
+                    return Ended::Done;
+                }
+                return hand_over(buf, served);
+            }
+            buf.reserve(READ_SIZE);
+            let read = tokio::select! {
+                read = rd.read_buf(&mut buf) => read,
+                () = conn.pi.drain.started() => continue,
+            };
+            match read {
+                Ok(n) if n > 0 => {}
+                // Closed (or failed) between requests or within a head: nothing to answer.
+                _ => return Ended::Done,
+            }
+        };
+        match exchange(conn, &head, &mut rd, &mut wr, &mut buf, &mut resp_buf).await {
+            Step::HandOver => return hand_over(buf, served),
+            Step::Next => served = true,
+            Step::Close => {
+                let _ = wr.shutdown().await;
+                return Ended::Done;
+            }
+            Step::Gone => return Ended::Done,
+        }
+    }
+}
+
+/// The request whose head starts `buf`: routed, sent and answered, or left to the full server.
+async fn exchange<R, W>(
+    conn: &Arc<HttpConn>,
+    head: &RequestHead,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    resp_buf: &mut BytesMut,
+) -> Step
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !head.simple || head.body != Body::Empty {
+        return Step::HandOver;
+    }
+    let Some(mut req) = request_of(&buf[..head.len]) else {
+        return Step::HandOver;
+    };
+    let snap = conn.pi.snapshot.load_full();
+    let request_id = headers::request_id(req.headers_mut());
+    let Some(authority) = authority(&req).map(str::to_owned) else {
+        return Step::HandOver;
+    };
+    let decided = {
+        let source = snap.state.workloads.get(conn.pod_key.as_str());
+        conn.decide(&snap, &req, Some(&authority), source.map(|w| &**w))
+    };
+    let Ok(fwd) = decided else {
+        return Step::HandOver;
+    };
+    let Some((cluster, policy)) = relayable(conn, &fwd, &req) else {
+        return Step::HandOver;
+    };
+    // From here the request is this relay's.
+    buf.advance(head.len);
+    Counters::inc(&conn.pi.counters.http_outbound_relayed);
+    let mut result = conn.open(&snap, &mut req, &request_id, Some(&authority), Some(&fwd));
+    let to_head = head.is_head;
+    let done = {
+        let work = send_and_relay(
+            conn,
+            &snap,
+            &fwd,
+            cluster,
+            policy,
+            req,
+            to_head,
+            wr,
+            resp_buf,
+            &mut result,
+        );
+        tokio::select! {
+            done = work => Some(done),
+            _ = watch_client(rd, buf) => None,
+        }
+    };
+    let (step, flag) = done.unwrap_or_else(|| {
+        // The app went away before the response ended: so does the upstream connection.
+        if let Some(log) = result.log.as_mut() {
+            log.details = match result.labels.response_code {
+                0 => "downstream_remote_disconnect",
+                _ => "via_upstream",
+            };
+        }
+        (Step::Gone, Some("DC"))
+    });
+    result.finish(flag);
+    match step {
+        Step::Next if head.close => Step::Close,
+        step => step,
+    }
+}
+
+/// The cluster and retry policy of a routed request this relay can send, or None: the full
+/// server's (see the module's documentation).
+fn relayable<'f, 's, B>(
+    conn: &HttpConn,
+    fwd: &'f Forward<'s>,
+    req: &Request<B>,
+) -> Option<(&'f ClusterRef<'s>, Option<&'s RetryPolicy>)> {
+    let cluster = fwd.cluster.as_ref().filter(|c| !c.passthrough)?;
+    let cookie = matches!(
+        &cluster.policy.lb,
+        LbPolicy::ConsistentHash {
+            key: HashKey::Cookie { .. },
+            ..
+        }
+    );
+    if cookie
+        || cluster.policy.connection_pool.is_some()
+        || conn.upstream_version(Version::HTTP_11, Some(&**cluster)) != client::Version::Http1
+    {
+        return None;
+    }
+    if let Some(route) = fwd.route {
+        if route.fault.is_some()
+            || !route.mirrors.is_empty()
+            || route.timeout.is_some()
+            || route.cors.is_some()
+            || !route.headers.response.is_empty()
+        {
+            return None;
+        }
+    }
+    if fwd.dest.is_some_and(|d| !d.headers.response.is_empty()) {
+        return None;
+    }
+    let policy = fwd
+        .route
+        .map_or(Some(&*DEFAULT_RETRY), |r| r.retry.as_ref());
+    if policy.is_some_and(|p| {
+        p.per_try_timeout.is_some()
+            || (p.on.retriable_headers && req.headers().contains_key(&RETRIABLE_HEADER_NAMES))
+    }) {
+        return None;
+    }
+    Some((cluster, policy))
+}
+
+/// Picks the endpoint, sends the request under the retry policy and relays the response (or a
+/// reply made here): the step, and the response flag to finish the request with.
+#[allow(clippy::too_many_arguments)]
+async fn send_and_relay<W: AsyncWrite + Unpin>(
+    conn: &HttpConn,
+    snap: &Snapshot,
+    fwd: &Forward<'_>,
+    cluster: &ClusterRef<'_>,
+    policy: Option<&RetryPolicy>,
+    mut req: Request<()>,
+    to_head: bool,
+    down: &mut W,
+    resp_buf: &mut BytesMut,
+    result: &mut RequestResult,
+) -> (Step, Option<&'static str>) {
+    // Picked on the request as the app sent it (Envoy picks before the header edits apply).
+    let Ok(Some(mut picked)) = conn.pick(Some(cluster), req.headers(), req.uri().query(), &[])
+    else {
+        let reply = LocalReply::no_healthy_upstream();
+        return local(conn, down, reply, "no_healthy_upstream", to_head, result).await;
+    };
+    let out = upstream_head(fwd, &mut req);
+    let retries = policy.map_or(0, |p| p.retries);
+    let settings = PoolSettings::of(Some(&**cluster));
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retry = 0u32;
+    let sent = loop {
+        let endpoint = picked.addr;
+        let tunnel = conn.upstream_of(snap, Some(cluster), endpoint, result);
+        let key = UpstreamKey {
+            worker: crate::proxy::worker::current(),
+            src_netns: conn.pod.netns_cookie,
+            endpoint,
+            tunnel,
+            version: client::Version::Http1,
+        };
+        let sent = send(conn, &key, settings, &out, to_head, down, resp_buf)
+            .await
+            .map(|(up, head)| (up, head, key));
+        let grpc = grpc_headers(&sent);
+        let end = match &sent {
+            Ok((_, head, _)) => {
+                picked.report(Outcome::Connected);
+                picked.report(Outcome::Status(head.status));
+                match StatusCode::from_u16(head.status) {
+                    Ok(status) => TryEnd::Response {
+                        status,
+                        headers: &grpc,
+                    },
+                    Err(_) => TryEnd::Reset,
+                }
+            }
+            Err(e) => {
+                if let Some(o) = outcome_of(e) {
+                    picked.report(o);
+                }
+                TryEnd::of_error(e)
+            }
+        };
+        let retriable = policy.is_some_and(|p| retry::retriable(p, end, req.headers()));
+        if !retriable || retry >= retries {
+            if retriable && retries > 0 {
+                Counters::inc(&conn.pi.counters.http_retries_exhausted);
+                result.labels.conn.flags = add_flag(result.labels.conn.flags, "URX");
+            }
+            break sent;
+        }
+        // The try's connection goes with it (the rest of its response is not read).
+        drop(sent);
+        retry += 1;
+        Counters::inc(&conn.pi.counters.http_retries);
+        tried.push(endpoint);
+        let base = policy.map_or(DEFAULT_BACKOFF, |p| p.backoff);
+        tokio::time::sleep(retry::backoff(base, retry, fastrand::u64(..))).await;
+        let avoid: &[SocketAddr] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
+            &tried
+        } else {
+            &[]
+        };
+        picked = match conn.pick(Some(cluster), req.headers(), req.uri().query(), avoid) {
+            Ok(Some(p)) => p,
+            _ => {
+                let reply = LocalReply::no_healthy_upstream();
+                return local(conn, down, reply, "no_healthy_upstream", to_head, result).await;
+            }
+        };
+    };
+    let (mut up, head, key) = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            debug!(pod = %conn.pod.name, endpoint = %picked.addr, error = %e, "upstream request failed");
+            let reply = LocalReply::upstream_failed(e.response_flag());
+            return local(conn, down, reply, e.details(), to_head, result).await;
+        }
+    };
+    if let Some(log) = result.log.as_mut() {
+        log.details = "via_upstream";
+    }
+    let relayed = relay_response_body(&mut up.io, down, resp_buf, head, result).await;
+    // The endpoint stays busy (least-request) until the response has been sent on.
+    drop(picked);
+    match relayed {
+        // The app read a response that ends with the connection (`Connection: close`, or a
+        // body until the close): it closes its own too.
+        Ok(end) if end.close => (Step::Close, None),
+        // Bytes after the response that no request asked for: that connection cannot be followed
+        // any more, the app's can.
+        Ok(end) if end.stray => (Step::Next, None),
+        Ok(_) => {
+            let reuse = !conn.pi.drain.is_draining();
+            conn.pi.upstreams.checkin_raw(&key, settings, reuse, up);
+            (Step::Next, None)
+        }
+        Err(Failed::Response(Side::A)) => (Step::Gone, Some("DC")),
+        Err(_) => (Step::Gone, Some("UR")),
+    }
+}
+
+/// Sends the request head `out` on a pooled connection of `key` (a new one when none is idle,
+/// or when the pooled one turns out closed before any response) and reads the final response
+/// head into `buf` (informational ones relayed to `down` as they come).
+async fn send<W: AsyncWrite + Unpin>(
+    conn: &HttpConn,
+    key: &UpstreamKey,
+    settings: PoolSettings,
+    out: &[u8],
+    to_head: bool,
+    down: &mut W,
+    buf: &mut BytesMut,
+) -> Result<(RawConn, ResponseHead), UpstreamError> {
+    let upstreams = &conn.pi.upstreams;
+    let endpoint = key.endpoint;
+    let mut pooled = upstreams.checkout_raw(key, settings, !conn.pi.drain.is_draining());
+    loop {
+        let mut up = match pooled.take() {
+            Some(up) => up,
+            None => {
+                upstreams
+                    .open_raw(&conn.pi, &conn.pod, key, settings)
+                    .await?
+            }
+        };
+        buf.clear();
+        let wrote = async {
+            up.io.write_all(out).await?;
+            up.io.flush().await
+        };
+        let head = match wrote.await {
+            Ok(()) => read_response_head(&mut up.io, down, buf, to_head).await,
+            Err(_) => Err(Failed::BeforeResponse),
+        };
+        match head {
+            Ok(head) => return Ok((up, head)),
+            // Closed while it was idle, before the request reached the upstream: sent again on a
+            // new connection (once), as hyper's pool does.
+            Err(Failed::BeforeResponse) if up.reused && buf.is_empty() => {
+                debug!(%endpoint, "pooled connection closed; sending on a new one");
+            }
+            Err(Failed::BeforeResponse) if !buf.is_empty() => {
+                return Err(UpstreamError::Malformed { endpoint })
+            }
+            Err(_) => return Err(UpstreamError::Closed { endpoint }),
+        }
+    }
+}
+
+/// The response's `grpc-status` as headers, for the retry policy's gRPC conditions (empty when
+/// it has none, as almost every HTTP/1.1 response).
+fn grpc_headers<T>(sent: &Result<(T, ResponseHead, UpstreamKey), UpstreamError>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok((
+        _,
+        ResponseHead {
+            grpc_status: Some(status),
+            ..
+        },
+        _,
+    )) = sent
+    {
+        headers.insert("grpc-status", HeaderValue::from(*status));
+    }
+    headers
+}
+
+/// Answers the request with a reply made here, recorded as the full path records its own
+/// (`HttpConn::local_reply`); the connection goes on.
+async fn local<W: AsyncWrite + Unpin>(
+    conn: &HttpConn,
+    down: &mut W,
+    reply: LocalReply,
+    details: &'static str,
+    to_head: bool,
+    result: &mut RequestResult,
+) -> (Step, Option<&'static str>) {
+    Counters::inc(&conn.pi.counters.http_local_replies);
+    result.labels.conn.flags = add_flag(result.labels.conn.flags, reply.flag);
+    if let Some(log) = result.log.as_mut() {
+        log.details = details;
+    }
+    let out = local_reply_bytes(reply, to_head, false, result);
+    match down.write_all(&out).await {
+        Ok(()) => (Step::Next, None),
+        Err(_) => (Step::Gone, Some("DC")),
+    }
+}
+
+/// The request head the upstream gets (`forward`'s template for HTTP/1.1): the route's and
+/// destination's request edits, the rewrite, hop-by-hop headers dropped, `x-forwarded-proto`
+/// when the app set none, and `Host` as the authority.
+fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> Vec<u8> {
+    if let Some(route) = fwd.route {
+        route.headers.request.apply(req.headers_mut());
+    }
+    if let Some(dest) = fwd.dest {
+        dest.headers.request.apply(req.headers_mut());
+    }
+    let mut authority = authority(req).map(str::to_owned);
+    let mut path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
+        path = matching::rewrite_path(rw, fwd.matched, &path);
+        if let Some(a) = &rw.authority {
+            authority = a.to_str().ok().map(str::to_owned);
+        }
+    }
+    if path.parse::<Uri>().is_err() {
+        path = "/".to_string();
+    }
+    let h = req.headers_mut();
+    headers::strip_hop_by_hop(h, false);
+    if !h.contains_key(&headers::X_FORWARDED_PROTO) {
+        h.insert(
+            headers::X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static("http"),
+        );
+    }
+    if let Some(v) = authority.and_then(|a| HeaderValue::try_from(a).ok()) {
+        h.insert(header::HOST, v);
+    }
+    let method = req.method().as_str();
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(method.len() + path.len() + size + 16);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// `raw`, a whole request head the relay follows, as `http`'s request (what routing, telemetry
+/// and the upstream head are made from); None when a part does not fit `http`'s types.
+fn request_of(raw: &[u8]) -> Option<Request<()>> {
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut parsed);
+    let Ok(httparse::Status::Complete(_)) = r.parse(raw) else {
+        return None;
+    };
+    let method = Method::from_bytes(r.method?.as_bytes()).ok()?;
+    let uri: Uri = r.path?.parse().ok()?;
+    let mut headers = HeaderMap::with_capacity(r.headers.len() + 6);
+    for h in r.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+#[cfg(test)]
+mod tests;

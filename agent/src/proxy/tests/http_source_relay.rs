@@ -1,0 +1,203 @@
+//! Source-side HTTP/1.1 relayed as bytes (`http::passthrough::source`): a routed request goes out
+//! as the head the client's node writes, on upstream connections it pools per endpoint, with the
+//! route's edits, and comes back as the upstream's bytes; what the relay leaves (a body, a reply
+//! made here) goes to the full server with the connection, and a reply the relay makes itself
+//! keeps the connection.
+
+use std::net::SocketAddr;
+
+use super::fixture::*;
+
+const YAML: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: mesh}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: nowhere
+    match: [{headers: {x-to: {exact: v3}}}]
+    route: [{destination: {host: web, subset: v3}}]
+  - name: default
+    match: [{uri: {prefix: /old}}]
+    rewrite: {uri: /new}
+    headers: {request: {set: {x-route: default}}}
+    route: [{destination: {host: web, subset: v1}}]
+  - name: rest
+    route: [{destination: {host: web, subset: v1}}]
+"#;
+
+/// A client on n1; `web` v1 on n2 and v2 on n3 (no v3), behind Service `web` (port 80, `http`, to
+/// 8080), each app answering `<pod> <path>`.
+async fn web_mesh() -> (Mesh, Pod, SocketAddr, Vec<HttpApp>) {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let v1 = world
+        .pod("web-v1")
+        .node("n2")
+        .app("web")
+        .label("version", "v1")
+        .add();
+    let v2 = world
+        .pod("web-v2")
+        .node("n3")
+        .app("web")
+        .label("version", "v2")
+        .add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&v1, &v2])
+        .add();
+    world.yaml(YAML);
+    let mesh = world.start().await;
+    let apps = vec![
+        mesh.http_app(v1.addr(8080), "web-v1").await,
+        mesh.http_app(v2.addr(8080), "web-v2").await,
+    ];
+    (mesh, client, SocketAddr::new(vip, 80), apps)
+}
+
+#[tokio::test]
+async fn routed_requests_are_relayed_with_the_routes_edits_on_pooled_connections() {
+    let (mesh, client, web, apps) = web_mesh().await;
+    let n1 = mesh.node("n1");
+    let mut conn = mesh.h1(&client, web).await;
+    for _ in 0..10 {
+        let r = conn.get("web", "/p", &[("end-user", "jason")]).await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "web-v2 /p"));
+        let r = conn.get("web", "/old/x?q=1", &[]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "web-v1 /new/x")
+        );
+    }
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 20);
+    assert_eq!(n1.count(|c| &c.http_requests), 20);
+    // One upstream connection per endpoint, each reused by every request after its first.
+    assert_eq!(n1.pi.upstreams.opened(), 2);
+    assert_eq!(n1.pi.upstreams.connections(), 2);
+    assert_eq!(apps[0].connections() + apps[1].connections(), 2);
+
+    // The app saw the request as the full server would send it: rewritten, edited, with the
+    // scheme and an id, without the hop-by-hop header.
+    let seen = apps[0].last();
+    assert_eq!(seen.path, "/new/x?q=1");
+    assert_eq!(seen.authority, "web");
+    assert_eq!(seen.headers["x-route"], "default");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert!(seen.headers.contains_key("x-request-id"));
+    let jason = apps[1].last();
+    assert!(!jason.headers.contains_key("x-route"));
+    assert_eq!(jason.headers["end-user"], "jason");
+
+    let at = |workload: &'static str| {
+        [
+            ("reporter", "source"),
+            ("response_code", "200"),
+            ("destination_workload", workload),
+            ("response_flags", "-"),
+        ]
+    };
+    n1.wait_metric("istio_requests_total", &at("web-v1"), 10)
+        .await;
+    n1.wait_metric("istio_requests_total", &at("web-v2"), 10)
+        .await;
+}
+
+#[tokio::test]
+async fn a_request_the_relay_leaves_takes_the_connection_to_the_full_server() {
+    let (mesh, client, web, _apps) = web_mesh().await;
+    let n1 = mesh.node("n1");
+    let mut conn = mesh.h1(&client, web).await;
+    let r = conn.get("web", "/first", &[]).await;
+    assert_eq!(r.text(), "web-v1 /first");
+    // A body: the full server's, and so is every request after it on the connection.
+    let mut upload = get("/upload", &[("host", "web")]);
+    *upload.method_mut() = http::Method::POST;
+    *upload.body_mut() = full("abcdefghij");
+    let r = conn.call(upload).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "web-v1 /upload")
+    );
+    let r = conn.get("web", "/after", &[("end-user", "jason")]).await;
+    assert_eq!(r.text(), "web-v2 /after");
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 1);
+    assert_eq!(n1.count(|c| &c.http_requests), 3);
+    for (workload, n) in [("web-v1", 2), ("web-v2", 1)] {
+        n1.wait_metric(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("response_code", "200"),
+                ("destination_workload", workload),
+            ],
+            n,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn no_healthy_upstream_is_answered_by_the_relay_on_a_connection_that_goes_on() {
+    let (mesh, client, web, _apps) = web_mesh().await;
+    let n1 = mesh.node("n1");
+    let mut conn = mesh.h1(&client, web).await;
+    let r = conn.get("web", "/v3", &[("x-to", "v3")]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (503, "no healthy upstream")
+    );
+    let r = conn.get("web", "/v1", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "web-v1 /v1"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 2);
+    assert_eq!(n1.count(|c| &c.http_local_replies), 1);
+    n1.wait_metric(
+        "istio_requests_total",
+        &[
+            ("reporter", "source"),
+            ("response_code", "503"),
+            ("response_flags", "UH"),
+        ],
+        1,
+    )
+    .await;
+}
+
+/// With `--source-relay=false` every request is the full server's (the same answers).
+#[tokio::test]
+async fn the_relay_turned_off_serves_every_request_with_the_full_server() {
+    let mut world = World::new();
+    world.no_access_log();
+    world.no_source_relay();
+    let client = world.pod("client").node("n1").add();
+    let v1 = world.pod("web-v1").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&v1])
+        .add();
+    let mesh = world.start().await;
+    let _app = mesh.http_app(v1.addr(8080), "web-v1").await;
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let r = conn.get("web", "/a", &[]).await;
+    assert_eq!(r.text(), "web-v1 /a");
+    let n1 = mesh.node("n1");
+    assert_eq!(n1.count(|c| &c.http_requests), 1);
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 0);
+}
