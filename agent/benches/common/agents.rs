@@ -53,6 +53,8 @@ counters! {
         pub outbound_http,
         /// HTTP requests received from enrolled pods' apps.
         pub http_requests,
+        /// HTTP/1.1 requests routed at the source and relayed as bytes (`passthrough::source`).
+        pub http_outbound_relayed,
         /// HTTP requests the proxy answered itself (no route, no endpoint, upstream failure...).
         pub http_local_replies,
         /// Every failure counter summed: connect and tunnel failures, refusals, resets.
@@ -101,6 +103,7 @@ impl Counters {
             outbound_http: s["proxy"]["outbound_http"].as_u64().unwrap_or(0),
             http_requests: s["proxy"]["http_requests"].as_u64().unwrap_or(0),
             http_local_replies: s["proxy"]["http_local_replies"].as_u64().unwrap_or(0),
+            http_outbound_relayed: s["proxy"]["http_outbound_relayed"].as_u64().unwrap_or(0),
             failures,
             relays_reset: get("proxy.relays_reset"),
         }

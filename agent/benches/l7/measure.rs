@@ -75,6 +75,9 @@ pub struct Bench {
     /// The agents serve HTTP at the destination too (`--destination-l7`, on by default): the
     /// server's node then counts every request (`reporter="destination"`).
     pub destination_l7: bool,
+    /// The client's node relays HTTP/1.1 requests as bytes when their route allows
+    /// (`--source-relay`, on by default): (c)'s HTTP/1.1 requests all go that way.
+    pub source_relay: bool,
 }
 
 /// One run of one path.
@@ -380,10 +383,14 @@ impl Bench {
                 // Every request is routed at the client's node; upstream HTTP connections (HBONE
                 // streams) are pooled there, so their number is whatever the pool needed.
                 let streams = got[0].pool_streams_opened;
+                // (e)'s route has a timeout, which the relay leaves to hyper's server; HTTP/2
+                // from the app is hyper's too.
+                let relayed = self.source_relay && path.way == Way::L7 && !load.h2;
                 want[0] = Counters {
                     outbound_accepted: c,
                     outbound_http: c,
                     http_requests: n,
+                    http_outbound_relayed: if relayed { n } else { 0 },
                     outbound_hbone: got[0].outbound_hbone,
                     pool_streams_opened: streams,
                     pool_connections_opened: got[0].pool_connections_opened,

@@ -14,6 +14,7 @@ use tracing::debug;
 use super::io::Io;
 use super::{
     Entry, Inner, PoolSettings, Up, UpstreamError, UpstreamKey, Upstreams, MAX_IDLE_HTTP1,
+    PRUNE_EVERY,
 };
 use crate::proxy::hbone::pool::GoingAway;
 use crate::proxy::{PodContext, ProxyInputs};
@@ -82,8 +83,19 @@ impl Upstreams {
             return None;
         }
         self.with_entry(key, settings, None, |e| {
-            e.prune_raw(Instant::now());
+            // At most every PRUNE_EVERY on the request path, as for hyper's connections (the
+            // sweep does the rest; one going away is taken out when it does).
+            let now = Instant::now();
+            if e.pruned
+                .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+            {
+                e.prune_raw(now);
+                e.pruned = Some(now);
+            }
             while let Some(mut c) = e.raw.pop() {
+                if c.gone() {
+                    continue;
+                }
                 if c.open_and_quiet() {
                     return Some(c);
                 }

@@ -259,7 +259,15 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     let Ok(Some(mut picked)) = conn.pick(Some(cluster), req.headers(), req.uri().query(), &[])
     else {
         let reply = LocalReply::no_healthy_upstream();
-        return local(conn, down, reply, "no_healthy_upstream", to_head, result).await;
+        return Box::pin(local(
+            conn,
+            down,
+            reply,
+            "no_healthy_upstream",
+            to_head,
+            result,
+        ))
+        .await;
     };
     let out = upstream_head(fwd, &mut req);
     let retries = policy.map_or(0, |p| p.retries);
@@ -313,7 +321,12 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         Counters::inc(&conn.pi.counters.http_retries);
         tried.push(endpoint);
         let base = policy.map_or(DEFAULT_BACKOFF, |p| p.backoff);
-        tokio::time::sleep(retry::backoff(base, retry, fastrand::u64(..))).await;
+        Box::pin(tokio::time::sleep(retry::backoff(
+            base,
+            retry,
+            fastrand::u64(..),
+        )))
+        .await;
         let avoid: &[SocketAddr] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
             &tried
         } else {
@@ -323,7 +336,15 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
             Ok(Some(p)) => p,
             _ => {
                 let reply = LocalReply::no_healthy_upstream();
-                return local(conn, down, reply, "no_healthy_upstream", to_head, result).await;
+                return Box::pin(local(
+                    conn,
+                    down,
+                    reply,
+                    "no_healthy_upstream",
+                    to_head,
+                    result,
+                ))
+                .await;
             }
         };
     };
@@ -332,7 +353,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         Err(e) => {
             debug!(pod = %conn.pod.name, endpoint = %picked.addr, error = %e, "upstream request failed");
             let reply = LocalReply::upstream_failed(e.response_flag());
-            return local(conn, down, reply, e.details(), to_head, result).await;
+            return Box::pin(local(conn, down, reply, e.details(), to_head, result)).await;
         }
     };
     if let Some(log) = result.log.as_mut() {
@@ -376,11 +397,9 @@ async fn send<W: AsyncWrite + Unpin>(
     loop {
         let mut up = match pooled.take() {
             Some(up) => up,
-            None => {
-                upstreams
-                    .open_raw(&conn.pi, &conn.pod, key, settings)
-                    .await?
-            }
+            // Boxed: opening a tunnel is a large future, and rare; inline, every request's
+            // future would be that large (and copied whole when it starts).
+            None => Box::pin(upstreams.open_raw(&conn.pi, &conn.pod, key, settings)).await?,
         };
         buf.clear();
         let wrote = async {
