@@ -254,6 +254,11 @@ impl<T> Prefixed<T> {
     pub fn new(first: Bytes, inner: T) -> Prefixed<T> {
         Prefixed { first, inner }
     }
+
+    /// Whether every byte read before has been read again.
+    pub fn unread_is_empty(&self) -> bool {
+        self.first.is_empty()
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

@@ -90,7 +90,10 @@ fn relays(conn: &HttpConn) -> bool {
 /// Serves the connection with hyper's server; `served`: the relay served requests on it before.
 async fn serve_hyper(conn: Arc<HttpConn>, stream: Prefixed<TcpStream>, served: bool) {
     let first = Arc::new(FirstRequest::default());
-    if served {
+    // After the relay's requests and none started (the relay closes such a connection itself
+    // when it drains), it has had its first; with the start of one read, hyper's server is to
+    // serve it before a drain closes the connection.
+    if served && stream.unread_is_empty() {
         first.came();
     }
     let service = {
@@ -153,7 +156,7 @@ async fn serve_hyper(conn: Arc<HttpConn>, stream: Prefixed<TcpStream>, served: b
 
 /// How long an app's keep-alive HTTP/1.x connection may wait idle for its next request (Envoy's
 /// `common_http_protocol_options.idle_timeout` default).
-const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+pub(super) const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// How long a draining proxy waits for a new connection's first request (hyper's default header
 /// read timeout, 30s): well inside the pod's termination grace.

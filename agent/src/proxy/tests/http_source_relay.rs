@@ -43,6 +43,11 @@ spec:
 /// A client on n1; `web` v1 on n2 and v2 on n3 (no v3), behind Service `web` (port 80, `http`, to
 /// 8080), each app answering `<pod> <path>`.
 async fn web_mesh() -> (Mesh, Pod, SocketAddr, Vec<HttpApp>) {
+    web_mesh_with(YAML).await
+}
+
+/// [`web_mesh`] with `yaml` for its routes.
+async fn web_mesh_with(yaml: &str) -> (Mesh, Pod, SocketAddr, Vec<HttpApp>) {
     let mut world = World::new();
     world.no_access_log();
     let client = world.pod("client").node("n1").add();
@@ -63,7 +68,7 @@ async fn web_mesh() -> (Mesh, Pod, SocketAddr, Vec<HttpApp>) {
         .named_port("http", 80, 8080)
         .backends(&[&v1, &v2])
         .add();
-    world.yaml(YAML);
+    world.yaml(yaml);
     let mesh = world.start().await;
     let apps = vec![
         mesh.http_app(v1.addr(8080), "web-v1").await,
@@ -200,4 +205,50 @@ async fn the_relay_turned_off_serves_every_request_with_the_full_server() {
     let n1 = mesh.node("n1");
     assert_eq!(n1.count(|c| &c.http_requests), 1);
     assert_eq!(n1.count(|c| &c.http_outbound_relayed), 0);
+}
+
+/// A route whose destinations differ in what the relay can do (one edits the response) is the
+/// full server's for every request, whichever destination its weights draw: a request the relay
+/// left after the draw would be drawn again there, and the split would lean towards the
+/// destinations the relay takes.
+#[tokio::test]
+async fn a_route_with_a_destination_the_relay_cannot_serve_is_left_whole_to_the_full_server() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: mesh}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - {destination: {host: web, subset: v1}, weight: 50}
+    - destination: {host: web, subset: v2}
+      weight: 50
+      headers: {response: {set: {x-canary: "1"}}}
+"#;
+    let (mesh, client, web, _apps) = web_mesh_with(yaml).await;
+    let n1 = mesh.node("n1");
+    let mut v2 = 0;
+    // A connection per request: each is routed from its first request.
+    for _ in 0..40 {
+        let mut conn = mesh.h1(&client, web).await;
+        let r = conn.get("web", "/", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.text().starts_with("web-v2") {
+            assert_eq!(r.header("x-canary"), "1");
+            v2 += 1;
+        }
+    }
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 0);
+    // 50 % of 40, within five standard deviations (about 3.2 each).
+    assert!((4..=36).contains(&v2), "v2 got {v2} of 40");
 }

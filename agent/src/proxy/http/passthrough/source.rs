@@ -38,14 +38,16 @@ use crate::proxy::http::balance::Outcome;
 use crate::proxy::http::client::{self, PoolSettings, RawConn, UpstreamError, UpstreamKey};
 use crate::proxy::http::forward::outcome_of;
 use crate::proxy::http::headers::{self, LocalReply};
-use crate::proxy::http::outbound::{authority, Forward, HttpConn, MAX_HEADER_BYTES};
+use crate::proxy::http::outbound::{
+    authority, Forward, HttpConn, APP_IDLE_TIMEOUT, MAX_HEADER_BYTES,
+};
 use crate::proxy::http::retry::{self, add_flag, TryEnd, RETRIABLE_HEADER_NAMES};
-use crate::proxy::http::target::ClusterRef;
+use crate::proxy::http::target::{self, ClusterRef};
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::Counters;
 use crate::routing::matching;
 use crate::routing::resilience::{RetryPolicy, DEFAULT_BACKOFF, DEFAULT_RETRY};
-use crate::routing::{HashKey, LbPolicy};
+use crate::routing::{Action, HashKey, LbPolicy};
 use crate::snapshot::Snapshot;
 
 /// How the relay ended.
@@ -79,7 +81,14 @@ pub(in crate::proxy::http) async fn relay(conn: &Arc<HttpConn>, stream: &mut Tcp
         unread: buf.freeze(),
         served,
     };
+    // One wait for the drain per connection (each new one joins the drain's list of waiters),
+    // and the app's idle timeout as hyper's server keeps it (`APP_IDLE_TIMEOUT`, Envoy's).
+    let drained = conn.pi.drain.started();
+    let idle = tokio::time::sleep(APP_IDLE_TIMEOUT);
+    tokio::pin!(drained, idle);
     loop {
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + APP_IDLE_TIMEOUT);
         let head = loop {
             if !buf.is_empty() {
                 match RequestHead::parse(&buf) {
@@ -100,7 +109,8 @@ pub(in crate::proxy::http) async fn relay(conn: &Arc<HttpConn>, stream: &mut Tcp
             buf.reserve(READ_SIZE);
             let read = tokio::select! {
                 read = rd.read_buf(&mut buf) => read,
-                () = conn.pi.drain.started() => continue,
+                () = &mut drained => continue,
+                () = &mut idle => return Ended::Done,
             };
             match read {
                 Ok(n) if n > 0 => {}
@@ -151,7 +161,7 @@ where
     let Ok(fwd) = decided else {
         return Step::HandOver;
     };
-    let Some((cluster, policy)) = relayable(conn, &fwd, &req) else {
+    let Some((cluster, policy)) = relayable(conn, &snap, &fwd, &req) else {
         return Step::HandOver;
     };
     // From here the request is this relay's.
@@ -198,23 +208,14 @@ where
 /// server's (see the module's documentation).
 fn relayable<'f, 's, B>(
     conn: &HttpConn,
+    snap: &'s Snapshot,
     fwd: &'f Forward<'s>,
     req: &Request<B>,
 ) -> Option<(&'f ClusterRef<'s>, Option<&'s RetryPolicy>)> {
-    let cluster = fwd.cluster.as_ref().filter(|c| !c.passthrough)?;
-    let cookie = matches!(
-        &cluster.policy.lb,
-        LbPolicy::ConsistentHash {
-            key: HashKey::Cookie { .. },
-            ..
-        }
-    );
-    if cookie
-        || cluster.policy.connection_pool.is_some()
-        || conn.upstream_version(Version::HTTP_11, Some(&**cluster)) != client::Version::Http1
-    {
-        return None;
-    }
+    let cluster = fwd
+        .cluster
+        .as_ref()
+        .filter(|c| cluster_relayable(conn, c))?;
     if let Some(route) = fwd.route {
         if route.fault.is_some()
             || !route.mirrors.is_empty()
@@ -224,9 +225,19 @@ fn relayable<'f, 's, B>(
         {
             return None;
         }
-    }
-    if fwd.dest.is_some_and(|d| !d.headers.response.is_empty()) {
-        return None;
+        // Decided for the route, not for the destination its weights picked: a request the
+        // relay leaves is routed again by the full server, whose pick is another draw, so a
+        // choice that depended on the draw would shift the split towards what the relay takes.
+        if let Action::Route(dests) = &route.action {
+            let all = dests.iter().all(|d| {
+                d.headers.response.is_empty()
+                    && target::cluster(snap, &conn.pod.namespace, &d.cluster, conn.dst.0.port())
+                        .is_ok_and(|c| cluster_relayable(conn, &c))
+            });
+            if !all {
+                return None;
+            }
+        }
     }
     let policy = fwd
         .route
@@ -238,6 +249,22 @@ fn relayable<'f, 's, B>(
         return None;
     }
     Some((cluster, policy))
+}
+
+/// Whether requests to `cluster` can be the relay's: endpoints of its own (not the original
+/// destination), HTTP/1.1 upstream, no cookie to set, no connection-pool limits or settings.
+fn cluster_relayable(conn: &HttpConn, cluster: &ClusterRef<'_>) -> bool {
+    let cookie = matches!(
+        &cluster.policy.lb,
+        LbPolicy::ConsistentHash {
+            key: HashKey::Cookie { .. },
+            ..
+        }
+    );
+    !cluster.passthrough
+        && !cookie
+        && cluster.policy.connection_pool.is_none()
+        && conn.upstream_version(Version::HTTP_11, Some(&**cluster)) == client::Version::Http1
 }
 
 /// Picks the endpoint, sends the request under the retry policy and relays the response (or a
@@ -269,7 +296,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         ))
         .await;
     };
-    let out = upstream_head(fwd, &mut req);
+    let (out, path) = upstream_head(fwd, &mut req);
     let retries = policy.map_or(0, |p| p.retries);
     let settings = PoolSettings::of(Some(&**cluster));
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -332,7 +359,9 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         } else {
             &[]
         };
-        picked = match conn.pick(Some(cluster), req.headers(), req.uri().query(), avoid) {
+        // Envoy hashes a retry on the request as edited and rewritten.
+        let query = path.split_once('?').map(|(_, q)| q);
+        picked = match conn.pick(Some(cluster), req.headers(), query, avoid) {
             Ok(Some(p)) => p,
             _ => {
                 let reply = LocalReply::no_healthy_upstream();
@@ -406,15 +435,19 @@ async fn send<W: AsyncWrite + Unpin>(
             up.io.write_all(out).await?;
             up.io.flush().await
         };
-        let head = match wrote.await {
-            Ok(()) => read_response_head(&mut up.io, down, buf, to_head).await,
-            Err(_) => Err(Failed::BeforeResponse),
+        let (written, head) = match wrote.await {
+            Ok(()) => (
+                true,
+                read_response_head(&mut up.io, down, buf, to_head).await,
+            ),
+            Err(_) => (false, Err(Failed::BeforeResponse)),
         };
         match head {
             Ok(head) => return Ok((up, head)),
-            // Closed while it was idle, before the request reached the upstream: sent again on a
-            // new connection (once), as hyper's pool does.
-            Err(Failed::BeforeResponse) if up.reused && buf.is_empty() => {
+            // Closed while it was idle, so that the request could not be written: sent again on
+            // a new connection, as hyper's pool sends again a request it could not write. One
+            // written may have been served: its failure is the try's.
+            Err(Failed::BeforeResponse) if up.reused && !written => {
                 debug!(%endpoint, "pooled connection closed; sending on a new one");
             }
             Err(Failed::BeforeResponse) if !buf.is_empty() => {
@@ -467,8 +500,8 @@ async fn local<W: AsyncWrite + Unpin>(
 
 /// The request head the upstream gets (`forward`'s template for HTTP/1.1): the route's and
 /// destination's request edits, the rewrite, hop-by-hop headers dropped, `x-forwarded-proto`
-/// when the app set none, and `Host` as the authority.
-fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> Vec<u8> {
+/// when the app set none, and `Host` as the authority; with the path (and query) it carries.
+fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> (Vec<u8>, String) {
     if let Some(route) = fwd.route {
         route.headers.request.apply(req.headers_mut());
     }
@@ -518,7 +551,7 @@ fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
+    (out, path)
 }
 
 /// `raw`, a whole request head the relay follows, as `http`'s request (what routing, telemetry

@@ -29,7 +29,8 @@ fn the_upstream_head_is_the_request_as_forward_would_send_it() {
         matched: None,
         dest: None,
     };
-    let out = upstream_head(&fwd, &mut req);
+    let (out, path) = upstream_head(&fwd, &mut req);
+    assert_eq!(path, "/p");
     let text = std::str::from_utf8(&out).expect("ascii");
     assert!(text.starts_with("GET /p HTTP/1.1\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "{text}");
