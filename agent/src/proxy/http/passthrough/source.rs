@@ -388,16 +388,23 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     if let Some(log) = result.log.as_mut() {
         log.details = "via_upstream";
     }
+    // The upstream closes its connection after this response: the app's stays open, as with
+    // hyper's server (only a body that ends with the close has to end the app's too).
+    let mut head = head;
+    let upstream_closes = head.close;
+    if head.close && !head.until_close {
+        keep_app_open(resp_buf, &mut head);
+    }
     let relayed = relay_response_body(&mut up.io, down, resp_buf, head, result).await;
     // The endpoint stays busy (least-request) until the response has been sent on.
     drop(picked);
     match relayed {
-        // The app read a response that ends with the connection (`Connection: close`, or a
-        // body until the close): it closes its own too.
+        // The app read a response that ends with the connection (a body until the close): it
+        // closes its own too.
         Ok(end) if end.close => (Step::Close, None),
-        // Bytes after the response that no request asked for: that connection cannot be followed
-        // any more, the app's can.
-        Ok(end) if end.stray => (Step::Next, None),
+        // The upstream's connection ends with it; or bytes came after the response that no
+        // request asked for, and that connection cannot be followed any more: the app's can.
+        Ok(end) if end.stray || upstream_closes => (Step::Next, None),
         Ok(_) => {
             let reuse = !conn.pi.drain.is_draining();
             conn.pi.upstreams.checkin_raw(&key, settings, reuse, up);
@@ -406,6 +413,44 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         Err(Failed::Response(Side::A)) => (Step::Gone, Some("DC")),
         Err(_) => (Step::Gone, Some("UR")),
     }
+}
+
+/// Rewrites the response head at the start of `buf` for an app whose connection stays open
+/// when the upstream's closes: without the `Connection` and `Keep-Alive` headers (hop-by-hop,
+/// which hyper's server drops too, and not counted then), as HTTP/1.1. Its length and counted
+/// bytes follow.
+fn keep_app_open(buf: &mut BytesMut, head: &mut ResponseHead) {
+    let raw = &buf[..head.len];
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut parsed);
+    if !matches!(resp.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return;
+    }
+    let mut out = Vec::with_capacity(head.len);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(head.status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut removed = 0u64;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") || h.name.eq_ignore_ascii_case("keep-alive") {
+            removed += (h.name.len() + h.value.len() + 4) as u64;
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let rest = buf.split_off(head.len);
+    buf.clear();
+    buf.extend_from_slice(&out);
+    buf.extend_from_slice(&rest);
+    head.len = out.len();
+    head.counted_bytes -= removed.min(head.counted_bytes);
+    head.close = false;
 }
 
 /// Sends the request head `out` on a pooled connection of `key` (a new one when none is idle,

@@ -47,3 +47,26 @@ fn the_upstream_head_is_the_request_as_forward_would_send_it() {
     let back = request_of(&out).expect("parses again");
     assert_eq!(back.uri().path(), "/p");
 }
+
+#[test]
+fn a_response_that_closes_the_upstream_keeps_the_apps_connection_open() {
+    let raw = b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok";
+    let mut buf = BytesMut::from(&raw[..]);
+    let mut head = ResponseHead::parse(&buf, false)
+        .expect("valid")
+        .expect("whole");
+    assert!(head.close);
+    keep_app_open(&mut buf, &mut head);
+    assert_eq!(
+        &buf[..],
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]
+    );
+    assert_eq!(head.len, buf.len() - 2);
+    assert!(!head.close);
+    // Counted as hyper counts what it keeps: `Content-Length: 2\r\n` only (14 + 1 + 4).
+    assert_eq!(head.counted_bytes, 19);
+    let again = ResponseHead::parse(&buf, false)
+        .expect("valid")
+        .expect("whole");
+    assert!(!again.close);
+}
