@@ -113,23 +113,7 @@ impl HttpConn {
                 return self.local_reply(result, *local, None);
             }
         };
-        if let Some(route) = fwd.route {
-            route.headers.request.apply(req.headers_mut());
-        }
-        if let Some(dest) = fwd.dest {
-            dest.headers.request.apply(req.headers_mut());
-        }
-        let mut authority = authority(&req).map(str::to_owned);
-        let mut path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
-            path = matching::rewrite_path(rw, fwd.matched, &path);
-            if let Some(a) = &rw.authority {
-                authority = a.to_str().ok().map(str::to_owned);
-            }
-        }
+        let (authority, path) = fwd.edit_request(&mut req);
         let version = if upgrade {
             client::Version::Http1
         } else {
@@ -463,6 +447,31 @@ impl HttpConn {
             .upstreams
             .send(&self.pi, &self.pod, &key, settings, limited.as_ref(), req)
             .await
+    }
+}
+
+impl Forward<'_> {
+    /// Applies the route's and the destination's request header edits to `req`; the authority
+    /// and the path (with the query) the upstream gets, after the route's rewrite.
+    pub(super) fn edit_request<B>(&self, req: &mut Request<B>) -> (Option<String>, String) {
+        if let Some(route) = self.route {
+            route.headers.request.apply(req.headers_mut());
+        }
+        if let Some(dest) = self.dest {
+            dest.headers.request.apply(req.headers_mut());
+        }
+        let mut authority = authority(req).map(str::to_owned);
+        let mut path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        if let Some(rw) = self.route.and_then(|r| r.rewrite.as_ref()) {
+            path = matching::rewrite_path(rw, self.matched, &path);
+            if let Some(a) = &rw.authority {
+                authority = a.to_str().ok().map(str::to_owned);
+            }
+        }
+        (authority, path)
     }
 }
 

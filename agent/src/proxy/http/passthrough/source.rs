@@ -45,7 +45,6 @@ use crate::proxy::http::retry::{self, add_flag, TryEnd, RETRIABLE_HEADER_NAMES};
 use crate::proxy::http::target::{self, ClusterRef};
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::Counters;
-use crate::routing::matching;
 use crate::routing::resilience::{RetryPolicy, DEFAULT_BACKOFF, DEFAULT_RETRY};
 use crate::routing::{Action, HashKey, LbPolicy};
 use crate::snapshot::Snapshot;
@@ -285,16 +284,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     // Picked on the request as the app sent it (Envoy picks before the header edits apply).
     let Ok(Some(mut picked)) = conn.pick(Some(cluster), req.headers(), req.uri().query(), &[])
     else {
-        let reply = LocalReply::no_healthy_upstream();
-        return Box::pin(local(
-            conn,
-            down,
-            reply,
-            "no_healthy_upstream",
-            to_head,
-            result,
-        ))
-        .await;
+        return no_healthy_upstream(conn, down, to_head, result).await;
     };
     let (out, path) = upstream_head(fwd, &mut req);
     let retries = policy.map_or(0, |p| p.retries);
@@ -364,16 +354,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         picked = match conn.pick(Some(cluster), req.headers(), query, avoid) {
             Ok(Some(p)) => p,
             _ => {
-                let reply = LocalReply::no_healthy_upstream();
-                return Box::pin(local(
-                    conn,
-                    down,
-                    reply,
-                    "no_healthy_upstream",
-                    to_head,
-                    result,
-                ))
-                .await;
+                return no_healthy_upstream(conn, down, to_head, result).await;
             }
         };
     };
@@ -521,6 +502,25 @@ fn grpc_headers<T>(sent: &Result<(T, ResponseHead, UpstreamKey), UpstreamError>)
     headers
 }
 
+/// Answers 503 `UH`: no endpoint of the cluster to send to.
+async fn no_healthy_upstream<W: AsyncWrite + Unpin>(
+    conn: &HttpConn,
+    down: &mut W,
+    to_head: bool,
+    result: &mut RequestResult,
+) -> (Step, Option<&'static str>) {
+    let reply = LocalReply::no_healthy_upstream();
+    Box::pin(local(
+        conn,
+        down,
+        reply,
+        "no_healthy_upstream",
+        to_head,
+        result,
+    ))
+    .await
+}
+
 /// Answers the request with a reply made here, recorded as the full path records its own
 /// (`HttpConn::local_reply`); the connection goes on.
 async fn local<W: AsyncWrite + Unpin>(
@@ -547,23 +547,7 @@ async fn local<W: AsyncWrite + Unpin>(
 /// destination's request edits, the rewrite, hop-by-hop headers dropped, `x-forwarded-proto`
 /// when the app set none, and `Host` as the authority; with the path (and query) it carries.
 fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> (Vec<u8>, String) {
-    if let Some(route) = fwd.route {
-        route.headers.request.apply(req.headers_mut());
-    }
-    if let Some(dest) = fwd.dest {
-        dest.headers.request.apply(req.headers_mut());
-    }
-    let mut authority = authority(req).map(str::to_owned);
-    let mut path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    if let Some(rw) = fwd.route.and_then(|r| r.rewrite.as_ref()) {
-        path = matching::rewrite_path(rw, fwd.matched, &path);
-        if let Some(a) = &rw.authority {
-            authority = a.to_str().ok().map(str::to_owned);
-        }
-    }
+    let (authority, mut path) = fwd.edit_request(req);
     if path.parse::<Uri>().is_err() {
         path = "/".to_string();
     }
