@@ -406,7 +406,7 @@ fn main() {
         v2_share: split.v2_share(),
         share_tolerance: cfg.share_tolerance,
         destination_l7: !cfg.agent_args.contains("--destination-l7=off"),
-        source_relay: cfg.agent_args.contains("--source-relay=true"),
+        source_relay: !cfg.agent_args.contains("--source-relay=false"),
     };
     header_route_check(&bench);
 

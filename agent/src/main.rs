@@ -326,9 +326,7 @@ struct RunArgs {
     /// head the proxy writes and the bytes the upstream answers, without hyper's server and
     /// client (the same routing, load balancing, telemetry and response flags); `false` serves
     /// every request with them.
-    /// Off by default until the destination's TCP series of relayed requests match the full
-    /// path's (tests/prometheus.rs found an extra `istio_tcp_received_bytes_total` row).
-    #[arg(long, env = "AMBIT_SOURCE_RELAY", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "AMBIT_SOURCE_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     source_relay: bool,
     /// Serve the `ambit-cni` plugin: its socket (`cni.sock`) and the node state it reads while the
     /// agent is down (`cni-node.json`) live in this directory, the plugin's `runDir`

@@ -256,3 +256,45 @@ spec:
     // 50 % of 40, within five standard deviations (about 3.2 each).
     assert!((4..=36).contains(&v2), "v2 got {v2} of 40");
 }
+
+/// A retried response (Istio's default policy retries a 503 twice) is read to its end during the
+/// back-off, and its connection carries the next try, as Envoy keeps an HTTP/1.1 connection
+/// whose retried response was whole: the retries open no connection and end no HBONE stream
+/// (which the destination would record as TCP bytes).
+#[tokio::test]
+async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_try() {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let v1 = world.pod("web-v1").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&v1])
+        .add();
+    let mesh = world.start().await;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let answered = answered.clone();
+        mesh.http_app_with(v1.addr(8080), "web-v1", move |_req| {
+            let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let status = if n < 2 { 503 } else { 200 };
+                http::Response::builder()
+                    .status(status)
+                    .body(full(format!("try {n}")))
+                    .expect("response")
+            }
+        })
+        .await
+    };
+    let n1 = mesh.node("n1");
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let r = conn.get("web", "/", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "try 2"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 1);
+    assert_eq!(n1.count(|c| &c.http_retries), 2);
+    assert_eq!(app.requests(), 3);
+    assert_eq!(app.connections(), 1);
+    assert_eq!(n1.pi.upstreams.opened(), 1);
+}

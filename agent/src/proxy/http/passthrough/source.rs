@@ -332,18 +332,15 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
             }
             break sent;
         }
-        // The try's connection goes with it (the rest of its response is not read).
-        drop(sent);
         retry += 1;
         Counters::inc(&conn.pi.counters.http_retries);
         tried.push(endpoint);
         let base = policy.map_or(DEFAULT_BACKOFF, |p| p.backoff);
-        Box::pin(tokio::time::sleep(retry::backoff(
-            base,
-            retry,
-            fastrand::u64(..),
-        )))
-        .await;
+        let backoff = tokio::time::sleep(retry::backoff(base, retry, fastrand::u64(..)));
+        // The try's response is read to its end during the back-off, and its connection goes
+        // back to the pool (Envoy keeps an HTTP/1.1 connection whose retried response was
+        // whole); one whose response has not ended by then is closed with the try.
+        Box::pin(discard_during(conn, sent, settings, resp_buf, backoff)).await;
         let avoid: &[SocketAddr] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
             &tried
         } else {
@@ -393,6 +390,56 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         }
         Err(Failed::Response(Side::A)) => (Step::Gone, Some("DC")),
         Err(_) => (Step::Gone, Some("UR")),
+    }
+}
+
+/// Reads the body of a try's response that is not relayed (a retried one) while `backoff`
+/// runs, and checks its connection back in if the response ended in time and the connection
+/// can carry another request; then waits for the rest of `backoff`.
+async fn discard_during(
+    conn: &HttpConn,
+    sent: Result<(RawConn, ResponseHead, UpstreamKey), UpstreamError>,
+    settings: PoolSettings,
+    buf: &mut BytesMut,
+    backoff: tokio::time::Sleep,
+) {
+    tokio::pin!(backoff);
+    if let Ok((mut up, head, key)) = sent {
+        if !head.close && !head.until_close && !conn.pi.drain.is_draining() {
+            let read = tokio::select! {
+                read = discard_body(&mut up.io, buf, head) => read,
+                () = &mut backoff => false,
+            };
+            if read {
+                conn.pi.upstreams.checkin_raw(&key, settings, true, up);
+            }
+        }
+    }
+    backoff.await;
+}
+
+/// Reads the body of the response whose head starts `buf` to its end, keeping none of it;
+/// whether it ended with nothing after it (the connection can carry another request).
+async fn discard_body<R: AsyncRead + Unpin>(
+    up: &mut R,
+    buf: &mut BytesMut,
+    head: ResponseHead,
+) -> bool {
+    let mut body = head.body;
+    buf.advance(head.len);
+    loop {
+        let Ok((used, _)) = body.advance(buf) else {
+            return false;
+        };
+        buf.advance(used);
+        if body.done() {
+            return buf.is_empty();
+        }
+        buf.reserve(READ_SIZE);
+        match up.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
     }
 }
 
