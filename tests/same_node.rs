@@ -96,8 +96,8 @@ fn scrape(agent: &LocalAgent) -> String {
     agent.http_get("/metrics").1
 }
 
-/// The shortcut (on by default): a 4 MiB echo intact both ways, the app sees the client pod's
-/// address, no TLS connection is opened on either side, and both reporters count the
+/// The shortcut (on by default): a 4 MiB echo intact both ways (spliced), the app sees the
+/// client pod's address, no TLS connection is opened on either side, and both reporters count the
 /// connections as mutual TLS from the client's principal. HTTP is served at the destination too:
 /// through the Service (source-side L7, then an in-process pipe) and to the pod's address
 /// (detected at the destination from the client's socket).
@@ -127,6 +127,17 @@ fn same_node_skips_tls_and_keeps_identity_and_telemetry() {
     let seen = settled(|| m.srv.seen(), |s| s.len() == 2);
     assert_eq!(seen.len(), 2, "connections the app served");
     assert_eq!(seen[1].received, TOTAL);
+    // Between the client's socket and the app's, the echo's bulk went kernel to kernel.
+    let s = settled(
+        || m.agent.fresh_status(),
+        |s| counter(s, "proxy.bytes_spliced") > 0,
+    );
+    assert!(
+        counter(&s, "proxy.bytes_spliced") > 0,
+        "the 4 MiB echo was spliced: bytes_spliced {}, bytes_relayed {}",
+        counter(&s, "proxy.bytes_spliced"),
+        counter(&s, "proxy.bytes_relayed")
+    );
 
     let by_service = in_pod(&m.good, || async {
         let conn = Conn::h1(SocketAddr::new(WEB_VIP.into(), 80)).await;

@@ -117,6 +117,8 @@ pub struct AgentConfig {
     pub same_node_shortcut: bool,
     /// See `--source-relay`.
     pub source_relay: bool,
+    /// See `--splice` (off with the fast path, `capture.fast_path`).
+    pub splice: bool,
     /// Where the CNI plugin's socket and node state live (`--cni-dir`); None = no plugin served.
     pub cni_dir: Option<PathBuf>,
     /// Install the plugin into the node's CNI config and keep it there (`--cni-conf-dir`);
@@ -231,6 +233,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AppError> {
         protocol_detection_timeout: cfg.protocol_detection_timeout,
         destination_l7: cfg.destination_l7,
         source_relay: cfg.source_relay,
+        splice: cfg.splice && !cfg.capture.fast_path,
         tracers: crate::trace::Tracers::new(control_rt.handle().clone(), Default::default()),
         connections: crate::admin::connections::Connections::new(),
         local: crate::proxy::local::LocalPods::new(cfg.same_node_shortcut),

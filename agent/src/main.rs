@@ -328,6 +328,12 @@ struct RunArgs {
     /// every request with them.
     #[arg(long, env = "AMBIT_SOURCE_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     source_relay: bool,
+    /// A relay between two TCP sockets (a same-node handoff, plaintext inbound to the app,
+    /// outbound to a destination outside the mesh) moves a bulk transfer with splice(2), kernel
+    /// to kernel, instead of through the agent's memory; `false` copies every byte. Off with
+    /// `--fast-path=true`, whose redirected bytes splice cannot read.
+    #[arg(long, env = "AMBIT_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+    splice: bool,
     /// Serve the `ambit-cni` plugin: its socket (`cni.sock`) and the node state it reads while the
     /// agent is down (`cni-node.json`) live in this directory, the plugin's `runDir`
     /// (default /var/run/ambit). Unset: no plugin is served.
@@ -520,6 +526,7 @@ impl RunArgs {
             destination_l7: self.destination_l7 == "on",
             same_node_shortcut: self.same_node_shortcut,
             source_relay: self.source_relay,
+            splice: self.splice,
             // In a cluster the plugin gets the agent's API credentials for the pods the node
             // state cannot decide while the agent is down.
             cni_kube: if self.kube && self.cni_dir.is_some() {

@@ -106,6 +106,9 @@ pub struct ProxyInputs {
     pub destination_l7: bool,
     /// Source-side HTTP/1.1 relayed as bytes when the route allows (`http::passthrough::source`).
     pub source_relay: bool,
+    /// A bulk transfer between two TCP sockets is spliced (`copy::splice`); off with the sk_msg
+    /// fast path, whose redirected bytes `splice` cannot read.
+    pub splice: bool,
     /// One span exporter per tracing provider in use (exports run on the control runtime).
     pub tracers: crate::trace::Tracers,
     /// The live connections, for the admin endpoint's `/debug/connections`.
@@ -135,6 +138,13 @@ pub struct PodContext {
     pub baggage: Option<::http::HeaderValue>,
     /// The pod as its spans name it, made on its first sampled request and shared by its spans.
     pub trace_workload: std::sync::OnceLock<Arc<crate::trace::Workload>>,
+}
+
+impl ProxyInputs {
+    /// For `copy::bidirectional`: where spliced bytes are counted, when splicing is on.
+    pub fn splice(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.splice.then_some(&self.counters.bytes_spliced)
+    }
 }
 
 impl PodContext {

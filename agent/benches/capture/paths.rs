@@ -121,7 +121,7 @@ async fn handle(stream: TcpStream, worker: Arc<NetnsWorker>, dst: Dst, stats: Ar
             return reset(stream);
         }
     };
-    if copy::bidirectional(stream, upstream).await.reset() {
+    if copy::bidirectional(stream, upstream, None).await.reset() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -324,6 +324,7 @@ impl Ambit {
             protocol_detection_timeout: std::time::Duration::from_secs(5),
             destination_l7: true,
             source_relay: true,
+            splice: true,
             tracers: ambit::trace::Tracers::new(rt.clone(), Default::default()),
             connections: ambit::admin::connections::Connections::new(),
             // Stages started by hand register no pod: nothing is handed over in-process.

@@ -5,10 +5,13 @@
 //!
 //! The two ends are [`Duplex`]: a TCP socket, or an HBONE stream (`hbone::stream`). Data moves as
 //! `Bytes` chunks, so the HTTP/2 side sends what was read without another copy, and its receive
-//! window is released only once a chunk is written (a slow reader slows the sender).
+//! window is released only once a chunk is written (a slow reader slows the sender). Between two
+//! TCP sockets, a direction that streams moves on by [`splice`]: kernel to kernel, not through
+//! this process.
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -27,12 +30,18 @@ const LARGE_BUF: usize = 16 * TLS_RECORD - 64;
 /// Consecutive full reads before growing the buffer.
 const FULL_READS_TO_GROW: u32 = 4;
 
+mod splice;
+
 /// The receiving half of one end.
 pub trait ReadHalf: Send {
     /// The next chunk; `None` at the end of the stream (FIN, END_STREAM).
     fn read(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
     /// `n` bytes of what was read have been written on the other side.
     fn release(&mut self, _n: usize) {}
+    /// This half as a TCP socket's, which a bulk transfer can splice from.
+    fn tcp(&mut self) -> Option<&mut TcpRead> {
+        None
+    }
 }
 
 /// The sending half of one end.
@@ -40,6 +49,10 @@ pub trait WriteHalf: Send {
     fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Ends this direction (FIN, END_STREAM).
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// This half as a TCP socket's, which a bulk transfer can splice to.
+    fn tcp(&mut self) -> Option<&mut TcpWrite> {
+        None
+    }
 }
 
 /// One end of a relay.
@@ -73,14 +86,20 @@ impl Outcome {
     }
 }
 
-/// Relays between `a` and `b` until both directions are done.
-pub async fn bidirectional<A: Duplex, B: Duplex>(a: A, b: B) -> Outcome {
+/// Relays between `a` and `b` until both directions are done. With `splice` (the count of bytes
+/// spliced), a direction between two TCP sockets that streams goes on by [`splice`]; without,
+/// every byte passes through this process.
+pub async fn bidirectional<A: Duplex, B: Duplex>(
+    a: A,
+    b: B,
+    splice: Option<&AtomicU64>,
+) -> Outcome {
     let (mut ar, mut aw) = a.split();
     let (mut br, mut bw) = b.split();
     let (mut a_to_b, mut b_to_a, mut failed) = (None, None, None);
     {
-        let ab = one_way(&mut ar, &mut bw, Side::A, Side::B);
-        let ba = one_way(&mut br, &mut aw, Side::B, Side::A);
+        let ab = one_way(&mut ar, &mut bw, (Side::A, Side::B), splice);
+        let ba = one_way(&mut br, &mut aw, (Side::B, Side::A), splice);
         tokio::pin!(ab, ba);
         while a_to_b.is_none() || b_to_a.is_none() {
             tokio::select! {
@@ -111,8 +130,8 @@ pub async fn bidirectional<A: Duplex, B: Duplex>(a: A, b: B) -> Outcome {
 async fn one_way<R: ReadHalf, W: WriteHalf>(
     from: &mut R,
     to: &mut W,
-    from_side: Side,
-    to_side: Side,
+    (from_side, to_side): (Side, Side),
+    splice: Option<&AtomicU64>,
 ) -> Result<u64, (u64, Side)> {
     let mut total = 0u64;
     loop {
@@ -122,6 +141,20 @@ async fn one_way<R: ReadHalf, W: WriteHalf>(
                 to.write(chunk).await.map_err(|_| (total, to_side))?;
                 from.release(n);
                 total += n as u64;
+                let (Some(counter), Some(r), Some(w)) = (splice, from.tcp(), to.tcp()) else {
+                    continue;
+                };
+                if r.full_reads < FULL_READS_TO_GROW || r.unspliceable {
+                    continue;
+                }
+                // The kernel holds the bytes from here on.
+                r.buf = BytesMut::new();
+                match splice::rest(&r.half, &w.0, counter, &mut total).await {
+                    Ok(splice::Spliced::End) => break,
+                    Ok(splice::Spliced::Unavailable) => r.unspliceable = true,
+                    Err(splice::Failed::From) => return Err((total, from_side)),
+                    Err(splice::Failed::To) => return Err((total, to_side)),
+                }
             }
             Ok(None) => break,
             Err(_) => return Err((total, from_side)),
@@ -137,6 +170,8 @@ pub struct TcpRead {
     buf: BytesMut,
     size: usize,
     full_reads: u32,
+    /// Splicing was tried and is not possible: keep copying.
+    unspliceable: bool,
 }
 
 pub struct TcpWrite(OwnedWriteHalf);
@@ -152,6 +187,10 @@ thread_local! {
 }
 
 impl ReadHalf for TcpRead {
+    fn tcp(&mut self) -> Option<&mut TcpRead> {
+        Some(self)
+    }
+
     async fn read(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             self.half.readable().await?;
@@ -196,6 +235,10 @@ impl ReadHalf for TcpRead {
 }
 
 impl WriteHalf for TcpWrite {
+    fn tcp(&mut self) -> Option<&mut TcpWrite> {
+        Some(self)
+    }
+
     async fn write(&mut self, data: Bytes) -> io::Result<()> {
         self.0.write_all(&data).await
     }
@@ -220,6 +263,7 @@ impl Duplex for TcpStream {
                 buf: BytesMut::new(),
                 size: INITIAL_BUF,
                 full_reads: 0,
+                unspliceable: false,
             },
             TcpWrite(w),
         )
@@ -233,3 +277,6 @@ impl Duplex for TcpStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -101,6 +101,9 @@ counters! {
     relays_reset,
     /// Bytes relayed, both directions.
     bytes_relayed,
+    /// Of `bytes_relayed`, those a relay between two TCP sockets moved kernel to kernel with
+    /// splice(2) (same-node handoffs, plaintext inbound and outbound).
+    bytes_spliced,
 }
 
 impl Counters {

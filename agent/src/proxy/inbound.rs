@@ -298,7 +298,7 @@ pub(super) async fn carry<D: Downstream>(admitted: Admitted, down: D) -> copy::O
                 result.served_as_http();
                 inbound_http::serve(conn, io, app, h2, D::CLIENT_CLOSES).await
             }
-            Carried::Opaque { tunnel, first } => relay_after(tunnel, first, app).await,
+            Carried::Opaque { tunnel, first } => relay_after(tunnel, first, app, pi.splice()).await,
             Carried::AppFailed {
                 tunnel,
                 read,
@@ -313,7 +313,7 @@ pub(super) async fn carry<D: Downstream>(admitted: Admitted, down: D) -> copy::O
                 }
             }
         },
-        None => copy::bidirectional(down, app).await,
+        None => copy::bidirectional(down, app, pi.splice()).await,
     };
     result.finish(Ok(outcome));
     outcome
@@ -329,6 +329,7 @@ async fn relay_after<D: copy::Duplex>(
     tunnel: D,
     first: Bytes,
     mut app: TcpStream,
+    splice: Option<&std::sync::atomic::AtomicU64>,
 ) -> copy::Outcome {
     use tokio::io::AsyncWriteExt;
     if !first.is_empty() {
@@ -342,7 +343,7 @@ async fn relay_after<D: copy::Duplex>(
             };
         }
     }
-    let mut outcome = copy::bidirectional(tunnel, app).await;
+    let mut outcome = copy::bidirectional(tunnel, app, splice).await;
     outcome.a_to_b += first.len() as u64;
     outcome
 }

@@ -93,7 +93,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
     result.set_upstream(dst.0);
     match connect::app(&pod, dst.0, peer.0).await {
         Ok(app) => {
-            let outcome = copy::bidirectional(stream, app).await;
+            let outcome = copy::bidirectional(stream, app, pi.splice()).await;
             super::outbound::finish(&pi, &outcome);
             result.finish(Ok(outcome));
         }

@@ -630,7 +630,7 @@ async fn plaintext(
             return Err(e);
         }
     };
-    Ok(copy::bidirectional(stream, upstream).await)
+    Ok(copy::bidirectional(stream, upstream, pi.splice()).await)
 }
 
 /// To an enrolled workload: handed to its inbound stage in-process when it is a pod of this node
@@ -686,7 +686,7 @@ async fn hbone(
             });
         }
     };
-    Ok(copy::bidirectional(stream, tunnel).await)
+    Ok(copy::bidirectional(stream, tunnel, None).await)
 }
 
 /// ambit's own relay counters.

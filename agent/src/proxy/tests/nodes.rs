@@ -146,6 +146,7 @@ impl Node {
             protocol_detection_timeout: detection_timeout,
             destination_l7: true,
             source_relay,
+            splice: true,
             tracers: crate::trace::Tracers::new(
                 tokio::runtime::Handle::current(),
                 Default::default(),
