@@ -383,9 +383,9 @@ impl Bench {
                 // Every request is routed at the client's node; upstream HTTP connections (HBONE
                 // streams) are pooled there, so their number is whatever the pool needed.
                 let streams = got[0].pool_streams_opened;
-                // (e)'s route has a timeout, which the relay leaves to hyper's server; HTTP/2
-                // from the app is hyper's too.
-                let relayed = self.source_relay && path.way == Way::L7 && !load.h2;
+                // (e)'s route (a timeout, retries with a per-try timeout) is relayed as (c)'s;
+                // HTTP/2 from the app is hyper's server's.
+                let relayed = self.source_relay && !load.h2;
                 want[0] = Counters {
                     outbound_accepted: c,
                     outbound_http: c,

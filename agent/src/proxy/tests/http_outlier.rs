@@ -109,9 +109,19 @@ async fn max_ejection_percent_caps_the_ejections_when_all_fail() {
 }
 
 /// Envoy's route timeout spans the whole response: a body still streaming when it passes is cut
-/// (the app's stream fails after the headers it already has), flag `UT`.
+/// (the app's stream fails after the headers it already has), flag `UT`. By the source-side
+/// relay and by the full server alike.
 #[tokio::test]
 async fn a_route_timeout_cuts_a_response_body_still_streaming() {
+    route_timeout_cuts(true).await;
+}
+
+#[tokio::test]
+async fn a_route_timeout_cuts_a_response_body_still_streaming_without_the_relay() {
+    route_timeout_cuts(false).await;
+}
+
+async fn route_timeout_cuts(relay: bool) {
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use hyper::body::Frame;
@@ -119,6 +129,9 @@ async fn a_route_timeout_cuts_a_response_body_still_streaming() {
     use super::fixture::*;
 
     let mut world = World::new();
+    if !relay {
+        world.no_source_relay();
+    }
     let client = world.pod("client").node("n1").add();
     let server = world.pod("stream").node("n2").app("stream").add();
     let vip = world
@@ -160,6 +173,11 @@ async fn a_route_timeout_cuts_a_response_body_still_streaming() {
     );
     let line = mesh.node("n1").wait_log(&[("request_id", "cut")]).await;
     assert_eq!(line["response_flags"], "UT", "{line:#}");
+    assert_eq!(
+        mesh.node("n1").count(|c| &c.http_outbound_relayed),
+        u64::from(relay),
+        "relayed"
+    );
 }
 
 fn vs_for(host: &str, http: &str) -> String {

@@ -39,7 +39,15 @@ pub(super) struct Flaky {
 }
 
 pub(super) async fn flaky(behaviours: &[Behaviour], yaml: &str) -> Flaky {
+    flaky_relayed(behaviours, yaml, true).await
+}
+
+/// [`flaky`], the client node's source-side relay on or off (`relay`).
+pub(super) async fn flaky_relayed(behaviours: &[Behaviour], yaml: &str, relay: bool) -> Flaky {
     let mut world = World::new();
+    if !relay {
+        world.no_source_relay();
+    }
     let client = world.pod("client").node("n1").add();
     let pods: Vec<Pod> = behaviours
         .iter()
@@ -158,11 +166,22 @@ spec:
 
 /// Istio VirtualService `timeout` (task "Request timeouts"): an answer slower than the route's
 /// timeout is replaced by 504 with flag `UT` once the timeout has passed, before the app answers.
+/// By the source-side relay (the request has no body) and by the full server alike.
 #[tokio::test]
 async fn a_route_timeout_answers_504_ut_when_it_passes() {
-    let f = flaky(
+    route_timeout(true).await;
+}
+
+#[tokio::test]
+async fn a_route_timeout_answers_504_ut_when_it_passes_without_the_relay() {
+    route_timeout(false).await;
+}
+
+async fn route_timeout(relay: bool) {
+    let f = flaky_relayed(
         &[Behaviour::Slow(Duration::from_secs(3))],
         &vs("  - timeout: 0.5s\n    route: [{destination: {host: flaky}}]"),
+        relay,
     )
     .await;
     let mut conn = f.conn().await;
@@ -185,6 +204,11 @@ async fn a_route_timeout_answers_504_ut_when_it_passes() {
     assert_eq!(line["response_flags"], "UT", "{line:#}");
     assert_eq!(line["response_code_details"], "upstream_response_timeout");
     assert_eq!(f.n1().count(|c| &c.http_timeouts), 1);
+    assert_eq!(
+        f.n1().count(|c| &c.http_outbound_relayed),
+        u64::from(relay),
+        "relayed"
+    );
 }
 
 /// Istio `HTTPRetry` reference example: 50% of tries fail with 503; `attempts: 3` with
@@ -271,15 +295,26 @@ async fn the_default_policy_retries_503_on_another_endpoint() {
 }
 
 /// `perTryTimeout`: a try slower than it is abandoned and retried (Envoy retries per-try
-/// timeouts under `5xx`, `gateway-error` and `reset`), on the other endpoint.
+/// timeouts under `5xx`, `gateway-error` and `reset`), on the other endpoint. By the source-side
+/// relay and by the full server alike.
 #[tokio::test]
 async fn a_per_try_timeout_moves_the_request_to_another_endpoint() {
-    let f = flaky(
+    per_try_timeout(true).await;
+}
+
+#[tokio::test]
+async fn a_per_try_timeout_moves_the_request_to_another_endpoint_without_the_relay() {
+    per_try_timeout(false).await;
+}
+
+async fn per_try_timeout(relay: bool) {
+    let f = flaky_relayed(
         &[Behaviour::Slow(Duration::from_secs(5)), Behaviour::Ok],
         &format!(
             "{}\n---\n{ROUND_ROBIN}",
             vs("  - retries: {attempts: 2, perTryTimeout: 200ms, retryOn: gateway-error}\n    route: [{destination: {host: flaky}}]")
         ),
+        relay,
     )
     .await;
     let mut conn = f.conn().await;
@@ -292,6 +327,11 @@ async fn a_per_try_timeout_moves_the_request_to_another_endpoint() {
         f.tries()[0] >= 1,
         "the slow pod got first tries: {:?}",
         f.tries()
+    );
+    assert_eq!(
+        f.n1().count(|c| &c.http_outbound_relayed),
+        if relay { 6 } else { 0 },
+        "relayed"
     );
 }
 

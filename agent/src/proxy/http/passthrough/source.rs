@@ -15,9 +15,12 @@
 //! request that needs it (read and not relayed): a request with a body, hop-by-hop headers other
 //! than `Connection: keep-alive|close`, an upgrade, `Expect` or HTTP/1.0; a malformed or
 //! oversized head (hyper answers it 400 or 431); a reply made here (no route, a redirect, a
-//! direct response, CORS), a fault, a mirror, a timeout, a per-try timeout, response header
-//! edits, cookie affinity, connection-pool settings, an HTTP/2 upstream, or the original
-//! destination. Routing such a request twice changes nothing: nothing was counted or sent.
+//! direct response, CORS), a fault, a mirror, response header edits, cookie affinity,
+//! connection-pool settings, an HTTP/2 upstream, or the original destination. Routing such a
+//! request twice changes nothing: nothing was counted or sent. The route's `timeout` and its
+//! retries' `perTryTimeout` are kept here as `forward` keeps them (a try past its time is
+//! abandoned and retried or answered 504 `UT`; a body still streaming at the route's timeout is
+//! cut).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::framing::{Body, RequestHead, ResponseHead, MAX_HEADERS};
@@ -218,7 +222,6 @@ fn relayable<'f, 's, B>(
     if let Some(route) = fwd.route {
         if route.fault.is_some()
             || !route.mirrors.is_empty()
-            || route.timeout.is_some()
             || route.cors.is_some()
             || !route.headers.response.is_empty()
         {
@@ -242,8 +245,7 @@ fn relayable<'f, 's, B>(
         .route
         .map_or(Some(&*DEFAULT_RETRY), |r| r.retry.as_ref());
     if policy.is_some_and(|p| {
-        p.per_try_timeout.is_some()
-            || (p.on.retriable_headers && req.headers().contains_key(&RETRIABLE_HEADER_NAMES))
+        p.on.retriable_headers && req.headers().contains_key(&RETRIABLE_HEADER_NAMES)
     }) {
         return None;
     }
@@ -281,6 +283,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     resp_buf: &mut BytesMut,
     result: &mut RequestResult,
 ) -> (Step, Option<&'static str>) {
+    let started = Instant::now();
     // Picked on the request as the app sent it (Envoy picks before the header edits apply).
     let Ok(Some(mut picked)) = conn.pick(Some(cluster), req.headers(), req.uri().query(), &[])
     else {
@@ -289,6 +292,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     let (out, path) = upstream_head(fwd, &mut req);
     let retries = policy.map_or(0, |p| p.retries);
     let settings = PoolSettings::of(Some(&**cluster));
+    let deadline = fwd.route.and_then(|r| r.timeout).map(|t| started + t);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retry = 0u32;
     let sent = loop {
@@ -301,12 +305,28 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
             tunnel,
             version: client::Version::Http1,
         };
-        let sent = send(conn, &key, settings, &out, to_head, down, resp_buf)
-            .await
-            .map(|(up, head)| (up, head, key));
-        let grpc = grpc_headers(&sent);
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let try_deadline = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
+            (d, p) => d.or_else(|| p.map(|p| Instant::now() + p)),
+        };
+        let sending = send(conn, &key, settings, &out, to_head, down, resp_buf);
+        let sent = match try_deadline {
+            // Past its time the try is abandoned, its upstream connection closed with it.
+            Some(at) => tokio::time::timeout_at(at, sending).await.ok(),
+            None => Some(sending.await),
+        };
+        let sent = sent.map(|s| s.map(|(up, head)| (up, head, key)));
+        let grpc = match &sent {
+            Some(sent) => grpc_headers(sent),
+            None => HeaderMap::new(),
+        };
         let end = match &sent {
-            Ok((_, head, _)) => {
+            None => {
+                picked.report(Outcome::Timeout);
+                TryEnd::PerTryTimeout
+            }
+            Some(Ok((_, head, _))) => {
                 picked.report(Outcome::Connected);
                 picked.report(Outcome::Status(head.status));
                 match StatusCode::from_u16(head.status) {
@@ -317,30 +337,45 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
                     Err(_) => TryEnd::Reset,
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 if let Some(o) = outcome_of(e) {
                     picked.report(o);
                 }
                 TryEnd::of_error(e)
             }
         };
+        let try_timed_out = end == TryEnd::PerTryTimeout;
         let retriable = policy.is_some_and(|p| retry::retriable(p, end, req.headers()));
-        if !retriable || retry >= retries {
-            if retriable && retries > 0 {
+        let timed_out_route = deadline.is_some_and(|d| Instant::now() >= d);
+        if !retriable || retry >= retries || timed_out_route {
+            if retriable && retry >= retries && retries > 0 {
                 Counters::inc(&conn.pi.counters.http_retries_exhausted);
                 result.labels.conn.flags = add_flag(result.labels.conn.flags, "URX");
             }
-            break sent;
+            break sent.ok_or(TimedOut {
+                per_try: try_timed_out && !timed_out_route,
+            });
         }
         retry += 1;
         Counters::inc(&conn.pi.counters.http_retries);
         tried.push(endpoint);
         let base = policy.map_or(DEFAULT_BACKOFF, |p| p.backoff);
-        let backoff = tokio::time::sleep(retry::backoff(base, retry, fastrand::u64(..)));
+        let pause = retry::backoff(base, retry, fastrand::u64(..));
+        // The route's time ends during the back-off: no other try.
+        let past_deadline = deadline.filter(|d| Instant::now() + pause >= *d);
+        let backoff =
+            tokio::time::sleep_until(past_deadline.unwrap_or_else(|| Instant::now() + pause));
         // The try's response is read to its end during the back-off, and its connection goes
         // back to the pool (Envoy keeps an HTTP/1.1 connection whose retried response was
         // whole); one whose response has not ended by then is closed with the try.
-        Box::pin(discard_during(conn, sent, settings, resp_buf, backoff)).await;
+        if let Some(sent) = sent {
+            Box::pin(discard_during(conn, sent, settings, resp_buf, backoff)).await;
+        } else {
+            backoff.await;
+        }
+        if past_deadline.is_some() {
+            break Err(TimedOut { per_try: false });
+        }
         let avoid: &[SocketAddr] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
             &tried
         } else {
@@ -356,11 +391,21 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         };
     };
     let (mut up, head, key) = match sent {
-        Ok(sent) => sent,
-        Err(e) => {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(e)) => {
             debug!(pod = %conn.pod.name, endpoint = %picked.addr, error = %e, "upstream request failed");
             let reply = LocalReply::upstream_failed(e.response_flag());
             return Box::pin(local(conn, down, reply, e.details(), to_head, result)).await;
+        }
+        Err(TimedOut { per_try }) => {
+            Counters::inc(&conn.pi.counters.http_timeouts);
+            let details = if per_try {
+                "upstream_per_try_timeout"
+            } else {
+                "upstream_response_timeout"
+            };
+            let reply = LocalReply::upstream_timeout();
+            return Box::pin(local(conn, down, reply, details, to_head, result)).await;
         }
     };
     if let Some(log) = result.log.as_mut() {
@@ -373,7 +418,16 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     if head.close && !head.until_close {
         keep_app_open(resp_buf, &mut head);
     }
-    let relayed = relay_response_body(&mut up.io, down, resp_buf, head, result).await;
+    let relaying = relay_response_body(&mut up.io, down, resp_buf, head, result);
+    let relayed = match deadline {
+        // Envoy's route timeout spans the whole response: a body still streaming when it passes
+        // is cut, the app's connection with it (as `forward`'s body does).
+        Some(at) => match tokio::time::timeout_at(at, relaying).await {
+            Ok(relayed) => relayed,
+            Err(_) => return (Step::Gone, Some("UT")),
+        },
+        None => relaying.await,
+    };
     // The endpoint stays busy (least-request) until the response has been sent on.
     drop(picked);
     match relayed {
@@ -391,6 +445,11 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         Err(Failed::Response(Side::A)) => (Step::Gone, Some("DC")),
         Err(_) => (Step::Gone, Some("UR")),
     }
+}
+
+/// No try answered within the route's `timeout` (`per_try`: the last try's `perTryTimeout`).
+struct TimedOut {
+    per_try: bool,
 }
 
 /// Reads the body of a try's response that is not relayed (a retried one) while `backoff`
