@@ -298,3 +298,53 @@ async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_
     assert_eq!(app.connections(), 1);
     assert_eq!(n1.pi.upstreams.opened(), 1);
 }
+
+/// A response the relay sends on after its node began to drain says `connection: close`, as
+/// hyper's draining server's do, and the app's connection ends after it: the app sends its next
+/// request on a new connection rather than racing the close.
+#[tokio::test]
+async fn a_response_relayed_while_draining_says_connection_close_and_ends_the_connection() {
+    let mut world = World::new();
+    world.no_access_log();
+    let client = world.pod("client").node("n1").add();
+    let v1 = world.pod("web-v1").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&v1])
+        .add();
+    let mesh = world.start().await;
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let app = {
+        let release = release.clone();
+        mesh.http_app_with(v1.addr(8080), "web-v1", move |_req| {
+            let release = release.clone();
+            async move {
+                // Each answer takes a permit: the second waits for the test's.
+                release.acquire().await.expect("semaphore").forget();
+                http::Response::new(full("ok"))
+            }
+        })
+        .await
+    };
+    let n1 = mesh.node("n1");
+    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let r = conn.get("web", "/before", &[]).await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert!(r.headers.get("connection").is_none(), "{:?}", r.headers);
+
+    let second = tokio::spawn(async move {
+        let r = conn.get("web", "/during", &[]).await;
+        (r, conn)
+    });
+    eventually("the second request at the app", || app.requests() == 2).await;
+    n1.pi.drain.start();
+    release.add_permits(1);
+    let (r, conn) = second.await.expect("request task");
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str(), r.header("connection")),
+        (200, "ok", "close")
+    );
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 2);
+    eventually("the app's connection closed", || conn.driver.is_finished()).await;
+}

@@ -415,7 +415,13 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     // hyper's server (only a body that ends with the close has to end the app's too).
     let mut head = head;
     let upstream_closes = head.close;
-    if head.close && !head.until_close {
+    if conn.pi.drain.is_draining() {
+        // Draining: the response says it ends the connection, as hyper's draining server's do,
+        // so the app sends its next request on a new one instead of racing the close.
+        if !head.close {
+            tell_app_close(resp_buf, &mut head);
+        }
+    } else if head.close && !head.until_close {
         keep_app_open(resp_buf, &mut head);
     }
     let relaying = relay_response_body(&mut up.io, down, resp_buf, head, result);
@@ -538,6 +544,22 @@ fn keep_app_open(buf: &mut BytesMut, head: &mut ResponseHead) {
     head.len = out.len();
     head.counted_bytes -= removed.min(head.counted_bytes);
     head.close = false;
+}
+
+/// Adds `Connection: close` to the response head at the start of `buf`: the app's connection
+/// ends after it. Not counted (a hop-by-hop header, as hyper's server adds it).
+fn tell_app_close(buf: &mut BytesMut, head: &mut ResponseHead) {
+    const CLOSE: &[u8] = b"connection: close\r\n";
+    head.close = true;
+    // Before the empty line that ends the head (one with bare LF line ends is left as it is:
+    // the connection still closes after it).
+    if !buf[..head.len].ends_with(b"\r\n\r\n") {
+        return;
+    }
+    let rest = buf.split_off(head.len - 2);
+    buf.extend_from_slice(CLOSE);
+    buf.extend_from_slice(&rest);
+    head.len += CLOSE.len();
 }
 
 /// Sends the request head `out` on a pooled connection of `key` (a new one when none is idle,
