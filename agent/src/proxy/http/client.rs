@@ -26,91 +26,16 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use thiserror::Error;
 use tracing::debug;
 
 use super::breaker::{Breaker, Limited, Slot};
 use crate::identity::Identity;
 use crate::proxy::hbone::pool::GoingAway;
-use crate::proxy::hbone::PoolError;
 use crate::proxy::{connect, PodContext, ProxyInputs};
 
 /// The body type requests are carried in upstream (a try's body fails with its own error when
 /// a newer try took it over, see `replay`).
 pub type Body = BoxBody<Bytes, super::replay::BoxError>;
-
-#[derive(Debug, Error)]
-pub enum UpstreamError {
-    #[error("connecting to {endpoint}: {source}")]
-    Connect {
-        endpoint: SocketAddr,
-        #[source]
-        source: crate::proxy::Error,
-    },
-    #[error("HBONE tunnel to {endpoint}: {source}")]
-    Tunnel {
-        endpoint: SocketAddr,
-        #[source]
-        source: Box<PoolError>,
-    },
-    #[error("HTTP handshake with {endpoint}: {source}")]
-    Handshake {
-        endpoint: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
-    #[error("request to {endpoint}: {source}")]
-    Request {
-        endpoint: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
-    #[error("connecting to {endpoint}: no connection within {after:?} (connectTimeout)")]
-    ConnectTimeout {
-        endpoint: SocketAddr,
-        after: std::time::Duration,
-    },
-    /// The upstream closed or reset its connection before a whole response head (the
-    /// source-side relay's reading of it).
-    #[error("request to {endpoint}: the upstream closed before a response")]
-    Closed { endpoint: SocketAddr },
-    /// The upstream's response head is not HTTP/1.1 the relay can follow.
-    #[error("request to {endpoint}: malformed response head")]
-    Malformed { endpoint: SocketAddr },
-    /// A DestinationRule connection-pool limit was reached (Envoy's circuit breaker).
-    #[error("{cluster}: connectionPool {limit} reached")]
-    Overflow {
-        cluster: String,
-        limit: &'static str,
-    },
-}
-
-impl UpstreamError {
-    /// Envoy's response flag: UF when no connection could be made, UR when the upstream reset or
-    /// closed mid-request, UPE when it answered something that is not HTTP.
-    /// Envoy's `%RESPONSE_CODE_DETAILS%` for the reply made in its place.
-    pub fn details(&self) -> &'static str {
-        match self.response_flag() {
-            "UO" => "upstream_reset_before_response_started{overflow}",
-            "UPE" => "upstream_reset_before_response_started{protocol_error}",
-            "UR" => "upstream_reset_before_response_started{connection_termination}",
-            _ => "upstream_reset_before_response_started{connection_failure}",
-        }
-    }
-
-    pub fn response_flag(&self) -> &'static str {
-        match self {
-            UpstreamError::Connect { .. }
-            | UpstreamError::ConnectTimeout { .. }
-            | UpstreamError::Tunnel { .. }
-            | UpstreamError::Handshake { .. } => "UF",
-            UpstreamError::Request { source, .. } if source.is_parse() => "UPE",
-            UpstreamError::Request { .. } | UpstreamError::Closed { .. } => "UR",
-            UpstreamError::Malformed { .. } => "UPE",
-            UpstreamError::Overflow { .. } => "UO",
-        }
-    }
-}
 
 /// HTTP version spoken to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -812,9 +737,11 @@ struct Up<'a> {
 type Attempt = Result<Sent, hyper::client::conn::TrySendError<http::Request<Body>>>;
 
 mod ending;
+mod error;
 mod io;
 mod raw;
 
+pub use error::UpstreamError;
 pub use io::tunnel;
 use io::Io;
 pub use raw::RawConn;
