@@ -177,11 +177,8 @@ impl HttpConn {
                     None => break Err(Failed::Timeout { per_try: false }),
                 },
             };
-            let per_try = policy.and_then(|p| p.per_try_timeout);
-            let try_deadline = match (deadline, per_try) {
-                (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
-                (d, p) => d.or_else(|| p.map(|p| Instant::now() + p)),
-            };
+            let try_deadline =
+                retry::try_deadline(deadline, policy.and_then(|p| p.per_try_timeout));
             let send = self.send_try(snap, cluster, endpoint, version, upstream_req, &mut result);
             let sent = match try_deadline {
                 Some(at) => tokio::time::timeout_at(at, send).await.ok(),
@@ -287,11 +284,7 @@ impl HttpConn {
             Err(Failed::Timeout { per_try }) => {
                 Counters::inc(&self.pi.counters.http_timeouts);
                 let endpoint = picked.as_ref().map_or(dst, |p| p.addr);
-                let details = if per_try {
-                    "upstream_per_try_timeout"
-                } else {
-                    "upstream_response_timeout"
-                };
+                let details = retry::timeout_details(per_try);
                 let local = Local::new(LocalReply::upstream_timeout(), details);
                 return self.local_reply(result, *local, Some(endpoint));
             }

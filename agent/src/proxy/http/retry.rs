@@ -147,6 +147,29 @@ pub fn backoff(base: Duration, retry: u32, random: u64) -> Duration {
     Duration::from_nanos(random % nanos)
 }
 
+/// When a try started now must have its response head: the route's deadline (its `timeout`
+/// from the request's start) or the retry policy's `perTryTimeout`, whichever comes first.
+pub fn try_deadline(
+    route: Option<tokio::time::Instant>,
+    per_try: Option<Duration>,
+) -> Option<tokio::time::Instant> {
+    let per_try = per_try.map(|p| tokio::time::Instant::now() + p);
+    match (route, per_try) {
+        (Some(r), Some(p)) => Some(r.min(p)),
+        (r, p) => r.or(p),
+    }
+}
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` for the 504 answered when no try answered in time
+/// (`per_try`: the last try ran out of its `perTryTimeout`, not the route its `timeout`).
+pub fn timeout_details(per_try: bool) -> &'static str {
+    if per_try {
+        "upstream_per_try_timeout"
+    } else {
+        "upstream_response_timeout"
+    }
+}
+
 /// The app's request body as the proxy reads it (counted, maybe teed to mirrors).
 type Downstream = client::Body;
 

@@ -77,6 +77,24 @@ async fn web_mesh_with(yaml: &str) -> (Mesh, Pod, SocketAddr, Vec<HttpApp>) {
     (mesh, client, SocketAddr::new(vip, 80), apps)
 }
 
+/// A client on n1 and one `web` pod on n2 (no app yet) behind Service `web` (port 80, `http`, to
+/// 8080), the client node's relay on or off (`relay`): (mesh, client, the pod, the Service).
+async fn one_pod_mesh(relay: bool) -> (Mesh, Pod, Pod, SocketAddr) {
+    let mut world = World::new();
+    world.no_access_log();
+    if !relay {
+        world.no_source_relay();
+    }
+    let client = world.pod("client").node("n1").add();
+    let v1 = world.pod("web-v1").node("n2").app("web").add();
+    let vip = world
+        .service("web")
+        .named_port("http", 80, 8080)
+        .backends(&[&v1])
+        .add();
+    (world.start().await, client, v1, SocketAddr::new(vip, 80))
+}
+
 #[tokio::test]
 async fn routed_requests_are_relayed_with_the_routes_edits_on_pooled_connections() {
     let (mesh, client, web, apps) = web_mesh().await;
@@ -191,19 +209,9 @@ async fn no_healthy_upstream_is_answered_by_the_relay_on_a_connection_that_goes_
 /// With `--source-relay=false` every request is the full server's (the same answers).
 #[tokio::test]
 async fn the_relay_turned_off_serves_every_request_with_the_full_server() {
-    let mut world = World::new();
-    world.no_access_log();
-    world.no_source_relay();
-    let client = world.pod("client").node("n1").add();
-    let v1 = world.pod("web-v1").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&v1])
-        .add();
-    let mesh = world.start().await;
+    let (mesh, client, v1, web) = one_pod_mesh(false).await;
     let _app = mesh.http_app(v1.addr(8080), "web-v1").await;
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let r = conn.get("web", "/a", &[]).await;
     assert_eq!(r.text(), "web-v1 /a");
     let n1 = mesh.node("n1");
@@ -263,16 +271,7 @@ spec:
 /// (which the destination would record as TCP bytes).
 #[tokio::test]
 async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_try() {
-    let mut world = World::new();
-    world.no_access_log();
-    let client = world.pod("client").node("n1").add();
-    let v1 = world.pod("web-v1").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&v1])
-        .add();
-    let mesh = world.start().await;
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = {
         let answered = answered.clone();
@@ -289,7 +288,7 @@ async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_
         .await
     };
     let n1 = mesh.node("n1");
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let r = conn.get("web", "/", &[]).await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "try 2"));
     assert_eq!(n1.count(|c| &c.http_outbound_relayed), 1);
@@ -304,16 +303,7 @@ async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_
 /// request on a new connection rather than racing the close.
 #[tokio::test]
 async fn a_response_relayed_while_draining_says_connection_close_and_ends_the_connection() {
-    let mut world = World::new();
-    world.no_access_log();
-    let client = world.pod("client").node("n1").add();
-    let v1 = world.pod("web-v1").node("n2").app("web").add();
-    let vip = world
-        .service("web")
-        .named_port("http", 80, 8080)
-        .backends(&[&v1])
-        .add();
-    let mesh = world.start().await;
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
     let release = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
     let app = {
         let release = release.clone();
@@ -328,7 +318,7 @@ async fn a_response_relayed_while_draining_says_connection_close_and_ends_the_co
         .await
     };
     let n1 = mesh.node("n1");
-    let mut conn = mesh.h1(&client, SocketAddr::new(vip, 80)).await;
+    let mut conn = mesh.h1(&client, web).await;
     let r = conn.get("web", "/before", &[]).await;
     assert_eq!(r.status.as_u16(), 200);
     assert!(r.headers.get("connection").is_none(), "{:?}", r.headers);

@@ -305,11 +305,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
             tunnel,
             version: client::Version::Http1,
         };
-        let per_try = policy.and_then(|p| p.per_try_timeout);
-        let try_deadline = match (deadline, per_try) {
-            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
-            (d, p) => d.or_else(|| p.map(|p| Instant::now() + p)),
-        };
+        let try_deadline = retry::try_deadline(deadline, policy.and_then(|p| p.per_try_timeout));
         let sending = send(conn, &key, settings, &out, to_head, down, resp_buf);
         let sent = match try_deadline {
             // Past its time the try is abandoned, its upstream connection closed with it.
@@ -399,12 +395,8 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         }
         Err(TimedOut { per_try }) => {
             Counters::inc(&conn.pi.counters.http_timeouts);
-            let details = if per_try {
-                "upstream_per_try_timeout"
-            } else {
-                "upstream_response_timeout"
-            };
             let reply = LocalReply::upstream_timeout();
+            let details = retry::timeout_details(per_try);
             return Box::pin(local(conn, down, reply, details, to_head, result)).await;
         }
     };
