@@ -384,8 +384,9 @@ impl Bench {
                 // streams) are pooled there, so their number is whatever the pool needed.
                 let streams = got[0].pool_streams_opened;
                 // (e)'s route (a timeout, retries with a per-try timeout) is relayed as (c)'s;
-                // HTTP/2 from the app is hyper's server's.
-                let relayed = self.source_relay && !load.h2;
+                // HTTP/2 from the app too (h2load's requests have no body, the port is `http`, so
+                // the upstream is HTTP/1.1: `passthrough::source::stream`).
+                let relayed = self.source_relay;
                 want[0] = Counters {
                     outbound_accepted: c,
                     outbound_http: c,

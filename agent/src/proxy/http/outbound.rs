@@ -26,6 +26,7 @@ use tracing::debug;
 use super::body::{Finishing, ProxyBody};
 use super::client;
 use super::headers::{self, LocalReply};
+use super::passthrough::source::stream;
 use super::retry::add_flag;
 use super::target::{self, ClusterRef, Target};
 use crate::proxy::access_log::RequestFields;
@@ -215,6 +216,11 @@ impl HttpConn {
             let source = snap.state.workloads.get(self.pod_key.as_str());
             self.decide(&snap, &req, authority.as_deref(), source.map(|w| &**w))
         };
+        // An HTTP/2 request the source relay can send (`passthrough::source::stream`).
+        let relayed = match &decided {
+            Ok(forward) => stream::takes(self, &snap, forward, &req),
+            Err(_) => None,
+        };
         let result = self.open(
             &snap,
             &mut req,
@@ -222,9 +228,12 @@ impl HttpConn {
             authority.as_deref(),
             decided.as_ref().ok(),
         );
-        match decided {
-            Ok(forward) => self.forward(&snap, forward, req, result).await,
-            Err(local) => self.local_reply(result, *local, None),
+        match (decided, relayed) {
+            (Ok(forward), Some(policy)) => {
+                stream::respond(self, &snap, &forward, policy, req, result).await
+            }
+            (Ok(forward), None) => self.forward(&snap, forward, req, result).await,
+            (Err(local), _) => self.local_reply(result, *local, None),
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::fixture::*;
 
 /// Answers by path with raw bytes: see the module's doc.
-async fn raw_app(mut tcp: TcpStream) {
+pub(super) async fn raw_app(mut tcp: TcpStream) {
     let mut buf = Vec::new();
     loop {
         let (head_len, method, path, length, id) = loop {

@@ -211,6 +211,32 @@ async fn route_timeout(relay: bool) {
     );
 }
 
+/// The same over HTTP/2 from the app: a request without a body is the relay's too
+/// (`passthrough::source::stream`), and the timeout is answered on its stream.
+#[tokio::test]
+async fn a_route_timeout_answers_504_ut_on_an_http2_stream_of_the_relay() {
+    let f = flaky(
+        &[Behaviour::Slow(Duration::from_secs(3))],
+        &vs("  - timeout: 0.5s\n    route: [{destination: {host: flaky}}]"),
+    )
+    .await;
+    let conn = f.mesh.h2(&f.client, SocketAddr::new(f.vip, PORT)).await;
+    let started = Instant::now();
+    let reply = conn
+        .get("flaky", "/slow", &[("x-request-id", "timeout-h2")])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let line = f.n1().wait_log(&[("request_id", "timeout-h2")]).await;
+    assert_eq!(line["response_flags"], "UT", "{line:#}");
+    assert_eq!(line["protocol"], "HTTP/2", "{line:#}");
+    assert_eq!(f.n1().count(|c| &c.http_outbound_relayed), 1);
+    // The stream goes on being served: the next request on the connection is answered.
+    assert_eq!(f.n1().count(|c| &c.http_timeouts), 1);
+}
+
 /// Istio `HTTPRetry` reference example: 50% of tries fail with 503; `attempts: 3` with
 /// `retryOn: 5xx` makes up to four tries, so a request fails only when all four do.
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! as the head the client's node writes, on upstream connections it pools per endpoint, with the
 //! route's edits, and comes back as the upstream's bytes; what the relay leaves (a body, a reply
 //! made here) goes to the full server with the connection, and a reply the relay makes itself
-//! keeps the connection.
+//! keeps the connection. An HTTP/2 app's requests without a body go out the same way
+//! (`passthrough::source::stream`), their responses read into the app's streams.
 
 use std::net::SocketAddr;
 
@@ -337,4 +338,142 @@ async fn a_response_relayed_while_draining_says_connection_close_and_ends_the_co
     );
     assert_eq!(n1.count(|c| &c.http_outbound_relayed), 2);
     eventually("the app's connection closed", || conn.driver.is_finished()).await;
+}
+
+/// An HTTP/2 app's requests without a body are sent as the relay's HTTP/1.1 heads on pooled
+/// upstream connections (one for ten requests here), with the route's edits, and each upstream
+/// response is the stream's response; a request with a body is `forward`'s.
+#[tokio::test]
+async fn an_http2_apps_requests_without_a_body_are_relayed_on_pooled_connections() {
+    let (mesh, client, web, apps) = web_mesh().await;
+    let n1 = mesh.node("n1");
+    let conn = mesh.h2(&client, web).await;
+    for _ in 0..10 {
+        let r = conn.get("web", "/old/x?q=1", &[]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "web-v1 /new/x")
+        );
+        assert_eq!(r.header("x-app"), "web-v1");
+    }
+    let r = conn.get("web", "/p", &[("end-user", "jason")]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "web-v2 /p"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 11);
+    assert_eq!(n1.pi.upstreams.opened(), 2);
+    assert_eq!(apps[0].connections(), 1);
+    let seen = apps[0].last();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.path, "/new/x?q=1");
+    assert_eq!(seen.authority, "web");
+    assert_eq!(seen.headers["x-route"], "default");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+
+    // With a body: the full path's (the same answer).
+    let mut upload = get("http://web/upload", &[]);
+    *upload.method_mut() = http::Method::POST;
+    *upload.body_mut() = full("abcdefghij");
+    let r = conn.call(upload).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "web-v1 /upload")
+    );
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 11);
+    n1.wait_metric(
+        "istio_requests_total",
+        &[
+            ("reporter", "source"),
+            ("response_code", "200"),
+            ("destination_workload", "web-v1"),
+        ],
+        11,
+    )
+    .await;
+}
+
+/// 100 requests at once on one HTTP/2 connection: each stream is relayed and answered with its
+/// own response.
+#[tokio::test]
+async fn concurrent_http2_streams_are_relayed_each_with_its_own_response() {
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
+    let _app = mesh.http_app(v1.addr(8080), "web-v1").await;
+    let conn = std::sync::Arc::new(mesh.h2(&client, web).await);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let conn = conn.clone();
+            tokio::spawn(async move { (i, conn.get("web", &format!("/s/{i}"), &[]).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (i, r) = task.await.expect("request task");
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, format!("web-v1 /s/{i}"))
+        );
+    }
+    assert_eq!(mesh.node("n1").count(|c| &c.http_outbound_relayed), 100);
+}
+
+/// Every framing of an HTTP/1.1 response reaches an HTTP/2 app through the stream relay: chunked
+/// (its data, and its trailer as the stream's trailers), HEAD with its length, 204, an
+/// informational response first (left out), a head split over writes, a body until the close,
+/// and an upstream that closed its pooled connection while it was idle.
+#[tokio::test]
+async fn every_http1_framing_reaches_an_http2_app_through_the_stream_relay() {
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
+    let listener = mesh.listen(v1.addr(8080)).await;
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(super::http_passthrough::raw_app(tcp));
+        }
+    });
+    let n1 = mesh.node("n1");
+    let conn = mesh.h2(&client, web).await;
+    let req = |path: &str| get(&format!("http://web{path}"), &[]);
+
+    let resp = conn.send(req("/chunked")).await;
+    assert_eq!(resp.status(), 200);
+    let collected = within(
+        "the chunked body",
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["x-trailer"], "t");
+    assert_eq!(&collected.to_bytes()[..], b"hello world");
+
+    let mut head = req("/head");
+    *head.method_mut() = http::Method::HEAD;
+    let r = conn.call(head).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, ""));
+    assert_eq!(r.header("content-length"), "1234");
+    let r = conn.call(req("/nocontent")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (204, ""));
+    assert_eq!(r.header("x-raw"), "1");
+    let r = conn.call(req("/early")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    let r = conn.call(req("/split")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "hello"));
+    let r = conn.call(req("/idle-close")).await;
+    assert_eq!(r.text(), "bye");
+    let r = conn.call(req("/after")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "GET /after 0")
+    );
+    let r = conn.call(req("/eof")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "until-close"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 8);
+    // Each response as the full path counts it at the source: its headers once hop-by-hop ones
+    // are dropped, as `name: value\r\n`, and its data.
+    let at = [("reporter", "source"), ("response_code", "200")];
+    n1.wait_metric("istio_requests_total", &at, 7).await;
+    // /chunked 0 + 11, HEAD /head 22 + 0, /early 19 + 2, /split 19 + 5, /idle-close 19 + 3,
+    // /after 20 + 12, /eof 0 + 11.
+    assert_eq!(
+        n1.metrics().value("istio_response_bytes_sum", &at),
+        Some(143)
+    );
+    app.abort();
 }

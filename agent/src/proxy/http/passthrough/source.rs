@@ -21,35 +21,31 @@
 //! retries' `perTryTimeout` are kept here as `forward` keeps them (a try past its time is
 //! abandoned and retried or answered 504 `UT`; a body still streaming at the route's timeout is
 //! cut).
+//!
+//! The tries are `tries`'s, shared with `stream`, which sends an HTTP/2 app's requests without a
+//! body the same way and answers their streams with the upstream's responses.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderValue};
-use http::{HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version};
+use http::header::HeaderValue;
+use http::{HeaderMap, HeaderName, Method, Request, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tracing::debug;
 
 use super::framing::{Body, RequestHead, ResponseHead, MAX_HEADERS};
-use super::{
-    local_reply_bytes, read_response_head, relay_response_body, watch_client, Failed, READ_SIZE,
-};
+use super::{local_reply_bytes, relay_response_body, watch_client, Failed, READ_SIZE};
 use crate::proxy::copy::Side;
-use crate::proxy::http::balance::Outcome;
-use crate::proxy::http::client::{self, PoolSettings, RawConn, UpstreamError, UpstreamKey};
-use crate::proxy::http::forward::outcome_of;
+use crate::proxy::http::client::{self, PoolSettings};
 use crate::proxy::http::headers::{self, LocalReply};
 use crate::proxy::http::outbound::{
     authority, Forward, HttpConn, APP_IDLE_TIMEOUT, MAX_HEADER_BYTES,
 };
-use crate::proxy::http::retry::{self, add_flag, TryEnd, RETRIABLE_HEADER_NAMES};
+use crate::proxy::http::retry::{add_flag, RETRIABLE_HEADER_NAMES};
 use crate::proxy::http::target::{self, ClusterRef};
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::Counters;
-use crate::routing::resilience::{RetryPolicy, DEFAULT_BACKOFF, DEFAULT_RETRY};
+use crate::routing::resilience::{RetryPolicy, DEFAULT_RETRY};
 use crate::routing::{Action, HashKey, LbPolicy};
 use crate::snapshot::Snapshot;
 
@@ -209,7 +205,7 @@ where
 
 /// The cluster and retry policy of a routed request this relay can send, or None: the full
 /// server's (see the module's documentation).
-fn relayable<'f, 's, B>(
+pub(super) fn relayable<'f, 's, B>(
     conn: &HttpConn,
     snap: &'s Snapshot,
     fwd: &'f Forward<'s>,
@@ -218,7 +214,7 @@ fn relayable<'f, 's, B>(
     let cluster = fwd
         .cluster
         .as_ref()
-        .filter(|c| cluster_relayable(conn, c))?;
+        .filter(|c| cluster_relayable(conn, c, req.version()))?;
     if let Some(route) = fwd.route {
         if route.fault.is_some()
             || !route.mirrors.is_empty()
@@ -234,7 +230,7 @@ fn relayable<'f, 's, B>(
             let all = dests.iter().all(|d| {
                 d.headers.response.is_empty()
                     && target::cluster(snap, &conn.pod.namespace, &d.cluster, conn.dst.0.port())
-                        .is_ok_and(|c| cluster_relayable(conn, &c))
+                        .is_ok_and(|c| cluster_relayable(conn, &c, req.version()))
             });
             if !all {
                 return None;
@@ -253,8 +249,9 @@ fn relayable<'f, 's, B>(
 }
 
 /// Whether requests to `cluster` can be the relay's: endpoints of its own (not the original
-/// destination), HTTP/1.1 upstream, no cookie to set, no connection-pool limits or settings.
-fn cluster_relayable(conn: &HttpConn, cluster: &ClusterRef<'_>) -> bool {
+/// destination), HTTP/1.1 upstream for a request of the app's `version`, no cookie to set, no
+/// connection-pool limits or settings.
+fn cluster_relayable(conn: &HttpConn, cluster: &ClusterRef<'_>, version: Version) -> bool {
     let cookie = matches!(
         &cluster.policy.lb,
         LbPolicy::ConsistentHash {
@@ -265,7 +262,7 @@ fn cluster_relayable(conn: &HttpConn, cluster: &ClusterRef<'_>) -> bool {
     !cluster.passthrough
         && !cookie
         && cluster.policy.connection_pool.is_none()
-        && conn.upstream_version(Version::HTTP_11, Some(&**cluster)) == client::Version::Http1
+        && conn.upstream_version(version, Some(&**cluster)) == client::Version::Http1
 }
 
 /// Picks the endpoint, sends the request under the retry policy and relays the response (or a
@@ -283,123 +280,22 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     resp_buf: &mut BytesMut,
     result: &mut RequestResult,
 ) -> (Step, Option<&'static str>) {
-    let started = Instant::now();
-    // Picked on the request as the app sent it (Envoy picks before the header edits apply).
-    let Ok(Some(mut picked)) = conn.pick(Some(cluster), req.headers(), req.uri().query(), &[])
-    else {
+    let Some((plan, picked)) = tries::plan(conn, fwd, cluster, policy, &mut req, to_head) else {
         return no_healthy_upstream(conn, down, to_head, result).await;
     };
-    let (out, path) = upstream_head(fwd, &mut req);
-    let retries = policy.map_or(0, |p| p.retries);
+    let (mut up, head, key, picked) =
+        match tries::tries(conn, snap, &plan, picked, down, resp_buf, result).await {
+            Tried::Response {
+                up,
+                head,
+                key,
+                picked,
+            } => (up, head, key, picked),
+            Tried::Local { reply, details } => {
+                return Box::pin(local(conn, down, reply, details, to_head, result)).await
+            }
+        };
     let settings = PoolSettings::of(Some(&**cluster));
-    let deadline = fwd.route.and_then(|r| r.timeout).map(|t| started + t);
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut retry = 0u32;
-    let sent = loop {
-        let endpoint = picked.addr;
-        let tunnel = conn.upstream_of(snap, Some(cluster), endpoint, result);
-        let key = UpstreamKey {
-            worker: crate::proxy::worker::current(),
-            src_netns: conn.pod.netns_cookie,
-            endpoint,
-            tunnel,
-            version: client::Version::Http1,
-        };
-        let try_deadline = retry::try_deadline(deadline, policy.and_then(|p| p.per_try_timeout));
-        let sending = send(conn, &key, settings, &out, to_head, down, resp_buf);
-        let sent = match try_deadline {
-            // Past its time the try is abandoned, its upstream connection closed with it.
-            Some(at) => tokio::time::timeout_at(at, sending).await.ok(),
-            None => Some(sending.await),
-        };
-        let sent = sent.map(|s| s.map(|(up, head)| (up, head, key)));
-        let grpc = match &sent {
-            Some(sent) => grpc_headers(sent),
-            None => HeaderMap::new(),
-        };
-        let end = match &sent {
-            None => {
-                picked.report(Outcome::Timeout);
-                TryEnd::PerTryTimeout
-            }
-            Some(Ok((_, head, _))) => {
-                picked.report(Outcome::Connected);
-                picked.report(Outcome::Status(head.status));
-                match StatusCode::from_u16(head.status) {
-                    Ok(status) => TryEnd::Response {
-                        status,
-                        headers: &grpc,
-                    },
-                    Err(_) => TryEnd::Reset,
-                }
-            }
-            Some(Err(e)) => {
-                if let Some(o) = outcome_of(e) {
-                    picked.report(o);
-                }
-                TryEnd::of_error(e)
-            }
-        };
-        let try_timed_out = end == TryEnd::PerTryTimeout;
-        let retriable = policy.is_some_and(|p| retry::retriable(p, end, req.headers()));
-        let timed_out_route = deadline.is_some_and(|d| Instant::now() >= d);
-        if !retriable || retry >= retries || timed_out_route {
-            if retriable && retry >= retries && retries > 0 {
-                Counters::inc(&conn.pi.counters.http_retries_exhausted);
-                result.labels.conn.flags = add_flag(result.labels.conn.flags, "URX");
-            }
-            break sent.ok_or(TimedOut {
-                per_try: try_timed_out && !timed_out_route,
-            });
-        }
-        retry += 1;
-        Counters::inc(&conn.pi.counters.http_retries);
-        tried.push(endpoint);
-        let base = policy.map_or(DEFAULT_BACKOFF, |p| p.backoff);
-        let pause = retry::backoff(base, retry, fastrand::u64(..));
-        // The route's time ends during the back-off: no other try.
-        let past_deadline = deadline.filter(|d| Instant::now() + pause >= *d);
-        let backoff =
-            tokio::time::sleep_until(past_deadline.unwrap_or_else(|| Instant::now() + pause));
-        // The try's response is read to its end during the back-off, and its connection goes
-        // back to the pool (Envoy keeps an HTTP/1.1 connection whose retried response was
-        // whole); one whose response has not ended by then is closed with the try.
-        if let Some(sent) = sent {
-            Box::pin(discard_during(conn, sent, settings, resp_buf, backoff)).await;
-        } else {
-            backoff.await;
-        }
-        if past_deadline.is_some() {
-            break Err(TimedOut { per_try: false });
-        }
-        let avoid: &[SocketAddr] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
-            &tried
-        } else {
-            &[]
-        };
-        // Envoy hashes a retry on the request as edited and rewritten.
-        let query = path.split_once('?').map(|(_, q)| q);
-        picked = match conn.pick(Some(cluster), req.headers(), query, avoid) {
-            Ok(Some(p)) => p,
-            _ => {
-                return no_healthy_upstream(conn, down, to_head, result).await;
-            }
-        };
-    };
-    let (mut up, head, key) = match sent {
-        Ok(Ok(sent)) => sent,
-        Ok(Err(e)) => {
-            debug!(pod = %conn.pod.name, endpoint = %picked.addr, error = %e, "upstream request failed");
-            let reply = LocalReply::upstream_failed(e.response_flag());
-            return Box::pin(local(conn, down, reply, e.details(), to_head, result)).await;
-        }
-        Err(TimedOut { per_try }) => {
-            Counters::inc(&conn.pi.counters.http_timeouts);
-            let reply = LocalReply::upstream_timeout();
-            let details = retry::timeout_details(per_try);
-            return Box::pin(local(conn, down, reply, details, to_head, result)).await;
-        }
-    };
     if let Some(log) = result.log.as_mut() {
         log.details = "via_upstream";
     }
@@ -417,7 +313,7 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         keep_app_open(resp_buf, &mut head);
     }
     let relaying = relay_response_body(&mut up.io, down, resp_buf, head, result);
-    let relayed = match deadline {
+    let relayed = match plan.deadline {
         // Envoy's route timeout spans the whole response: a body still streaming when it passes
         // is cut, the app's connection with it (as `forward`'s body does).
         Some(at) => match tokio::time::timeout_at(at, relaying).await {
@@ -442,61 +338,6 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
         }
         Err(Failed::Response(Side::A)) => (Step::Gone, Some("DC")),
         Err(_) => (Step::Gone, Some("UR")),
-    }
-}
-
-/// No try answered within the route's `timeout` (`per_try`: the last try's `perTryTimeout`).
-struct TimedOut {
-    per_try: bool,
-}
-
-/// Reads the body of a try's response that is not relayed (a retried one) while `backoff`
-/// runs, and checks its connection back in if the response ended in time and the connection
-/// can carry another request; then waits for the rest of `backoff`.
-async fn discard_during(
-    conn: &HttpConn,
-    sent: Result<(RawConn, ResponseHead, UpstreamKey), UpstreamError>,
-    settings: PoolSettings,
-    buf: &mut BytesMut,
-    backoff: tokio::time::Sleep,
-) {
-    tokio::pin!(backoff);
-    if let Ok((mut up, head, key)) = sent {
-        if !head.close && !head.until_close && !conn.pi.drain.is_draining() {
-            let read = tokio::select! {
-                read = discard_body(&mut up.io, buf, head) => read,
-                () = &mut backoff => false,
-            };
-            if read {
-                conn.pi.upstreams.checkin_raw(&key, settings, true, up);
-            }
-        }
-    }
-    backoff.await;
-}
-
-/// Reads the body of the response whose head starts `buf` to its end, keeping none of it;
-/// whether it ended with nothing after it (the connection can carry another request).
-async fn discard_body<R: AsyncRead + Unpin>(
-    up: &mut R,
-    buf: &mut BytesMut,
-    head: ResponseHead,
-) -> bool {
-    let mut body = head.body;
-    buf.advance(head.len);
-    loop {
-        let Ok((used, _)) = body.advance(buf) else {
-            return false;
-        };
-        buf.advance(used);
-        if body.done() {
-            return buf.is_empty();
-        }
-        buf.reserve(READ_SIZE);
-        match up.read_buf(buf).await {
-            Ok(n) if n > 0 => {}
-            _ => return false,
-        }
     }
 }
 
@@ -554,74 +395,6 @@ fn tell_app_close(buf: &mut BytesMut, head: &mut ResponseHead) {
     head.len += CLOSE.len();
 }
 
-/// Sends the request head `out` on a pooled connection of `key` (a new one when none is idle,
-/// or when the pooled one turns out closed before any response) and reads the final response
-/// head into `buf` (informational ones relayed to `down` as they come).
-async fn send<W: AsyncWrite + Unpin>(
-    conn: &HttpConn,
-    key: &UpstreamKey,
-    settings: PoolSettings,
-    out: &[u8],
-    to_head: bool,
-    down: &mut W,
-    buf: &mut BytesMut,
-) -> Result<(RawConn, ResponseHead), UpstreamError> {
-    let upstreams = &conn.pi.upstreams;
-    let endpoint = key.endpoint;
-    let mut pooled = upstreams.checkout_raw(key, settings, !conn.pi.drain.is_draining());
-    loop {
-        let mut up = match pooled.take() {
-            Some(up) => up,
-            // Boxed: opening a tunnel is a large future, and rare; inline, every request's
-            // future would be that large (and copied whole when it starts).
-            None => Box::pin(upstreams.open_raw(&conn.pi, &conn.pod, key, settings)).await?,
-        };
-        buf.clear();
-        let wrote = async {
-            up.io.write_all(out).await?;
-            up.io.flush().await
-        };
-        let (written, head) = match wrote.await {
-            Ok(()) => (
-                true,
-                read_response_head(&mut up.io, down, buf, to_head).await,
-            ),
-            Err(_) => (false, Err(Failed::BeforeResponse)),
-        };
-        match head {
-            Ok(head) => return Ok((up, head)),
-            // Closed while it was idle, so that the request could not be written: sent again on
-            // a new connection, as hyper's pool sends again a request it could not write. One
-            // written may have been served: its failure is the try's.
-            Err(Failed::BeforeResponse) if up.reused && !written => {
-                debug!(%endpoint, "pooled connection closed; sending on a new one");
-            }
-            Err(Failed::BeforeResponse) if !buf.is_empty() => {
-                return Err(UpstreamError::Malformed { endpoint })
-            }
-            Err(_) => return Err(UpstreamError::Closed { endpoint }),
-        }
-    }
-}
-
-/// The response's `grpc-status` as headers, for the retry policy's gRPC conditions (empty when
-/// it has none, as almost every HTTP/1.1 response).
-fn grpc_headers<T>(sent: &Result<(T, ResponseHead, UpstreamKey), UpstreamError>) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    if let Ok((
-        _,
-        ResponseHead {
-            grpc_status: Some(status),
-            ..
-        },
-        _,
-    )) = sent
-    {
-        headers.insert("grpc-status", HeaderValue::from(*status));
-    }
-    headers
-}
-
 /// Answers 503 `UH`: no endpoint of the cluster to send to.
 async fn no_healthy_upstream<W: AsyncWrite + Unpin>(
     conn: &HttpConn,
@@ -663,46 +436,6 @@ async fn local<W: AsyncWrite + Unpin>(
     }
 }
 
-/// The request head the upstream gets (`forward`'s template for HTTP/1.1): the route's and
-/// destination's request edits, the rewrite, hop-by-hop headers dropped, `x-forwarded-proto`
-/// when the app set none, and `Host` as the authority; with the path (and query) it carries.
-fn upstream_head(fwd: &Forward<'_>, req: &mut Request<()>) -> (Vec<u8>, String) {
-    let (authority, mut path) = fwd.edit_request(req);
-    if path.parse::<Uri>().is_err() {
-        path = "/".to_string();
-    }
-    let h = req.headers_mut();
-    headers::strip_hop_by_hop(h, false);
-    if !h.contains_key(&headers::X_FORWARDED_PROTO) {
-        h.insert(
-            headers::X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static("http"),
-        );
-    }
-    if let Some(v) = authority.and_then(|a| HeaderValue::try_from(a).ok()) {
-        h.insert(header::HOST, v);
-    }
-    let method = req.method().as_str();
-    let size: usize = req
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let mut out = Vec::with_capacity(method.len() + path.len() + size + 16);
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    (out, path)
-}
-
 /// `raw`, a whole request head the relay follows, as `http`'s request (what routing, telemetry
 /// and the upstream head are made from); None when a part does not fit `http`'s types.
 fn request_of(raw: &[u8]) -> Option<Request<()>> {
@@ -725,6 +458,11 @@ fn request_of(raw: &[u8]) -> Option<Request<()>> {
     *req.headers_mut() = headers;
     Some(req)
 }
+
+pub(in crate::proxy::http) mod stream;
+mod tries;
+
+use tries::Tried;
 
 #[cfg(test)]
 mod tests;

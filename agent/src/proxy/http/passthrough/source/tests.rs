@@ -1,3 +1,4 @@
+use super::tries::upstream_head;
 use super::*;
 
 #[test]
