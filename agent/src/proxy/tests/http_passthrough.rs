@@ -71,6 +71,7 @@ pub(super) async fn raw_app(mut tcp: TcpStream) {
             ],
             (_, "/idle-close") => &[b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye"],
             (_, "/eof") => &[b"HTTP/1.1 200 OK\r\n\r\nuntil-close"],
+            (_, "/short") => &[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"],
             (_, "/drop") => return,
             (_, "/expect") => &[b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\nmade"],
             _ => {
@@ -92,8 +93,8 @@ pub(super) async fn raw_app(mut tcp: TcpStream) {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if path == "/idle-close" || path == "/eof" {
-            // Closes after the answer, `/idle-close` without saying so.
+        if path == "/idle-close" || path == "/eof" || path == "/short" {
+            // Closes after the answer, `/idle-close` without saying so, `/short` 7 bytes early.
             return;
         }
     }

@@ -477,3 +477,68 @@ async fn every_http1_framing_reaches_an_http2_app_through_the_stream_relay() {
     );
     app.abort();
 }
+
+/// An upstream that closes in the middle of a relayed response's body: the app's stream is reset
+/// (never ended as if whole), the request is recorded with flag `UR`, and the app's connection
+/// goes on to its next request.
+#[tokio::test]
+async fn a_body_cut_short_upstream_resets_the_apps_stream_and_is_recorded_ur() {
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
+    let listener = mesh.listen(v1.addr(8080)).await;
+    let app = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await;
+            tokio::spawn(super::http_passthrough::raw_app(tcp));
+        }
+    });
+    let n1 = mesh.node("n1");
+    let conn = mesh.h2(&client, web).await;
+    let resp = conn.send(get("http://web/short", &[])).await;
+    assert_eq!(resp.status(), 200);
+    let body = within(
+        "the cut body",
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    assert!(body.is_err(), "a cut body ended as if whole");
+    let r = conn.get("web", "/next", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "GET /next 0"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 2);
+    n1.wait_metric(
+        "istio_requests_total",
+        &[("reporter", "source"), ("response_flags", "UR")],
+        1,
+    )
+    .await;
+    app.abort();
+}
+
+/// Istio's default retry policy over an HTTP/2 app's relayed request: the 503s are retried, each
+/// read through during the back-off, and the one upstream connection carries all three tries.
+#[tokio::test]
+async fn an_http2_apps_request_is_retried_by_the_relay_on_one_upstream_connection() {
+    let (mesh, client, v1, web) = one_pod_mesh(true).await;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let answered = answered.clone();
+        mesh.http_app_with(v1.addr(8080), "web-v1", move |_req| {
+            let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let status = if n < 2 { 503 } else { 200 };
+                http::Response::builder()
+                    .status(status)
+                    .body(full(format!("try {n}")))
+                    .expect("response")
+            }
+        })
+        .await
+    };
+    let n1 = mesh.node("n1");
+    let conn = mesh.h2(&client, web).await;
+    let r = conn.get("web", "/", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "try 2"));
+    assert_eq!(n1.count(|c| &c.http_outbound_relayed), 1);
+    assert_eq!(n1.count(|c| &c.http_retries), 2);
+    assert_eq!(app.requests(), 3);
+    assert_eq!(app.connections(), 1);
+}
