@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::fixture::*;
 
 /// Answers by path with raw bytes: see the module's doc.
-pub(super) async fn raw_app(mut tcp: TcpStream) {
+async fn raw_app(mut tcp: TcpStream) {
     let mut buf = Vec::new();
     loop {
         let (head_len, method, path, length, id) = loop {
@@ -101,7 +101,7 @@ pub(super) async fn raw_app(mut tcp: TcpStream) {
 }
 
 /// [`raw_app`] on `server`'s port 8080, each connection on a task of its own.
-async fn serve_raw(mesh: &Mesh, server: &Pod) -> tokio::task::JoinHandle<()> {
+pub(super) async fn serve_raw(mesh: &Mesh, server: &Pod) -> tokio::task::JoinHandle<()> {
     let listener = mesh.listen(server.addr(8080)).await;
     tokio::spawn(async move {
         loop {

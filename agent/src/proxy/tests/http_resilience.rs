@@ -233,7 +233,6 @@ async fn a_route_timeout_answers_504_ut_on_an_http2_stream_of_the_relay() {
     assert_eq!(line["response_flags"], "UT", "{line:#}");
     assert_eq!(line["protocol"], "HTTP/2", "{line:#}");
     assert_eq!(f.n1().count(|c| &c.http_outbound_relayed), 1);
-    // The stream goes on being served: the next request on the connection is answered.
     assert_eq!(f.n1().count(|c| &c.http_timeouts), 1);
 }
 

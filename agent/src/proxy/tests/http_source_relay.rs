@@ -96,6 +96,22 @@ async fn one_pod_mesh(relay: bool) -> (Mesh, Pod, Pod, SocketAddr) {
     (world.start().await, client, v1, SocketAddr::new(vip, 80))
 }
 
+/// An app on `pod`'s port 8080 that answers 503, 503, then 200, each body `try <n>`.
+async fn fails_twice(mesh: &Mesh, pod: &Pod) -> HttpApp {
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    mesh.http_app_with(pod.addr(8080), &pod.name, move |_req| {
+        let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let status = if n < 2 { 503 } else { 200 };
+            http::Response::builder()
+                .status(status)
+                .body(full(format!("try {n}")))
+                .expect("response")
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn routed_requests_are_relayed_with_the_routes_edits_on_pooled_connections() {
     let (mesh, client, web, apps) = web_mesh().await;
@@ -273,21 +289,7 @@ spec:
 #[tokio::test]
 async fn a_retried_response_is_read_through_and_its_connection_carries_the_next_try() {
     let (mesh, client, v1, web) = one_pod_mesh(true).await;
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = {
-        let answered = answered.clone();
-        mesh.http_app_with(v1.addr(8080), "web-v1", move |_req| {
-            let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move {
-                let status = if n < 2 { 503 } else { 200 };
-                http::Response::builder()
-                    .status(status)
-                    .body(full(format!("try {n}")))
-                    .expect("response")
-            }
-        })
-        .await
-    };
+    let app = fails_twice(&mesh, &v1).await;
     let n1 = mesh.node("n1");
     let mut conn = mesh.h1(&client, web).await;
     let r = conn.get("web", "/", &[]).await;
@@ -420,13 +422,7 @@ async fn concurrent_http2_streams_are_relayed_each_with_its_own_response() {
 #[tokio::test]
 async fn every_http1_framing_reaches_an_http2_app_through_the_stream_relay() {
     let (mesh, client, v1, web) = one_pod_mesh(true).await;
-    let listener = mesh.listen(v1.addr(8080)).await;
-    let app = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await;
-            tokio::spawn(super::http_passthrough::raw_app(tcp));
-        }
-    });
+    let app = super::http_passthrough::serve_raw(&mesh, &v1).await;
     let n1 = mesh.node("n1");
     let conn = mesh.h2(&client, web).await;
     let req = |path: &str| get(&format!("http://web{path}"), &[]);
@@ -484,13 +480,7 @@ async fn every_http1_framing_reaches_an_http2_app_through_the_stream_relay() {
 #[tokio::test]
 async fn a_body_cut_short_upstream_resets_the_apps_stream_and_is_recorded_ur() {
     let (mesh, client, v1, web) = one_pod_mesh(true).await;
-    let listener = mesh.listen(v1.addr(8080)).await;
-    let app = tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await;
-            tokio::spawn(super::http_passthrough::raw_app(tcp));
-        }
-    });
+    let app = super::http_passthrough::serve_raw(&mesh, &v1).await;
     let n1 = mesh.node("n1");
     let conn = mesh.h2(&client, web).await;
     let resp = conn.send(get("http://web/short", &[])).await;
@@ -518,21 +508,7 @@ async fn a_body_cut_short_upstream_resets_the_apps_stream_and_is_recorded_ur() {
 #[tokio::test]
 async fn an_http2_apps_request_is_retried_by_the_relay_on_one_upstream_connection() {
     let (mesh, client, v1, web) = one_pod_mesh(true).await;
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = {
-        let answered = answered.clone();
-        mesh.http_app_with(v1.addr(8080), "web-v1", move |_req| {
-            let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move {
-                let status = if n < 2 { 503 } else { 200 };
-                http::Response::builder()
-                    .status(status)
-                    .body(full(format!("try {n}")))
-                    .expect("response")
-            }
-        })
-        .await
-    };
+    let app = fails_twice(&mesh, &v1).await;
     let n1 = mesh.node("n1");
     let conn = mesh.h2(&client, web).await;
     let r = conn.get("web", "/", &[]).await;

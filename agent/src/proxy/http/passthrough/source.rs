@@ -283,18 +283,17 @@ async fn send_and_relay<W: AsyncWrite + Unpin>(
     let Some((plan, picked)) = tries::plan(conn, fwd, cluster, policy, &mut req, to_head) else {
         return no_healthy_upstream(conn, down, to_head, result).await;
     };
-    let (mut up, head, key, picked) =
-        match tries::tries(conn, snap, &plan, picked, down, resp_buf, result).await {
-            Tried::Response {
-                up,
-                head,
-                key,
-                picked,
-            } => (up, head, key, picked),
-            Tried::Local { reply, details } => {
-                return Box::pin(local(conn, down, reply, details, to_head, result)).await
-            }
-        };
+    let Sent {
+        mut up,
+        head,
+        key,
+        picked,
+    } = match tries::tries(conn, snap, &plan, picked, down, resp_buf, result).await {
+        Tried::Response(sent) => sent,
+        Tried::Local { reply, details } => {
+            return Box::pin(local(conn, down, reply, details, to_head, result)).await
+        }
+    };
     let settings = PoolSettings::of(Some(&**cluster));
     if let Some(log) = result.log.as_mut() {
         log.details = "via_upstream";
@@ -462,7 +461,7 @@ fn request_of(raw: &[u8]) -> Option<Request<()>> {
 pub(in crate::proxy::http) mod stream;
 mod tries;
 
-use tries::Tried;
+use tries::{Sent, Tried};
 
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 
 use super::relayable;
-use super::tries::{self, Tried};
+use super::tries::{self, Sent, Tried};
 use crate::proxy::http::body::{BoxError, Finishing, ProxyBody};
 use crate::proxy::http::client::{PoolSettings, RawConn, UpstreamError, UpstreamKey};
 use crate::proxy::http::headers::{self, LocalReply};
@@ -104,13 +104,13 @@ pub(in crate::proxy::http) async fn respond(
         &mut result,
     )
     .await;
-    let (up, head, key, picked) = match tried {
-        Tried::Response {
-            up,
-            head,
-            key,
-            picked,
-        } => (up, head, key, picked),
+    let Sent {
+        up,
+        head,
+        key,
+        picked,
+    } = match tried {
+        Tried::Response(sent) => sent,
         Tried::Local { reply, details } => {
             return conn.local_reply(result, *Local::new(reply, details), None);
         }
@@ -171,9 +171,11 @@ pub(in crate::proxy::http) struct RawBody {
     /// The connection can carry another request after the body (no `Connection: close`, a body
     /// that does not run until the close).
     reusable: bool,
-    /// The chunked coding's trailer section as it came (from the last chunk's size line on).
+    /// The chunked coding's trailer section as it came (the bytes after the last chunk's size
+    /// line).
     trailer: Vec<u8>,
-    _picked: Option<crate::proxy::http::balance::Picked>,
+    /// Dropped when the body ends: the endpoint is no longer busy.
+    picked: Option<crate::proxy::http::balance::Picked>,
 }
 
 impl RawBody {
@@ -195,7 +197,7 @@ impl RawBody {
             framing: head.body.clone(),
             reusable: !head.close && !head.until_close,
             trailer: Vec::new(),
-            _picked: Some(picked),
+            picked: Some(picked),
         };
         // A body that is empty from the start (HEAD, 204, 304, `content-length: 0`) is never
         // polled: it has ended.
@@ -216,7 +218,7 @@ impl RawBody {
                     .checkin_raw(&self.key, self.settings, reuse, up);
             }
         }
-        self._picked = None;
+        self.picked = None;
     }
 }
 

@@ -71,18 +71,21 @@ pub(super) struct Plan<'a> {
     pub(super) to_head: bool,
 }
 
+/// The response a request's tries came to, to pass on: its head at the start of the response
+/// buffer.
+pub(super) struct Sent {
+    pub(super) up: RawConn,
+    pub(super) head: ResponseHead,
+    pub(super) key: UpstreamKey,
+    /// The endpoint it came from, busy (least-request) until it has been sent on.
+    pub(super) picked: Picked,
+}
+
 /// What the tries of a request came to.
 // Unboxed: the large variant is the common one (nearly every request), the small one rare.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Tried {
-    /// The response to pass on: its head at the start of the response buffer.
-    Response {
-        up: RawConn,
-        head: ResponseHead,
-        key: UpstreamKey,
-        /// The endpoint it came from, busy (least-request) until it has been sent on.
-        picked: Picked,
-    },
+    Response(Sent),
     /// None: answered here with `reply` (the upstream failed, timed out, or has no endpoint
     /// left).
     Local {
@@ -216,12 +219,12 @@ pub(super) async fn tries<W: AsyncWrite + Unpin>(
         };
     };
     match sent {
-        Ok(Ok((up, head, key))) => Tried::Response {
+        Ok(Ok((up, head, key))) => Tried::Response(Sent {
             up,
             head,
             key,
             picked,
-        },
+        }),
         Ok(Err(e)) => {
             debug!(pod = %conn.pod.name, endpoint = %picked.addr, error = %e, "upstream request failed");
             Tried::Local {
