@@ -13,7 +13,10 @@ use tracing::debug;
 
 use super::{PodContext, ProxyInputs};
 use crate::config::telemetry::{EffectiveTelemetry, TracingSettings};
-use crate::trace::{self, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, Tracer, Workload};
+use crate::trace::{
+    self, Carried, Extracted, NextHop, RequestInfo, ResponseInfo, SpanBuilder, SpanKind, Tracer,
+    Workload,
+};
 
 /// Istio's default `CLUSTER_ID` (the `istio.cluster_id` tag and `source_cluster` label).
 const CLUSTER_ID: &str = "Kubernetes";
@@ -62,7 +65,16 @@ pub fn begin(
     kind: SpanKind,
     headers: &HeaderMap,
 ) -> Begun {
-    let incoming = trace::extract(headers);
+    begin_from(pi, tracing, kind, trace::extract(headers))
+}
+
+/// [`begin`] from the caller's context as read already (the relay reads it from the raw head).
+pub fn begin_from(
+    pi: &ProxyInputs,
+    tracing: &TracingSettings,
+    kind: SpanKind,
+    incoming: Extracted,
+) -> Begun {
     let decision = trace::decide(&incoming, tracing.sampling_percent);
     let builder = SpanBuilder::start(kind, String::new(), &incoming, decision);
     let tracer = if builder.sampled() && tracing.report_spans {
@@ -88,6 +100,12 @@ impl Begun {
     /// Writes the context into `headers` for the next hop; nothing is reported.
     pub fn carry(self, tracing: &TracingSettings, headers: &mut HeaderMap) {
         trace::inject_as(self.builder.context(), headers, tracing.export.propagation);
+    }
+
+    /// [`Begun::carry`] for a request whose head is written as it came: the context headers for
+    /// the next hop, given the formats the request `carried`.
+    pub fn next_hop(self, tracing: &TracingSettings, carried: Carried) -> NextHop {
+        trace::next_hop(self.builder.context(), tracing.export.propagation, carried)
     }
 
     /// Names the span, records the request's tags and writes the context into `headers`; the

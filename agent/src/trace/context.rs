@@ -134,10 +134,16 @@ pub struct Extracted {
 /// Reads the incoming trace context. Envoy's order: B3 single header, B3 multi-header, then W3C
 /// `traceparent`. A present but malformed format is skipped as if absent.
 pub fn extract(headers: &HeaderMap) -> Extracted {
-    if let Some(found) = header_str(headers, &B3).and_then(parse_b3_single) {
+    extract_by(|name| header_str(headers, name))
+}
+
+/// [`extract`] through `get`, which gives a context header's first value, trimmed, when it is
+/// visible ASCII (as `HeaderValue::to_str`): the relay reads them from a raw head this way.
+pub fn extract_by<'h>(get: impl Fn(&HeaderName) -> Option<&'h str>) -> Extracted {
+    if let Some(found) = get(&B3).and_then(parse_b3_single) {
         return found;
     }
-    let b3 = extract_b3_multi(headers);
+    let b3 = extract_b3_multi(&get);
     if let Some(
         found @ Extracted {
             parent: Some(_), ..
@@ -149,7 +155,7 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
     // B3 without ids may still carry a decision (`x-b3-sampled` alone): it wins over W3C's flags,
     // and W3C supplies the ids when it has them.
     let b3_decision = b3.and_then(|e| e.sampled);
-    match header_str(headers, &TRACEPARENT).and_then(parse_traceparent) {
+    match get(&TRACEPARENT).and_then(parse_traceparent) {
         Some(mut ctx) => {
             ctx.sampled = b3_decision.or(ctx.sampled);
             Extracted {
@@ -190,9 +196,103 @@ pub enum Propagation {
 /// wrong one. Only the headers a hop must write are added, so an untraced app's requests grow
 /// by as little as the format allows (every byte is carried over the node link and parsed twice).
 pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagation) {
-    let b3 = format != Propagation::W3c || headers.contains_key(X_B3_TRACEID);
-    let w3c = format != Propagation::B3 || headers.contains_key(TRACEPARENT);
+    let carried = Carried {
+        b3_multi: headers.contains_key(X_B3_TRACEID),
+        traceparent: headers.contains_key(TRACEPARENT),
+        b3_single: headers.contains_key(&B3),
+    };
+    let hop = next_hop(ctx, format, carried);
+    if hop.clears_parent {
+        headers.remove(X_B3_PARENTSPANID);
+    }
+    for (name, value) in hop.written() {
+        headers.insert(name.clone(), value.header_value());
+    }
+}
+
+/// The formats a request came with: each is rewritten for the next hop whatever the provider's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// `x-b3-traceid` (the B3 multi-header form).
+    pub b3_multi: bool,
+    pub traceparent: bool,
+    /// The single `b3` header.
+    pub b3_single: bool,
+}
+
+/// The context headers a hop writes for the next one ([`next_hop`]): each one's value, in the
+/// order written, and whether a caller's `x-b3-parentspanid` goes (a new root has no parent).
+pub struct NextHop {
+    written: [Option<(usize, Value)>; 6],
+    clears_parent: bool,
+}
+
+/// A header value of the next hop: an id written on the stack, or a constant.
+enum Value {
+    Hex(Hex),
+    Static(&'static str),
+}
+
+impl Value {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Value::Hex(h) => h.as_bytes(),
+            Value::Static(s) => s.as_bytes(),
+        }
+    }
+
+    fn header_value(&self) -> HeaderValue {
+        match self {
+            Value::Hex(h) => h.value(),
+            Value::Static(s) => HeaderValue::from_static(s),
+        }
+    }
+}
+
+impl NextHop {
+    /// Each header written, in order, with its value.
+    fn written(&self) -> impl Iterator<Item = (&'static HeaderName, &Value)> {
+        self.written
+            .iter()
+            .flatten()
+            .map(|(i, value)| (&CONTEXT_HEADERS[*i], value))
+    }
+
+    /// Each header written, in order, with its value's bytes.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static HeaderName, &[u8])> {
+        self.written().map(|(name, value)| (name, value.as_bytes()))
+    }
+
+    /// Whether the hop writes or removes `name`: a caller's line of it gives way.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        (self.clears_parent && name == X_B3_PARENTSPANID) || self.written().any(|(n, _)| n == name)
+    }
+}
+
+/// Where each header sits in [`CONTEXT_HEADERS`].
+const I_B3: usize = 0;
+const I_TRACEID: usize = 1;
+const I_SPANID: usize = 2;
+const I_PARENTSPANID: usize = 3;
+const I_SAMPLED: usize = 4;
+const I_TRACEPARENT: usize = 6;
+
+/// What [`inject_as`] writes, for a request that `carried` those formats: B3 multi-header for
+/// [`Propagation::B3`] (Envoy's Zipkin tracer), `traceparent` for W3C, both for both, plus any
+/// format the request carried, and the single `b3` header when the request had one.
+pub fn next_hop(ctx: &TraceContext, format: Propagation, carried: Carried) -> NextHop {
+    let b3 = format != Propagation::W3c || carried.b3_multi;
+    let w3c = format != Propagation::B3 || carried.traceparent;
     let sampled = ctx.sampled.unwrap_or(false) || ctx.debug;
+    let mut hop = NextHop {
+        written: [None, None, None, None, None, None],
+        clears_parent: false,
+    };
+    let mut n = 0;
+    let mut put = |i: usize, value: Value| {
+        hop.written[n] = Some((i, value));
+        n += 1;
+    };
     // Written into stack buffers: each header value is one copy, no formatting machinery (this
     // runs for every request, sampled or not).
     let mut trace = Hex::new();
@@ -202,23 +302,19 @@ pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagatio
     trace.u64(ctx.trace_id.low);
     let mut span = Hex::new();
     span.u64(ctx.span_id.0);
+    let mut clears_parent = false;
     if b3 {
-        headers.insert(X_B3_TRACEID, trace.value());
-        headers.insert(X_B3_SPANID, span.value());
+        put(I_TRACEID, Value::Hex(trace.clone()));
+        put(I_SPANID, Value::Hex(span));
         match ctx.parent_span_id {
             Some(parent) => {
                 let mut p = Hex::new();
                 p.u64(parent.0);
-                headers.insert(X_B3_PARENTSPANID, p.value());
+                put(I_PARENTSPANID, Value::Hex(p));
             }
-            None => {
-                headers.remove(X_B3_PARENTSPANID);
-            }
+            None => clears_parent = true,
         }
-        headers.insert(
-            X_B3_SAMPLED,
-            HeaderValue::from_static(if sampled { "1" } else { "0" }),
-        );
+        put(I_SAMPLED, Value::Static(if sampled { "1" } else { "0" }));
     }
     if w3c {
         let mut tp = Hex::new();
@@ -228,9 +324,9 @@ pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagatio
         tp.raw(b"-");
         tp.u64(ctx.span_id.0);
         tp.raw(if sampled { b"-01" } else { b"-00" });
-        headers.insert(TRACEPARENT, tp.value());
+        put(I_TRACEPARENT, Value::Hex(tp));
     }
-    if headers.contains_key(&B3) {
+    if carried.b3_single {
         let mut single = Hex::new();
         single.raw(trace.as_bytes());
         single.raw(b"-");
@@ -240,11 +336,14 @@ pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagatio
             single.raw(b"-");
             single.u64(parent.0);
         }
-        headers.insert(B3, single.value());
+        put(I_B3, Value::Hex(single));
     }
+    hop.clears_parent = clears_parent;
+    hop
 }
 
 /// Lower-hex ids and dashes, on the stack (the longest value, single-header `b3`, is 85 bytes).
+#[derive(Clone)]
 struct Hex {
     buf: [u8; 96],
     len: usize,
@@ -300,14 +399,11 @@ fn parse_b3_sampled(s: &str) -> Option<bool> {
     }
 }
 
-fn extract_b3_multi(headers: &HeaderMap) -> Option<Extracted> {
-    let debug = header_str(headers, &X_B3_FLAGS) == Some("1");
-    let sampled = header_str(headers, &X_B3_SAMPLED).and_then(parse_b3_sampled);
+fn extract_b3_multi<'h>(get: &impl Fn(&HeaderName) -> Option<&'h str>) -> Option<Extracted> {
+    let debug = get(&X_B3_FLAGS) == Some("1");
+    let sampled = get(&X_B3_SAMPLED).and_then(parse_b3_sampled);
     let sampled = if debug { Some(true) } else { sampled };
-    let (Some(trace_id), Some(span_id)) = (
-        header_str(headers, &X_B3_TRACEID),
-        header_str(headers, &X_B3_SPANID),
-    ) else {
+    let (Some(trace_id), Some(span_id)) = (get(&X_B3_TRACEID), get(&X_B3_SPANID)) else {
         // A decision alone (`x-b3-sampled: 0` without ids) still counts: honour it.
         return sampled.map(|s| Extracted {
             parent: None,
@@ -316,7 +412,7 @@ fn extract_b3_multi(headers: &HeaderMap) -> Option<Extracted> {
     };
     let trace_id = TraceId::parse(trace_id)?;
     let span_id = SpanId::parse(span_id)?;
-    let parent_span_id = match header_str(headers, &X_B3_PARENTSPANID) {
+    let parent_span_id = match get(&X_B3_PARENTSPANID) {
         Some(p) => Some(SpanId::parse(p)?),
         None => None,
     };
@@ -428,275 +524,4 @@ fn nonzero_u64() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(
-                HeaderName::from_bytes(k.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
-        h
-    }
-
-    const T128: &str = "463ac35c9f6413ad48485a3953bb6124";
-    const T64: &str = "48485a3953bb6124";
-    const S: &str = "a2fb4a1d1a96d312";
-    const P: &str = "0020000000000001";
-
-    #[test]
-    fn b3_multi_128_and_64_bit() {
-        for (trace, wide) in [(T128, true), (T64, false)] {
-            let got = extract(&headers(&[
-                ("x-b3-traceid", trace),
-                ("x-b3-spanid", S),
-                ("x-b3-parentspanid", P),
-                ("x-b3-sampled", "1"),
-            ]));
-            let ctx = got.parent.expect("context");
-            assert_eq!(ctx.trace_id.to_string(), trace);
-            assert_eq!(ctx.trace_id.wide, wide);
-            assert_eq!(ctx.span_id.to_string(), S);
-            assert_eq!(
-                ctx.parent_span_id.map(|p| p.to_string()).as_deref(),
-                Some(P)
-            );
-            assert_eq!(got.sampled, Some(true));
-        }
-    }
-
-    #[test]
-    fn b3_flags_debug_means_sampled() {
-        let got = extract(&headers(&[
-            ("x-b3-traceid", T64),
-            ("x-b3-spanid", S),
-            ("x-b3-sampled", "0"),
-            ("x-b3-flags", "1"),
-        ]));
-        assert_eq!(got.sampled, Some(true));
-        assert!(got.parent.expect("context").debug);
-    }
-
-    #[test]
-    fn b3_single_forms() {
-        let full = extract(&headers(&[("b3", &format!("{T128}-{S}-1-{P}"))]));
-        let ctx = full.parent.expect("context");
-        assert_eq!(ctx.trace_id.to_string(), T128);
-        assert_eq!(ctx.parent_span_id, Some(SpanId(0x0020000000000001)));
-        assert_eq!(full.sampled, Some(true));
-
-        let no_state = extract(&headers(&[("b3", &format!("{T64}-{S}"))]));
-        assert!(no_state.parent.is_some());
-        assert_eq!(no_state.sampled, None);
-
-        let deny = extract(&headers(&[("b3", "0")]));
-        assert_eq!(deny.parent, None);
-        assert_eq!(deny.sampled, Some(false));
-
-        let debug = extract(&headers(&[("b3", &format!("{T64}-{S}-d"))]));
-        assert!(debug.parent.expect("context").debug);
-    }
-
-    #[test]
-    fn b3_wins_over_w3c_and_single_over_multi() {
-        let w3c = format!("00-{T128}-b7ad6b7169203331-01");
-        let got = extract(&headers(&[
-            ("traceparent", &w3c),
-            ("x-b3-traceid", T64),
-            ("x-b3-spanid", S),
-            ("b3", &format!("{T128}-{P}-0")),
-        ]));
-        let ctx = got.parent.expect("context");
-        assert_eq!(ctx.span_id.to_string(), P, "single b3 header wins");
-        assert_eq!(got.sampled, Some(false));
-
-        let got = extract(&headers(&[
-            ("traceparent", &w3c),
-            ("x-b3-traceid", T64),
-            ("x-b3-spanid", S),
-        ]));
-        assert_eq!(got.parent.expect("context").span_id.to_string(), S);
-    }
-
-    #[test]
-    fn a_bare_b3_decision_wins_over_w3c_flags_and_w3c_gives_the_ids() {
-        let w3c = format!("00-{T128}-b7ad6b7169203331-01");
-        let got = extract(&headers(&[("traceparent", &w3c), ("x-b3-sampled", "0")]));
-        assert_eq!(got.sampled, Some(false));
-        let ctx = got.parent.expect("ids from traceparent");
-        assert_eq!(ctx.span_id.to_string(), "b7ad6b7169203331");
-        assert_eq!(ctx.sampled, Some(false));
-
-        let alone = extract(&headers(&[("x-b3-sampled", "1")]));
-        assert_eq!((alone.parent, alone.sampled), (None, Some(true)));
-    }
-
-    #[test]
-    fn w3c_fallback() {
-        let got = extract(&headers(&[(
-            "traceparent",
-            &format!("00-{T128}-b7ad6b7169203331-00"),
-        )]));
-        let ctx = got.parent.expect("context");
-        assert_eq!(ctx.trace_id.to_string(), T128);
-        assert_eq!(ctx.span_id.to_string(), "b7ad6b7169203331");
-        assert_eq!(got.sampled, Some(false));
-        // A future version with an extra field still reads its first four.
-        let got = extract(&headers(&[(
-            "traceparent",
-            &format!("cc-{T128}-b7ad6b7169203331-01-extra"),
-        )]));
-        assert_eq!(got.sampled, Some(true));
-    }
-
-    #[test]
-    fn malformed_is_absent_never_a_panic() {
-        let bad = [
-            vec![("x-b3-traceid", "xyz"), ("x-b3-spanid", S)],
-            vec![("x-b3-traceid", T128), ("x-b3-spanid", "123")],
-            vec![("x-b3-traceid", &T128[..20]), ("x-b3-spanid", S)],
-            vec![
-                ("x-b3-traceid", "00000000000000000000000000000000"),
-                ("x-b3-spanid", S),
-            ],
-            vec![("x-b3-traceid", T64), ("x-b3-spanid", "0000000000000000")],
-            vec![("b3", "-")],
-            vec![("b3", "")],
-            vec![("b3", "1-2-3-4-5")],
-            vec![("traceparent", "00-abc")],
-            vec![(
-                "traceparent",
-                "ff-463ac35c9f6413ad48485a3953bb6124-b7ad6b7169203331-01",
-            )],
-            vec![(
-                "traceparent",
-                "00-463AC35C9F6413AD48485A3953BB6124-b7ad6b7169203331-01",
-            )],
-            vec![(
-                "traceparent",
-                "00-463ac35c9f6413ad48485a3953bb6124-b7ad6b7169203331-01-x",
-            )],
-            vec![(
-                "traceparent",
-                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-            )],
-            vec![(
-                "traceparent",
-                "00-463ac35c9f6413ad48485a3953bb6124=b7ad6b7169203331-01",
-            )],
-            vec![(
-                "traceparent",
-                "é€-463ac35c9f6413ad48485a3953bb6124-b7ad6b7169203331",
-            )],
-        ];
-        for pairs in bad {
-            let mut h = HeaderMap::new();
-            for (k, v) in &pairs {
-                if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
-                    h.insert(HeaderName::from_bytes(k.as_bytes()).expect("name"), v);
-                }
-            }
-            assert_eq!(extract(&h), Extracted::default(), "{pairs:?}");
-        }
-        // Non-UTF-8 bytes in a header value.
-        let mut h = HeaderMap::new();
-        h.insert(B3, HeaderValue::from_bytes(&[0xff, 0xfe]).expect("opaque"));
-        assert_eq!(extract(&h), Extracted::default());
-    }
-
-    #[test]
-    fn inject_writes_b3_and_w3c_and_round_trips() {
-        let ctx = TraceContext {
-            trace_id: TraceId::parse(T64).expect("id"),
-            span_id: SpanId(0xa2fb4a1d1a96d312),
-            parent_span_id: Some(SpanId(1)),
-            sampled: Some(true),
-            debug: false,
-        };
-        let mut h = headers(&[("x-request-id", "abc"), ("tracestate", "congo=t61rcWkgMzE")]);
-        inject(&ctx, &mut h);
-        assert_eq!(h["x-b3-traceid"], T64);
-        assert_eq!(h["x-b3-spanid"], S);
-        assert_eq!(h["x-b3-parentspanid"], "0000000000000001");
-        assert_eq!(h["x-b3-sampled"], "1");
-        assert_eq!(
-            h["traceparent"],
-            format!("00-0000000000000000{T64}-{S}-01").as_str()
-        );
-        assert_eq!(h["x-request-id"], "abc");
-        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
-        assert!(!h.contains_key("b3"));
-        assert_eq!(extract(&h).parent, Some(ctx.clone()));
-
-        // W3C alone (B3 stripped) names the same trace and span.
-        h.remove(X_B3_TRACEID);
-        h.remove(X_B3_SPANID);
-        let w3c = extract(&h).parent.expect("w3c");
-        assert_eq!(
-            (w3c.trace_id.low, w3c.span_id),
-            (ctx.trace_id.low, ctx.span_id)
-        );
-    }
-
-    #[test]
-    fn inject_rewrites_a_stale_single_header() {
-        let stale = format!("{T128}-{P}-1");
-        let mut h = headers(&[("b3", &stale)]);
-        let ctx = TraceContext {
-            trace_id: TraceId::parse(T128).expect("id"),
-            span_id: SpanId(0xa2fb4a1d1a96d312),
-            parent_span_id: Some(SpanId(0x0020000000000001)),
-            sampled: Some(false),
-            debug: false,
-        };
-        inject(&ctx, &mut h);
-        assert_eq!(h["b3"], format!("{T128}-{S}-0-{P}").as_str());
-        assert_eq!(h["x-b3-sampled"], "0");
-        assert!(h["traceparent"].to_str().expect("ascii").ends_with("-00"));
-    }
-
-    #[test]
-    fn each_format_writes_its_headers_and_rewrites_what_the_request_carried() {
-        let ctx = TraceContext {
-            trace_id: TraceId::parse(T64).expect("id"),
-            span_id: SpanId(0xa2fb4a1d1a96d312),
-            parent_span_id: None,
-            sampled: Some(false),
-            debug: false,
-        };
-        let names = |h: &HeaderMap| {
-            let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-            n.sort_unstable();
-            n.join(",")
-        };
-        // A bare request gets only its format's headers.
-        let mut h = HeaderMap::new();
-        inject_as(&ctx, &mut h, Propagation::B3);
-        assert_eq!(names(&h), "x-b3-sampled,x-b3-spanid,x-b3-traceid");
-        let mut h = HeaderMap::new();
-        inject_as(&ctx, &mut h, Propagation::W3c);
-        assert_eq!(names(&h), "traceparent");
-        let mut h = HeaderMap::new();
-        inject_as(&ctx, &mut h, Propagation::B3AndW3c);
-        assert_eq!(
-            names(&h),
-            "traceparent,x-b3-sampled,x-b3-spanid,x-b3-traceid"
-        );
-        // The other format, when it came in, is rewritten rather than left stale.
-        let stale = "00-11111111111111111111111111111111-2222222222222222-01";
-        let mut h = headers(&[("traceparent", stale)]);
-        inject_as(&ctx, &mut h, Propagation::B3);
-        assert_eq!(h["x-b3-spanid"], S);
-        assert!(h["traceparent"].to_str().expect("ascii").contains(S));
-        let mut h = headers(&[
-            ("x-b3-traceid", "1111111111111111"),
-            ("x-b3-spanid", "2222222222222222"),
-        ]);
-        inject_as(&ctx, &mut h, Propagation::W3c);
-        assert_eq!(h["x-b3-spanid"], S);
-        assert!(h["traceparent"].to_str().expect("ascii").contains(S));
-    }
-}
+mod tests;

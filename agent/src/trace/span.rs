@@ -224,11 +224,12 @@ impl Span {
 }
 
 /// A span in flight: started when the request arrives, ended when the response is done.
-/// Unsampled spans carry ids (to propagate the decision) but record no tags.
+/// Unsampled spans carry ids (to propagate the decision) but record no tags and read no clock.
 #[derive(Debug)]
 pub struct SpanBuilder {
     span: Span,
-    started: Instant,
+    /// When a sampled span started (an unsampled one reads no clock: it is never reported).
+    started: Option<Instant>,
 }
 
 impl SpanBuilder {
@@ -244,17 +245,21 @@ impl SpanBuilder {
             Some(p) => (p.trace_id, Some(p.span_id), p.debug),
             None => (TraceId::random(), None, false),
         };
-        let timestamp_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let sampled = decision.sampled || debug;
+        let timestamp_us = match sampled {
+            true => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+            false => 0,
+        };
         SpanBuilder {
             span: Span {
                 context: TraceContext {
                     trace_id,
                     span_id: SpanId::random(),
                     parent_span_id,
-                    sampled: Some(decision.sampled || debug),
+                    sampled: Some(sampled),
                     debug,
                 },
                 kind,
@@ -267,7 +272,7 @@ impl SpanBuilder {
                 remote_ip: None,
                 trace_state: String::new(),
             },
-            started: Instant::now(),
+            started: sampled.then(Instant::now),
         }
     }
 
@@ -354,12 +359,11 @@ impl SpanBuilder {
     /// `upstream_cluster.name`, `http.status_code`, `response_flags`, and `error: true` on 5xx or
     /// when no response was sent (Envoy's rule).
     pub fn end(mut self, resp: &ResponseInfo<'_>) -> Span {
-        let elapsed = self.started.elapsed().as_micros() as u64;
-        // Zipkin rejects a zero duration as "unknown"; a finished span took at least 1 µs.
-        self.span.duration_us = elapsed.max(1);
-        if !self.sampled() {
+        let Some(started) = self.started.filter(|_| self.sampled()) else {
             return self.span;
-        }
+        };
+        // Zipkin rejects a zero duration as "unknown"; a finished span took at least 1 µs.
+        self.span.duration_us = (started.elapsed().as_micros() as u64).max(1);
         let span = &mut self.span;
         span.remote_ip = resp.remote_ip;
         let mut put = |k: &'static str, v: Cow<'static, str>| span.tags.push((Cow::Borrowed(k), v));

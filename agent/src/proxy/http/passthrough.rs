@@ -191,7 +191,8 @@ where
                     let Some(ctx) = observe::context(raw) else {
                         return hand_over(down_rd, down_wr, req_buf, app);
                     };
-                    let begun = spans::begin(conn.pi, tracing, SpanKind::Server, &ctx);
+                    let begun =
+                        spans::begin_from(conn.pi, tracing, SpanKind::Server, ctx.extracted());
                     Some((tracing, ctx, begun))
                 }
                 None => None,
@@ -199,9 +200,9 @@ where
             match span {
                 // Neither reported nor logged (most requests): the head stays as it came but for
                 // the context it carries on.
-                Some((tracing, mut ctx, begun)) if !begun.reported() && !logged => {
-                    begun.carry(tracing, &mut ctx);
-                    Some(observe::carried(raw, &ctx, request_id.as_ref()))
+                Some((tracing, ctx, begun)) if !begun.reported() && !logged => {
+                    let next_hop = begun.next_hop(tracing, ctx.carried());
+                    Some(observe::carried(raw, &next_hop, request_id.as_ref()))
                 }
                 span => {
                     let Some(mut parsed) = observe::Head::parse(raw) else {

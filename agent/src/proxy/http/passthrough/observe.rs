@@ -15,7 +15,7 @@ use crate::config::telemetry::TracingSettings;
 use crate::proxy::access_log::RequestFields;
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::spans::{self, Begun};
-use crate::trace::{CONTEXT_HEADERS, X_B3_FLAGS};
+use crate::trace::{self, Carried, Extracted, NextHop, CONTEXT_HEADERS};
 
 /// A request head with its headers as `http`'s types.
 pub(super) struct Head<'a> {
@@ -44,6 +44,11 @@ impl<'a> Head<'a> {
             target,
             headers,
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn headers(&self) -> &HeaderMap {
+        &self.headers
     }
 
     /// The request's `x-request-id`: `added` (then set in the head), else its own.
@@ -154,51 +159,86 @@ fn header_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
 }
 
-/// The context header a line is, if it is one.
-fn context_header(line: &[u8]) -> Option<(&'static HeaderName, &[u8])> {
+/// The context header a line is, if it is one: its place in [`CONTEXT_HEADERS`] and its value.
+fn context_header(line: &[u8]) -> Option<(usize, &[u8])> {
     let colon = line.iter().position(|b| *b == b':')?;
     let name = &line[..colon];
-    let header = CONTEXT_HEADERS
+    let i = CONTEXT_HEADERS
         .iter()
-        .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))?;
-    Some((header, line[colon + 1..].trim_ascii()))
+        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))?;
+    Some((i, line[colon + 1..].trim_ascii()))
 }
 
-/// The caller's trace headers alone, from the raw head (what `spans::begin` decides on); None
-/// when one is not a valid header value (the full server answers the request then).
-pub(super) fn context(raw: &[u8]) -> Option<HeaderMap> {
-    let mut ctx = HeaderMap::new();
-    for (name, value) in header_lines(raw).filter_map(context_header) {
-        ctx.append(name.clone(), HeaderValue::from_bytes(value).ok()?);
+/// The caller's trace headers as the raw head has them (what `spans::begin_from` decides on):
+/// each context header's first value, read in place, with no `HeaderMap` built.
+pub(super) struct RawContext<'a> {
+    first: [Option<&'a [u8]>; CONTEXT_HEADERS.len()],
+}
+
+/// The caller's trace headers, from the raw head; None when one is not a valid header value (the
+/// full server answers the request then).
+pub(super) fn context(raw: &[u8]) -> Option<RawContext<'_>> {
+    let mut first = [None; CONTEXT_HEADERS.len()];
+    for (i, value) in header_lines(raw).filter_map(context_header) {
+        // `HeaderValue::from_bytes`'s rule.
+        if !value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t') {
+            return None;
+        }
+        first[i].get_or_insert(value);
     }
-    Some(ctx)
+    Some(RawContext { first })
+}
+
+impl RawContext<'_> {
+    /// The caller's context and decision, as `trace::extract` reads them from a `HeaderMap`:
+    /// a header's first value, when it is visible ASCII.
+    pub(super) fn extracted(&self) -> Extracted {
+        trace::extract_by(|name| {
+            let i = CONTEXT_HEADERS.iter().position(|h| h == name)?;
+            let value = self.first[i]?;
+            let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+            std::str::from_utf8(value).ok().filter(|_| visible)
+        })
+    }
+
+    /// Which formats the request came with (each is rewritten for the next hop).
+    pub(super) fn carried(&self) -> Carried {
+        let has = |name: &HeaderName| {
+            CONTEXT_HEADERS
+                .iter()
+                .position(|h| h == name)
+                .is_some_and(|i| self.first[i].is_some())
+        };
+        Carried {
+            b3_multi: has(&trace::X_B3_TRACEID),
+            traceparent: has(&trace::TRACEPARENT),
+            b3_single: has(&trace::B3),
+        }
+    }
 }
 
 /// The head to send the app for a request whose span is not reported: the request line and
-/// every header line as they came, in their order, but the caller's context headers, which give
-/// way to `next_hop`'s (the caller's context, [`context`], with the SERVER span's written in by
-/// `Begun::carry`, as the full server writes it); `request_id` added when given.
-pub(super) fn carried(
-    raw: &[u8],
-    next_hop: &HeaderMap,
-    request_id: Option<&HeaderValue>,
-) -> Vec<u8> {
+/// every header line as they came, in their order, but the caller's context headers that the
+/// next hop's replace (`Begun::next_hop`, as the full server writes them), which come last;
+/// `request_id` added when given.
+pub(super) fn carried(raw: &[u8], next_hop: &NextHop, request_id: Option<&HeaderValue>) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() + 192);
     let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
     out.extend_from_slice(&raw[..line_end + 2]);
     for line in header_lines(raw) {
-        // `x-b3-flags` is read, never rewritten: it stays where it was.
-        if context_header(line).is_none_or(|(name, _)| *name == X_B3_FLAGS) {
+        // `x-b3-flags` is read, never rewritten: it stays where it was, as do the formats the
+        // next hop does not write.
+        if context_header(line).is_none_or(|(i, _)| !next_hop.replaces(&CONTEXT_HEADERS[i])) {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
     }
-    let next_hop = next_hop.iter().filter(|(name, _)| **name != X_B3_FLAGS);
-    let id = request_id.map(|id| (REQUEST_ID_NAME, id));
-    for (name, value) in next_hop.map(|(n, v)| (n.as_str(), v)).chain(id) {
-        out.extend_from_slice(name.as_bytes());
+    let id = request_id.map(|id| (REQUEST_ID_NAME.as_bytes(), id.as_bytes()));
+    let next_hop = next_hop.headers().map(|(n, v)| (n.as_str().as_bytes(), v));
+    for (name, value) in next_hop.chain(id) {
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

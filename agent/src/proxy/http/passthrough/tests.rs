@@ -255,20 +255,25 @@ fn a_response_body_is_framed_as_rfc_9112_says() {
     assert!(ResponseHead::parse(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
 }
 
-/// An unreported span's head: every line but the caller's context as it came (case, order,
-/// repeats), `x-b3-flags` kept, the next hop's context and an added request id at the end; the
-/// context is read from the trace headers whatever their case.
+/// An unreported span's head: every line but the caller's context that the next hop rewrites, as
+/// it came (case, order, repeats), `x-b3-flags` kept, the next hop's context and an added request
+/// id at the end; the context is read from the trace headers whatever their case.
 #[test]
 fn an_unreported_spans_head_keeps_every_line_but_the_context() {
-    use crate::trace::{self, Propagation, SpanId, TraceContext};
+    use crate::trace::{self, Carried, Propagation, SpanId, TraceContext};
     let raw = "GET /a?b=1 HTTP/1.1\r\nHost: web\r\nX-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\n\
                x-dup: 1\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nx-b3-sampled: 0\r\nX-B3-Flags: 0\r\n\
                x-dup: 2\r\nTraceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-00\r\n\r\n";
-    let mut ctx = super::observe::context(raw.as_bytes()).expect("valid");
-    let caller = trace::extract(&ctx).parent.expect("the caller's context");
+    let ctx = super::observe::context(raw.as_bytes()).expect("valid");
+    let caller = ctx.extracted().parent.expect("the caller's context");
     assert_eq!(caller.span_id, SpanId(0xa2fb4a1d1a96d312));
     assert_eq!(caller.sampled, Some(false));
-    assert_eq!(ctx.len(), 5, "only the context headers: {ctx:?}");
+    let carried = Carried {
+        b3_multi: true,
+        traceparent: true,
+        b3_single: false,
+    };
+    assert_eq!(ctx.carried(), carried);
     let next = TraceContext {
         trace_id: caller.trace_id,
         span_id: SpanId(0x0102030405060708),
@@ -276,28 +281,101 @@ fn an_unreported_spans_head_keeps_every_line_but_the_context() {
         sampled: Some(false),
         debug: false,
     };
-    trace::inject_as(&next, &mut ctx, Propagation::B3);
+    let hop = trace::next_hop(&next, Propagation::B3, carried);
     let id = http::HeaderValue::from_static("req-1");
-    let out = super::observe::carried(raw.as_bytes(), &ctx, Some(&id));
+    let out = super::observe::carried(raw.as_bytes(), &hop, Some(&id));
     let out = String::from_utf8(out).expect("ascii");
     let want = "GET /a?b=1 HTTP/1.1\r\nHost: web\r\nx-dup: 1\r\nX-B3-Flags: 0\r\nx-dup: 2\r\n\
                 x-b3-traceid: 463ac35c9f6413ad48485a3953bb6124\r\nx-b3-spanid: 0102030405060708\r\n\
-                x-b3-sampled: 0\r\n\
+                x-b3-parentspanid: a2fb4a1d1a96d312\r\nx-b3-sampled: 0\r\n\
                 traceparent: 00-463ac35c9f6413ad48485a3953bb6124-0102030405060708-00\r\n\
-                x-b3-parentspanid: a2fb4a1d1a96d312\r\nx-request-id: req-1\r\n\r\n";
+                x-request-id: req-1\r\n\r\n";
     assert_eq!(out, want);
     // Parsed again, it is the same request with the next hop's context.
     let again = super::observe::context(out.as_bytes()).expect("valid");
-    assert_eq!(trace::extract(&again).parent, Some(next));
+    assert_eq!(again.extracted().parent, Some(next.clone()));
 
     // A value `http` refuses: the full server answers.
     assert!(super::observe::context(b"GET / HTTP/1.1\r\nb3: a\x01b\r\n\r\n").is_none());
     // No context at all: nothing to read, every line kept.
     let bare = "GET / HTTP/1.1\r\nhost: web\r\n\r\n";
     let ctx = super::observe::context(bare.as_bytes()).expect("valid");
-    assert!(ctx.is_empty());
-    assert_eq!(
-        super::observe::carried(bare.as_bytes(), &ctx, None),
-        bare.as_bytes()
-    );
+    assert_eq!(ctx.extracted(), trace::Extracted::default());
+    assert_eq!(ctx.carried(), Carried::default());
+    let hop = trace::next_hop(&next, Propagation::W3c, ctx.carried());
+    let out = super::observe::carried(bare.as_bytes(), &hop, None);
+    let want = "GET / HTTP/1.1\r\nhost: web\r\n\
+                traceparent: 00-463ac35c9f6413ad48485a3953bb6124-0102030405060708-00\r\n\r\n";
+    assert_eq!(String::from_utf8(out).expect("ascii"), want);
+}
+
+/// The relay reads and rewrites a raw head's context as the full server does through a
+/// `HeaderMap` (`trace::extract`, then `trace::inject_as`): the same decision and parent, and
+/// the same context headers for the next hop, for every format each provider writes.
+#[test]
+fn the_raw_heads_context_is_the_header_maps() {
+    use crate::trace::{self, Propagation, SpanId, TraceContext, CONTEXT_HEADERS};
+    const T: &str = "463ac35c9f6413ad48485a3953bb6124";
+    let heads = [
+        String::new(),
+        format!("b3: {T}-a2fb4a1d1a96d312-1-0020000000000001\r\n"),
+        "b3: 0\r\ntraceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-01\r\n".into(),
+        format!("X-B3-TraceId: {T}\r\nx-b3-spanid:  a2fb4a1d1a96d312 \r\nx-b3-flags: 1\r\n"),
+        format!("x-b3-traceid: {T}\r\nx-b3-spanid: a2fb4a1d1a96d312\r\nx-b3-parentspanid: 0000000000000009\r\n"),
+        "x-b3-sampled: 1\r\nx-b3-parentspanid: 0000000000000009\r\n".into(),
+        // The first of two values counts; a malformed format is as if absent.
+        format!("x-b3-sampled: 0\r\nx-b3-sampled: 1\r\nx-b3-traceid: zz\r\ntraceparent: 00-{T}-a2fb4a1d1a96d312-01\r\n"),
+        "traceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-00\r\n".into(),
+        "b3: é\r\nx-b3-sampled: 1\r\n".into(),
+    ];
+    let context_of = |h: &http::HeaderMap| {
+        let mut v: Vec<(String, Vec<u8>)> = CONTEXT_HEADERS
+            .iter()
+            .flat_map(|n| {
+                h.get_all(n)
+                    .iter()
+                    .map(move |v| (n.to_string(), v.as_bytes().to_vec()))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for lines in heads {
+        let raw = format!("GET / HTTP/1.1\r\nhost: web\r\n{lines}\r\n");
+        let parsed = super::observe::Head::parse(raw.as_bytes()).expect("head");
+        let ctx = super::observe::context(raw.as_bytes()).expect("valid");
+        let map = parsed.headers().clone();
+        let extracted = trace::extract(&map);
+        assert_eq!(ctx.extracted(), extracted, "{lines:?}");
+        let next = TraceContext {
+            trace_id: extracted.parent.as_ref().map_or(
+                trace::TraceId {
+                    high: 1,
+                    low: 2,
+                    wide: true,
+                },
+                |p| p.trace_id,
+            ),
+            span_id: SpanId(0x0102030405060708),
+            parent_span_id: extracted.parent.as_ref().map(|p| p.span_id),
+            sampled: Some(true),
+            debug: false,
+        };
+        for format in [Propagation::B3, Propagation::W3c, Propagation::B3AndW3c] {
+            let mut want = map.clone();
+            trace::inject_as(&next, &mut want, format);
+            let hop = trace::next_hop(&next, format, ctx.carried());
+            let out = super::observe::carried(raw.as_bytes(), &hop, None);
+            let got = super::observe::Head::parse(&out).expect("written head");
+            assert_eq!(
+                context_of(got.headers()),
+                context_of(&want),
+                "{lines:?} {format:?}"
+            );
+            assert_eq!(
+                got.headers().get("host").map(|h| h.as_bytes()),
+                Some(&b"web"[..])
+            );
+        }
+    }
 }
