@@ -134,7 +134,28 @@ pub struct Extracted {
 /// Reads the incoming trace context. Envoy's order: B3 single header, B3 multi-header, then W3C
 /// `traceparent`. A present but malformed format is skipped as if absent.
 pub fn extract(headers: &HeaderMap) -> Extracted {
-    extract_by(|name| header_str(headers, name))
+    let firsts = firsts(headers);
+    extract_by(|name| {
+        let i = CONTEXT_HEADERS.iter().position(|h| h == name)?;
+        firsts[i]?.to_str().ok().map(str::trim)
+    })
+}
+
+/// Each context header's first value (the one `HeaderMap::get` gives), found in one pass over
+/// the map rather than a hashed lookup per name: this runs for every request of a traced
+/// workload, and most requests carry no more than ten headers.
+fn firsts(headers: &HeaderMap) -> [Option<&HeaderValue>; CONTEXT_HEADERS.len()] {
+    let mut firsts = [None; CONTEXT_HEADERS.len()];
+    for (name, value) in headers {
+        // Every context header's name starts with `b`, `t` or `x` (a map's names are lower case).
+        if !matches!(name.as_str().as_bytes().first(), Some(b'b' | b't' | b'x')) {
+            continue;
+        }
+        if let Some(i) = CONTEXT_HEADERS.iter().position(|h| h == name) {
+            firsts[i].get_or_insert(value);
+        }
+    }
+    firsts
 }
 
 /// [`extract`] through `get`, which gives a context header's first value, trimmed, when it is
@@ -196,10 +217,11 @@ pub enum Propagation {
 /// wrong one. Only the headers a hop must write are added, so an untraced app's requests grow
 /// by as little as the format allows (every byte is carried over the node link and parsed twice).
 pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagation) {
+    let firsts = firsts(headers);
     let carried = Carried {
-        b3_multi: headers.contains_key(X_B3_TRACEID),
-        traceparent: headers.contains_key(TRACEPARENT),
-        b3_single: headers.contains_key(&B3),
+        b3_multi: firsts[I_TRACEID].is_some(),
+        traceparent: firsts[I_TRACEPARENT].is_some(),
+        b3_single: firsts[I_B3].is_some(),
     };
     let hop = next_hop(ctx, format, carried);
     if hop.clears_parent {
@@ -381,13 +403,6 @@ impl Hex {
     fn value(&self) -> HeaderValue {
         HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
-}
-
-fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
 }
 
 /// `x-b3-sampled`: "1"/"0", and the legacy "true"/"false" that some tracers still send.

@@ -27,7 +27,14 @@ pub enum SpanKind {
 /// Istio's route decorator, which Envoy uses as the operation (span) name:
 /// `reviews.default.svc.cluster.local:9080/*`.
 pub fn operation_name(host: &str, port: u16) -> String {
-    format!("{host}:{port}/*")
+    let mut port_buf = itoa::Buffer::new();
+    let port = port_buf.format(port);
+    let mut name = String::with_capacity(host.len() + port.len() + 3);
+    name.push_str(host);
+    name.push(':');
+    name.push_str(port);
+    name.push_str("/*");
+    name
 }
 
 /// The workload a span is recorded for (the source pod for CLIENT spans, the destination pod for
@@ -317,10 +324,12 @@ impl SpanBuilder {
         let path = header("x-envoy-original-path").unwrap_or(req.path);
         let path = truncate(path, tags.max_path_tag_length);
         let scheme = header("x-forwarded-proto").unwrap_or(req.scheme);
-        put(
-            "http.url",
-            Cow::Owned(format!("{scheme}://{}{path}", req.authority)),
-        );
+        let mut url = String::with_capacity(scheme.len() + 3 + req.authority.len() + path.len());
+        url.push_str(scheme);
+        url.push_str("://");
+        url.push_str(req.authority);
+        url.push_str(path);
+        put("http.url", Cow::Owned(url));
         put("http.method", owned(req.method));
         put(
             "downstream_cluster",
@@ -367,8 +376,9 @@ impl SpanBuilder {
         let span = &mut self.span;
         span.remote_ip = resp.remote_ip;
         let mut put = |k: &'static str, v: Cow<'static, str>| span.tags.push((Cow::Borrowed(k), v));
-        put("request_size", Cow::Owned(resp.request_size.to_string()));
-        put("response_size", Cow::Owned(resp.response_size.to_string()));
+        let number = |n: u64| Cow::Owned(itoa::Buffer::new().format(n).to_owned());
+        put("request_size", number(resp.request_size));
+        put("response_size", number(resp.response_size));
         if let Some(cluster) = resp.upstream_cluster {
             put("upstream_cluster", Cow::Owned(cluster.to_string()));
             put(
@@ -378,7 +388,7 @@ impl SpanBuilder {
         }
         put(
             "http.status_code",
-            Cow::Owned(resp.status.unwrap_or(0).to_string()),
+            number(u64::from(resp.status.unwrap_or(0))),
         );
         let flags = if resp.response_flags.is_empty() {
             Cow::Borrowed("-")

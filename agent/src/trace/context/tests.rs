@@ -268,3 +268,23 @@ fn each_format_writes_its_headers_and_rewrites_what_the_request_carried() {
     assert_eq!(h["x-b3-spanid"], S);
     assert!(h["traceparent"].to_str().expect("ascii").contains(S));
 }
+
+#[test]
+fn a_repeated_header_counts_by_its_first_value_as_get_finds_it() {
+    let mut h = HeaderMap::new();
+    h.append(X_B3_SAMPLED, HeaderValue::from_static("0"));
+    h.append(X_B3_SAMPLED, HeaderValue::from_static("1"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    assert_eq!(extract(&h).sampled, Some(false));
+    // A first value that is not text hides a good second one, as with `HeaderMap::get`.
+    let mut h = HeaderMap::new();
+    h.append(
+        TRACEPARENT,
+        HeaderValue::from_bytes(b"\xff").expect("opaque"),
+    );
+    h.append(
+        TRACEPARENT,
+        HeaderValue::from_str(&format!("00-{T128}-{S}-01")).expect("value"),
+    );
+    assert_eq!(extract(&h), Extracted::default());
+}

@@ -154,14 +154,23 @@ impl<'a> Head<'a> {
 /// its CRLF. The relay follows only heads without bare LFs or folded lines (`framing`).
 fn header_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     let body = raw.strip_suffix(b"\r\n\r\n").unwrap_or(raw);
-    body.split(|b| *b == b'\n')
-        .skip(1)
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len()));
+    ends.map(move |end| {
+        let line = &body[start..end];
+        start = end + 1;
+        line.strip_suffix(b"\r").unwrap_or(line)
+    })
+    .skip(1)
 }
 
 /// The context header a line is, if it is one: its place in [`CONTEXT_HEADERS`] and its value.
 fn context_header(line: &[u8]) -> Option<(usize, &[u8])> {
-    let colon = line.iter().position(|b| *b == b':')?;
+    // Every context header's name starts with `b`, `t` or `x`: most lines go no further.
+    if !matches!(line.first()?.to_ascii_lowercase(), b'b' | b't' | b'x') {
+        return None;
+    }
+    let colon = memchr::memchr(b':', line)?;
     let name = &line[..colon];
     let i = CONTEXT_HEADERS
         .iter()
