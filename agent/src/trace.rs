@@ -27,8 +27,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use context::{
-    extract, extract_by, inject, inject_as, next_hop, Carried, Extracted, NextHop, Propagation,
-    SpanId, TraceContext, TraceId, B3, CONTEXT_HEADERS, TRACEPARENT, X_B3_FLAGS, X_B3_TRACEID,
+    context_index, extract, inject, inject_as, next_hop, Carried, Extracted, Firsts, NextHop,
+    Propagation, SpanId, TraceContext, TraceId, CONTEXT_HEADERS,
 };
 pub use export::{TraceMetrics, Tracer, TracerSlot, Tracers};
 pub use sampling::{decide, Decision, DecisionReason};

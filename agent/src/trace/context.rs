@@ -134,33 +134,69 @@ pub struct Extracted {
 /// Reads the incoming trace context. Envoy's order: B3 single header, B3 multi-header, then W3C
 /// `traceparent`. A present but malformed format is skipped as if absent.
 pub fn extract(headers: &HeaderMap) -> Extracted {
-    let firsts = firsts(headers);
-    extract_by(|name| {
-        let i = CONTEXT_HEADERS.iter().position(|h| h == name)?;
-        firsts[i]?.to_str().ok().map(str::trim)
-    })
+    Firsts::of(headers).extract()
 }
 
-/// Each context header's first value (the one `HeaderMap::get` gives), found in one pass over
-/// the map rather than a hashed lookup per name: this runs for every request of a traced
-/// workload, and most requests carry no more than ten headers.
-fn firsts(headers: &HeaderMap) -> [Option<&HeaderValue>; CONTEXT_HEADERS.len()] {
-    let mut firsts = [None; CONTEXT_HEADERS.len()];
-    for (name, value) in headers {
-        // Every context header's name starts with `b`, `t` or `x` (a map's names are lower case).
-        if !matches!(name.as_str().as_bytes().first(), Some(b'b' | b't' | b'x')) {
-            continue;
+/// The place of the context header named `name` (in any case) in [`CONTEXT_HEADERS`].
+pub fn context_index(name: &[u8]) -> Option<usize> {
+    // Every context header's name starts with `b`, `t` or `x`: most names go no further.
+    if !matches!(name.first()?.to_ascii_lowercase(), b'b' | b't' | b'x') {
+        return None;
+    }
+    CONTEXT_HEADERS
+        .iter()
+        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Each context header's first value (the one `HeaderMap::get` gives), by its place in
+/// [`CONTEXT_HEADERS`]: what the incoming context is read from ([`Firsts::extract`]) and which
+/// formats came with it ([`Firsts::carried`]). Filled in one pass over a `HeaderMap`
+/// ([`Firsts::of`]) or over a raw head's lines ([`Firsts::note`]), with no hashed lookup per name:
+/// this runs for every request of a traced workload.
+#[derive(Debug, Default)]
+pub struct Firsts<'h>([Option<&'h [u8]>; CONTEXT_HEADERS.len()]);
+
+impl<'h> Firsts<'h> {
+    pub fn of(headers: &'h HeaderMap) -> Firsts<'h> {
+        let mut firsts = Firsts::default();
+        for (name, value) in headers {
+            if let Some(i) = context_index(name.as_str().as_bytes()) {
+                firsts.note(i, value.as_bytes());
+            }
         }
-        if let Some(i) = CONTEXT_HEADERS.iter().position(|h| h == name) {
-            firsts[i].get_or_insert(value);
+        firsts
+    }
+
+    /// `value` for the header at `i` in [`CONTEXT_HEADERS`], unless it has one already.
+    pub fn note(&mut self, i: usize, value: &'h [u8]) {
+        self.0[i].get_or_insert(value);
+    }
+
+    /// The caller's context and decision ([`extract`]'s rules): a header's first value, trimmed,
+    /// when it is visible ASCII (as `HeaderValue::to_str`).
+    pub fn extract(&self) -> Extracted {
+        extract_by(|name| {
+            let value = self.0[CONTEXT_HEADERS.iter().position(|h| h == name)?]?;
+            let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+            std::str::from_utf8(value.trim_ascii())
+                .ok()
+                .filter(|_| visible)
+        })
+    }
+
+    /// The formats the request came with (each is rewritten for the next hop).
+    pub fn carried(&self) -> Carried {
+        Carried {
+            b3_multi: self.0[I_TRACEID].is_some(),
+            traceparent: self.0[I_TRACEPARENT].is_some(),
+            b3_single: self.0[I_B3].is_some(),
         }
     }
-    firsts
 }
 
 /// [`extract`] through `get`, which gives a context header's first value, trimmed, when it is
-/// visible ASCII (as `HeaderValue::to_str`): the relay reads them from a raw head this way.
-pub fn extract_by<'h>(get: impl Fn(&HeaderName) -> Option<&'h str>) -> Extracted {
+/// visible ASCII.
+fn extract_by<'h>(get: impl Fn(&HeaderName) -> Option<&'h str>) -> Extracted {
     if let Some(found) = get(&B3).and_then(parse_b3_single) {
         return found;
     }
@@ -217,13 +253,7 @@ pub enum Propagation {
 /// wrong one. Only the headers a hop must write are added, so an untraced app's requests grow
 /// by as little as the format allows (every byte is carried over the node link and parsed twice).
 pub fn inject_as(ctx: &TraceContext, headers: &mut HeaderMap, format: Propagation) {
-    let firsts = firsts(headers);
-    let carried = Carried {
-        b3_multi: firsts[I_TRACEID].is_some(),
-        traceparent: firsts[I_TRACEPARENT].is_some(),
-        b3_single: firsts[I_B3].is_some(),
-    };
-    let hop = next_hop(ctx, format, carried);
+    let hop = next_hop(ctx, format, Firsts::of(headers).carried());
     if hop.clears_parent {
         headers.remove(X_B3_PARENTSPANID);
     }

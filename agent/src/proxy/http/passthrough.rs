@@ -192,7 +192,7 @@ where
                         return hand_over(down_rd, down_wr, req_buf, app);
                     };
                     let begun =
-                        spans::begin_from(conn.pi, tracing, SpanKind::Server, ctx.extracted());
+                        spans::begin_from(conn.pi, tracing, SpanKind::Server, ctx.extract());
                     Some((tracing, ctx, begun))
                 }
                 None => None,

@@ -17,7 +17,7 @@ use crate::config::telemetry::TracingSettings;
 use crate::proxy::access_log::RequestFields;
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::spans::{self, Begun};
-use crate::trace::{self, Carried, Extracted, NextHop, CONTEXT_HEADERS};
+use crate::trace::{self, Firsts, NextHop, CONTEXT_HEADERS};
 
 /// A request head with its headers as `http`'s types.
 pub(super) struct Head<'a> {
@@ -168,64 +168,24 @@ fn header_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The context header a line is, if it is one: its place in [`CONTEXT_HEADERS`] and its value.
 fn context_header(line: &[u8]) -> Option<(usize, &[u8])> {
-    // Every context header's name starts with `b`, `t` or `x`: most lines go no further.
-    if !matches!(line.first()?.to_ascii_lowercase(), b'b' | b't' | b'x') {
-        return None;
-    }
     let colon = memchr::memchr(b':', line)?;
-    let name = &line[..colon];
-    let i = CONTEXT_HEADERS
-        .iter()
-        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))?;
+    let i = trace::context_index(&line[..colon])?;
     Some((i, line[colon + 1..].trim_ascii()))
 }
 
-/// The caller's trace headers as the raw head has them (what `spans::begin_from` decides on):
-/// each context header's first value, read in place, with no `HeaderMap` built.
-pub(super) struct RawContext<'a> {
-    first: [Option<&'a [u8]>; CONTEXT_HEADERS.len()],
-}
-
-/// The caller's trace headers, from the raw head; None when one is not a valid header value (the
-/// full server answers the request then).
-pub(super) fn context(raw: &[u8]) -> Option<RawContext<'_>> {
-    let mut first = [None; CONTEXT_HEADERS.len()];
+/// The caller's trace headers, read in place from the raw head (what `spans::begin_from` decides
+/// on, with no `HeaderMap` built); None when one is not a valid header value (the full server
+/// answers the request then).
+pub(super) fn context(raw: &[u8]) -> Option<Firsts<'_>> {
+    let mut firsts = Firsts::default();
     for (i, value) in header_lines(raw).filter_map(context_header) {
         // `HeaderValue::from_bytes`'s rule.
         if !value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t') {
             return None;
         }
-        first[i].get_or_insert(value);
+        firsts.note(i, value);
     }
-    Some(RawContext { first })
-}
-
-impl RawContext<'_> {
-    /// The caller's context and decision, as `trace::extract` reads them from a `HeaderMap`:
-    /// a header's first value, when it is visible ASCII.
-    pub(super) fn extracted(&self) -> Extracted {
-        trace::extract_by(|name| {
-            let i = CONTEXT_HEADERS.iter().position(|h| h == name)?;
-            let value = self.first[i]?;
-            let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
-            std::str::from_utf8(value).ok().filter(|_| visible)
-        })
-    }
-
-    /// Which formats the request came with (each is rewritten for the next hop).
-    pub(super) fn carried(&self) -> Carried {
-        let has = |name: &HeaderName| {
-            CONTEXT_HEADERS
-                .iter()
-                .position(|h| h == name)
-                .is_some_and(|i| self.first[i].is_some())
-        };
-        Carried {
-            b3_multi: has(&trace::X_B3_TRACEID),
-            traceparent: has(&trace::TRACEPARENT),
-            b3_single: has(&trace::B3),
-        }
-    }
+    Some(firsts)
 }
 
 /// The head to send the app for a request whose span is not reported: the request line and

@@ -265,7 +265,7 @@ fn an_unreported_spans_head_keeps_every_line_but_the_context() {
                x-dup: 1\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nx-b3-sampled: 0\r\nX-B3-Flags: 0\r\n\
                x-dup: 2\r\nTraceparent: 00-463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-00\r\n\r\n";
     let ctx = super::observe::context(raw.as_bytes()).expect("valid");
-    let caller = ctx.extracted().parent.expect("the caller's context");
+    let caller = ctx.extract().parent.expect("the caller's context");
     assert_eq!(caller.span_id, SpanId(0xa2fb4a1d1a96d312));
     assert_eq!(caller.sampled, Some(false));
     let carried = Carried {
@@ -293,14 +293,14 @@ fn an_unreported_spans_head_keeps_every_line_but_the_context() {
     assert_eq!(out, want);
     // Parsed again, it is the same request with the next hop's context.
     let again = super::observe::context(out.as_bytes()).expect("valid");
-    assert_eq!(again.extracted().parent, Some(next.clone()));
+    assert_eq!(again.extract().parent, Some(next.clone()));
 
     // A value `http` refuses: the full server answers.
     assert!(super::observe::context(b"GET / HTTP/1.1\r\nb3: a\x01b\r\n\r\n").is_none());
     // No context at all: nothing to read, every line kept.
     let bare = "GET / HTTP/1.1\r\nhost: web\r\n\r\n";
     let ctx = super::observe::context(bare.as_bytes()).expect("valid");
-    assert_eq!(ctx.extracted(), trace::Extracted::default());
+    assert_eq!(ctx.extract(), trace::Extracted::default());
     assert_eq!(ctx.carried(), Carried::default());
     let hop = trace::next_hop(&next, Propagation::W3c, ctx.carried());
     let out = super::observe::carried(bare.as_bytes(), &hop, None);
@@ -346,7 +346,7 @@ fn the_raw_heads_context_is_the_header_maps() {
         let ctx = super::observe::context(raw.as_bytes()).expect("valid");
         let map = parsed.headers().clone();
         let extracted = trace::extract(&map);
-        assert_eq!(ctx.extracted(), extracted, "{lines:?}");
+        assert_eq!(ctx.extract(), extracted, "{lines:?}");
         let next = TraceContext {
             trace_id: extracted.parent.as_ref().map_or(
                 trace::TraceId {
