@@ -6,7 +6,6 @@
 //! and most of a span is its tags' strings. A string with nothing to escape (nearly all of them:
 //! ids, hosts, paths, Istio's names) is copied as it is; any other goes through serde_json.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
@@ -68,7 +67,12 @@ fn span(out: &mut Vec<u8>, s: &Span) -> Result<(), serde_json::Error> {
     )
     .map_err(io)?;
     out.extend_from_slice(br#","localEndpoint":"#);
-    endpoint(out, Some(&s.service_name()), s.local_ip())?;
+    // `Span::service_name`, `<canonical service>.<namespace>`, written without building it.
+    let service = match s.workload.as_deref() {
+        Some(w) => [w.canonical_service.as_str(), ".", w.namespace.as_str()],
+        None => ["", "", ""],
+    };
+    endpoint(out, Some(&service[..]), s.local_ip())?;
     if let Some(ip) = s.remote_ip {
         out.extend_from_slice(br#","remoteEndpoint":"#);
         endpoint(out, None, Some(ip))?;
@@ -76,7 +80,7 @@ fn span(out: &mut Vec<u8>, s: &Span) -> Result<(), serde_json::Error> {
     out.extend_from_slice(br#","tags":{"#);
     // Only a span with custom tags can name a tag twice (a custom tag over a standard one): its
     // tags go through a map so that the later value is the one sent.
-    let custom = s.tags.iter().any(|(k, _)| matches!(k, Cow::Owned(_)));
+    let custom = s.tags.has_custom();
     let mut first = true;
     let mut tag = |out: &mut Vec<u8>, (k, v): (&str, &str)| {
         if !std::mem::take(&mut first) {
@@ -103,13 +107,13 @@ fn span(out: &mut Vec<u8>, s: &Span) -> Result<(), serde_json::Error> {
 /// `{"serviceName":…,"ipv4":…}` or `"ipv6"`, each field when known.
 fn endpoint(
     out: &mut Vec<u8>,
-    service_name: Option<&str>,
+    service_name: Option<&[&str]>,
     ip: Option<IpAddr>,
 ) -> Result<(), serde_json::Error> {
     out.push(b'{');
     if let Some(name) = service_name {
         out.extend_from_slice(br#""serviceName":"#);
-        string(out, name)?;
+        joined(out, name)?;
     }
     if let Some(ip) = ip {
         let comma = if service_name.is_some() { "," } else { "" };
@@ -123,16 +127,24 @@ fn endpoint(
 /// `s` as a JSON string: copied between quotes when it has nothing JSON escapes (a quote, a
 /// backslash, a control character), else written by serde_json.
 fn string(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    joined(out, &[s])
+}
+
+/// The concatenation of `parts` as one JSON string, as [`string`] writes it.
+fn joined(out: &mut Vec<u8>, parts: &[&str]) -> Result<(), serde_json::Error> {
     // No early exit, so that the check runs over whole vectors of bytes.
-    let escapes = s
-        .bytes()
-        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'));
-    if escapes {
-        return serde_json::to_writer(&mut *out, s);
+    let escapes = |s: &str| {
+        s.bytes()
+            .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'))
+    };
+    if parts.iter().any(|p| escapes(p)) {
+        return serde_json::to_writer(&mut *out, &parts.concat());
     }
-    out.reserve(s.len() + 2);
+    out.reserve(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
     out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
+    parts
+        .iter()
+        .for_each(|p| out.extend_from_slice(p.as_bytes()));
     out.push(b'"');
     Ok(())
 }
@@ -149,9 +161,9 @@ mod tests {
 
     use super::*;
     use crate::trace::context::{SpanId, TraceContext, TraceId};
-    use crate::trace::span::Workload;
+    use crate::trace::span::{Tags, Workload};
 
-    fn span(tags: Vec<(Cow<'static, str>, Cow<'static, str>)>) -> Span {
+    fn span(tags: Tags) -> Span {
         Span {
             context: TraceContext {
                 trace_id: TraceId {
@@ -191,18 +203,11 @@ mod tests {
 
     #[test]
     fn a_span_is_zipkin_v2_json_with_every_field() {
-        let tags = vec![
-            (
-                Cow::Borrowed("http.url"),
-                Cow::Borrowed("http://reviews/a?b=\"c\""),
-            ),
-            (
-                Cow::Borrowed("user_agent"),
-                Cow::Borrowed("tab\there, back\\slash, é"),
-            ),
-            (Cow::Borrowed("http.status_code"), Cow::Borrowed("200")),
-        ];
-        let mut second = span(Vec::new());
+        let mut tags = Tags::default();
+        tags.put("http.url", "http://reviews/a?b=\"c\"");
+        tags.put("user_agent", "tab\there, back\\slash, é");
+        tags.put_static("http.status_code", "200");
+        let mut second = span(Tags::default());
         second.context.parent_span_id = None;
         second.context.debug = false;
         second.context.trace_id.wide = false;
@@ -251,14 +256,10 @@ mod tests {
 
     #[test]
     fn a_custom_tag_over_a_standard_one_is_sent_once_with_its_value() {
-        let tags = vec![
-            (Cow::Borrowed("component"), Cow::Borrowed("proxy")),
-            (Cow::Owned("component".into()), Cow::Owned("mine".into())),
-            (
-                Cow::Owned("a \"quoted\" name".into()),
-                Cow::Owned("v".into()),
-            ),
-        ];
+        let mut tags = Tags::default();
+        tags.put_static("component", "proxy");
+        tags.put_custom("component", "mine");
+        tags.put_custom("a \"quoted\" name", "v");
         let body = encode(&[span(tags)]).expect("encode");
         let text = String::from_utf8(body.clone()).expect("utf-8");
         assert_eq!(text.matches("\"component\"").count(), 1, "{text}");
