@@ -25,7 +25,7 @@ use super::hbone::server::{self, answer};
 use super::hbone::target::{self, Reached, Target, TargetError};
 use super::hbone::Stream;
 use super::http::inbound::{self as inbound_http, Carried, Downstream, InboundHttp};
-use super::metrics::{ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
+use super::metrics::{inbound_cluster, ConnectionResult, Peer, Reporter, ServiceRef, TcpLabels};
 use super::{connect, copy, Counters, Error, PodContext, ProxyInputs};
 use crate::admin::connections::{
     ConnectionGuard, ConnectionInfo, Direction, Protocol as LiveProtocol,
@@ -233,7 +233,7 @@ pub(super) async fn admit(
     };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
     if result.logs() {
-        result.set_cluster(inbound_cluster(dst));
+        result.set_cluster(inbound_cluster(dst.0.port()));
     }
     if let Err(e) = authorize(pi, snap, pod, peer, dst, Some(identity)) {
         result.finish(Err(e));
@@ -317,11 +317,6 @@ pub(super) async fn carry<D: Downstream>(admitted: Admitted, down: D) -> copy::O
     };
     result.finish(Ok(outcome));
     outcome
-}
-
-/// Istio's inbound cluster name for a connection to the app's `dst` port.
-pub(super) fn inbound_cluster(dst: OrigDst) -> String {
-    format!("inbound|{}||", dst.0.port())
 }
 
 /// Relays the stream as bytes, `first` (already read from it) to the app first.

@@ -83,7 +83,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<PodContext>, stream: TcpStream, p
     };
     let mut result = ConnectionResult::open(&pi.telemetry, labels, (peer.0, dst.0), settings);
     if result.logs() {
-        result.set_cluster(super::inbound::inbound_cluster(dst));
+        result.set_cluster(super::metrics::inbound_cluster(dst.0.port()));
     }
     if let Err(e) = authorize(&pi, &snap, &pod, peer, dst, None) {
         // Closed before the app is reached (a reset: the client sees a refusal).

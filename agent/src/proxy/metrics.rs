@@ -41,6 +41,13 @@ use crate::config::telemetry::{Principals, RequestAttrs, SeriesTags};
 use crate::identity::Identity;
 use crate::state::{IstioLabels, Service, UNKNOWN};
 
+/// Istio's inbound cluster name for the app's `port`, `inbound|<port>||` (the access log's
+/// `upstream_cluster`, a SERVER span's tags): built for every such request, without the formatter.
+pub fn inbound_cluster(port: u16) -> String {
+    let mut buf = itoa::Buffer::new();
+    ["inbound|", buf.format(port), "||"].concat()
+}
+
 /// Istio's default cluster id (`source_cluster`, `destination_cluster`).
 pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 

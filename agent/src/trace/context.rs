@@ -10,7 +10,6 @@ use std::fmt;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub const B3: HeaderName = HeaderName::from_static("b3");
 pub const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
 pub const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");

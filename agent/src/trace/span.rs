@@ -9,10 +9,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderMap, HeaderName, USER_AGENT};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
-use super::context::{Extracted, SpanId, TraceContext, TraceId, TRACESTATE};
+use super::context::{Extracted, SpanId, TraceContext, TraceId};
 use super::sampling::Decision;
 use super::DEFAULT_MAX_PATH_TAG_LENGTH;
 
@@ -406,14 +406,14 @@ impl SpanBuilder {
         let span = &mut self.span;
         span.workload = Some(who.clone());
         span.istio_tags = tags.istio_tags;
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        span.trace_state = header(TRACESTATE.as_str()).unwrap_or_default().to_string();
-        let request_id = header("x-request-id");
-        let path = header("x-envoy-original-path").unwrap_or(req.path);
+        let read = ReadHeaders::of(req.headers);
+        span.trace_state = text(read.tracestate).unwrap_or_default().to_string();
+        let request_id = text(read.request_id);
+        let path = text(read.original_path).unwrap_or(req.path);
         let path = truncate(path, tags.max_path_tag_length);
-        let scheme = header("x-forwarded-proto").unwrap_or(req.scheme);
-        let downstream = header("x-envoy-downstream-service-cluster");
-        let user_agent = req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
+        let scheme = text(read.forwarded_proto).unwrap_or(req.scheme);
+        let downstream = text(read.downstream_cluster);
+        let user_agent = text(read.user_agent);
         let len = |v: Option<&str>| v.map_or(0, str::len);
         // Room for this and the response's tags at once: the url, the copied headers, an
         // address, and the response's numbers, flags and cluster name.
@@ -442,8 +442,7 @@ impl SpanBuilder {
         }
         t.put_static("http.protocol", protocol(req.version));
         if let Some(peer) = req.peer {
-            // Formatting into a String cannot fail.
-            t.put_with("peer.address", |s| drop(write!(s, "{peer}")));
+            t.put_with("peer.address", |s| address(s, peer));
         }
         for custom in &tags.custom_tags {
             let value = match &custom.value {
@@ -495,6 +494,61 @@ impl SpanBuilder {
             t.put_static("error", "true");
         }
         self.span
+    }
+}
+
+/// The request headers a span's tags read, each one's first value (the one `HeaderMap::get`
+/// finds), found in one pass over the map rather than by six hashed lookups.
+#[derive(Default)]
+struct ReadHeaders<'a> {
+    tracestate: Option<&'a HeaderValue>,
+    request_id: Option<&'a HeaderValue>,
+    original_path: Option<&'a HeaderValue>,
+    forwarded_proto: Option<&'a HeaderValue>,
+    downstream_cluster: Option<&'a HeaderValue>,
+    user_agent: Option<&'a HeaderValue>,
+}
+
+impl<'a> ReadHeaders<'a> {
+    fn of(headers: &'a HeaderMap) -> ReadHeaders<'a> {
+        let mut read = ReadHeaders::default();
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "tracestate" => &mut read.tracestate,
+                "x-request-id" => &mut read.request_id,
+                "x-envoy-original-path" => &mut read.original_path,
+                "x-forwarded-proto" => &mut read.forwarded_proto,
+                "x-envoy-downstream-service-cluster" => &mut read.downstream_cluster,
+                "user-agent" => &mut read.user_agent,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        read
+    }
+}
+
+/// A header's value as text, as `HeaderValue::to_str` reads it (absent unless visible ASCII).
+fn text(value: Option<&HeaderValue>) -> Option<&str> {
+    value.and_then(|v| v.to_str().ok())
+}
+
+/// `ip` as `IpAddr`'s `Display` writes it; IPv4 (nearly every pod) without the formatter.
+fn address(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut buf = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(buf.format(octet));
+            }
+        }
+        // Formatting into a String cannot fail.
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
     }
 }
 
@@ -705,6 +759,56 @@ mod tests {
                 "response_flags"
             ]
         );
+    }
+
+    #[test]
+    fn a_repeated_header_is_tagged_by_its_first_value_as_get_finds_it() {
+        let record = |h: &HeaderMap, peer: &str| {
+            let mut b = SpanBuilder::start(SpanKind::Client, "x", &Extracted::default(), yes());
+            b.record_request(
+                &RequestInfo {
+                    headers: h,
+                    method: "GET",
+                    scheme: "http",
+                    authority: "a",
+                    path: "/p",
+                    version: Version::HTTP_11,
+                    peer: Some(peer.parse().expect("ip")),
+                },
+                &workload("a"),
+                &TagSettings::default(),
+            );
+            b.end(&ResponseInfo::default())
+        };
+        let mut h = HeaderMap::new();
+        h.append("user-agent", HeaderValue::from_static("first"));
+        h.append("user-agent", HeaderValue::from_static("second"));
+        h.append("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.append("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.append(
+            "x-request-id",
+            HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"),
+        );
+        h.append("x-request-id", HeaderValue::from_static("visible"));
+        h.append("tracestate", HeaderValue::from_static("a=1"));
+        let span = record(&h, "10.1.2.3");
+        assert_eq!(span.tag("user_agent"), Some("first"));
+        assert_eq!(span.tag("http.url"), Some("https://a/p"));
+        // `get` finds the first value, which is not visible ASCII: no tag, as before.
+        assert_eq!(span.tag("guid:x-request-id"), None);
+        assert_eq!(span.trace_state, "a=1");
+        assert_eq!(span.tag("peer.address"), Some("10.1.2.3"));
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "fd00::2",
+            "::ffff:10.0.0.1",
+        ] {
+            let span = record(&HeaderMap::new(), ip);
+            let want = ip.parse::<IpAddr>().expect("ip").to_string();
+            assert_eq!(span.tag("peer.address"), Some(want.as_str()), "{ip}");
+        }
     }
 
     #[test]

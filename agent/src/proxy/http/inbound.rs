@@ -56,7 +56,7 @@ use crate::proxy::copy::{Duplex, Outcome, Side};
 use crate::proxy::hbone::{H2Stream, Stream};
 use crate::proxy::local::Prefixed;
 use crate::proxy::metrics::requests::{header_bytes, RequestLabels, RequestResult};
-use crate::proxy::metrics::TcpLabels;
+use crate::proxy::metrics::{inbound_cluster, TcpLabels};
 use crate::proxy::protocol::{self, Protocol, Sniffed};
 use crate::proxy::spans;
 use crate::proxy::{PodContext, ProxyInputs};
@@ -470,7 +470,7 @@ impl Served {
             let authority = authority(&req).unwrap_or("");
             let log = (c.pi.telemetry.access_log.is_some() || sinks).then(|| {
                 let mut fields = log_fields(&req, authority, &request_id);
-                fields.upstream_cluster = Some(format!("inbound|{}||", c.dst.port()));
+                fields.upstream_cluster = Some(inbound_cluster(c.dst.port()));
                 Box::new(fields)
             });
             let head = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) as u64
@@ -499,7 +499,7 @@ impl Served {
                 };
                 let path = req.uri().path().to_owned();
                 let (method, version) = (req.method().clone(), req.version());
-                result.cluster_name = Some(format!("inbound|{}||", c.dst.port()));
+                result.cluster_name = Some(inbound_cluster(c.dst.port()));
                 result.span = begun.record(
                     &c.pi,
                     &c.pod,

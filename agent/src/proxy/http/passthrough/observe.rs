@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::{Conn, REQUEST_ID_NAME};
 use crate::config::telemetry::TracingSettings;
 use crate::proxy::access_log::RequestFields;
+use crate::proxy::metrics::inbound_cluster;
 use crate::proxy::metrics::requests::RequestResult;
 use crate::proxy::spans::{self, Begun};
 use crate::trace::{self, Firsts, NextHop, CONTEXT_HEADERS};
@@ -92,7 +93,7 @@ impl<'a> Head<'a> {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             route_name: None,
-            upstream_cluster: Some(format!("inbound|{port}||")),
+            upstream_cluster: Some(inbound_cluster(port)),
         }
     }
 
@@ -117,7 +118,7 @@ impl<'a> Head<'a> {
             };
             let target = self.target;
             let path = target.split_once('?').map_or(target, |(p, _)| p);
-            result.cluster_name = Some(format!("inbound|{}||", conn.dst.port()));
+            result.cluster_name = Some(inbound_cluster(conn.dst.port()));
             result.span = begun.record(
                 conn.pi,
                 conn.pod,
