@@ -4,7 +4,6 @@
 //! and tags follow Envoy's `HttpTracerUtility::finalizeDownstreamSpan` / `setCommonTags` and
 //! Istio's `buildServiceTags`.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -297,7 +296,12 @@ impl Span {
     /// Every tag in order: the workload's (`node_id`, `istio.*`) then the request's, so a
     /// custom tag set later overrides a standard one.
     pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
-        let workload = self.workload.as_deref().into_iter().flat_map(|w| {
+        self.workload_tags().chain(self.tags.iter())
+    }
+
+    /// The workload's tags (`node_id`, and the `istio.*` tags when they were on).
+    pub fn workload_tags(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.workload.as_deref().into_iter().flat_map(|w| {
             let istio: [(&'static str, &str); 5] = [
                 ("istio.canonical_revision", &w.canonical_revision),
                 ("istio.canonical_service", &w.canonical_service),
@@ -307,8 +311,7 @@ impl Span {
             ];
             let n = if self.istio_tags { istio.len() } else { 0 };
             std::iter::once(("node_id", w.node_id.as_str())).chain(istio.into_iter().take(n))
-        });
-        workload.chain(self.tags.iter())
+        })
     }
 
     /// Zipkin's `localEndpoint.serviceName` and OTLP's `service.name`.
@@ -442,7 +445,7 @@ impl SpanBuilder {
         }
         t.put_static("http.protocol", protocol(req.version));
         if let Some(peer) = req.peer {
-            t.put_with("peer.address", |s| address(s, peer));
+            t.put_with("peer.address", |s| address(peer, |p| s.push_str(p)));
         }
         for custom in &tags.custom_tags {
             let value = match &custom.value {
@@ -533,22 +536,20 @@ fn text(value: Option<&HeaderValue>) -> Option<&str> {
     value.and_then(|v| v.to_str().ok())
 }
 
-/// `ip` as `IpAddr`'s `Display` writes it; IPv4 (nearly every pod) without the formatter.
-fn address(out: &mut String, ip: IpAddr) {
+/// `ip` as `IpAddr`'s `Display` writes it, in pieces given to `push`; IPv4 (nearly every pod)
+/// without the formatter.
+pub(super) fn address(ip: IpAddr, mut push: impl FnMut(&str)) {
     match ip {
         IpAddr::V4(v4) => {
             let mut buf = itoa::Buffer::new();
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    push(".");
                 }
-                out.push_str(buf.format(octet));
+                push(buf.format(octet));
             }
         }
-        // Formatting into a String cannot fail.
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{ip}");
-        }
+        IpAddr::V6(_) => push(&ip.to_string()),
     }
 }
 

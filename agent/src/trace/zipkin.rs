@@ -7,10 +7,11 @@
 //! ids, hosts, paths, Istio's names) is copied as it is; any other goes through serde_json.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
 
-use super::span::{Span, SpanKind};
+use super::span::{address, Span, SpanKind, Workload};
 use super::TraceError;
 
 pub const CONTENT_TYPE: &str = "application/json";
@@ -21,12 +22,13 @@ const SPAN_JSON_BYTES: usize = 2048;
 /// One batch as the JSON body of a `POST /api/v2/spans`.
 pub fn encode(spans: &[Span]) -> Result<Vec<u8>, TraceError> {
     let mut out = Vec::with_capacity(SPAN_JSON_BYTES);
+    let mut written = None;
     out.push(b'[');
     for (i, s) in spans.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        span(&mut out, s).map_err(|source| TraceError::Encode {
+        span(&mut out, s, &mut written).map_err(|source| TraceError::Encode {
             spans: spans.len(),
             source,
         })?;
@@ -41,60 +43,108 @@ pub fn encode(spans: &[Span]) -> Result<Vec<u8>, TraceError> {
     Ok(out)
 }
 
+/// Where the batch already holds a workload's own JSON: its `localEndpoint` object and its tags
+/// (`node_id`, `istio.*`). A batch is mostly one workload's spans: later ones copy these bytes
+/// instead of writing (and checking for escapes) the same strings again.
+struct Written {
+    workload: Arc<Workload>,
+    istio_tags: bool,
+    endpoint: Range<usize>,
+    tags: Range<usize>,
+}
+
 /// One span: `traceId`, `id`, `parentId`, `name`, `kind`, `timestamp`, `duration`,
 /// `localEndpoint`, `remoteEndpoint`, `tags`, `debug`.
-fn span(out: &mut Vec<u8>, s: &Span) -> Result<(), serde_json::Error> {
+fn span(
+    out: &mut Vec<u8>,
+    s: &Span,
+    written: &mut Option<Written>,
+) -> Result<(), serde_json::Error> {
     let ctx = &s.context;
-    write!(
-        out,
-        r#"{{"traceId":"{}","id":"{}""#,
-        ctx.trace_id, ctx.span_id
-    )
-    .map_err(io)?;
+    out.extend_from_slice(br#"{"traceId":""#);
+    if ctx.trace_id.wide {
+        hex(out, ctx.trace_id.high);
+    }
+    hex(out, ctx.trace_id.low);
+    out.extend_from_slice(br#"","id":""#);
+    hex(out, ctx.span_id.0);
+    out.push(b'"');
     if let Some(parent) = ctx.parent_span_id {
-        write!(out, r#","parentId":"{parent}""#).map_err(io)?;
+        out.extend_from_slice(br#","parentId":""#);
+        hex(out, parent.0);
+        out.push(b'"');
     }
     out.extend_from_slice(br#","name":"#);
     string(out, &s.name)?;
-    let kind = match s.kind {
-        SpanKind::Client => "CLIENT",
-        SpanKind::Server => "SERVER",
-    };
-    write!(
-        out,
-        r#","kind":"{kind}","timestamp":{},"duration":{}"#,
-        s.timestamp_us, s.duration_us
-    )
-    .map_err(io)?;
+    out.extend_from_slice(match s.kind {
+        SpanKind::Client => br#","kind":"CLIENT","timestamp":"#,
+        SpanKind::Server => br#","kind":"SERVER","timestamp":"#,
+    });
+    let mut number = itoa::Buffer::new();
+    out.extend_from_slice(number.format(s.timestamp_us).as_bytes());
+    out.extend_from_slice(br#","duration":"#);
+    out.extend_from_slice(number.format(s.duration_us).as_bytes());
     out.extend_from_slice(br#","localEndpoint":"#);
-    // `Span::service_name`, `<canonical service>.<namespace>`, written without building it.
-    let service = match s.workload.as_deref() {
-        Some(w) => [w.canonical_service.as_str(), ".", w.namespace.as_str()],
-        None => ["", "", ""],
-    };
-    endpoint(out, Some(&service[..]), s.local_ip())?;
+    // The span's workload's, as the batch holds them already.
+    let known = s.workload.as_ref().and_then(|w| {
+        written
+            .as_ref()
+            .filter(|k| Arc::ptr_eq(&k.workload, w) && k.istio_tags == s.istio_tags)
+    });
+    let endpoint_at = out.len();
+    match known {
+        Some(k) => out.extend_from_within(k.endpoint.clone()),
+        None => {
+            // `Span::service_name`, `<canonical service>.<namespace>`, written without building it.
+            let service = match s.workload.as_deref() {
+                Some(w) => [w.canonical_service.as_str(), ".", w.namespace.as_str()],
+                None => ["", "", ""],
+            };
+            endpoint(out, Some(&service[..]), s.local_ip())?;
+        }
+    }
+    let endpoint_at = endpoint_at..out.len();
     if let Some(ip) = s.remote_ip {
         out.extend_from_slice(br#","remoteEndpoint":"#);
         endpoint(out, None, Some(ip))?;
     }
     out.extend_from_slice(br#","tags":{"#);
-    // Only a span with custom tags can name a tag twice (a custom tag over a standard one): its
-    // tags go through a map so that the later value is the one sent.
-    let custom = s.tags.has_custom();
+    // Whether no tag is written yet (then the next needs no comma).
     let mut first = true;
-    let mut tag = |out: &mut Vec<u8>, (k, v): (&str, &str)| {
-        if !std::mem::take(&mut first) {
+    let tag = |out: &mut Vec<u8>, first: &mut bool, (k, v): (&str, &str)| {
+        if !std::mem::take(first) {
             out.push(b',');
         }
         string(out, k)?;
         out.push(b':');
         string(out, v)
     };
-    if custom {
+    // Only a span with custom tags can name a tag twice (a custom tag over a standard one): its
+    // tags go through a map so that the later value is the one sent.
+    if s.tags.has_custom() {
         let tags: BTreeMap<&str, &str> = s.tags().collect();
-        tags.into_iter().try_for_each(|t| tag(out, t))?;
+        tags.into_iter().try_for_each(|t| tag(out, &mut first, t))?;
     } else {
-        s.tags().try_for_each(|t| tag(out, t))?;
+        let tags_at = out.len();
+        match known {
+            Some(k) => {
+                out.extend_from_within(k.tags.clone());
+                first = k.tags.is_empty();
+            }
+            None => s
+                .workload_tags()
+                .try_for_each(|t| tag(out, &mut first, t))?,
+        }
+        let tags_at = tags_at..out.len();
+        if let (None, Some(w)) = (known, &s.workload) {
+            *written = Some(Written {
+                workload: w.clone(),
+                istio_tags: s.istio_tags,
+                endpoint: endpoint_at,
+                tags: tags_at,
+            });
+        }
+        s.tags.iter().try_for_each(|t| tag(out, &mut first, t))?;
     }
     out.push(b'}');
     if ctx.debug {
@@ -102,6 +152,12 @@ fn span(out: &mut Vec<u8>, s: &Span) -> Result<(), serde_json::Error> {
     }
     out.push(b'}');
     Ok(())
+}
+
+/// `v` as 16 lower-case hex digits (the width of Zipkin's ids).
+fn hex(out: &mut Vec<u8>, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.extend((0..16).map(|i| DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize]));
 }
 
 /// `{"serviceName":…,"ipv4":…}` or `"ipv6"`, each field when known.
@@ -116,9 +172,15 @@ fn endpoint(
         joined(out, name)?;
     }
     if let Some(ip) = ip {
-        let comma = if service_name.is_some() { "," } else { "" };
-        let field = if ip.is_ipv4() { "ipv4" } else { "ipv6" };
-        write!(out, r#"{comma}"{field}":"{ip}""#).map_err(io)?;
+        if service_name.is_some() {
+            out.push(b',');
+        }
+        out.extend_from_slice(match ip {
+            IpAddr::V4(_) => br#""ipv4":""#,
+            IpAddr::V6(_) => br#""ipv6":""#,
+        });
+        address(ip, |p| out.extend_from_slice(p.as_bytes()));
+        out.push(b'"');
     }
     out.push(b'}');
     Ok(())
@@ -147,10 +209,6 @@ fn joined(out: &mut Vec<u8>, parts: &[&str]) -> Result<(), serde_json::Error> {
         .for_each(|p| out.extend_from_slice(p.as_bytes()));
     out.push(b'"');
     Ok(())
-}
-
-fn io(e: std::io::Error) -> serde_json::Error {
-    serde_json::Error::io(e)
 }
 
 #[cfg(test)]
@@ -252,6 +310,50 @@ mod tests {
         ]);
         assert_eq!(got, want);
         assert_eq!(encode(&[]).expect("encode"), b"[]");
+    }
+
+    #[test]
+    fn a_batch_is_each_span_as_it_is_written_alone() {
+        let mut a = span(Tags::default());
+        a.tags.put("http.url", "http://a/1");
+        a.tags.put("peer.address", "10.0.0.9");
+        let mut other = a.clone();
+        other.workload = Some(Arc::new(Workload {
+            canonical_service: "ratings \"quoted\"".into(),
+            ip: Some("10.0.0.2".parse().expect("ip")),
+            ..a.workload.as_deref().expect("workload").clone()
+        }));
+        let mut bare = a.clone();
+        bare.istio_tags = false;
+        let mut custom = a.clone();
+        custom.tags.put_custom("istio.namespace", "mine");
+        let mut none = a.clone();
+        none.workload = None;
+        let batch = [
+            a.clone(),
+            a.clone(),
+            other,
+            a.clone(),
+            bare,
+            custom,
+            none,
+            a,
+        ];
+        let whole = decoded(&batch);
+        let alone: Vec<Value> = batch
+            .iter()
+            .map(|s| decoded(std::slice::from_ref(s))[0].clone())
+            .collect();
+        assert_eq!(whole, Value::Array(alone));
+        assert_eq!(
+            whole[2]["localEndpoint"]["serviceName"],
+            "ratings \"quoted\".default"
+        );
+        assert_eq!(whole[3]["tags"]["istio.canonical_service"], "reviews");
+        assert_eq!(whole[4]["tags"].get("istio.namespace"), None);
+        assert_eq!(whole[5]["tags"]["istio.namespace"], "mine");
+        assert_eq!(whole[6]["tags"].get("node_id"), None);
+        assert_eq!(whole[7]["tags"]["node_id"], whole[0]["tags"]["node_id"]);
     }
 
     #[test]
