@@ -234,7 +234,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
     toolchain::ensure_toolchain()?;
     // CI builds a clean clone once: incremental state is never reused there, and it was 2.8 of
     // the run's 12 GB of `target` (debug and image builds), on a runner that once ran out of disk.
-    if env::var_os("CI").is_some_and(|v| !v.is_empty()) && env::var_os("CARGO_INCREMENTAL").is_none()
+    if env::var_os("CI").is_some_and(|v| !v.is_empty())
+        && env::var_os("CARGO_INCREMENTAL").is_none()
     {
         eprintln!("[xtask] CI: CARGO_INCREMENTAL=0 (a clean build reuses no incremental state)");
         env::set_var("CARGO_INCREMENTAL", "0");
