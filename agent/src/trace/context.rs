@@ -417,12 +417,7 @@ impl Hex {
 
     /// 16 lower-hex digits.
     fn u64(&mut self, v: u64) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 16];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        self.raw(&out);
+        self.raw(&hex16(v));
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -432,6 +427,17 @@ impl Hex {
     fn value(&self) -> HeaderValue {
         HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
+}
+
+/// `v` as 16 lower-case hex digits, the width of a span id (and of each half of a 128-bit trace
+/// id) in B3, W3C and Zipkin's JSON.
+pub(super) fn hex16(v: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// `x-b3-sampled`: "1"/"0", and the legacy "true"/"false" that some tracers still send.

@@ -57,7 +57,12 @@ impl Workload {
     /// Istio's service cluster, `<canonical service>.<namespace>`: Zipkin's
     /// `localEndpoint.serviceName` and OTLP's `service.name` resource attribute.
     pub fn service_name(&self) -> String {
-        format!("{}.{}", self.canonical_service, self.namespace)
+        self.service_parts().concat()
+    }
+
+    /// [`Workload::service_name`] in its pieces, for writers that need not build it.
+    pub fn service_parts(&self) -> [&str; 3] {
+        [&self.canonical_service, ".", &self.namespace]
     }
 }
 

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
+use super::context::hex16;
 use super::span::{address, Span, SpanKind, Workload};
 use super::TraceError;
 
@@ -63,15 +64,15 @@ fn span(
     let ctx = &s.context;
     out.extend_from_slice(br#"{"traceId":""#);
     if ctx.trace_id.wide {
-        hex(out, ctx.trace_id.high);
+        out.extend_from_slice(&hex16(ctx.trace_id.high));
     }
-    hex(out, ctx.trace_id.low);
+    out.extend_from_slice(&hex16(ctx.trace_id.low));
     out.extend_from_slice(br#"","id":""#);
-    hex(out, ctx.span_id.0);
+    out.extend_from_slice(&hex16(ctx.span_id.0));
     out.push(b'"');
     if let Some(parent) = ctx.parent_span_id {
         out.extend_from_slice(br#","parentId":""#);
-        hex(out, parent.0);
+        out.extend_from_slice(&hex16(parent.0));
         out.push(b'"');
     }
     out.extend_from_slice(br#","name":"#);
@@ -95,11 +96,11 @@ fn span(
     match known {
         Some(k) => out.extend_from_within(k.endpoint.clone()),
         None => {
-            // `Span::service_name`, `<canonical service>.<namespace>`, written without building it.
-            let service = match s.workload.as_deref() {
-                Some(w) => [w.canonical_service.as_str(), ".", w.namespace.as_str()],
-                None => ["", "", ""],
-            };
+            // `Span::service_name`, written without building it.
+            let service = s
+                .workload
+                .as_deref()
+                .map_or(["", "", ""], Workload::service_parts);
             endpoint(out, Some(&service[..]), s.local_ip())?;
         }
     }
@@ -152,12 +153,6 @@ fn span(
     }
     out.push(b'}');
     Ok(())
-}
-
-/// `v` as 16 lower-case hex digits (the width of Zipkin's ids).
-fn hex(out: &mut Vec<u8>, v: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.extend((0..16).map(|i| DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize]));
 }
 
 /// `{"serviceName":…,"ipv4":…}` or `"ipv6"`, each field when known.
